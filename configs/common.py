@@ -1,0 +1,117 @@
+"""Shared defaults for every cascade stage. Stage files (base64.py, sr256.py, sr1024.py)
+start from `get_common(...)` and change only what differs.
+
+Configs hold data, not code paths: the model section is a copy of a U-Net preset's fields,
+so any field can be overridden on the command line, e.g. `--config.model.dim=96`.
+"""
+
+import dataclasses
+
+import ml_collections
+
+from imagen_jax.models import unet
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """The fields of U-Net preset `preset` as a ConfigDict (tuples kept as tuples)."""
+  fields = dataclasses.asdict(unet.PRESETS[preset])
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def get_common(
+  *,
+  stage: str,
+  preset: str,
+  resolution: int,
+  lowres_resolution: int = 0,
+) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = stage  # 'base64' | 'sr256' | 'sr1024'
+  c.seed = 0
+
+  c.model = model_config(preset)
+  c.model_preset = preset
+
+  # Diffusion (imagen_jax.diffusion): continuous time, log-SNR schedules.
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.schedule = 'cosine'  # 'cosine' | 'linear' | 'shifted_cosine'
+  c.diffusion.shift_base = 64  # shifted_cosine: logsnr += 2 * log(shift_base / resolution)
+  c.diffusion.logsnr_min = -20.0
+  c.diffusion.logsnr_max = 20.0
+  c.diffusion.objective = 'v'  # 'eps' | 'v' | 'x0'
+  c.diffusion.loss_weighting = 'min_snr'  # 'min_snr' | 'none'
+  c.diffusion.min_snr_gamma = 5.0
+  c.diffusion.cond_drop_prob = 0.1  # text dropped per example, for classifier-free guidance
+  c.diffusion.aug_level_max = 0.5  # SR: training noise-aug level ~ U[0, aug_level_max]
+
+  # Text: frozen encoder, embeddings precomputed once into an on-disk cache.
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = 'google/t5-v1_1-xxl'  # hub name, local folder, or 't5-tiny-random'
+  c.text.max_length = 128
+  c.text.cache_dir = 'cache/embeddings'  # root; one sub-folder per (encoder, max_len, data)
+  c.text.precompute_batch_size = 64
+  c.text.auto_precompute = True  # train.py runs precompute when the cache is missing
+
+  # Data.
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'openmoji'  # 'openmoji' | 'folder' | 'hf' | 'tfds'
+  c.data.path = ''  # folder path, HF dataset name or path, or tfds name
+  c.data.split = 'train'
+  c.data.image_column = 'image'
+  c.data.caption_column = 'text'
+  c.data.render_cache_dir = 'cache/openmoji'  # embedded dataset rendered here once
+  c.data.resolution = resolution
+  c.data.lowres_resolution = lowres_resolution  # 0 for the base stage
+  c.data.random_crop = lowres_resolution > 0  # SR stages train on random crops
+  c.data.small_images = 'skip'  # 'skip' | 'upsample'
+  c.data.max_skip_fraction = 0.01
+  c.data.max_examples = 0  # 0: all
+  c.data.num_workers = 0  # grain worker processes; 0 reads in the main process
+  c.data.prefetch = 2
+
+  # Optimisation.
+  c.optim = ml_collections.ConfigDict()
+  c.optim.optimizer = 'adamw'  # 'adamw' | 'adafactor'
+  c.optim.lr = 1e-4
+  c.optim.schedule = 'cosine'  # 'cosine' | 'constant'
+  c.optim.warmup_steps = 1000
+  c.optim.min_lr_ratio = 0.1
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+  c.optim.grad_accum_steps = 1
+  c.optim.ema_decay = 0.9999
+  c.optim.ema_warmup = True  # decay = min(ema_decay, (1 + step) / (10 + step))
+
+  # Training loop.
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 64  # global batch, split over the mesh's data axes
+  c.train.num_steps = 500_000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 2000
+  c.train.keep_checkpoints = 3
+  c.train.sample_every = 5000  # sample grids from EMA params; 0: off
+  c.train.sample_prompts = ()  # empty: the first captions of the dataset
+  c.train.num_sample_prompts = 8
+  c.train.wandb = False
+  c.train.wandb_project = 'imagen-jax'
+  c.train.wandb_mode = 'online'  # 'online' | 'offline'
+
+  # Device mesh: sizes per axis; -1 takes the remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+
+  # Sampling defaults (used by periodic sample grids and sample.py).
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = 'dpmpp_2m'  # 'ddpm' | 'ddim' | 'dpmpp_2m' | 'heun'
+  c.sample.steps = 25
+  c.sample.guidance = 5.0
+  c.sample.thresholding = 'dynamic'  # 'dynamic' | 'static' | 'none'
+  c.sample.dynamic_percentile = 0.995
+  c.sample.dynamic_max = 1.0  # upper clamp on the dynamic threshold ... see guidance.py
+  c.sample.aug_level = 0.2  # SR stages: fixed noise-conditioning level at sampling
+  return c

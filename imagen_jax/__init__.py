@@ -1,0 +1,1 @@
+"""imagen-jax: Imagen in JAX / Flax NNX."""

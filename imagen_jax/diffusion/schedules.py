@@ -1,0 +1,94 @@
+"""Continuous-time log-SNR schedules: t in [0, 1] -> logsnr(t), decreasing in t.
+
+Every schedule clips its output to [logsnr_min, logsnr_max] so that alpha and sigma stay
+representable at both ends of the time interval.
+"""
+
+import functools
+from collections.abc import Callable
+
+import jax.numpy as jnp
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def logsnr_cosine(
+  t: jnp.ndarray,
+  *,
+  offset: float = 0.008,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jnp.ndarray:
+  """Cosine schedule (Nichol & Dhariwal 2021).
+
+  alpha_bar(t) = f(t) / f(0),  f(t) = cos^2(u(t)),  u(t) = pi/2 * (t + offset) / (1 + offset)
+  logsnr(t) = log(alpha_bar / (1 - alpha_bar))
+            = 2 log cos u - log(sin(u - u0)) - log(sin(u + u0)),  u0 = u(0),
+  using cos^2 u0 - cos^2 u = sin(u - u0) sin(u + u0); clipped to [logsnr_min, logsnr_max].
+  """
+  t = jnp.asarray(t, jnp.float32)
+  u0 = jnp.pi / 2 * offset / (1 + offset)
+  u = jnp.pi / 2 * (t + offset) / (1 + offset)
+  cos_u = jnp.maximum(jnp.cos(u), 1e-30)  # cos(pi/2) rounds below 0 in float32
+  logsnr = 2 * jnp.log(cos_u) - jnp.log(jnp.sin(u - u0)) - jnp.log(jnp.sin(u + u0))
+  return jnp.clip(logsnr, logsnr_min, logsnr_max)
+
+
+def logsnr_linear(
+  t: jnp.ndarray,
+  *,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jnp.ndarray:
+  """Continuous version of the DDPM linear beta schedule (Kingma et al. 2021, VDM).
+
+  logsnr(t) = -log(expm1(1e-4 + 10 t^2)); clipped to [logsnr_min, logsnr_max].
+  """
+  t = jnp.asarray(t, jnp.float32)
+  return jnp.clip(-jnp.log(jnp.expm1(1e-4 + 10.0 * t**2)), logsnr_min, logsnr_max)
+
+
+def logsnr_shifted_cosine(
+  t: jnp.ndarray,
+  *,
+  resolution: int,
+  base_resolution: int = 64,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> jnp.ndarray:
+  """Resolution-shifted cosine ("simple diffusion", Hoogeboom et al. 2023).
+
+  logsnr(t) = logsnr_cosine(t) + 2 log(base_resolution / resolution); clipped.
+  Higher resolutions get a noisier schedule, since averaging pixels raises the SNR.
+  """
+  shift = 2.0 * jnp.log(base_resolution / resolution)
+  unclipped = logsnr_cosine(t, logsnr_min=-jnp.inf, logsnr_max=jnp.inf)
+  return jnp.clip(unclipped + shift, logsnr_min, logsnr_max)
+
+
+def get_schedule(
+  name: str,
+  *,
+  resolution: int = 64,
+  base_resolution: int = 64,
+  logsnr_min: float = -20.0,
+  logsnr_max: float = 20.0,
+) -> Schedule:
+  """Schedule by name: 'cosine' | 'linear' | 'shifted_cosine'. Returns t -> logsnr."""
+  clip = dict(logsnr_min=logsnr_min, logsnr_max=logsnr_max)
+  if name == 'cosine':
+    return functools.partial(logsnr_cosine, **clip)
+  if name == 'linear':
+    return functools.partial(logsnr_linear, **clip)
+  if name == 'shifted_cosine':
+    return functools.partial(
+      logsnr_shifted_cosine, resolution=resolution, base_resolution=base_resolution, **clip
+    )
+  raise ValueError(f"Unknown schedule '{name}'; choose 'cosine', 'linear' or 'shifted_cosine'.")
+
+
+def logsnr_grid(schedule: Schedule, *, steps: int) -> jnp.ndarray:
+  """Sampling grid: logsnr at t = 1, 1 - 1/steps, ..., 0. Shape [steps + 1], increasing."""
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}.')
+  return schedule(jnp.linspace(1.0, 0.0, steps + 1))
