@@ -57,6 +57,7 @@ def get_common(
   c.data = ml_collections.ConfigDict()
   c.data.source = 'openmoji'  # 'openmoji' | 'folder' | 'hf' | 'tfds'
   c.data.path = ''  # folder path, HF dataset name or path, or tfds name
+  c.data.data_dir = ''  # tfds data_dir (default: TFDS_DATA_DIR or tfds' own default)
   c.data.split = 'train'
   c.data.image_column = 'image'
   c.data.caption_column = 'text'
@@ -112,6 +113,6 @@ def get_common(
   c.sample.guidance = 5.0
   c.sample.thresholding = 'dynamic'  # 'dynamic' | 'static' | 'none'
   c.sample.dynamic_percentile = 0.995
-  c.sample.dynamic_max = 1.0  # upper clamp on the dynamic threshold ... see guidance.py
+  c.sample.dynamic_max = 0.0  # upper clamp c on the dynamic threshold (>= 1); 0: no clamp
   c.sample.aug_level = 0.2  # SR stages: fixed noise-conditioning level at sampling
   return c

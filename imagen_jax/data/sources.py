@@ -1,0 +1,421 @@
+"""Random-access (grain-compatible) sources of (image, caption) pairs.
+
+`build_source(config.data)` dispatches on `config.data.source`:
+
+* 'openmoji': the embedded default dataset, rendered once (see `openmoji.py`).
+* 'folder':   a local folder, either in the Hugging Face `imagefolder` convention
+              (`metadata.jsonl` / `metadata.csv` with `file_name` and the caption column)
+              or image files with sidecar captions (`cat.png` + `cat.txt`), recursive.
+* 'hf':       `datasets.load_dataset(path, split=...)` (hub name or local script/data
+              folder) or a folder written by `Dataset.save_to_disk`.
+* 'tfds':     `tfds.data_source(path, split=...)` (array_record; no TensorFlow needed).
+
+Records are `{'image': <path | bytes | HF image dict | array>, 'caption': str, 'id': str}`;
+images are decoded later (in grain workers) by `preprocess.py`. Pairs with a missing or
+empty caption are skipped at listing time with a warning naming them, and counted in
+`Source.skipped`.
+"""
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+  {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif'}
+)
+_METADATA_FILES = ('metadata.jsonl', 'metadata.csv')
+_MAX_LOGGED_SKIPS = 50
+SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds')
+
+
+class DataError(ValueError):
+  """A data problem the user has to fix; the message says what and how."""
+
+
+def _hash(payload: Any) -> str:
+  text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+
+def _clean_caption(caption: Any) -> str:
+  """Captions as stripped strings; a list of captions keeps its first non-empty one."""
+  if isinstance(caption, list | tuple):
+    caption = next((c for c in caption if isinstance(c, str) and c.strip()), '')
+  if isinstance(caption, bytes):
+    caption = caption.decode('utf-8', errors='replace')
+  if caption is None:
+    return ''
+  return str(caption).strip()
+
+
+class Source:
+  """Base class: random access to `{'image', 'caption', 'id'}` records.
+
+  Subclasses fill `self.name`, `self._captions` (index order) and `self.skipped`
+  (`(id, reason)` pairs dropped while listing), and implement `__getitem__`.
+  """
+
+  name: str = 'source'
+
+  def __init__(self):
+    self._captions: list[str] = []
+    self.skipped: list[tuple[str, str]] = []
+
+  def __len__(self) -> int:
+    return len(self._captions)
+
+  def __getitem__(self, index: int) -> dict:
+    raise NotImplementedError
+
+  def captions(self) -> list[str]:
+    """All captions in index order (input of the text-embedding precompute)."""
+    return list(self._captions)
+
+  def fingerprint(self) -> str:
+    raise NotImplementedError
+
+  def _skip(self, item_id: str, reason: str) -> None:
+    if len(self.skipped) < _MAX_LOGGED_SKIPS:
+      log.warning('%s: skipping %s: %s', self.name, item_id, reason)
+    elif len(self.skipped) == _MAX_LOGGED_SKIPS:
+      log.warning('%s: more skipped items; only counting from now on.', self.name)
+    self.skipped.append((item_id, reason))
+
+  def _check_index(self, index: int) -> int:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f'{self.name}: index {index} out of range [0, {len(self)})')
+    return index
+
+  def __repr__(self) -> str:
+    return f'{type(self).__name__}(name={self.name!r}, len={len(self)})'
+
+
+class FolderSource(Source):
+  """Images in a local folder with `metadata.jsonl`/`metadata.csv` or sidecar `.txt` captions."""
+
+  def __init__(self, path: str | os.PathLike, *, caption_column: str = 'text', max_examples=0):
+    super().__init__()
+    self.root = pathlib.Path(path).expanduser().resolve()
+    self.name = f'folder:{self.root}'
+    self.caption_column = caption_column
+    self.max_examples = int(max_examples)
+    if not self.root.is_dir():
+      raise DataError(
+        f'Image folder {self.root} does not exist or is not a directory; set '
+        '--config.data.path to a folder of images with metadata.jsonl or .txt captions.'
+      )
+    metadata_files = sorted(
+      p for name in _METADATA_FILES for p in self.root.rglob(name) if p.is_file()
+    )
+    if metadata_files:
+      pairs = self._list_from_metadata(metadata_files)
+    else:
+      pairs = self._list_from_sidecars()
+    if self.max_examples > 0:
+      pairs = pairs[: self.max_examples]
+    if not pairs:
+      raise DataError(
+        f'No usable (image, caption) pair in {self.root} ({len(self.skipped)} skipped). '
+        f"Provide metadata.jsonl lines like {{'file_name': 'a.png', "
+        f"'{caption_column}': 'a caption'}} or a sidecar a.txt per image."
+      )
+    self._files = [p for p, _ in pairs]
+    self._captions = [c for _, c in pairs]
+    self._fingerprint = self._listing_fingerprint()
+
+  def _list_from_metadata(self, metadata_files: Sequence[pathlib.Path]) -> list:
+    pairs = []
+    for meta in metadata_files:
+      for line_no, row in self._read_metadata(meta):
+        rel_meta = f'{meta.relative_to(self.root)}:{line_no}'
+        file_name = row.get('file_name')
+        if not file_name:
+          self._skip(rel_meta, "no 'file_name' field")
+          continue
+        image_path = (meta.parent / file_name).resolve()
+        rel = os.path.relpath(image_path, self.root)
+        if not image_path.is_file():
+          self._skip(rel, f'listed in {rel_meta} but the file does not exist')
+          continue
+        if self.caption_column not in row:
+          self._skip(rel, f"no caption column '{self.caption_column}' in {rel_meta}")
+          continue
+        caption = _clean_caption(row[self.caption_column])
+        if not caption:
+          self._skip(rel, f'empty caption in {rel_meta}')
+          continue
+        pairs.append((rel, caption))
+    return sorted(pairs)
+
+  def _read_metadata(self, meta: pathlib.Path):
+    if meta.suffix == '.csv':
+      with open(meta, newline='', encoding='utf-8') as f:
+        yield from enumerate(csv.DictReader(f), start=2)
+      return
+    with open(meta, encoding='utf-8') as f:
+      for line_no, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError as e:
+          self._skip(f'{meta.relative_to(self.root)}:{line_no}', f'invalid JSON ({e})')
+          continue
+        if isinstance(row, dict):
+          yield line_no, row
+        else:
+          self._skip(f'{meta.relative_to(self.root)}:{line_no}', 'line is not a JSON object')
+
+  def _list_from_sidecars(self) -> list:
+    pairs = []
+    for path in sorted(self.root.rglob('*')):
+      if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
+        continue
+      rel = str(path.relative_to(self.root))
+      sidecar = path.with_suffix('.txt')
+      if not sidecar.is_file():
+        self._skip(rel, f'no caption file {sidecar.name}')
+        continue
+      caption = _clean_caption(sidecar.read_text(encoding='utf-8', errors='replace'))
+      if not caption:
+        self._skip(rel, f'empty caption file {sidecar.name}')
+        continue
+      pairs.append((rel, caption))
+    return pairs
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    rel = self._files[index]
+    return {'image': str(self.root / rel), 'caption': self._captions[index], 'id': rel}
+
+  def fingerprint(self) -> str:
+    return self._fingerprint
+
+  def _listing_fingerprint(self) -> str:
+    """Taken when the folder is listed: names, sizes, mtimes and captions."""
+    listing = []
+    for rel, caption in zip(self._files, self._captions, strict=True):
+      stat = (self.root / rel).stat()
+      listing.append((rel, stat.st_size, stat.st_mtime_ns, caption))
+    return _hash(['folder', str(self.root), self.caption_column, self.max_examples, listing])
+
+
+def _is_saved_dataset_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and any(
+    (path / f).is_file() for f in ('dataset_info.json', 'state.json', 'dataset_dict.json')
+  )
+
+
+class HFSource(Source):
+  """A Hugging Face `datasets` split (hub name, local data folder or `save_to_disk` folder)."""
+
+  def __init__(
+    self,
+    path: str,
+    *,
+    split: str = 'train',
+    image_column: str = 'image',
+    caption_column: str = 'text',
+    max_examples: int = 0,
+  ):
+    super().__init__()
+    import datasets  # heavy import, only when used
+
+    if not path:
+      raise DataError(
+        "data.source='hf' needs --config.data.path (a hub name such as "
+        "'lambdalabs/pokemon-blip-captions', a local data folder or a save_to_disk folder)."
+      )
+    self.name = f'hf:{path}[{split}]'
+    self.path, self.split = path, split
+    self.image_column, self.caption_column = image_column, caption_column
+    self.max_examples = int(max_examples)
+    local = pathlib.Path(path).expanduser()
+    try:
+      if _is_saved_dataset_dir(local):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+          if split not in ds:
+            raise DataError(
+              f'{path} has splits {list(ds)}, not {split!r}; set --config.data.split.'
+            )
+          ds = ds[split]
+      else:
+        ds = datasets.load_dataset(path, split=split)
+    except DataError:
+      raise
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message.
+      raise DataError(
+        f'Could not load Hugging Face dataset {path!r} split {split!r}: '
+        f'{type(e).__name__}: {e}. Check the name/path and split; offline, use a local '
+        'folder or a save_to_disk folder.'
+      ) from e
+    missing = [c for c in (image_column, caption_column) if c not in ds.column_names]
+    if missing:
+      raise DataError(
+        f'{self.name} has no column(s) {missing}; its columns are {ds.column_names}. '
+        'Set --config.data.image_column / --config.data.caption_column.'
+      )
+    if isinstance(ds.features[image_column], datasets.Image):
+      # Keep encoded bytes: decoding happens (robustly) in preprocess, in grain workers.
+      ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    self._ds = ds
+    self._fp = getattr(ds, '_fingerprint', '')
+    self._indices: list[int] = []
+    for i, caption in enumerate(ds[caption_column]):
+      caption = _clean_caption(caption)
+      if not caption:
+        self._skip(f'{split}[{i}]', 'empty or missing caption')
+        continue
+      self._indices.append(i)
+      self._captions.append(caption)
+      if 0 < self.max_examples <= len(self._indices):
+        break
+    if not self._indices:
+      raise DataError(f'No usable (image, caption) pair in {self.name}.')
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    row = self._ds[self._indices[index]]
+    return {
+      'image': row[self.image_column],
+      'caption': self._captions[index],
+      'id': f'{self.split}[{self._indices[index]}]',
+    }
+
+  def fingerprint(self) -> str:
+    return _hash(
+      ['hf', self.path, self.split, self.image_column, self.caption_column, self._fp]
+      + [self.max_examples, _hash(self._captions)]
+    )
+
+
+class TfdsSource(Source):
+  """A tfds dataset through `tfds.data_source` (array_record files; TensorFlow not needed)."""
+
+  def __init__(
+    self,
+    name: str,
+    *,
+    split: str = 'train',
+    data_dir: str | None = None,
+    image_column: str = 'image',
+    caption_column: str = 'text',
+    max_examples: int = 0,
+  ):
+    super().__init__()
+    if not name:
+      raise DataError("data.source='tfds' needs --config.data.path set to a tfds dataset name.")
+    self.name = f'tfds:{name}[{split}]'
+    self.tfds_name, self.split, self.data_dir = name, split, data_dir
+    self.image_column, self.caption_column = image_column, caption_column
+    self.max_examples = int(max_examples)
+    try:
+      import tensorflow_datasets as tfds
+
+      self._ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear message.
+      raise DataError(
+        f'Could not open tfds dataset {name!r} split {split!r} '
+        f'(data_dir={data_dir or "$TFDS_DATA_DIR or ~/tensorflow_datasets"}): '
+        f'{type(e).__name__}: {e}. tfds.data_source reads prepared array_record files: '
+        f'prepare them once with `tfds build {name} --file_format=array_record` '
+        '(on a machine with TensorFlow) and point TFDS_DATA_DIR at them.'
+      ) from e
+    self._indices: list[int] = []
+    total = len(self._ds)
+    for i in range(total):
+      record = self._ds[i]
+      if i == 0:
+        missing = [c for c in (image_column, caption_column) if c not in record]
+        if missing:
+          raise DataError(
+            f'{self.name} has no feature(s) {missing}; its features are {sorted(record)}. '
+            'Set --config.data.image_column / --config.data.caption_column.'
+          )
+      caption = _clean_caption(record[caption_column])
+      if not caption:
+        self._skip(f'{split}[{i}]', 'empty or missing caption')
+        continue
+      self._indices.append(i)
+      self._captions.append(caption)
+      if 0 < self.max_examples <= len(self._indices):
+        break
+    if not self._indices:
+      raise DataError(f'No usable (image, caption) pair in {self.name}.')
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    record = self._ds[self._indices[index]]
+    return {
+      'image': record[self.image_column],
+      'caption': self._captions[index],
+      'id': f'{self.split}[{self._indices[index]}]',
+    }
+
+  def fingerprint(self) -> str:
+    return _hash(
+      ['tfds', self.tfds_name, self.split, str(self.data_dir), self.image_column]
+      + [self.caption_column, self.max_examples, len(self._ds), _hash(self._captions)]
+    )
+
+
+def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:
+  """Raises DataError when more than `max_skip_fraction` of the listed pairs were dropped.
+
+  The listing is complete here, so the whole dataset is the denominator (no minimum count).
+  """
+  total = len(source) + len(source.skipped)
+  if total and len(source.skipped) / total > max_skip_fraction:
+    examples = '; '.join(f'{i}: {r}' for i, r in source.skipped[:5])
+    raise DataError(
+      f'{source.name}: {len(source.skipped)} of {total} listed items have no usable caption '
+      f'or file ({len(source.skipped) / total:.1%} > data.max_skip_fraction='
+      f'{max_skip_fraction}). First ones: {examples}. Fix the data or raise '
+      '--config.data.max_skip_fraction.'
+    )
+
+
+def build_source(data_config) -> Source:
+  """The source named by `data_config.source`, limited to `max_examples` (> 0)."""
+  kind = data_config.source
+  max_examples = int(data_config.get('max_examples', 0))
+  if kind == 'openmoji':
+    from imagen_jax.data import openmoji
+
+    source = openmoji.load_source(data_config)
+  elif kind == 'folder':
+    if not data_config.path:
+      raise DataError("data.source='folder' needs --config.data.path=/path/to/images.")
+    source = FolderSource(
+      data_config.path, caption_column=data_config.caption_column, max_examples=max_examples
+    )
+  elif kind == 'hf':
+    source = HFSource(
+      data_config.path,
+      split=data_config.split,
+      image_column=data_config.image_column,
+      caption_column=data_config.caption_column,
+      max_examples=max_examples,
+    )
+  elif kind == 'tfds':
+    source = TfdsSource(
+      data_config.path,
+      split=data_config.split,
+      data_dir=data_config.get('data_dir', None) or None,
+      image_column=data_config.image_column,
+      caption_column=data_config.caption_column,
+      max_examples=max_examples,
+    )
+  else:
+    raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
+  check_skip_fraction(source, float(data_config.get('max_skip_fraction', 0.01)))
+  return source

@@ -1,0 +1,336 @@
+"""The grain pipeline: batches, determinism, exact resume, sharding, bad-data accounting."""
+
+import io
+import json
+import logging
+import re
+import struct
+import zlib
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax.data import pipeline, sources
+from imagen_jax.data.sources import DataError
+
+
+class _NotCached(KeyError):
+  pass
+
+
+class FakeEmbeddingCache:
+  """Test double of the `imagen_jax.text.cache.EmbeddingCache` interface (get/max_length/dim).
+
+  Each caption maps to deterministic [n_tokens, dim] values, n_tokens = words + 1.
+  """
+
+  max_length = 6
+  dim = 4
+
+  def __init__(self, captions):
+    self._table = {}
+    for caption in captions:
+      n = min(len(caption.split()) + 1, self.max_length)
+      seed = zlib.crc32(caption.encode())
+      self._table[caption] = np.random.default_rng(seed).normal(size=(n, self.dim))
+
+  def get(self, caption):
+    if caption not in self._table:
+      raise _NotCached(caption)
+    return self._table[caption].astype(np.float32)
+
+
+def _config(path, **data_overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = ml_collections.ConfigDict(
+    dict(
+      source='folder',
+      path=str(path),
+      split='train',
+      image_column='image',
+      caption_column='text',
+      render_cache_dir='',
+      resolution=8,
+      lowres_resolution=0,
+      random_crop=False,
+      small_images='skip',
+      max_skip_fraction=0.01,
+      max_examples=0,
+      num_workers=0,
+      prefetch=2,
+    )
+  )
+  c.data.update(data_overrides)
+  c.train = ml_collections.ConfigDict(dict(batch_size=4))
+  return c
+
+
+def _solid_folder(root, n=12):
+  """n solid 8x8 images; red channel = 10 * index identifies the example in a batch."""
+  root.mkdir(exist_ok=True)
+  for i in range(n):
+    Image.new('RGB', (8, 8), (10 * i, 255 - 10 * i, 7)).save(root / f'{i:03d}.png')
+    (root / f'{i:03d}.txt').write_text(f'solid colour number {i}')
+  return root
+
+
+def _noise_folder(root, n=12, size=14):
+  root.mkdir(exist_ok=True)
+  rng = np.random.default_rng(0)
+  for i in range(n):
+    Image.fromarray(rng.integers(0, 255, (size, size + i, 3), np.uint8)).save(root / f'{i}.png')
+    (root / f'{i}.txt').write_text(f'noise {i}')
+  return root
+
+
+def _ids(batch) -> list[int]:
+  red = np.round((batch['image'][:, 0, 0, 0] + 1.0) * 127.5).astype(int)
+  assert (red % 10 == 0).all()
+  return list(red // 10)
+
+
+def _take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def _iterator(config, **kwargs):
+  source = sources.build_source(config.data)
+  cache = FakeEmbeddingCache(source.captions())
+  return pipeline.make_iterator(config, text_cache=cache, source=source, **kwargs), cache
+
+
+@pytest.mark.unit
+def test_base_batches_shapes_values_and_text(tmp_path):
+  config = _config(_solid_folder(tmp_path / 'solid'))
+  it, cache = _iterator(config)
+  batch = next(it)
+  assert set(batch) == {'image', 'text_embs', 'text_mask'}
+  assert batch['image'].shape == (4, 8, 8, 3) and batch['image'].dtype == np.float32
+  assert batch['text_embs'].shape == (4, 6, 4) and batch['text_embs'].dtype == np.float32
+  assert batch['text_mask'].shape == (4, 6) and batch['text_mask'].dtype == bool
+  assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
+  for row, index in enumerate(_ids(batch)):
+    expected = cache.get(f'solid colour number {index}')  # [n, D]
+    n = expected.shape[0]
+    np.testing.assert_array_equal(batch['text_mask'][row], np.arange(6) < n)
+    np.testing.assert_allclose(batch['text_embs'][row, :n], expected)
+    assert (batch['text_embs'][row, n:] == 0).all()
+    np.testing.assert_allclose(
+      batch['image'][row, 3, 3], np.array([10 * index, 255 - 10 * index, 7]) / 127.5 - 1, atol=1e-6
+    )
+
+
+@pytest.mark.unit
+def test_sr_batches_have_lowres(tmp_path):
+  config = _config(_noise_folder(tmp_path / 'noise'), lowres_resolution=4, random_crop=True)
+  it, _ = _iterator(config)
+  batch = next(it)
+  assert batch['image'].shape == (4, 8, 8, 3)
+  assert batch['lowres'].shape == (4, 4, 4, 3) and batch['lowres'].dtype == np.float32
+  assert -1.0 <= batch['lowres'].min() and batch['lowres'].max() <= 1.0
+
+
+@pytest.mark.unit
+def test_deterministic_for_a_seed_and_reshuffled_each_epoch(tmp_path):
+  config = _config(_solid_folder(tmp_path / 'solid'))
+  first = _take(_iterator(config)[0], 6)
+  _assert_batches_equal(first, _take(_iterator(config)[0], 6))
+  epochs = [sum((_ids(b) for b in first[e * 3 : e * 3 + 3]), []) for e in range(2)]
+  assert sorted(epochs[0]) == list(range(12)) and sorted(epochs[1]) == list(range(12))
+  assert epochs[0] != epochs[1]  # a new order every epoch
+  config.seed = 1
+  other = sum((_ids(b) for b in _take(_iterator(config)[0], 3)), [])
+  assert other != epochs[0]
+
+
+@pytest.mark.unit
+def test_exact_resume_from_json_state(tmp_path):
+  # SR config: random crops must resume exactly too; threads prefetch (prefetch=2).
+  config = _config(_noise_folder(tmp_path / 'noise'), lowres_resolution=4, random_crop=True)
+  it, _ = _iterator(config)
+  _take(it, 4)  # crosses an epoch boundary (12 examples, 3 batches per epoch)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 5)
+  restored, _ = _iterator(config)
+  restored.set_state(state)
+  _assert_batches_equal(expected, _take(restored, 5))
+
+
+@pytest.mark.unit
+def test_per_host_sharding_is_disjoint(tmp_path):
+  config = _config(_solid_folder(tmp_path / 'solid'))
+  seen = []
+  for host in range(2):
+    it, _ = _iterator(config, process_index=host, process_count=2)
+    batches = _take(it, 3)  # one epoch of this host's 6 examples, 2 per batch
+    assert all(b['image'].shape[0] == 2 for b in batches)
+    seen.append(set(sum((_ids(b) for b in batches), [])))
+  assert len(seen[0]) == 6 and len(seen[1]) == 6
+  assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(12))
+  with pytest.raises(DataError, match='multiple of the number of hosts'):
+    _iterator(config, process_index=0, process_count=3)
+
+
+def _encode(image, fmt='PNG', **kwargs):
+  buf = io.BytesIO()
+  image.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _bomb_png():
+  def chunk(tag, data):
+    return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', zlib.crc32(tag + data))
+
+  ihdr = struct.pack('>IIBBBBB', 100_000, 100_000, 8, 2, 0, 0, 0)
+  header = b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', ihdr)
+  return header + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b'')
+
+
+def _messy_folder(root):
+  """8 good images in many modes, 5 broken files and one tiny image; all captioned."""
+  root.mkdir()
+  rgba = np.zeros((10, 12, 4), np.uint8)
+  rgba[..., 3] = 255
+  palette = Image.new('P', (12, 10), 1)
+  palette.putpalette([0, 0, 0] + [0, 0, 255] * 255)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
+  jpeg = _encode(Image.fromarray(noise), 'JPEG')
+  files = {
+    'rgba.png': _encode(Image.fromarray(rgba, 'RGBA')),
+    'grey.png': _encode(Image.new('L', (12, 10), 90)),
+    'sixteen.png': _encode(Image.fromarray(np.full((10, 12), 40000, np.uint16))),
+    'palette.png': _encode(palette, transparency=0),
+    'cmyk.jpg': _encode(Image.new('CMYK', (12, 10), (0, 255, 255, 0)), 'JPEG'),
+    'rotated.jpg': _encode(Image.new('RGB', (16, 9), (5, 6, 7)), 'JPEG', exif=exif.tobytes()),
+    'plain1.png': _encode(Image.new('RGB', (9, 9), (1, 2, 3))),
+    'plain2.jpg': jpeg,
+    'corrupt.png': b'\x89PNG\r\n\x1a\n' + b'\x13' * 100,
+    'truncated.jpg': jpeg[: len(jpeg) // 2],
+    'zero.png': b'',
+    'text.png': b'this is a text file with an image extension\n',
+    'bomb.png': _bomb_png(),
+    'tiny.png': _encode(Image.new('RGB', (4, 4), (9, 9, 9))),
+  }
+  for name, data in files.items():
+    (root / name).write_bytes(data)
+    (root / name).with_suffix('.txt').write_text(f'caption of {name}')
+  return root
+
+
+_BROKEN = {'corrupt.png', 'truncated.jpg', 'zero.png', 'text.png', 'bomb.png'}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize('small_images', ['skip', 'upsample'])
+def test_bad_files_are_skipped_named_and_counted(tmp_path, caplog, small_images):
+  folder = _messy_folder(tmp_path / 'messy')
+  config = _config(folder, max_skip_fraction=0.6, small_images=small_images)
+  config.train.batch_size = 2
+  it, _ = _iterator(config)
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.data.pipeline'):
+    while it.num_seen < 2 * 14 + 1:  # more than two epochs
+      batch = next(it)
+      assert batch['image'].shape == (2, 8, 8, 3)
+      assert np.isfinite(batch['image']).all() and np.abs(batch['image']).max() <= 1.0
+  named = set(re.findall(r'skipping (\S+):', caplog.text))
+  expected = _BROKEN | ({'tiny.png'} if small_images == 'skip' else set())
+  assert named == expected
+  epochs = it.num_seen // 14
+  assert len(expected) * epochs <= it.num_skipped <= len(expected) * (epochs + 1)
+  state = it.get_state()
+  assert (state['num_seen'], state['num_skipped']) == (it.num_seen, it.num_skipped)
+
+
+@pytest.mark.unit
+def test_skip_fraction_aborts_with_clear_error(tmp_path):
+  config = _config(_messy_folder(tmp_path / 'messy'))  # 6 of 14 unusable > 1 %
+  config.train.batch_size = 2
+  it, _ = _iterator(config)
+  with pytest.raises(DataError, match=r'max_skip_fraction=0.01'):
+    _take(it, 20)
+  assert it.num_seen == 14  # checked at the end of the first (small) epoch
+
+
+@pytest.mark.unit
+def test_one_bad_file_in_a_larger_dataset_does_not_abort(tmp_path):
+  folder = _solid_folder(tmp_path / 'solid', n=25)
+  for i in range(25, 150):  # more solid images (ids repeat; only counts matter here)
+    Image.new('RGB', (8, 8), (0, 0, i)).save(folder / f'{i:03d}.png')
+    (folder / f'{i:03d}.txt').write_text(f'blue {i}')
+  (folder / 'bad.png').write_bytes(b'broken')
+  (folder / 'bad.txt').write_text('a broken file')
+  config = _config(folder)  # max_skip_fraction 1 %: 1 of >= 100 seen is not above it
+  config.train.batch_size = 16
+  it, _ = _iterator(config)
+  _take(it, 10)
+  assert it.num_seen == 160 + it.num_skipped and it.num_skipped == 1
+
+
+@pytest.mark.unit
+def test_caption_missing_from_cache_says_how_to_fix(tmp_path):
+  config = _config(_solid_folder(tmp_path / 'solid'))
+  source = sources.build_source(config.data)
+  cache = FakeEmbeddingCache(['some other caption'])
+  it = pipeline.make_iterator(config, text_cache=cache, source=source)
+  with pytest.raises(DataError, match='python -m imagen_jax.precompute'):
+    next(it)
+
+
+@pytest.mark.unit
+def test_sample_captions_distinct_in_order(tmp_path):
+  folder = _solid_folder(tmp_path / 'solid', n=5)
+  (folder / '001.txt').write_text('solid colour number 0')  # a duplicate caption
+  captions = pipeline.sample_captions(_config(folder), 3)
+  assert captions == ['solid colour number 0', 'solid colour number 2', 'solid colour number 3']
+
+
+@pytest.mark.smoke
+def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
+  folder = _noise_folder(tmp_path / 'noise')
+  config = _config(folder, lowres_resolution=4, random_crop=True)
+  in_process = _take(_iterator(config)[0], 4)
+  config.data.num_workers = 2
+  it, _ = _iterator(config)
+  try:
+    _assert_batches_equal(in_process[:2], _take(it, 2))
+    state = json.loads(json.dumps(it.get_state()))
+  finally:
+    it.close()
+  restored, _ = _iterator(config)
+  try:
+    restored.set_state(state)
+    _assert_batches_equal(in_process[2:], _take(restored, 2))
+  finally:
+    restored.close()
+
+
+@pytest.mark.smoke
+def test_with_the_real_embedding_cache(tmp_path):
+  cache_lib = pytest.importorskip('imagen_jax.text.cache')
+  encoder_lib = pytest.importorskip('imagen_jax.text.encoder')
+  config = _config(_solid_folder(tmp_path / 'solid', n=8))
+  source = sources.build_source(config.data)
+  encoder = encoder_lib.load_text_encoder('t5-tiny-random', max_length=16, dtype='float32')
+  cache = cache_lib.build_cache(
+    str(tmp_path / 'emb'), source.captions(), encoder, dataset_fingerprint=source.fingerprint()
+  )
+  batch = next(pipeline.make_iterator(config, text_cache=cache, source=source))
+  assert batch['text_embs'].shape == (4, 16, cache.dim)
+  captions = [f'solid colour number {i}' for i in _ids(batch)]
+  text_embs, text_mask = cache.lookup(captions)
+  np.testing.assert_array_equal(batch['text_embs'], text_embs)
+  np.testing.assert_array_equal(batch['text_mask'], text_mask)
+  assert batch['text_mask'].any(axis=1).all()

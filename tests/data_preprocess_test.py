@@ -1,0 +1,213 @@
+"""Decoding (every Pillow mode, EXIF, bad files) and the resize / crop policy."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax.data import preprocess
+from imagen_jax.data.preprocess import PreprocessOptions, SkipExample
+
+pytestmark = pytest.mark.unit
+
+
+def _encode(image: Image.Image, fmt: str = 'PNG', **kwargs) -> bytes:
+  buf = io.BytesIO()
+  image.save(buf, format=fmt, **kwargs)
+  return buf.getvalue()
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+  crc = zlib.crc32(tag + data) & 0xFFFFFFFF
+  return struct.pack('>I', len(data)) + tag + data + struct.pack('>I', crc)
+
+
+def bomb_png_bytes(side: int = 100_000) -> bytes:
+  """A tiny PNG whose header claims side x side RGB pixels (a decompression bomb)."""
+  ihdr = struct.pack('>IIBBBBB', side, side, 8, 2, 0, 0, 0)
+  return (
+    b'\x89PNG\r\n\x1a\n'
+    + _png_chunk(b'IHDR', ihdr)
+    + _png_chunk(b'IDAT', zlib.compress(b'\x00' * 64))
+    + _png_chunk(b'IEND', b'')
+  )
+
+
+def test_rgba_composited_on_white():
+  array = np.zeros((4, 4, 4), np.uint8)
+  array[..., 0] = 255  # red
+  array[0, 0, 3] = 0  # fully transparent -> white
+  array[0, 1, 3] = 128  # half transparent red -> pink
+  array[1:, :, 3] = 255
+  rgb = np.asarray(preprocess.decode_image(_encode(Image.fromarray(array, 'RGBA'))))
+  assert rgb.shape == (4, 4, 3)
+  np.testing.assert_array_equal(rgb[0, 0], [255, 255, 255])
+  np.testing.assert_allclose(rgb[0, 1], [255, 127, 127], atol=1)
+  np.testing.assert_array_equal(rgb[2, 2], [255, 0, 0])
+
+
+def test_la_and_greyscale_modes():
+  la = Image.fromarray(np.array([[[0, 0], [0, 255]]], np.uint8), 'LA')
+  np.testing.assert_array_equal(
+    np.asarray(preprocess.decode_image(_encode(la))), [[[255, 255, 255], [0, 0, 0]]]
+  )
+  grey = Image.fromarray(np.full((3, 5), 77, np.uint8), 'L')
+  out = np.asarray(preprocess.decode_image(_encode(grey)))
+  assert out.shape == (3, 5, 3) and (out == 77).all()
+  bilevel = Image.new('1', (4, 4), 1)
+  assert (np.asarray(preprocess.decode_image(_encode(bilevel))) == 255).all()
+
+
+def test_palette_with_transparency():
+  image = Image.new('P', (4, 4), 0)
+  image.putpalette([0, 0, 255] + [0, 255, 0] * 255)  # index 0 blue, others green
+  image.putpixel((0, 0), 1)
+  data = _encode(image, transparency=0)  # index 0 transparent
+  rgb = np.asarray(preprocess.decode_image(data))
+  np.testing.assert_array_equal(rgb[0, 0], [0, 255, 0])
+  np.testing.assert_array_equal(rgb[3, 3], [255, 255, 255])
+
+
+def test_sixteen_bit_int_and_float_greyscale():
+  i16 = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))  # 'I;16'
+  assert i16.mode.startswith('I;16')
+  np.testing.assert_array_equal(
+    np.asarray(preprocess.decode_image(_encode(i16)))[0, :, 0], [0, 128, 255]
+  )
+  i32 = Image.fromarray(np.array([[0, 1000, 65535]], np.int32), 'I')
+  np.testing.assert_array_equal(np.asarray(preprocess.decode_image(i32))[0, :, 0], [0, 4, 255])
+  f32 = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), 'F')
+  np.testing.assert_array_equal(np.asarray(preprocess.decode_image(f32))[0, :, 0], [0, 128, 255])
+
+
+def test_cmyk_jpeg():
+  image = Image.new('CMYK', (8, 8), (0, 255, 255, 0))  # no cyan, full magenta+yellow: red
+  rgb = np.asarray(preprocess.decode_image(_encode(image, 'JPEG', quality=95)))
+  assert rgb.shape == (8, 8, 3)
+  assert rgb[4, 4, 0] > 200 and rgb[4, 4, 1] < 60 and rgb[4, 4, 2] < 60
+
+
+def test_exif_orientation_applied():
+  array = np.zeros((8, 16, 3), np.uint8)  # landscape: left half red, right half blue
+  array[:, :8, 0] = 255
+  array[:, 8:, 2] = 255
+  exif = Image.Exif()
+  exif[0x0112] = 6  # display needs a 90 degree clockwise rotation
+  data = _encode(Image.fromarray(array), 'JPEG', quality=95, exif=exif.tobytes())
+  rgb = np.asarray(preprocess.decode_image(data))
+  assert rgb.shape == (16, 8, 3)  # portrait after transposition
+  assert rgb[2, 4, 0] > 200 and rgb[2, 4, 2] < 60  # red on top
+  assert rgb[13, 4, 2] > 200 and rgb[13, 4, 0] < 60  # blue at the bottom
+
+
+def test_array_and_hf_dict_inputs():
+  image = np.full((6, 6, 3), 9, np.uint8)
+  assert (np.asarray(preprocess.decode_image(image)) == 9).all()
+  assert (np.asarray(preprocess.decode_image(image.astype(np.float32) / 255.0)) == 9).all()
+  data = _encode(Image.fromarray(image))
+  assert (np.asarray(preprocess.decode_image({'bytes': data, 'path': None})) == 9).all()
+
+
+@pytest.mark.parametrize(
+  'name, payload',
+  [
+    ('corrupt png', b'\x89PNG\r\n\x1a\n' + b'garbage' * 20),
+    ('zero bytes', b''),
+    ('not an image', b'just some text, not pixels\n' * 10),
+  ],
+)
+def test_bad_bytes_are_skip_examples(name, payload):
+  with pytest.raises(SkipExample):
+    preprocess.decode_image(payload)
+
+
+def test_truncated_jpeg_and_zero_byte_file(tmp_path):
+  rng = np.random.default_rng(0)
+  data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)), 'JPEG')
+  with pytest.raises(SkipExample, match='decode'):
+    preprocess.decode_image(data[: len(data) // 2])
+  empty = tmp_path / 'empty.png'
+  empty.write_bytes(b'')
+  with pytest.raises(SkipExample, match='zero-byte'):
+    preprocess.decode_image(str(empty))
+  with pytest.raises(SkipExample, match='decode'):
+    preprocess.decode_image(str(tmp_path / 'missing.png'))
+
+
+def test_decompression_bombs_rejected(monkeypatch):
+  with pytest.raises(SkipExample, match='decompression bomb'):
+    preprocess.decode_image(bomb_png_bytes())
+  small = _encode(Image.new('RGB', (40, 40)))
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+  with pytest.warns(Image.DecompressionBombWarning), pytest.raises(SkipExample, match='MAX_IMAGE'):
+    preprocess.decode_image(small)
+
+
+def test_centre_crop_keeps_the_middle():
+  array = np.zeros((10, 30, 3), np.uint8)
+  array[:, 10:20, 1] = 255  # green centre, black sides
+  image, lowres = preprocess.preprocess_image(Image.fromarray(array), PreprocessOptions(10))
+  assert lowres is None
+  np.testing.assert_array_equal(image, array[:, 10:20])
+
+
+def test_shorter_side_resize_then_crop_shape():
+  image = Image.new('RGB', (64, 40), (10, 20, 30))
+  out, _ = preprocess.preprocess_image(image, PreprocessOptions(16))
+  assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  np.testing.assert_allclose(out, np.broadcast_to([10, 20, 30], out.shape), atol=1)
+
+
+def test_random_crop_native_scale_is_deterministic():
+  array = np.random.default_rng(1).integers(0, 255, (15, 15, 3), np.uint8)
+  options = PreprocessOptions(10, lowres_resolution=5, random_crop=True)
+  crops = []
+  for seed in (7, 7, 8, 9, 10):
+    crop, lowres = preprocess.preprocess_image(
+      Image.fromarray(array), options, np.random.default_rng(seed)
+    )
+    assert crop.shape == (10, 10, 3) and lowres.shape == (5, 5, 3)
+    # Between 1x and 2x the resolution: a crop at native scale, an exact window.
+    windows = [
+      (t, l) for t in range(6) for l in range(6) if (array[t : t + 10, l : l + 10] == crop).all()
+    ]
+    assert windows
+    crops.append(crop)
+  np.testing.assert_array_equal(crops[0], crops[1])
+  assert any((c != crops[0]).any() for c in crops[2:])
+
+
+def test_large_images_are_scaled_to_twice_the_resolution_before_random_crop():
+  # Horizontal ramp 0..255 over 100 px. Scaled to 20 px wide, a 10 px crop spans about
+  # half of the ramp (~120 levels); a native-scale crop would span ~23, a full-image ~230.
+  ramp = np.broadcast_to(np.linspace(0, 255, 100)[None, :, None], (100, 100, 3))
+  image = Image.fromarray(ramp.round().astype(np.uint8))
+  options = PreprocessOptions(10, random_crop=True)
+  for seed in range(3):
+    crop, _ = preprocess.preprocess_image(image, options, np.random.default_rng(seed))
+    assert crop.shape == (10, 10, 3)
+    span = float(crop[..., 0].mean(axis=0).max() - crop[..., 0].mean(axis=0).min())
+    assert 90 < span < 150, span
+
+
+def test_small_images_skip_or_upsample():
+  tiny = Image.new('RGB', (6, 9), (200, 0, 0))
+  with pytest.raises(SkipExample, match='smaller than resolution'):
+    preprocess.preprocess_image(tiny, PreprocessOptions(8))
+  out, low = preprocess.preprocess_image(
+    tiny, PreprocessOptions(8, lowres_resolution=4, small_images='upsample')
+  )
+  assert out.shape == (8, 8, 3) and low.shape == (4, 4, 3)
+
+
+def test_to_float_range_and_bad_options():
+  x = preprocess.to_float(np.array([0, 128, 255], np.uint8))
+  assert x.dtype == np.float32
+  np.testing.assert_allclose(x, [-1.0, 128 / 127.5 - 1.0, 1.0], atol=1e-6)
+  with pytest.raises(ValueError, match='small_images'):
+    PreprocessOptions(8, small_images='grow')
+  with pytest.raises(ValueError, match='lowres_resolution'):
+    PreprocessOptions(8, lowres_resolution=16)
