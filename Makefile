@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint format demo clean bench
+.PHONY: install test lint format demo clean
+
+DEMO_DIR ?= runs/demo
 
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +19,14 @@ install: $(STAMP)
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+# Train a small base model on the embedded OpenMoji data (CPU, minutes), then sample a grid of
+# training captions. Re-running resumes / reuses the finished run.
+demo: $(STAMP)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) train.py --config=configs/base64.py:demo --workdir=$(DEMO_DIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) sample.py --checkpoints=$(DEMO_DIR) --training_prompts=16 \
+	  --out=$(DEMO_DIR)/samples --overwrite
+	@echo "Demo samples: $(DEMO_DIR)/samples/grid.png (training captions next to each PNG in its .json)"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

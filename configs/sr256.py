@@ -1,0 +1,71 @@
+"""Super-resolution stage: 64x64 -> 256x256, with noise-conditioning augmentation.
+
+  python train.py --config=configs/sr256.py --workdir=runs/sr256
+  python train.py --config=configs/sr256.py:tiny --workdir=/tmp/t_sr        # tests
+
+Trains on random crops of real images with their downsampled versions as the low-res input,
+so it trains independently of (and at the same time as) the base stage.
+Variants: '' full (~0.7B U-Net, T5-XXL, bfloat16, Adafactor); 'demo' (CPU minutes); 'tiny'.
+"""
+
+from configs import common
+
+
+def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
+  return sr_config(arg, stage='sr256', preset='sr256', resolution=256, lowres=64)
+
+
+def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int):
+  """Shared by sr256 and sr1024: the variants differ only in sizes."""
+  variant = arg or 'full'
+  if variant == 'full':
+    c = common.get_common(stage=stage, preset=preset, resolution=resolution, lowres_resolution=lowres)
+    c.diffusion.schedule = 'shifted_cosine'
+    c.model.dtype = 'bfloat16'
+    c.model.remat = True
+    c.model.text_dim = 4096
+    c.text.encoder = 'google/t5-v1_1-xxl'
+    c.optim.optimizer = 'adafactor'
+    c.train.batch_size = 512
+    c.mesh.fsdp = -1
+    c.mesh.data = 1
+    return c
+  scale = resolution // lowres
+  if variant == 'demo':
+    c = common.get_common(stage=stage, preset='tiny_sr', resolution=32 * scale, lowres_resolution=32)
+    c.diffusion.schedule = 'shifted_cosine'
+    c.diffusion.shift_base = 32
+    c.text.encoder = 't5-tiny-random'
+    c.text.max_length = 32
+    c.model.text_dim = 32
+    c.data.max_examples = 256
+    c.train.batch_size = 8
+    c.train.num_steps = 500
+    c.train.log_every = 25
+    c.train.checkpoint_every = 250
+    c.train.sample_every = 0
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.optim.ema_decay = 0.995
+    return c
+  if variant == 'tiny':
+    c = common.get_common(stage=stage, preset='tiny_sr', resolution=8 * scale, lowres_resolution=8)
+    c.diffusion.schedule = 'shifted_cosine'
+    c.diffusion.shift_base = 8
+    c.text.encoder = 't5-tiny-random'
+    c.text.max_length = 16
+    c.model.text_dim = 32
+    c.data.max_examples = 32
+    c.data.max_skip_fraction = 0.5
+    c.train.batch_size = 4
+    c.train.num_steps = 4
+    c.train.log_every = 1
+    c.train.checkpoint_every = 2
+    c.train.sample_every = 0
+    c.train.num_sample_prompts = 2
+    c.optim.warmup_steps = 2
+    c.optim.lr = 1e-3
+    c.optim.ema_decay = 0.9
+    c.sample.steps = 4
+    return c
+  raise ValueError(f"Unknown variant '{arg}' of {stage}; choose '', 'demo' or 'tiny'.")

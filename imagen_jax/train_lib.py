@@ -1,0 +1,502 @@
+"""Training of one cascade stage: sharded state, the jitted train step, and the loop.
+
+  train_and_evaluate(config, workdir)
+
+One code path for 1 CPU, N local devices and multi-host pods: a ('data', 'fsdp') mesh over
+all devices, params and optimizer state sharded by the logical rules, the batch split over
+both axes, one `jax.jit` step with pinned in/out shardings and donated state.
+"""
+
+import json
+import logging
+import math
+import pathlib
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from imagen_jax import cascade, checkpoints, images, optim, sharding, stage
+from imagen_jax.diffusion import guidance, losses
+
+log = logging.getLogger(__name__)
+
+TrainState = dict[str, Any]  # step, params, ema_params, opt_state, rng
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on; the message names the step and the reason."""
+
+
+# ------------------------------------------------------------------------------ state
+
+
+def make_state_shardings(abstract_state: TrainState, mesh) -> TrainState:
+  """NamedShardings for a (possibly abstract) train state, by the logical axis rules."""
+  return {
+    'step': sharding.replicated(mesh),
+    'rng': sharding.replicated(mesh),
+    'params': sharding.state_shardings(abstract_state['params'], mesh),
+    'ema_params': sharding.state_shardings(abstract_state['ema_params'], mesh),
+    'opt_state': sharding.state_shardings(abstract_state['opt_state'], mesh),
+  }
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, state, state shardings): params initialised directly in their shards."""
+  graphdef, _ = stage.abstract_model(config)
+  root_rng = jax.random.key(config.seed)
+  init_rng, train_rng = jax.random.split(root_rng)
+
+  def init(rng):
+    params = stage.init_params(config, rng)
+    return {
+      'step': jnp.zeros((), jnp.int32),
+      'rng': train_rng,
+      'params': params,
+      'ema_params': jax.tree.map(jnp.copy, params),
+      'opt_state': tx.init(params),
+    }
+
+  abstract = jax.eval_shape(init, init_rng)
+  shardings = make_state_shardings(abstract, mesh)
+  state = jax.jit(init, out_shardings=shardings)(init_rng)
+  return graphdef, state, shardings
+
+
+def abstract_with_shardings(state_like: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs carrying the target shardings (what orbax restores into)."""
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state_like, shardings
+  )
+
+
+# ------------------------------------------------------------------------------- step
+
+
+def make_train_step(
+  config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure train step: diffusion loss -> grads -> optimizer -> EMA, guarded against NaN/Inf.
+
+  A step whose loss or gradient norm is not finite leaves the state unchanged and reports
+  `finite = False`, so the bad update never reaches params, EMA or a checkpoint.
+  """
+  d = config.diffusion
+  schedule = stage.schedule(config)
+  is_sr = stage.is_super_resolution(config)
+  accumulating = int(config.optim.grad_accum_steps) > 1
+  lr_schedule = optim.make_lr_schedule(
+    config.optim, max(1, int(config.train.num_steps) // int(config.optim.grad_accum_steps))
+  )
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    rng = jax.random.fold_in(state['rng'], state['step'])
+    t_rng, noise_rng, drop_rng, aug_rng, aug_noise_rng = jax.random.split(rng, 5)
+    x = batch['image']  # [B, H, W, 3]
+    b = x.shape[0]
+    logsnr = schedule(jax.random.uniform(t_rng, (b,)))
+    noise = jax.random.normal(noise_rng, x.shape)
+    drop_text = jax.random.bernoulli(drop_rng, d.cond_drop_prob, (b,))
+    lowres = aug_level = None
+    if is_sr:
+      up = stage.upsample_lowres(batch['lowres'], resolution=x.shape[1])
+      lowres, aug_level = guidance.noise_condition_aug(
+        lowres=up,
+        aug_level=guidance.training_aug_levels(aug_rng, batch_size=b, max_level=d.aug_level_max),
+        noise=jax.random.normal(aug_noise_rng, up.shape),
+        schedule=schedule,
+      )
+
+    def loss_fn(params):
+      model_fn = stage.make_model_fn(
+        graphdef,
+        params,
+        text_embs=batch['text_embs'],
+        text_mask=batch['text_mask'],
+        lowres=lowres,
+        aug_level=aug_level,
+        drop_text=drop_text,
+      )
+      per_example = losses.diffusion_loss(
+        model_fn=model_fn,
+        x=x,
+        logsnr=logsnr,
+        noise=noise,
+        objective=d.objective,
+        weighting=d.loss_weighting,
+        min_snr_gamma=d.min_snr_gamma,
+      )
+      return jnp.mean(per_example)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    applied = opt_state.mini_step == 0 if accumulating else True
+    decay = jnp.where(applied, optim.ema_decay(state['step'], config.optim), 1.0)
+    ema_params = optim.ema_update(state['ema_params'], params, decay)
+    new_state = {
+      'step': state['step'] + 1,
+      'rng': state['rng'],
+      'params': params,
+      'ema_params': ema_params,
+      'opt_state': opt_state,
+    }
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    metrics = {
+      'loss': loss,
+      'grad_norm': grad_norm,
+      'lr': lr_schedule(state['step'] // int(config.optim.grad_accum_steps)),
+      'finite': finite,
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+# -------------------------------------------------------------------------- utilities
+
+
+class StopSignal:
+  """Catches SIGTERM and SIGINT (Ctrl-C) so the loop can save at the current step and exit."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.received = signal.Signals(signum).name
+    log.warning('%s received: saving a checkpoint at the current step, then exiting.', self.received)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one call of a compiled function, where the backend reports them."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001 - some backends do not implement it
+    return None
+  if isinstance(cost, list | tuple):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get('flops')
+  return float(flops) if flops and flops > 0 else None
+
+
+# Dense bf16 peak FLOP/s per device, for MFU.
+PEAK_FLOPS = {
+  'H100': 989e12,
+  'H200': 989e12,
+  'A100': 312e12,
+  'L4': 121e12,
+  'TPU v4': 275e12,
+  'TPU v5 lite': 197e12,
+  'TPU v5e': 197e12,
+  'TPU v5p': 459e12,
+  'TPU v6 lite': 918e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+  kind = getattr(device, 'device_kind', '')
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+class MetricWriter:
+  """metrics.jsonl (always), TensorBoard event files, and optionally Weights & Biases."""
+
+  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, enabled: bool):
+    self.enabled = enabled
+    self.tb = self.wandb = None
+    if not enabled:
+      return
+    self.jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
+    from tensorboardX import SummaryWriter
+
+    self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+    if config.train.wandb:
+      try:
+        import wandb
+      except ImportError as e:
+        raise TrainingError(
+          'config.train.wandb=True needs Weights & Biases: `pip install wandb` '
+          '(or run with --config.train.wandb=False).'
+        ) from e
+      self.wandb = wandb.init(
+        project=config.train.wandb_project,
+        mode=config.train.wandb_mode,
+        dir=str(workdir),
+        config=json.loads(config.to_json_best_effort()),
+        resume='allow',
+      )
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self.jsonl.flush()
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
+
+  def image(self, step: int, name: str, grid: np.ndarray) -> None:
+    if self.enabled:
+      self.tb.add_image(name, grid, step, dataformats='HWC')
+      if self.wandb is not None:
+        import wandb
+
+        self.wandb.log({name: wandb.Image(grid)}, step=step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+      if self.wandb is not None:
+        self.wandb.finish()
+
+
+def _to_global(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
+  return {
+    k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+    for k, v in batch.items()
+  }
+
+
+def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.train.batch_size % shards:
+    raise ValueError(
+      f'train.batch_size={config.train.batch_size} must be divisible by the {shards} devices of '
+      f'the mesh {dict(mesh.shape)}; pass e.g. --config.train.batch_size='
+      f'{math.ceil(config.train.batch_size / shards) * shards}.'
+    )
+
+
+def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+  """Refuse a resume whose model or stage differs from the checkpoint's; log other changes."""
+  model_diff = checkpoints.config_differences(
+    {'stage': saved.get('stage'), 'model': saved.model.to_dict()},
+    {'stage': config.stage, 'model': config.model.to_dict()},
+  )
+  if model_diff:
+    raise TrainingError(
+      'The checkpoint in this workdir was trained with a different model; resuming would not '
+      'fit its parameters. Differing config fields (checkpoint -> now):\n  '
+      + '\n  '.join(model_diff)
+      + '\nUse a fresh --workdir, or the checkpoint\'s values.'
+    )
+  other = checkpoints.config_differences(saved, config)
+  if other:
+    log.warning('Resuming with changed settings (checkpoint -> now): %s', '; '.join(other))
+
+
+# ------------------------------------------------------------------------------- loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Train a stage to config.train.num_steps, resuming from the latest checkpoint in workdir.
+
+  Returns the last logged metrics. Raises TrainingError on NaN/Inf, resume mismatch, etc.
+  """
+  from imagen_jax import precompute
+  from imagen_jax.data import pipeline
+
+  workdir_path = pathlib.Path(workdir).absolute()
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  is_chief = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  _check_batch_size(config, mesh)
+  log.info('Devices: %d x %s; mesh %s.', jax.device_count(), jax.devices()[0].device_kind,
+           dict(mesh.shape))
+
+  text_cache = precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
+  if text_cache.dim != config.model.text_dim:
+    raise ValueError(
+      f'The text encoder {config.text.encoder} gives {text_cache.dim}-wide embeddings but '
+      f'model.text_dim={config.model.text_dim}; pass --config.model.text_dim={text_cache.dim}.'
+    )
+
+  num_steps = int(config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, num_steps)
+  manager = checkpoints.make_manager(workdir_path, keep=config.train.keep_checkpoints)
+  data_iter = pipeline.make_iterator(
+    config,
+    text_cache=text_cache,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+
+  with jax.set_mesh(mesh):
+    graphdef, state, state_sh = create_train_state(config, tx, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state['params']))
+    log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, config.model_preset)
+    start = manager.latest_step()
+    if start is not None:
+      _resume_check(checkpoints.restore_config(manager, start), config)
+      state, data_state = checkpoints.restore(
+        manager, start, abstract_state=abstract_with_shardings(state, state_sh)
+      )
+      data_iter.set_state(data_state)
+      log.info('Resumed from step %d in %s.', start, workdir_path)
+    start = int(state['step'])
+
+    batch_sh = sharding.batch_sharding(mesh)
+    metric_sh = sharding.replicated(mesh)
+    step_fn = jax.jit(
+      make_train_step(config, graphdef, tx),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, metric_sh),
+      donate_argnums=(0,),
+    )
+    sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path)
+    writer = MetricWriter(workdir_path, config, enabled=is_chief)
+    result = _loop(
+      config, state, step_fn, data_iter, manager, writer, sample_grid, start, num_steps,
+      batch_sh, workdir_path,
+    )
+  return result
+
+
+def _loop(
+  config, state, step_fn, data_iter, manager, writer, sample_grid, start, num_steps,
+  batch_sh, workdir_path,
+):
+  from tqdm import tqdm
+
+  global_batch = int(config.train.batch_size)
+  flops = device_peak = None
+  pending = None  # (step, metrics) of the previous step, fetched one step late
+  last_scalars: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  progress = tqdm(
+    total=num_steps, initial=start, desc=f'train {config.stage}', unit='step',
+    disable=jax.process_index() != 0, dynamic_ncols=True,
+  )
+
+  def check(step, metrics) -> dict[str, float]:
+    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not scalars.pop('finite'):
+      bad = [k for k in ('loss', 'grad_norm') if not math.isfinite(scalars[k])]
+      raise TrainingError(
+        f'Non-finite {" and ".join(bad)} at step {step} ({", ".join(f"{k}={scalars[k]}" for k in bad)}); '
+        'the update was not applied and no checkpoint of it was written. Lower --config.optim.lr, '
+        'check the data, or resume from the last checkpoint.'
+      )
+    return scalars
+
+  def save(step: int, force: bool = False) -> None:
+    checkpoints.save(
+      manager, step, state=state, data_state=data_iter.get_state(), config=config, force=force
+    )
+
+  try:
+    with StopSignal() as stop:
+      step = start
+      while step < num_steps:
+        batch = _to_global(next(data_iter), batch_sh)
+        if flops is None:  # compile once, ahead of time, and read its cost
+          t0 = time.perf_counter()
+          step_fn = step_fn.lower(state, batch).compile()
+          log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
+          flops = compiled_flops(step_fn) or 0.0
+          device_peak = peak_flops(jax.devices()[0])
+          window_start = time.perf_counter()
+        state, metrics = step_fn(state, batch)
+        step += 1
+        window_steps += 1
+        if pending is not None:
+          last_scalars = {**last_scalars, **check(*pending)}
+        pending = (step, metrics)
+
+        if step % config.train.log_every == 0 or step == num_steps:
+          scalars = check(*pending)
+          pending = None
+          elapsed = time.perf_counter() - window_start
+          scalars['steps_per_s'] = window_steps / elapsed
+          scalars['img_per_s'] = window_steps * global_batch / elapsed
+          if flops:
+            tflops = flops * window_steps / elapsed / 1e12
+            scalars['tflops_per_device'] = tflops
+            if device_peak:
+              scalars['mfu'] = tflops * 1e12 / device_peak
+          writer.write(step, scalars)
+          progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["img_per_s"]:.1f}')
+          last_scalars = scalars
+          window_start, window_steps = time.perf_counter(), 0
+        progress.update(1)
+
+        if stop.received:
+          if pending is not None:
+            check(*pending)
+          save(step, force=True)
+          manager.wait_until_finished()
+          log.warning('Stopped by %s at step %d; checkpoint saved in %s.', stop.received, step,
+                      checkpoints.checkpoint_dir(workdir_path))
+          break
+        if step % config.train.checkpoint_every == 0 or step == num_steps:
+          if pending is not None:
+            check(*pending)
+          save(step)
+        if sample_grid and config.train.sample_every and step % config.train.sample_every == 0:
+          grid = sample_grid(state['ema_params'], step)
+          writer.image(step, 'samples', grid)
+  finally:
+    progress.close()
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    if hasattr(data_iter, 'close'):
+      data_iter.close()
+  last_scalars['step'] = step
+  return last_scalars
+
+
+def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path):
+  """fn(ema_params, step) -> uint8 grid of base-stage samples for fixed prompts (None for SR)."""
+  if stage.is_super_resolution(config) or not config.train.sample_every:
+    return None
+  from imagen_jax.data import pipeline
+
+  prompts = list(config.train.sample_prompts) or pipeline.sample_captions(
+    config, config.train.num_sample_prompts
+  )
+  text_embs, text_mask = text_cache.lookup(prompts)
+  sample_fn = cascade.make_stage_sampler(
+    config, graphdef, cascade.SamplingOptions.from_config(config)
+  )
+
+  out_dir = workdir_path / 'samples'
+
+  def grid_fn(ema_params, step):
+    out = sample_fn(
+      ema_params, jnp.asarray(text_embs), jnp.asarray(text_mask), jax.random.key(config.seed)
+    )
+    grid = images.make_grid(images.to_uint8(np.asarray(out)))
+    if jax.process_index() == 0:
+      out_dir.mkdir(exist_ok=True)
+      images.save_png(grid, out_dir / f'step_{step:08d}.png', overwrite=True)
+    return grid
+
+  return grid_fn

@@ -1,0 +1,196 @@
+"""train.py through the real CLI on tiny configs: smoke per stage, exact resume after SIGTERM,
+kill -9 during saves, NaN abort, model-mismatch refusal, device-count changes.
+
+All runs share one persistent XLA compilation cache, so each distinct program compiles once.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('train')]
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+  root = tmp_path_factory.mktemp('train')
+  return {
+    'root': root,
+    'xla_cache': root / 'xla_cache',
+    'text_cache': root / 'embeddings',
+    'render_cache': root / 'openmoji',
+  }
+
+
+def train_cmd(shared, workdir, *overrides, config='configs/base64.py:tiny'):
+  return [
+    sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}',
+    f'--config.text.cache_dir={shared["text_cache"]}',
+    f'--config.data.render_cache_dir={shared["render_cache"]}',
+    *overrides,
+  ]
+
+
+def env_for(shared, devices=1):
+  env = dict(os.environ)
+  env.update(
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    JAX_COMPILATION_CACHE_DIR=str(shared['xla_cache']),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+  return env
+
+
+def run(shared, workdir, *overrides, devices=1, config='configs/base64.py:tiny', check=True):
+  proc = subprocess.run(
+    train_cmd(shared, workdir, *overrides, config=config), cwd=REPO_ROOT,
+    env=env_for(shared, devices), capture_output=True, text=True, timeout=900,
+  )
+  if check and proc.returncode != 0:
+    raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
+  return proc
+
+
+def losses(workdir) -> dict[int, float]:
+  rows = [json.loads(line) for line in open(pathlib.Path(workdir) / 'metrics.jsonl')]
+  return {r['step']: r['loss'] for r in rows}
+
+
+def finished_steps(workdir) -> list[int]:
+  ckpt = pathlib.Path(workdir) / 'checkpoints'
+  return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
+
+
+CONSTANT_LR = ('--config.optim.schedule=constant',)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(shared):
+  """6 steps straight through on one device: the reference losses."""
+  workdir = shared['root'] / 'uninterrupted'
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  return workdir
+
+
+def test_smoke_base_stage(uninterrupted):
+  got = losses(uninterrupted)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(v) and v > 0 for v in got.values())
+  assert finished_steps(uninterrupted) == [2, 4, 6]  # every 2 steps, keep 3
+  assert list((uninterrupted / 'tensorboard').iterdir()), 'no TensorBoard event files'
+  saved = json.load(open(uninterrupted / 'checkpoints' / '6' / 'config' / 'metadata'))
+  assert saved['model']['dim'] == 16 and saved['stage'] == 'base64'
+
+
+def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
+  workdir = shared['root'] / 'interrupted'
+  proc = subprocess.Popen(
+    train_cmd(shared, workdir, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1000',
+              *CONSTANT_LR),
+    cwd=REPO_ROOT, env=env_for(shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 600
+  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().split()) >= 2):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM' in stderr
+  stopped_at = finished_steps(workdir)[-1]
+  assert stopped_at >= 2 and stopped_at == max(losses(workdir))
+
+  # Resume (num_steps changed back to 6; with a constant schedule that changes nothing else).
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  resumed = losses(workdir)
+  reference = losses(uninterrupted)
+  if stopped_at < 6:
+    assert [resumed[s] for s in range(1, 7)] == [reference[s] for s in range(1, 7)]
+
+
+def test_resume_on_a_different_device_count(shared, uninterrupted):
+  workdir = shared['root'] / 'reshard'
+  run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  got, reference = losses(workdir), losses(uninterrupted)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  # Same data, same RNG; only the reduction order differs across 4 devices.
+  np.testing.assert_allclose([got[5], got[6]], [reference[5], reference[6]], rtol=2e-3)
+
+
+def test_four_devices_match_one_device(shared, uninterrupted):
+  workdir = shared['root'] / 'four'
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  got, reference = losses(workdir), losses(uninterrupted)
+  # Tolerance: float32 reductions in a different order over 6 steps of Adam at lr 1e-3.
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=2e-3
+  )
+
+
+def test_resume_with_different_model_is_refused(shared, uninterrupted):
+  workdir = shared['root'] / 'mismatch'
+  run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR)
+  proc = run(shared, workdir, '--config.train.num_steps=4', '--config.model.dim=24', *CONSTANT_LR,
+             check=False)
+  assert proc.returncode != 0
+  assert 'model.dim: 16 -> 24' in proc.stderr
+  assert finished_steps(workdir) == [2]
+
+
+def test_nan_loss_aborts_without_checkpoint(shared):
+  workdir = shared['root'] / 'nan'
+  proc = run(shared, workdir, '--config.train.num_steps=8', '--config.optim.lr=1e30',
+             '--config.optim.grad_clip=0', '--config.train.checkpoint_every=1', *CONSTANT_LR,
+             check=False)
+  assert proc.returncode != 0
+  assert 'Non-finite' in proc.stderr and 'at step' in proc.stderr
+  bad_step = int(proc.stderr.split('at step ')[1].split()[0])
+  assert all(s < bad_step for s in finished_steps(workdir))
+
+
+def test_kill_9_never_leaves_a_bad_latest_checkpoint(shared, uninterrupted):
+  workdir = shared['root'] / 'killed'
+  proc = subprocess.Popen(
+    train_cmd(shared, workdir, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1',
+              *CONSTANT_LR),
+    cwd=REPO_ROOT, env=env_for(shared), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+  )
+  ckpt = workdir / 'checkpoints'
+  deadline = time.time() + 600
+  while time.time() < deadline and not (ckpt.exists() and len(finished_steps(workdir)) >= 2):
+    assert proc.poll() is None
+    time.sleep(0.01)
+  proc.kill()  # SIGKILL, likely in the middle of an async save
+  proc.wait()
+  # A half-written save of a later step, as a kill leaves it.
+  (ckpt / '999.orbax-checkpoint-tmp-1234').mkdir()
+  latest = finished_steps(workdir)[-1]
+  assert latest < 999
+  run(shared, workdir, f'--config.train.num_steps={latest + 1}', *CONSTANT_LR)
+  assert finished_steps(workdir)[-1] == latest + 1
+  assert not any('tmp' in p.name for p in ckpt.iterdir()), sorted(p.name for p in ckpt.iterdir())
+  reference = losses(uninterrupted)
+  if latest + 1 in reference:  # the restored state and data continue the same run exactly
+    assert losses(workdir)[latest + 1] == reference[latest + 1]
+
+
+@pytest.mark.parametrize('config', ['configs/sr256.py:tiny', 'configs/sr1024.py:tiny'])
+def test_smoke_sr_stages(shared, config):
+  workdir = shared['root'] / config.split('/')[1].replace(':', '_')
+  run(shared, workdir, '--config.train.num_steps=2', config=config)
+  got = losses(workdir)
+  assert sorted(got) == [1, 2] and all(np.isfinite(v) for v in got.values())
+  assert finished_steps(workdir) == [2]
