@@ -51,6 +51,8 @@ def get_common(
   c.text.max_length = 128
   c.text.cache_dir = 'cache/embeddings'  # root; one sub-folder per (encoder, max_len, data)
   c.text.precompute_batch_size = 64
+  c.text.dtype = 'bfloat16'  # encoder compute / parameter dtype during precompute
+  c.text.cache_shard_size = 4096  # captions per cache shard
   c.text.auto_precompute = True  # train.py runs precompute when the cache is missing
 
   # Data.

@@ -331,6 +331,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   log.info('Devices: %d x %s; mesh %s.', jax.device_count(), jax.devices()[0].device_kind,
            dict(mesh.shape))
 
+  if jax.process_count() > 1:  # one host builds the cache (shared storage), the others wait
+    from jax.experimental import multihost_utils
+
+    if is_chief:
+      precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
+    multihost_utils.sync_global_devices('imagen_jax:embedding_cache')
   text_cache = precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
   if text_cache.dim != config.model.text_dim:
     raise ValueError(

@@ -1,0 +1,494 @@
+"""On-disk cache of frozen text-encoder embeddings, so training never loads T5.
+
+Layout under `root/<cache_key>/` (root is `config.text.cache_dir`):
+
+  manifest.json                 encoder, max_length, dataset fingerprint, dim, captions digest,
+                                shard list, complete flag, size stats
+  shard-00000.embs.npy          [T, D] uint16: bfloat16 bits of ONLY the real (unpadded) tokens
+  shard-00000.offsets.npy       [n + 1] int64: caption i's tokens are embs[offsets[i]:offsets[i+1]]
+  shard-00000.hashes.npy        [n] uint64: 64-bit BLAKE2b of each caption (the lookup index)
+  ...
+
+Captions are deduplicated, sorted (so the layout does not depend on the source's order) and
+split into shards of `shard_size`.
+Every file is written to a temporary name and renamed; a shard counts as done only once the
+manifest (also renamed into place) lists it. An interrupted build resumes at the first shard
+not listed, and because a shard's content depends only on its captions, the encoder and the
+batch size, a killed-then-resumed build writes byte-identical shards to an uninterrupted one.
+
+Readers memory-map the shards (`np.load(mmap_mode='r')`), so lookups are cheap in data-loader
+worker processes; an `EmbeddingCache` pickles as (path, manifest) and reopens lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import pathlib
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import ml_dtypes
+import numpy as np
+
+if TYPE_CHECKING:
+  from imagen_jax.text.encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = 'manifest.json'
+PRECOMPUTE_HINT = 'python -m imagen_jax.precompute --config=<your config>'
+_KEY_FIELDS = ('encoder', 'max_length', 'dataset_fingerprint')
+
+
+class CacheError(ValueError):
+  """A missing, stale, mismatched or incomplete embedding cache; the message says the fix."""
+
+
+class CaptionNotCachedError(KeyError):
+  """A caption that the embedding cache does not hold."""
+
+  def __init__(self, caption: str, cache_path: str | os.PathLike):
+    self.caption = caption
+    self.message = (
+      f'Caption not in embedding cache {str(cache_path)!r}: {caption[:200]!r}. The cache was '
+      'built from a different caption list; rebuild it for the current data with '
+      f'`{PRECOMPUTE_HINT}`.'
+    )
+    super().__init__(self.message)
+
+  def __str__(self) -> str:
+    return self.message
+
+
+def cache_key(encoder_name: str, max_length: int, dataset_fingerprint: str) -> str:
+  """Folder name for one (encoder, max_length, dataset) triple: readable slug + digest."""
+  slug = re.sub(r'[^A-Za-z0-9._-]+', '_', str(encoder_name)).strip('_.')[-48:] or 'encoder'
+  digest = hashlib.sha256(
+    json.dumps([str(encoder_name), int(max_length), str(dataset_fingerprint)]).encode()
+  ).hexdigest()[:16]
+  return f'{slug}-L{int(max_length)}-{digest}'
+
+
+def caption_hashes(captions: Sequence[str]) -> np.ndarray:
+  """64-bit BLAKE2b of each caption's UTF-8 bytes, [n] uint64."""
+  return np.array(
+    [
+      int.from_bytes(hashlib.blake2b(c.encode('utf-8'), digest_size=8).digest(), 'little')
+      for c in captions
+    ],
+    dtype=np.uint64,
+  )
+
+
+def _captions_digest(captions: Sequence[str]) -> str:
+  h = hashlib.sha256()
+  for c in captions:
+    b = c.encode('utf-8')
+    h.update(len(b).to_bytes(8, 'little'))
+    h.update(b)
+  return h.hexdigest()
+
+
+def _shard_files(index: int) -> dict[str, str]:
+  stem = f'shard-{index:05d}'
+  return {part: f'{stem}.{part}.npy' for part in ('embs', 'offsets', 'hashes')}
+
+
+def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
+  tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
+  with open(tmp, 'wb') as f:
+    np.save(f, array, allow_pickle=False)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _atomic_write_json(path: pathlib.Path, data: dict) -> None:
+  tmp = path.with_name(f'{path.name}.tmp-{os.getpid()}')
+  with open(tmp, 'w') as f:
+    json.dump(data, f, indent=1, sort_keys=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _read_manifest(path: pathlib.Path) -> dict | None:
+  try:
+    return json.loads((path / MANIFEST).read_text())
+  except FileNotFoundError:
+    return None
+  except (json.JSONDecodeError, OSError) as e:
+    raise CacheError(
+      f'Embedding cache manifest {str(path / MANIFEST)!r} is unreadable ({e}); delete '
+      f'{str(path)!r} and rebuild with `{PRECOMPUTE_HINT}`.'
+    ) from e
+
+
+def _describe(encoder: str, max_length: int, fingerprint: str) -> str:
+  return f'encoder={encoder!r}, max_length={max_length}, dataset fingerprint={fingerprint!r}'
+
+
+def _differences(manifest: dict, wanted: dict) -> list[str]:
+  names = {
+    'encoder': 'encoder',
+    'max_length': 'max_length',
+    'dataset_fingerprint': 'dataset fingerprint',
+  }
+  return [
+    f'{names[f]} is {manifest.get(f)!r} there but {wanted[f]!r} now'
+    for f in _KEY_FIELDS
+    if manifest.get(f) != wanted[f]
+  ]
+
+
+class EmbeddingCache:
+  """Read side of a complete cache: caption -> [n_tokens, D] bfloat16 embeddings."""
+
+  def __init__(self, path: str | os.PathLike, manifest: dict):
+    self.path = pathlib.Path(path)
+    self.manifest = manifest
+    self._loaded = None  # (embs mmaps, offsets, sorted hashes, shard ids, rows), lazily
+
+  @classmethod
+  def open(
+    cls, root: str, *, encoder_name: str, max_length: int, dataset_fingerprint: str
+  ) -> EmbeddingCache:
+    """Opens `root/<cache_key>`; raises CacheError when it is missing, stale or incomplete."""
+    wanted = {
+      'encoder': str(encoder_name),
+      'max_length': int(max_length),
+      'dataset_fingerprint': str(dataset_fingerprint),
+    }
+    root = pathlib.Path(root)
+    path = root / cache_key(encoder_name, max_length, dataset_fingerprint)
+    manifest = _read_manifest(path)
+    if manifest is None:
+      raise CacheError(cls._missing_message(root, path, wanted))
+    diffs = _differences(manifest, wanted)
+    if diffs:
+      raise CacheError(
+        f'Embedding cache {str(path)!r} is stale: {"; ".join(diffs)}. Delete it and rebuild '
+        f'with `{PRECOMPUTE_HINT}`.'
+      )
+    if manifest.get('format_version') != FORMAT_VERSION:
+      raise CacheError(
+        f'Embedding cache {str(path)!r} has format version {manifest.get("format_version")}, '
+        f'this code reads version {FORMAT_VERSION}; delete it and rebuild with '
+        f'`{PRECOMPUTE_HINT}`.'
+      )
+    if not manifest.get('complete'):
+      done = sum(s['num_captions'] for s in manifest.get('shards', []))
+      raise CacheError(
+        f'Embedding cache {str(path)!r} is incomplete: {len(manifest.get("shards", []))} of '
+        f'{manifest.get("num_shards")} shards ({done} of {manifest.get("num_captions")} '
+        f'captions) were written before the build stopped. Rerun `{PRECOMPUTE_HINT}`: it '
+        'resumes from the last finished shard.'
+      )
+    return cls(path, manifest)
+
+  @staticmethod
+  def _missing_message(root: pathlib.Path, path: pathlib.Path, wanted: dict) -> str:
+    message = f'No embedding cache for {_describe(**_renamed(wanted))} at {str(path)!r}.'
+    others = []
+    if root.is_dir():
+      for sub in sorted(root.iterdir()):
+        try:
+          m = json.loads((sub / MANIFEST).read_text())
+        except (OSError, json.JSONDecodeError):
+          continue
+        others.append((len(_differences(m, wanted)), sub, _differences(m, wanted)))
+    if others:
+      _, sub, diffs = min(others, key=lambda o: o[0])
+      message += f' The closest cache there, {str(sub)!r}, is stale for this config: ' + (
+        '; '.join(diffs) + '.'
+      )
+    return (
+      message
+      + f' Build it with `{PRECOMPUTE_HINT}` (train.py does this when '
+      + ('config.text.auto_precompute is True).')
+    )
+
+  # -- metadata
+
+  @property
+  def dim(self) -> int:
+    return int(self.manifest['dim'])
+
+  @property
+  def max_length(self) -> int:
+    return int(self.manifest['max_length'])
+
+  @property
+  def num_captions(self) -> int:
+    return int(self.manifest['num_captions'])
+
+  @property
+  def encoder_name(self) -> str:
+    return self.manifest['encoder']
+
+  def __len__(self) -> int:
+    return self.num_captions
+
+  def stats(self) -> dict[str, Any]:
+    """Size of the cache: captions, tokens, bytes on disk, bytes per caption."""
+    return dict(self.manifest['stats'])
+
+  def __repr__(self) -> str:
+    return f'EmbeddingCache({str(self.path)!r}, captions={self.num_captions}, dim={self.dim})'
+
+  # -- pickling (grain workers): drop the mmaps, reopen lazily
+
+  def __getstate__(self) -> dict:
+    return {'path': str(self.path), 'manifest': self.manifest}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__init__(state['path'], state['manifest'])
+
+  # -- lookups
+
+  def _load(self):
+    if self._loaded is not None:
+      return self._loaded
+    embs, offsets, hashes, shard_ids, rows = [], [], [], [], []
+    for i, shard in enumerate(self.manifest['shards']):
+      files = shard['files']
+      try:
+        embs.append(np.load(self.path / files['embs'], mmap_mode='r'))
+        offsets.append(np.load(self.path / files['offsets']))
+        shard_hashes = np.load(self.path / files['hashes'])
+      except (OSError, ValueError) as e:
+        raise CacheError(
+          f'Embedding cache {str(self.path)!r} is damaged ({e}); delete it and rebuild with '
+          f'`{PRECOMPUTE_HINT}`.'
+        ) from e
+      hashes.append(shard_hashes)
+      shard_ids.append(np.full(len(shard_hashes), i, np.int32))
+      rows.append(np.arange(len(shard_hashes), dtype=np.int32))
+    hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+    order = np.argsort(hashes, kind='stable')
+    self._loaded = (
+      embs,
+      offsets,
+      hashes[order],
+      np.concatenate(shard_ids)[order] if shard_ids else np.zeros(0, np.int32),
+      np.concatenate(rows)[order] if rows else np.zeros(0, np.int32),
+    )
+    return self._loaded
+
+  def _locate(self, caption: str) -> tuple[int, int] | None:
+    _, _, hashes, shard_ids, rows = self._load()
+    h = caption_hashes([caption])[0]
+    i = int(np.searchsorted(hashes, h))
+    if i < len(hashes) and hashes[i] == h:
+      return int(shard_ids[i]), int(rows[i])
+    return None
+
+  def __contains__(self, caption: str) -> bool:
+    return self._locate(caption) is not None
+
+  def get(self, caption: str) -> np.ndarray:
+    """[n_tokens, D] bfloat16 embeddings of the caption's real tokens (a view of the mmap)."""
+    where = self._locate(caption)
+    if where is None:
+      raise CaptionNotCachedError(caption, self.path)
+    embs, offsets, *_ = self._load()
+    shard, row = where
+    start, stop = offsets[shard][row], offsets[shard][row + 1]
+    return embs[shard][start:stop].view(ml_dtypes.bfloat16)
+
+  def lookup(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """text_embs [B, max_length, D] float32 zero-padded, text_mask [B, max_length] bool."""
+    embs = np.zeros((len(captions), self.max_length, self.dim), np.float32)
+    mask = np.zeros((len(captions), self.max_length), bool)
+    for i, caption in enumerate(captions):
+      tokens = self.get(caption)
+      embs[i, : len(tokens)] = tokens.astype(np.float32)
+      mask[i, : len(tokens)] = True
+    return embs, mask
+
+
+def _renamed(wanted: dict) -> dict:
+  return {
+    'encoder': wanted['encoder'],
+    'max_length': wanted['max_length'],
+    'fingerprint': wanted['dataset_fingerprint'],
+  }
+
+
+def _shard_is_intact(path: pathlib.Path, shard: dict, dim: int) -> bool:
+  try:
+    embs = np.load(path / shard['files']['embs'], mmap_mode='r')
+    offsets = np.load(path / shard['files']['offsets'], mmap_mode='r')
+    hashes = np.load(path / shard['files']['hashes'], mmap_mode='r')
+  except (OSError, ValueError):
+    return False
+  return (
+    embs.shape == (shard['num_tokens'], dim)
+    and len(offsets) == shard['num_captions'] + 1
+    and len(hashes) == shard['num_captions']
+  )
+
+
+def _encode_shard(
+  captions: Sequence[str], encoder: TextEncoder, batch_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Real-token embeddings of `captions`, concatenated: ([T, D] bf16 bits, [n + 1] offsets)."""
+  pieces, lengths = [], []
+  for start in range(0, len(captions), batch_size):
+    batch = list(captions[start : start + batch_size])
+    n = len(batch)
+    batch += [''] * (batch_size - n)  # fixed batch shape: one compile, same numerics
+    embs, mask = encoder.encode(batch)  # [B, L, D] f32, [B, L] bool
+    for i in range(n):
+      length = int(mask[i].sum())
+      pieces.append(embs[i, :length])
+      lengths.append(length)
+  tokens = np.concatenate(pieces).astype(ml_dtypes.bfloat16).view(np.uint16)
+  offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  return tokens, offsets
+
+
+def build_cache(
+  root: str,
+  captions: Sequence[str],
+  encoder: TextEncoder,
+  *,
+  dataset_fingerprint: str,
+  shard_size: int = 4096,
+  batch_size: int = 64,
+  progress: bool = True,
+) -> EmbeddingCache:
+  """Encodes the (deduplicated) captions into `root/<cache_key>/`, resuming a partial build.
+
+  Returns the opened cache; its `stats()` (also logged) give bytes per caption and total size.
+  """
+  if shard_size < 1 or batch_size < 1:
+    raise ValueError(f'shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}.')
+  bad = [type(c).__name__ for c in captions if not isinstance(c, str)]
+  if bad:
+    raise TypeError(f'Captions must be str; got {len(bad)} of type {sorted(set(bad))}.')
+  unique = sorted(set(captions))  # shard layout independent of the source's order
+  if not unique:
+    raise ValueError('No captions to encode: the data source returned an empty caption list.')
+  hashes = caption_hashes(unique)
+  if len(np.unique(hashes)) != len(hashes):
+    raise CacheError('Two different captions share a 64-bit hash; rename one of them.')
+
+  path = pathlib.Path(root) / cache_key(encoder.name, encoder.max_length, dataset_fingerprint)
+  path.mkdir(parents=True, exist_ok=True)
+  num_shards = math.ceil(len(unique) / shard_size)
+  header = {
+    'format_version': FORMAT_VERSION,
+    'encoder': encoder.name,
+    'max_length': encoder.max_length,
+    'dataset_fingerprint': str(dataset_fingerprint),
+    'dim': encoder.dim,
+    'dtype': 'bfloat16',
+    'num_captions': len(unique),
+    'num_shards': num_shards,
+    'shard_size': shard_size,
+    'batch_size': batch_size,
+    'captions_digest': _captions_digest(unique),
+  }
+
+  manifest = _read_manifest(path)
+  if manifest is not None:
+    # A complete cache stays valid whatever the shard / batch sizes; a partial one resumes
+    # only with the same layout, so that resumed shards equal uninterrupted ones.
+    layout = ('shard_size', 'batch_size', 'num_shards')
+    fields = [k for k in header if k not in layout or not manifest.get('complete')]
+    changed = sorted(k for k in fields if manifest.get(k) != header[k])
+    if changed:
+      log.warning('Embedding cache %s was built with other %s; rebuilding it.', path, changed)
+      manifest = None
+  if manifest is not None and manifest.get('complete'):
+    log.info('Embedding cache %s is complete (%d captions).', path, len(unique))
+    return EmbeddingCache(path, manifest)
+  if manifest is None:
+    manifest = {**header, 'shards': [], 'complete': False}
+  for stale in path.glob('*.tmp-*'):
+    stale.unlink(missing_ok=True)
+
+  done = {s['index']: s for s in manifest['shards'] if _shard_is_intact(path, s, encoder.dim)}
+  manifest['shards'] = [done[i] for i in sorted(done)]
+  if done:
+    log.info(
+      'Resuming embedding cache %s: %d of %d shards already done.', path, len(done), num_shards
+    )
+
+  try:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+      total=len(unique),
+      initial=sum(s['num_captions'] for s in done.values()),
+      unit='caption',
+      desc='Encoding captions',
+      disable=not progress,
+    )
+  except ImportError:  # tqdm is a requirement; keep building without a bar if it is absent
+    bar = None
+  for index in range(num_shards):
+    if index in done:
+      continue
+    shard_captions = unique[index * shard_size : (index + 1) * shard_size]
+    tokens, offsets = _encode_shard(shard_captions, encoder, batch_size)
+    files = _shard_files(index)
+    _atomic_save(path / files['embs'], tokens)
+    _atomic_save(path / files['offsets'], offsets)
+    _atomic_save(path / files['hashes'], hashes[index * shard_size : (index + 1) * shard_size])
+    manifest['shards'].append(
+      {
+        'index': index,
+        'num_captions': len(shard_captions),
+        'num_tokens': int(offsets[-1]),
+        'files': files,
+      }
+    )
+    manifest['shards'].sort(key=lambda s: s['index'])
+    _atomic_write_json(path / MANIFEST, manifest)
+    if bar is not None:
+      bar.update(len(shard_captions))
+  if bar is not None:
+    bar.close()
+
+  truncated = getattr(getattr(encoder, 'tokenizer', None), 'num_truncated', 0)
+  if truncated:
+    log.warning(
+      '%d captions were longer than max_length=%d tokens and were truncated.',
+      truncated,
+      encoder.max_length,
+    )
+  num_tokens = sum(s['num_tokens'] for s in manifest['shards'])
+  total_bytes = sum(
+    (path / f).stat().st_size for s in manifest['shards'] for f in s['files'].values()
+  )
+  manifest['stats'] = {
+    'num_captions': len(unique),
+    'num_tokens': num_tokens,
+    'tokens_per_caption': num_tokens / len(unique),
+    'total_bytes': total_bytes,
+    'bytes_per_caption': total_bytes / len(unique),
+    'dim': encoder.dim,
+    'max_length': encoder.max_length,
+    'num_shards': num_shards,
+  }
+  manifest['complete'] = True
+  _atomic_write_json(path / MANIFEST, manifest)
+  log.info(
+    'Embedding cache %s: %d captions (%d duplicates dropped), %.1f tokens/caption, '
+    '%.1f KiB/caption, %.2f MiB total.',
+    path,
+    len(unique),
+    len(captions) - len(unique),
+    num_tokens / len(unique),
+    total_bytes / len(unique) / 1024,
+    total_bytes / 2**20,
+  )
+  return EmbeddingCache(path, manifest)

@@ -1,0 +1,212 @@
+"""Embedding cache: build / reopen / lookup, stale and missing errors, pickling, and a
+SIGKILLed build that resumes to byte-identical shards."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from imagen_jax.text import cache as cache_lib
+from imagen_jax.text import encoder as encoder_lib
+
+MAX_LENGTH = 16
+CAPTIONS = [f'caption number {i} ' + 'ab' * (i % 5) for i in range(22)]
+
+
+@pytest.fixture(scope='module')
+def tiny_encoder():
+  return encoder_lib.load_text_encoder('t5-tiny-random', max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory, tiny_encoder):
+  root = tmp_path_factory.mktemp('cache')
+  captions = CAPTIONS[:10] + CAPTIONS[:3]  # 3 duplicates
+  cache = cache_lib.build_cache(
+    str(root), captions, tiny_encoder, dataset_fingerprint='fp0', shard_size=4, batch_size=4
+  )
+  return root, cache
+
+
+@pytest.mark.unit
+def test_build_reopen_lookup(built, tiny_encoder):
+  root, cache = built
+  assert cache.num_captions == 10 and cache.dim == 32 and cache.max_length == MAX_LENGTH
+  reopened = cache_lib.EmbeddingCache.open(
+    str(root), encoder_name='t5-tiny-random', max_length=MAX_LENGTH, dataset_fingerprint='fp0'
+  )
+  assert reopened.path == cache.path and reopened.path.name == cache_lib.cache_key(
+    't5-tiny-random', MAX_LENGTH, 'fp0'
+  )
+  batch = [CAPTIONS[7], CAPTIONS[0], CAPTIONS[7]]
+  embs, mask = reopened.lookup(batch)
+  want_embs, want_mask = tiny_encoder.encode(batch)
+  assert embs.shape == (3, MAX_LENGTH, 32) and embs.dtype == np.float32
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_allclose(embs, want_embs, atol=0.02, rtol=0.01)  # stored as bfloat16
+  assert np.all(embs[~mask] == 0)
+  one = reopened.get(CAPTIONS[0])
+  assert one.dtype == ml_dtypes.bfloat16 and one.shape == (want_mask[1].sum(), 32)
+  stats = reopened.stats()
+  assert stats['num_captions'] == 10 and stats['total_bytes'] > stats['num_tokens'] * 32 * 2
+  assert stats['bytes_per_caption'] == pytest.approx(stats['total_bytes'] / 10)
+  manifest = json.loads((cache.path / cache_lib.MANIFEST).read_text())
+  assert manifest['complete'] and len(manifest['shards']) == 3  # 10 captions / 4 per shard
+
+
+@pytest.mark.unit
+def test_pickles_for_workers(built):
+  _, cache = built
+  cache.get(CAPTIONS[1])  # opens the mmaps
+  clone = pickle.loads(pickle.dumps(cache))
+  assert clone._loaded is None  # reopened lazily in the worker
+  np.testing.assert_array_equal(
+    clone.get(CAPTIONS[1]).astype(np.float32), cache.get(CAPTIONS[1]).astype(np.float32)
+  )
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+  'field, kwargs',
+  [
+    ('encoder', dict(encoder_name='t5-other', max_length=MAX_LENGTH, dataset_fingerprint='fp0')),
+    ('max_length', dict(encoder_name='t5-tiny-random', max_length=32, dataset_fingerprint='fp0')),
+    (
+      'dataset fingerprint',
+      dict(encoder_name='t5-tiny-random', max_length=MAX_LENGTH, dataset_fingerprint='fp1'),
+    ),
+  ],
+)
+def test_stale_cache_refused(built, field, kwargs):
+  root, _ = built
+  with pytest.raises(cache_lib.CacheError) as info:
+    cache_lib.EmbeddingCache.open(str(root), **kwargs)
+  message = str(info.value)
+  assert f'{field} is' in message and 'stale' in message and 'imagen_jax.precompute' in message
+
+
+@pytest.mark.unit
+def test_missing_cache_and_caption_errors(built, tmp_path):
+  with pytest.raises(cache_lib.CacheError, match='No embedding cache.*imagen_jax.precompute'):
+    cache_lib.EmbeddingCache.open(
+      str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='x'
+    )
+  _, cache = built
+  with pytest.raises(cache_lib.CaptionNotCachedError) as info:
+    cache.lookup([CAPTIONS[0], 'a caption that was never encoded'])
+  assert 'never encoded' in str(info.value) and 'python -m imagen_jax.precompute' in str(info.value)
+  assert CAPTIONS[0] in cache and 'a caption that was never encoded' not in cache
+
+
+@pytest.mark.unit
+def test_incomplete_cache_refused(tmp_path, tiny_encoder):
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:5], tiny_encoder, dataset_fingerprint='fp', shard_size=4, batch_size=4
+  )
+  manifest_path = cache.path / cache_lib.MANIFEST
+  manifest = json.loads(manifest_path.read_text())
+  manifest['complete'] = False
+  manifest['shards'] = manifest['shards'][:1]
+  manifest_path.write_text(json.dumps(manifest))
+  with pytest.raises(cache_lib.CacheError, match='incomplete: 1 of 2 shards.*resumes'):
+    cache_lib.EmbeddingCache.open(
+      str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+    )
+
+
+_CHILD = textwrap.dedent(
+  """
+  import sys, time
+  from imagen_jax.text import cache, encoder
+
+  class SlowEncoder:  # same encoder, slowed down so the parent can kill it mid-build
+    def __init__(self, inner):
+      self.inner, self.name, self.dim = inner, inner.name, inner.dim
+      self.max_length = inner.max_length
+
+    def encode(self, captions):
+      time.sleep(0.4)
+      return self.inner.encode(captions)
+
+  captions = [l for l in open(sys.argv[2], encoding='utf-8').read().split('\\n') if l]
+  inner = encoder.load_text_encoder('t5-tiny-random', max_length=16)
+  cache.build_cache(sys.argv[1], captions, SlowEncoder(inner), dataset_fingerprint='fp',
+                    shard_size=4, batch_size=2, progress=False)
+  print('FINISHED')
+  """
+)
+
+
+@pytest.mark.smoke
+def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
+  captions = CAPTIONS  # 22 captions -> 6 shards of 4, 2 batches each
+  (tmp_path / 'captions.txt').write_text('\n'.join(captions), encoding='utf-8')
+  killed_root, clean_root = tmp_path / 'killed', tmp_path / 'clean'
+  key = cache_lib.cache_key('t5-tiny-random', 16, 'fp')
+  manifest_path = killed_root / key / cache_lib.MANIFEST
+
+  proc = subprocess.Popen(
+    [sys.executable, '-c', _CHILD, str(killed_root), str(tmp_path / 'captions.txt')],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    env=dict(os.environ),
+  )
+  deadline = time.time() + 120
+  shards_done = 0
+  while time.time() < deadline and proc.poll() is None:
+    try:
+      shards_done = len(json.loads(manifest_path.read_text())['shards'])
+    except (OSError, ValueError):
+      shards_done = 0
+    if shards_done >= 1:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=30)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+
+  manifest = json.loads(manifest_path.read_text())
+  assert not manifest['complete'] and 1 <= len(manifest['shards']) < 6
+  first = killed_root / key / manifest['shards'][0]['files']['embs']
+  first_stat = first.stat()
+
+  resumed = cache_lib.build_cache(
+    str(killed_root), captions, tiny_encoder, dataset_fingerprint='fp', shard_size=4, batch_size=2
+  )
+  clean = cache_lib.build_cache(
+    str(clean_root), captions, tiny_encoder, dataset_fingerprint='fp', shard_size=4, batch_size=2
+  )
+  assert first.stat().st_mtime_ns == first_stat.st_mtime_ns  # finished shards were not redone
+  assert first.stat().st_ino == first_stat.st_ino
+  names = sorted(p.name for p in clean.path.iterdir())
+  assert names == sorted(p.name for p in resumed.path.iterdir())
+  assert not [n for n in names if '.tmp-' in n]
+  shard_files = [n for n in names if n.startswith('shard-')]
+  assert len(shard_files) == 18  # 6 shards x (embs, offsets, hashes)
+  for name in shard_files:
+    assert (resumed.path / name).read_bytes() == (clean.path / name).read_bytes(), name
+  assert resumed.manifest == clean.manifest
+
+
+@pytest.mark.unit
+def test_complete_cache_is_reused_not_rebuilt(built, tiny_encoder):
+  root, cache = built
+  before = {p.name: p.stat().st_mtime_ns for p in cache.path.iterdir()}
+  again = cache_lib.build_cache(
+    str(root),
+    list(reversed(CAPTIONS[:10])) + CAPTIONS[:10],
+    tiny_encoder,
+    dataset_fingerprint='fp0',
+    shard_size=8,  # neither another layout nor another caption order invalidates it
+    batch_size=2,
+  )
+  assert again.path == cache.path
+  assert {p.name: p.stat().st_mtime_ns for p in cache.path.iterdir()} == before

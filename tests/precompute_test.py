@@ -1,0 +1,135 @@
+"""Precompute: captions of an image folder -> embedding cache, in-process (8 fake devices,
+sharded encoder) and through the CLI with a config override."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax import precompute
+from imagen_jax.text import cache as cache_lib
+from imagen_jax.text import encoder as encoder_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CAPTIONS = ['a red square', 'a blue square', 'a green circle', 'a red square', 'a cat']
+
+
+def write_image_folder(path: pathlib.Path) -> None:
+  path.mkdir(parents=True, exist_ok=True)
+  rng = np.random.default_rng(0)
+  with open(path / 'metadata.jsonl', 'w', encoding='utf-8') as f:
+    for i, caption in enumerate(CAPTIONS):
+      name = f'img{i}.png'
+      Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path / name)
+      f.write(json.dumps({'file_name': name, 'text': caption}) + '\n')
+
+
+def make_config(images: pathlib.Path, cache_dir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The `text`, `data` and `mesh` sections of configs/common.py that precompute reads."""
+  c = ml_collections.ConfigDict()
+  c.text = ml_collections.ConfigDict()
+  c.text.encoder = 't5-tiny-random'
+  c.text.max_length = 16
+  c.text.cache_dir = str(cache_dir)
+  c.text.precompute_batch_size = 4
+  c.text.auto_precompute = True
+  c.data = ml_collections.ConfigDict()
+  c.data.source = 'folder'
+  c.data.path = str(images)
+  c.data.split = 'train'
+  c.data.image_column = 'image'
+  c.data.caption_column = 'text'
+  c.data.max_skip_fraction = 0.01
+  c.data.max_examples = 0
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 2
+  return c
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  path = tmp_path_factory.mktemp('images')
+  write_image_folder(path)
+  return path
+
+
+@pytest.mark.unit
+def test_precompute_and_open_or_build(images, tmp_path):
+  config = make_config(images, tmp_path / 'cache')
+  with pytest.raises(cache_lib.CacheError, match='No embedding cache'):
+    precompute.open_or_build_cache(config, build_if_missing=False)
+
+  mesh = precompute.make_encoder_mesh(config)
+  assert mesh is not None and dict(mesh.shape) == {'data': 4, 'fsdp': 2}
+  cache = precompute.open_or_build_cache(config, build_if_missing=True)
+  assert cache.num_captions == 4  # deduplicated
+  again = precompute.open_or_build_cache(config, build_if_missing=False)
+  assert again.path == cache.path
+
+  # The 8-device sharded build stores what a single-device encoder computes.
+  reference = encoder_lib.load_text_encoder('t5-tiny-random', max_length=16)
+  embs, mask = cache.lookup(CAPTIONS)
+  want, want_mask = reference.encode(CAPTIONS)
+  np.testing.assert_array_equal(mask, want_mask)
+  np.testing.assert_allclose(embs, want, atol=0.03, rtol=0.02)
+
+  config.text.max_length = 8
+  with pytest.raises(cache_lib.CacheError, match='max_length is 16 there but 8 now'):
+    precompute.open_or_build_cache(config, build_if_missing=False)
+
+
+_CONFIG_FILE = textwrap.dedent(
+  """
+  import ml_collections
+
+  def get_config():
+    c = ml_collections.ConfigDict()
+    c.text = ml_collections.ConfigDict(dict(
+        encoder='t5-tiny-random', max_length=16, cache_dir={cache_dir!r},
+        precompute_batch_size=8, auto_precompute=True))
+    c.data = ml_collections.ConfigDict(dict(
+        source='folder', path={images!r}, split='train', image_column='image',
+        caption_column='text', max_skip_fraction=0.01, max_examples=0))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    return c
+  """
+)
+
+
+@pytest.mark.smoke
+def test_precompute_cli(images, tmp_path):
+  cache_dir = tmp_path / 'cache'
+  config_file = tmp_path / 'tiny_config.py'
+  config_file.write_text(_CONFIG_FILE.format(cache_dir=str(cache_dir), images=str(images)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'imagen_jax.precompute',
+      f'--config={config_file}',
+      '--config.text.max_length=12',
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'UNTRAINED' in result.stderr
+  config = make_config(images, cache_dir)
+  config.text.max_length = 12
+  cache = precompute.open_or_build_cache(config, build_if_missing=False)
+  assert str(cache.path) in result.stdout
+  assert cache.num_captions == 4 and cache.max_length == 12
+  embs, mask = cache.lookup(['a cat'])
+  assert embs.shape == (1, 12, 32) and mask.sum() == len('a cat') + 1

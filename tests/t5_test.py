@@ -1,0 +1,325 @@
+"""T5 encoder: parity with Hugging Face's T5, HF-folder loading (single / sharded), errors,
+padding invariance, truncation logging, mesh sharding."""
+
+import io
+import json
+import logging
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from flax import nnx
+from safetensors.numpy import save_file
+
+from imagen_jax.text import encoder as encoder_lib
+from imagen_jax.text import t5
+from imagen_jax.text import tokenizer as tokenizer_lib
+
+FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 't5_golden'
+
+TINY_HF = dict(
+  vocab_size=384,
+  d_model=16,
+  d_kv=8,
+  d_ff=24,
+  num_layers=2,
+  num_decoder_layers=1,
+  num_heads=2,
+  relative_attention_num_buckets=8,
+  relative_attention_max_distance=16,
+  feed_forward_proj='gated-gelu',
+)
+
+
+def _tiny_weights(config: t5.T5Config, seed: int = 3) -> dict[str, np.ndarray]:
+  """HF-named weights of a random encoder, plus decoder tensors that the loader must skip."""
+  weights = t5.encoder_state_to_hf(t5.random_encoder(config, seed=seed, dtype='float32'))
+  rng = np.random.default_rng(seed)
+  for name, shape in [
+    ('decoder.block.0.layer.0.SelfAttention.q.weight', (16, 16)),
+    ('decoder.final_layer_norm.weight', (16,)),
+    ('lm_head.weight', (config.vocab_size, config.d_model)),
+  ]:
+    weights[name] = rng.standard_normal(shape).astype(np.float32)
+  # Norm scales away from 1 so that every tensor matters.
+  for name in weights:
+    if 'layer_norm' in name and name.startswith('encoder.'):
+      weights[name] = (1 + 0.1 * rng.standard_normal(weights[name].shape)).astype(np.float32)
+  return weights
+
+
+def write_hf_folder(path: pathlib.Path, *, sharded: bool, weights: dict | None = None) -> dict:
+  """A tiny Hugging Face-format T5 checkpoint folder (config, safetensors, ByT5 tokenizer)."""
+  path.mkdir(parents=True, exist_ok=True)
+  hf_config = transformers.T5Config(**TINY_HF, architectures=['T5ForConditionalGeneration'])
+  hf_config.save_pretrained(path)
+  if weights is None:
+    weights = _tiny_weights(t5.read_config(path))
+  if sharded:
+    names = sorted(weights)
+    parts = {'model-00001-of-00002.safetensors': names[::2]}
+    parts['model-00002-of-00002.safetensors'] = names[1::2]
+    weight_map = {}
+    for file, keys in parts.items():
+      save_file({k: weights[k] for k in keys}, str(path / file))
+      weight_map.update(dict.fromkeys(keys, file))
+    index = {'metadata': {'total_size': 0}, 'weight_map': weight_map}
+    (path / 'model.safetensors.index.json').write_text(json.dumps(index))
+  else:
+    save_file(weights, str(path / 'model.safetensors'), metadata={'format': 'pt'})
+  transformers.ByT5Tokenizer().save_pretrained(path)
+  return weights
+
+
+@pytest.fixture(scope='module')
+def tiny_folders(tmp_path_factory):
+  root = tmp_path_factory.mktemp('t5_hf')
+  weights = write_hf_folder(root / 'single', sharded=False)
+  write_hf_folder(root / 'sharded', sharded=True, weights=weights)
+  return root, weights
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize('variant', ['v1_0', 'v1_1'])
+def test_parity_with_hf_reference(variant):
+  folder = FIXTURES / variant
+  model, _ = t5.load_t5_encoder(str(folder), dtype='float32')
+  input_ids = np.load(folder / 'input_ids.npy')
+  mask = np.load(folder / 'mask.npy')
+  golden = np.load(folder / 'golden.npy')
+  expected_proj = {'v1_0': 'relu', 'v1_1': 'gated-gelu'}[variant]
+  assert model.config.feed_forward_proj == expected_proj
+  out = np.asarray(model(jnp.asarray(input_ids), jnp.asarray(mask)))
+  assert out.shape == golden.shape
+  np.testing.assert_allclose(out[mask], golden[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.unit
+def test_relative_position_buckets_known_values():
+  buckets = t5.relative_position_buckets(40, num_buckets=32, max_distance=128)
+  # Bidirectional: 16 buckets per direction, exact below 8, key after query -> +16.
+  assert buckets[0, 0] == 0
+  assert buckets[5, 3] == 2  # key 2 before query
+  assert buckets[3, 5] == 16 + 2  # key 2 after query
+  assert buckets[0, 39] == 16 + 12  # log-spaced: 8 + int(log(39 / 8) / log(128 / 8) * 8)
+  assert buckets[39, 0] == 12
+  assert buckets[0, 39] == buckets[0, 38] and buckets[39, 0] == buckets[38, 0]
+  assert buckets.max() < 32 and buckets.min() >= 0
+
+
+@pytest.mark.unit
+def test_num_params_matches_state():
+  model = t5.random_encoder(encoder_lib.TINY_RANDOM_CONFIG, dtype='float32')
+  sizes = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert sizes == encoder_lib.TINY_RANDOM_CONFIG.num_params()
+  # google/t5-v1_1-xxl's encoder is ~4.76B parameters.
+  assert 4.7e9 < t5.T5_V1_1_CONFIGS['xxl'].num_params() < 4.8e9
+
+
+@pytest.mark.unit
+def test_hf_folder_single_and_sharded_load(tiny_folders):
+  tiny_folders, weights = tiny_folders
+  captions = ['a red cube', 'two small dogs playing in the snow']
+  single = encoder_lib.load_text_encoder(
+    str(tiny_folders / 'single'), max_length=24, dtype='float32'
+  )
+  sharded = encoder_lib.load_text_encoder(
+    str(tiny_folders / 'sharded'), max_length=24, dtype='float32'
+  )
+  assert single.dim == 16 and single.max_length == 24
+  # Weights landed where they belong ([out, in] -> [in, out], stacked per layer).
+  state = single._state
+  np.testing.assert_array_equal(
+    np.asarray(state['layers']['q'][...][1]),
+    weights['encoder.block.1.layer.0.SelfAttention.q.weight'].T,
+  )
+  np.testing.assert_array_equal(np.asarray(state['token_embedding'][...]), weights['shared.weight'])
+  embs, mask = single.encode(captions)
+  embs2, mask2 = sharded.encode(captions)
+  assert embs.shape == (2, 24, 16) and embs.dtype == np.float32
+  np.testing.assert_array_equal(mask, mask2)
+  np.testing.assert_array_equal(embs, embs2)
+  # The tokenizer came from the folder: ByT5 bytes + EOS.
+  assert mask.sum(1).tolist() == [len('a red cube') + 1, 24]
+  assert np.all(embs[~mask] == 0)
+  assert np.abs(embs[mask]).mean() > 0.1
+
+
+@pytest.mark.unit
+def test_bfloat16_load_is_close_to_float32(tiny_folders):
+  tiny_folders, _ = tiny_folders
+  f32 = encoder_lib.load_text_encoder(str(tiny_folders / 'single'), max_length=16, dtype='float32')
+  bf16 = encoder_lib.load_text_encoder(str(tiny_folders / 'single'), max_length=16)
+  assert bf16.dtype == jnp.bfloat16
+  assert {x.dtype for x in jax.tree.leaves(bf16._state)} == {jnp.dtype(jnp.bfloat16)}
+  a, mask = f32.encode(['a bird'])
+  b, _ = bf16.encode(['a bird'])
+  assert np.abs(a - b)[mask].max() < 0.1
+
+
+@pytest.mark.unit
+def test_sentencepiece_only_folder_tokenizer(tmp_path):
+  import sentencepiece as spm
+
+  text = ['a photo of a cat', 'a dog on a skateboard', 'red apple on a table'] * 10
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(text),
+    model_writer=model,
+    vocab_size=20,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    minloglevel=2,
+  )
+  (tmp_path / 'spiece.model').write_bytes(model.getvalue())
+  (tmp_path / 'config.json').write_text(json.dumps({'model_type': 't5'}))
+  tok = tokenizer_lib.load_tokenizer(tmp_path, max_length=8)
+  ids, mask = tok(['a cat on a table', 'dog'])
+  assert ids.dtype == np.int32 and mask.dtype == bool and ids.shape == (2, 8)
+  assert ids[1, mask[1].sum() - 1] == 1  # EOS closes the caption
+  assert np.all(ids[~mask] == 0)
+
+
+@pytest.mark.unit
+def test_missing_folder_error(tmp_path):
+  with pytest.raises(t5.T5CheckpointError, match='does not exist'):
+    encoder_lib.load_text_encoder(str(tmp_path / 'no_such_checkpoint'))
+
+
+@pytest.mark.unit
+def test_pytorch_bin_only_error(tmp_path):
+  transformers.T5Config(**TINY_HF).save_pretrained(tmp_path)
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'not really torch')
+  with pytest.raises(t5.T5CheckpointError, match='no safetensors') as info:
+    encoder_lib.load_text_encoder(str(tmp_path))
+  assert 'pytorch_model.bin' in str(info.value) and 'save_pretrained' in str(info.value)
+
+
+@pytest.mark.unit
+def test_non_t5_config_error(tmp_path):
+  transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+  save_file({'wte.weight': np.zeros((4, 8), np.float32)}, str(tmp_path / 'model.safetensors'))
+  with pytest.raises(t5.T5CheckpointError, match="model_type='gpt2'"):
+    encoder_lib.load_text_encoder(str(tmp_path))
+
+
+@pytest.mark.unit
+def test_weights_not_matching_config_error(tmp_path, tiny_folders):
+  write_hf_folder(tmp_path, sharded=False, weights=tiny_folders[1])
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['feed_forward_proj'] = 'relu'  # weights are gated (wi_0 / wi_1)
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(t5.T5CheckpointError, match='does not match its weights'):
+    encoder_lib.load_text_encoder(str(tmp_path))
+
+
+@pytest.fixture(scope='module')
+def tiny_random_f32():
+  return {
+    length: encoder_lib.load_text_encoder('t5-tiny-random', max_length=length, dtype='float32')
+    for length in (16, 32)
+  }
+
+
+@pytest.mark.unit
+def test_padding_never_leaks(tiny_random_f32):
+  captions = ['a red bird', 'x']
+  short, mask16 = tiny_random_f32[16].encode(captions)
+  long, mask32 = tiny_random_f32[32].encode(captions)
+  assert short.shape == (2, 16, 32) and long.shape == (2, 32, 32)
+  for i in range(2):
+    n = mask16[i].sum()
+    assert n == mask32[i].sum() and mask16[i, :n].all()
+    np.testing.assert_allclose(short[i, :n], long[i, :n], atol=1e-6)
+  assert np.all(short[~mask16] == 0) and np.all(long[~mask32] == 0)
+
+
+@pytest.mark.unit
+def test_tiny_random_is_deterministic_and_warns(caplog, tiny_random_f32):
+  with caplog.at_level(logging.WARNING):
+    again = encoder_lib.load_text_encoder('t5-tiny-random', max_length=16, dtype='float32')
+  assert any('UNTRAINED' in r.getMessage() for r in caplog.records)
+  assert again.dim == 32 and again.name == 't5-tiny-random'
+  a, _ = again.encode(['same caption'])
+  b, _ = tiny_random_f32[16].encode(['same caption'])
+  np.testing.assert_array_equal(a, b)
+  c, _ = again.encode(['other caption'])
+  assert np.abs(a - c).max() > 1e-3
+
+
+@pytest.mark.unit
+def test_truncation_logs_dropped_tokens(caplog):
+  tok = tokenizer_lib.load_tokenizer('byt5', max_length=8)
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.text.tokenizer'):
+    ids, mask = tok(['short', 'this caption is far too long'])
+  assert ids.shape == (2, 8) and mask[1].all() and ids[1, -1] == 1  # EOS kept
+  messages = [r.getMessage() for r in caplog.records]
+  assert len(messages) == 1
+  dropped = len('this caption is far too long') + 1 - 8
+  assert f'{dropped} of' in messages[0] and 'this caption is far too long' in messages[0]
+
+
+@pytest.mark.unit
+def test_mesh_sharded_encoder_matches_single_device(tiny_random_f32):
+  mesh = jax.make_mesh(
+    (4, 2),
+    ('data', 'fsdp'),
+    axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+    devices=jax.devices()[:8],
+  )
+  sharded = encoder_lib.load_text_encoder(
+    't5-tiny-random', max_length=16, dtype='float32', mesh=mesh
+  )
+  q = sharded._state['layers']['q'][...]
+  assert q.sharding.spec[0] is None and ('data', 'fsdp') in tuple(q.sharding.spec)
+  assert len(q.addressable_shards) == 8 and q.addressable_shards[0].data.shape[1:] != q.shape[1:]
+  captions = ['one', 'two words', 'three little words']  # B=3 is padded to 8 rows inside
+  a, mask = sharded.encode(captions)
+  b, mask_b = tiny_random_f32[16].encode(captions)
+  np.testing.assert_array_equal(mask, mask_b)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.unit
+def test_hub_download_fetches_only_encoder_shards(tmp_path, tiny_folders, monkeypatch):
+  import fnmatch
+  import shutil
+
+  import huggingface_hub
+
+  remote = tmp_path / 'remote'
+  shutil.copytree(tiny_folders[0] / 'sharded', remote)
+  save_file(
+    {'decoder.extra.weight': np.zeros((2, 2), np.float32)}, str(remote / 'decoder.safetensors')
+  )
+  index = json.loads((remote / 'model.safetensors.index.json').read_text())
+  index['weight_map']['decoder.extra.weight'] = 'decoder.safetensors'
+  (remote / 'model.safetensors.index.json').write_text(json.dumps(index))
+  local, fetched = tmp_path / 'hub_cache', []
+
+  def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=()):
+    assert repo_id == 'someorg/tiny-t5' and revision is None
+    local.mkdir(exist_ok=True)
+    for f in remote.iterdir():
+      if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+        shutil.copy(f, local / f.name)
+        fetched.append(f.name)
+    return str(local)
+
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', fake_snapshot_download)
+  hub = encoder_lib.load_text_encoder('someorg/tiny-t5', max_length=8, dtype='float32')
+  assert 'decoder.safetensors' not in fetched
+  assert {'config.json', 'model-00001-of-00002.safetensors'} <= set(fetched)
+  assert hub.name == 'someorg/tiny-t5' and hub.dim == 16
+
+  def offline(repo_id, **kwargs):
+    raise OSError('network is unreachable')
+
+  monkeypatch.setattr(huggingface_hub, 'snapshot_download', offline)
+  with pytest.raises(t5.T5CheckpointError, match='Could not download.*network is unreachable'):
+    encoder_lib.load_text_encoder('someorg/other-t5')
