@@ -15,8 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Stage config file, e.g. configs/base64.py.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Stage config file, e.g. configs/base64.py.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, logs, sample grids.')
 flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-process runs).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -38,8 +39,10 @@ def main(argv):
   except (train_lib.TrainingError, ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
-  print(f'done: step {metrics.get("step")}, loss {metrics.get("loss", float("nan")):.4f}; '
-        f'checkpoints in {FLAGS.workdir}/checkpoints')
+  print(
+    f'done: step {metrics.get("step")}, loss {metrics.get("loss", float("nan")):.4f}; '
+    f'checkpoints in {FLAGS.workdir}/checkpoints'
+  )
 
 
 if __name__ == '__main__':

@@ -78,19 +78,32 @@ def main(_):
   bs = int(config.train.batch_size)
   peak = train_lib.peak_flops(jax.devices()[0])
   tflops = flops / compute_s / 1e12 if flops else None
-  print(json.dumps({
-    'bench': 'train', 'stage': config.stage, 'preset': config.model_preset,
-    'params_m': round(sum(math.prod(x.shape) for x in jax.tree.leaves(state['params'])) / 1e6, 2),
-    'batch': bs, 'resolution': int(config.data.resolution), 'dtype': config.model.dtype,
-    'backend': jax.default_backend(), 'device': jax.devices()[0].device_kind,
-    'devices': jax.device_count(), 'compile_s': round(compile_s, 1),
-    'step_s_end_to_end': round(step_s, 3), 'step_s_compute_only': round(compute_s, 3),
-    'data_s_per_batch': round(statistics.median(data_only), 4),
-    'img_per_s': round(bs / step_s, 2),
-    'tflops_per_device': round(tflops, 3) if tflops else None,
-    'mfu': round(tflops * 1e12 / peak, 4) if tflops and peak else None,
-    'loss_finite': bool(np.isfinite(float(m['loss']))),
-  }))
+  print(
+    json.dumps(
+      {
+        'bench': 'train',
+        'stage': config.stage,
+        'preset': config.model_preset,
+        'params_m': round(
+          sum(math.prod(x.shape) for x in jax.tree.leaves(state['params'])) / 1e6, 2
+        ),
+        'batch': bs,
+        'resolution': int(config.data.resolution),
+        'dtype': config.model.dtype,
+        'backend': jax.default_backend(),
+        'device': jax.devices()[0].device_kind,
+        'devices': jax.device_count(),
+        'compile_s': round(compile_s, 1),
+        'step_s_end_to_end': round(step_s, 3),
+        'step_s_compute_only': round(compute_s, 3),
+        'data_s_per_batch': round(statistics.median(data_only), 4),
+        'img_per_s': round(bs / step_s, 2),
+        'tflops_per_device': round(tflops, 3) if tflops else None,
+        'mfu': round(tflops * 1e12 / peak, 4) if tflops and peak else None,
+        'loss_finite': bool(np.isfinite(float(m['loss']))),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

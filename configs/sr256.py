@@ -19,7 +19,9 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
   """Shared by sr256 and sr1024: the variants differ only in sizes."""
   variant = arg or 'full'
   if variant == 'full':
-    c = common.get_common(stage=stage, preset=preset, resolution=resolution, lowres_resolution=lowres)
+    c = common.get_common(
+      stage=stage, preset=preset, resolution=resolution, lowres_resolution=lowres
+    )
     c.diffusion.schedule = 'shifted_cosine'
     c.model.dtype = 'bfloat16'
     c.model.remat = True
@@ -32,7 +34,9 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
     return c
   scale = resolution // lowres
   if variant == 'demo':
-    c = common.get_common(stage=stage, preset='tiny_sr', resolution=32 * scale, lowres_resolution=32)
+    c = common.get_common(
+      stage=stage, preset='tiny_sr', resolution=32 * scale, lowres_resolution=32
+    )
     c.diffusion.schedule = 'shifted_cosine'
     c.diffusion.shift_base = 32
     c.text.encoder = 't5-tiny-random'

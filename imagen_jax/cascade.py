@@ -105,7 +105,11 @@ def make_stage_sampler(
     )
     logsnrs = schedules.logsnr_grid(schedule, steps=options.steps)
     images = samplers.sample(
-      options.sampler, denoise_fn=denoise, logsnrs=logsnrs, shape=shape, rng=sample_rng,
+      options.sampler,
+      denoise_fn=denoise,
+      logsnrs=logsnrs,
+      shape=shape,
+      rng=sample_rng,
       eta=options.eta,
     )
     return jnp.clip(images, -1.0, 1.0)

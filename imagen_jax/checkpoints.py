@@ -92,7 +92,7 @@ def describe_folder(workdir: str | os.PathLike) -> str:
 
 
 def latest_finished_step(workdir: str | os.PathLike) -> int:
-  """The latest finished checkpoint step of a run folder, or a CheckpointError naming what is there."""
+  """The latest finished checkpoint step of a run folder; CheckpointError naming what is there."""
   if not checkpoint_dir(workdir).exists():
     raise CheckpointError(f'No checkpoint to load: {describe_folder(workdir)}.')
   manager = make_manager(workdir, read_only=True)
@@ -104,7 +104,9 @@ def latest_finished_step(workdir: str | os.PathLike) -> int:
 
 
 def config_differences(
-  saved: ml_collections.ConfigDict | dict, current: ml_collections.ConfigDict | dict, prefix: str = ''
+  saved: ml_collections.ConfigDict | dict,
+  current: ml_collections.ConfigDict | dict,
+  prefix: str = '',
 ) -> list[str]:
   """'field: saved -> current' for every leaf that differs (tuples and lists compare equal)."""
   saved = saved.to_dict() if isinstance(saved, ml_collections.ConfigDict) else dict(saved)

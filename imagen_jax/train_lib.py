@@ -182,7 +182,9 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     self.received = signal.Signals(signum).name
-    log.warning('%s received: saving a checkpoint at the current step, then exiting.', self.received)
+    log.warning(
+      '%s received: saving a checkpoint at the current step, then exiting.', self.received
+    )
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -305,7 +307,7 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
       'The checkpoint in this workdir was trained with a different model; resuming would not '
       'fit its parameters. Differing config fields (checkpoint -> now):\n  '
       + '\n  '.join(model_diff)
-      + '\nUse a fresh --workdir, or the checkpoint\'s values.'
+      + "\nUse a fresh --workdir, or the checkpoint's values."
     )
   other = checkpoints.config_differences(saved, config)
   if other:
@@ -328,8 +330,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_size(config, mesh)
-  log.info('Devices: %d x %s; mesh %s.', jax.device_count(), jax.devices()[0].device_kind,
-           dict(mesh.shape))
+  log.info(
+    'Devices: %d x %s; mesh %s.', jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape)
+  )
 
   if jax.process_count() > 1:  # one host builds the cache (shared storage), the others wait
     from jax.experimental import multihost_utils
@@ -379,15 +382,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path)
     writer = MetricWriter(workdir_path, config, enabled=is_chief)
     result = _loop(
-      config, state, step_fn, data_iter, manager, writer, sample_grid, start, num_steps,
-      batch_sh, workdir_path,
+      config,
+      state,
+      step_fn,
+      data_iter,
+      manager,
+      writer,
+      sample_grid,
+      start,
+      num_steps,
+      batch_sh,
+      workdir_path,
     )
   return result
 
 
 def _loop(
-  config, state, step_fn, data_iter, manager, writer, sample_grid, start, num_steps,
-  batch_sh, workdir_path,
+  config,
+  state,
+  step_fn,
+  data_iter,
+  manager,
+  writer,
+  sample_grid,
+  start,
+  num_steps,
+  batch_sh,
+  workdir_path,
 ):
   from tqdm import tqdm
 
@@ -397,16 +418,21 @@ def _loop(
   last_scalars: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   progress = tqdm(
-    total=num_steps, initial=start, desc=f'train {config.stage}', unit='step',
-    disable=jax.process_index() != 0, dynamic_ncols=True,
+    total=num_steps,
+    initial=start,
+    desc=f'train {config.stage}',
+    unit='step',
+    disable=jax.process_index() != 0,
+    dynamic_ncols=True,
   )
 
   def check(step, metrics) -> dict[str, float]:
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
     if not scalars.pop('finite'):
       bad = [k for k in ('loss', 'grad_norm') if not math.isfinite(scalars[k])]
+      values = ', '.join(f'{k}={scalars[k]}' for k in bad)
       raise TrainingError(
-        f'Non-finite {" and ".join(bad)} at step {step} ({", ".join(f"{k}={scalars[k]}" for k in bad)}); '
+        f'Non-finite {" and ".join(bad)} at step {step} ({values}); '
         'the update was not applied and no checkpoint of it was written. Lower --config.optim.lr, '
         'check the data, or resume from the last checkpoint.'
       )
@@ -458,8 +484,12 @@ def _loop(
             check(*pending)
           save(step, force=True)
           manager.wait_until_finished()
-          log.warning('Stopped by %s at step %d; checkpoint saved in %s.', stop.received, step,
-                      checkpoints.checkpoint_dir(workdir_path))
+          log.warning(
+            'Stopped by %s at step %d; checkpoint saved in %s.',
+            stop.received,
+            step,
+            checkpoints.checkpoint_dir(workdir_path),
+          )
           break
         if step % config.train.checkpoint_every == 0 or step == num_steps:
           if pending is not None:

@@ -33,7 +33,10 @@ def shared(tmp_path_factory):
 
 def train_cmd(shared, workdir, *overrides, config='configs/base64.py:tiny'):
   return [
-    sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}',
+    sys.executable,
+    'train.py',
+    f'--config={config}',
+    f'--workdir={workdir}',
     f'--config.text.cache_dir={shared["text_cache"]}',
     f'--config.data.render_cache_dir={shared["render_cache"]}',
     *overrides,
@@ -54,8 +57,12 @@ def env_for(shared, devices=1):
 
 def run(shared, workdir, *overrides, devices=1, config='configs/base64.py:tiny', check=True):
   proc = subprocess.run(
-    train_cmd(shared, workdir, *overrides, config=config), cwd=REPO_ROOT,
-    env=env_for(shared, devices), capture_output=True, text=True, timeout=900,
+    train_cmd(shared, workdir, *overrides, config=config),
+    cwd=REPO_ROOT,
+    env=env_for(shared, devices),
+    capture_output=True,
+    text=True,
+    timeout=900,
   )
   if check and proc.returncode != 0:
     raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stderr[-4000:]}')
@@ -96,9 +103,18 @@ def test_smoke_base_stage(uninterrupted):
 def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   workdir = shared['root'] / 'interrupted'
   proc = subprocess.Popen(
-    train_cmd(shared, workdir, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1000',
-              *CONSTANT_LR),
-    cwd=REPO_ROOT, env=env_for(shared), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    train_cmd(
+      shared,
+      workdir,
+      '--config.train.num_steps=100000',
+      '--config.train.checkpoint_every=1000',
+      *CONSTANT_LR,
+    ),
+    cwd=REPO_ROOT,
+    env=env_for(shared),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
   )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 600
@@ -143,8 +159,14 @@ def test_four_devices_match_one_device(shared, uninterrupted):
 def test_resume_with_different_model_is_refused(shared, uninterrupted):
   workdir = shared['root'] / 'mismatch'
   run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR)
-  proc = run(shared, workdir, '--config.train.num_steps=4', '--config.model.dim=24', *CONSTANT_LR,
-             check=False)
+  proc = run(
+    shared,
+    workdir,
+    '--config.train.num_steps=4',
+    '--config.model.dim=24',
+    *CONSTANT_LR,
+    check=False,
+  )
   assert proc.returncode != 0
   assert 'model.dim: 16 -> 24' in proc.stderr
   assert finished_steps(workdir) == [2]
@@ -152,9 +174,16 @@ def test_resume_with_different_model_is_refused(shared, uninterrupted):
 
 def test_nan_loss_aborts_without_checkpoint(shared):
   workdir = shared['root'] / 'nan'
-  proc = run(shared, workdir, '--config.train.num_steps=8', '--config.optim.lr=1e30',
-             '--config.optim.grad_clip=0', '--config.train.checkpoint_every=1', *CONSTANT_LR,
-             check=False)
+  proc = run(
+    shared,
+    workdir,
+    '--config.train.num_steps=8',
+    '--config.optim.lr=1e30',
+    '--config.optim.grad_clip=0',
+    '--config.train.checkpoint_every=1',
+    *CONSTANT_LR,
+    check=False,
+  )
   assert proc.returncode != 0
   assert 'Non-finite' in proc.stderr and 'at step' in proc.stderr
   bad_step = int(proc.stderr.split('at step ')[1].split()[0])
@@ -164,9 +193,17 @@ def test_nan_loss_aborts_without_checkpoint(shared):
 def test_kill_9_never_leaves_a_bad_latest_checkpoint(shared, uninterrupted):
   workdir = shared['root'] / 'killed'
   proc = subprocess.Popen(
-    train_cmd(shared, workdir, '--config.train.num_steps=100000', '--config.train.checkpoint_every=1',
-              *CONSTANT_LR),
-    cwd=REPO_ROOT, env=env_for(shared), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    train_cmd(
+      shared,
+      workdir,
+      '--config.train.num_steps=100000',
+      '--config.train.checkpoint_every=1',
+      *CONSTANT_LR,
+    ),
+    cwd=REPO_ROOT,
+    env=env_for(shared),
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
   )
   ckpt = workdir / 'checkpoints'
   deadline = time.time() + 600

@@ -1,0 +1,78 @@
+"""Sampling speed of one stage: images/s of a whole compiled sampling loop (compile excluded).
+
+  python bench/sample.py --config=configs/base64.py:small --batch=4 --steps=25 --sampler=dpmpp_2m
+
+Random-initialised weights (speed does not depend on training); guidance batched as
+[cond; uncond]. Prints one JSON line.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagen_jax import cascade, stage
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
+flags.DEFINE_integer('batch', 4, 'Images per batch.')
+flags.DEFINE_integer('steps', 25, 'Sampling steps.')
+flags.DEFINE_string('sampler', 'dpmpp_2m', 'ddpm | ddim | dpmpp_2m | heun.')
+flags.DEFINE_float('guidance', 5.0, 'Guidance scale (1: no unconditional pass).')
+flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
+
+
+def main(_):
+  config = FLAGS.config
+  graphdef, _ = stage.abstract_model(config)
+  params = jax.jit(lambda k: stage.init_params(config, k))(jax.random.key(0))
+  options = cascade.SamplingOptions.from_config(
+    config, sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance
+  )
+  fn = cascade.make_stage_sampler(config, graphdef, options)
+  b, length, dim = FLAGS.batch, int(config.text.max_length), int(config.model.text_dim)
+  text_embs = jax.random.normal(jax.random.key(1), (b, length, dim))
+  text_mask = jnp.arange(length)[None, :] < jnp.array([length // 2] * b)[:, None]
+  lowres = None
+  if stage.is_super_resolution(config):
+    r = int(config.data.lowres_resolution)
+    lowres = jax.random.uniform(jax.random.key(2), (b, r, r, 3), minval=-1, maxval=1)
+  args = (params, text_embs, text_mask, jax.random.key(3), lowres)
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  times = []
+  for i in range(FLAGS.repeats):
+    t0 = time.perf_counter()
+    compiled(*args[:3], jax.random.key(10 + i), lowres).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  batch_s = statistics.median(times)
+  evals = FLAGS.steps * (2 if FLAGS.sampler == 'heun' else 1) * (1 if FLAGS.guidance == 1 else 2)
+  print(
+    json.dumps(
+      {
+        'bench': 'sample',
+        'stage': config.stage,
+        'preset': config.model_preset,
+        'resolution': int(config.data.resolution),
+        'batch': b,
+        'sampler': FLAGS.sampler,
+        'steps': FLAGS.steps,
+        'guidance': FLAGS.guidance,
+        'backend': jax.default_backend(),
+        'device': jax.devices()[0].device_kind,
+        'compile_s': round(compile_s, 2),
+        'batch_s': round(batch_s, 3),
+        'images_per_s': round(b / batch_s, 3),
+        'network_evals_per_image_batch': evals,
+      }
+    )
+  )
+
+
+if __name__ == '__main__':
+  app.run(main)

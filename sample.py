@@ -1,0 +1,91 @@
+"""Text to image through the trained cascade.
+
+  python sample.py --prompt "a red apple" --checkpoints runs/base64,runs/sr256 --out samples/
+  python sample.py --prompts_file prompts.txt --checkpoints runs/base64 --num_images 4 \
+      --sampler dpmpp_2m --steps 25 --guidance 5
+
+Per-stage settings take one value (all stages) or one per stage: --steps 25,20,10.
+"""
+
+import logging
+import pathlib
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable).')
+flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line.')
+flags.DEFINE_integer('training_prompts', 0, 'Also use the first N captions of the training data.')
+flags.DEFINE_list(
+  'checkpoints', [], 'Run folders of the stages, base first: runs/base64,runs/sr256.'
+)
+flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
+flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same images on one backend.')
+flags.DEFINE_integer('batch_size', 8, 'Images per batch.')
+flags.DEFINE_list('sampler', None, 'ddpm | ddim | dpmpp_2m | heun, per stage (default: config).')
+flags.DEFINE_list('steps', None, 'Sampling steps per stage (default: config, 25).')
+flags.DEFINE_list('guidance', None, 'Classifier-free guidance scale per stage (1 = none).')
+flags.DEFINE_enum('thresholding', None, ['dynamic', 'static', 'none'], 'x0 thresholding.')
+flags.DEFINE_float('dynamic_percentile', None, 'Dynamic thresholding percentile p.')
+flags.DEFINE_float('dynamic_max', None, 'Upper clamp on the dynamic threshold (0: none).')
+flags.DEFINE_float('aug_level', None, 'Noise-conditioning augmentation level of SR stages.')
+flags.DEFINE_integer('stop_at', None, 'Run only the first N stages.')
+flags.DEFINE_bool('ema', True, 'Use the EMA parameters.')
+flags.DEFINE_string('out', 'samples', 'Output folder.')
+flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
+
+
+def _numbers(values, kind, name):
+  if values is None:
+    return None
+  try:
+    return [kind(v) for v in values]
+  except ValueError:
+    print(f'error: --{name} takes numbers, got {",".join(values)}', file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  from imagen_jax import sample_lib
+
+  prompts = list(FLAGS.prompt)
+  if FLAGS.prompts_file:
+    path = pathlib.Path(FLAGS.prompts_file)
+    if not path.is_file():
+      print(f'error: --prompts_file {path} does not exist.', file=sys.stderr)
+      sys.exit(2)
+    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+  req = sample_lib.SampleRequest(
+    prompts=prompts,
+    checkpoints=FLAGS.checkpoints,
+    out=FLAGS.out,
+    num_images=FLAGS.num_images,
+    seed=FLAGS.seed,
+    batch_size=FLAGS.batch_size,
+    samplers=FLAGS.sampler,
+    steps=_numbers(FLAGS.steps, int, 'steps'),
+    guidance=_numbers(FLAGS.guidance, float, 'guidance'),
+    thresholding=FLAGS.thresholding,
+    dynamic_percentile=FLAGS.dynamic_percentile,
+    dynamic_max=FLAGS.dynamic_max,
+    aug_level=FLAGS.aug_level,
+    stop_at=FLAGS.stop_at,
+    use_ema=FLAGS.ema,
+    overwrite=FLAGS.overwrite,
+    training_prompts=FLAGS.training_prompts,
+  )
+  try:
+    written = sample_lib.run(req)
+  except sample_lib.SampleError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'wrote {len(written)} images and grid.png to {FLAGS.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)
