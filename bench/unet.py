@@ -1,0 +1,282 @@
+"""U-Net train-step / sampling-step benchmark; prints ONE JSON line on stdout.
+
+Measures a jitted training step (v-prediction MSE + optimizer update, donated state, pinned
+shardings) and one classifier-free-guided sampling step (conditional and unconditional in one
+batch of 2B), plus XLA's memory and cost analysis of the compiled train step.
+
+  # Speed on this machine (CPU) or a GPU/TPU:
+  python bench/unet.py --preset small64 --batch 4 --resolution 64 --dtype float32
+  # Memory of a full-size model without allocating it (abstract params, compile only):
+  python bench/unet.py --preset base64 --batch 32 --resolution 64 --dtype bfloat16 --remat \
+      --mesh_fsdp 4 --fake_cpu_devices 4 --memory_only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+# Peak dense bf16 FLOP/s per chip, for MFU.
+PEAK_TFLOPS = {
+  'H100': 989.0,
+  'H200': 989.0,
+  'A100': 312.0,
+  'TPU v4': 275.0,
+  'TPU v5 lite': 197.0,
+  'TPU v5e': 197.0,
+  'TPU v5p': 459.0,
+  'TPU v5': 459.0,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--preset', default='small64')
+  p.add_argument('--batch', type=int, default=4, help='global batch size')
+  p.add_argument('--resolution', type=int, default=64)
+  p.add_argument('--text_len', type=int, default=128)
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  p.add_argument('--remat', action='store_true')
+  p.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
+  p.add_argument('--mesh_fsdp', type=int, default=1, help='fsdp axis size; data = the rest')
+  p.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up)')
+  p.add_argument('--memory_only', action='store_true', help='compile on abstract inputs only')
+  p.add_argument(
+    '--fake_cpu_devices', type=int, default=0, help='N > 0: force N host CPU devices (XLA_FLAGS)'
+  )
+  return p.parse_args(argv)
+
+
+def _peak_tflops(device_kind: str) -> float | None:
+  for name, peak in PEAK_TFLOPS.items():
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args.fake_cpu_devices > 0:
+    flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  from flax import nnx
+
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from imagen_jax import optim, sharding
+  from imagen_jax.models import unet
+
+  if args.preset not in unet.PRESETS:
+    raise SystemExit(f'Unknown --preset {args.preset!r}; choose from {sorted(unet.PRESETS)}.')
+  config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
+  if args.batch % mesh.size:
+    raise SystemExit(f'--batch {args.batch} must be divisible by the {mesh.size} devices.')
+  optim_config = ml_collections.ConfigDict(
+    dict(
+      optimizer=args.optimizer,
+      lr=1e-4,
+      schedule='constant',
+      warmup_steps=0,
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      grad_accum_steps=1,
+    )
+  )
+  tx = optim.make_optimizer(optim_config, num_steps=1000)
+
+  abstract_model = nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  num_params = unet.count_params(abstract_params)
+  param_sh = sharding.state_shardings(abstract_params, mesh)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_sh = sharding.state_shardings(abstract_opt, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  repl = sharding.replicated(mesh)
+
+  b, r, c, n_text = args.batch, args.resolution, config.image_channels, args.text_len
+  f32 = jnp.float32
+  batch_shapes = {
+    'images': jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh),
+    'text_embs': jax.ShapeDtypeStruct((b, n_text, config.text_dim), f32, sharding=batch_sh),
+    'text_mask': jax.ShapeDtypeStruct((b, n_text), jnp.bool_, sharding=batch_sh),
+  }
+  if config.lowres_cond:
+    batch_shapes['lowres'] = jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh)
+  batch_sh_tree = {k: batch_sh for k in batch_shapes}
+
+  def apply(params, z, logsnr, batch, drop_text):
+    model = nnx.merge(graphdef, params)
+    extra = {}
+    if config.lowres_cond:
+      extra = dict(lowres=batch['lowres'], aug_level=jnp.full((z.shape[0],), 0.2, f32))
+    return model(z, logsnr, batch['text_embs'], batch['text_mask'], drop_text=drop_text, **extra)
+
+  def train_step(params, opt_state, batch, key):
+    """v-prediction MSE at a random log-SNR (cosine schedule), 10% text dropout."""
+    k_t, k_eps, k_drop = jax.random.split(key, 3)
+    x = batch['images']
+    t = jax.random.uniform(k_t, (x.shape[0],), minval=0.02, maxval=0.98)
+    logsnr = -2.0 * jnp.log(jnp.tan(jnp.pi * t / 2))
+    alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None, None, None]
+    sigma = jnp.sqrt(jax.nn.sigmoid(-logsnr))[:, None, None, None]
+    eps = jax.random.normal(k_eps, x.shape)
+    z = alpha * x + sigma * eps
+    v = alpha * eps - sigma * x
+    drop = jax.random.bernoulli(k_drop, 0.1, (x.shape[0],))
+
+    def loss_fn(p):
+      return jnp.mean(jnp.square(apply(p, z, logsnr, batch, drop) - v))
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    return params, opt_state, loss
+
+  def sample_step(params, z, batch, guidance):
+    """One DDIM step from logsnr 0 to 1 with classifier-free guidance (2B batch)."""
+    bsz = z.shape[0]
+    logsnr = jnp.zeros((bsz,), f32)
+    both = jax.tree.map(lambda a: jnp.concatenate([a, a]), batch)
+    drop = jnp.concatenate([jnp.zeros((bsz,), bool), jnp.ones((bsz,), bool)])
+    v_both = apply(params, jnp.concatenate([z, z]), jnp.concatenate([logsnr, logsnr]), both, drop)
+    v_cond, v_uncond = jnp.split(v_both, 2)
+    v = v_uncond + guidance * (v_cond - v_uncond)
+    alpha = sigma = jnp.sqrt(0.5)
+    x_pred, eps_pred = alpha * z - sigma * v, sigma * z + alpha * v
+    a_s, s_s = jnp.sqrt(jax.nn.sigmoid(1.0)), jnp.sqrt(jax.nn.sigmoid(-1.0))
+    return a_s * jnp.clip(x_pred, -1, 1) + s_s * eps_pred
+
+  key_shape = jax.eval_shape(lambda: jax.random.key(0))
+  abstract_key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=repl)
+  abstract_params_sh = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh
+  )
+  abstract_opt_sh = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh
+  )
+
+  with jax.set_mesh(mesh):
+    train_jit = jax.jit(
+      train_step,
+      in_shardings=(param_sh, opt_sh, batch_sh_tree, repl),
+      out_shardings=(param_sh, opt_sh, repl),
+      donate_argnums=(0, 1),
+    )
+    t0 = time.perf_counter()
+    compiled = train_jit.lower(abstract_params_sh, abstract_opt_sh, batch_shapes, abstract_key)
+    compiled = compiled.compile()
+    compile_s = time.perf_counter() - t0
+
+    mem = compiled.memory_analysis()
+    memory = None
+    if mem is not None:
+      arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+      temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+      total = arg + out + temp - alias
+      memory = {
+        'argument_gb': arg / 1e9,
+        'output_gb': out / 1e9,
+        'temp_gb': temp / 1e9,
+        'alias_gb': alias / 1e9,
+        'total_gb': total / 1e9,
+        'total_bytes': int(total),
+        'per_device': True,
+      }
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):  # older jax: one dict per computation
+      cost = cost[0] if cost else None
+    flops = float(cost.get('flops', 0.0)) if cost else None
+
+    result = {
+      'preset': args.preset,
+      'params': int(num_params),
+      'batch': b,
+      'resolution': r,
+      'dtype': args.dtype,
+      'remat': args.remat,
+      'optimizer': args.optimizer,
+      'mesh': dict(mesh.shape),
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'devices': jax.device_count(),
+      'compile_s': round(compile_s, 2),
+      'memory': memory,
+      'flops_per_step_per_device': flops,
+      'train_step_s': None,
+      'sample_step_s': None,
+      'images_per_s': None,
+      'tflops_per_s_per_device': None,
+      'mfu': None,
+      'memory_only': args.memory_only,
+    }
+
+    if not args.memory_only:
+      init = jax.jit(
+        lambda: nnx.state(unet.UNet(config, rngs=nnx.Rngs(0))), out_shardings=param_sh
+      )
+      params = init()
+      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      data_key = jax.random.key(1)
+      ks = jax.random.split(data_key, 4)
+      batch = {
+        'images': jax.random.uniform(ks[0], (b, r, r, c), f32, -1, 1),
+        'text_embs': jax.random.normal(ks[1], (b, n_text, config.text_dim), f32),
+        'text_mask': jnp.arange(n_text)[None, :] < jnp.arange(b)[:, None] % n_text + 8,
+      }
+      if config.lowres_cond:
+        batch['lowres'] = jax.random.uniform(ks[2], (b, r, r, c), f32, -1, 1)
+      batch = jax.device_put(batch, batch_sh_tree)
+
+      times = []
+      for i in range(args.steps + 1):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i))
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+      train_s = statistics.median(times[1:])
+
+      cond = {k: v for k, v in batch.items() if k != 'images'}
+      z = jax.device_put(jax.random.normal(ks[3], (b, r, r, c), f32), batch_sh)
+      cond_sh = {k: batch_sh for k in cond}
+      sample_jit = jax.jit(
+        sample_step, in_shardings=(param_sh, batch_sh, cond_sh, None), out_shardings=batch_sh
+      )
+      jax.block_until_ready(sample_jit(params, z, cond, 5.0))
+      stimes = []
+      for _ in range(max(args.steps, 1)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(sample_jit(params, z, cond, 5.0))
+        stimes.append(time.perf_counter() - t0)
+
+      result['train_step_s'] = round(train_s, 4)
+      result['sample_step_s'] = round(statistics.median(stimes), 4)
+      result['images_per_s'] = round(b / train_s, 3)
+      result['final_loss'] = float(loss)
+      if flops:
+        tflops = flops / train_s / 1e12
+        result['tflops_per_s_per_device'] = round(tflops, 3)
+        peak = _peak_tflops(jax.devices()[0].device_kind)
+        if peak and jax.default_backend() != 'cpu':
+          result['mfu'] = round(tflops / peak, 4)
+
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == '__main__':
+  main()

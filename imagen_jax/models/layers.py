@@ -1,0 +1,437 @@
+"""Building blocks of the Efficient U-Net: dense/conv layers with logical axis names,
+GroupNorm, FiLM residual blocks, attention, resampling and embeddings.
+
+Every parameter is an `nnx.Param` in float32 carrying a `logical_axes` metadata tuple (one
+name per dimension); `imagen_jax.sharding` maps those names onto mesh axes. The names are
+kept as plain metadata (not flax's `out_sharding`) so that models can be created and
+`nnx.eval_shape`-d with or without an active mesh. Computation runs in `dtype` (float32 or
+bfloat16); normalisation statistics and softmax stay in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LOGICAL_AXES_KEY = 'logical_axes'
+
+
+class ParamInit:
+  """Creates float32 `nnx.Param`s annotated with logical axis names; random ones are filled
+  by a single truncated-normal draw in `finalize()`.
+
+  Why one draw: every separate PRNG call costs XLA:CPU about a second of compile time
+  (threefry), so initialising a few hundred tensors one by one took minutes to compile under
+  `jit` and tens of seconds eagerly. Random params are created as zeros, remembered, and
+  `finalize()` (called once by the model after building all submodules) draws one flat
+  vector, splits it and scales each piece. Works eagerly, under `jit` and `nnx.eval_shape`.
+  """
+
+  def __init__(self, key: jax.Array):
+    self._key = key
+    self._pending: list[tuple[nnx.Param, float]] = []
+    self._finalized = False
+
+  def _make(self, value: jax.Array, logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    if len(value.shape) != len(logical_axes):
+      raise ValueError(f'shape {value.shape} and logical_axes {logical_axes} differ in rank.')
+    if self._finalized:
+      raise RuntimeError('ParamInit.finalize() was already called; create a new ParamInit.')
+    return nnx.Param(value, logical_axes=logical_axes)
+
+  def zeros(self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    return self._make(jnp.zeros(shape, jnp.float32), logical_axes)
+
+  def ones(self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...]) -> nnx.Param:
+    return self._make(jnp.ones(shape, jnp.float32), logical_axes)
+
+  def normal(
+    self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...], std: float
+  ) -> nnx.Param:
+    """Truncated normal (at +-2 std) with standard deviation `std`."""
+    param = self._make(jnp.zeros(shape, jnp.float32), logical_axes)
+    self._pending.append((param, float(std)))
+    return param
+
+  def lecun(
+    self, shape: tuple[int, ...], logical_axes: tuple[str | None, ...], fan_in: int
+  ) -> nnx.Param:
+    """LeCun normal: std 1/sqrt(fan_in)."""
+    return self.normal(shape, logical_axes, 1.0 / math.sqrt(fan_in))
+
+  def finalize(self) -> None:
+    """Fills every pending random param from one PRNG draw."""
+    self._finalized = True
+    if not self._pending:
+      return
+    shapes = tuple(tuple(p.get_value().shape) for p, _ in self._pending)
+    stds = tuple(std for _, std in self._pending)
+    values = _truncated_normal_pieces(self._key, shapes, stds)
+    for (param, _), value in zip(self._pending, values, strict=True):
+      param.set_value(value)
+    self._pending = []
+
+
+# 1 / std of a standard normal truncated to [-2, 2].
+_TRUNC_STD_CORRECTION = 1.0 / 0.87962566103423978
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _truncated_normal_pieces(
+  key: jax.Array, shapes: tuple[tuple[int, ...], ...], stds: tuple[float, ...]
+) -> list[jax.Array]:
+  sizes = [math.prod(s) for s in shapes]
+  flat = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32)
+  offsets = list(itertools.accumulate(sizes))[:-1]
+  pieces = jnp.split(flat, offsets) if offsets else [flat]
+  return [
+    (piece * (std * _TRUNC_STD_CORRECTION)).reshape(shape)
+    for piece, shape, std in zip(pieces, shapes, stds, strict=True)
+  ]
+
+
+def as_dtype(dtype: str | jnp.dtype) -> jnp.dtype:
+  """'float32' | 'bfloat16' (or a dtype) -> a jnp dtype, with a clear error otherwise."""
+  name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+  if name not in ('float32', 'bfloat16', 'float16'):
+    raise ValueError(f"Unsupported compute dtype {dtype!r}; use 'float32' or 'bfloat16'.")
+  return jnp.dtype(name)
+
+
+class Dense(nnx.Module):
+  """y = x @ W + b over the last axis."""
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    pinit: ParamInit,
+    dtype: jnp.dtype = jnp.float32,
+    use_bias: bool = True,
+    zero_init: bool = False,
+    axes: tuple[str, str] = ('embed', 'mlp'),
+  ):
+    shape = (in_features, out_features)
+    self.kernel = pinit.zeros(shape, axes) if zero_init else pinit.lecun(shape, axes, in_features)
+    self.bias = pinit.zeros((out_features,), (axes[1],)) if use_bias else None
+    self.in_features = in_features
+    self.out_features = out_features
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    assert x.shape[-1] == self.in_features, (x.shape, self.in_features)
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Conv(nnx.Module):
+  """2-D convolution, NHWC activations, HWIO kernel, 'SAME' padding."""
+
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    *,
+    pinit: ParamInit,
+    stride: int = 1,
+    dtype: jnp.dtype = jnp.float32,
+    zero_init: bool = False,
+  ):
+    shape = (kernel_size, kernel_size, in_channels, out_channels)
+    axes = ('conv_h', 'conv_w', 'conv_in', 'conv_out')
+    fan_in = kernel_size * kernel_size * in_channels
+    self.kernel = pinit.zeros(shape, axes) if zero_init else pinit.lecun(shape, axes, fan_in)
+    self.bias = pinit.zeros((out_channels,), ('conv_out',))
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.stride = stride
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    assert x.ndim == 4 and x.shape[-1] == self.in_channels, (x.shape, self.in_channels)
+    kernel = self.kernel[...].astype(self.dtype)
+    if kernel.shape[0] == 1 and self.stride == 1:  # 1x1: a plain matmul over channels
+      y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
+    else:
+      y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype),
+        kernel,
+        window_strides=(self.stride, self.stride),
+        padding='SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      )
+    return y + self.bias[...].astype(self.dtype)
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm with float32 statistics; output in the compute dtype."""
+
+  def __init__(self, num_channels: int, num_groups: int, *, pinit: ParamInit, dtype=jnp.float32):
+    if num_channels % num_groups:
+      raise ValueError(
+        f'GroupNorm: num_groups={num_groups} must divide the channel count {num_channels}; '
+        'change UNetConfig.num_groups or the channel widths.'
+      )
+    self.scale = pinit.ones((num_channels,), ('norm',))
+    self.bias = pinit.zeros((num_channels,), ('norm',))
+    self.num_groups = num_groups
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    *lead, c = x.shape
+    xg = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
+    reduce_axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)  # all but batch and group
+    mean = jnp.mean(xg, axis=reduce_axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=reduce_axes, keepdims=True)
+    xg = (xg - mean) * jax.lax.rsqrt(var + eps)
+    y = xg.reshape(x.shape) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with float32 statistics."""
+
+  def __init__(self, num_features: int, *, pinit: ParamInit, dtype=jnp.float32):
+    self.scale = pinit.ones((num_features,), ('norm',))
+    self.bias = pinit.zeros((num_features,), ('norm',))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.dtype)
+
+
+def sinusoidal_embedding(values: jax.Array, dim: int, max_period: float = 10_000.0) -> jax.Array:
+  """[B] -> [B, dim] float32: [sin(v * f_i), cos(v * f_i)], f_i geometric in [1/max_period, 1]."""
+  if dim % 2:
+    raise ValueError(f'sinusoidal_embedding needs an even dim, got {dim}.')
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = values.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class ScalarEmbedding(nnx.Module):
+  """A scalar per example (log-SNR, aug level) -> sinusoids -> 2-layer MLP -> [B, cond_dim]."""
+
+  def __init__(
+    self, emb_dim: int, cond_dim: int, *, scale: float, pinit: ParamInit, dtype=jnp.float32
+  ):
+    self.emb_dim = emb_dim
+    self.scale = scale
+    self.dense_0 = Dense(emb_dim, cond_dim, pinit=pinit, dtype=dtype)
+    self.dense_1 = Dense(cond_dim, cond_dim, pinit=pinit, dtype=dtype)
+
+  def __call__(self, values: jax.Array) -> jax.Array:
+    assert values.ndim == 1, values.shape
+    emb = sinusoidal_embedding(values * self.scale, self.emb_dim)  # [B, E]
+    return self.dense_1(jax.nn.silu(self.dense_0(emb)))  # [B, cond_dim]
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Multi-head attention via `jax.nn.dot_product_attention`.
+
+  q [B, T, H, D], k/v [B, S, H, D], mask [B, S] bool (True = attend) or None.
+  On GPU in 16-bit dtypes cuDNN's fused (flash) kernel is used where it supports the shapes;
+  otherwise XLA's implementation (which forms the logits inside one fused op).
+  """
+  mask4 = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, S]
+  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation='cudnn')
+    except Exception:  # noqa: BLE001  unsupported shape/mask for cuDNN: use the XLA path.
+      pass
+  return jax.nn.dot_product_attention(q, k, v, mask=mask4)
+
+
+class ResBlock(nnx.Module):
+  """GroupNorm-SiLU-Conv, FiLM (scale/shift from the conditioning vector), GroupNorm-SiLU-
+  (Dropout)-Conv(zero init), plus a (1x1-projected) residual."""
+
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    cond_dim: int,
+    *,
+    num_groups: int,
+    dropout: float,
+    pinit: ParamInit,
+    rngs: nnx.Rngs | None = None,
+    dtype=jnp.float32,
+  ):
+    if dropout > 0 and rngs is None:
+      raise ValueError('ResBlock with dropout > 0 needs `rngs` (a "dropout" stream).')
+    self.in_channels = in_channels
+    self.out_channels = out_channels
+    self.norm_0 = GroupNorm(in_channels, num_groups, pinit=pinit, dtype=dtype)
+    self.conv_0 = Conv(in_channels, out_channels, 3, pinit=pinit, dtype=dtype)
+    self.film = Dense(cond_dim, 2 * out_channels, pinit=pinit, dtype=dtype, zero_init=True)
+    self.norm_1 = GroupNorm(out_channels, num_groups, pinit=pinit, dtype=dtype)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+    self.conv_1 = Conv(out_channels, out_channels, 3, pinit=pinit, dtype=dtype, zero_init=True)
+    self.skip = (
+      Conv(in_channels, out_channels, 1, pinit=pinit, dtype=dtype)
+      if in_channels != out_channels
+      else None
+    )
+
+  def __call__(self, x: jax.Array, cond: jax.Array, deterministic: bool = True) -> jax.Array:
+    b, h, w, c = x.shape
+    assert c == self.in_channels, (x.shape, self.in_channels)
+    assert cond.shape[0] == b, (cond.shape, x.shape)
+    y = self.conv_0(jax.nn.silu(self.norm_0(x)))  # [B, H, W, C_out]
+    scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2, axis=-1)  # [B, C_out] each
+    y = self.norm_1(y) * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+    y = jax.nn.silu(y)
+    if self.dropout is not None:
+      y = self.dropout(y, deterministic=deterministic)
+    y = self.conv_1(y)
+    skip = x if self.skip is None else self.skip(x)
+    out = skip.astype(y.dtype) + y
+    assert out.shape == (b, h, w, self.out_channels), out.shape
+    return out
+
+
+class SelfAttention(nnx.Module):
+  """Pre-norm self-attention over pixels; optionally the text tokens (already projected to
+  `text_width`) are appended to the keys/values (Imagen style), honouring their mask."""
+
+  def __init__(
+    self,
+    channels: int,
+    *,
+    num_heads: int,
+    head_dim: int,
+    num_groups: int,
+    text_width: int | None,
+    pinit: ParamInit,
+    dtype=jnp.float32,
+  ):
+    inner = num_heads * head_dim
+    self.channels = channels
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.norm = GroupNorm(channels, num_groups, pinit=pinit, dtype=dtype)
+    self.qkv = Dense(channels, 3 * inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
+    self.text_kv = (
+      Dense(text_width, 2 * inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
+      if text_width
+      else None
+    )
+    self.out = Dense(
+      inner, channels, pinit=pinit, dtype=dtype, zero_init=True, axes=('heads', 'embed')
+    )
+
+  def __call__(
+    self, x: jax.Array, text_tokens: jax.Array | None = None, text_mask: jax.Array | None = None
+  ) -> jax.Array:
+    b, h, w, c = x.shape
+    assert c == self.channels, (x.shape, self.channels)
+    n, nh, hd = h * w, self.num_heads, self.head_dim
+    qkv = self.qkv(self.norm(x).reshape(b, n, c)).reshape(b, n, 3, nh, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, D]
+    mask = None
+    if self.text_kv is not None:
+      assert text_tokens is not None and text_mask is not None
+      length = text_tokens.shape[1]
+      text_kv = self.text_kv(text_tokens).reshape(b, length, 2, nh, hd)
+      k = jnp.concatenate([k, text_kv[:, :, 0]], axis=1)  # [B, N + L, H, D]
+      v = jnp.concatenate([v, text_kv[:, :, 1]], axis=1)
+      mask = jnp.concatenate([jnp.ones((b, n), bool), text_mask], axis=1)  # [B, N + L]
+    y = attention(q, k, v, mask).reshape(b, n, nh * hd)
+    return x + self.out(y).reshape(b, h, w, c).astype(x.dtype)
+
+
+class CrossAttention(nnx.Module):
+  """Pre-norm cross-attention from pixels (queries) to text tokens (keys/values)."""
+
+  def __init__(
+    self,
+    channels: int,
+    *,
+    num_heads: int,
+    head_dim: int,
+    num_groups: int,
+    text_width: int,
+    pinit: ParamInit,
+    dtype=jnp.float32,
+  ):
+    inner = num_heads * head_dim
+    self.channels = channels
+    self.num_heads = num_heads
+    self.head_dim = head_dim
+    self.norm = GroupNorm(channels, num_groups, pinit=pinit, dtype=dtype)
+    self.q = Dense(channels, inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
+    self.kv = Dense(text_width, 2 * inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
+    self.out = Dense(
+      inner, channels, pinit=pinit, dtype=dtype, zero_init=True, axes=('heads', 'embed')
+    )
+
+  def __call__(self, x: jax.Array, text_tokens: jax.Array, text_mask: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    assert c == self.channels, (x.shape, self.channels)
+    n, nh, hd, length = h * w, self.num_heads, self.head_dim, text_tokens.shape[1]
+    q = self.q(self.norm(x).reshape(b, n, c)).reshape(b, n, nh, hd)
+    kv = self.kv(text_tokens).reshape(b, length, 2, nh, hd)
+    y = attention(q, kv[:, :, 0], kv[:, :, 1], text_mask).reshape(b, n, nh * hd)
+    return x + self.out(y).reshape(b, h, w, c).astype(x.dtype)
+
+
+class AttentionPool(nnx.Module):
+  """Pools text tokens [B, L, W] into one vector [B, W] with a learned query (masked)."""
+
+  def __init__(self, width: int, *, num_heads: int, pinit: ParamInit, dtype=jnp.float32):
+    if width % num_heads:
+      raise ValueError(f'AttentionPool: num_heads={num_heads} must divide width {width}.')
+    self.width = width
+    self.num_heads = num_heads
+    self.query = pinit.normal((width,), ('embed',), std=1.0)
+    self.kv = Dense(width, 2 * width, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
+    self.out = Dense(width, width, pinit=pinit, dtype=dtype, axes=('heads', 'embed'))
+    self.dtype = dtype
+
+  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    b, length, wd = tokens.shape
+    nh, hd = self.num_heads, wd // self.num_heads
+    q = jnp.broadcast_to(self.query[...].astype(self.dtype).reshape(1, 1, nh, hd), (b, 1, nh, hd))
+    kv = self.kv(tokens).reshape(b, length, 2, nh, hd)
+    pooled = attention(q, kv[:, :, 0], kv[:, :, 1], mask).reshape(b, wd)
+    return self.out(pooled)  # [B, W]
+
+
+class Downsample(nnx.Module):
+  """Stride-2 3x3 convolution (halves H and W, changes channels)."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, pinit: ParamInit, dtype=jnp.float32):
+    self.conv = Conv(in_channels, out_channels, 3, stride=2, pinit=pinit, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, _ = x.shape
+    if h % 2 or w % 2:
+      raise ValueError(f'Downsample needs even spatial dims, got {x.shape}.')
+    return self.conv(x)
+
+
+class Upsample(nnx.Module):
+  """Nearest-neighbour x2 then 3x3 convolution."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, pinit: ParamInit, dtype=jnp.float32):
+    self.conv = Conv(in_channels, out_channels, 3, pinit=pinit, dtype=dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
+    return self.conv(x)

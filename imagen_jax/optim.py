@@ -1,0 +1,112 @@
+"""Optimizer factory (optax), learning-rate schedule and EMA of parameters.
+
+Fields come from `config.optim` (configs/common.py). Schedules count optimizer updates: with
+`grad_accum_steps = k > 1`, `make_optimizer(cfg, num_steps)` treats `num_steps` as
+micro-steps (calls to `update`) and builds the schedule over `num_steps // k` updates;
+`warmup_steps` is always in optimizer updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_SCHEDULES = ('cosine', 'constant')
+_OPTIMIZERS = ('adamw', 'adafactor')
+
+
+def _field(cfg: Any, name: str, default: Any = None) -> Any:
+  if hasattr(cfg, 'get'):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
+def make_lr_schedule(optim_config: Any, num_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then 'cosine' decay to
+  `min_lr_ratio * lr` at `num_steps`, or 'constant' at `lr`."""
+  lr = float(optim_config.lr)
+  kind = optim_config.schedule
+  if kind not in _SCHEDULES:
+    raise ValueError(f'Unknown optim.schedule {kind!r}; use one of {_SCHEDULES}.')
+  if num_steps < 1:
+    raise ValueError(f'num_steps must be >= 1, got {num_steps}.')
+  warmup = int(min(max(int(optim_config.warmup_steps), 0), num_steps))
+  if kind == 'constant':
+    if warmup == 0:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
+    )
+  end = lr * float(optim_config.min_lr_ratio)
+  if warmup >= num_steps:
+    return optax.linear_schedule(0.0, lr, warmup)
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0, peak_value=lr, warmup_steps=warmup, decay_steps=num_steps, end_value=end
+  )
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay only on matrices / conv kernels (ndim >= 2), not on biases and norms."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransformation:
+  """clip_by_global_norm(grad_clip) -> adamw | adafactor, wrapped in optax.MultiSteps when
+  grad_accum_steps > 1."""
+  accum = int(_field(optim_config, 'grad_accum_steps', 1))
+  if accum < 1:
+    raise ValueError(f'optim.grad_accum_steps must be >= 1, got {accum}.')
+  schedule = make_lr_schedule(optim_config, max(1, num_steps // accum))
+  name = optim_config.optimizer
+  if name == 'adamw':
+    opt = optax.adamw(
+      schedule,
+      b1=float(optim_config.b1),
+      b2=float(optim_config.b2),
+      eps=float(optim_config.eps),
+      weight_decay=float(optim_config.weight_decay),
+      mask=_decay_mask,
+    )
+  elif name == 'adafactor':
+    # Factored second moments, no first moment by default: O(rows + cols) state per matrix.
+    weight_decay = float(optim_config.weight_decay)
+    opt = optax.adafactor(
+      learning_rate=schedule,
+      min_dim_size_to_factor=int(_field(optim_config, 'adafactor_min_dim', 128)),
+      decay_rate=float(_field(optim_config, 'adafactor_decay_rate', 0.8)),
+      multiply_by_parameter_scale=False,  # lr means the same as for Adam
+      clipping_threshold=1.0,
+      momentum=_field(optim_config, 'adafactor_momentum', None),
+      weight_decay_rate=weight_decay if weight_decay > 0 else None,
+      weight_decay_mask=_decay_mask,
+    )
+  else:
+    raise ValueError(f'Unknown optim.optimizer {name!r}; use one of {_OPTIMIZERS}.')
+  clip = float(optim_config.grad_clip)
+  tx = optax.chain(optax.clip_by_global_norm(clip), opt) if clip > 0 else opt
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum).gradient_transformation()
+  return tx
+
+
+def ema_decay(step: jax.Array | int, optim_config: Any) -> jax.Array:
+  """min(ema_decay, (1 + step) / (10 + step)) with ema_warmup, else ema_decay (float32)."""
+  decay = jnp.asarray(float(optim_config.ema_decay), jnp.float32)
+  if not optim_config.ema_warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def ema_update(ema_params: Any, params: Any, decay: jax.Array | float) -> Any:
+  """ema <- decay * ema + (1 - decay) * params, leaf by leaf (dtype of ema kept)."""
+  decay = jnp.asarray(decay, jnp.float32)
+
+  def update(e, p):
+    e32 = e.astype(jnp.float32)
+    return (e32 + (1.0 - decay) * (p.astype(jnp.float32) - e32)).astype(e.dtype)
+
+  return jax.tree.map(update, ema_params, params)

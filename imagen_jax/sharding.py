@@ -1,0 +1,185 @@
+"""Device mesh, logical axis rules and their resolution to `NamedSharding`s.
+
+Modules annotate every parameter with logical axis names (metadata key `logical_axes`,
+see `imagen_jax.models.layers`); one rules table maps logical names to mesh axes. A
+parameter dimension is sharded only when the mesh axis size divides it; otherwise that
+dimension is replicated, so tiny models run on any mesh.
+
+Typical use (FSDP over 'fsdp', data parallel over both axes):
+
+  mesh = make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    graphdef, state = nnx.split(model)
+    param_sh = state_shardings(state, mesh)
+    opt_sh = state_shardings(jax.eval_shape(tx.init, state), mesh)  # optax keeps Variables
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from imagen_jax.models.layers import LOGICAL_AXES_KEY
+
+MESH_AXES = ('data', 'fsdp')
+
+MeshAxes = str | tuple[str, ...] | None
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+  ('batch', ('data', 'fsdp')),
+  # Convolutions [kh, kw, in, out]: shard the output channels.
+  ('conv_h', None),
+  ('conv_w', None),
+  ('conv_in', None),
+  ('conv_out', 'fsdp'),
+  # Dense [in, out]: shard the hidden (mlp / attention heads) side.
+  ('embed', None),
+  ('mlp', 'fsdp'),
+  ('heads', 'fsdp'),
+  ('norm', None),
+)
+
+
+def _get(cfg: Any, name: str) -> Any:
+  if isinstance(cfg, Mapping):
+    return cfg[name]
+  return getattr(cfg, name)
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp') mesh of Auto axes; a size of -1 takes the remaining devices.
+
+  `mesh_config` has fields `data` and `fsdp` (ConfigDict, dataclass or dict).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  sizes = [int(_get(mesh_config, axis)) for axis in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'Mesh sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  fixed = math.prod(s for s in sizes if s != -1)
+  if n % fixed:
+    raise ValueError(
+      f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not divide the {n} available devices; '
+      'set --config.mesh.data / --config.mesh.fsdp so their product divides the device count '
+      '(use -1 for one axis to take the remaining devices).'
+    )
+  sizes = [n // fixed if s == -1 else s for s in sizes]
+  if math.prod(sizes) != n:
+    raise ValueError(
+      f'Mesh data={sizes[0]} x fsdp={sizes[1]} uses {math.prod(sizes)} of {n} devices; '
+      'the product must equal the device count (use -1 for one axis).'
+    )
+  return jax.make_mesh(
+    tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+  )
+
+
+def _is_logical_spec(x: Any) -> bool:
+  return isinstance(x, PartitionSpec) or (
+    isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  )
+
+
+def _rule_table(rules: Sequence[tuple[str, MeshAxes]]) -> dict[str, MeshAxes]:
+  table: dict[str, MeshAxes] = {}
+  for name, axes in rules:
+    table.setdefault(name, axes)  # first rule wins, as in flax
+  return table
+
+
+def logical_to_mesh(
+  logical_spec_tree: Any, rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES
+) -> Any:
+  """Maps a tree of logical specs (tuples of names / PartitionSpecs) to PartitionSpecs.
+
+  Unknown names and None map to None (replicated). A mesh axis is used at most once per spec.
+  Divisibility is not checked here (no shapes); `state_shardings` does that.
+  """
+  table = _rule_table(rules)
+
+  def resolve(spec):
+    used: set[str] = set()
+    out = []
+    for name in spec:
+      axes = table.get(name) if name is not None else None
+      flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      if not flat or used.intersection(flat):
+        out.append(None)
+        continue
+      used.update(flat)
+      out.append(axes)
+    return PartitionSpec(*out)
+
+  return jax.tree.map(resolve, logical_spec_tree, is_leaf=_is_logical_spec)
+
+
+def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
+  if axes is None:
+    return 1
+  flat = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in flat)
+
+
+def spec_for_shape(
+  logical_axes: Sequence[str | None] | None,
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+) -> PartitionSpec:
+  """PartitionSpec for one array; dims the mesh axis size does not divide are replicated."""
+  if not logical_axes or len(logical_axes) != len(shape):
+    return PartitionSpec()  # no names, or a derived array of another rank (e.g. factored stats)
+  spec = logical_to_mesh(tuple(logical_axes), rules)
+  out = []
+  for dim, axes in zip(shape, spec, strict=True):
+    out.append(axes if axes is not None and dim % _axis_size(mesh, axes) == 0 else None)
+  return PartitionSpec(*out)
+
+
+def state_shardings(
+  state: Any, mesh: Mesh, rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES
+) -> Any:
+  """NamedShardings matching `state` (an nnx.State, optimizer state, or any pytree).
+
+  `nnx.Variable` leaves with `logical_axes` metadata are sharded by the rules (checked for
+  divisibility); other Variables and plain arrays are replicated. Variables are kept (with
+  the sharding as value) so the result has the same pytree structure as `state`.
+  """
+
+  def leaf_sharding(x):
+    if isinstance(x, nnx.Variable):
+      names = x.get_metadata().get(LOGICAL_AXES_KEY)
+      value = x.get_value()
+      shape = getattr(value, 'shape', ())
+      return x.replace(NamedSharding(mesh, spec_for_shape(names, shape, mesh, rules)))
+    return NamedSharding(mesh, PartitionSpec())
+
+  return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over ('data', 'fsdp'); the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Fully replicated over the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def bytes_per_device(tree: Any, shardings: Any) -> int:
+  """Bytes each device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`."""
+  total = 0
+  leaves = jax.tree.leaves(tree)
+  shs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  for leaf, sh in zip(leaves, shs, strict=True):
+    shard_shape = sh.shard_shape(leaf.shape)
+    total += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
+  return total

@@ -1,0 +1,230 @@
+"""U-Net tests on the tiny presets: shapes, masks, classifier-free dropping, remat, names."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagen_jax.models import PRESETS, UNet, UNetConfig, config_from_dict, count_params
+
+pytestmark = pytest.mark.unit
+
+B, RES, L = 2, 8, 6
+
+
+def _init(config: UNetConfig, seed: int = 0, *, randomize: bool = False) -> UNet:
+  """Builds the model inside one jit (eager init dispatches every op separately).
+
+  With `randomize`, all params (zero-initialised ones included) are replaced by random
+  values drawn on the host, so outputs are nonzero and every input path matters.
+  """
+  abstract = nnx.eval_shape(lambda: UNet(config, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_state = nnx.split(abstract)
+  if randomize:
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(
+      lambda x: jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype), abstract_state
+    )
+  else:
+    state = jax.jit(lambda: nnx.state(UNet(config, rngs=nnx.Rngs(seed))))()
+  assert jax.tree.structure(state) == jax.tree.structure(abstract_state)
+  return nnx.merge(graphdef, state)
+
+
+def _perturbed(config: UNetConfig, seed: int = 0) -> UNet:
+  return _init(config, seed, randomize=True)
+
+
+def _inputs(config: UNetConfig, seed: int = 0):
+  k = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(k[0], (B, RES, RES, config.image_channels))
+  logsnr = jnp.array([-3.0, 4.0])
+  text_embs = jax.random.normal(k[1], (B, L, config.text_dim))
+  text_mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], bool)
+  extra = {}
+  if config.lowres_cond:
+    extra = dict(
+      lowres=jax.random.normal(k[2], x.shape), aug_level=jnp.array([0.1, 0.4], jnp.float32)
+    )
+  return x, logsnr, text_embs, text_mask, extra
+
+
+@nnx.jit
+def _forward(model, x, logsnr, text_embs, text_mask, drop_text):
+  return model(x, logsnr, text_embs, text_mask, drop_text=drop_text)
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  return _perturbed(PRESETS['tiny'])
+
+
+def test_output_shape_and_dtype_base():
+  config = PRESETS['tiny']
+  model = _init(config)
+  x, logsnr, text_embs, text_mask, _ = _inputs(config)
+  out = _forward(model, x, logsnr, text_embs, text_mask, None)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  # Zero-initialised output conv: a fresh model predicts exactly zero.
+  np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@nnx.jit
+def _forward_sr(model, x, logsnr, text_embs, text_mask, lowres, aug_level):
+  return model(x, logsnr, text_embs, text_mask, lowres=lowres, aug_level=aug_level)
+
+
+def test_output_shape_and_dtype_sr():
+  config = PRESETS['tiny_sr']
+  model = _perturbed(config)
+  x, logsnr, text_embs, text_mask, extra = _inputs(config)
+  lowres, aug = extra['lowres'], extra['aug_level']
+  out = _forward_sr(model, x, logsnr, text_embs, text_mask, lowres, aug)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  assert np.all(np.isfinite(out)) and float(jnp.abs(out).max()) > 0
+  # The low-res image and the aug level both condition the output.
+  out_lowres = _forward_sr(model, x, logsnr, text_embs, text_mask, -lowres, aug)
+  out_aug = _forward_sr(model, x, logsnr, text_embs, text_mask, lowres, 1 - aug)
+  assert not np.allclose(out, out_lowres) and not np.allclose(out, out_aug)
+  with pytest.raises(ValueError, match='lowres'):
+    model(x, logsnr, text_embs, text_mask)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model):
+  x, logsnr, text_embs, text_mask, _ = _inputs(PRESETS['tiny'])
+  with pytest.raises(ValueError, match='text_dim'):
+    tiny_model(x, logsnr, text_embs[..., :5], text_mask)
+  with pytest.raises(ValueError, match='divisible'):
+    tiny_model(x[:, :7, :7], logsnr, text_embs, text_mask)
+  with pytest.raises(ValueError, match='lowres_cond=False'):
+    tiny_model(x, logsnr, text_embs, text_mask, lowres=x, aug_level=logsnr)
+
+
+def test_masked_text_tokens_change_nothing(tiny_model):
+  x, logsnr, text_embs, text_mask, _ = _inputs(PRESETS['tiny'])
+  no_drop = jnp.zeros((B,), bool)
+  out = _forward(tiny_model, x, logsnr, text_embs, text_mask, no_drop)
+  garbage = 100.0 * jax.random.normal(jax.random.key(7), text_embs.shape)
+  changed = jnp.where(text_mask[..., None], text_embs, garbage)
+  out_changed = _forward(tiny_model, x, logsnr, changed, text_mask, no_drop)
+  np.testing.assert_allclose(out, out_changed, atol=1e-5)
+  # ...while a visible token does change the output.
+  visible = text_embs.at[:, 0].add(1.0)
+  assert not np.allclose(out, _forward(tiny_model, x, logsnr, visible, text_mask, no_drop))
+
+
+def test_drop_text_ignores_text_inputs(tiny_model):
+  x, logsnr, text_embs, text_mask, _ = _inputs(PRESETS['tiny'])
+  drop = jnp.array([True, False])
+  out = _forward(tiny_model, x, logsnr, text_embs, text_mask, drop)
+  other_embs = jax.random.normal(jax.random.key(3), text_embs.shape)
+  other_mask = jnp.ones_like(text_mask)
+  out_other = _forward(tiny_model, x, logsnr, other_embs, other_mask, drop)
+  np.testing.assert_allclose(out[0], out_other[0], atol=1e-5)  # dropped: text is ignored
+  assert not np.allclose(out[1], out_other[1])  # kept: text matters
+  # Dropped output differs from the text-conditioned output for the same example.
+  cond = _forward(tiny_model, x, logsnr, text_embs, text_mask, jnp.zeros((B,), bool))
+  assert not np.allclose(out[0], cond[0])
+  np.testing.assert_allclose(out[1], cond[1], atol=1e-5)
+  # An all-False mask means "no text": same as dropping.
+  empty = _forward(
+    tiny_model, x, logsnr, text_embs, text_mask.at[0].set(False), jnp.zeros((B,), bool)
+  )
+  np.testing.assert_allclose(empty[0], out[0], atol=1e-5)
+
+
+def test_remat_same_output_and_gradient():
+  # One level: input conv, res blocks, self-attention with text, cross-attention, output.
+  config = dataclasses.replace(
+    PRESETS['tiny'], channel_mults=(1,), attn_levels=(0,), cross_attn_levels=(0,)
+  )
+  x, logsnr, text_embs, text_mask, _ = _inputs(config)
+  models = [_perturbed(dataclasses.replace(config, remat=remat), seed=0) for remat in (False, True)]
+
+  def loss_and_grad(model):
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+      out = nnx.merge(graphdef, p)(x, logsnr, text_embs, text_mask)
+      return jnp.mean(out**2)
+
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (l0, g0), (l1, g1) = [loss_and_grad(m) for m in models]
+  np.testing.assert_allclose(l0, l1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_param_paths_are_stable_and_annotated():
+  model = nnx.eval_shape(lambda: UNet(PRESETS['tiny'], rngs=nnx.Rngs(0)))
+  flat = list(nnx.state(model, nnx.Param).flat_state())
+  paths = {'/'.join(map(str, p)) for p, _ in flat}
+  expected = [
+    'down_0_res_0/conv_0/kernel',
+    'down_1_attn_0/text_kv/kernel',
+    'down_1_cross_0/kv/kernel',
+    'down_1_downsample/conv/kernel',
+    'input_conv/kernel',
+    'logsnr_emb/dense_0/kernel',
+    'mid_attn/qkv/kernel',
+    'mid_cross/q/kernel',
+    'mid_res_1/film/kernel',
+    'null_text',
+    'output_conv/kernel',
+    'text_pool/query',
+    'up_0_res_0/skip/kernel',
+    'up_1_upsample/conv/kernel',
+  ]
+  assert sorted(p for p in paths if p in expected) == expected
+  assert not any(p.startswith('aug_emb') for p in paths)  # base model: no aug embedding
+  for path, var in flat:
+    names = var.get_metadata().get('logical_axes')
+    assert names is not None and len(names) == len(var.get_value().shape), path
+  assert count_params(model) == sum(np.prod(v.get_value().shape) for _, v in flat)
+
+
+def test_bfloat16_compute_is_finite_and_returns_float32():
+  config = dataclasses.replace(PRESETS['tiny'], dtype='bfloat16')
+  model = _perturbed(config)
+  x, logsnr, text_embs, text_mask, _ = _inputs(config)
+  out = _forward(model, x, logsnr, text_embs, text_mask, None)
+  assert out.dtype == jnp.float32
+  assert np.all(np.isfinite(out))
+  params = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(p.dtype == jnp.float32 for p in params)
+
+
+@pytest.mark.parametrize('name', sorted(PRESETS))
+def test_config_from_dict_round_trips(name):
+  preset = PRESETS[name]
+  as_dict = dataclasses.asdict(preset)
+  assert config_from_dict(as_dict) == preset
+  assert config_from_dict(ml_collections.ConfigDict(as_dict)) == preset
+  listed = {k: list(v) if isinstance(v, tuple) else v for k, v in as_dict.items()}
+  assert config_from_dict(listed) == preset
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(ValueError, match='Unknown U-Net config keys'):
+    config_from_dict({**dataclasses.asdict(PRESETS['tiny']), 'dimm': 3})
+  with pytest.raises(ValueError, match='num_groups'):
+    dataclasses.replace(PRESETS['tiny'], num_groups=5)
+  with pytest.raises(ValueError, match='attn_levels'):
+    dataclasses.replace(PRESETS['tiny'], attn_levels=(4,))
+
+
+def test_preset_param_counts_from_abstract_shapes():
+  counts = {
+    name: count_params(nnx.eval_shape(lambda c=c: UNet(c, rngs=nnx.Rngs(0))))
+    for name, c in PRESETS.items()
+    if name in ('small64', 'base64', 'sr256', 'sr1024')
+  }
+  assert 1.4e9 < counts['base64'] < 1.8e9
+  assert 0.55e9 < counts['sr256'] < 0.85e9
+  assert 0.55e9 < counts['sr1024'] < 0.85e9
+  assert counts['small64'] < counts['sr1024']

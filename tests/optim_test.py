@@ -1,0 +1,140 @@
+"""Optimizer factory, LR schedule and EMA tests."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from imagen_jax import optim
+
+pytestmark = pytest.mark.unit
+
+
+def _config(**overrides) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict(
+    dict(
+      optimizer='adamw',
+      lr=1e-3,
+      schedule='cosine',
+      warmup_steps=10,
+      min_lr_ratio=0.1,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      grad_accum_steps=1,
+      ema_decay=0.9999,
+      ema_warmup=True,
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def _params():
+  return {
+    'kernel': jnp.ones((256, 512)),
+    'bias': jnp.zeros((512,)),
+    'conv': jnp.ones((3, 3, 256, 128)),
+  }
+
+
+def test_cosine_schedule_values():
+  schedule = optim.make_lr_schedule(_config(), num_steps=110)
+  np.testing.assert_allclose(schedule(0), 0.0, atol=1e-12)
+  np.testing.assert_allclose(schedule(5), 0.5e-3, rtol=1e-5)
+  np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-5)
+  # Halfway through the decay: min + (max - min) / 2.
+  np.testing.assert_allclose(schedule(60), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-4)
+  np.testing.assert_allclose(schedule(110), 1e-4, rtol=1e-4)
+  np.testing.assert_allclose(schedule(500), 1e-4, rtol=1e-4)
+
+
+def test_constant_schedule_values():
+  schedule = optim.make_lr_schedule(_config(schedule='constant', warmup_steps=4), num_steps=100)
+  np.testing.assert_allclose([schedule(s) for s in (0, 2, 4, 50, 99)], [0, 5e-4, 1e-3, 1e-3, 1e-3])
+  no_warmup = optim.make_lr_schedule(_config(schedule='constant', warmup_steps=0), num_steps=100)
+  np.testing.assert_allclose(no_warmup(0), 1e-3)
+
+
+def test_bad_names_raise():
+  with pytest.raises(ValueError, match='schedule'):
+    optim.make_lr_schedule(_config(schedule='linear'), 10)
+  with pytest.raises(ValueError, match='optimizer'):
+    optim.make_optimizer(_config(optimizer='sgd'), 10)
+
+
+def _state_size(state) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
+
+
+def test_adafactor_state_is_factored_and_smaller_than_adamw():
+  params = _params()
+  n_params = _state_size(params)
+  adamw_state = optim.make_optimizer(_config(), 100).init(params)
+  adafactor_state = optim.make_optimizer(_config(optimizer='adafactor'), 100).init(params)
+  assert _state_size(adamw_state) >= 2 * n_params
+  assert _state_size(adafactor_state) < 0.1 * n_params
+  shapes = {x.shape for x in jax.tree.leaves(adafactor_state)}
+  assert (256,) in shapes and (512,) in shapes  # row / column statistics of the matrix
+
+
+def test_updates_move_params_and_clip_bounds_them():
+  params = _params()
+  grads = jax.tree.map(lambda p: 100.0 * jnp.ones_like(p), params)
+  for name in ('adamw', 'adafactor'):
+    tx = optim.make_optimizer(_config(optimizer=name, warmup_steps=0, schedule='constant'), 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    leaves = jax.tree.leaves(updates)
+    assert all(np.all(np.isfinite(u)) for u in leaves)
+    assert all(float(jnp.abs(u).max()) > 0 for u in leaves), name
+    # With lr 1e-3 and unit-scale normalised steps nothing moves by more than a few lr.
+    assert max(float(jnp.abs(u).max()) for u in leaves) < 1e-2, name
+
+
+def test_adamw_weight_decay_skips_vectors():
+  params = _params()
+  tx = optim.make_optimizer(
+    _config(weight_decay=0.1, warmup_steps=0, schedule='constant', grad_clip=0.0), 10
+  )
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  params = {**params, 'bias': jnp.ones((512,))}
+  updates, _ = tx.update(zero_grads, tx.init(params), params)
+  np.testing.assert_allclose(updates['kernel'], -1e-3 * 0.1 * params['kernel'], rtol=1e-5)
+  np.testing.assert_array_equal(updates['bias'], 0.0)
+
+
+def test_multisteps_accumulates_gradients():
+  params = {'w': jnp.zeros((4,))}
+  tx = optim.make_optimizer(
+    _config(grad_accum_steps=2, warmup_steps=0, schedule='constant', grad_clip=0.0), 10
+  )
+  state = tx.init(params)
+  updates, state = tx.update({'w': jnp.full((4,), 1.0)}, state, params)
+  np.testing.assert_array_equal(updates['w'], 0.0)  # first micro-step: nothing applied
+  updates, state = tx.update({'w': jnp.full((4,), 3.0)}, state, params)
+  # Adam's first step moves by -lr * sign(mean grad) = -1e-3 (mean of 1 and 3 is 2 > 0).
+  np.testing.assert_allclose(updates['w'], -1e-3, rtol=1e-4)
+  reference = optax.adam(1e-3).update({'w': jnp.full((4,), 2.0)}, optax.adam(1e-3).init(params))
+  np.testing.assert_allclose(updates['w'], reference[0]['w'], rtol=1e-5)
+
+
+def test_ema_decay_and_update():
+  config = _config()
+  np.testing.assert_allclose(optim.ema_decay(0, config), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(optim.ema_decay(90, config), 91 / 100, rtol=1e-6)
+  np.testing.assert_allclose(optim.ema_decay(10**7, config), 0.9999, rtol=1e-6)
+  np.testing.assert_allclose(optim.ema_decay(0, _config(ema_warmup=False)), 0.9999, rtol=1e-6)
+  ema = {'a': jnp.array([1.0, 2.0]), 'b': jnp.array(4.0, jnp.bfloat16)}
+  params = {'a': jnp.array([3.0, 6.0]), 'b': jnp.array(0.0, jnp.bfloat16)}
+  new = optim.ema_update(ema, params, 0.75)
+  np.testing.assert_allclose(new['a'], [1.5, 3.0], rtol=1e-6)
+  assert new['b'].dtype == jnp.bfloat16 and float(new['b']) == 3.0
+  # Works under jit with a traced decay.
+  jitted = jax.jit(optim.ema_update)(ema, params, optim.ema_decay(jnp.array(0), config))
+  np.testing.assert_allclose(jitted['a'], [0.1 * 1 + 0.9 * 3, 0.1 * 2 + 0.9 * 6], rtol=1e-6)
