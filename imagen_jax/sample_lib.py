@@ -138,7 +138,11 @@ def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> casca
     config = checkpoints.restore_config(manager, step)
     graphdef, abstract_params = stage.abstract_model(config)
     key = 'ema_params' if use_ema else 'params'
-    target = {key: abstract_params}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    placed = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
+    )
+    target = {key: placed}
     restored = manager.restore(
       step,
       args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True)),

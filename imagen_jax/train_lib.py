@@ -491,6 +491,7 @@ def _loop(
             checkpoints.checkpoint_dir(workdir_path),
           )
           break
+        side_work = time.perf_counter()  # saves and grids stay out of the img/s window
         if step % config.train.checkpoint_every == 0 or step == num_steps:
           if pending is not None:
             check(*pending)
@@ -498,6 +499,7 @@ def _loop(
         if sample_grid and config.train.sample_every and step % config.train.sample_every == 0:
           grid = sample_grid(state['ema_params'], step)
           writer.image(step, 'samples', grid)
+        window_start += time.perf_counter() - side_work
   finally:
     progress.close()
     manager.wait_until_finished()
