@@ -9,6 +9,12 @@ batch of 2B), plus XLA's memory and cost analysis of the compiled train step.
   # Memory of a full-size model without allocating it (abstract params, compile only):
   python bench/unet.py --preset base64 --batch 32 --resolution 64 --dtype bfloat16 --remat \
       --mesh_fsdp 4 --fake_cpu_devices 4 --memory_only
+
+Memory comes from `compiled.memory_analysis()` of the program compiled for the backend in
+use. On CPU it overstates what a GPU/TPU needs: XLA:CPU removes remat's optimisation
+barriers and schedules for concurrency, so `--remat` barely lowers its peak, bf16 convs
+and attention logits are computed in f32, and the attention falls back to materialising
+the logits (cuDNN flash attention is used on GPU).
 """
 
 from __future__ import annotations
@@ -226,9 +232,7 @@ def main(argv=None) -> dict:
     }
 
     if not args.memory_only:
-      init = jax.jit(
-        lambda: nnx.state(unet.UNet(config, rngs=nnx.Rngs(0))), out_shardings=param_sh
-      )
+      init = jax.jit(lambda: nnx.state(unet.UNet(config, rngs=nnx.Rngs(0))), out_shardings=param_sh)
       params = init()
       opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
       data_key = jax.random.key(1)
