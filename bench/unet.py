@@ -26,18 +26,6 @@ import statistics
 import sys
 import time
 
-# Peak dense bf16 FLOP/s per chip, for MFU.
-PEAK_TFLOPS = {
-  'H100': 989.0,
-  'H200': 989.0,
-  'A100': 312.0,
-  'TPU v4': 275.0,
-  'TPU v5 lite': 197.0,
-  'TPU v5e': 197.0,
-  'TPU v5p': 459.0,
-  'TPU v5': 459.0,
-}
-
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,13 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def _peak_tflops(device_kind: str) -> float | None:
-  for name, peak in PEAK_TFLOPS.items():
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
-
-
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.fake_cpu_devices > 0:
@@ -79,7 +60,7 @@ def main(argv=None) -> dict:
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from imagen_jax import optim, sharding
+  from imagen_jax import optim, sharding, train_lib
   from imagen_jax.models import unet
 
   if args.preset not in unet.PRESETS:
@@ -203,10 +184,7 @@ def main(argv=None) -> dict:
         'total_bytes': int(total),
         'per_device': True,
       }
-    cost = compiled.cost_analysis()
-    if isinstance(cost, list):  # older jax: one dict per computation
-      cost = cost[0] if cost else None
-    flops = float(cost.get('flops', 0.0)) if cost else None
+    flops = train_lib.compiled_flops(compiled)
 
     result = {
       'preset': args.preset,
@@ -274,7 +252,7 @@ def main(argv=None) -> dict:
       if flops:
         tflops = flops / train_s / 1e12
         result['tflops_per_s_per_device'] = round(tflops, 3)
-        peak = _peak_tflops(jax.devices()[0].device_kind)
+        peak = (train_lib.peak_flops(jax.devices()[0]) or 0) / 1e12 or None
         if peak and jax.default_backend() != 'cpu':
           result['mfu'] = round(tflops / peak, 4)
 
