@@ -46,9 +46,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
     c.model.num_heads = 2
     c.model.head_dim = 32
     c.model.cond_dim = 128
-    c.text.encoder = 't5-tiny-random'
-    c.text.max_length = 32
-    c.model.text_dim = 32
+    common.use_offline_text(c, max_length=32)
     c.data.max_examples = 256
     c.train.batch_size = 16
     c.train.num_steps = 800
@@ -63,20 +61,6 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
     return c
   if variant == 'tiny':
     c = common.get_common(stage='base64', preset='tiny', resolution=16)
-    c.text.encoder = 't5-tiny-random'
-    c.text.max_length = 16
-    c.model.text_dim = 32
-    c.data.max_examples = 32
-    c.data.max_skip_fraction = 0.5
-    c.train.batch_size = 4
-    c.train.num_steps = 4
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.train.num_sample_prompts = 2
-    c.optim.warmup_steps = 2
-    c.optim.lr = 1e-3
-    c.optim.ema_decay = 0.9
-    c.sample.steps = 4
+    common.use_tiny_run(c)
     return c
   raise ValueError(f"Unknown variant '{arg}' of base64; choose '', 'small', 'demo' or 'tiny'.")

@@ -118,3 +118,27 @@ def get_common(
   c.sample.dynamic_max = 0.0  # upper clamp c on the dynamic threshold (>= 1); 0: no clamp
   c.sample.aug_level = 0.2  # SR stages: fixed noise-conditioning level at sampling
   return c
+
+
+def use_offline_text(c: ml_collections.ConfigDict, *, max_length: int) -> None:
+  """The offline, untrained 't5-tiny-random' encoder (32-wide): demos and tests, no download."""
+  c.text.encoder = 't5-tiny-random'
+  c.text.max_length = max_length
+  c.model.text_dim = 32
+
+
+def use_tiny_run(c: ml_collections.ConfigDict) -> None:
+  """The smallest end-to-end run (tests, CI): 32 examples, 4 steps, a checkpoint every 2."""
+  use_offline_text(c, max_length=16)
+  c.data.max_examples = 32
+  c.data.max_skip_fraction = 0.5
+  c.train.batch_size = 4
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.sample_every = 0
+  c.train.num_sample_prompts = 2
+  c.optim.warmup_steps = 2
+  c.optim.lr = 1e-3
+  c.optim.ema_decay = 0.9
+  c.sample.steps = 4

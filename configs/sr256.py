@@ -39,9 +39,7 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
     )
     c.diffusion.schedule = 'shifted_cosine'
     c.diffusion.shift_base = 32
-    c.text.encoder = 't5-tiny-random'
-    c.text.max_length = 32
-    c.model.text_dim = 32
+    common.use_offline_text(c, max_length=32)
     c.data.max_examples = 256
     c.train.batch_size = 8
     c.train.num_steps = 500
@@ -56,20 +54,6 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
     c = common.get_common(stage=stage, preset='tiny_sr', resolution=8 * scale, lowres_resolution=8)
     c.diffusion.schedule = 'shifted_cosine'
     c.diffusion.shift_base = 8
-    c.text.encoder = 't5-tiny-random'
-    c.text.max_length = 16
-    c.model.text_dim = 32
-    c.data.max_examples = 32
-    c.data.max_skip_fraction = 0.5
-    c.train.batch_size = 4
-    c.train.num_steps = 4
-    c.train.log_every = 1
-    c.train.checkpoint_every = 2
-    c.train.sample_every = 0
-    c.train.num_sample_prompts = 2
-    c.optim.warmup_steps = 2
-    c.optim.lr = 1e-3
-    c.optim.ema_decay = 0.9
-    c.sample.steps = 4
+    common.use_tiny_run(c)
     return c
   raise ValueError(f"Unknown variant '{arg}' of {stage}; choose '', 'demo' or 'tiny'.")
