@@ -49,15 +49,18 @@ def make_state_shardings(abstract_state: TrainState, mesh) -> TrainState:
   }
 
 
-def create_train_state(
+def abstract_train_state(
   config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh
-) -> tuple[nnx.GraphDef, TrainState, TrainState]:
-  """(graphdef, state, state shardings): params initialised directly in their shards."""
-  graphdef, _ = stage.abstract_model(config)
-  root_rng = jax.random.key(config.seed)
-  init_rng, train_rng = jax.random.split(root_rng)
+) -> tuple[nnx.GraphDef, TrainState, TrainState, Callable[[], TrainState]]:
+  """(graphdef, abstract state, state shardings, init): nothing allocated until init() runs.
 
-  def init(rng):
+  init() creates the params directly in their shards (jit with out_shardings); a resumed run
+  never calls it and restores into the abstract state instead, so only one state is ever live.
+  """
+  graphdef, _ = stage.abstract_model(config)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+
+  def init_fn(rng):
     params = stage.init_params(config, rng)
     return {
       'step': jnp.zeros((), jnp.int32),
@@ -67,10 +70,18 @@ def create_train_state(
       'opt_state': tx.init(params),
     }
 
-  abstract = jax.eval_shape(init, init_rng)
+  abstract = jax.eval_shape(init_fn, init_rng)
   shardings = make_state_shardings(abstract, mesh)
-  state = jax.jit(init, out_shardings=shardings)(init_rng)
-  return graphdef, state, shardings
+  init = lambda: jax.jit(init_fn, out_shardings=shardings)(init_rng)
+  return graphdef, abstract, shardings, init
+
+
+def create_train_state(
+  config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh
+) -> tuple[nnx.GraphDef, TrainState, TrainState]:
+  """(graphdef, state, state shardings): params initialised directly in their shards."""
+  graphdef, _, shardings, init = abstract_train_state(config, tx, mesh)
+  return graphdef, init(), shardings
 
 
 def abstract_with_shardings(state_like: TrainState, shardings: TrainState) -> TrainState:
@@ -325,6 +336,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   from imagen_jax import precompute
   from imagen_jax.data import pipeline
 
+  if float(config.model.dropout) > 0:
+    raise ValueError(
+      f'model.dropout={config.model.dropout}: dropout is not wired into training yet (the step '
+      'runs the U-Net deterministically); use --config.model.dropout=0.'
+    )
   workdir_path = pathlib.Path(workdir).absolute()
   workdir_path.mkdir(parents=True, exist_ok=True)
   is_chief = jax.process_index() == 0
@@ -358,17 +374,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   with jax.set_mesh(mesh):
-    graphdef, state, state_sh = create_train_state(config, tx, mesh)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state['params']))
+    graphdef, abstract, state_sh, init = abstract_train_state(config, tx, mesh)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
     log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, config.model_preset)
-    start = manager.latest_step()
-    if start is not None:
-      _resume_check(checkpoints.restore_config(manager, start), config)
+    latest = manager.latest_step()
+    if latest is None:
+      state = init()
+    else:
+      _resume_check(checkpoints.restore_config(manager, latest), config)
       state, data_state = checkpoints.restore(
-        manager, start, abstract_state=abstract_with_shardings(state, state_sh)
+        manager, latest, abstract_state=abstract_with_shardings(abstract, state_sh)
       )
       data_iter.set_state(data_state)
-      log.info('Resumed from step %d in %s.', start, workdir_path)
+      log.info('Resumed from step %d in %s.', latest, workdir_path)
     start = int(state['step'])
 
     batch_sh = sharding.batch_sharding(mesh)
