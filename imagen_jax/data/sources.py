@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,39 @@ def _is_saved_dataset_dir(path: pathlib.Path) -> bool:
   )
 
 
-class HFSource(Source):
+class _RowSource(Source):
+  """A source over an indexable dataset of rows (HF datasets, tfds): rows with a caption."""
+
+  split: str
+  image_column: str
+  max_examples: int
+
+  def _index_rows(self, captions: Iterable[Any]) -> None:
+    """Keep the rows whose caption is usable, up to max_examples; captions in row order."""
+    self._indices: list[int] = []
+    for i, caption in enumerate(captions):
+      caption = _clean_caption(caption)
+      if not caption:
+        self._skip(f'{self.split}[{i}]', 'empty or missing caption')
+        continue
+      self._indices.append(i)
+      self._captions.append(caption)
+      if 0 < self.max_examples <= len(self._indices):
+        break
+    if not self._indices:
+      raise DataError(f'No usable (image, caption) pair in {self.name}.')
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    row = self._ds[self._indices[index]]
+    return {
+      'image': row[self.image_column],
+      'caption': self._captions[index],
+      'id': f'{self.split}[{self._indices[index]}]',
+    }
+
+
+class HFSource(_RowSource):
   """A Hugging Face `datasets` split (hub name, local data folder or `save_to_disk` folder)."""
 
   def __init__(
@@ -269,27 +301,7 @@ class HFSource(Source):
       ds = ds.cast_column(image_column, datasets.Image(decode=False))
     self._ds = ds
     self._fp = getattr(ds, '_fingerprint', '')
-    self._indices: list[int] = []
-    for i, caption in enumerate(ds[caption_column]):
-      caption = _clean_caption(caption)
-      if not caption:
-        self._skip(f'{split}[{i}]', 'empty or missing caption')
-        continue
-      self._indices.append(i)
-      self._captions.append(caption)
-      if 0 < self.max_examples <= len(self._indices):
-        break
-    if not self._indices:
-      raise DataError(f'No usable (image, caption) pair in {self.name}.')
-
-  def __getitem__(self, index: int) -> dict:
-    index = self._check_index(index)
-    row = self._ds[self._indices[index]]
-    return {
-      'image': row[self.image_column],
-      'caption': self._captions[index],
-      'id': f'{self.split}[{self._indices[index]}]',
-    }
+    self._index_rows(ds[caption_column])
 
   def fingerprint(self) -> str:
     return _hash(
@@ -298,7 +310,7 @@ class HFSource(Source):
     )
 
 
-class TfdsSource(Source):
+class TfdsSource(_RowSource):
   """A tfds dataset through `tfds.data_source` (array_record files; TensorFlow not needed)."""
 
   def __init__(
@@ -330,36 +342,20 @@ class TfdsSource(Source):
         f'prepare them once with `tfds build {name} --file_format=array_record` '
         '(on a machine with TensorFlow) and point TFDS_DATA_DIR at them.'
       ) from e
-    self._indices: list[int] = []
-    total = len(self._ds)
-    for i in range(total):
-      record = self._ds[i]
-      if i == 0:
-        missing = [c for c in (image_column, caption_column) if c not in record]
-        if missing:
-          raise DataError(
-            f'{self.name} has no feature(s) {missing}; its features are {sorted(record)}. '
-            'Set --config.data.image_column / --config.data.caption_column.'
-          )
-      caption = _clean_caption(record[caption_column])
-      if not caption:
-        self._skip(f'{split}[{i}]', 'empty or missing caption')
-        continue
-      self._indices.append(i)
-      self._captions.append(caption)
-      if 0 < self.max_examples <= len(self._indices):
-        break
-    if not self._indices:
-      raise DataError(f'No usable (image, caption) pair in {self.name}.')
 
-  def __getitem__(self, index: int) -> dict:
-    index = self._check_index(index)
-    record = self._ds[self._indices[index]]
-    return {
-      'image': record[self.image_column],
-      'caption': self._captions[index],
-      'id': f'{self.split}[{self._indices[index]}]',
-    }
+    def captions():
+      for i in range(len(self._ds)):
+        record = self._ds[i]
+        if i == 0:
+          missing = [c for c in (image_column, caption_column) if c not in record]
+          if missing:
+            raise DataError(
+              f'{self.name} has no feature(s) {missing}; its features are {sorted(record)}. '
+              'Set --config.data.image_column / --config.data.caption_column.'
+            )
+        yield record[caption_column]
+
+    self._index_rows(captions())
 
   def fingerprint(self) -> str:
     return _hash(
