@@ -56,10 +56,10 @@ def main(argv=None) -> dict:
 
   import jax
   import jax.numpy as jnp
-  import ml_collections
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import common
   from imagen_jax import optim, sharding, train_lib
   from imagen_jax.models import unet
 
@@ -69,21 +69,14 @@ def main(argv=None) -> dict:
   mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
   if args.batch % mesh.size:
     raise SystemExit(f'--batch {args.batch} must be divisible by the {mesh.size} devices.')
-  optim_config = ml_collections.ConfigDict(
-    dict(
-      optimizer=args.optimizer,
-      lr=1e-4,
-      schedule='constant',
-      warmup_steps=0,
-      min_lr_ratio=0.1,
-      b1=0.9,
-      b2=0.999,
-      eps=1e-8,
-      weight_decay=0.0,
-      grad_clip=1.0,
-      grad_accum_steps=1,
-    )
-  )
+  # The project's optimizer defaults (configs/common.py); only the bench's choices differ.
+  optim_config = common.get_common(
+    stage='bench', preset=args.preset, resolution=args.resolution
+  ).optim
+  optim_config.optimizer = args.optimizer
+  optim_config.lr = 1e-4
+  optim_config.schedule = 'constant'
+  optim_config.warmup_steps = 0
   tx = optim.make_optimizer(optim_config, num_steps=1000)
 
   abstract_model = nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))
