@@ -9,6 +9,8 @@
 * 'hf':       `datasets.load_dataset(path, split=...)` (hub name or local script/data
               folder) or a folder written by `Dataset.save_to_disk`.
 * 'tfds':     `tfds.data_source(path, split=...)` (array_record; no TensorFlow needed).
+* 'digits':   scikit-learn's bundled 8x8 handwritten digits, upsampled, captioned from
+              templates, with an integer 'label' per record (see `digits.py`).
 
 Records are `{'image': <path | bytes | HF image dict | array>, 'caption': str, 'id': str}`;
 images are decoded later (in grain workers) by `preprocess.py`. Pairs with a missing or
@@ -32,7 +34,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _METADATA_FILES = ('metadata.jsonl', 'metadata.csv')
 _MAX_LOGGED_SKIPS = 50
-SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds')
+SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds', 'digits')
 
 
 class DataError(ValueError):
@@ -388,6 +390,10 @@ def build_source(data_config) -> Source:
     from imagen_jax.data import openmoji
 
     source = openmoji.load_source(data_config)
+  elif kind == 'digits':
+    from imagen_jax.data import digits
+
+    source = digits.load_source(data_config)
   elif kind == 'folder':
     if not data_config.path:
       raise DataError("data.source='folder' needs --config.data.path=/path/to/images.")
