@@ -3,19 +3,61 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Exact versions the suite passed with (Python 3.11, linux x86_64), made by `make lock` from the
+# ranges in requirements*.txt. Library users install the ranges instead (README, Installing).
+LOCK := requirements.lock
+REQUIREMENTS ?= -r $(LOCK)
+UV := $(VENV)/bin/uv
+UV_VERSION := 0.13.9
+LOCK_ARGS ?=
 
-.PHONY: install test lint format demo clean
+.PHONY: install lock test lint format demo clean
 
 DEMO_DIR ?= runs/demo
 
-$(STAMP): requirements.txt requirements-test.txt pyproject.toml
+# Fails (and leaves no stamp) when the lock no longer satisfies requirements*.txt.
+define CHECK_LOCK
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+bad = []
+for path in sys.argv[1:]:
+    for line in open(path):
+        line = line.split("#")[0].strip()
+        if line:
+            req = Requirement(line)
+            try:
+                have = version(req.name)
+            except PackageNotFoundError:
+                have = None
+            if have is None or not req.specifier.contains(have, prereleases=True):
+                bad.append(f"{req} (installed: {have})")
+if bad:
+    sys.exit("installed set does not satisfy " + ", ".join(bad) + ": run `make lock`")
+endef
+export CHECK_LOCK
+
+$(STAMP): $(LOCK) requirements.txt requirements-test.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q $(REQUIREMENTS)
 	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -c "$$CHECK_LOCK" requirements.txt requirements-test.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Re-resolve requirements*.txt into $(LOCK), keeping its current pins where they still satisfy
+# the ranges; `make lock LOCK_ARGS=--upgrade` moves everything to the newest versions, then run
+# `make test` before committing the lock. torch / CUDA wheels must never enter the lock.
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(UV) --version 2>/dev/null | grep -qF "uv $(UV_VERSION)" || $(PY) -m pip install -q uv==$(UV_VERSION)
+	$(UV) pip compile requirements.txt requirements-test.txt -o $(LOCK) --quiet \
+	  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+	  --custom-compile-command "make lock" $(LOCK_ARGS)
+	@if grep -i -E '^(torch|nvidia-|[a-z0-9_.-]*cuda)' $(LOCK); then \
+	  echo "$(LOCK) pulls torch/CUDA packages (above): find the requirement that asks for them"; exit 1; fi
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
