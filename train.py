@@ -3,16 +3,25 @@
   python train.py --config=configs/base64.py --workdir=runs/base64
   python train.py --config=configs/sr256.py --workdir=runs/sr256 --config.optim.lr=5e-5
   python train.py --config=configs/base64.py:tiny --workdir=/tmp/tiny
+  python train.py --config=configs/base64.py --workdir=runs/base64 --config.train.resume_step=4000
 
-Resumes from the latest checkpoint in --workdir. Multi-host (TPU pods, GPU clusters): launch one
-process per host; jax.distributed.initialize() picks up the cluster from the environment.
+Resumes from the newest checkpoint in --workdir that verifies (a damaged one is reported and
+passed over); --config.train.resume_step=N resumes from kept step N instead. Multi-host (TPU pods,
+GPU clusters): launch one process per host; jax.distributed.initialize() picks up the cluster.
+
+Exit codes: 0 finished; 1 training error (message on stderr); 2 bad flags or config;
+75 stopped early by SIGTERM/SIGINT after saving (resume with the same command; schedulers may
+requeue on it).
 """
 
 import logging
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from imagen_jax import cli
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpoint saved, resumable
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -25,25 +34,36 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
   import jax
 
   if FLAGS.distributed:
     jax.distributed.initialize()
-  from imagen_jax import train_lib
+  from imagen_jax import checkpoints, train_lib
 
   try:
     metrics = train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train_lib.TrainingError, ValueError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except (
+    train_lib.TrainingError,
+    checkpoints.CheckpointError,
+    ValueError,
+    FileNotFoundError,
+  ) as e:
+    cli.fail(str(e), code=1)
+  step = metrics.get('step')
+  if metrics.get('stopped_by'):
+    print(
+      f'stopped at step {step} ({metrics["stopped_by"]}); checkpoint saved in '
+      f'{FLAGS.workdir}/checkpoints; resume with the same command.'
+    )
+    raise SystemExit(EXIT_STOPPED)
   print(
-    f'done: step {metrics.get("step")}, loss {metrics.get("loss", float("nan")):.4f}; '
+    f'done: step {step}, loss {metrics.get("loss", float("nan")):.4f}; '
     f'checkpoints in {FLAGS.workdir}/checkpoints'
   )
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

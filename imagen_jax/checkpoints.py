@@ -1,23 +1,44 @@
-"""Orbax checkpoints of a training run: state, data-iterator state and the resolved config.
+"""Orbax checkpoints of a training run: state, data-iterator state, resolved config, checksums.
 
-Each checkpoint step holds three items:
-  state   params, EMA params, optimizer state, step, base RNG (sharded arrays)
-  data    the grain iterator state (JSON), so a resumed run sees exactly the same batches
-  config  the resolved ConfigDict (JSON), so sample.py can rebuild the model from it
+Each checkpoint step holds four items:
+  state      params, EMA params, optimizer state, step, base RNG (sharded arrays)
+  data       the grain iterator state (JSON), so a resumed run sees exactly the same batches
+  config     the resolved ConfigDict (JSON), so sample.py can rebuild the model from it
+  checksums  two wrapping uint32 sums per array (plain and position-weighted, over the raw bits)
+             and a SHA-256 of each JSON item, computed before the save and verified after every
+             restore: orbax restores whatever bytes are on disk, so bit rot would otherwise give
+             finite but wrong values.
 Saves are async and atomic (orbax writes to a temporary folder and renames it when complete),
 so a save killed midway never becomes the latest checkpoint; leftover temporary folders are
-removed when the manager opens.
+removed when the manager opens. A non-finite state is never saved (`save` refuses it).
+
+Restores fall back: `restore_train_state` / `restore_params` try the requested or latest step,
+and on a checkpoint that does not load or fails verification log its step and path and try the
+previous kept one.
 """
 
+import dataclasses
+import hashlib
 import json
+import logging
 import os
 import pathlib
+import re
+import shutil
+from collections.abc import Callable
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
-ITEMS = ('state', 'data', 'config')
+log = logging.getLogger(__name__)
+
+ITEMS = ('state', 'data', 'config', 'checksums')
+CHECKSUM_VERSION = 1
+SET_ASIDE_DIR = 'checkpoints_set_aside'
 
 
 class CheckpointError(ValueError):
@@ -26,6 +47,10 @@ class CheckpointError(ValueError):
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / 'checkpoints'
+
+
+def step_dir(workdir: str | os.PathLike, step: int) -> pathlib.Path:
+  return checkpoint_dir(workdir) / str(step)
 
 
 def make_manager(
@@ -41,6 +66,83 @@ def make_manager(
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
+# --------------------------------------------------------------------------- checksums
+
+
+def _as_uint32_bits(x: jax.Array) -> jax.Array:
+  """The raw bits of x as a flat uint32 vector (narrower types widened, wider ones split)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif size in (1, 2):
+    unsigned = {1: jnp.uint8, 2: jnp.uint16}[size]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  else:  # 8 bytes: [..., 2] uint32 words
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  return bits.reshape(-1)
+
+
+@jax.jit
+def _fingerprint_tree(tree: Any) -> tuple[Any, jax.Array]:
+  """(per-leaf uint32[2] checksums, all float leaves finite) in one compiled pass.
+
+  s0 = sum_i b_i  and  s1 = sum_i b_i * (2i + 1)  (mod 2**32), b_i the i-th 32-bit word: any
+  single flipped bit changes s0, and a swap of two words changes s1.
+  """
+
+  def leaf_sums(x):
+    bits = _as_uint32_bits(x)
+    weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+
+  def leaf_finite(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+      return jnp.all(jnp.isfinite(x))
+    return jnp.bool_(True)
+
+  sums = jax.tree.map(leaf_sums, tree)
+  finite = jnp.all(jnp.stack([leaf_finite(x) for x in jax.tree.leaves(tree)] or [True]))
+  return sums, finite
+
+
+def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
+  """({key path: [s0, s1]}, all finite) of every array leaf of tree."""
+  sums, finite = _fingerprint_tree(tree)
+  sums = jax.device_get(sums)
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)] for path, s in flat}, bool(
+    finite
+  )
+
+
+def json_checksum(obj: Any) -> str:
+  text = json.dumps(obj, sort_keys=True, separators=(',', ':'))
+  return hashlib.sha256(text.encode('utf-8')).hexdigest()
+
+
+def _verify_arrays(tree: Any, stored: dict[str, list[int]], where: str) -> None:
+  actual, _ = array_checksums(tree)
+  bad = [k for k, v in actual.items() if stored.get(k) != v]
+  if bad:
+    missing = [k for k in bad if k not in stored]
+    what = f'{len(bad)} array(s) differ from their saved checksums (e.g. {bad[0]})'
+    if len(missing) == len(bad):
+      what = f'{len(bad)} array(s) have no saved checksum (e.g. {bad[0]})'
+    raise CheckpointError(f'{where}: {what}; the files are damaged.')
+
+
+def _verify_json(name: str, obj: Any, stored: dict, where: str) -> None:
+  if stored.get('json', {}).get(name) != json_checksum(obj):
+    raise CheckpointError(f'{where}: the {name} item differs from its saved checksum.')
+
+
+# -------------------------------------------------------------------------------- save
+
+
 def save(
   manager: ocp.CheckpointManager,
   step: int,
@@ -50,32 +152,243 @@ def save(
   config: ml_collections.ConfigDict,
   force: bool = False,
 ) -> bool:
-  """Start an (async) save of step; returns whether a save was started."""
+  """Start an (async) save of step, with checksums; returns whether a save was started.
+
+  Raises CheckpointError, writing nothing, if any array of the state is NaN/Inf.
+  """
+  if not (force or manager.should_save(step)):
+    return False
+  arrays, finite = array_checksums(state)
+  if not finite:
+    raise CheckpointError(
+      f'Refusing to save step {step}: the train state holds NaN/Inf values (nothing written).'
+    )
+  config_json = json.loads(config.to_json_best_effort())
+  checksums = {
+    'version': CHECKSUM_VERSION,
+    'arrays': arrays,
+    'json': {'data': json_checksum(data_state), 'config': json_checksum(config_json)},
+  }
   return manager.save(
     step,
     args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      config=ocp.args.JsonSave(config_json),
+      checksums=ocp.args.JsonSave(checksums),
     ),
     force=force,
   )
 
 
-def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> tuple[Any, Any]:
-  """(state, data_state) of step, with state placed as `abstract_state`'s shardings say."""
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-    ),
-  )
-  return restored['state'], restored['data']
+# ----------------------------------------------------------------------------- restore
+
+
+def _where(manager: ocp.CheckpointManager, step: int) -> str:
+  return f'checkpoint step {step} ({pathlib.Path(manager.directory) / str(step)})'
+
+
+def _one_line(e: BaseException) -> str:
+  text = ' '.join(str(e).split())
+  return f'{type(e).__name__}: {text[:300]}'
+
+
+def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
+  """The step's checksums item; None for checkpoints written before checksums existed."""
+  if not (pathlib.Path(manager.directory) / str(step) / 'checksums').exists():
+    log.warning(
+      '%s has no checksums (written by an older version): restored unverified.',
+      _where(manager, step),
+    )
+    return None
+  restored = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
+  stored = restored['checksums']
+  if not isinstance(stored, dict) or stored.get('version') != CHECKSUM_VERSION:
+    raise CheckpointError(f'{_where(manager, step)}: unreadable checksums item.')
+  return stored
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  restored = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  return ml_collections.ConfigDict(restored['config'])
+  """The resolved config saved with step (verified against its checksum when there is one)."""
+  where = _where(manager, step)
+  try:
+    stored = _read_checksums(manager, step)
+    raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - any failure to read is reported with the step
+    raise CheckpointError(f'{where}: its config does not load ({_one_line(e)}).') from e
+  if not isinstance(raw, dict):
+    raise CheckpointError(f'{where}: its config item is not a JSON object.')
+  if stored is not None:
+    _verify_json('config', raw, stored, where)
+  return ml_collections.ConfigDict(raw)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> tuple[Any, Any]:
+  """(state, data_state) of step, placed as `abstract_state`'s shardings say, verified.
+
+  CheckpointError (naming the step and folder) when it does not load or fails verification.
+  """
+  where = _where(manager, step)
+  try:
+    stored = _read_checksums(manager, step)
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+      ),
+    )
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
+    raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
+  if stored is not None:
+    _verify_arrays(restored['state'], stored['arrays'], where)
+    _verify_json('data', restored['data'], stored, where)
+  return restored['state'], restored['data']
+
+
+def candidate_steps(manager: ocp.CheckpointManager, step: int | None) -> list[int]:
+  """[step] if it is kept (CheckpointError listing the kept steps otherwise), else all kept
+  steps, newest first."""
+  kept = sorted(manager.all_steps(), reverse=True)
+  if step is None:
+    return kept
+  if step not in kept:
+    raise CheckpointError(
+      f'Step {step} is not a kept checkpoint in {manager.directory}; kept steps: '
+      f'{sorted(kept) or "none"}.'
+    )
+  return [step]
+
+
+def restore_with_fallback(
+  manager: ocp.CheckpointManager, *, step: int | None, restore_fn: Callable[[int], Any]
+) -> tuple[int, Any, list[str]]:
+  """(step, restore_fn(step), failures) for the newest usable step.
+
+  With step=None, tries the kept steps newest first; restore_fn raising CheckpointError marks a
+  step unusable (logged with its step and path) and the previous one is tried. With a step, only
+  that one. CheckpointError listing every failure when none is usable.
+  """
+  failures = []
+  candidates = candidate_steps(manager, step)
+  for s in candidates:
+    try:
+      return s, restore_fn(s), failures
+    except CheckpointError as e:
+      failures.append(str(e))
+      if step is None and s != candidates[-1]:
+        log.error('%s Falling back to the previous kept checkpoint.', e)
+  if not candidates:
+    raise CheckpointError(f'No checkpoint to load: {describe_folder(manager.directory.parent)}.')
+  raise CheckpointError(
+    'No usable checkpoint in '
+    f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nStart a fresh --workdir, or restore '
+    'the folder from a backup.'
+  )
+
+
+@dataclasses.dataclass
+class RestoredParams:
+  params: Any
+  config: ml_collections.ConfigDict
+  step: int
+  failures: list[str]  # why newer steps were passed over
+
+
+def parse_run(spec: str) -> tuple[str, int | None]:
+  """'runs/base64' -> ('runs/base64', None); 'runs/base64@1200' -> ('runs/base64', 1200)."""
+  spec = str(spec)
+  if '@' not in spec:
+    return spec, None
+  path, _, step = spec.rpartition('@')
+  if not re.fullmatch(r'\d+', step) or not path:
+    raise CheckpointError(
+      f"'{spec}': a checkpoint is RUN or RUN@STEP with STEP a kept step number, e.g. "
+      'runs/base64@2000.'
+    )
+  return path, int(step)
+
+
+def restore_params(
+  workdir: str | os.PathLike,
+  *,
+  step: int | None = None,
+  key: str = 'ema_params',
+  abstract_fn: Callable[[ml_collections.ConfigDict], Any],
+  sharding: jax.sharding.Sharding,
+) -> RestoredParams:
+  """Only state[key] (e.g. the EMA params) of a run, verified, with fallback (see module doc).
+
+  abstract_fn(config) gives the abstract params of the saved config; arrays land on `sharding`.
+  """
+  if not checkpoint_dir(workdir).exists():
+    raise CheckpointError(f'No checkpoint to load: {describe_folder(workdir)}.')
+  manager = make_manager(workdir, read_only=True)
+
+  def restore_one(s: int) -> tuple[Any, ml_collections.ConfigDict]:
+    config = restore_config(manager, s)
+    abstract = abstract_fn(config)
+    target = {
+      key: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+      )
+    }
+    where = _where(manager, s)
+    try:
+      stored = _read_checksums(manager, s)
+      restored = manager.restore(
+        s,
+        args=ocp.args.Composite(
+          state=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+          )
+        ),
+      )['state']
+    except CheckpointError:
+      raise
+    except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
+      raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
+    if stored is not None:
+      wanted = {k: v for k, v in stored['arrays'].items() if k.startswith(f"['{key}']")}
+      _verify_arrays({key: restored[key]}, wanted, where)
+    return restored[key], config
+
+  try:
+    used, (params, config), failures = restore_with_fallback(
+      manager, step=step, restore_fn=restore_one
+    )
+  finally:
+    manager.close()
+  return RestoredParams(params=params, config=config, step=used, failures=failures)
+
+
+def set_aside_newer(workdir: str | os.PathLike, step: int, manager: ocp.CheckpointManager) -> list:
+  """Move kept checkpoints newer than step to <workdir>/checkpoints_set_aside/ (nothing deleted),
+  so a run resumed from step neither overwrites nor returns to them; returns the moved paths."""
+  moved = []
+  newer = [s for s in manager.all_steps() if s > step]
+  if newer and jax.process_index() == 0:
+    dest_root = pathlib.Path(workdir).absolute() / SET_ASIDE_DIR
+    dest_root.mkdir(exist_ok=True)
+    for s in sorted(newer):
+      dest = dest_root / str(s)
+      n = 1
+      while dest.exists():
+        dest, n = dest_root / f'{s}.{n}', n + 1
+      shutil.move(str(step_dir(workdir, s)), dest)
+      moved.append(dest)
+  if newer:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices('imagen_jax:set_aside')
+    manager.reload()
+  return moved
 
 
 def describe_folder(workdir: str | os.PathLike) -> str:

@@ -7,9 +7,11 @@ all devices, params and optimizer state sharded by the logical rules, the batch 
 both axes, one `jax.jit` step with pinned in/out shardings and donated state.
 """
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import pathlib
 import signal
 import time
@@ -94,13 +96,21 @@ def abstract_with_shardings(state_like: TrainState, shardings: TrainState) -> Tr
 # ------------------------------------------------------------------------------- step
 
 
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every floating-point leaf of tree is free of NaN/Inf (one fused reduction)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.bool_(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def make_train_step(
   config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, tx: optax.GradientTransformation
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure train step: diffusion loss -> grads -> optimizer -> EMA, guarded against NaN/Inf.
 
-  A step whose loss or gradient norm is not finite leaves the state unchanged and reports
-  `finite = False`, so the bad update never reaches params, EMA or a checkpoint.
+  A step whose loss, gradient norm, updated params, EMA or optimizer state is not finite leaves
+  the state unchanged and reports `finite = False`, so the bad update never reaches a checkpoint.
   """
   d = config.diffusion
   schedule = stage.schedule(config)
@@ -163,13 +173,15 @@ def make_train_step(
       'ema_params': ema_params,
       'opt_state': opt_state,
     }
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_finite = all_finite((params, ema_params, opt_state))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & update_finite
     new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
     metrics = {
       'loss': loss,
       'grad_norm': grad_norm,
       'lr': lr_schedule(state['step'] // int(config.optim.grad_accum_steps)),
       'finite': finite,
+      'update_finite': update_finite,
     }
     return new_state, metrics
 
@@ -328,10 +340,116 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
 # ------------------------------------------------------------------------------- loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Train a stage to config.train.num_steps, resuming from the latest checkpoint in workdir.
+def _prepare_workdir(workdir: str) -> pathlib.Path:
+  """The absolute run folder, created if needed; TrainingError when it cannot hold a run."""
+  path = pathlib.Path(workdir).expanduser().absolute()
+  if path.exists() and not path.is_dir():
+    raise TrainingError(f'--workdir {path} is a file, not a folder; pass a folder path.')
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f'.write_test.{os.getpid()}'
+    probe.write_text('ok')
+    probe.unlink()
+  except OSError as e:
+    raise TrainingError(
+      f'Cannot write to --workdir {path} ({e.strerror}); pass a writable folder (or fix its '
+      'permissions).'
+    ) from e
+  return path
 
-  Returns the last logged metrics. Raises TrainingError on NaN/Inf, resume mismatch, etc.
+
+def _resolve_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """A relative text.cache_dir is taken relative to the workdir (the saved config keeps the
+  absolute path, so sampling and resumes from any directory find the same cache)."""
+  cache_dir = pathlib.Path(config.text.cache_dir).expanduser()
+  if not cache_dir.is_absolute():
+    config.text.cache_dir = str(workdir / cache_dir)
+
+
+def _optimizer_check(
+  saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, abstract_params: Any
+) -> None:
+  """Refuse a resume whose optimizer-state structure differs, naming the optim fields."""
+  num_steps = int(config.train.num_steps)
+
+  def structure(optim_config):
+    tx = optim.make_optimizer(optim_config, num_steps)
+    return jax.tree.structure(jax.eval_shape(tx.init, abstract_params))
+
+  if structure(saved.optim) == structure(config.optim):
+    return
+  diff = checkpoints.config_differences(saved.optim, config.optim, 'optim.')
+  raise TrainingError(
+    'The checkpoint was trained with a differently structured optimizer state, which cannot be '
+    'restored into this one. Differing fields (checkpoint -> now): '
+    + '; '.join(diff or ['(none found)'])
+    + ". Resume with the checkpoint's values, or start a fresh --workdir."
+  )
+
+
+def _restore_for_resume(config, manager, abstract, state_sh, workdir_path):
+  """(state, data_state) of the requested (train.resume_step) or newest usable checkpoint.
+
+  Damaged checkpoints are reported with their step and path and passed over; kept checkpoints
+  newer than the one resumed are moved to checkpoints_set_aside/ (never deleted), so the run
+  neither overwrites nor returns to them.
+  """
+  requested = int(config.train.get('resume_step', 0)) or None
+  target = abstract_with_shardings(abstract, state_sh)
+
+  def restore_one(step):
+    saved = checkpoints.restore_config(manager, step)
+    _resume_check(saved, config)
+    _optimizer_check(saved, config, abstract['params'])
+    return checkpoints.restore(manager, step, abstract_state=target)
+
+  try:
+    step, (state, data_state), failures = checkpoints.restore_with_fallback(
+      manager, step=requested, restore_fn=restore_one
+    )
+  except checkpoints.CheckpointError as e:
+    raise TrainingError(str(e)) from e
+  moved = checkpoints.set_aside_newer(workdir_path, step, manager)
+  if failures:
+    log.warning('Resumed from step %d, the newest checkpoint that verified.', step)
+  if moved:
+    log.warning(
+      'Checkpoints newer than step %d were moved aside (not deleted): %s',
+      step,
+      ', '.join(str(p) for p in moved),
+    )
+  return step, state, data_state
+
+
+def _truncate_metrics(workdir_path: pathlib.Path, step: int) -> None:
+  """Drop metrics.jsonl rows after `step` (steps re-run after a kill are logged once)."""
+  path = workdir_path / 'metrics.jsonl'
+  if jax.process_index() != 0 or not path.exists():
+    return
+  kept, dropped = [], 0
+  for line in path.read_text().splitlines():
+    try:
+      row_step = int(json.loads(line)['step'])
+    except (ValueError, KeyError, TypeError):
+      dropped += 1  # a line cut by a kill
+      continue
+    if row_step <= step:
+      kept.append(line)
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_name('.metrics.jsonl.tmp')
+    tmp.write_text(''.join(f'{line}\n' for line in kept))
+    os.replace(tmp, path)
+    log.info('metrics.jsonl: dropped %d rows after step %d (they will be re-run).', dropped, step)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Train a stage to config.train.num_steps, resuming from the newest good checkpoint.
+
+  Returns the last logged metrics, with 'step' and, when a signal stopped the run early,
+  'stopped_by' (the signal's name). Raises TrainingError on NaN/Inf, resume mismatch, no usable
+  checkpoint, an unwritable workdir, a failed save, etc.
   """
   from imagen_jax import precompute
   from imagen_jax.data import pipeline
@@ -341,8 +459,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'model.dropout={config.model.dropout}: dropout is not wired into training yet (the step '
       'runs the U-Net deterministically); use --config.model.dropout=0.'
     )
-  workdir_path = pathlib.Path(workdir).absolute()
-  workdir_path.mkdir(parents=True, exist_ok=True)
+  workdir_path = _prepare_workdir(workdir)
+  _resolve_paths(config, workdir_path)
   is_chief = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_size(config, mesh)
@@ -377,16 +495,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     graphdef, abstract, state_sh, init = abstract_train_state(config, tx, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
     log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, config.model_preset)
-    latest = manager.latest_step()
-    if latest is None:
+    if not manager.all_steps():
+      if int(config.train.get('resume_step', 0)):
+        raise TrainingError(
+          f'train.resume_step={config.train.resume_step} but {workdir_path} holds no checkpoint.'
+        )
       state = init()
     else:
-      _resume_check(checkpoints.restore_config(manager, latest), config)
-      state, data_state = checkpoints.restore(
-        manager, latest, abstract_state=abstract_with_shardings(abstract, state_sh)
+      resumed, state, data_state = _restore_for_resume(
+        config, manager, abstract, state_sh, workdir_path
       )
       data_iter.set_state(data_state)
-      log.info('Resumed from step %d in %s.', latest, workdir_path)
+      _truncate_metrics(workdir_path, resumed)
+      log.info('Resumed from step %d in %s.', resumed, workdir_path)
     start = int(state['step'])
 
     batch_sh = sharding.batch_sharding(mesh)
@@ -397,136 +518,194 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       out_shardings=(state_sh, metric_sh),
       donate_argnums=(0,),
     )
-    sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path)
-    writer = MetricWriter(workdir_path, config, enabled=is_chief)
-    result = _loop(
-      config,
-      state,
-      step_fn,
-      data_iter,
-      manager,
-      writer,
-      sample_grid,
-      start,
-      num_steps,
-      batch_sh,
-      workdir_path,
+    loop = _Loop(
+      config=config,
+      step_fn=step_fn,
+      data_iter=data_iter,
+      manager=manager,
+      writer=MetricWriter(workdir_path, config, enabled=is_chief),
+      sample_grid=_make_sample_grid_fn(config, graphdef, text_cache, workdir_path),
+      eval_fn=_make_eval_fn(config, graphdef, workdir_path),
+      batch_sh=batch_sh,
+      workdir_path=workdir_path,
     )
-  return result
+    return loop.run(state, start, num_steps)
 
 
-def _loop(
-  config,
-  state,
-  step_fn,
-  data_iter,
-  manager,
-  writer,
-  sample_grid,
-  start,
-  num_steps,
-  batch_sh,
-  workdir_path,
-):
-  from tqdm import tqdm
+def _make_eval_fn(config, graphdef, workdir_path):
+  """fn(ema_params, step) -> {metric: value} every train.eval_every steps; None when off."""
+  if not int(config.train.get('eval_every', 0)):
+    return None
+  from imagen_jax import evaluate
 
-  global_batch = int(config.train.batch_size)
-  flops = device_peak = None
-  pending = None  # (step, metrics) of the previous step, fetched one step late
-  last_scalars: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
-  progress = tqdm(
-    total=num_steps,
-    initial=start,
-    desc=f'train {config.stage}',
-    unit='step',
-    disable=jax.process_index() != 0,
-    dynamic_ncols=True,
-  )
+  return evaluate.make_train_eval_fn(config, graphdef, workdir_path)
 
-  def check(step, metrics) -> dict[str, float]:
+
+@dataclasses.dataclass
+class _Loop:
+  """The training loop of one run: steps, logging, checkpoints, sample grids, evaluations."""
+
+  config: ml_collections.ConfigDict
+  step_fn: Any
+  data_iter: Any
+  manager: Any
+  writer: MetricWriter
+  sample_grid: Callable | None
+  eval_fn: Callable | None
+  batch_sh: Any
+  workdir_path: pathlib.Path
+
+  def check(self, step: int, metrics: dict) -> dict[str, float]:
+    """Host copies of a step's metrics; TrainingError if the step was not finite."""
     scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    update_finite = scalars.pop('update_finite')
     if not scalars.pop('finite'):
       bad = [k for k in ('loss', 'grad_norm') if not math.isfinite(scalars[k])]
-      values = ', '.join(f'{k}={scalars[k]}' for k in bad)
+      if bad:
+        what = ' and '.join(bad) + ' (' + ', '.join(f'{k}={scalars[k]}' for k in bad) + ')'
+      elif not update_finite:
+        what = 'update: the new parameters, EMA or optimizer state'
+      else:
+        what = 'values'
       raise TrainingError(
-        f'Non-finite {" and ".join(bad)} at step {step} ({values}); '
-        'the update was not applied and no checkpoint of it was written. Lower --config.optim.lr, '
-        'check the data, or resume from the last checkpoint.'
+        f'Non-finite {what} at step {step}; the update was not applied and no checkpoint of it '
+        'was written. Lower --config.optim.lr (or raise --config.optim.eps), check the data, or '
+        'resume from an earlier kept checkpoint with --config.train.resume_step=N.'
       )
     return scalars
 
-  def save(step: int, force: bool = False) -> None:
-    checkpoints.save(
-      manager, step, state=state, data_state=data_iter.get_state(), config=config, force=force
+  def save(self, state, step: int, force: bool = False) -> None:
+    """Start an async save; a failed write (disk full, permissions) is a TrainingError."""
+    try:
+      self.manager.check_for_errors()  # an earlier async save that failed
+      checkpoints.save(
+        self.manager,
+        step,
+        state=state,
+        data_state=self.data_iter.get_state(),
+        config=self.config,
+        force=force,
+      )
+    except checkpoints.CheckpointError as e:
+      raise TrainingError(str(e)) from e
+    except OSError as e:
+      raise _save_failed(self.manager, step, e) from e
+
+  def wait_for_saves(self, step: int) -> None:
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except OSError as e:
+      raise _save_failed(self.manager, step, e) from e
+
+  def run(self, state, start: int, num_steps: int) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    config = self.config
+    global_batch = int(config.train.batch_size)
+    eval_every = int(config.train.get('eval_every', 0))
+    step_fn = self.step_fn
+    flops = device_peak = None
+    pending = None  # (step, metrics) of the previous step, fetched one step late
+    last_scalars: dict[str, Any] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    progress = tqdm(
+      total=num_steps,
+      initial=start,
+      desc=f'train {config.stage}',
+      unit='step',
+      disable=jax.process_index() != 0,
+      dynamic_ncols=True,
     )
-
-  try:
-    with StopSignal() as stop:
-      step = start
-      while step < num_steps:
-        batch = _to_global(next(data_iter), batch_sh)
-        if flops is None:  # compile once, ahead of time, and read its cost
-          t0 = time.perf_counter()
-          step_fn = step_fn.lower(state, batch).compile()
-          log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
-          flops = compiled_flops(step_fn) or 0.0
-          device_peak = peak_flops(jax.devices()[0])
-          window_start = time.perf_counter()
-        state, metrics = step_fn(state, batch)
-        step += 1
-        window_steps += 1
-        if pending is not None:
-          last_scalars = {**last_scalars, **check(*pending)}
-        pending = (step, metrics)
-
-        if step % config.train.log_every == 0 or step == num_steps:
-          scalars = check(*pending)
-          pending = None
-          elapsed = time.perf_counter() - window_start
-          scalars['steps_per_s'] = window_steps / elapsed
-          scalars['img_per_s'] = window_steps * global_batch / elapsed
-          if flops:
-            tflops = flops * window_steps / elapsed / 1e12
-            scalars['tflops_per_device'] = tflops
-            if device_peak:
-              scalars['mfu'] = tflops * 1e12 / device_peak
-          writer.write(step, scalars)
-          progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["img_per_s"]:.1f}')
-          last_scalars = scalars
-          window_start, window_steps = time.perf_counter(), 0
-        progress.update(1)
-
-        if stop.received:
+    step = start
+    try:
+      with StopSignal() as stop:
+        while step < num_steps:
+          batch = _to_global(next(self.data_iter), self.batch_sh)
+          if flops is None:  # compile once, ahead of time, and read its cost
+            t0 = time.perf_counter()
+            step_fn = step_fn.lower(state, batch).compile()
+            log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
+            flops = compiled_flops(step_fn) or 0.0
+            device_peak = peak_flops(jax.devices()[0])
+            window_start = time.perf_counter()
+          state, metrics = step_fn(state, batch)
+          step += 1
+          window_steps += 1
           if pending is not None:
-            check(*pending)
-          save(step, force=True)
-          manager.wait_until_finished()
-          log.warning(
-            'Stopped by %s at step %d; checkpoint saved in %s.',
-            stop.received,
-            step,
-            checkpoints.checkpoint_dir(workdir_path),
-          )
-          break
-        side_work = time.perf_counter()  # saves and grids stay out of the img/s window
-        if step % config.train.checkpoint_every == 0 or step == num_steps:
-          if pending is not None:
-            check(*pending)
-          save(step)
-        if sample_grid and config.train.sample_every and step % config.train.sample_every == 0:
-          grid = sample_grid(state['ema_params'], step)
-          writer.image(step, 'samples', grid)
-        window_start += time.perf_counter() - side_work
-  finally:
-    progress.close()
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
-    if hasattr(data_iter, 'close'):
-      data_iter.close()
-  last_scalars['step'] = step
-  return last_scalars
+            last_scalars = {**last_scalars, **self.check(*pending)}
+          pending = (step, metrics)
+
+          if step % config.train.log_every == 0 or step == num_steps:
+            scalars = self.check(*pending)
+            pending = None
+            elapsed = time.perf_counter() - window_start
+            scalars['steps_per_s'] = window_steps / elapsed
+            scalars['img_per_s'] = window_steps * global_batch / elapsed
+            if flops:
+              tflops = flops * window_steps / elapsed / 1e12
+              scalars['tflops_per_device'] = tflops
+              if device_peak:
+                scalars['mfu'] = tflops * 1e12 / device_peak
+            self.writer.write(step, scalars)
+            progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["img_per_s"]:.1f}')
+            last_scalars = scalars
+            window_start, window_steps = time.perf_counter(), 0
+          progress.update(1)
+
+          if stop.received:
+            if pending is not None:
+              self.check(*pending)
+            self.save(state, step, force=True)
+            self.wait_for_saves(step)
+            last_scalars['stopped_by'] = stop.received
+            log.warning(
+              'Stopped by %s at step %d; checkpoint saved in %s.',
+              stop.received,
+              step,
+              checkpoints.checkpoint_dir(self.workdir_path),
+            )
+            break
+          side_work = time.perf_counter()  # saves, grids, evals stay out of the img/s window
+          if step % config.train.checkpoint_every == 0 or step == num_steps:
+            if pending is not None:
+              self.check(*pending)
+            self.save(state, step)
+          if (
+            self.sample_grid and config.train.sample_every and step % config.train.sample_every == 0
+          ):
+            grid = self.sample_grid(state['ema_params'], step)
+            self.writer.image(step, 'samples', grid)
+          if self.eval_fn and (step % eval_every == 0 or step == num_steps):
+            results = self.eval_fn(state['ema_params'], step)
+            self.writer.write(step, {f'eval/{k}': v for k, v in results.items()})
+            summary = ', '.join(f'{k} {v:.3g}' for k, v in list(results.items())[:4])
+            progress.write(f'eval at step {step}: {summary}')
+            last_scalars = {**last_scalars, **{f'eval/{k}': v for k, v in results.items()}}
+          window_start += time.perf_counter() - side_work
+        self.wait_for_saves(step)
+    finally:
+      progress.close()
+      try:
+        self.manager.wait_until_finished()
+      except OSError:
+        log.error('A checkpoint save failed while shutting down (reported above).')
+      self.manager.close()
+      self.writer.close()
+      if hasattr(self.data_iter, 'close'):
+        self.data_iter.close()
+    last_scalars['step'] = step
+    return last_scalars
+
+
+def _save_failed(manager, step: int, error: OSError) -> TrainingError:
+  kept = sorted(manager.all_steps())
+  return TrainingError(
+    f'Saving checkpoint step {step} to {manager.directory} failed ({error.strerror or error}). '
+    f'The kept checkpoints {kept or "(none)"} are intact'
+    + (f' (latest: step {kept[-1]})' if kept else '')
+    + '; free disk space or fix permissions, then resume with the same command.'
+  )
 
 
 def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path):
