@@ -49,7 +49,9 @@ def get_common(
   c.text = ml_collections.ConfigDict()
   c.text.encoder = 'google/t5-v1_1-xxl'  # hub name, local folder, or 't5-tiny-random'
   c.text.max_length = 128
-  c.text.cache_dir = 'cache/embeddings'  # root; one sub-folder per (encoder, max_len, data)
+  # Root, one sub-folder per (encoder, max_len, data); a relative path is taken relative to the
+  # workdir. Give an absolute path to share one cache between runs and stages.
+  c.text.cache_dir = 'cache/embeddings'
   c.text.precompute_batch_size = 64
   c.text.dtype = 'bfloat16'  # encoder compute / parameter dtype during precompute
   c.text.cache_shard_size = 4096  # captions per cache shard
@@ -57,7 +59,7 @@ def get_common(
 
   # Data.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'openmoji'  # 'openmoji' | 'folder' | 'hf' | 'tfds'
+  c.data.source = 'openmoji'  # 'openmoji' | 'folder' | 'hf' | 'tfds' | 'digits'
   c.data.path = ''  # folder path, HF dataset name or path, or tfds name
   c.data.data_dir = ''  # tfds data_dir (default: TFDS_DATA_DIR or tfds' own default)
   c.data.split = 'train'
@@ -96,6 +98,7 @@ def get_common(
   c.train.log_every = 50
   c.train.checkpoint_every = 2000
   c.train.keep_checkpoints = 3
+  c.train.resume_step = 0  # 0: the newest checkpoint that verifies; N: resume from kept step N
   c.train.sample_every = 5000  # sample grids from EMA params; 0: off
   c.train.sample_prompts = ()  # empty: the first captions of the dataset
   c.train.num_sample_prompts = 8
