@@ -5,6 +5,14 @@
       --sampler dpmpp_2m --steps 25 --guidance 5
 
 Per-stage settings take one value (all stages) or one per stage: --steps 25,20,10.
+`--checkpoints runs/base64@1200` samples from kept checkpoint step 1200 (default: the latest
+usable one; a checkpoint that fails its checksums is reported and the previous one used).
+
+Files are written batch by batch (PNG + JSON sidecar per image, grid.png at the end), so a
+stopped run keeps every finished batch; rerun the same command with --skip_existing to make
+only the missing images (bitwise the same as an uninterrupted run). --overwrite replaces
+existing files instead; the two exclude each other. Requests for more than --max_images
+images in total (default 1000) are refused unless --max_images is raised.
 """
 
 import logging
@@ -18,7 +26,9 @@ flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable).')
 flags.DEFINE_string('prompts_file', None, 'A text file with one prompt per line.')
 flags.DEFINE_integer('training_prompts', 0, 'Also use the first N captions of the training data.')
 flags.DEFINE_list(
-  'checkpoints', [], 'Run folders of the stages, base first: runs/base64,runs/sr256.'
+  'checkpoints',
+  [],
+  'Run folders of the stages, base first: runs/base64,runs/sr256; run@N picks kept step N.',
 )
 flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same images on one backend.')
@@ -34,6 +44,14 @@ flags.DEFINE_integer('stop_at', None, 'Run only the first N stages.')
 flags.DEFINE_bool('ema', True, 'Use the EMA parameters.')
 flags.DEFINE_string('out', 'samples', 'Output folder.')
 flags.DEFINE_bool('overwrite', False, 'Replace existing output files.')
+flags.DEFINE_bool(
+  'skip_existing',
+  False,
+  'Keep existing output files and make only the missing ones (same seed and settings).',
+)
+flags.DEFINE_integer(
+  'max_images', 1000, 'Refuse requests for more images than this in total (prompts x num_images).'
+)
 
 
 def _numbers(values, kind, name):
@@ -52,6 +70,8 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   from imagen_jax import sample_lib
+
+  sample_lib.quiet_orbax_read_only_notes()
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
@@ -77,6 +97,8 @@ def main(argv):
     stop_at=FLAGS.stop_at,
     use_ema=FLAGS.ema,
     overwrite=FLAGS.overwrite,
+    skip_existing=FLAGS.skip_existing,
+    max_images=FLAGS.max_images,
     training_prompts=FLAGS.training_prompts,
   )
   try:
@@ -84,8 +106,10 @@ def main(argv):
   except sample_lib.SampleError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  print(f'wrote {len(written)} images and grid.png to {FLAGS.out}')
+  print(f'{len(written)} images and grid.png in {FLAGS.out}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  from imagen_jax import cli
+
+  cli.run(main)

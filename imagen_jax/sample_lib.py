@@ -1,10 +1,27 @@
 """Text -> images through the cascade: restore stages, encode prompts, sample, write files.
 
-  run(SampleRequest(prompts=[...], checkpoints=['runs/base64', 'runs/sr256'], ...))
+  run(SampleRequest(prompts=[...], checkpoints=['runs/base64', 'runs/sr256@1200'], ...))
 
-Every stage's model is rebuilt from the config saved in its checkpoint (EMA params by default).
-Output: one PNG per image, a grid, and a JSON sidecar per image with every setting needed to
-reproduce it. Inputs are validated, and the output folder checked, before any compute.
+Every stage's model is rebuilt from the config saved in its checkpoint (EMA params by default);
+`run@N` picks kept checkpoint step N of a run, a plain run folder its latest usable step (a
+checkpoint that fails its checksums is reported and the previous kept one is used).
+
+Output: one PNG per image and a JSON sidecar per image with every setting needed to reproduce
+it (including the checkpoint step actually used), written batch by batch as soon as each batch
+is sampled (atomically: a temporary file, then `os.replace`), so stopping a long request loses
+at most the batch in progress. `grid.png` comes last, built from the first GRID_MAX_IMAGES
+written files (read back from disk), so memory stays bounded by one batch however many images
+are asked for.
+
+Resuming: batch b always draws its noise from fold_in(key(seed), b) and always holds the same
+images (fixed by the prompt order, --num_images and --batch_size), so a rerun with the same
+settings and `skip_existing=True` skips every batch whose files all exist (no compute), and
+recomputes a partly-present batch, writing only its missing files: the result is bitwise the
+same as one uninterrupted run. The existing sidecars must record the same settings, or the run
+is refused. `overwrite` (replace everything) and `skip_existing` (keep what is there) exclude
+each other.
+
+Inputs are validated, and the output folder checked, before any compute or any write.
 """
 
 import dataclasses
@@ -19,12 +36,39 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
-import orbax.checkpoint as ocp
+from PIL import Image
 
 from imagen_jax import cascade, checkpoints, images, stage
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_IMAGES = 1000  # refuse bigger requests unless --max_images says otherwise
+GRID_MAX_IMAGES = 64  # grid.png shows at most this many images (the first ones)
+# Dtype the embedding cache stores (text/cache.py `_encode_shard`): training saw the encoder's
+# output rounded to it, so sampling rounds the same way.
+CACHE_EMBEDDING_DTYPE = ml_dtypes.bfloat16
+
+
+# Orbax notes logged every time a checkpoint folder is opened read-only, as sampling does: the
+# settings they mention are the read-only defaults, nothing is wrong. Only these are dropped.
+ORBAX_READ_ONLY_NOTES = (
+  'CheckpointManagerOptions.read_only=True, setting ',
+  'Given directory is read only=',
+)
+
+
+class _DropOrbaxReadOnlyNotes(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
+
+
+def quiet_orbax_read_only_notes() -> None:
+  """Entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), nothing else."""
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
 
 
 class SampleError(ValueError):
@@ -34,7 +78,7 @@ class SampleError(ValueError):
 @dataclasses.dataclass
 class SampleRequest:
   prompts: list[str]
-  checkpoints: list[str]  # run folders, base stage first
+  checkpoints: list[str]  # run folders (optionally run@step), base stage first
   out: str = 'samples'
   num_images: int = 1  # per prompt
   seed: int = 0
@@ -48,7 +92,9 @@ class SampleRequest:
   aug_level: float | None = None
   stop_at: int | None = None  # number of stages to run (None: all)
   use_ema: bool = True
-  overwrite: bool = False
+  overwrite: bool = False  # replace existing output files
+  skip_existing: bool = False  # keep existing output files, make only the missing ones
+  max_images: int = DEFAULT_MAX_IMAGES  # refuse requests for more images in total
   training_prompts: int = 0  # add the first N captions of the base stage's training data
 
 
@@ -63,6 +109,14 @@ def _per_stage(values: Sequence | None, n: int, name: str) -> list:
   return values
 
 
+def parse_checkpoint(spec: str) -> tuple[str, int | None]:
+  """'runs/b@1200' -> ('runs/b', 1200); 'runs/b' -> ('runs/b', None); SampleError if bad."""
+  try:
+    return checkpoints.parse_run(spec)
+  except checkpoints.CheckpointError as e:
+    raise SampleError(f'--checkpoints {spec}: {e}') from e
+
+
 def validate(req: SampleRequest) -> None:
   """Everything checkable before loading anything."""
   if not req.prompts and req.training_prompts < 1:
@@ -75,10 +129,27 @@ def validate(req: SampleRequest) -> None:
       raise SampleError(f'Prompt {i} is empty or whitespace; every prompt needs text.')
   if not req.checkpoints:
     raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
+  for spec in req.checkpoints:
+    parse_checkpoint(spec)
+  if req.overwrite and req.skip_existing:
+    raise SampleError(
+      '--overwrite and --skip_existing exclude each other: --skip_existing keeps the existing '
+      'images and makes only the missing ones, --overwrite replaces them all; pass one.'
+    )
   if req.num_images < 1:
     raise SampleError(f'--num_images must be a positive integer, got {req.num_images}.')
   if req.batch_size < 1:
     raise SampleError(f'--batch_size must be a positive integer, got {req.batch_size}.')
+  if req.max_images < 1:
+    raise SampleError(f'--max_images must be a positive integer, got {req.max_images}.')
+  num_prompts = len(req.prompts) + max(req.training_prompts, 0)
+  total = num_prompts * req.num_images
+  if total > req.max_images:
+    raise SampleError(
+      f'{num_prompts} prompt(s) x --num_images={req.num_images} = {total} images, more than '
+      f'--max_images={req.max_images}; pass --max_images={total} to allow it (images are '
+      'written batch by batch; a stopped run resumes with --skip_existing).'
+    )
   for s in req.steps or []:
     if s < 1:
       raise SampleError(f'--steps must be positive integers, got {s}.')
@@ -116,45 +187,65 @@ def prepare_output(req: SampleRequest) -> None:
     raise SampleError(
       f'Cannot write to the output folder {out}: {e.strerror}. Pass --out DIR.'
     ) from e
-  if not req.overwrite:
+  if not req.overwrite and not req.skip_existing:
     existing = [str(p) for pair in output_paths(req) for p in pair if p.exists()]
     if (out / 'grid.png').exists():
       existing.append(str(out / 'grid.png'))
     if existing:
       raise SampleError(
         f'{len(existing)} output files exist already (e.g. {existing[0]}); pass --overwrite to '
-        'replace them, or choose another --out.'
+        'replace them, --skip_existing to keep them and make only the missing ones (same '
+        'seed and settings), or choose another --out.'
       )
 
 
 def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> cascade.Stage:
-  """A stage from the latest finished checkpoint in workdir, built from its saved config."""
+  """A stage from a run folder, built from its saved config.
+
+  `workdir` is a run folder ('runs/base64': its latest usable checkpoint) or 'runs/base64@N'
+  (kept step N). The step actually used is `stage.step`; when the latest checkpoint could not
+  be used and an older one was, a warning says so.
+  """
+  run_dir, wanted = parse_checkpoint(workdir)
+  key = 'ema_params' if use_ema else 'params'
+  graphdefs = {}
+
+  def abstract_params(config):
+    graphdef, params = stage.abstract_model(config)
+    graphdefs['graphdef'] = graphdef
+    return params
+
   try:
-    step = checkpoints.latest_finished_step(workdir)
+    restored = checkpoints.restore_params(
+      run_dir,
+      step=wanted,
+      key=key,
+      abstract_fn=abstract_params,
+      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+    )
   except checkpoints.CheckpointError as e:
     raise SampleError(str(e)) from e
-  manager = checkpoints.make_manager(workdir, read_only=True)
-  try:
-    config = checkpoints.restore_config(manager, step)
-    graphdef, abstract_params = stage.abstract_model(config)
-    key = 'ema_params' if use_ema else 'params'
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    placed = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract_params
-    )
-    target = {key: placed}
-    restored = manager.restore(
+  config, step = restored.config, restored.step
+  if restored.failures:
+    log.warning(
+      '%s: sampling from checkpoint step %d: %d newer kept checkpoint(s) could not be used '
+      '(see above); pass --checkpoints %s@%d to choose a step explicitly.',
+      run_dir,
       step,
-      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item=target, partial_restore=True)),
+      len(restored.failures),
+      run_dir,
+      step,
     )
-  finally:
-    manager.close()
+  if 'graphdef' not in graphdefs:  # a restore_params that did not need abstract_fn
+    graphdefs['graphdef'] = stage.abstract_model(config)[0]
   options = cascade.SamplingOptions.from_config(config, **options_overrides)
   st = cascade.Stage(
-    config=config, graphdef=graphdef, params=restored['state'][key], options=options
+    config=config, graphdef=graphdefs['graphdef'], params=restored.params, options=options
   )
   st.step = step  # type: ignore[attr-defined]
-  st.workdir = str(workdir)  # type: ignore[attr-defined]
+  st.passed_over = restored.failures  # type: ignore[attr-defined]
+  st.requested_step = wanted  # type: ignore[attr-defined]
+  st.workdir = str(run_dir)  # type: ignore[attr-defined]
   return st
 
 
@@ -176,24 +267,127 @@ def check_chain(stages: Sequence[cascade.Stage]) -> None:
       )
 
 
-def encode_prompts(prompts: list[str], stages: Sequence[cascade.Stage]) -> tuple[list, list]:
-  """Per-stage (text_embs, text_mask); each distinct encoder loaded once, then freed."""
+def _encoder_key(config) -> tuple[str, int, str, int]:
+  text = config.text
+  return (
+    text.encoder,
+    int(text.max_length),
+    text.get('dtype', 'bfloat16'),
+    int(text.get('precompute_batch_size', 64)),
+  )
+
+
+def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
+  """(text_embs [P, L, D] bfloat16, text_mask [P, L] bool) exactly as training saw them.
+
+  Training reads embeddings from the cache that `imagen_jax.precompute` built: the encoder
+  loaded with `config.text.dtype`, run on batches of `precompute` batch size (padded with ''),
+  on the same device mesh, and rounded to the cache's bfloat16. This reuses that code path
+  (`cache._encode_shard`), so on the same backend and device count a training caption gets
+  bitwise the embeddings the model trained on (a different batch shape would change float32
+  results by an ulp, which bfloat16 rounding sometimes turns into a 1-ulp bfloat16 difference).
+  """
+  from imagen_jax import precompute
+  from imagen_jax.text import cache as cache_lib
   from imagen_jax.text import encoder as encoder_lib
 
+  name, max_length, dtype, _ = _encoder_key(config)
+  mesh = precompute.make_encoder_mesh(config)
+  enc = encoder_lib.load_text_encoder(name, max_length=max_length, dtype=dtype, mesh=mesh)
+  _, text_mask = enc.tokenizer(prompts)  # [P, L] bool
+  tokens, offsets = cache_lib._encode_shard(
+    prompts, enc, precompute._batch_size(config, mesh)
+  )  # [T, D] bfloat16 bits of the real tokens, [P + 1]
+  real = tokens.view(CACHE_EMBEDDING_DTYPE)
+  text_embs = np.zeros((len(prompts), max_length, enc.dim), CACHE_EMBEDDING_DTYPE)
+  for i in range(len(prompts)):
+    n = offsets[i + 1] - offsets[i]
+    text_embs[i, :n] = real[offsets[i] : offsets[i + 1]]
+  del enc
+  gc.collect()  # the encoder is freed before the U-Nets run
+  return text_embs, text_mask
+
+
+def _encode_per_stage(
+  prompts: list[str], stages: Sequence[cascade.Stage]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Per-stage (text_embs [P, L, D] bfloat16, text_mask [P, L]); each encoder loaded once."""
   by_key = {}
   for st in stages:
-    key = (st.config.text.encoder, int(st.config.text.max_length))
+    key = _encoder_key(st.config)
     if key not in by_key:
-      enc = encoder_lib.load_text_encoder(key[0], max_length=key[1])
-      by_key[key] = enc.encode(prompts)
-      del enc
-      gc.collect()  # the encoder is freed before the U-Nets run
-  embs = [by_key[(st.config.text.encoder, int(st.config.text.max_length))] for st in stages]
+      by_key[key] = encode_text(list(prompts), st.config)
+  embs = [by_key[_encoder_key(st.config)] for st in stages]
   return [e for e, _ in embs], [m for _, m in embs]
 
 
+def encode_prompts(prompts: list[str], stages: Sequence[cascade.Stage]) -> tuple[list, list]:
+  """Per-stage (text_embs [P, L, D] float32, text_mask [P, L] bool) as each stage trained on
+  them (its config's encoder, max_length and dtype); each distinct encoder loaded once."""
+  text_embs, text_mask = _encode_per_stage(prompts, stages)
+  return [e.astype(np.float32) for e in text_embs], text_mask
+
+
+def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
+  """Everything that decides the images (the sidecar minus the per-image fields), as JSON."""
+  settings = {
+    'seed': req.seed,
+    'batch_size': req.batch_size,
+    'num_images': req.num_images,
+    'all_prompts': list(req.prompts),
+    'stages': [
+      {
+        'checkpoint': os.path.abspath(st.workdir),
+        'step': st.step,
+        'stage': st.config.stage,
+        'resolution': int(st.config.data.resolution),
+        'params': 'ema' if req.use_ema else 'raw',
+        **dataclasses.asdict(st.options),
+      }
+      for st in stages
+    ],
+  }
+  return json.loads(json.dumps(settings))
+
+
+def _check_existing_sidecars(
+  req: SampleRequest, paths: Sequence[tuple[pathlib.Path, pathlib.Path]], settings: dict
+) -> None:
+  """--skip_existing: the sidecars already there must record these settings."""
+  for _, side in paths:
+    if not side.exists():
+      continue
+    try:
+      recorded = json.loads(side.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+      raise SampleError(
+        f'--skip_existing: sidecar {side} is unreadable ({e}); delete it (its image is then '
+        'made again) or choose another --out.'
+      ) from e
+    recorded = {k: v for k, v in recorded.items() if k not in ('prompt', 'image_index')}
+    if recorded != settings:
+      diffs = checkpoints.config_differences(recorded, settings)
+      raise SampleError(
+        f'--skip_existing: {side} was made with other settings ({"; ".join(diffs[:3])}); '
+        'rerun with the same seed and settings, choose another --out, or pass --overwrite.'
+      )
+
+
+def _write_json(path: pathlib.Path, data: dict) -> None:
+  tmp = path.with_name(f'.{path.name}.tmp')
+  tmp.write_text(json.dumps(data, indent=2))
+  os.replace(tmp, path)
+
+
+def _write_grid(paths: Sequence[pathlib.Path], out: pathlib.Path) -> None:
+  """grid.png of the first GRID_MAX_IMAGES images, read back from their files."""
+  first = [np.asarray(Image.open(p).convert('RGB')) for p in paths[:GRID_MAX_IMAGES]]
+  images.save_png(images.make_grid(np.stack(first)), out / 'grid.png', overwrite=True)
+
+
 def run(req: SampleRequest) -> list[pathlib.Path]:
-  """Sample, write PNGs + sidecars + grid; returns the PNG paths of the last stage."""
+  """Sample, write PNGs + sidecars batch by batch, then the grid; returns every PNG path of
+  the last stage (made now or, with skip_existing, already there)."""
   validate(req)
   prepare_output(req)
   n_stages = req.stop_at or len(req.checkpoints)
@@ -224,66 +418,63 @@ def run(req: SampleRequest) -> list[pathlib.Path]:
     )
     prepare_output(req)
 
-  all_prompts = [p for p in req.prompts for _ in range(req.num_images)]
-  text_embs, text_mask = encode_prompts(list(req.prompts), stages)
-  repeat = lambda a: np.repeat(np.asarray(a), req.num_images, axis=0)
-  text_embs = [repeat(e) for e in text_embs]
-  text_mask = [repeat(m) for m in text_mask]
+  paths = output_paths(req)
+  settings = _settings(req, stages)
+  if req.skip_existing:
+    _check_existing_sidecars(req, paths, settings)
 
-  finals = []
+  # Host memory: the distinct prompts' embeddings (bfloat16) plus one batch of images.
+  text_embs, text_mask = _encode_per_stage(list(req.prompts), stages)
+
+  num = len(paths)
+  num_batches = -(-num // req.batch_size)
   timings = [0.0] * len(stages)
-  for start in range(0, len(all_prompts), req.batch_size):
-    sl = slice(start, start + req.batch_size)
-    rng = jax.random.fold_in(jax.random.key(req.seed), start // req.batch_size)
+  made = skipped = 0
+  for b in range(num_batches):
+    batch = range(b * req.batch_size, min((b + 1) * req.batch_size, num))
+    todo = [
+      i for i in batch if not (req.skip_existing and paths[i][0].exists() and paths[i][1].exists())
+    ]
+    if not todo:
+      skipped += len(batch)
+      log.info('batch %d/%d: all %d images exist; skipped.', b + 1, num_batches, len(batch))
+      continue
+    prompt_rows = np.asarray([i // req.num_images for i in batch])
+    rng = jax.random.fold_in(jax.random.key(req.seed), b)
     lowres = None
-    for i, st in enumerate(stages):
+    for s, st in enumerate(stages):
       t0 = time.perf_counter()
       lowres = st.sample_fn(
         st.params,
-        jnp.asarray(text_embs[i][sl]),
-        jnp.asarray(text_mask[i][sl]),
-        jax.random.fold_in(rng, i),
+        jnp.asarray(text_embs[s][prompt_rows].astype(np.float32)),  # [B, L, D]
+        jnp.asarray(text_mask[s][prompt_rows]),  # [B, L]
+        jax.random.fold_in(rng, s),
         lowres,
       )
       lowres.block_until_ready()
-      timings[i] += time.perf_counter() - t0
-    out = np.asarray(lowres)
+      timings[s] += time.perf_counter() - t0
+    out = np.asarray(lowres)  # [B, H, W, 3]
     if not np.all(np.isfinite(out)):
       raise SampleError(
-        'The sampler produced NaN/Inf values (no images written). The checkpoint may be '
+        f'The sampler produced NaN/Inf values in batch {b + 1} of {num_batches} (its images '
+        f'were not written; {made} images from earlier batches were). The checkpoint may be '
         'diverged; try another checkpoint, fewer --guidance, or --thresholding=dynamic.'
       )
-    finals.append(out)
-  finals = np.concatenate(finals)
-
-  written = []
-  pixels = images.to_uint8(finals)
-  for idx, ((png, side), prompt) in enumerate(zip(output_paths(req), all_prompts, strict=True)):
-    images.save_png(pixels[idx], png, overwrite=req.overwrite)
-    sidecar = {
-      'prompt': prompt,
-      'image_index': idx % req.num_images,
-      'seed': req.seed,
-      'batch_size': req.batch_size,
-      'num_images': req.num_images,
-      'all_prompts': req.prompts,
-      'stages': [
-        {
-          'checkpoint': os.path.abspath(st.workdir),
-          'step': st.step,
-          'stage': st.config.stage,
-          'resolution': int(st.config.data.resolution),
-          'params': 'ema' if req.use_ema else 'raw',
-          **dataclasses.asdict(st.options),
-        }
-        for st in stages
-      ],
-    }
-    tmp = side.with_name(f'.{side.name}.tmp')
-    tmp.write_text(json.dumps(sidecar, indent=2))
-    os.replace(tmp, side)
-    written.append(png)
-  images.save_png(images.make_grid(pixels), pathlib.Path(req.out) / 'grid.png', overwrite=True)
+    pixels = images.to_uint8(out)
+    written = 0
+    for row, i in enumerate(batch):
+      png, side = paths[i]
+      if not (req.skip_existing and png.exists()):
+        images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
+        written += 1
+      if not (req.skip_existing and side.exists()):
+        sidecar = {'prompt': req.prompts[prompt_rows[row]], 'image_index': i % req.num_images}
+        _write_json(side, {**sidecar, **settings})
+    made += written
+    skipped += len(batch) - written
+    log.info('batch %d/%d: sampled %d images, wrote %d.', b + 1, num_batches, len(batch), written)
+  _write_grid([png for png, _ in paths], pathlib.Path(req.out))
   for st, secs in zip(stages, timings, strict=True):
-    log.info('%s: %.2f s for %d images (compile included).', st.config.stage, secs, len(finals))
-  return written
+    log.info('%s: %.2f s sampling (compile included).', st.config.stage, secs)
+  log.info('%d images made, %d already there (%s).', made, skipped, req.out)
+  return [png for png, _ in paths]
