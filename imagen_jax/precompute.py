@@ -1,6 +1,6 @@
 """Precomputes the frozen T5 embeddings of a dataset's captions into the on-disk cache.
 
-  python -m imagen_jax.precompute --config=configs/base64.py
+  python -m imagen_jax.precompute --config=configs/base64.py --workdir=runs/base64
   python -m imagen_jax.precompute --config=configs/base64.py --config.text.encoder=t5-tiny-random
 
 Reads the captions from `config.data` (imagen_jax.data.sources), encodes them with
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import pathlib
 
 import jax
 import ml_collections
@@ -48,6 +50,13 @@ def _batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   batch = int(config.text.get('precompute_batch_size', 64))
   devices = 1 if mesh is None else mesh.devices.size
   return math.ceil(batch / devices) * devices
+
+
+def resolve_cache_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+  """Make a relative `text.cache_dir` relative to the run folder `workdir` (in place)."""
+  cache_dir = pathlib.Path(config.text.cache_dir).expanduser()
+  if not cache_dir.is_absolute():
+    config.text.cache_dir = str(pathlib.Path(workdir).expanduser().absolute() / cache_dir)
 
 
 def _source(config: ml_collections.ConfigDict):
@@ -115,11 +124,19 @@ def open_or_build_cache(
 
 
 def _run_cli() -> None:
-  from absl import app
+  from absl import app, flags
   from ml_collections import config_flags
+
+  from imagen_jax import cli
 
   config_flag = config_flags.DEFINE_config_file(
     'config', None, 'Stage config file, e.g. configs/base64.py.', lock_config=True
+  )
+  workdir_flag = flags.DEFINE_string(
+    'workdir',
+    None,
+    'The run folder train.py will use: a relative text.cache_dir is taken '
+    'relative to it, as train.py does (without it: relative to the current directory).',
   )
 
   def main(argv) -> None:
@@ -127,10 +144,13 @@ def _run_cli() -> None:
       raise app.UsageError(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
       raise app.UsageError('--config is required, e.g. --config=configs/base64.py.')
-    cache = precompute(config_flag.value)
+    config = config_flag.value
+    if workdir_flag.value:
+      resolve_cache_dir(config, workdir_flag.value)
+    cache = precompute(config)
     print(cache.path)
 
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -1,0 +1,122 @@
+"""The checkpoint layer in-process: checksums catch bit rot that still decodes, NaN states are
+refused, restores fall back to the previous good step, RUN@STEP parsing."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from imagen_jax import checkpoints
+
+pytestmark = pytest.mark.unit
+
+CONFIG = ml_collections.ConfigDict({'stage': 'test', 'model': {'dim': 4}})
+
+
+def state_at(step: int) -> dict:
+  return {
+    'params': {'w': jnp.arange(12.0).reshape(3, 4) * step, 'b': jnp.ones(4, jnp.bfloat16)},
+    'step': jnp.int32(step),
+    'rng': jax.random.key(step),
+  }
+
+
+def abstract(state):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
+
+
+@pytest.fixture
+def two_steps(tmp_path):
+  manager = checkpoints.make_manager(tmp_path, async_save=False)
+  for step in (1, 2):
+    checkpoints.save(manager, step, state=state_at(step), data_state={'pos': step}, config=CONFIG)
+  manager.wait_until_finished()
+  return tmp_path, manager
+
+
+def rot_one_bit(workdir, step: int) -> None:
+  """Rewrite step's state with one bit of one float flipped, through orbax itself, so the files
+  decode cleanly: only the saved checksums can tell."""
+  state = jax.device_get(state_at(step))
+  w = np.array(state['params']['w'])
+  w.view(np.uint32)[1, 2] ^= 1 << 3
+  state['params']['w'] = w
+  scratch = workdir / 'scratch'
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(scratch, state)
+  target = checkpoints.step_dir(workdir, step) / 'state'
+  shutil.rmtree(target)
+  shutil.copytree(scratch, target)
+
+
+def test_bit_rot_that_decodes_is_caught_and_the_previous_step_used(two_steps):
+  workdir, manager = two_steps
+  rot_one_bit(workdir, 2)
+  target = abstract(state_at(2))
+  with pytest.raises(checkpoints.CheckpointError, match='differ from their saved checksums'):
+    checkpoints.restore(manager, 2, abstract_state=target)
+  step, (state, data), failures = checkpoints.restore_with_fallback(
+    manager, step=None, restore_fn=lambda s: checkpoints.restore(manager, s, abstract_state=target)
+  )
+  assert step == 1 and data == {'pos': 1} and int(state['step']) == 1
+  assert len(failures) == 1 and 'checkpoint step 2' in failures[0]
+  # Asked for explicitly, the damaged step is an error, not a silent fallback.
+  with pytest.raises(checkpoints.CheckpointError, match='checkpoint step 2'):
+    checkpoints.restore_with_fallback(
+      manager, step=2, restore_fn=lambda s: checkpoints.restore(manager, s, abstract_state=target)
+    )
+
+
+def test_restore_params_falls_back_and_reports(two_steps):
+  workdir, manager = two_steps
+  manager.close()
+  rot_one_bit(workdir, 2)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  got = checkpoints.restore_params(
+    workdir,
+    key='params',
+    abstract_fn=lambda config: abstract(state_at(1))['params'],
+    sharding=device,
+  )
+  assert got.step == 1 and got.config.model.dim == 4
+  np.testing.assert_array_equal(got.params['w'], state_at(1)['params']['w'])
+  assert 'checkpoint step 2' in got.failures[0]
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+  manager = checkpoints.make_manager(tmp_path, async_save=False)
+  state = state_at(1)
+  state['params']['w'] = state['params']['w'].at[0, 0].set(jnp.nan)
+  with pytest.raises(checkpoints.CheckpointError, match='NaN/Inf'):
+    checkpoints.save(manager, 1, state=state, data_state={}, config=CONFIG)
+  manager.wait_until_finished()
+  assert manager.all_steps() == []
+
+
+def test_checksums_see_every_single_bit():
+  x = jnp.linspace(-3.0, 3.0, 64, dtype=jnp.float32)
+  base, finite = checkpoints.array_checksums({'x': x})
+  assert finite
+  bits = np.asarray(x).view(np.uint32)
+  for i, bit in [(0, 0), (17, 31), (63, 12)]:
+    flipped = bits.copy()
+    flipped[i] ^= np.uint32(1 << bit)
+    got, _ = checkpoints.array_checksums({'x': jnp.asarray(flipped.view(np.float32))})
+    assert got != base
+  swapped = bits.copy()
+  swapped[[3, 40]] = swapped[[40, 3]]
+  got, _ = checkpoints.array_checksums({'x': jnp.asarray(swapped.view(np.float32))})
+  assert got["['x']"][0] == base["['x']"][0] and got != base  # the weighted sum sees swaps
+
+
+def test_parse_run():
+  assert checkpoints.parse_run('runs/base64') == ('runs/base64', None)
+  assert checkpoints.parse_run('runs/a@b/base64@1200') == ('runs/a@b/base64', 1200)
+  for bad in ('runs/base64@', 'runs/base64@abc', '@12'):
+    with pytest.raises(checkpoints.CheckpointError, match='RUN@STEP'):
+      checkpoints.parse_run(bad)
