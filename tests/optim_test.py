@@ -46,7 +46,9 @@ def _params():
 
 def test_cosine_schedule_values():
   schedule = optim.make_lr_schedule(_config(), num_steps=110)
-  np.testing.assert_allclose(schedule(0), 0.0, atol=1e-12)
+  # f32 schedule values (a few ops: lerp, cos): ~1 ulp (6e-8 relative), measured 5e-8; rtol
+  # 1e-5 (1e-4 after the cosine) leaves >= 100x; an off-by-one warmup or mid-decay step is >= 2 %.
+  np.testing.assert_allclose(schedule(0), 0.0, atol=1e-12)  # 0 * lr: exactly zero
   np.testing.assert_allclose(schedule(5), 0.5e-3, rtol=1e-5)
   np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-5)
   # Halfway through the decay: min + (max - min) / 2.
@@ -57,9 +59,13 @@ def test_cosine_schedule_values():
 
 def test_constant_schedule_values():
   schedule = optim.make_lr_schedule(_config(schedule='constant', warmup_steps=4), num_steps=100)
-  np.testing.assert_allclose([schedule(s) for s in (0, 2, 4, 50, 99)], [0, 5e-4, 1e-3, 1e-3, 1e-3])
+  # f32 values against float64 constants: the old default rtol=1e-7 was 1 ulp (measured 0.5 of
+  # it); 1e-6 is ~8 ulp of f32 rounding and far below a 1-step warmup error (>= 25 %).
+  np.testing.assert_allclose(
+    [schedule(s) for s in (0, 2, 4, 50, 99)], [0, 5e-4, 1e-3, 1e-3, 1e-3], rtol=1e-6
+  )
   no_warmup = optim.make_lr_schedule(_config(schedule='constant', warmup_steps=0), num_steps=100)
-  np.testing.assert_allclose(no_warmup(0), 1e-3)
+  np.testing.assert_allclose(no_warmup(0), 1e-3, rtol=1e-6)
 
 
 def test_bad_names_raise():
@@ -105,6 +111,7 @@ def test_adamw_weight_decay_skips_vectors():
   zero_grads = jax.tree.map(jnp.zeros_like, params)
   params = {**params, 'bias': jnp.ones((512,))}
   updates, _ = tx.update(zero_grads, tx.init(params), params)
+  # f32 product of three factors: <= 2 ulp; 1e-5 leaves ~80x.
   np.testing.assert_allclose(updates['kernel'], -1e-3 * 0.1 * params['kernel'], rtol=1e-5)
   np.testing.assert_array_equal(updates['bias'], 0.0)
 
@@ -119,13 +126,18 @@ def test_multisteps_accumulates_gradients():
   np.testing.assert_array_equal(updates['w'], 0.0)  # first micro-step: nothing applied
   updates, state = tx.update({'w': jnp.full((4,), 3.0)}, state, params)
   # Adam's first step moves by -lr * sign(mean grad) = -1e-3 (mean of 1 and 3 is 2 > 0).
+  # f32: exact step is -lr * 2 / (2 + eps) = -1e-3 * (1 - 5e-9); rtol 1e-4 covers eps and
+  # rounding, a wrong sign or a missing bias correction is off by >= 100 %.
   np.testing.assert_allclose(updates['w'], -1e-3, rtol=1e-4)
   reference = optax.adam(1e-3).update({'w': jnp.full((4,), 2.0)}, optax.adam(1e-3).init(params))
+  # Same f32 Adam math on the same numbers (mean of 1 and 3 is exact): a few ulp at most.
   np.testing.assert_allclose(updates['w'], reference[0]['w'], rtol=1e-5)
 
 
 def test_ema_decay_and_update():
   config = _config()
+  # f32 (1 + step) / (10 + step) and min(): one or two roundings (<= 1.2e-7 relative, measured
+  # 2.9e-8); rtol 1e-6 is ~8 ulp. The same holds for the f32 lerps of ema_update below.
   np.testing.assert_allclose(optim.ema_decay(0, config), 0.1, rtol=1e-6)
   np.testing.assert_allclose(optim.ema_decay(90, config), 91 / 100, rtol=1e-6)
   np.testing.assert_allclose(optim.ema_decay(10**7, config), 0.9999, rtol=1e-6)
