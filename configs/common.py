@@ -102,6 +102,11 @@ def get_common(
   c.train.sample_every = 5000  # sample grids from EMA params; 0: off
   c.train.sample_prompts = ()  # empty: the first captions of the dataset
   c.train.num_sample_prompts = 8
+  # Quality evaluation on the labelled digits (imagen_jax.evaluate; data.source='digits' only):
+  # every eval_every steps (0: off), eval_num samples (a multiple of 10) of fixed prompts/seed.
+  c.train.eval_every = 0
+  c.train.eval_num = 40
+  c.train.eval_judge_dir = 'cache/judge'  # judge cache; relative: relative to the workdir
   c.train.wandb = False
   c.train.wandb_project = 'imagen-jax'
   c.train.wandb_mode = 'online'  # 'online' | 'offline'
