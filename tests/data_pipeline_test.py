@@ -124,8 +124,11 @@ def test_base_batches_shapes_values_and_text(tmp_path):
     expected = cache.get(f'solid colour number {index}')  # [n, D]
     n = expected.shape[0]
     np.testing.assert_array_equal(batch['text_mask'][row], np.arange(6) < n)
+    # Exact: both are the cached bfloat16 values widened to float32 (a lossless cast).
     np.testing.assert_allclose(batch['text_embs'][row, :n], expected)
     assert (batch['text_embs'][row, n:] == 0).all()
+    # f32 x / 127.5 - 1 of uint8 pixels: <= 2 roundings of values <= 1; 1e-6 is ~8 ulp, and one
+    # uint8 level (7.8e-3) would fail.
     np.testing.assert_allclose(
       batch['image'][row, 3, 3], np.array([10 * index, 255 - 10 * index, 7]) / 127.5 - 1, atol=1e-6
     )

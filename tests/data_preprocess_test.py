@@ -45,6 +45,7 @@ def test_rgba_composited_on_white():
   rgb = np.asarray(preprocess.decode_image(_encode(Image.fromarray(array, 'RGBA'))))
   assert rgb.shape == (4, 4, 3)
   np.testing.assert_array_equal(rgb[0, 0], [255, 255, 255])
+  # uint8 alpha compositing: 127.5 rounds either way (Pillow version), so +-1 level.
   np.testing.assert_allclose(rgb[0, 1], [255, 127, 127], atol=1)
   np.testing.assert_array_equal(rgb[2, 2], [255, 0, 0])
 
@@ -158,6 +159,7 @@ def test_shorter_side_resize_then_crop_shape():
   image = Image.new('RGB', (64, 40), (10, 20, 30))
   out, _ = preprocess.preprocess_image(image, PreprocessOptions(16))
   assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+  # uint8 resampling of a flat colour: filter weights sum to 1 up to rounding, +-1 level.
   np.testing.assert_allclose(out, np.broadcast_to([10, 20, 30], out.shape), atol=1)
 
 
@@ -206,6 +208,8 @@ def test_small_images_skip_or_upsample():
 def test_to_float_range_and_bad_options():
   x = preprocess.to_float(np.array([0, 128, 255], np.uint8))
   assert x.dtype == np.float32
+  # f32 x / 127.5 - 1: two roundings of values <= 1 (<= 1.2e-7); 1e-6 is ~8 ulp. One uint8
+  # level is 7.8e-3, so an off-by-one scale still fails.
   np.testing.assert_allclose(x, [-1.0, 128 / 127.5 - 1.0, 1.0], atol=1e-6)
   with pytest.raises(ValueError, match='small_images'):
     PreprocessOptions(8, small_images='grow')
