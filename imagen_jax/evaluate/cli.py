@@ -1,0 +1,88 @@
+"""Command line of the evaluation (absl flags only; the logic is in runner.py).
+
+  python evaluate.py --checkpoints runs/digits --num 500
+  python -m imagen_jax.evaluate --checkpoints runs/digits@2000 --sampler ddpm --steps 64 \
+      --guidance 3 --out eval.json
+
+Prints the table (generated images beside the calibration rows) and, last, ONE JSON line with
+everything. Bad input: one line on stderr starting with 'error:', exit status 2.
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@STEP).')
+flags.DEFINE_integer('num', 500, 'Generated images, a multiple of the 10 classes.')
+flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+flags.DEFINE_integer('batch_size', 50, 'Images per sampling batch.')
+flags.DEFINE_string('sampler', None, 'ddpm | ddim | dpmpp_2m | heun (default: the run config).')
+flags.DEFINE_integer('steps', None, 'Sampling steps (default: the run config).')
+flags.DEFINE_float('guidance', None, 'Classifier-free guidance scale, 1 = none (default: config).')
+flags.DEFINE_enum('thresholding', None, ['dynamic', 'static', 'none'], 'x0 thresholding.')
+flags.DEFINE_float('dynamic_percentile', None, 'Dynamic thresholding percentile p.')
+flags.DEFINE_float('dynamic_max', None, 'Upper clamp on the dynamic threshold (0: none).')
+flags.DEFINE_bool('ema', True, 'Use the EMA parameters.')
+flags.DEFINE_string('judge', None, 'An existing judge file (.npz); default: cached in --judge_dir.')
+flags.DEFINE_string('judge_dir', 'cache/judge', 'Where judges are cached (trained on first use).')
+flags.DEFINE_integer('k', 3, 'Neighbours of the precision/recall k-NN manifolds.')
+flags.DEFINE_bool('calibration', True, 'Also score the calibration rows.')
+flags.DEFINE_string('out', None, 'Also write the result to this JSON file.')
+flags.DEFINE_bool('overwrite', False, 'Replace an existing --out file.')
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS.checkpoints:
+    print('error: --checkpoints RUN is required (the base stage run folder).', file=sys.stderr)
+    sys.exit(2)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  from imagen_jax.evaluate import runner, scoring
+
+  req = runner.EvalRequest(
+    checkpoints=FLAGS.checkpoints,
+    num=FLAGS.num,
+    seed=FLAGS.seed,
+    batch_size=FLAGS.batch_size,
+    sampler=FLAGS.sampler,
+    steps=FLAGS.steps,
+    guidance=FLAGS.guidance,
+    thresholding=FLAGS.thresholding,
+    dynamic_percentile=FLAGS.dynamic_percentile,
+    dynamic_max=FLAGS.dynamic_max,
+    use_ema=FLAGS.ema,
+    judge=FLAGS.judge,
+    judge_dir=FLAGS.judge_dir,
+    k=FLAGS.k,
+    calibration=FLAGS.calibration,
+    out=FLAGS.out,
+    overwrite=FLAGS.overwrite,
+  )
+  try:
+    result = runner.run(req)
+  except runner.EvalError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(
+    f'{result["checkpoint"]} step {result["step"]}: {result["num"]} samples, '
+    f'{result["sampler"]} {result["steps"]} steps, guidance {result["guidance"]}, '
+    f'{result["sampling_seconds"]:.1f} s sampling, {result["seconds"]:.1f} s total'
+  )
+  print(scoring.format_table(result['rows']))
+  print(f'per class (generated): {scoring.format_per_class(result["rows"]["generated"])}')
+  print(
+    f'judge: real test accuracy {result["judge_test_accuracy"]:.4f} ({result["judge"]}). '
+    f'FD, precision/recall (k={result["k"]}) in judge feature space against the '
+    f'{result["reference"]}; nn_train: RMS pixel distance ([-1, 1] scale) to the nearest '
+    'train image.'
+  )
+  print(json.dumps(result, sort_keys=True))
+
+
+def run() -> None:
+  app.run(main)

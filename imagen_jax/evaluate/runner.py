@@ -1,0 +1,312 @@
+"""Evaluate a trained base stage on the digits benchmark: restore, prompt, sample, judge.
+
+  result = run(EvalRequest(checkpoints='runs/digits', num=500))
+  print(scoring.format_table(result['rows']))
+
+The stage is rebuilt from its checkpoint's saved config (EMA params by default) and samples
+with its own sampler settings unless overridden. Prompts are embedded exactly as training saw
+them: the run's encoder, max_length and compute dtype, then rounded to the cache's bfloat16.
+Batch b draws its noise from fold_in(fold_in(key(seed), b), 0), as `sample.py` does for the
+base stage, so `sample.py` with the same prompts, seed and batch size gives the same images.
+Every input is checked before any compute, and nothing is written unless `out` is given
+(never over an existing file without `overwrite`).
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import ml_dtypes
+import numpy as np
+
+from imagen_jax import cascade, stage
+from imagen_jax.evaluate import judge as judge_lib
+from imagen_jax.evaluate import scoring
+from imagen_jax.evaluate.scoring import EvalError
+
+log = logging.getLogger(__name__)
+
+# The embedding cache stores bfloat16 (text/cache.py): training saw the encoder's output so.
+CACHE_EMBEDDING_DTYPE = ml_dtypes.bfloat16
+
+
+@dataclasses.dataclass
+class EvalRequest:
+  checkpoints: str  # the base stage's run folder, or RUN@STEP
+  num: int = 500  # generated images, a multiple of the 10 classes
+  seed: int = 0
+  batch_size: int = 50
+  sampler: str | None = None  # None: the run's config.sample settings
+  steps: int | None = None
+  guidance: float | None = None
+  thresholding: str | None = None
+  dynamic_percentile: float | None = None
+  dynamic_max: float | None = None
+  use_ema: bool = True
+  judge: str | None = None  # an existing judge file; None: cached under judge_dir
+  judge_dir: str = 'cache/judge'
+  k: int = 3  # neighbours of the precision/recall manifolds
+  calibration: bool = True
+  out: str | None = None  # JSON file for the result
+  overwrite: bool = False
+
+
+def check_labelled_base(config: ml_collections.ConfigDict, where: str) -> None:
+  """EvalError unless `config` is a base stage trained on the labelled digits source."""
+  if stage.is_super_resolution(config):
+    raise EvalError(
+      f'{where} is a super-resolution stage ({config.stage}); the evaluation scores the base '
+      'stage: pass the base run folder to --checkpoints.'
+    )
+  if config.data.source != 'digits':
+    raise EvalError(
+      f"{where} was trained on data.source='{config.data.source}', which has no class labels; "
+      'the evaluation needs a labelled dataset: train with --config.data.source=digits.'
+    )
+
+
+def encode_prompts(
+  config: ml_collections.ConfigDict, prompts: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+  """text_embs [P, L, D] float32 (bfloat16-rounded, zeros at padding), text_mask [P, L] bool,
+  as the training pipeline looks them up in the cache built by imagen_jax.precompute."""
+  from imagen_jax.text import encoder as encoder_lib
+
+  encoder = encoder_lib.load_text_encoder(
+    config.text.encoder,
+    max_length=int(config.text.max_length),
+    dtype=config.text.get('dtype', 'bfloat16'),
+  )
+  text_embs, text_mask = encoder.encode(prompts)
+  text_embs = np.asarray(text_embs).astype(CACHE_EMBEDDING_DTYPE).astype(np.float32)
+  return np.where(text_mask[..., None], text_embs, 0.0).astype(np.float32), text_mask
+
+
+def generate(
+  sample_fn: Callable,
+  params,
+  text_embs: np.ndarray,
+  text_mask: np.ndarray,
+  *,
+  seed: int,
+  batch_size: int,
+) -> np.ndarray:
+  """[N, R, R, 3] images in [-1, 1], sampled in batches of `batch_size` (the last one padded,
+  so one compiled shape); non-finite values are kept (the caller counts them)."""
+  n = len(text_embs)
+  out = []
+  for b, start in enumerate(range(0, n, batch_size)):
+    rows = np.arange(start, start + batch_size).clip(max=n - 1)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), 0)
+    images = sample_fn(params, jnp.asarray(text_embs[rows]), jnp.asarray(text_mask[rows]), rng)
+    out.append(np.asarray(images)[: min(batch_size, n - start)])
+  return np.concatenate(out)
+
+
+def _finite(images: np.ndarray) -> tuple[np.ndarray, int]:
+  """(images with non-finite images set to 0, how many images had a non-finite value)."""
+  bad = ~np.isfinite(images).reshape(len(images), -1).all(axis=1)
+  if bad.any():
+    images = np.where(bad[:, None, None, None], 0.0, images).astype(np.float32)
+  return images, int(bad.sum())
+
+
+def validate(req: EvalRequest) -> None:
+  """Everything checkable without loading a model."""
+  scoring.check_num(req.num)
+  if req.batch_size < 1:
+    raise EvalError(f'--batch_size must be a positive integer, got {req.batch_size}.')
+  if req.steps is not None and req.steps < 1:
+    raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
+  if req.guidance is not None and req.guidance < 0:
+    raise EvalError(f'--guidance must be >= 0 (1 means no guidance), got {req.guidance}.')
+  if not 1 <= req.k < req.num:
+    raise EvalError(f'--k must be in [1, --num), got {req.k}.')
+  from imagen_jax import checkpoints
+
+  try:
+    run_dir, _ = checkpoints.parse_run(req.checkpoints)
+  except checkpoints.CheckpointError as e:
+    raise EvalError(f'--checkpoints {req.checkpoints}: {e}') from e
+  if not pathlib.Path(run_dir).is_dir():
+    raise EvalError(f'--checkpoints {req.checkpoints}: the folder {run_dir} does not exist.')
+  if req.judge is not None and not pathlib.Path(req.judge).is_file():
+    raise EvalError(
+      f'--judge {req.judge} does not exist; omit --judge to train and cache a judge under '
+      f'--judge_dir ({req.judge_dir}).'
+    )
+  if req.out:
+    out = pathlib.Path(req.out)
+    if out.exists() and not req.overwrite:
+      raise EvalError(f'--out {out} exists already; pass --overwrite to replace it.')
+    if out.is_dir():
+      raise EvalError(f'--out {out} is a folder; give a file name such as {out}/eval.json.')
+    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
+      raise EvalError(f'--out {out}: cannot write to the folder {out.parent}.')
+
+
+def _saved_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
+  """(config, step) of a run folder (or RUN@STEP) without restoring any array."""
+  from imagen_jax import checkpoints
+
+  try:
+    run_dir, step = checkpoints.parse_run(spec)
+    step = checkpoints.latest_finished_step(run_dir) if step is None else step
+    manager = checkpoints.make_manager(run_dir, read_only=True)
+    try:
+      if step not in manager.all_steps():
+        raise checkpoints.CheckpointError(
+          f'{run_dir} has no checkpoint step {step} (kept: {sorted(manager.all_steps())}).'
+        )
+      return checkpoints.restore_config(manager, step), step
+    finally:
+      manager.close()
+  except checkpoints.CheckpointError as e:
+    raise EvalError(f'--checkpoints {spec}: {e}') from e
+
+
+def _load_judge(req: EvalRequest, resolution: int) -> judge_lib.Judge:
+  try:
+    if req.judge is not None:
+      judge = judge_lib.load_judge(req.judge)
+    else:
+      return judge_lib.load_or_train(resolution=resolution, cache_dir=req.judge_dir)
+  except judge_lib.JudgeError as e:
+    raise EvalError(str(e)) from e
+  if judge.resolution != resolution:
+    raise EvalError(
+      f'--judge {req.judge} scores {judge.resolution} px images but the stage makes '
+      f'{resolution} px; omit --judge to use (or train) the {resolution} px judge.'
+    )
+  return judge
+
+
+def run(req: EvalRequest) -> dict:
+  """The whole evaluation; returns the result (also written to `req.out` when given)."""
+  from imagen_jax import sample_lib
+
+  start = time.perf_counter()
+  validate(req)
+  config, step = _saved_config(req.checkpoints)
+  check_labelled_base(config, req.checkpoints)
+  resolution = int(config.data.resolution)
+  judge = _load_judge(req, resolution)
+  overrides = dict(
+    sampler=req.sampler,
+    steps=req.steps,
+    guidance=req.guidance,
+    thresholding=req.thresholding,
+    dynamic_percentile=req.dynamic_percentile,
+    dynamic_max=req.dynamic_max,
+  )
+  try:
+    st = sample_lib.restore_stage(req.checkpoints, overrides, req.use_ema)
+  except ValueError as e:  # SampleError, bad sampler options
+    raise EvalError(str(e)) from e
+  prompts = scoring.prompt_set(req.num)
+  text_embs, text_mask = encode_prompts(st.config, list(prompts.prompts))
+  t0 = time.perf_counter()
+  images = generate(
+    st.sample_fn, st.params, text_embs, text_mask, seed=req.seed, batch_size=req.batch_size
+  )
+  sampling_seconds = time.perf_counter() - t0
+  images, num_nonfinite = _finite(images)
+  reference = scoring.Reference.build(judge)
+  rows = {
+    'generated': scoring.score(
+      images, prompted=prompts.labels, heldout=prompts.heldout, reference=reference, k=req.k
+    )
+  }
+  rows['generated']['num_nonfinite'] = num_nonfinite
+  if req.calibration:
+    for name, (cal_images, prompted, heldout) in scoring.calibration_sets(
+      resolution, num=req.num, seed=req.seed
+    ).items():
+      rows[name] = scoring.score(
+        cal_images, prompted=prompted, heldout=heldout, reference=reference, k=req.k
+      )
+  result = {
+    'checkpoint': os.path.abspath(getattr(st, 'workdir', req.checkpoints)),
+    'step': int(getattr(st, 'step', step)),
+    'stage': config.stage,
+    'resolution': resolution,
+    'text_encoder': config.text.encoder,
+    'num': req.num,
+    'seed': req.seed,
+    'batch_size': req.batch_size,
+    'params': 'ema' if req.use_ema else 'raw',
+    **{k: v for k, v in dataclasses.asdict(st.options).items() if k != 'aug_level'},
+    'judge': judge.path,
+    'judge_test_accuracy': judge.test_accuracy,
+    'k': req.k,
+    'reference': f'digits train split ({len(reference.features)} images)',
+    'sampling_seconds': round(sampling_seconds, 2),
+    'seconds': round(time.perf_counter() - start, 2),
+    'rows': rows,
+  }
+  if req.out:
+    write_json(result, req.out, overwrite=req.overwrite)
+  return result
+
+
+def write_json(result: dict, path: str | os.PathLike, *, overwrite: bool) -> None:
+  """Atomic write; refuses an existing file unless `overwrite`."""
+  path = pathlib.Path(path)
+  if path.exists() and not overwrite:
+    raise EvalError(f'--out {path} exists already; pass --overwrite to replace it.')
+  tmp = path.with_name(f'.{path.name}.tmp-{os.getpid()}')
+  tmp.write_text(json.dumps(result, indent=1) + '\n')
+  os.replace(tmp, path)
+
+
+def make_train_eval_fn(
+  config: ml_collections.ConfigDict, graphdef, workdir: str | os.PathLike
+) -> Callable[..., dict[str, float]] | None:
+  """fn(ema_params, step) -> flat scalar metrics of `config.train.eval_num` samples from a
+  fixed prompt set and seed (config.seed); None when `config.train.eval_every` is 0.
+
+  The sampler (config.sample settings) is compiled on the first call and reused; the prompts
+  are encoded once, here. The judge is cached under `config.train.eval_judge_dir`, relative
+  to `workdir` unless absolute. Keys: adherence, adherence_seen, adherence_heldout,
+  entropy_bits, fd, precision, recall, nn_train, num_nonfinite.
+  """
+  if int(config.train.get('eval_every', 0)) <= 0:
+    return None
+  check_labelled_base(config, 'train.eval_every > 0: this run')
+  num = int(config.train.get('eval_num', 40))
+  try:
+    prompts = scoring.prompt_set(num)
+  except EvalError as e:
+    raise EvalError(f'config.train.eval_num: {e}'.replace('--num', 'eval_num')) from e
+  judge_dir = pathlib.Path(config.train.get('eval_judge_dir', 'cache/judge')).expanduser()
+  if not judge_dir.is_absolute():
+    judge_dir = pathlib.Path(workdir) / judge_dir
+  resolution = int(config.data.resolution)
+  reference = scoring.Reference.build(
+    judge_lib.load_or_train(resolution=resolution, cache_dir=judge_dir)
+  )
+  text_embs, text_mask = encode_prompts(config, list(prompts.prompts))
+  options = cascade.SamplingOptions.from_config(config)
+  sample_fn = cascade.make_stage_sampler(config, graphdef, options)
+  batch_size = max(1, min(num, int(config.train.batch_size)))
+  seed = int(config.seed)
+
+  def eval_fn(ema_params, step: int) -> dict[str, float]:
+    del step  # the same prompts and noise at every step: only the model changes
+    images = generate(sample_fn, ema_params, text_embs, text_mask, seed=seed, batch_size=batch_size)
+    images, num_nonfinite = _finite(images)
+    row = scoring.score(
+      images, prompted=prompts.labels, heldout=prompts.heldout, reference=reference
+    )
+    out = {k: float(row[k]) for k in scoring.SCALARS}
+    out['num_nonfinite'] = float(num_nonfinite)
+    return out
+
+  return eval_fn

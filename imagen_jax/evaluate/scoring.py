@@ -1,0 +1,187 @@
+"""Prompts, scoring and calibration rows of the digits text-to-image evaluation.
+
+One `score(...)` call turns a set of images and the classes their prompts named into one row
+of metrics; the generated images and every calibration row go through it:
+
+  real_test        the real test images (never trained on), prompted with their true labels:
+                   the ceiling of adherence (= the judge's accuracy) and the real-vs-real
+                   floor of FD; their nn_train is the natural distance of a new real image.
+  shuffled_labels  the same images, labels permuted: realistic images that ignore the prompt
+                   (adherence ~ chance, FD / precision / recall as real).
+  class_means      the per-class mean of the train images, N/10 copies each: right class, no
+                   diversity (recall ~ 0, large FD).
+  noise            uniform colour noise in [-1, 1]: nothing learnt.
+
+Reference set (FD, precision/recall, memorisation): the real *train* split, in the judge's
+feature space (FD, P/R) and in pixel space (nn_train: RMS distance per value, images in
+[-1, 1], to the nearest train image; ~0 means a copied training image). The train split is the
+reference, not the test split, so that the real-test row measures a real-vs-real floor instead
+of comparing the test set with itself (FD 0).
+"""
+
+import dataclasses
+
+import numpy as np
+
+from imagen_jax.data import digits
+from imagen_jax.evaluate import metrics
+from imagen_jax.evaluate.judge import Judge
+
+ROWS = ('generated', 'real_test', 'shuffled_labels', 'class_means', 'noise')
+CALIBRATION_ROWS = ROWS[1:]
+SCALARS = (
+  'adherence',
+  'adherence_seen',
+  'adherence_heldout',
+  'entropy_bits',
+  'fd',
+  'precision',
+  'recall',
+  'nn_train',
+)
+
+
+class EvalError(ValueError):
+  """Bad evaluation input; the message names the problem and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSet:
+  prompts: tuple[str, ...]
+  labels: np.ndarray  # [N] int: the class each prompt names
+  heldout: np.ndarray  # [N] bool: the prompt uses a held-out template
+
+
+def check_num(num: int) -> None:
+  if num < digits.NUM_CLASSES or num % digits.NUM_CLASSES:
+    raise EvalError(
+      f'--num must be a positive multiple of the {digits.NUM_CLASSES} classes (class-balanced '
+      f'prompts), got {num}; e.g. --num {max(1, round(num / 10)) * 10}.'
+    )
+
+
+def prompt_set(num: int) -> PromptSet:
+  """Class-balanced prompts: prompt i names class i % 10; rounds r = i // 10 alternate seen
+  (even r) and held-out (odd r) templates, cycling through each group's templates."""
+  check_num(num)
+  i = np.arange(num)
+  labels = i % digits.NUM_CLASSES
+  rounds = i // digits.NUM_CLASSES
+  heldout = rounds % 2 == 1
+  prompts = []
+  for label, r, held in zip(labels, rounds, heldout, strict=True):
+    group = digits.HELDOUT_TEMPLATES if held else digits.SEEN_TEMPLATES
+    prompts.append(digits.caption(int(label), group[(r // 2) % len(group)]))
+  return PromptSet(prompts=tuple(prompts), labels=labels, heldout=heldout)
+
+
+@dataclasses.dataclass
+class Reference:
+  """The real train split as the evaluation sees it: judge features and pixels."""
+
+  judge: Judge
+  features: np.ndarray  # [M, F] judge features of the train images
+  pixels: np.ndarray  # [M, R*R*3] float32 in [-1, 1]
+
+  @classmethod
+  def build(cls, judge: Judge) -> 'Reference':
+    images, _ = digits.load_split('train', judge.resolution)
+    pixels = digits.to_float(images)
+    _, features = judge.predict(pixels)
+    return cls(judge=judge, features=features, pixels=pixels.reshape(len(pixels), -1))
+
+
+def score(
+  images: np.ndarray,
+  *,
+  prompted: np.ndarray,
+  heldout: np.ndarray,
+  reference: Reference,
+  k: int = 3,
+) -> dict:
+  """One row: images [N, R, R, 3] in [-1, 1] whose prompts named classes `prompted` [N]."""
+  predicted, features = reference.judge.predict(images)
+  prompted, heldout = np.asarray(prompted), np.asarray(heldout, bool)
+  precision, recall = metrics.precision_recall(real=reference.features, fake=features, k=k)
+  nearest = metrics.nearest_distance(samples=images, reference=reference.pixels)
+  return {
+    'n': len(images),
+    'adherence': metrics.adherence(predicted=predicted, prompted=prompted),
+    'adherence_seen': metrics.adherence(predicted=predicted[~heldout], prompted=prompted[~heldout]),
+    'adherence_heldout': metrics.adherence(
+      predicted=predicted[heldout], prompted=prompted[heldout]
+    ),
+    'entropy_bits': metrics.class_entropy_bits(predicted=predicted, num_classes=digits.NUM_CLASSES),
+    'fd': metrics.frechet_distance(features, reference.features),
+    'precision': precision,
+    'recall': recall,
+    'nn_train': float(nearest.mean()),
+    'per_class': metrics.per_class_adherence(
+      predicted=predicted, prompted=prompted, num_classes=digits.NUM_CLASSES
+    ),
+  }
+
+
+def alternate_heldout(labels: np.ndarray) -> np.ndarray:
+  """[N] bool: every other item of each class (by rank within the class) flagged held-out,
+  as in `prompt_set`, so the seen / held-out columns of calibration rows are class-balanced."""
+  labels = np.asarray(labels)
+  flags = np.zeros(len(labels), bool)
+  for c in range(digits.NUM_CLASSES):
+    where = np.flatnonzero(labels == c)
+    flags[where] = np.arange(len(where)) % 2 == 1
+  return flags
+
+
+def _balanced_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+  """The first `per_class` indices of each class, interleaved class by class."""
+  by_class = [np.flatnonzero(labels == c)[:per_class] for c in range(digits.NUM_CLASSES)]
+  return np.stack(by_class, axis=1).reshape(-1)
+
+
+def calibration_sets(resolution: int, *, num: int, seed: int = 0) -> dict[str, tuple]:
+  """name -> (images [n, R, R, 3] float32 in [-1, 1], prompted [n], heldout [n]).
+
+  real_test / shuffled_labels hold min(num, all) test images: num/10 per class while every
+  class has that many, else the whole test split, so their sample size matches `num` where
+  it can (FD and recall depend on it). class_means / noise hold num images.
+  """
+  check_num(num)
+  rng = np.random.default_rng(seed)
+  test_images, test_labels = digits.load_split('test', resolution)
+  per_class = num // digits.NUM_CLASSES
+  if per_class <= np.bincount(test_labels).min():
+    keep = _balanced_subset(test_labels, per_class)
+  else:
+    keep = np.arange(len(test_labels))
+  real = digits.to_float(test_images[keep])
+  labels = np.asarray(test_labels[keep], np.int64)
+  train_images, train_labels = digits.load_split('train', resolution)
+  train = digits.to_float(train_images)
+  means = np.stack([train[train_labels == c].mean(0) for c in range(digits.NUM_CLASSES)])
+  balanced = np.arange(num) % digits.NUM_CLASSES
+  flags = alternate_heldout(balanced)
+  noise = rng.uniform(-1.0, 1.0, (num, resolution, resolution, 3)).astype(np.float32)
+  return {
+    'real_test': (real, labels, alternate_heldout(labels)),
+    'shuffled_labels': (real, rng.permutation(labels), alternate_heldout(labels)),
+    'class_means': (means[balanced], balanced, flags),
+    'noise': (noise, balanced, flags),
+  }
+
+
+def format_table(rows: dict[str, dict]) -> str:
+  """The rows side by side, one line each."""
+  head = ('row', 'n', 'adher', 'seen', 'heldout', 'H(bits)', 'FD', 'prec', 'recall', 'nn_train')
+  lines = ['{:<16}{:>5}{:>8}{:>8}{:>8}{:>8}{:>9}{:>7}{:>7}{:>9}'.format(*head)]
+  for name, r in rows.items():
+    lines.append(
+      f'{name:<16}{r["n"]:>5}{r["adherence"]:>8.3f}{r["adherence_seen"]:>8.3f}'
+      f'{r["adherence_heldout"]:>8.3f}{r["entropy_bits"]:>8.2f}{r["fd"]:>9.2f}'
+      f'{r["precision"]:>7.3f}{r["recall"]:>7.3f}{r["nn_train"]:>9.4f}'
+    )
+  return '\n'.join(lines)
+
+
+def format_per_class(row: dict) -> str:
+  return '  '.join(f'{digits.CLASS_NAMES[c]} {a:.2f}' for c, a in enumerate(row['per_class']))
