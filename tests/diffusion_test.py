@@ -25,6 +25,8 @@ def test_cosine_schedule_matches_numpy():
   f = lambda t: np.cos((t + s) / (1 + s) * np.pi / 2) ** 2
   alpha_bar = f(t) / f(0.0)
   expected = np.log(alpha_bar / (1 - alpha_bar))
+  # f32 log(tan^2) against float64: cancellation near the ends, measured 5.3e-6 on values up to
+  # 6.9; 1e-4 leaves ~20x, a wrong offset s or scale is off by >= 1e-2.
   np.testing.assert_allclose(schedules.logsnr_cosine(t), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -35,18 +37,22 @@ def test_schedules_clip_and_decrease():
     logsnr = np.asarray(fn(t))
     assert np.all(np.isfinite(logsnr)), name
     assert logsnr.min() >= -15.0 and logsnr.max() <= 15.0, name
-    assert np.all(np.diff(logsnr) <= 1e-6), f'{name} must decrease with t'
+    # f32 logsnr up to 15 has an ulp of 9.5e-7: the old 1e-6 slack was one ulp on the flat
+    # (clipped) ends; 1e-5 is ~10 ulp, while a real increase over a 0.01 step is far larger.
+    assert np.all(np.diff(logsnr) <= 1e-5), f'{name} must decrease with t'
 
 
 def test_linear_schedule_matches_numpy():
   t = np.linspace(0.0, 1.0, 11)
   expected = np.clip(-np.log(np.expm1(1e-4 + 10 * t**2)), -20, 20)
+  # f32 expm1/log against float64, values up to 10 (clipped at 20): measured 7.5e-7; 1e-4 abs.
   np.testing.assert_allclose(schedules.logsnr_linear(t), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_shifted_cosine_is_cosine_plus_shift():
   t = np.linspace(0.1, 0.9, 9)
   shifted = schedules.logsnr_shifted_cosine(t, resolution=256, base_resolution=64)
+  # Same f32 cosine plus a constant: one extra rounding (~5e-7 at |x| ~ 6.5), 1e-5 is ~20 ulp.
   np.testing.assert_allclose(
     shifted, schedules.logsnr_cosine(t) + 2 * np.log(64 / 256), rtol=1e-5, atol=1e-5
   )
@@ -79,10 +85,15 @@ def test_q_sample_and_conversions_round_trip(batch):
   a, s = np_alpha_sigma(logsnr)
   a, s = a[:, None, None, None], s[:, None, None, None]
   z = gaussian.q_sample(x=x, logsnr=logsnr, noise=eps)
-  np.testing.assert_allclose(z, a * x + s * eps, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-6)
+  # f32 a x + s eps with |terms| up to ~4: where they cancel, the error is an ulp of the terms
+  # (4.8e-7), so the old atol=1e-6 was ~2 ulp; 1e-5 (~20 ulp) holds across ISAs and FMA
+  # contraction, while a wrong alpha or sigma is off by >= 1e-2. Measured 2.4e-7.
+  np.testing.assert_allclose(z, a * x + s * eps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(a**2 + s**2, 1.0, rtol=1e-6)  # NumPy f32: 1 ulp measured, 1e-6 ~ 8
   v = gaussian.v_from_x_eps(x=x, eps=eps, logsnr=logsnr)
-  np.testing.assert_allclose(v, a * eps - s * x, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(v, a * eps - s * x, rtol=1e-5, atol=1e-5)  # as z above
+  # Round trips in f32: dividing by alpha (0.05 at logsnr -6) or sigma amplifies the ~5e-7 error
+  # of z by up to 20x (measured 3.5e-6); 1e-3 (1e-4 where nothing is divided) leaves >= 30x.
   np.testing.assert_allclose(gaussian.x_from_v(z=z, v=v, logsnr=logsnr), x, atol=1e-4)
   np.testing.assert_allclose(gaussian.eps_from_v(z=z, v=v, logsnr=logsnr), eps, atol=1e-4)
   np.testing.assert_allclose(gaussian.x_from_eps(z=z, eps=eps, logsnr=logsnr), x, atol=1e-3)
@@ -106,6 +117,9 @@ def test_posterior_matches_textbook_formula(batch):
   mean = b(a_ts * s_s**2 / s_t**2) * z_t + b(a_s * var_ts / s_t**2) * x
   var = var_ts * s_s**2 / s_t**2
   got_mean, got_var = gaussian.posterior(z_t=z_t, x=x, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
+  # f32 posterior (exp, sigmoid, a few products) against float64: measured 4e-7 on means up to
+  # 3.2 and 4e-8 on variances up to 0.39, both < 1 % of the allowance; a wrong coefficient is
+  # off by >= 1e-2.
   np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(got_var)[:, 0, 0, 0], var, rtol=1e-4, atol=1e-7)
 
@@ -125,9 +139,10 @@ def test_loss_shape_zero_for_perfect_model_and_weighting(batch):
       objective=objective,
     )
     assert loss.shape == (5,)
-    np.testing.assert_allclose(loss, 0.0, atol=1e-10)
+    np.testing.assert_allclose(loss, 0.0, atol=1e-10)  # exact: target - target is 0
 
-  # A model that predicts zeros pays the weighted mean square of the target.
+  # A model that predicts zeros pays the weighted mean square of the target. f32 mean of 48
+  # squares times a weight: ~sqrt(48) ulp (measured 2e-7 relative), rtol 1e-5 is 50x that.
   snr = np.exp(logsnr)
   expected_w = {
     'eps': np.minimum(snr, 5) / snr,
@@ -159,6 +174,7 @@ def test_min_snr_weights_are_the_same_x0_weighting():
   to_x0_factor = {'eps': snr, 'v': 1 + snr, 'x0': np.ones_like(snr)}
   for objective, factor in to_x0_factor.items():
     w = losses.loss_weight(logsnr=logsnr, objective=objective, weighting='min_snr')
+    # f32 exp / min / divide: a few ulp (measured 1e-7 relative); rtol 1e-5 leaves 100x.
     np.testing.assert_allclose(np.asarray(w) * factor, np.minimum(snr, 5.0), rtol=1e-5)
 
 
@@ -176,9 +192,11 @@ def test_cfg_scale_one_is_exactly_conditional():
   rng = np.random.default_rng(1)
   cond, uncond = rng.normal(size=(2, 3, 8)).astype(np.float32)
   out = guidance.classifier_free_guidance(pred_cond=cond, pred_uncond=uncond, scale=1.0)
-  np.testing.assert_array_equal(out, cond)
+  np.testing.assert_array_equal(out, cond)  # exact: cond + (1 - 1) * (cond - uncond)
   out = guidance.classifier_free_guidance(pred_cond=cond, pred_uncond=uncond, scale=3.0)
-  np.testing.assert_allclose(out, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-6)
+  # f32 with intermediates up to ~9 (ulp 9.5e-7): where the result cancels to ~0 the old
+  # atol=1e-6 was one ulp; 1e-5 (~10 ulp) allows any evaluation order, a wrong scale is O(1).
+  np.testing.assert_allclose(out, uncond + 3.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
 
 
 def test_guided_prediction_uses_one_batched_call():
@@ -191,6 +209,7 @@ def test_guided_prediction_uses_one_batched_call():
   z, logsnr = jnp.zeros((3, 2)), jnp.zeros(3)
   out = guidance.guided_prediction(model_fn=model_fn, z=z, logsnr=logsnr, scale=4.0)
   assert calls == [6]
+  # Exact: small integers (cond 1, uncond -1) are exact in f32 under any evaluation order.
   np.testing.assert_allclose(out, 1.0 + 3.0 * 2.0)  # cond + (s - 1)(cond - uncond)
   out = guidance.guided_prediction(model_fn=model_fn, z=z, logsnr=logsnr, scale=1.0)
   assert calls == [6, 3]
@@ -200,6 +219,7 @@ def test_guided_prediction_uses_one_batched_call():
 def test_thresholding_bounds_and_identity_inside_range():
   rng = np.random.default_rng(2)
   inside = rng.uniform(-0.99, 0.99, size=(4, 8, 8, 3)).astype(np.float32)
+  # Exact: inside [-1, 1] both thresholds clip nothing and divide by exactly 1.
   np.testing.assert_array_equal(guidance.dynamic_threshold(inside), inside)
   np.testing.assert_array_equal(guidance.static_threshold(inside), inside)
   wild = 5.0 * rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
@@ -209,6 +229,7 @@ def test_thresholding_bounds_and_identity_inside_range():
   # Dynamic: the p-quantile of |x0| maps to 1, and sign and ordering are kept.
   out = np.asarray(guidance.dynamic_threshold(wild, percentile=0.9))
   s = np.quantile(np.abs(wild.reshape(4, -1)), 0.9, axis=1)
+  # f32 quantile (interpolated) and divide vs NumPy: a few ulp (measured 1.2e-7), rtol 1e-5.
   np.testing.assert_allclose(
     out,
     np.clip(wild, -s[:, None, None, None], s[:, None, None, None]) / s[:, None, None, None],
@@ -216,6 +237,7 @@ def test_thresholding_bounds_and_identity_inside_range():
   )
   # The upper clamp c caps the threshold: s = min(quantile, c) -> saturates more.
   capped = np.asarray(guidance.dynamic_threshold(wild, percentile=0.9, max_threshold=1.5))
+  # f32 clip and one division (XLA may multiply by 1/1.5: 1 ulp); rtol 1e-6 is ~8 ulp.
   np.testing.assert_allclose(capped, np.clip(wild, -1.5, 1.5) / 1.5, rtol=1e-6)
   np.testing.assert_array_equal(guidance.threshold(wild, method='none'), wild)
 
@@ -227,16 +249,21 @@ def test_noise_condition_aug_levels():
   aug, level = guidance.noise_condition_aug(
     lowres=lowres, aug_level=0.2, noise=noise, schedule=schedule
   )
-  np.testing.assert_allclose(level, [0.2, 0.2, 0.2])
+  # f32(0.2) against 0.2: representation error 1.5e-8 only, so the old default rtol=1e-7 held
+  # by 7x; 1e-6 also allows arithmetic on the level, a wrong level is off by >= 1e-3.
+  np.testing.assert_allclose(level, [0.2, 0.2, 0.2], rtol=1e-6)
   a, s = gaussian.alpha_sigma(schedule(jnp.float32(0.2)))
-  np.testing.assert_allclose(aug, a * lowres + s * noise, rtol=1e-5)
+  # Same f32 formula both sides (measured 1.2e-7); atol covers results that cancel near 0.
+  np.testing.assert_allclose(aug, a * lowres + s * noise, rtol=1e-5, atol=1e-6)
   clean, _ = guidance.noise_condition_aug(
     lowres=lowres, aug_level=0.0, noise=noise, schedule=schedule
   )
+  # Not rounding but math: at level 0 sigma = exp(-logsnr_max / 2) is tiny, not 0 (measured
+  # 1.2e-4); 1e-3 bounds it, any real augmentation is >= 1e-2.
   np.testing.assert_allclose(clean, lowres, atol=1e-3)
   levels = guidance.training_aug_levels(jax.random.key(1), batch_size=1000, max_level=0.5)
   assert levels.shape == (1000,) and 0 <= levels.min() and levels.max() <= 0.5
-  assert abs(float(levels.mean()) - 0.25) < 0.03
+  assert abs(float(levels.mean()) - 0.25) < 0.03  # U(0, 0.5), n=1000: 6.5 standard errors
 
 
 # ------------------------------------------- samplers against an analytic Gaussian mixture
@@ -298,7 +325,9 @@ def test_sampler_matches_gaussian_mixture(name, steps):
   """Samples from the exact denoiser must reproduce the data distribution.
 
   Tolerances (4000 samples): mixture weights +-0.03 (about 4 standard errors), component
-  means +-0.06, component spreads within 12 % of the truth.
+  means +-0.06, component spreads within 12 % of the truth. The draws are fixed by the key (same
+  threefry bits on every backend); float differences across CPUs or GPU move these statistics by
+  ~1e-5, far inside the margins, while a sign error in a sampler update ruins them.
   """
   x = run_sampler(name, steps)
   assert np.all(np.isfinite(x))
@@ -314,11 +343,13 @@ def test_samplers_deterministic_given_key():
   b = samplers.sample_ancestral(
     denoise_fn=mixture_denoiser, logsnrs=logsnrs, shape=(4000, 2), rng=jax.random.key(123)
   )
-  np.testing.assert_array_equal(a, np.asarray(b))
+  # jit(sample('ddpm')) and the direct call are two XLA programs over the same f32 ops and key:
+  # equal today, but fusion may round differently; a key mix-up would be O(1) off, not 1e-5.
+  np.testing.assert_allclose(a, np.asarray(b), rtol=0, atol=1e-5)
   c = samplers.sample_ancestral(
     denoise_fn=mixture_denoiser, logsnrs=logsnrs, shape=(4000, 2), rng=jax.random.key(7)
   )
-  assert not np.allclose(a, np.asarray(c))
+  assert not np.allclose(a, np.asarray(c))  # another key: O(1) apart
 
 
 def test_ddim_eta_one_is_stochastic_and_correct():
@@ -348,6 +379,8 @@ def test_samplers_with_guidance_and_thresholding_stay_in_range():
       name, denoise_fn=denoise, logsnrs=logsnrs, shape=(8, 4), rng=jax.random.key(0)
     )
     x = np.asarray(x)
+    # Slack for f32 rounding and residual noise at the last step; without thresholding, CFG 3
+    # on targets +-0.9 overshoots 1 by far more.
     assert np.all(np.abs(x) <= 1.0 + 1e-3), name
     assert np.all(x > 0.9), name  # guidance pushes toward the conditional mode and beyond
 
