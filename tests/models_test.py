@@ -69,7 +69,7 @@ def test_output_shape_and_dtype_base():
   x, logsnr, text_embs, text_mask, _ = _inputs(config)
   out = _forward(model, x, logsnr, text_embs, text_mask, None)
   assert out.shape == x.shape and out.dtype == jnp.float32
-  # Zero-initialised output conv: a fresh model predicts exactly zero.
+  # Zero-initialised output conv: a fresh model predicts exactly zero (0 * finite = 0).
   np.testing.assert_array_equal(np.asarray(out), 0.0)
 
 
@@ -89,6 +89,7 @@ def test_output_shape_and_dtype_sr():
   # The low-res image and the aug level both condition the output.
   out_lowres = _forward_sr(model, x, logsnr, text_embs, text_mask, -lowres, aug)
   out_aug = _forward_sr(model, x, logsnr, text_embs, text_mask, lowres, 1 - aug)
+  # "Differs" checks (np.allclose defaults): rounding can never make a real change look equal.
   assert not np.allclose(out, out_lowres) and not np.allclose(out, out_aug)
   with pytest.raises(ValueError, match='lowres'):
     model(x, logsnr, text_embs, text_mask)
@@ -111,6 +112,9 @@ def test_masked_text_tokens_change_nothing(tiny_model):
   garbage = 100.0 * jax.random.normal(jax.random.key(7), text_embs.shape)
   changed = jnp.where(text_mask[..., None], text_embs, garbage)
   out_changed = _forward(tiny_model, x, logsnr, changed, text_mask, no_drop)
+  # f32, same compiled function and shapes: masked keys get exactly zero attention weight, so
+  # the outputs match bitwise (measured 0). 1e-5 on outputs O(1) only allows an additive-mask
+  # implementation's rounding; garbage of scale 100 that leaked would move them by O(1).
   np.testing.assert_allclose(out, out_changed, atol=1e-5)
   # ...while a visible token does change the output.
   visible = text_embs.at[:, 0].add(1.0)
@@ -120,6 +124,8 @@ def test_masked_text_tokens_change_nothing(tiny_model):
 def test_drop_text_ignores_text_inputs(tiny_model):
   x, logsnr, text_embs, text_mask, _ = _inputs(PRESETS['tiny'])
   drop = jnp.array([True, False])
+  # atol 1e-5 below: f32, same compiled function, dropped text is masked out exactly (measured
+  # 0); text that still reached the output would change it by O(0.1-1).
   out = _forward(tiny_model, x, logsnr, text_embs, text_mask, drop)
   other_embs = jax.random.normal(jax.random.key(3), text_embs.shape)
   other_mask = jnp.ones_like(text_mask)
@@ -155,6 +161,9 @@ def test_remat_same_output_and_gradient():
     return jax.jit(jax.value_and_grad(loss))(params)
 
   (l0, g0), (l1, g1) = [loss_and_grad(m) for m in models]
+  # f32, two programs (remat recomputes the forward inside the backward), so fusion and
+  # rounding may differ: loss ~1 ulp, gradients (|g| <= 0.024) measured 2e-9. rtol 1e-4 with
+  # atol 1e-6 (4e-5 of the largest gradient) leaves > 100x; a wrong recomputation is O(1) off.
   np.testing.assert_allclose(l0, l1, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
