@@ -97,6 +97,7 @@ def _take(iterator, n):
 
 
 def _assert_batches_equal(a, b):
+  """Exact: the same records through the same deterministic NumPy preprocessing (no jit)."""
   assert len(a) == len(b)
   for x, y in zip(a, b, strict=True):
     assert x.keys() == y.keys()
@@ -334,6 +335,7 @@ def test_with_the_real_embedding_cache(tmp_path):
   assert batch['text_embs'].shape == (4, 16, cache.dim)
   captions = [f'solid colour number {i}' for i in _ids(batch)]
   text_embs, text_mask = cache.lookup(captions)
+  # Exact: both are the same cached bfloat16 values widened to float32.
   np.testing.assert_array_equal(batch['text_embs'], text_embs)
   np.testing.assert_array_equal(batch['text_mask'], text_mask)
   assert batch['text_mask'].any(axis=1).all()
