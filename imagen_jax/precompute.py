@@ -2,19 +2,27 @@
 
   python -m imagen_jax.precompute --config=configs/base64.py --workdir=runs/base64
   python -m imagen_jax.precompute --config=configs/base64.py --config.text.encoder=t5-tiny-random
+  # several hosts (same command on each; text.cache_dir on shared storage):
+  python -m imagen_jax.precompute --config=configs/base64.py --workdir=/shared/runs/base64 \
+      --distributed
 
 Reads the captions from `config.data` (imagen_jax.data.sources), encodes them with
 `config.text.encoder` on all local devices (batch sharded over a ('data', 'fsdp') mesh, the
 encoder's matrices sharded over the same devices) and writes `config.text.cache_dir/<key>/`.
-An interrupted run resumes from its last finished shard. train.py calls `open_or_build_cache`.
+With several JAX processes, each one encodes its share of the cache's shards on its own
+devices (`cache.shard_assignment`) and process 0 completes the manifest; the files are the
+same bytes as a one-process build. An interrupted run resumes with the shards not yet done.
+train.py calls `open_or_build_cache` on every process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import pathlib
+from typing import Any
 
 import jax
 import ml_collections
@@ -59,26 +67,67 @@ def resolve_cache_dir(config: ml_collections.ConfigDict, workdir: str | os.PathL
     config.text.cache_dir = str(pathlib.Path(workdir).expanduser().absolute() / cache_dir)
 
 
+class JaxProcesses:
+  """`cache.Processes` over the JAX processes (`jax.distributed.initialize`d)."""
+
+  def __init__(self):
+    self.index = jax.process_index()
+    self.count = jax.process_count()
+
+  def barrier(self, name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f'imagen_jax:{name}')
+
+  def allgather(self, value: Any) -> list[Any]:
+    """JSON values of every process, in process order (bytes through process_allgather)."""
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: data.size] = data
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.count, -1)
+    return [
+      json.loads(row[: int(n)].tobytes().decode())
+      for row, n in zip(gathered, np.asarray(sizes).reshape(-1), strict=True)
+    ]
+
+
+def processes() -> cache_lib.Processes:
+  """The processes that build a cache together: all JAX processes, or this one alone."""
+  return JaxProcesses() if jax.process_count() > 1 else cache_lib.SingleProcess()
+
+
 def _source(config: ml_collections.ConfigDict):
   from imagen_jax.data import sources
 
   return sources.build_source(config.data)
 
 
-def precompute(config: ml_collections.ConfigDict) -> cache_lib.EmbeddingCache:
-  """Encodes every caption of `config.data` into the cache (resuming a partial build)."""
+def precompute(
+  config: ml_collections.ConfigDict, *, progress: bool = True
+) -> cache_lib.EmbeddingCache:
+  """Encodes every caption of `config.data` into the cache (resuming a partial build).
+
+  With several JAX processes, every process must call this (see `open_or_build_cache`).
+  """
   from imagen_jax.text import encoder as encoder_lib
 
   source = _source(config)
   captions = list(source.captions())
   fingerprint = source.fingerprint()
   mesh = make_encoder_mesh(config)
+  procs = processes()
   log.info(
-    'Precomputing %s embeddings of %d captions (max_length %d) on %d device(s) into %s.',
+    'Precomputing %s embeddings of %d captions (max_length %d) on %d device(s) of process %d '
+    'of %d into %s.',
     config.text.encoder,
     len(captions),
     config.text.max_length,
     1 if mesh is None else mesh.devices.size,
+    procs.index,
+    procs.count,
     config.text.cache_dir,
   )
   encoder = encoder_lib.load_text_encoder(
@@ -94,7 +143,8 @@ def precompute(config: ml_collections.ConfigDict) -> cache_lib.EmbeddingCache:
     dataset_fingerprint=fingerprint,
     shard_size=int(config.text.get('cache_shard_size', 4096)),
     batch_size=_batch_size(config, mesh),
-    progress=True,
+    progress=progress and procs.index == 0,
+    processes=procs,
   )
   log.info('Embedding cache ready: %s %s', cache.path, cache.stats())
   return cache
@@ -105,21 +155,36 @@ def open_or_build_cache(
 ) -> cache_lib.EmbeddingCache:
   """Opens the cache for (config.text, config.data); builds / resumes it if allowed.
 
-  Raises CacheError (naming the fix) when it is missing, stale or incomplete and
-  `build_if_missing` is False.
+  Call it on every process of a multi-process run: when the cache is missing or
+  incomplete, all processes build it together (each its share of the shards, on its own
+  devices) and all return the same opened cache; `text.cache_dir` must be on storage they
+  share. Raises CacheError (naming the fix, the same on every process) when it is missing,
+  stale or incomplete and `build_if_missing` is False.
   """
   source = _source(config)
+  procs = processes()
   try:
-    return cache_lib.EmbeddingCache.open(
-      config.text.cache_dir,
-      encoder_name=config.text.encoder,
-      max_length=config.text.max_length,
-      dataset_fingerprint=source.fingerprint(),
+    cache, problem = (
+      cache_lib.EmbeddingCache.open(
+        config.text.cache_dir,
+        encoder_name=config.text.encoder,
+        max_length=config.text.max_length,
+        dataset_fingerprint=source.fingerprint(),
+      ),
+      None,
     )
   except cache_lib.CacheError as e:
-    if not build_if_missing:
-      raise
-    log.warning('%s Building it now.', e)
+    cache, problem = None, str(e)
+  # Every process takes the same branch (a barrier inside build_cache would hang otherwise).
+  problems = procs.allgather(problem)
+  first = next(((i, p) for i, p in enumerate(problems) if p), None)
+  if first is None:
+    return cache
+  if not build_if_missing:
+    index, message = first
+    raise cache_lib.CacheError(message if procs.count == 1 else f'process {index}: {message}')
+  if procs.index == 0:
+    log.warning('%s Building it now.', first[1])
   return precompute(config)
 
 
@@ -139,16 +204,26 @@ def _run_cli() -> None:
     'relative to it, as train.py does (without it: relative to the current directory).',
   )
 
+  distributed_flag = flags.DEFINE_bool(
+    'distributed',
+    False,
+    'Call jax.distributed.initialize() first: run the same command on every host; each '
+    'encodes its share of the captions (text.cache_dir on shared storage).',
+  )
+
   def main(argv) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
       raise app.UsageError('--config is required, e.g. --config=configs/base64.py.')
+    if distributed_flag.value:
+      jax.distributed.initialize()
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
     cache = precompute(config)
-    print(cache.path)
+    if jax.process_index() == 0:
+      print(cache.path)
 
   cli.run(main)
 

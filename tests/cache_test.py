@@ -163,13 +163,10 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
     env=dict(os.environ),
   )
   deadline = time.time() + 120
-  shards_done = 0
+  markers = []
   while time.time() < deadline and proc.poll() is None:
-    try:
-      shards_done = len(json.loads(manifest_path.read_text())['shards'])
-    except (OSError, ValueError):
-      shards_done = 0
-    if shards_done >= 1:
+    markers = sorted((killed_root / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
+    if markers:
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)
@@ -177,8 +174,13 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
 
   manifest = json.loads(manifest_path.read_text())
-  assert not manifest['complete'] and 1 <= len(manifest['shards']) < 6
-  first = killed_root / key / manifest['shards'][0]['files']['embs']
+  markers = sorted((killed_root / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
+  assert not manifest['complete'] and 1 <= len(markers) < 6
+  with pytest.raises(cache_lib.CacheError, match=f'incomplete: {len(markers)} of 6 shards'):
+    cache_lib.EmbeddingCache.open(
+      str(killed_root), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+    )
+  first = killed_root / key / json.loads(markers[0].read_text())['shard']['files']['embs']
   first_stat = first.stat()
 
   resumed = cache_lib.build_cache(
@@ -191,7 +193,7 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   assert first.stat().st_ino == first_stat.st_ino
   names = sorted(p.name for p in clean.path.iterdir())
   assert names == sorted(p.name for p in resumed.path.iterdir())
-  assert not [n for n in names if '.tmp-' in n]
+  assert not [n for n in names if '.tmp-' in n or n.endswith(cache_lib.DONE_SUFFIX)]
   shard_files = [n for n in names if n.startswith('shard-')]
   assert len(shard_files) == 18  # 6 shards x (embs, offsets, hashes)
   for name in shard_files:
@@ -213,3 +215,84 @@ def test_complete_cache_is_reused_not_rebuilt(built, tiny_encoder):
   )
   assert again.path == cache.path
   assert {p.name: p.stat().st_mtime_ns for p in cache.path.iterdir()} == before
+
+
+class _ThreadProcesses:
+  """`cache.Processes` for threads standing in for processes (barrier + allgather)."""
+
+  def __init__(self, shared: dict, index: int, count: int):
+    self.shared, self.index, self.count = shared, index, count
+
+  def barrier(self, name: str) -> None:
+    self.shared['barrier'].wait(timeout=60)
+
+  def allgather(self, value):
+    slots = self.shared.setdefault('slots', [None] * self.count)
+    self.barrier('before')
+    slots[self.index] = value
+    self.barrier('written')
+    gathered = list(slots)
+    self.barrier('read')
+    return gathered
+
+
+def _build_in_threads(root, caption_lists, encoder) -> list:
+  import threading
+
+  shared = {'barrier': threading.Barrier(len(caption_lists))}
+  results = [None] * len(caption_lists)
+
+  def run(i):
+    try:
+      results[i] = cache_lib.build_cache(
+        str(root),
+        caption_lists[i],
+        encoder,
+        dataset_fingerprint='fp',
+        shard_size=4,
+        batch_size=2,
+        progress=False,
+        processes=_ThreadProcesses(shared, i, len(caption_lists)),
+      )
+    except Exception as e:  # noqa: BLE001 - returned to the test
+      results[i] = e
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(len(caption_lists))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=120)
+  assert not any(t.is_alive() for t in threads), 'a build thread hangs'
+  return results
+
+
+@pytest.mark.unit
+def test_shard_assignment_covers_every_shard_once():
+  for count in (1, 2, 3, 7):
+    for done in ([], [0, 3, 4]):
+      parts = [cache_lib.shard_assignment(6, done, i, count) for i in range(count)]
+      assert sorted(s for p in parts for s in p) == [i for i in range(6) if i not in done]
+
+
+@pytest.mark.unit
+def test_three_process_build_equals_one_process(tmp_path, tiny_encoder):
+  one = cache_lib.build_cache(
+    str(tmp_path / 'one'), CAPTIONS, tiny_encoder, dataset_fingerprint='fp', shard_size=4,
+    batch_size=2, progress=False,
+  )  # fmt: skip
+  results = _build_in_threads(tmp_path / 'three', [CAPTIONS] * 3, tiny_encoder)
+  assert all(isinstance(r, cache_lib.EmbeddingCache) for r in results), results
+  assert results[0].build_report['processes'] == 3
+  assert results[0].build_report['captions'] == len(CAPTIONS)
+  names = sorted(p.name for p in one.path.iterdir())
+  assert names == sorted(p.name for p in results[0].path.iterdir())
+  for name in names:
+    assert (one.path / name).read_bytes() == (results[0].path / name).read_bytes(), name
+
+
+@pytest.mark.unit
+def test_processes_with_other_captions_all_refuse(tmp_path, tiny_encoder):
+  results = _build_in_threads(tmp_path, [CAPTIONS, CAPTIONS[:-1]], tiny_encoder)
+  for r in results:  # every process raises the same error, none hangs
+    assert isinstance(r, cache_lib.CacheError) and 'Processes [1]' in str(r), r
+  assert not list(tmp_path.iterdir())  # nothing was written

@@ -10,11 +10,15 @@ Layout under `root/<cache_key>/` (root is `config.text.cache_dir`):
   ...
 
 Captions are deduplicated, sorted (so the layout does not depend on the source's order) and
-split into shards of `shard_size`.
-Every file is written to a temporary name and renamed; a shard counts as done only once the
-manifest (also renamed into place) lists it. An interrupted build resumes at the first shard
-not listed, and because a shard's content depends only on its captions, the encoder and the
-batch size, a killed-then-resumed build writes byte-identical shards to an uninterrupted one.
+split into shards of `shard_size`: shard i holds the same captions whatever the number of
+processes that build the cache. Every file is written to a temporary name and renamed. A
+finished shard gets a `shard-NNNNN.done.json` marker; once every shard is done, process 0
+lists them all in the manifest (also renamed into place), marks it complete and removes the
+markers. Several processes (hosts) build one cache together by each encoding its share of
+the shards (`build_cache(processes=...)`). An interrupted build resumes with the shards not
+yet done, and because a shard's content depends only on its captions, the encoder and the
+batch size, a killed-then-resumed or multi-process build writes byte-identical files to an
+uninterrupted single-process one.
 
 Readers memory-map the shards (`np.load(mmap_mode='r')`), so lookups are cheap in data-loader
 worker processes; an `EmbeddingCache` pickles as (path, manifest) and reopens lazily.
@@ -29,8 +33,9 @@ import math
 import os
 import pathlib
 import re
+import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
+DONE_SUFFIX = '.done.json'  # per-shard marker of a build in progress
 PRECOMPUTE_HINT = 'python -m imagen_jax.precompute --config=<your config>'
 _KEY_FIELDS = ('encoder', 'max_length', 'dataset_fingerprint')
 
@@ -154,6 +160,7 @@ class EmbeddingCache:
     self.path = pathlib.Path(path)
     self.manifest = manifest
     self._loaded = None  # (embs mmaps, offsets, sorted hashes, shard ids, rows), lazily
+    self.build_report: dict[str, Any] | None = None  # encoding speed, when just built
 
   @classmethod
   def open(
@@ -183,9 +190,11 @@ class EmbeddingCache:
         f'`{PRECOMPUTE_HINT}`.'
       )
     if not manifest.get('complete'):
-      done = sum(s['num_captions'] for s in manifest.get('shards', []))
+      shards = {s['index']: s for s in manifest.get('shards', [])}
+      shards.update(_read_markers(path, _header_digest(_manifest_header(manifest))))
+      done = sum(s['num_captions'] for s in shards.values())
       raise CacheError(
-        f'Embedding cache {str(path)!r} is incomplete: {len(manifest.get("shards", []))} of '
+        f'Embedding cache {str(path)!r} is incomplete: {len(shards)} of '
         f'{manifest.get("num_shards")} shards ({done} of {manifest.get("num_captions")} '
         f'captions) were written before the build stopped. Rerun `{PRECOMPUTE_HINT}`: it '
         'resumes from the last finished shard.'
@@ -354,6 +363,172 @@ def _encode_shard(
   return tokens, offsets
 
 
+class Processes(Protocol):
+  """The processes that build one cache together (all of them call `build_cache`).
+
+  `index` / `count` are this process's rank and the number of processes; `barrier(name)`
+  returns once every process reached it; `allgather(value)` returns every process's
+  JSON-serialisable `value`, in process order (and is a barrier too).
+  """
+
+  index: int
+  count: int
+
+  def barrier(self, name: str) -> None: ...
+
+  def allgather(self, value: Any) -> list[Any]: ...
+
+
+class SingleProcess:
+  """`Processes` for a build by one process alone."""
+
+  index = 0
+  count = 1
+
+  def barrier(self, name: str) -> None:
+    del name
+
+  def allgather(self, value: Any) -> list[Any]:
+    return [value]
+
+
+def shard_assignment(num_shards: int, done: Sequence[int], index: int, count: int) -> list[int]:
+  """The shards process `index` of `count` encodes: every `count`-th shard not yet done.
+
+  Shard i always holds the same captions (sorted caption list, fixed shard_size), so the
+  assignment changes who writes a shard, never what it holds.
+  """
+  finished = set(done)
+  todo = [i for i in range(num_shards) if i not in finished]
+  return todo[index::count]
+
+
+def _manifest_header(manifest: dict) -> dict:
+  return {k: v for k, v in manifest.items() if k not in ('shards', 'complete', 'stats')}
+
+
+def _header_digest(header: dict) -> str:
+  return hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()
+
+
+def _marker_path(path: pathlib.Path, index: int) -> pathlib.Path:
+  return path / f'shard-{index:05d}{DONE_SUFFIX}'
+
+
+def _read_markers(path: pathlib.Path, digest: str) -> dict[int, dict]:
+  """Shard entries of the `*.done.json` markers written for this header (others ignored)."""
+  found = {}
+  for marker in sorted(path.glob(f'shard-*{DONE_SUFFIX}')):
+    try:
+      data = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+      continue
+    if isinstance(data, dict) and data.get('header_digest') == digest:
+      found[int(data['shard']['index'])] = data['shard']
+  return found
+
+
+def _prepare(path: pathlib.Path, header: dict, digest: str) -> dict:
+  """Process 0, before anyone writes: the manifest to continue from, written to disk.
+
+  Finished shards (listed in the manifest or marked done by any process) that are intact
+  are folded into the manifest's shard list; a manifest for other captions / encoder /
+  layout starts over; leftovers of killed writers (temporary files, markers) are removed.
+  """
+  path.mkdir(parents=True, exist_ok=True)
+  manifest = _read_manifest(path)
+  if manifest is not None:
+    # A complete cache stays valid whatever the shard / batch sizes; a partial one resumes
+    # only with the same layout, so that resumed shards equal uninterrupted ones.
+    layout = ('shard_size', 'batch_size', 'num_shards')
+    fields = [k for k in header if k not in layout or not manifest.get('complete')]
+    changed = sorted(k for k in fields if manifest.get(k) != header[k])
+    if changed:
+      log.warning('Embedding cache %s was built with other %s; rebuilding it.', path, changed)
+      manifest = None
+  if manifest is not None and manifest.get('complete'):
+    return manifest
+  markers = _read_markers(path, digest) if manifest is not None else {}
+  if manifest is None:
+    manifest = {**header, 'shards': [], 'complete': False}
+  listed = {s['index']: s for s in manifest['shards']}
+  candidates = {**listed, **markers}
+  done = {i: s for i, s in candidates.items() if _shard_is_intact(path, s, header['dim'])}
+  manifest['shards'] = [done[i] for i in sorted(done)]
+  _atomic_write_json(path / MANIFEST, manifest)
+  for stale in [*path.glob('*.tmp-*'), *path.glob(f'shard-*{DONE_SUFFIX}')]:
+    stale.unlink(missing_ok=True)  # markers are now in the manifest
+  return manifest
+
+
+def _count_tokens(encoder: TextEncoder, captions: Sequence[str], chunk: int = 8192) -> int | None:
+  """Real tokens (EOS included, truncated at max_length) the encoder will store for
+  `captions`; None when the encoder exposes no Hugging Face tokenizer."""
+  hf_tokenizer = getattr(getattr(encoder, 'tokenizer', None), 'hf_tokenizer', None)
+  if hf_tokenizer is None:
+    return None
+  total = 0
+  for start in range(0, len(captions), chunk):
+    ids = hf_tokenizer(
+      list(captions[start : start + chunk]), max_length=encoder.max_length, truncation=True
+    )['input_ids']
+    total += sum(len(i) for i in ids)
+  return total
+
+
+def _gib(num_bytes: float) -> str:
+  return f'{num_bytes / 2**30:.3f} GiB' if num_bytes >= 2**27 else f'{num_bytes / 2**20:.2f} MiB'
+
+
+def _agree(processes: Processes, problem: str | None) -> None:
+  """Every process raises CacheError (the same message) if any process found a problem."""
+  problems = [p for p in processes.allgather(problem) if p]
+  if problems:
+    raise CacheError(problems[0])
+
+
+def _finish(path: pathlib.Path, header: dict, digest: str, num_captions: int) -> str | None:
+  """Process 0, after every process encoded its shards: the complete manifest, or why not."""
+  manifest = _read_manifest(path) or {**header, 'shards': [], 'complete': False}
+  candidates = {s['index']: s for s in manifest['shards']}
+  candidates.update(_read_markers(path, digest))
+  done = {i: s for i, s in candidates.items() if _shard_is_intact(path, s, header['dim'])}
+  missing = [i for i in range(header['num_shards']) if i not in done]
+  manifest['shards'] = [done[i] for i in sorted(done)]
+  if missing:
+    _atomic_write_json(path / MANIFEST, manifest)
+    return (
+      f'Embedding cache {str(path)!r} is incomplete after the build: shards {missing[:10]} '
+      f'({len(missing)} of {header["num_shards"]}) are missing or damaged (a process '
+      f'stopped early?). Rerun `{PRECOMPUTE_HINT}`: it resumes.'
+    )
+  num_tokens = sum(s['num_tokens'] for s in manifest['shards'])
+  total_bytes = sum(
+    (path / f).stat().st_size for s in manifest['shards'] for f in s['files'].values()
+  )
+  manifest['stats'] = {
+    'num_captions': num_captions,
+    'num_tokens': num_tokens,
+    'tokens_per_caption': num_tokens / num_captions,
+    'total_bytes': total_bytes,
+    'bytes_per_caption': total_bytes / num_captions,
+    'dim': header['dim'],
+    'max_length': header['max_length'],
+    'num_shards': header['num_shards'],
+  }
+  manifest['complete'] = True
+  _atomic_write_json(path / MANIFEST, manifest)
+  for marker in path.glob(f'shard-*{DONE_SUFFIX}'):
+    marker.unlink(missing_ok=True)
+  return None
+
+
+def _say(message: str, progress: bool) -> None:
+  log.info('%s', message)
+  if progress:
+    print(message, flush=True)
+
+
 def build_cache(
   root: str,
   captions: Sequence[str],
@@ -363,11 +538,23 @@ def build_cache(
   shard_size: int = 4096,
   batch_size: int = 64,
   progress: bool = True,
+  processes: Processes | None = None,
 ) -> EmbeddingCache:
   """Encodes the (deduplicated) captions into `root/<cache_key>/`, resuming a partial build.
 
-  Returns the opened cache; its `stats()` (also logged) give bytes per caption and total size.
+  With `processes` (see `Processes`; `precompute.open_or_build_cache` passes the JAX
+  processes), every process calls this with the same captions, encodes its share of the
+  shards (`shard_assignment`) on its own devices and marks each finished shard with a
+  `shard-NNNNN.done.json` file; process 0 then lists them all in the manifest and marks it
+  complete. `root` must be on storage that all processes share. The files are byte-identical
+  to a one-process build with the same `batch_size` (shard i holds the same captions whatever
+  the process count).
+
+  Prints (with `progress`) the caption and token counts and the expected size before
+  encoding, and captions/s per device after. Returns the opened cache; its `stats()` give
+  bytes per caption and total size, and `build_report` this run's encoding speed.
   """
+  processes = processes or SingleProcess()
   if shard_size < 1 or batch_size < 1:
     raise ValueError(f'shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}.')
   bad = [type(c).__name__ for c in captions if not isinstance(c, str)]
@@ -381,7 +568,6 @@ def build_cache(
     raise CacheError('Two different captions share a 64-bit hash; rename one of them.')
 
   path = pathlib.Path(root) / cache_key(encoder.name, encoder.max_length, dataset_fingerprint)
-  path.mkdir(parents=True, exist_ok=True)
   num_shards = math.ceil(len(unique) / shard_size)
   header = {
     'format_version': FORMAT_VERSION,
@@ -396,67 +582,84 @@ def build_cache(
     'batch_size': batch_size,
     'captions_digest': _captions_digest(unique),
   }
-
+  digest = _header_digest(header)
+  digests = processes.allgather(digest)
+  if len(set(digests)) > 1:
+    differ = [i for i, d in enumerate(digests) if d != digests[0]]
+    raise CacheError(
+      f'Processes {differ} would build another embedding cache than process 0 (other '
+      'captions, encoder, max_length or batch size): every process must see the same data '
+      'and config (and the same number of local devices).'
+    )
+  chief = processes.index == 0
+  if chief:
+    _prepare(path, header, digest)
+  processes.barrier('embedding_cache_prepared')
   manifest = _read_manifest(path)
-  if manifest is not None:
-    # A complete cache stays valid whatever the shard / batch sizes; a partial one resumes
-    # only with the same layout, so that resumed shards equal uninterrupted ones.
-    layout = ('shard_size', 'batch_size', 'num_shards')
-    fields = [k for k in header if k not in layout or not manifest.get('complete')]
-    changed = sorted(k for k in fields if manifest.get(k) != header[k])
-    if changed:
-      log.warning('Embedding cache %s was built with other %s; rebuilding it.', path, changed)
-      manifest = None
-  if manifest is not None and manifest.get('complete'):
-    log.info('Embedding cache %s is complete (%d captions).', path, len(unique))
+  _agree(
+    processes,
+    None
+    if manifest is not None
+    else (
+      f'Process {processes.index} does not see the manifest that process 0 wrote in '
+      f'{str(path)!r}: text.cache_dir must be on storage that every host shares.'
+    ),
+  )
+  if manifest.get('complete'):
+    if chief:
+      log.info('Embedding cache %s is complete (%d captions).', path, len(unique))
     return EmbeddingCache(path, manifest)
-  if manifest is None:
-    manifest = {**header, 'shards': [], 'complete': False}
-  for stale in path.glob('*.tmp-*'):
-    stale.unlink(missing_ok=True)
 
-  done = {s['index']: s for s in manifest['shards'] if _shard_is_intact(path, s, encoder.dim)}
-  manifest['shards'] = [done[i] for i in sorted(done)]
-  if done:
-    log.info(
-      'Resuming embedding cache %s: %d of %d shards already done.', path, len(done), num_shards
+  done = {s['index']: s for s in manifest['shards']}
+  mine = shard_assignment(num_shards, list(done), processes.index, processes.count)
+  my_captions = [c for i in mine for c in unique[i * shard_size : (i + 1) * shard_size]]
+  devices = _num_devices(encoder)
+  counts = processes.allgather([_count_tokens(encoder, my_captions), len(my_captions)])
+  if chief:
+    todo_tokens = [t for t, _ in counts]
+    tokens = (
+      None
+      if None in todo_tokens
+      else sum(todo_tokens) + sum(s['num_tokens'] for s in done.values())
+    )
+    size = 'unknown' if tokens is None else _gib(tokens * encoder.dim * 2)
+    _say(
+      f'Embedding cache {path}: {len(unique)} captions ({len(captions) - len(unique)} '
+      f'duplicates dropped), {tokens if tokens is not None else "?"} tokens, about {size} on '
+      f'disk (tokens x dim {encoder.dim} x 2 bytes, bfloat16). {len(done)} of {num_shards} '
+      f'shards already done; encoding {sum(n for _, n in counts)} captions on '
+      f'{processes.count} process(es) x {devices} device(s).',
+      progress,
     )
 
   try:
     from tqdm.auto import tqdm
 
     bar = tqdm(
-      total=len(unique),
-      initial=sum(s['num_captions'] for s in done.values()),
-      unit='caption',
-      desc='Encoding captions',
-      disable=not progress,
+      total=len(my_captions), unit='caption', desc='Encoding captions', disable=not progress
     )
   except ImportError:  # tqdm is a requirement; keep building without a bar if it is absent
     bar = None
-  for index in range(num_shards):
-    if index in done:
-      continue
+  started = time.perf_counter()
+  for index in mine:
     shard_captions = unique[index * shard_size : (index + 1) * shard_size]
     tokens, offsets = _encode_shard(shard_captions, encoder, batch_size)
     files = _shard_files(index)
     _atomic_save(path / files['embs'], tokens)
     _atomic_save(path / files['offsets'], offsets)
     _atomic_save(path / files['hashes'], hashes[index * shard_size : (index + 1) * shard_size])
-    manifest['shards'].append(
-      {
-        'index': index,
-        'num_captions': len(shard_captions),
-        'num_tokens': int(offsets[-1]),
-        'files': files,
-      }
-    )
-    manifest['shards'].sort(key=lambda s: s['index'])
-    _atomic_write_json(path / MANIFEST, manifest)
+    entry = {
+      'index': index,
+      'num_captions': len(shard_captions),
+      'num_tokens': int(offsets[-1]),
+      'files': files,
+    }
+    _atomic_write_json(_marker_path(path, index), {'header_digest': digest, 'shard': entry})
     if bar is not None:
       bar.update(len(shard_captions))
   if bar is not None:
     bar.close()
+  seconds = time.perf_counter() - started
 
   truncated = getattr(getattr(encoder, 'tokenizer', None), 'num_truncated', 0)
   if truncated:
@@ -465,30 +668,45 @@ def build_cache(
       truncated,
       encoder.max_length,
     )
-  num_tokens = sum(s['num_tokens'] for s in manifest['shards'])
-  total_bytes = sum(
-    (path / f).stat().st_size for s in manifest['shards'] for f in s['files'].values()
+  speeds = processes.allgather(
+    {'captions': len(my_captions), 'seconds': seconds, 'devices': devices}
   )
-  manifest['stats'] = {
-    'num_captions': len(unique),
-    'num_tokens': num_tokens,
-    'tokens_per_caption': num_tokens / len(unique),
-    'total_bytes': total_bytes,
-    'bytes_per_caption': total_bytes / len(unique),
-    'dim': encoder.dim,
-    'max_length': encoder.max_length,
-    'num_shards': num_shards,
+  _agree(processes, _finish(path, header, digest, len(unique)) if chief else None)
+  cache = EmbeddingCache(path, _read_manifest(path))
+  cache.build_report = _speed_report(speeds)
+  stats = cache.stats()
+  if chief:
+    _say(
+      f'Embedding cache {path}: {len(unique)} captions, '
+      f'{stats["tokens_per_caption"]:.1f} tokens/caption, '
+      f'{stats["bytes_per_caption"] / 1024:.1f} KiB/caption, {_gib(stats["total_bytes"])}. '
+      f'This run encoded {cache.build_report["captions"]} captions in '
+      f'{cache.build_report["seconds"]:.1f} s: '
+      f'{cache.build_report["captions_per_s_per_device"]:.1f} captions/s per device '
+      f'({cache.build_report["devices"]} devices, compilation included).',
+      progress,
+    )
+  return cache
+
+
+def _num_devices(encoder: TextEncoder) -> int:
+  mesh = getattr(encoder, 'mesh', None)
+  return 1 if mesh is None else int(mesh.devices.size)
+
+
+def _speed_report(speeds: list[dict]) -> dict[str, Any]:
+  """Encoding speed of a build from every process's (captions, seconds, devices)."""
+  captions = sum(s['captions'] for s in speeds)
+  seconds = max(s['seconds'] for s in speeds)
+  devices = sum(s['devices'] for s in speeds)
+  return {
+    'captions': captions,
+    'seconds': seconds,
+    'devices': devices,
+    'processes': len(speeds),
+    'captions_per_s_per_device': captions / max(seconds, 1e-9) / devices,
+    'per_process': [
+      s['captions'] / max(s['seconds'], 1e-9) / s['devices'] if s['captions'] else 0.0
+      for s in speeds
+    ],
   }
-  manifest['complete'] = True
-  _atomic_write_json(path / MANIFEST, manifest)
-  log.info(
-    'Embedding cache %s: %d captions (%d duplicates dropped), %.1f tokens/caption, '
-    '%.1f KiB/caption, %.2f MiB total.',
-    path,
-    len(unique),
-    len(captions) - len(unique),
-    num_tokens / len(unique),
-    total_bytes / len(unique) / 1024,
-    total_bytes / 2**20,
-  )
-  return EmbeddingCache(path, manifest)

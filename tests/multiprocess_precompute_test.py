@@ -1,0 +1,186 @@
+"""Distributed precompute with two real JAX processes on CPU (gloo collectives, a localhost
+coordinator, 2 fake devices each): the cache is byte-identical to a one-process build, and a
+build killed mid-way (both processes) resumes, here on one process, to the same bytes.
+
+Marked `multiprocess` (it opens localhost ports); skipped when a local port cannot be bound.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from imagen_jax.text import cache as cache_lib
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+CAPTIONS = [f'a photo of thing number {i}' + ' and more' * (i % 3) for i in range(22)]
+SHARD_SIZE = 4  # 22 captions -> 6 shards (the last one short)
+TIMEOUT_S = 240
+
+# argv: port num_processes process_id images cache_dir seconds_per_shard
+_CHILD = textwrap.dedent(
+  """
+  import json, sys, time
+  import jax
+
+  port, count, index = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+  if count > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(
+        coordinator_address=f'127.0.0.1:{port}', num_processes=count, process_id=index,
+        initialization_timeout=60)
+  import ml_collections
+  from imagen_jax import precompute
+  from imagen_jax.text import cache
+
+  delay = float(sys.argv[6])
+  if delay:  # slow each shard down so that the parent can kill the build mid-way
+    encode = cache._encode_shard
+    cache._encode_shard = lambda *a: (time.sleep(delay), encode(*a))[1]
+  c = ml_collections.ConfigDict()
+  c.text = ml_collections.ConfigDict(dict(
+      encoder='t5-tiny-random', max_length=16, cache_dir=sys.argv[5],
+      precompute_batch_size=4, cache_shard_size=SHARD_SIZE, auto_precompute=True))
+  c.data = ml_collections.ConfigDict(dict(
+      source='folder', path=sys.argv[4], split='train', image_column='image',
+      caption_column='text', max_skip_fraction=0.0, max_examples=0))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  built = precompute.open_or_build_cache(c, build_if_missing=True)
+  print('REPORT', json.dumps({'path': str(built.path), 'report': built.build_report}), flush=True)
+  """
+).replace('SHARD_SIZE', str(SHARD_SIZE))
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope='module')
+def localhost_ports():
+  try:
+    _free_port()
+  except OSError as e:
+    pytest.skip(f'cannot bind a localhost port: {e}')
+
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+  from PIL import Image
+
+  path = tmp_path_factory.mktemp('images')
+  for i, caption in enumerate(CAPTIONS):
+    Image.new('RGB', (8, 8), (i * 10, 0, 0)).save(path / f'img{i:02d}.png')
+    (path / f'img{i:02d}.txt').write_text(caption, encoding='utf-8')
+  return path
+
+
+def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: float = 0.0):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port = _free_port()
+  return [
+    subprocess.Popen(
+      [sys.executable, '-c', _CHILD, str(port), str(count), str(i), str(images)]
+      + [str(cache_dir), str(delay)],
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(count)
+  ]
+
+
+def _kill(procs) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  for p in procs:
+    p.wait(timeout=30)
+
+
+def _finish(procs) -> list[dict]:
+  """Waits for every process (killing all of them on timeout); their REPORT lines."""
+  deadline = time.time() + TIMEOUT_S
+  try:
+    outputs = [p.communicate(timeout=max(1, deadline - time.time())) for p in procs]
+  except subprocess.TimeoutExpired:
+    _kill(procs)
+    tails = [p.stderr.read()[-2000:] for p in procs]
+    pytest.fail(f'precompute processes did not finish in {TIMEOUT_S} s: {tails}')
+  reports = []
+  for p, (out, err) in zip(procs, outputs, strict=True):
+    assert p.returncode == 0, err[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith('REPORT '))
+    reports.append(json.loads(line[len('REPORT ') :]))
+  return reports
+
+
+def _files(path: pathlib.Path) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope='module')
+def one_process_cache(images, tmp_path_factory):
+  cache_dir = tmp_path_factory.mktemp('cache1')
+  (report,) = _finish(_start(1, images, cache_dir))
+  return pathlib.Path(report['path'])
+
+
+@pytest.mark.multiprocess
+def test_two_processes_build_the_same_bytes(localhost_ports, images, one_process_cache, tmp_path):
+  reports = _finish(_start(2, images, tmp_path / 'cache'))
+  path = pathlib.Path(reports[0]['path'])
+  assert reports[1]['path'] == str(path)
+  report = reports[0]['report']
+  assert report['processes'] == 2 and report['devices'] == 4
+  assert report['captions'] == len(CAPTIONS) and report['captions_per_s_per_device'] > 0
+  assert all(r > 0 for r in report['per_process'])  # both processes encoded shards
+
+  want = _files(one_process_cache)
+  assert sorted(want) == sorted(_files(path))  # no markers or temporary files left
+  assert len([n for n in want if n.startswith('shard-')]) == 3 * 6
+  for name, data in _files(path).items():
+    assert data == want[name], name  # shard files and manifest, byte for byte
+
+
+@pytest.mark.multiprocess
+def test_killed_two_process_build_resumes(localhost_ports, images, one_process_cache, tmp_path):
+  cache_dir = tmp_path / 'cache'
+  key = one_process_cache.name
+  procs = _start(2, images, cache_dir, delay=1.5)
+  deadline, markers = time.time() + TIMEOUT_S, []
+  try:
+    while time.time() < deadline and not markers:
+      assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs]
+      markers = sorted((cache_dir / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)  # one host dies mid-build ...
+    time.sleep(0.5)
+  finally:
+    _kill(procs)  # ... and the job is torn down
+  assert markers, 'no shard finished before the timeout'
+  markers = sorted((cache_dir / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
+  manifest = json.loads((cache_dir / key / cache_lib.MANIFEST).read_text())
+  assert not manifest['complete'] and 1 <= len(markers) < 6
+  done = json.loads(markers[0].read_text())['shard']['files']['embs']
+  before = (cache_dir / key / done).stat()
+
+  (report,) = _finish(_start(1, images, cache_dir))  # resumed by one process
+  assert report['report']['captions'] < len(CAPTIONS)  # only the missing shards were encoded
+  after = (cache_dir / key / done).stat()
+  assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+  want = _files(one_process_cache)
+  got = _files(cache_dir / key)
+  assert sorted(got) == sorted(want)
+  for name, data in got.items():
+    assert data == want[name], name
