@@ -71,7 +71,7 @@ def main(argv):
   logging.getLogger('absl').setLevel(logging.WARNING)
   from imagen_jax import sample_lib
 
-  sample_lib.quiet_orbax_read_only_notes()
+  sample_lib.quiet_orbax_noise()
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:

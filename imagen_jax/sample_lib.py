@@ -31,6 +31,7 @@ import logging
 import os
 import pathlib
 import re
+import sys
 import time
 from collections.abc import Sequence
 
@@ -64,11 +65,26 @@ class _DropOrbaxReadOnlyNotes(logging.Filter):
     return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
 
 
-def quiet_orbax_read_only_notes() -> None:
-  """Entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), nothing else."""
+def quiet_orbax_noise() -> None:
+  """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the
+  "RuntimeError: Event loop is closed" tracebacks that tensorstore read callbacks print (as
+  unraisable exceptions, ~100 of them) after a damaged checkpoint fails to load, which
+  restore_params already reports in one line. Every other log record and exception is kept."""
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_callbacks', False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
 
 
 class SampleError(ValueError):
@@ -224,7 +240,7 @@ def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> casca
       sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
     )
   except checkpoints.CheckpointError as e:
-    raise SampleError(str(e)) from e
+    raise SampleError(' '.join(str(e).split())) from e  # one line, even listing failures
   config, step = restored.config, restored.step
   if restored.failures:
     log.warning(
@@ -350,6 +366,22 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
   return json.loads(json.dumps(settings))
 
 
+def _differences(recorded, current, prefix: str = '') -> list[str]:
+  """'path: recorded -> current' for every JSON leaf that differs."""
+  if isinstance(recorded, dict) and isinstance(current, dict):
+    keys = sorted(set(recorded) | set(current))
+    pairs = [(k, recorded.get(k, '<absent>'), current.get(k, '<absent>')) for k in keys]
+  elif isinstance(recorded, list) and isinstance(current, list) and len(recorded) == len(current):
+    pairs = list(zip(range(len(recorded)), recorded, current, strict=True))
+  else:
+    return [f'{prefix or "sidecar"}: {recorded!r} -> {current!r}'] if recorded != current else []
+  out = []
+  for key, a, b in pairs:
+    path = f'{prefix}[{key}]' if isinstance(key, int) else f'{prefix}.{key}' if prefix else key
+    out += _differences(a, b, path)
+  return out
+
+
 def _check_existing_sidecars(
   req: SampleRequest, paths: Sequence[tuple[pathlib.Path, pathlib.Path]], settings: dict
 ) -> None:
@@ -366,7 +398,7 @@ def _check_existing_sidecars(
       ) from e
     recorded = {k: v for k, v in recorded.items() if k not in ('prompt', 'image_index')}
     if recorded != settings:
-      diffs = checkpoints.config_differences(recorded, settings)
+      diffs = _differences(recorded, settings)
       raise SampleError(
         f'--skip_existing: {side} was made with other settings ({"; ".join(diffs[:3])}); '
         'rerun with the same seed and settings, choose another --out, or pass --overwrite.'
@@ -387,8 +419,23 @@ def _write_grid(paths: Sequence[pathlib.Path], out: pathlib.Path) -> None:
 
 def run(req: SampleRequest) -> list[pathlib.Path]:
   """Sample, write PNGs + sidecars batch by batch, then the grid; returns every PNG path of
-  the last stage (made now or, with skip_existing, already there)."""
+  the last stage (made now or, with skip_existing, already there).
+
+  On a SampleError nothing is left behind that was not there: an output folder made by this
+  call is removed again when no file was written into it.
+  """
   validate(req)
+  out = pathlib.Path(req.out)
+  made_out = not out.exists()
+  try:
+    return _run(req)
+  except SampleError:
+    if made_out and out.is_dir() and not any(out.iterdir()):
+      out.rmdir()
+    raise
+
+
+def _run(req: SampleRequest) -> list[pathlib.Path]:
   prepare_output(req)
   n_stages = req.stop_at or len(req.checkpoints)
   samplers_ = _per_stage(req.samplers, n_stages, 'sampler')

@@ -4,8 +4,11 @@ a two-stage cascade, and every bad input (clear message, non-zero exit, nothing 
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -29,14 +32,18 @@ def runs(tmp_path_factory):
   common = [
     f'--config.text.cache_dir={root / "embeddings"}',
     f'--config.data.render_cache_dir={root / "openmoji"}',
-    '--config.train.num_steps=2',
+    '--config.text.dtype=float32',  # not the bfloat16 default: sampling must follow the config
   ]
   for config, workdir, extra in [
-    ('configs/base64.py:tiny', 'base', []),
+    ('configs/base64.py:tiny', 'base', ['--config.train.num_steps=4']),  # keeps steps 2 and 4
     (
       'configs/sr256.py:tiny',
       'sr',
-      ['--config.data.lowres_resolution=16', '--config.data.resolution=32'],
+      [
+        '--config.train.num_steps=2',
+        '--config.data.lowres_resolution=16',
+        '--config.data.resolution=32',
+      ],
     ),
   ]:
     proc = subprocess.run(
@@ -93,8 +100,10 @@ def test_base_stage_outputs_and_sidecars(runs):
   assert (out / 'grid.png').exists()
   side = json.loads(files[0].with_suffix('.json').read_text())
   assert side['prompt'] == 'a red apple' and side['seed'] == 0
-  assert side['stages'][0]['steps'] == 3 and side['stages'][0]['step'] == 2
+  assert side['stages'][0]['steps'] == 3 and side['stages'][0]['step'] == 4  # the latest
   assert side['stages'][0]['sampler'] == 'dpmpp_2m'
+  for noise in ('Sharding info not provided', 'read only', 'read_only', 'Traceback'):
+    assert noise not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_same_seed_same_images_other_seed_differs(runs):
@@ -169,11 +178,21 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     (['--prompt=x', '--num_images=0'], '--num_images must be a positive'),
     (['--prompt=x', '--guidance=-1'], '--guidance must be >= 0'),
     ([], 'No prompt given'),
+    (['--prompt=x', '--num_images=1001'], 'more than --max_images=1000; pass --max_images=1001'),
+    (['--prompt=x', '--prompt=y', '--num_images=3', '--max_images=5'], 'pass --max_images=6'),
+    (['--prompt=x', '--overwrite', '--skip_existing'], 'exclude each other'),
   ],
 )
 def test_bad_arguments(runs, args, message):
-  proc = sample(runs, *args, f'--checkpoints={runs["base"]}', f'--out={runs["root"] / "bad"}')
+  out = runs['root'] / 'bad'
+  proc = sample(runs, *args, f'--checkpoints={runs["base"]}', f'--out={out}')
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert len(error_lines(proc.stderr)) == 1 and 'Traceback' not in proc.stderr
+  assert not out.exists()  # refused before anything was written
+
+
+def error_lines(stderr):
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
 
 
 def test_missing_and_incomplete_checkpoints(runs, tmp_path):
@@ -222,6 +241,10 @@ with jax.set_mesh(mesh):
   target = train_lib.abstract_with_shardings(state, sh)
   state, data = checkpoints.restore(m, step, abstract_state=target)
   state['ema_params'] = jax.tree.map(lambda x: jnp.full_like(x, jnp.nan), state['ema_params'])
+  # save() refuses a non-finite state now; such checkpoints exist (older versions), so the
+  # guard is bypassed here, the checksums still written and verified.
+  real_checksums = checkpoints.array_checksums
+  checkpoints.array_checksums = lambda tree: (real_checksums(tree)[0], True)
   out = checkpoints.make_manager(dst)
   checkpoints.save(out, step, state=state, data_state=data, config=config)
   out.wait_until_finished()
@@ -246,3 +269,169 @@ with jax.set_mesh(mesh):
   )
   assert proc.returncode != 0 and 'NaN' in proc.stderr
   assert not list(out.glob('*.png'))
+
+
+def file_ids(paths):
+  """(inode, mtime) per file: a rewrite (tmp file + os.replace) changes both."""
+  return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def assert_same_files(a, b):
+  names = sorted(p.name for p in pathlib.Path(a).iterdir())
+  assert names == sorted(p.name for p in pathlib.Path(b).iterdir())
+  for name in names:
+    assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
+  """Files are written batch by batch: SIGKILL after the first batch keeps it; a rerun with
+  --skip_existing skips that batch (no compute) and makes only the missing images, giving
+  bitwise the files of an uninterrupted run; a partly-present batch is remade, only its missing
+  files written."""
+  args = [
+    '--prompt=a red apple',
+    f'--checkpoints={runs["base"]}',
+    '--num_images=3',
+    '--batch_size=2',  # batches [0, 1] and [2]: the second compiles a new shape, after the kill
+    '--steps=4',
+    '--sampler=ddpm',
+  ]
+  killed, whole = tmp_path / 'killed', tmp_path / 'whole'
+  stems = [f'000_{k:02d}_a-red-apple' for k in range(3)]
+  first_batch = [killed / f'{stem}.{ext}' for stem in stems[:2] for ext in ('png', 'json')]
+  with open(tmp_path / 'killed.log', 'w') as log_file:
+    proc = subprocess.Popen(
+      [sys.executable, 'sample.py', *args, f'--out={killed}'],
+      cwd=REPO_ROOT,
+      env=runs['env'],
+      stdout=log_file,
+      stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 600
+    while not all(f.exists() for f in first_batch) and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert running, (tmp_path / 'killed.log').read_text()[-3000:]  # files came before the end
+  assert not (killed / f'{stems[2]}.png').exists() and not (killed / 'grid.png').exists()
+  before = file_ids(first_batch)
+
+  proc = sample(runs, *args, f'--out={killed}', '--skip_existing')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'batch 1/2: all 2 images exist; skipped.' in proc.stderr
+  assert 'batch 2/2: sampled 1 images, wrote 1.' in proc.stderr
+  assert file_ids(first_batch) == before  # the skipped batch's files were not touched
+
+  proc = sample(runs, *args, f'--out={whole}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert_same_files(killed, whole)
+
+  # A partly-present batch: remade, and only its missing file written.
+  (killed / f'{stems[1]}.png').unlink()
+  kept = file_ids([killed / f'{stems[0]}.png', killed / f'{stems[0]}.json'])
+  proc = sample(runs, *args, f'--out={killed}', '--skip_existing')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'batch 1/2: sampled 2 images, wrote 1.' in proc.stderr
+  assert 'batch 2/2: all 1 images exist; skipped.' in proc.stderr
+  assert file_ids([killed / f'{stems[0]}.png', killed / f'{stems[0]}.json']) == kept
+  assert_same_files(killed, whole)
+
+  # Other settings than the existing files record: refused, nothing touched.
+  everything = file_ids(killed.iterdir())
+  proc = sample(
+    runs, *[a for a in args if a != '--steps=4'], '--steps=5', f'--out={killed}', '--skip_existing'
+  )
+  assert proc.returncode != 0 and 'made with other settings' in proc.stderr, proc.stderr[-2000:]
+  assert 'stages[0].steps: 4 -> 5' in proc.stderr
+  assert file_ids(killed.iterdir()) == everything
+
+
+def test_checkpoint_step_choice(runs, tmp_path):
+  """run@N samples kept step N; the sidecar records the step used."""
+  out = tmp_path / 'at2'
+  proc = sample(runs, '--prompt=x', f'--checkpoints={runs["base"]}@2', '--steps=2', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (png,) = pngs(out)
+  side = json.loads(png.with_suffix('.json').read_text())
+  assert side['stages'][0]['step'] == 2
+  assert side['stages'][0]['checkpoint'] == str(runs['base'])
+
+
+@pytest.mark.parametrize(
+  'suffix,messages',
+  [
+    ('@3', ['Step 3 is not a kept checkpoint', 'kept steps: [2, 4]']),
+    ('@abc', ['RUN@STEP']),
+    ('@', ['RUN@STEP']),
+  ],
+)
+def test_bad_checkpoint_step(runs, tmp_path, suffix, messages):
+  out = tmp_path / 'out'
+  proc = sample(runs, '--prompt=x', f'--checkpoints={runs["base"]}{suffix}', f'--out={out}')
+  assert proc.returncode != 0, proc.stderr[-2000:]
+  assert len(error_lines(proc.stderr)) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  for message in messages:
+    assert message in proc.stderr, proc.stderr[-2000:]
+  assert not out.exists()
+
+
+def test_prompt_embeddings_equal_the_training_cache(runs):
+  """sample.py conditions the U-Net on bitwise the embeddings training read from the cache for
+  the same caption (the base run was trained with text.dtype=float32, not the default), for
+  any number of prompts."""
+  code = f"""
+import numpy as np
+from imagen_jax import precompute, sample_lib
+from imagen_jax.data import sources
+st = sample_lib.restore_stage({str(runs['base'])!r}, {{}}, True)
+assert st.config.text.dtype == 'float32', st.config.text.dtype
+cache = precompute.open_or_build_cache(st.config, build_if_missing=False)
+captions = sorted(set(sources.build_source(st.config.data).captions()))
+for subset in (captions, captions[3:8], captions[-1:]):
+  (embs,), (mask,) = sample_lib.encode_prompts(subset, [st])
+  ref_embs, ref_mask = cache.lookup(subset)
+  assert embs.dtype == np.float32 and embs.shape == ref_embs.shape, (embs.dtype, embs.shape)
+  np.testing.assert_array_equal(mask, ref_mask)
+  np.testing.assert_array_equal(embs, ref_embs)
+print('ok', len(captions))
+"""
+  proc = subprocess.run(
+    [sys.executable, '-c', code],
+    cwd=REPO_ROOT,
+    env=runs['env'],
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(runs, tmp_path):
+  """A flipped byte in every array data file of the latest step: sampling reports it (step and
+  path), uses step 2 and says so; asking for the damaged step explicitly is a one-line error."""
+  run_dir = tmp_path / 'run'
+  shutil.copytree(runs['base'], run_dir)
+  state = run_dir / 'checkpoints' / '4' / 'state'
+  data = [p for p in state.rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert data, sorted(state.rglob('*'))
+  for path in data:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+  out = tmp_path / 'out'
+  proc = sample(runs, '--prompt=x', f'--checkpoints={run_dir}', '--steps=2', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'checkpoint step 4' in proc.stderr and str(run_dir / 'checkpoints' / '4') in proc.stderr
+  assert 'sampling from checkpoint step 2' in proc.stderr, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]  # tensorstore's closed-loop noise
+  (png,) = pngs(out)
+  assert json.loads(png.with_suffix('.json').read_text())['stages'][0]['step'] == 2
+
+  proc = sample(
+    runs, '--prompt=x', f'--checkpoints={run_dir}@4', '--steps=2', f'--out={tmp_path / "o4"}'
+  )
+  assert proc.returncode != 0 and 'checkpoint step 4' in proc.stderr, proc.stderr[-3000:]
+  assert len(error_lines(proc.stderr)) == 1 and not (tmp_path / 'o4').exists()
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
