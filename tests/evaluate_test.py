@@ -1,0 +1,284 @@
+"""The digits evaluation: metrics on constructed inputs, prompts, judge and calibration rows,
+bad input, and one tiny end-to-end run of evaluate.py on a freshly trained tiny checkpoint.
+
+The judge trains once per module (~20-30 s on 2 busy cores) into a temporary cache; the
+end-to-end runs share one persistent XLA compilation cache, so each program compiles once.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import base64, sr256
+from imagen_jax.data import digits
+from imagen_jax.evaluate import judge as judge_lib
+from imagen_jax.evaluate import metrics, runner, scoring
+from tests.conftest import REPO_ROOT
+
+CHANCE = 1 / digits.NUM_CLASSES
+
+
+# ---- metrics on constructed inputs ----
+
+
+@pytest.mark.unit
+def test_frechet_distance_of_identical_and_shifted_sets():
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(400, 16)) @ rng.normal(size=(16, 16))
+  trace = np.trace(np.cov(a, rowvar=False))
+  # Identical sets: FD = Tr(2S - 2 (S S)^(1/2)) = 0 exactly; in float64 the eigen-square-roots
+  # leave ~1e-13 relative to Tr(S) (measured 1e-14); 1e-9 * Tr(S) is far above that, far below
+  # any real difference.
+  assert metrics.frechet_distance(a, a) <= 1e-9 * trace
+  # A pure translation d keeps the covariance: FD = |d|^2 (same rounding argument).
+  shift = rng.normal(size=16)
+  np.testing.assert_allclose(
+    metrics.frechet_distance(a, a + shift), np.sum(shift**2), rtol=1e-9, atol=1e-9 * trace
+  )
+  # Isotropic Gaussians N(0, s1^2 I), N(0, s2^2 I): FD = F (s1 - s2)^2, here with sampling
+  # error: 20k samples in 4 dims estimate each variance to ~1% (sqrt(2/20000)).
+  x = rng.normal(size=(20000, 4))
+  y = 3.0 * rng.normal(size=(20000, 4))
+  np.testing.assert_allclose(metrics.frechet_distance(x, y), 4 * (3.0 - 1.0) ** 2, rtol=0.05)
+  with pytest.raises(ValueError):
+    metrics.frechet_distance(a[:1], a)
+
+
+@pytest.mark.unit
+def test_precision_recall_and_nearest_distance():
+  rng = np.random.default_rng(1)
+  real = rng.normal(size=(200, 8))
+  assert metrics.precision_recall(real=real, fake=real, k=3) == (1.0, 1.0)
+  far = real + 100.0
+  assert metrics.precision_recall(real=real, fake=far, k=3) == (0.0, 0.0)
+  # Fakes collapsed onto one real point: all inside the real manifold (precision 1), but their
+  # k-NN balls have radius 0, so they cover only that one real point (recall 1/200).
+  collapsed = np.repeat(real[:1], 50, axis=0)
+  assert metrics.precision_recall(real=real, fake=collapsed, k=3) == (1.0, 1 / 200)
+  # |x|^2 + |y|^2 - 2 x.y cancels to ~eps * |x|^2 ~ 1e-15 before the sqrt (measured 4e-8 after
+  # it); 1e-6 is well above that and far below any real distance here (~1).
+  np.testing.assert_allclose(metrics.nearest_distance(samples=real, reference=real), 0.0, atol=1e-6)
+  d = metrics.nearest_distance(samples=real[:3] + 0.5, reference=real)
+  assert np.all(d <= 0.5 + 1e-12)  # RMS per value: the shifted copy is at most 0.5 away
+
+
+@pytest.mark.unit
+def test_entropy_and_adherence():
+  assert metrics.class_entropy_bits(predicted=np.arange(100) % 10, num_classes=10) == (
+    pytest.approx(np.log2(10))
+  )
+  assert metrics.class_entropy_bits(predicted=np.full(50, 7), num_classes=10) == 0.0
+  assert metrics.adherence(predicted=np.array([1, 2, 3]), prompted=np.array([1, 2, 4])) == (
+    pytest.approx(2 / 3)
+  )
+  per_class = metrics.per_class_adherence(
+    predicted=np.array([0, 0, 1, 2]), prompted=np.array([0, 1, 1, 2]), num_classes=3
+  )
+  assert per_class == [1.0, 0.5, 1.0]
+
+
+# ---- prompts and bad input (no model needed) ----
+
+
+@pytest.mark.unit
+def test_prompt_set_is_class_balanced_half_heldout():
+  prompts = scoring.prompt_set(40)
+  assert np.bincount(prompts.labels).tolist() == [4] * 10
+  assert prompts.heldout.sum() == 20
+  heldout = {digits.caption(c, t) for c in range(10) for t in digits.HELDOUT_TEMPLATES}
+  seen = {digits.caption(c, t) for c in range(10) for t in digits.SEEN_TEMPLATES}
+  for prompt, label, held in zip(prompts.prompts, prompts.labels, prompts.heldout, strict=True):
+    assert prompt in (heldout if held else seen)
+    assert digits.CLASS_NAMES[label] in prompt or str(label) in prompt
+  big = scoring.prompt_set(500)
+  assert set(big.prompts) == heldout | seen  # every template of every class is used
+  for num in (0, 5, 25):
+    with pytest.raises(scoring.EvalError, match='multiple of the 10 classes'):
+      scoring.prompt_set(num)
+
+
+@pytest.mark.unit
+def test_only_labelled_base_stages_are_evaluated():
+  runner.check_labelled_base(_digits_config(), 'run')
+  with pytest.raises(scoring.EvalError, match='super-resolution stage.*base run'):
+    runner.check_labelled_base(sr256.get_config('tiny'), 'run')
+  with pytest.raises(scoring.EvalError, match="'openmoji', which has no class labels"):
+    runner.check_labelled_base(base64.get_config('tiny'), 'run')
+
+
+def _digits_config():
+  config = base64.get_config('tiny')
+  config.data.source = 'digits'
+  return config
+
+
+@pytest.mark.unit
+def test_make_train_eval_fn_off_and_refusals(tmp_path):
+  config = _digits_config()
+  assert runner.make_train_eval_fn(config, None, tmp_path) is None  # eval_every = 0
+  config.train.eval_every = 10
+  config.data.source = 'openmoji'
+  with pytest.raises(scoring.EvalError, match='no class labels'):
+    runner.make_train_eval_fn(config, None, tmp_path)
+  config.data.source = 'digits'
+  config.train.eval_num = 15
+  with pytest.raises(scoring.EvalError, match='eval_num'):
+    runner.make_train_eval_fn(config, None, tmp_path)
+
+
+# ---- the judge and the calibration rows ----
+
+
+@pytest.fixture(scope='module')
+def judge(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('judge')
+  return judge_lib.load_or_train(resolution=16, cache_dir=cache)
+
+
+@pytest.mark.unit
+def test_judge_is_cached_deterministic_and_checked(judge, tmp_path):
+  # A digit classifier on this split must beat 95% (a linear model on the raw 8x8 scans does).
+  assert judge.test_accuracy > 0.95
+  assert judge.path and pathlib.Path(judge.path).is_file()
+  again = judge_lib.load_or_train(resolution=16, cache_dir=pathlib.Path(judge.path).parent)
+  assert again.path == judge.path and again.meta == judge.meta  # loaded, not retrained
+  bad = tmp_path / 'judge.npz'
+  bad.write_bytes(b'not a judge')
+  with pytest.raises(judge_lib.JudgeError, match='unreadable'):
+    judge_lib.load_judge(bad)
+  with pytest.raises(judge_lib.JudgeError, match='does not exist'):
+    judge_lib.load_judge(tmp_path / 'missing.npz')
+
+
+@pytest.mark.unit
+def test_calibration_rows_score_as_expected(judge):
+  reference = scoring.Reference.build(judge)
+  rows = {
+    name: scoring.score(images, prompted=labels, heldout=held, reference=reference)
+    for name, (images, labels, held) in scoring.calibration_sets(16, num=500).items()
+  }
+  real, shuffled, means, noise = (rows[n] for n in scoring.CALIBRATION_ROWS)
+  # num=500 > the test split: the real row is the whole test split, so its adherence IS the
+  # judge's test accuracy.
+  assert real['n'] == 359
+  assert real['adherence'] == pytest.approx(judge.test_accuracy)
+  assert real['entropy_bits'] > 3.2  # log2(10) = 3.32 for balanced classes
+  # Prompt-independent images: expected adherence is exactly 1/10 with balanced prompts; 359
+  # or 500 draws give a binomial standard error of 0.016, so 0.07 is > 4 sigma.
+  assert abs(shuffled['adherence'] - CHANCE) < 0.07
+  assert abs(noise['adherence'] - CHANCE) < 0.07
+  # Shuffling labels leaves the images, so the image metrics are those of the real row.
+  for key in ('fd', 'precision', 'recall', 'nn_train', 'entropy_bits'):
+    assert shuffled[key] == real[key]
+  assert real['fd'] < means['fd'] < noise['fd']
+  assert real['precision'] > 0.7 and real['recall'] > 0.7
+  assert means['recall'] < 0.05  # 10 distinct images: no diversity
+  assert noise['precision'] == 0.0 and noise['nn_train'] > 3 * real['nn_train']
+
+
+# ---- end to end through the real CLI ----
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory, judge):
+  root = tmp_path_factory.mktemp('evaluate')
+  env = dict(os.environ)
+  env.update(
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=1',
+    JAX_COMPILATION_CACHE_DIR=str(root / 'xla_cache'),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+  shared = {'root': root, 'env': env, 'judge_dir': str(pathlib.Path(judge.path).parent)}
+
+  def train(name, *overrides):
+    workdir = root / name
+    proc = subprocess.run(
+      [
+        sys.executable,
+        'train.py',
+        '--config=configs/base64.py:tiny',
+        f'--workdir={workdir}',
+        f'--config.text.cache_dir={root / "embeddings"}',
+        f'--config.data.render_cache_dir={root / "openmoji"}',
+        '--config.train.num_steps=2',
+        *overrides,
+      ],
+      cwd=REPO_ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return workdir
+
+  shared['train'] = train
+  shared['digits'] = train('digits', '--config.data.source=digits')
+  return shared
+
+
+def evaluate(shared, *args, module=False):
+  entry = ['-m', 'imagen_jax.evaluate'] if module else ['evaluate.py']
+  return subprocess.run(
+    [sys.executable, *entry, f'--judge_dir={shared["judge_dir"]}', *args],
+    cwd=REPO_ROOT,
+    env=shared['env'],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+
+
+@pytest.mark.smoke
+def test_evaluate_cli_end_to_end(tiny_run, judge):
+  out = tiny_run['root'] / 'eval.json'
+  proc = evaluate(
+    tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', '--batch_size=10', f'--out={out}'
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  lines = proc.stdout.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert any(line.startswith('generated ') for line in lines)
+  assert result == json.loads(out.read_text())
+  assert result['step'] == 2 and result['num'] == 20 and result['resolution'] == 16
+  assert result['judge_test_accuracy'] == pytest.approx(judge.test_accuracy)
+  assert set(result['rows']) == set(scoring.ROWS)
+  for name, row in result['rows'].items():
+    for key in ('adherence', 'adherence_seen', 'adherence_heldout', 'precision', 'recall'):
+      assert 0.0 <= row[key] <= 1.0, (name, key)
+    assert 0.0 <= row['entropy_bits'] <= np.log2(10) + 1e-9
+    assert row['fd'] >= 0.0 and row['nn_train'] >= 0.0
+    assert len(row['per_class']) == 10
+  assert result['rows']['generated']['n'] == 20
+  # --out exists now: refused, file untouched.
+  before = out.read_bytes()
+  proc = evaluate(tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}')
+  assert proc.returncode == 2 and 'pass --overwrite' in proc.stderr
+  assert out.read_bytes() == before
+
+
+@pytest.mark.smoke
+def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
+  run_dir = tiny_run['digits']
+  cases = {
+    'does not exist': [f'--checkpoints={tmp_path / "nope"}'],
+    'multiple of the 10 classes': [f'--checkpoints={run_dir}', '--num=25'],
+    '--judge': [f'--checkpoints={run_dir}', '--num=20', f'--judge={tmp_path / "j.npz"}'],
+  }
+  for expected, args in cases.items():
+    proc = evaluate(tiny_run, *args, module=expected == '--judge')
+    assert proc.returncode == 2, (expected, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert not list(tmp_path.iterdir())  # nothing written
+  # A run on a dataset without labels (the default OpenMoji data): refused from its config.
+  openmoji_run = tiny_run['train']('openmoji')
+  proc = evaluate(tiny_run, f'--checkpoints={openmoji_run}', '--num=20')
+  assert proc.returncode == 2 and 'no class labels' in proc.stderr.splitlines()[-1]
