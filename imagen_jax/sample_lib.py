@@ -10,8 +10,12 @@ Output: one PNG per image and a JSON sidecar per image with every setting needed
 it (including the checkpoint step actually used), written batch by batch as soon as each batch
 is sampled (atomically: a temporary file, then `os.replace`), so stopping a long request loses
 at most the batch in progress. `grid.png` comes last, built from the first GRID_MAX_IMAGES
-written files (read back from disk), so memory stays bounded by one batch however many images
-are asked for.
+written files (read back from disk). Memory: one batch of images, plus the text embeddings of
+the distinct prompts in bfloat16 on the host (prompts x L x D x 2 bytes: 1 MiB per prompt for
+T5-XXL at L=128); requests above `max_images` images in total are refused unless raised.
+
+Prompts are encoded as training saw them: the config's encoder, max_length and text.dtype, the
+precompute batch shape, rounded to the cache's bfloat16 (see `encode_text`).
 
 Resuming: batch b always draws its noise from fold_in(key(seed), b) and always holds the same
 images (fixed by the prompt order, --num_images and --batch_size), so a rerun with the same
@@ -470,19 +474,23 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   if req.skip_existing:
     _check_existing_sidecars(req, paths, settings)
 
-  # Host memory: the distinct prompts' embeddings (bfloat16) plus one batch of images.
-  text_embs, text_mask = _encode_per_stage(list(req.prompts), stages)
-
   num = len(paths)
   num_batches = -(-num // req.batch_size)
+  batches = [
+    range(b * req.batch_size, min((b + 1) * req.batch_size, num)) for b in range(num_batches)
+  ]
+  complete = [
+    req.skip_existing and all(paths[i][0].exists() and paths[i][1].exists() for i in batch)
+    for batch in batches
+  ]
+  # Host memory: the distinct prompts' embeddings (bfloat16) plus one batch of images.
+  if not all(complete):
+    text_embs, text_mask = _encode_per_stage(list(req.prompts), stages)
+
   timings = [0.0] * len(stages)
   made = skipped = 0
-  for b in range(num_batches):
-    batch = range(b * req.batch_size, min((b + 1) * req.batch_size, num))
-    todo = [
-      i for i in batch if not (req.skip_existing and paths[i][0].exists() and paths[i][1].exists())
-    ]
-    if not todo:
+  for b, batch in enumerate(batches):
+    if complete[b]:
       skipped += len(batch)
       log.info('batch %d/%d: all %d images exist; skipped.', b + 1, num_batches, len(batch))
       continue

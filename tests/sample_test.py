@@ -338,6 +338,14 @@ def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
   assert file_ids([killed / f'{stems[0]}.png', killed / f'{stems[0]}.json']) == kept
   assert_same_files(killed, whole)
 
+  # Everything there: no batch sampled, not even the text encoder loaded, no image touched.
+  everything = file_ids(p for p in killed.iterdir() if p.name != 'grid.png')
+  proc = sample(runs, *args, f'--out={killed}', '--skip_existing')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'sampled' not in proc.stderr and 'Text encoder' not in proc.stderr, proc.stderr[-3000:]
+  assert file_ids(p for p in killed.iterdir() if p.name != 'grid.png') == everything
+  assert_same_files(killed, whole)
+
   # Other settings than the existing files record: refused, nothing touched.
   everything = file_ids(killed.iterdir())
   proc = sample(
