@@ -59,8 +59,12 @@ def get_common(
 
   # Data.
   c.data = ml_collections.ConfigDict()
-  c.data.source = 'openmoji'  # 'openmoji' | 'folder' | 'hf' | 'tfds' | 'digits'
-  c.data.path = ''  # folder path, HF dataset name or path, or tfds name
+  # 'openmoji' | 'folder' | 'hf' | 'tfds' | 'digits' | 'webdataset' | 'arrayrecord'
+  c.data.source = 'openmoji'
+  # folder path, HF dataset name or path, tfds name, or tar / array_record shards: a folder,
+  # a brace pattern 'shards/{00000..00099}.tar' or a glob
+  c.data.path = ''
+  c.data.index_dir = ''  # webdataset: keep the per-tar member index here ('' = not saved)
   c.data.data_dir = ''  # tfds data_dir (default: TFDS_DATA_DIR or tfds' own default)
   c.data.split = 'train'
   c.data.image_column = 'image'

@@ -11,6 +11,9 @@
 * 'tfds':     `tfds.data_source(path, split=...)` (array_record; no TensorFlow needed).
 * 'digits':   scikit-learn's bundled 8x8 handwritten digits, upsampled, captioned from
               templates, with an integer 'label' per record (see `digits.py`).
+* 'webdataset': tar shards as img2dataset writes them (`key.jpg` + `key.txt`): a folder,
+              a brace pattern `shards/{00000..00099}.tar` or a glob (see `webdataset.py`).
+* 'arrayrecord': ArrayRecord files of serialized tf.train.Example (image bytes + caption).
 
 Records are `{'image': <path | bytes | HF image dict | array>, 'caption': str, 'id': str}`;
 images are decoded later (in grain workers) by `preprocess.py`. Pairs with a missing or
@@ -34,7 +37,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 _METADATA_FILES = ('metadata.jsonl', 'metadata.csv')
 _MAX_LOGGED_SKIPS = 50
-SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds', 'digits')
+SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds', 'digits', 'webdataset', 'arrayrecord')
 
 
 class DataError(ValueError):
@@ -417,6 +420,28 @@ def build_source(data_config) -> Source:
       caption_column=data_config.caption_column,
       max_examples=max_examples,
     )
+  elif kind in ('webdataset', 'arrayrecord'):
+    from imagen_jax.data import webdataset
+
+    if not data_config.path:
+      raise DataError(
+        f"data.source='{kind}' needs --config.data.path: a folder of shards, a brace pattern "
+        "such as 'shards/{00000..00099}.tar' or a glob."
+      )
+    if kind == 'webdataset':
+      source = webdataset.WebDatasetSource(
+        data_config.path,
+        caption_column=data_config.caption_column,
+        max_examples=max_examples,
+        index_dir=data_config.get('index_dir', '') or '',
+      )
+    else:
+      source = webdataset.ArrayRecordSource(
+        data_config.path,
+        image_column=data_config.image_column,
+        caption_column=data_config.caption_column,
+        max_examples=max_examples,
+      )
   else:
     raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
   check_skip_fraction(source, float(data_config.get('max_skip_fraction', 0.01)))

@@ -1,0 +1,491 @@
+"""Sharded web-scale sources: webdataset tar shards (img2dataset) and ArrayRecord files.
+
+'webdataset': `--config.data.path` is a folder of `*.tar`, a brace pattern
+(`shards/{00000..00999}.tar`, `{a,b}` lists too) or a glob (`shards/*.tar`). Each tar holds
+`key.jpg` (or .png / .webp / ...) + `key.txt` [+ `key.json`], as img2dataset writes them;
+the caption is the `.txt` member, else the `.json` member's `data.caption_column` (or
+'caption') field. Every tar's members are indexed once (name, data offset and size; the
+header walk seeks over image data), so a record is one `pread` at a known offset: random
+access, hence grain's seeded global shuffle, per-process slicing and exact resume from the
+iterator state, as for the other sources. With `data.index_dir`, the per-tar index is saved
+there (keyed by the tar's path, size and mtime) and reused by later runs and other hosts.
+
+'arrayrecord': `--config.data.path` is a folder of `*.array_record*` files, a brace pattern
+or a glob; each record is a serialized `tf.train.Example` (the format tfds and most TF
+pipelines write) with the image bytes under `data.image_column` and the caption under
+`data.caption_column`. Read through grain's `ArrayRecordDataSource`, parsed without
+TensorFlow. `example_bytes` writes such a record.
+
+Problems are skipped and counted like in the other sources (`Source.skipped`, then
+`check_skip_fraction`): a missing shard file, a truncated or unreadable tar (its members up to
+the damage are kept), a member pair without image or caption, an empty caption, an
+unparsable record. Undecodable image bytes are skipped (and counted) by the pipeline.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import re
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from imagen_jax.data.sources import DataError, Source, _clean_caption, _hash
+
+log = logging.getLogger(__name__)
+
+TAR_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff', 'ppm', 'jfif')
+INDEX_VERSION = 1
+_BRACE = re.compile(r'\{([^{}]*)\}')
+_RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
+_INDEX_THREADS = 16
+
+
+def expand_braces(pattern: str) -> list[str]:
+  """'a/{00..02}.tar' -> ['a/00.tar', 'a/01.tar', 'a/02.tar']; '{x,y}' lists; several braces
+  give their product. A range keeps the zero padding of its first bound."""
+  parts, choices, last = [], [], 0
+  for match in _BRACE.finditer(pattern):
+    parts.append(pattern[last : match.start()])
+    body = match.group(1)
+    numeric = _RANGE.match(body)
+    if numeric:
+      first, stop = numeric.group(1), int(numeric.group(2))
+      width = len(first.lstrip('-')) if first.lstrip('-').startswith('0') else 0
+      step = 1 if stop >= int(first) else -1
+      choices.append([f'{i:0{width}d}' for i in range(int(first), stop + step, step)])
+    else:
+      choices.append(body.split(','))
+    last = match.end()
+  parts.append(pattern[last:])
+  out = []
+  for combo in itertools.product(*choices):
+    out.append(''.join(p + c for p, c in zip(parts, [*combo, ''], strict=True)))
+  return out
+
+
+def list_shards(spec: str, match: Callable[[str], bool]) -> tuple[list[pathlib.Path], list[str]]:
+  """(shard files in order, names of explicitly listed files that do not exist).
+
+  `spec` is a folder (its files whose name satisfies `match`, sorted, recursively), a brace
+  pattern, a glob, or both (`shards/{000..009}*.tar`).
+  """
+  spec = str(spec).strip()
+  if not spec:
+    return [], []
+  root = pathlib.Path(spec).expanduser()
+  if root.is_dir():
+    files = sorted(p for p in root.rglob('*') if p.is_file() and match(p.name))
+    return files, []
+  files, missing = [], []
+  for name in expand_braces(os.path.expanduser(spec)):
+    if glob.has_magic(name):
+      files.extend(pathlib.Path(p) for p in sorted(glob.glob(name, recursive=True)))
+    elif pathlib.Path(name).is_file():
+      files.append(pathlib.Path(name))
+    else:
+      missing.append(name)
+  seen: dict[pathlib.Path, None] = {}
+  for f in files:
+    seen.setdefault(f.resolve(), None)
+  return list(seen), missing
+
+
+def _no_shards_error(kind: str, spec: str, what: str) -> DataError:
+  return DataError(
+    f"data.source='{kind}': --config.data.path={spec!r} matches no {what} file. Pass a folder "
+    f"of them, a brace pattern such as 'shards/{{00000..00099}}.{what.split()[0]}' or a glob."
+  )
+
+
+# -- webdataset tar shards
+
+
+def _split_member(name: str) -> tuple[str, str] | None:
+  """'dir/000123.jpg' -> ('dir/000123', 'jpg'); the key ends at the basename's first dot."""
+  folder, _, base = name.rpartition('/')
+  key, dot, ext = base.partition('.')
+  if not dot or not key:
+    return None
+  return (f'{folder}/{key}' if folder else key), ext.lower()
+
+
+def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any]:
+  """The image/caption pairs of one uncompressed tar: keys, image data offsets and sizes,
+  captions, and the `(id, reason)` of what was skipped. Reads member headers and captions
+  only (image data is seeked over)."""
+  name = path.name
+  skipped: list[tuple[str, str]] = []
+  groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+  file_size = path.stat().st_size
+  truncated = ''
+  try:
+    with tarfile.open(path, mode='r:') as tar:
+      try:
+        for info in tar:
+          if not info.isfile():
+            continue
+          split = _split_member(info.name)
+          if split is not None:
+            groups.setdefault(split[0], {})[split[1]] = info
+        end = tar.offset  # where the end-of-archive marker (two zero blocks) must be
+      except (tarfile.TarError, OSError, EOFError) as e:
+        truncated, end = f'damaged tar ({e})', None
+    if end is not None:
+      with open(path, 'rb') as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+      if len(marker) < 2 * tarfile.BLOCKSIZE or any(marker):
+        truncated = 'truncated tar (no end-of-archive marker)'
+  except tarfile.ReadError as e:
+    skipped.append((name, f'not a readable uncompressed tar ({e}); img2dataset writes plain .tar'))
+    groups = {}
+  except (tarfile.TarError, OSError, EOFError) as e:
+    skipped.append((name, f'unreadable tar ({type(e).__name__}: {e})'))
+    groups = {}
+  if truncated:
+    skipped.append(
+      (name, f'{truncated}: kept the {max(len(groups) - 1, 0)} keys before the damage')
+    )
+    if groups:  # the last key's members may be cut: drop it
+      last = list(groups)[-1]
+      del groups[last]
+      skipped.append((f'{name}/{last}', f'cut off by the {truncated}'))
+
+  keys, offsets, sizes, captions = [], [], [], []
+  with open(path, 'rb') as f:
+
+    def read(info: tarfile.TarInfo) -> bytes | None:
+      if info.offset_data + info.size > file_size:
+        return None
+      f.seek(info.offset_data)
+      return f.read(info.size)
+
+    for key, members in groups.items():
+      item_id = f'{name}/{key}'
+      image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+      if image is None:
+        if 'txt' in members or 'json' in members:
+          skipped.append((item_id, 'no image member (.jpg/.png/.webp/...)'))
+        continue
+      if image.offset_data + image.size > file_size:
+        skipped.append((item_id, 'image data cut off (truncated tar)'))
+        continue
+      caption = ''
+      if 'txt' in members:
+        data = read(members['txt'])
+        if data is None:
+          skipped.append((item_id, 'caption cut off (truncated tar)'))
+          continue
+        caption = _clean_caption(data.decode('utf-8', errors='replace'))
+      elif 'json' in members:
+        data = read(members['json'])
+        try:
+          meta = json.loads(data) if data is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          meta = None
+        if isinstance(meta, dict):
+          caption = _clean_caption(meta.get(caption_column, meta.get('caption')))
+      else:
+        skipped.append((item_id, 'no caption member (.txt)'))
+        continue
+      if not caption:
+        skipped.append((item_id, 'empty caption'))
+        continue
+      keys.append(key)
+      offsets.append(image.offset_data)
+      sizes.append(image.size)
+      captions.append(caption)
+  return {
+    'version': INDEX_VERSION,
+    'keys': keys,
+    'offsets': offsets,
+    'sizes': sizes,
+    'captions': captions,
+    'skipped': skipped,
+  }
+
+
+def _index_file(index_dir: pathlib.Path, path: pathlib.Path, caption_column: str) -> pathlib.Path:
+  stat = path.stat()
+  ident = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, caption_column])
+  digest = hashlib.sha256(ident.encode()).hexdigest()[:24]
+  return index_dir / f'{path.stem}-{digest}.json'
+
+
+def _cached_index(path: pathlib.Path, caption_column: str, index_dir: str) -> dict[str, Any]:
+  """`index_tar(path)`, read from / saved to `index_dir` when it is set."""
+  if not index_dir:
+    return index_tar(path, caption_column)
+  folder = pathlib.Path(index_dir).expanduser()
+  file = _index_file(folder, path, caption_column)
+  try:
+    index = json.loads(file.read_text(encoding='utf-8'))
+    if index.get('version') == INDEX_VERSION:
+      return index
+  except (OSError, json.JSONDecodeError):
+    pass
+  index = index_tar(path, caption_column)
+  folder.mkdir(parents=True, exist_ok=True)
+  tmp = file.with_name(f'{file.name}.tmp-{os.getpid()}')
+  tmp.write_text(json.dumps(index, ensure_ascii=False), encoding='utf-8')
+  os.replace(tmp, file)
+  return index
+
+
+class WebDatasetSource(Source):
+  """Image/caption pairs of webdataset tar shards (img2dataset output), random access."""
+
+  def __init__(
+    self,
+    spec: str,
+    *,
+    caption_column: str = 'text',
+    max_examples: int = 0,
+    index_dir: str = '',
+  ):
+    super().__init__()
+    self.spec = str(spec)
+    self.name = f'webdataset:{self.spec}'
+    self.caption_column = caption_column
+    self.max_examples = int(max_examples)
+    shards, missing = list_shards(self.spec, lambda name: name.endswith('.tar'))
+    for name in missing:
+      self._skip(name, 'shard file does not exist (a failed img2dataset shard?)')
+    if not shards:
+      raise _no_shards_error('webdataset', self.spec, 'tar')
+    self.shards = [str(p) for p in shards]
+    with concurrent.futures.ThreadPoolExecutor(min(_INDEX_THREADS, len(shards))) as pool:
+      indexes = list(
+        pool.map(lambda p: _cached_index(p, caption_column, index_dir), shards)
+      )  # shard order kept
+    shard_ids, offsets, sizes, self._keys, listing = [], [], [], [], []
+    for i, (path, index) in enumerate(zip(shards, indexes, strict=True)):
+      for item_id, reason in index['skipped']:
+        self._skip(item_id, reason)
+      n = len(index['keys'])
+      if self.max_examples > 0:
+        n = min(n, self.max_examples - len(self._captions))
+      shard_ids.append(np.full(n, i, np.int32))
+      offsets.append(np.asarray(index['offsets'][:n], np.int64))
+      sizes.append(np.asarray(index['sizes'][:n], np.int64))
+      self._keys.extend(f'{path.name}/{k}' for k in index['keys'][:n])
+      self._captions.extend(index['captions'][:n])
+      listing.append([path.name, path.stat().st_size, n])
+      if 0 < self.max_examples <= len(self._captions):
+        break
+    if not self._captions:
+      raise DataError(
+        f'No usable (image, caption) pair in {len(shards)} tar shard(s) of {self.spec!r} '
+        f'({len(self.skipped)} skipped; first: {self.skipped[:3]}). Each pair is key.jpg '
+        '(or .png/.webp) + key.txt in the same tar, as img2dataset writes them.'
+      )
+    self._shard_ids = np.concatenate(shard_ids)
+    self._offsets = np.concatenate(offsets)
+    self._sizes = np.concatenate(sizes)
+    self._fingerprint = _hash(
+      ['webdataset', listing, caption_column, self.max_examples]
+      + [_hash(self._keys), _hash(self._captions)]
+    )
+    log.info(
+      '%s: %d pairs in %d tar shards (%d skipped).',
+      self.name,
+      len(self._captions),
+      len(shards),
+      len(self.skipped),
+    )
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    path = self.shards[self._shard_ids[index]]
+    offset, size = int(self._offsets[index]), int(self._sizes[index])
+    try:
+      with open(path, 'rb') as f:
+        f.seek(offset)
+        data = f.read(size)  # shorter when the tar was cut since indexing: decode skips it
+    except OSError as e:
+      log.warning('%s: cannot read %s: %s', self.name, self._keys[index], e)
+      data = b''
+    return {'image': data, 'caption': self._captions[index], 'id': self._keys[index]}
+
+  def fingerprint(self) -> str:
+    return self._fingerprint
+
+
+# -- ArrayRecord files of serialized tf.train.Example
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+  result = shift = 0
+  while True:
+    if pos >= len(buf):
+      raise ValueError('truncated varint')
+    byte = buf[pos]
+    pos += 1
+    result |= (byte & 0x7F) << shift
+    if not byte & 0x80:
+      return result, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError('varint too long')
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+  """(field number, wire type, value) of a protobuf message; values of wire type 2 are
+  memoryviews."""
+  pos = 0
+  while pos < len(buf):
+    key, pos = _varint(buf, pos)
+    number, wire = key >> 3, key & 7
+    if wire == 0:
+      value, pos = _varint(buf, pos)
+    elif wire == 1 or wire == 5:
+      width = 8 if wire == 1 else 4
+      value, pos = buf[pos : pos + width], pos + width
+    elif wire == 2:
+      length, pos = _varint(buf, pos)
+      value, pos = buf[pos : pos + length], pos + length
+    else:
+      raise ValueError(f'unsupported protobuf wire type {wire}')
+    if pos > len(buf):
+      raise ValueError('truncated protobuf field')
+    yield number, wire, value
+
+
+def parse_example(record: bytes) -> dict[str, list[bytes]]:
+  """The bytes features of a serialized `tf.train.Example` (name -> values); other feature
+  kinds are left out. Raises ValueError for data that is not an Example."""
+  out: dict[str, list[bytes]] = {}
+  for number, wire, features in _fields(memoryview(record)):
+    if number != 1 or wire != 2:  # Example.features
+      continue
+    for number, wire, entry in _fields(features):
+      if number != 1 or wire != 2:  # Features.feature (map entry)
+        continue
+      name = feature = None
+      for n, w, value in _fields(entry):
+        if n == 1 and w == 2:
+          name = bytes(value).decode('utf-8')
+        elif n == 2 and w == 2:
+          feature = value
+      if name is None or feature is None:
+        continue
+      for n, w, value in _fields(feature):
+        if n == 1 and w == 2:  # Feature.bytes_list
+          out[name] = [bytes(v) for k, t, v in _fields(value) if k == 1 and t == 2]
+  return out
+
+
+def _length_delimited(number: int, payload: bytes) -> bytes:
+  def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+      out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+      n >>= 7
+      if not n:
+        return bytes(out)
+
+  return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def example_bytes(features: dict[str, bytes | str | Sequence[bytes | str]]) -> bytes:
+  """A serialized `tf.train.Example` of bytes features (str values are UTF-8 encoded)."""
+  entries = b''
+  for name, values in features.items():
+    if isinstance(values, bytes | str):
+      values = [values]
+    values = [v.encode('utf-8') if isinstance(v, str) else bytes(v) for v in values]
+    bytes_list = b''.join(_length_delimited(1, v) for v in values)
+    feature = _length_delimited(1, bytes_list)
+    entry = _length_delimited(1, name.encode('utf-8')) + _length_delimited(2, feature)
+    entries += _length_delimited(1, entry)
+  return _length_delimited(1, entries)
+
+
+def _is_array_record(name: str) -> bool:
+  """'x.array_record', 'x.arrayrecord' or tfds' 'x.array_record-00000-of-00004'."""
+  return name.endswith(('.array_record', '.arrayrecord')) or '.array_record-' in name
+
+
+class ArrayRecordSource(Source):
+  """Records of ArrayRecord files (serialized tf.train.Example: image bytes + caption)."""
+
+  def __init__(
+    self,
+    spec: str,
+    *,
+    image_column: str = 'image',
+    caption_column: str = 'text',
+    max_examples: int = 0,
+  ):
+    super().__init__()
+    self.spec = str(spec)
+    self.name = f'arrayrecord:{self.spec}'
+    self.image_column, self.caption_column = image_column, caption_column
+    self.max_examples = int(max_examples)
+    files, missing = list_shards(self.spec, _is_array_record)
+    for name in missing:
+      self._skip(name, 'file does not exist')
+    if not files:
+      raise _no_shards_error('arrayrecord', self.spec, 'array_record')
+    self.files = [str(p) for p in files]
+    try:
+      import grain
+
+      self._ds = grain.sources.ArrayRecordDataSource(self.files)
+    except Exception as e:  # noqa: BLE001 - any reader failure becomes one clear message.
+      raise DataError(
+        f'{self.name}: cannot open the ArrayRecord files ({type(e).__name__}: {e}).'
+      ) from e
+    self._indices: list[int] = []
+    for i in range(len(self._ds)):
+      try:
+        features = parse_example(self._ds[i])
+      except (ValueError, UnicodeDecodeError) as e:
+        self._skip(f'record {i}', f'not a serialized tf.train.Example ({e})')
+        continue
+      if not features.get(image_column):
+        self._skip(f'record {i}', f'no bytes feature {image_column!r} (features: '
+                   f'{sorted(features)}); set --config.data.image_column')  # fmt: skip
+        continue
+      caption = _clean_caption(features.get(caption_column, [b''])[0])
+      if not caption:
+        self._skip(f'record {i}', f'no or empty caption feature {caption_column!r}')
+        continue
+      self._indices.append(i)
+      self._captions.append(caption)
+      if 0 < self.max_examples <= len(self._indices):
+        break
+    if not self._indices:
+      raise DataError(
+        f'No usable (image, caption) record in {self.name} ({len(self.skipped)} skipped; first: '
+        f'{self.skipped[:3]}). Records are serialized tf.train.Example with bytes features '
+        f'{image_column!r} and {caption_column!r} (see webdataset.example_bytes).'
+      )
+    self._fingerprint = _hash(
+      ['arrayrecord', [(pathlib.Path(f).name, os.path.getsize(f)) for f in self.files]]
+      + [image_column, caption_column, self.max_examples, self._indices[-1]]
+      + [_hash(self._captions)]
+    )
+
+  def __getitem__(self, index: int) -> dict:
+    index = self._check_index(index)
+    row = self._indices[index]
+    try:
+      image = parse_example(self._ds[row])[self.image_column][0]
+    except (ValueError, KeyError, IndexError) as e:
+      log.warning('%s: record %d unreadable now: %s', self.name, row, e)
+      image = b''
+    return {'image': image, 'caption': self._captions[index], 'id': f'record {row}'}
+
+  def fingerprint(self) -> str:
+    return self._fingerprint
