@@ -296,3 +296,16 @@ def test_processes_with_other_captions_all_refuse(tmp_path, tiny_encoder):
   for r in results:  # every process raises the same error, none hangs
     assert isinstance(r, cache_lib.CacheError) and 'Processes [1]' in str(r), r
   assert not list(tmp_path.iterdir())  # nothing was written
+
+
+@pytest.mark.unit
+def test_build_prints_size_estimate_and_speed(tmp_path, tiny_encoder, capsys):
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:6], tiny_encoder, dataset_fingerprint='fp', shard_size=4,
+    batch_size=2, progress=True,
+  )  # fmt: skip
+  out = capsys.readouterr().out
+  stats = cache.stats()
+  assert f'6 captions (0 duplicates dropped), {stats["num_tokens"]} tokens' in out
+  assert f'{stats["num_tokens"] * 32 * 2 / 2**20:.2f} MiB on disk (tokens x dim 32 x 2 bytes' in out
+  assert 'captions/s per device' in out and cache.build_report['captions'] == 6
