@@ -131,9 +131,29 @@ def _files(path: pathlib.Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope='module')
 def one_process_cache(images, tmp_path_factory):
-  cache_dir = tmp_path_factory.mktemp('cache1')
-  (report,) = _finish(_start(1, images, cache_dir))
-  return pathlib.Path(report['path'])
+  """The reference: one process, the children's 2-device encoder mesh and batch size."""
+  import jax
+  import numpy as np
+
+  from imagen_jax.data import sources
+  from imagen_jax.text import encoder as encoder_lib
+
+  source = sources.FolderSource(images)
+  auto = jax.sharding.AxisType.Auto
+  mesh = jax.sharding.Mesh(
+    np.asarray(jax.devices()[:2]).reshape(2, 1), ('data', 'fsdp'), axis_types=(auto, auto)
+  )
+  encoder = encoder_lib.load_text_encoder('t5-tiny-random', max_length=16, mesh=mesh)
+  cache = cache_lib.build_cache(
+    str(tmp_path_factory.mktemp('cache1')),
+    source.captions(),
+    encoder,
+    dataset_fingerprint=source.fingerprint(),
+    shard_size=SHARD_SIZE,
+    batch_size=4,
+    progress=False,
+  )
+  return cache.path
 
 
 @pytest.mark.multiprocess
@@ -157,7 +177,7 @@ def test_two_processes_build_the_same_bytes(localhost_ports, images, one_process
 def test_killed_two_process_build_resumes(localhost_ports, images, one_process_cache, tmp_path):
   cache_dir = tmp_path / 'cache'
   key = one_process_cache.name
-  procs = _start(2, images, cache_dir, delay=1.5)
+  procs = _start(2, images, cache_dir, delay=1.0)
   deadline, markers = time.time() + TIMEOUT_S, []
   try:
     while time.time() < deadline and not markers:
