@@ -416,18 +416,32 @@ print('ok', len(captions))
   assert proc.returncode == 0 and 'ok' in proc.stdout, proc.stderr[-3000:]
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(runs, tmp_path):
-  """A flipped byte in every array data file of the latest step: sampling reports it (step and
-  path), uses step 2 and says so; asking for the damaged step explicitly is a one-line error."""
+def damage_checkpoint(run_dir, damage):
+  """Damage step 4 of a run copy: 'flipped_bytes' (one bit in every array data file: the state
+  no longer loads), 'stale_checksums' (step 2's checksums: finite arrays that fail verification,
+  as silent bit rot would), 'damaged_config' (its config JSON is not JSON)."""
+  step4 = run_dir / 'checkpoints' / '4'
+  if damage == 'flipped_bytes':
+    data = [p for p in (step4 / 'state').rglob('*') if p.is_file() and p.parent.name == 'd']
+    assert data, sorted((step4 / 'state').rglob('*'))
+    for path in data:
+      raw = bytearray(path.read_bytes())
+      raw[len(raw) // 2] ^= 0x10
+      path.write_bytes(bytes(raw))
+  elif damage == 'stale_checksums':
+    shutil.rmtree(step4 / 'checksums')
+    shutil.copytree(run_dir / 'checkpoints' / '2' / 'checksums', step4 / 'checksums')
+  else:
+    (step4 / 'config' / 'metadata').write_text('{"stage": "base64", ')
+
+
+@pytest.mark.parametrize('damage', ['flipped_bytes', 'stale_checksums', 'damaged_config'])
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(runs, tmp_path, damage):
+  """A damaged latest step: sampling reports it (step and path), uses step 2 and says so;
+  asking for the damaged step explicitly is a one-line error."""
   run_dir = tmp_path / 'run'
   shutil.copytree(runs['base'], run_dir)
-  state = run_dir / 'checkpoints' / '4' / 'state'
-  data = [p for p in state.rglob('*') if p.is_file() and p.parent.name == 'd']
-  assert data, sorted(state.rglob('*'))
-  for path in data:
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0x10
-    path.write_bytes(bytes(raw))
+  damage_checkpoint(run_dir, damage)
   out = tmp_path / 'out'
   proc = sample(runs, '--prompt=x', f'--checkpoints={run_dir}', '--steps=2', f'--out={out}')
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -437,6 +451,8 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(runs, tmp_pat
   (png,) = pngs(out)
   assert json.loads(png.with_suffix('.json').read_text())['stages'][0]['step'] == 2
 
+  if damage != 'flipped_bytes':
+    return
   proc = sample(
     runs, '--prompt=x', f'--checkpoints={run_dir}@4', '--steps=2', f'--out={tmp_path / "o4"}'
   )
