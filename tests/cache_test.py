@@ -176,6 +176,7 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   manifest = json.loads(manifest_path.read_text())
   markers = sorted((killed_root / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
   assert not manifest['complete'] and 1 <= len(markers) < 6
+  (killed_root / key / 'shard-00009.embs.npy').write_bytes(b'left by an older build')
   with pytest.raises(cache_lib.CacheError, match=f'incomplete: {len(markers)} of 6 shards'):
     cache_lib.EmbeddingCache.open(
       str(killed_root), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'

@@ -433,7 +433,8 @@ def _prepare(path: pathlib.Path, header: dict, digest: str) -> dict:
 
   Finished shards (listed in the manifest or marked done by any process) that are intact
   are folded into the manifest's shard list; a manifest for other captions / encoder /
-  layout starts over; leftovers of killed writers (temporary files, markers) are removed.
+  layout starts over; every other `shard-*` file (unfinished, or of an older build) and the
+  temporary files of killed writers are removed.
   """
   path.mkdir(parents=True, exist_ok=True)
   manifest = _read_manifest(path)
@@ -456,8 +457,12 @@ def _prepare(path: pathlib.Path, header: dict, digest: str) -> dict:
   done = {i: s for i, s in candidates.items() if _shard_is_intact(path, s, header['dim'])}
   manifest['shards'] = [done[i] for i in sorted(done)]
   _atomic_write_json(path / MANIFEST, manifest)
-  for stale in [*path.glob('*.tmp-*'), *path.glob(f'shard-*{DONE_SUFFIX}')]:
-    stale.unlink(missing_ok=True)  # markers are now in the manifest
+  keep = {f for s in manifest['shards'] for f in s['files'].values()}
+  for stale in path.glob('shard-*'):  # markers (now in the manifest), unfinished or old shards
+    if stale.name not in keep:
+      stale.unlink(missing_ok=True)
+  for stale in path.glob('*.tmp-*'):
+    stale.unlink(missing_ok=True)
   return manifest
 
 
