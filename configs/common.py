@@ -107,7 +107,7 @@ def get_common(
   c.train.sample_prompts = ()  # empty: the first captions of the dataset
   c.train.num_sample_prompts = 8
   # Quality evaluation on the labelled digits (imagen_jax.evaluate; data.source='digits' only):
-  # every eval_every steps (0: off), eval_num samples (a multiple of 10) of fixed prompts/seed.
+  # every eval_every steps (0: off), eval_num samples (a multiple of 10, >= 20), fixed prompts/seed.
   c.train.eval_every = 0
   c.train.eval_num = 40
   c.train.eval_judge_dir = 'cache/judge'  # judge cache; relative: relative to the workdir

@@ -11,6 +11,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -97,7 +98,7 @@ def test_prompt_set_is_class_balanced_half_heldout():
     assert digits.CLASS_NAMES[label] in prompt or str(label) in prompt
   big = scoring.prompt_set(500)
   assert set(big.prompts) == heldout | seen  # every template of every class is used
-  for num in (0, 5, 25):
+  for num in (0, 5, 10, 25):
     with pytest.raises(scoring.EvalError, match='multiple of the 10 classes'):
       scoring.prompt_set(num)
 
@@ -282,3 +283,35 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
   openmoji_run = tiny_run['train']('openmoji')
   proc = evaluate(tiny_run, f'--checkpoints={openmoji_run}', '--num=20')
   assert proc.returncode == 2 and 'no class labels' in proc.stderr.splitlines()[-1]
+
+
+@pytest.mark.smoke
+def test_train_eval_fn_compiles_once_and_is_deterministic(tiny_run, monkeypatch):
+  from imagen_jax import cascade, sample_lib
+
+  st = sample_lib.restore_stage(str(tiny_run['digits']), {}, True)
+  config = st.config.copy_and_resolve_references()
+  config.train.eval_every = 1
+  config.train.eval_num = 20
+  config.train.eval_judge_dir = tiny_run['judge_dir']
+  traces = []
+  make_sampler = cascade.make_stage_sampler
+
+  def counting_sampler(*args, **kwargs):
+    fn = make_sampler(*args, **kwargs)
+
+    def counted(*a):
+      traces.append(1)  # runs only while jax.jit traces
+      return fn(*a)
+
+    return jax.jit(counted)
+
+  monkeypatch.setattr(cascade, 'make_stage_sampler', counting_sampler)
+  eval_fn = runner.make_train_eval_fn(config, st.graphdef, tiny_run['root'])
+  first = eval_fn(st.params, 1)
+  second = eval_fn(st.params, 2)
+  assert first == second  # fixed prompts and noise
+  assert len(traces) == 1
+  assert set(first) == set(scoring.SCALARS) | {'num_nonfinite'}
+  assert all(isinstance(v, float) for v in first.values())
+  assert 0.0 <= first['adherence'] <= 1.0 and first['fd'] >= 0.0

@@ -16,7 +16,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@STEP).')
-flags.DEFINE_integer('num', 500, 'Generated images, a multiple of the 10 classes.')
+flags.DEFINE_integer('num', 500, 'Generated images: a multiple of the 10 classes, >= 20.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.DEFINE_integer('batch_size', 50, 'Images per sampling batch.')
 flags.DEFINE_string('sampler', None, 'ddpm | ddim | dpmpp_2m | heun (default: the run config).')

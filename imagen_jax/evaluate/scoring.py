@@ -53,10 +53,13 @@ class PromptSet:
 
 
 def check_num(num: int) -> None:
-  if num < digits.NUM_CLASSES or num % digits.NUM_CLASSES:
+  """EvalError unless num is a multiple of the class count with >= 2 prompts per class (one
+  seen, one held-out template at least)."""
+  if num < 2 * digits.NUM_CLASSES or num % digits.NUM_CLASSES:
     raise EvalError(
-      f'--num must be a positive multiple of the {digits.NUM_CLASSES} classes (class-balanced '
-      f'prompts), got {num}; e.g. --num {max(1, round(num / 10)) * 10}.'
+      f'--num must be a multiple of the {digits.NUM_CLASSES} classes and at least '
+      f'{2 * digits.NUM_CLASSES} (class-balanced prompts, seen and held-out templates), got '
+      f'{num}; e.g. --num {max(2, round(num / 10)) * 10}.'
     )
 
 
