@@ -13,13 +13,19 @@ stopped run keeps every finished batch; rerun the same command with --skip_exist
 only the missing images (bitwise the same as an uninterrupted run). --overwrite replaces
 existing files instead; the two exclude each other. Requests for more than --max_images
 images in total (default 1000) are refused unless --max_images is raised.
+
+Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 75 stopped by
+SIGTERM/SIGINT (finished batches kept; rerun with --skip_existing to make the rest).
 """
 
 import logging
 import pathlib
+import signal
 import sys
 
 from absl import app, flags
+
+EXIT_STOPPED = 75  # as train.py: stopped early by a signal, resumable
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string('prompt', [], 'A prompt (repeatable).')
@@ -49,7 +55,7 @@ flags.DEFINE_bool(
   False,
   'Keep existing output files and make only the missing ones (same seed and settings).',
 )
-flags.DEFINE_integer(
+flags.DEFINE_integer(  # sample_lib.DEFAULT_MAX_IMAGES
   'max_images', 1000, 'Refuse requests for more images than this in total (prompts x num_images).'
 )
 
@@ -62,6 +68,11 @@ def _numbers(values, kind, name):
   except ValueError:
     print(f'error: --{name} takes numbers, got {",".join(values)}', file=sys.stderr)
     sys.exit(2)
+
+
+def _stop(signum, frame):
+  """SIGTERM: stop like Ctrl-C (the batch in progress is dropped, finished ones are on disk)."""
+  raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv):
@@ -101,11 +112,21 @@ def main(argv):
     max_images=FLAGS.max_images,
     training_prompts=FLAGS.training_prompts,
   )
+  signal.signal(signal.SIGTERM, _stop)
   try:
     written = sample_lib.run(req)
   except sample_lib.SampleError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through _stop
+    instead = ' instead of --overwrite' if FLAGS.overwrite else ''
+    print(
+      f'stopped ({e.args[0] if e.args else "SIGINT"}) before the last batch; the finished '
+      f'batches are in {FLAGS.out}: rerun the same command with --skip_existing{instead} to make '
+      'only the missing images.',
+      file=sys.stderr,
+    )
+    sys.exit(EXIT_STOPPED)
   print(f'{len(written)} images and grid.png in {FLAGS.out}')
 
 

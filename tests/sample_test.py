@@ -283,6 +283,27 @@ def assert_same_files(a, b):
     assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
+def stop_after_first_batch(runs, args, first_batch, sig):
+  """Run sample.py, send `sig` once all `first_batch` files exist; (was running, (rc, log))."""
+  log_path = pathlib.Path(str(first_batch[0].parent) + '.log')
+  with open(log_path, 'w') as log_file:
+    proc = subprocess.Popen(
+      [sys.executable, 'sample.py', *args],
+      cwd=REPO_ROOT,
+      env=runs['env'],
+      stdout=log_file,
+      stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 600
+    while not all(f.exists() for f in first_batch) and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    running = proc.poll() is None
+    proc.send_signal(sig)
+    rc = proc.wait(timeout=600)
+  return running, (rc, log_path.read_text())
+
+
 def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
   """Files are written batch by batch: SIGKILL after the first batch keeps it; a rerun with
   --skip_existing skips that batch (no compute) and makes only the missing images, giving
@@ -299,22 +320,8 @@ def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
   killed, whole = tmp_path / 'killed', tmp_path / 'whole'
   stems = [f'000_{k:02d}_a-red-apple' for k in range(3)]
   first_batch = [killed / f'{stem}.{ext}' for stem in stems[:2] for ext in ('png', 'json')]
-  with open(tmp_path / 'killed.log', 'w') as log_file:
-    proc = subprocess.Popen(
-      [sys.executable, 'sample.py', *args, f'--out={killed}'],
-      cwd=REPO_ROOT,
-      env=runs['env'],
-      stdout=log_file,
-      stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 600
-    while not all(f.exists() for f in first_batch) and proc.poll() is None:
-      assert time.monotonic() < deadline
-      time.sleep(0.02)
-    running = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  assert running, (tmp_path / 'killed.log').read_text()[-3000:]  # files came before the end
+  running, _ = stop_after_first_batch(runs, [*args, f'--out={killed}'], first_batch, signal.SIGKILL)
+  assert running  # the first batch's files were on disk while the run went on
   assert not (killed / f'{stems[2]}.png').exists() and not (killed / 'grid.png').exists()
   before = file_ids(first_batch)
 
@@ -354,6 +361,17 @@ def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
   assert proc.returncode != 0 and 'made with other settings' in proc.stderr, proc.stderr[-2000:]
   assert 'stages[0].steps: 4 -> 5' in proc.stderr
   assert file_ids(killed.iterdir()) == everything
+
+
+def test_sigterm_keeps_finished_batches_and_says_how_to_resume(runs, tmp_path):
+  out = tmp_path / 'out'
+  first_batch = [out / f'000_0{k}_a-red-apple.{ext}' for k in (0, 1) for ext in ('png', 'json')]
+  args = ['--prompt=a red apple', f'--checkpoints={runs["base"]}', '--num_images=3']
+  args += ['--batch_size=2', '--steps=5', '--sampler=ddim', f'--out={out}']  # shapes of its own
+  running, (rc, log) = stop_after_first_batch(runs, args, first_batch, signal.SIGTERM)
+  assert running and rc == 75, log[-3000:]
+  assert 'stopped (SIGTERM)' in log and '--skip_existing' in log and 'Traceback' not in log, log
+  assert all(f.exists() for f in first_batch) and not (out / '000_02_a-red-apple.png').exists()
 
 
 def test_checkpoint_step_choice(runs, tmp_path):
