@@ -688,7 +688,7 @@ def build_cache(
       f'This run encoded {cache.build_report["captions"]} captions in '
       f'{cache.build_report["seconds"]:.1f} s: '
       f'{cache.build_report["captions_per_s_per_device"]:.1f} captions/s per device '
-      f'({cache.build_report["devices"]} devices, compilation included).',
+      f'({cache.build_report["devices"]} device(s), compilation included).',
       progress,
     )
   return cache
