@@ -312,17 +312,20 @@ def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
   from imagen_jax.text import encoder as encoder_lib
 
   name, max_length, dtype, _ = _encoder_key(config)
+  if not prompts:
+    return np.zeros((0, max_length, 0), CACHE_EMBEDDING_DTYPE), np.zeros((0, max_length), bool)
   mesh = precompute.make_encoder_mesh(config)
   enc = encoder_lib.load_text_encoder(name, max_length=max_length, dtype=dtype, mesh=mesh)
-  _, text_mask = enc.tokenizer(prompts)  # [P, L] bool
   tokens, offsets = cache_lib._encode_shard(
     prompts, enc, precompute._batch_size(config, mesh)
   )  # [T, D] bfloat16 bits of the real tokens, [P + 1]
   real = tokens.view(CACHE_EMBEDDING_DTYPE)
   text_embs = np.zeros((len(prompts), max_length, enc.dim), CACHE_EMBEDDING_DTYPE)
-  for i in range(len(prompts)):
+  text_mask = np.zeros((len(prompts), max_length), bool)
+  for i in range(len(prompts)):  # zero-padded, as the cache's lookup pads
     n = offsets[i + 1] - offsets[i]
     text_embs[i, :n] = real[offsets[i] : offsets[i + 1]]
+    text_mask[i, :n] = True
   del enc
   gc.collect()  # the encoder is freed before the U-Nets run
   return text_embs, text_mask
@@ -362,6 +365,8 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
         'stage': st.config.stage,
         'resolution': int(st.config.data.resolution),
         'params': 'ema' if req.use_ema else 'raw',
+        'text_encoder': st.config.text.encoder,
+        'text_dtype': _encoder_key(st.config)[2],
         **dataclasses.asdict(st.options),
       }
       for st in stages
