@@ -150,7 +150,16 @@ def validate(req: SampleRequest) -> None:
   if not req.checkpoints:
     raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
   for spec in req.checkpoints:
-    parse_checkpoint(spec)
+    run_dir = pathlib.Path(parse_checkpoint(spec)[0])
+    if not run_dir.exists():
+      raise SampleError(
+        f'--checkpoints: {run_dir} does not exist; pass the --workdir of a train.py run.'
+      )
+    if not run_dir.is_dir():
+      raise SampleError(
+        f'--checkpoints: {run_dir} is a file, not a run folder; pass the --workdir of a '
+        'train.py run.'
+      )
   if req.overwrite and req.skip_existing:
     raise SampleError(
       '--overwrite and --skip_existing exclude each other: --skip_existing keeps the existing '

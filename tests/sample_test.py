@@ -198,6 +198,12 @@ def error_lines(stderr):
 def test_missing_and_incomplete_checkpoints(runs, tmp_path):
   proc = sample(runs, '--prompt=x', f'--checkpoints={tmp_path / "nope"}', f'--out={tmp_path / "o"}')
   assert proc.returncode != 0 and 'does not exist' in proc.stderr
+  (tmp_path / 'a_file').write_text('x')
+  proc = sample(
+    runs, '--prompt=x', f'--checkpoints={tmp_path / "a_file"}', f'--out={tmp_path / "o"}'
+  )
+  assert proc.returncode != 0 and 'is a file, not a run folder' in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not (tmp_path / 'o').exists()
   incomplete = tmp_path / 'incomplete'
   (incomplete / 'checkpoints' / '5.orbax-checkpoint-tmp-1').mkdir(parents=True)
   proc = sample(runs, '--prompt=x', f'--checkpoints={incomplete}', f'--out={tmp_path / "o"}')
