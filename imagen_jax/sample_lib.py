@@ -439,15 +439,15 @@ def run(req: SampleRequest) -> list[pathlib.Path]:
   """Sample, write PNGs + sidecars batch by batch, then the grid; returns every PNG path of
   the last stage (made now or, with skip_existing, already there).
 
-  On a SampleError nothing is left behind that was not there: an output folder made by this
-  call is removed again when no file was written into it.
+  On a SampleError (or an interrupt) before any file was written, an output folder made by
+  this call is removed again: nothing is left behind that was not there.
   """
   validate(req)
   out = pathlib.Path(req.out)
   made_out = not out.exists()
   try:
     return _run(req)
-  except SampleError:
+  except (SampleError, KeyboardInterrupt):
     if made_out and out.is_dir() and not any(out.iterdir()):
       out.rmdir()
     raise
