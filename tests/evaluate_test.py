@@ -132,6 +132,25 @@ def test_make_train_eval_fn_off_and_refusals(tmp_path):
     runner.make_train_eval_fn(config, None, tmp_path)
 
 
+@pytest.mark.unit
+def test_prompt_embeddings_match_the_training_cache(tmp_path):
+  """Evaluation prompts must reach the U-Net exactly as training captions did."""
+  from imagen_jax import precompute
+  from imagen_jax.data import pipeline, sources
+
+  config = _digits_config()
+  config.data.max_examples = 20
+  config.text.max_length = 32
+  config.text.cache_dir = str(tmp_path)
+  cache = precompute.precompute(config)
+  captions = sorted(set(sources.build_source(config.data).captions()))
+  cached_embs, cached_mask = pipeline.lookup_text(cache, captions)
+  text_embs, text_mask = runner.encode_prompts(config, captions)
+  np.testing.assert_array_equal(text_mask, cached_mask)
+  # Same encoder, dtype, mesh (8 fake devices here), batch shape and rounding: bit-identical.
+  np.testing.assert_array_equal(text_embs, cached_embs)
+
+
 # ---- the judge and the calibration rows ----
 
 

@@ -5,7 +5,7 @@
 
 The stage is rebuilt from its checkpoint's saved config (EMA params by default) and samples
 with its own sampler settings unless overridden. Prompts are embedded exactly as training saw
-them: the run's encoder, max_length and compute dtype, then rounded to the cache's bfloat16.
+them (`encode_prompts`: bit-identical to the embedding cache built on the same devices).
 Batch b draws its noise from fold_in(fold_in(key(seed), b), 0), as `sample.py` does for the
 base stage, so `sample.py` with the same prompts, seed and batch size gives the same images.
 Every input is checked before any compute, and nothing is written unless `out` is given
@@ -75,18 +75,32 @@ def check_labelled_base(config: ml_collections.ConfigDict, where: str) -> None:
 def encode_prompts(
   config: ml_collections.ConfigDict, prompts: list[str]
 ) -> tuple[np.ndarray, np.ndarray]:
-  """text_embs [P, L, D] float32 (bfloat16-rounded, zeros at padding), text_mask [P, L] bool,
-  as the training pipeline looks them up in the cache built by imagen_jax.precompute."""
+  """text_embs [P, L, D] float32 (zeros at padding), text_mask [P, L] bool, bit-identical to
+  what training looks up in the cache that imagen_jax.precompute builds on the same devices:
+  the run's encoder, max_length and compute dtype, the same device mesh and batch shape
+  (text.precompute_batch_size rounded to the device count, padded with ''), then rounded to the
+  cache's bfloat16. (bfloat16 results move by a few ulp with the batch shape or sharding.)"""
+  from imagen_jax import precompute
   from imagen_jax.text import encoder as encoder_lib
 
+  mesh = precompute.make_encoder_mesh(config)
   encoder = encoder_lib.load_text_encoder(
     config.text.encoder,
     max_length=int(config.text.max_length),
     dtype=config.text.get('dtype', 'bfloat16'),
+    mesh=mesh,
   )
-  text_embs, text_mask = encoder.encode(prompts)
-  text_embs = np.asarray(text_embs).astype(CACHE_EMBEDDING_DTYPE).astype(np.float32)
-  return np.where(text_mask[..., None], text_embs, 0.0).astype(np.float32), text_mask
+  devices = 1 if mesh is None else mesh.devices.size
+  batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices
+  text_embs, text_mask = [], []
+  for start in range(0, len(prompts), batch):
+    chunk = list(prompts[start : start + batch])
+    embs, mask = encoder.encode(chunk + [''] * (batch - len(chunk)))  # [B, L, D], [B, L]
+    text_embs.append(np.asarray(embs)[: len(chunk)])
+    text_mask.append(np.asarray(mask)[: len(chunk)])
+  embs = np.concatenate(text_embs).astype(CACHE_EMBEDDING_DTYPE).astype(np.float32)
+  mask = np.concatenate(text_mask)
+  return np.where(mask[..., None], embs, 0.0).astype(np.float32), mask
 
 
 def generate(
