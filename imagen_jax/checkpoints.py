@@ -25,6 +25,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,42 @@ log = logging.getLogger(__name__)
 ITEMS = ('state', 'data', 'config', 'checksums')
 CHECKSUM_VERSION = 1
 SET_ASIDE_DIR = 'checkpoints_set_aside'
+
+
+# Orbax notes logged every time a checkpoint folder is opened read-only, as sampling does: the
+# settings they mention are the read-only defaults, nothing is wrong. Only these are dropped.
+ORBAX_READ_ONLY_NOTES = (
+  'CheckpointManagerOptions.read_only=True, setting ',
+  'Given directory is read only=',
+)
+
+
+class _DropOrbaxReadOnlyNotes(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
+
+
+def quiet_orbax_noise() -> None:
+  """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the
+  "RuntimeError: Event loop is closed" tracebacks that tensorstore read callbacks print (as
+  unraisable exceptions, ~100 of them) after a damaged checkpoint fails to load, which the
+  restore functions here already report in one line. Every other log record and exception is
+  kept."""
+  absl_logger = logging.getLogger('absl')
+  if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
+  previous = sys.unraisablehook
+  if getattr(previous, 'drops_closed_loop_callbacks', False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  hook.drops_closed_loop_callbacks = True
+  sys.unraisablehook = hook
 
 
 class CheckpointError(ValueError):

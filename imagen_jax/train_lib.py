@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import pathlib
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -192,15 +193,25 @@ def make_train_step(
 
 
 class StopSignal:
-  """Catches SIGTERM and SIGINT (Ctrl-C) so the loop can save at the current step and exit."""
+  """SIGTERM / SIGINT (Ctrl-C): stop at the current step, save, and exit.
 
-  def __init__(self):
+  One process: our own handlers set a flag. Several processes (`coordinated`): a SIGTERM on
+  any host is caught by JAX's distributed preemption notifier, and `should_stop(step)` turns
+  true on every host at the same step (`reached_preemption_sync_point`), so all hosts save
+  the same step together; Ctrl-C is turned into a SIGTERM for the same path.
+  """
+
+  def __init__(self, coordinated: bool = False):
+    self.coordinated = coordinated
     self.received: str | None = None
     self._previous = {}
 
   def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
+    if self.coordinated:
+      self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._forward_to_sigterm)
+    else:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -208,6 +219,20 @@ class StopSignal:
     log.warning(
       '%s received: saving a checkpoint at the current step, then exiting.', self.received
     )
+
+  def _forward_to_sigterm(self, signum, frame):
+    log.warning('SIGINT received: passing it on as SIGTERM, so that every host stops together.')
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  def should_stop(self, step: int) -> str | None:
+    """The signal's name once the run must stop at `step` (the same step on every host)."""
+    if self.coordinated and self.received is None:
+      from jax.experimental import multihost_utils
+
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.received = 'SIGTERM'
+        log.warning('Preemption noticed on some host: every host saves step %d and exits.', step)
+    return self.received
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -319,8 +344,9 @@ def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     )
 
 
-def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-  """Refuse a resume whose model or stage differs from the checkpoint's; log other changes."""
+def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
+  """Refuse a resume whose model or stage differs from the checkpoint's; returns the other
+  differing fields ('field: saved -> now')."""
   model_diff = checkpoints.config_differences(
     {'stage': saved.get('stage'), 'model': saved.model.to_dict()},
     {'stage': config.stage, 'model': config.model.to_dict()},
@@ -332,9 +358,7 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
       + '\n  '.join(model_diff)
       + "\nUse a fresh --workdir, or the checkpoint's values."
     )
-  other = checkpoints.config_differences(saved, config)
-  if other:
-    log.warning('Resuming with changed settings (checkpoint -> now): %s', '; '.join(other))
+  return checkpoints.config_differences(saved, config)
 
 
 # ------------------------------------------------------------------------------- loop
@@ -356,14 +380,6 @@ def _prepare_workdir(workdir: str) -> pathlib.Path:
       'permissions).'
     ) from e
   return path
-
-
-def _resolve_paths(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """A relative text.cache_dir is taken relative to the workdir (the saved config keeps the
-  absolute path, so sampling and resumes from any directory find the same cache)."""
-  cache_dir = pathlib.Path(config.text.cache_dir).expanduser()
-  if not cache_dir.is_absolute():
-    config.text.cache_dir = str(workdir / cache_dir)
 
 
 def _optimizer_check(
@@ -395,20 +411,28 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path):
   neither overwrites nor returns to them.
   """
   requested = int(config.train.get('resume_step', 0)) or None
+  newest = max(manager.all_steps())
+  if requested and newest > requested and _resumed_from(manager, newest) == requested:
+    # The newer checkpoints come from this same resume (the command was run again, e.g. after a
+    # SIGTERM): continue from them instead of throwing their progress away.
+    log.info('Already resumed from step %d earlier; continuing from step %d.', requested, newest)
+    requested = None
   target = abstract_with_shardings(abstract, state_sh)
 
   def restore_one(step):
     saved = checkpoints.restore_config(manager, step)
-    _resume_check(saved, config)
+    changed = _resume_check(saved, config)
     _optimizer_check(saved, config, abstract['params'])
-    return checkpoints.restore(manager, step, abstract_state=target)
+    return checkpoints.restore(manager, step, abstract_state=target), changed
 
   try:
-    step, (state, data_state), failures = checkpoints.restore_with_fallback(
+    step, ((state, data_state), changed), failures = checkpoints.restore_with_fallback(
       manager, step=requested, restore_fn=restore_one
     )
   except checkpoints.CheckpointError as e:
     raise TrainingError(str(e)) from e
+  if changed:
+    log.warning('Resuming with changed settings (checkpoint -> now): %s', '; '.join(changed))
   moved = checkpoints.set_aside_newer(workdir_path, step, manager)
   if failures:
     log.warning('Resumed from step %d, the newest checkpoint that verified.', step)
@@ -419,6 +443,77 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path):
       ', '.join(str(p) for p in moved),
     )
   return step, state, data_state
+
+
+def _resumed_from(manager, step: int) -> int | None:
+  """The train.resume_step that the run which wrote `step` was started with (None if unknown)."""
+  try:
+    return int(checkpoints.restore_config(manager, step).train.get('resume_step', 0)) or None
+  except (checkpoints.CheckpointError, AttributeError, KeyError, TypeError, ValueError):
+    return None
+
+
+def _allgather_json(obj: Any) -> list:
+  """[obj of process 0, obj of process 1, ...] on every process (JSON-serialisable objects)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+
+  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[: data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max length]
+  return [json.loads(bytes(rows[i, : lengths[i]]).decode()) for i in range(len(lengths))]
+
+
+def _check_same_config(config: ml_collections.ConfigDict) -> None:
+  """Every process must run the same config: compare hashes, refuse a mismatch."""
+  digest = checkpoints.json_checksum(json.loads(config.to_json_best_effort()))
+  digests = _allgather_json(digest)
+  differing = [i for i, d in enumerate(digests) if d != digests[0]]
+  if differing:
+    raise TrainingError(
+      f'Processes {differing} run a different config than process 0 (config hashes differ); '
+      'launch every process with the same --config file and overrides.'
+    )
+
+
+def data_state_for_save(data_iter) -> dict:
+  """Every process's iterator position, gathered, so any host count can resume from it."""
+  states = _allgather_json(data_iter.get_state())
+  return {'process_count': len(states), 'states': states}
+
+
+def restore_data_state(data_iter, saved: dict, config: ml_collections.ConfigDict) -> None:
+  """Put this process's iterator at its saved position; across a change of host count, at the
+  same global batch (exact without skipped files, see pipeline.convert_states)."""
+  from imagen_jax.data import pipeline
+
+  if 'states' not in saved:  # written before positions were gathered: one process
+    saved = {'process_count': 1, 'states': [saved]}
+  count, states = int(saved['process_count']), saved['states']
+  if count == jax.process_count():
+    data_iter.set_state(states[jax.process_index()])
+    return
+  batch = int(config.train.batch_size)
+  converted, exact = pipeline.convert_states(
+    states,
+    local_batch=batch // count,
+    new_count=jax.process_count(),
+    new_local_batch=batch // jax.process_count(),
+  )
+  data_iter.set_state(converted[jax.process_index()])
+  if exact:
+    log.info('Data position moved from %d to %d processes exactly.', count, jax.process_count())
+  else:
+    log.warning(
+      'Data position moved from %d to %d processes at the earliest whole batch any process had '
+      'reached (files were skipped, so the hosts were at different positions): a few examples '
+      'may be seen twice.',
+      count,
+      jax.process_count(),
+    )
 
 
 def _truncate_metrics(workdir_path: pathlib.Path, step: int) -> None:
@@ -460,20 +555,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'runs the U-Net deterministically); use --config.model.dropout=0.'
     )
   workdir_path = _prepare_workdir(workdir)
-  _resolve_paths(config, workdir_path)
+  precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
   is_chief = jax.process_index() == 0
+  if jax.process_count() > 1:
+    _check_same_config(config)
   mesh = sharding.make_mesh(config.mesh)
   _check_batch_size(config, mesh)
   log.info(
     'Devices: %d x %s; mesh %s.', jax.device_count(), jax.devices()[0].device_kind, dict(mesh.shape)
   )
 
-  if jax.process_count() > 1:  # one host builds the cache (shared storage), the others wait
-    from jax.experimental import multihost_utils
-
-    if is_chief:
-      precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
-    multihost_utils.sync_global_devices('imagen_jax:embedding_cache')
+  # On every process: a missing cache is built by all of them together (shared storage).
   text_cache = precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
   if text_cache.dim != config.model.text_dim:
     raise ValueError(
@@ -502,10 +594,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
       state = init()
     else:
-      resumed, state, data_state = _restore_for_resume(
-        config, manager, abstract, state_sh, workdir_path
-      )
-      data_iter.set_state(data_state)
+      try:
+        resumed, state, data_state = _restore_for_resume(
+          config, manager, abstract, state_sh, workdir_path
+        )
+      except BaseException:
+        manager.close()  # lets orbax's async machinery shut down quietly before the exit
+        if hasattr(data_iter, 'close'):
+          data_iter.close()
+        raise
+      restore_data_state(data_iter, data_state, config)
       _truncate_metrics(workdir_path, resumed)
       log.info('Resumed from step %d in %s.', resumed, workdir_path)
     start = int(state['step'])
@@ -524,7 +622,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_iter=data_iter,
       manager=manager,
       writer=MetricWriter(workdir_path, config, enabled=is_chief),
-      sample_grid=_make_sample_grid_fn(config, graphdef, text_cache, workdir_path),
+      sample_grid=_make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh),
       eval_fn=_make_eval_fn(config, graphdef, workdir_path),
       batch_sh=batch_sh,
       workdir_path=workdir_path,
@@ -554,6 +652,7 @@ class _Loop:
   eval_fn: Callable | None
   batch_sh: Any
   workdir_path: pathlib.Path
+  last_save: int | None = None  # step of the newest save started
 
   def check(self, step: int, metrics: dict) -> dict[str, float]:
     """Host copies of a step's metrics; TrainingError if the step was not finite."""
@@ -576,26 +675,38 @@ class _Loop:
 
   def save(self, state, step: int, force: bool = False) -> None:
     """Start an async save; a failed write (disk full, permissions) is a TrainingError."""
+    self.wait_for_saves(self.last_save)  # the previous save's bytes are on disk (and it worked)
+    if jax.process_count() == 1:  # several hosts may see different disks: no local veto there
+      need = sum(x.nbytes for x in jax.tree.leaves(state))
+      free = shutil.disk_usage(self.manager.directory).free
+      if free < need:
+        raise _save_failed(
+          self.manager, step, f'{need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free on the disk'
+        )
     try:
       self.manager.check_for_errors()  # an earlier async save that failed
       checkpoints.save(
         self.manager,
         step,
         state=state,
-        data_state=self.data_iter.get_state(),
+        data_state=data_state_for_save(self.data_iter),
         config=self.config,
         force=force,
       )
     except checkpoints.CheckpointError as e:
       raise TrainingError(str(e)) from e
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise ValueError, OSError, ...
       raise _save_failed(self.manager, step, e) from e
+    self.last_save = step
 
-  def wait_for_saves(self, step: int) -> None:
+  def wait_for_saves(self, step: int | None) -> None:
+    """Block until the save of `step` (the newest started) is on disk; TrainingError if not."""
+    if step is None:
+      return
     try:
       self.manager.wait_until_finished()
       self.manager.check_for_errors()
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 - a failed background save, reported with its step
       raise _save_failed(self.manager, step, e) from e
 
   def run(self, state, start: int, num_steps: int) -> dict[str, Any]:
@@ -619,7 +730,7 @@ class _Loop:
     )
     step = start
     try:
-      with StopSignal() as stop:
+      with StopSignal(coordinated=jax.process_count() > 1) as stop:
         while step < num_steps:
           batch = _to_global(next(self.data_iter), self.batch_sh)
           if flops is None:  # compile once, ahead of time, and read its cost
@@ -653,11 +764,11 @@ class _Loop:
             window_start, window_steps = time.perf_counter(), 0
           progress.update(1)
 
-          if stop.received:
+          if stop.should_stop(step):
             if pending is not None:
               self.check(*pending)
             self.save(state, step, force=True)
-            self.wait_for_saves(step)
+            self.wait_for_saves(self.last_save)
             last_scalars['stopped_by'] = stop.received
             log.warning(
               'Stopped by %s at step %d; checkpoint saved in %s.',
@@ -683,12 +794,12 @@ class _Loop:
             progress.write(f'eval at step {step}: {summary}')
             last_scalars = {**last_scalars, **{f'eval/{k}': v for k, v in results.items()}}
           window_start += time.perf_counter() - side_work
-        self.wait_for_saves(step)
+        self.wait_for_saves(self.last_save)
     finally:
       progress.close()
       try:
         self.manager.wait_until_finished()
-      except OSError:
+      except Exception:  # noqa: BLE001 - already reported by the save that failed
         log.error('A checkpoint save failed while shutting down (reported above).')
       self.manager.close()
       self.writer.close()
@@ -698,18 +809,33 @@ class _Loop:
     return last_scalars
 
 
-def _save_failed(manager, step: int, error: OSError) -> TrainingError:
-  kept = sorted(manager.all_steps())
+def _save_failed(manager, step: int, error: BaseException | str) -> TrainingError:
+  """'Saving step N failed (why); the kept checkpoints are intact; what to do.'"""
+  directory = pathlib.Path(manager.directory)
+  kept = sorted(
+    int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.name != str(step)
+  )
+  if isinstance(error, OSError) and error.strerror:
+    why = error.strerror
+  else:
+    why = ' '.join(str(error).split())
+    if 'No space left on device' in why:
+      why = 'No space left on device'
+    why = why[:300]
   return TrainingError(
-    f'Saving checkpoint step {step} to {manager.directory} failed ({error.strerror or error}). '
+    f'Saving checkpoint step {step} to {manager.directory} failed ({why}). '
     f'The kept checkpoints {kept or "(none)"} are intact'
     + (f' (latest: step {kept[-1]})' if kept else '')
     + '; free disk space or fix permissions, then resume with the same command.'
   )
 
 
-def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path):
-  """fn(ema_params, step) -> uint8 grid of base-stage samples for fixed prompts (None for SR)."""
+def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
+  """fn(ema_params, step) -> uint8 grid of base-stage samples for fixed prompts (None for SR).
+
+  Inputs and output are replicated over the mesh, so every host holds the whole grid (with
+  several processes a sharded output could not be read back on one host).
+  """
   if stage.is_super_resolution(config) or not config.train.sample_every:
     return None
   from imagen_jax.data import pipeline
@@ -723,11 +849,15 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path):
   )
 
   out_dir = workdir_path / 'samples'
+  everywhere = sharding.replicated(mesh)
+  text_embs, text_mask = (
+    jax.make_array_from_process_local_data(everywhere, np.asarray(a))
+    for a in (text_embs, text_mask)
+  )
+  sample_replicated = jax.jit(sample_fn, out_shardings=everywhere)
 
   def grid_fn(ema_params, step):
-    out = sample_fn(
-      ema_params, jnp.asarray(text_embs), jnp.asarray(text_mask), jax.random.key(config.seed)
-    )
+    out = sample_replicated(ema_params, text_embs, text_mask, jax.random.key(config.seed))
     grid = images.make_grid(images.to_uint8(np.asarray(out)))
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)

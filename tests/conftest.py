@@ -13,3 +13,7 @@ import sys  # noqa: E402
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
+
+# One persistent XLA compilation cache for every test that runs train.py / sample.py in a
+# subprocess: the tiny configs compile the same programs in many tests and modules.
+XLA_CACHE_DIR = REPO_ROOT / '.pytest_cache' / 'xla'

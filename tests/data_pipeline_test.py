@@ -186,6 +186,48 @@ def test_per_host_sharding_is_disjoint(tmp_path):
     _iterator(config, process_index=0, process_count=3)
 
 
+@pytest.mark.unit
+def test_global_batches_are_the_same_on_any_host_count(tmp_path):
+  # Global batch t = the hosts' local batches side by side, whatever the host count, and the
+  # positions of 2 hosts move exactly onto 1 host (and back).
+  config = _config(_noise_folder(tmp_path / 'noise'), random_crop=True)
+  single, _ = _iterator(config)
+  reference = _take(single, 5)  # crosses the 12-example epoch
+  hosts = [_iterator(config, process_index=i, process_count=2)[0] for i in range(2)]
+  for t in range(3):
+    local = [next(it) for it in hosts]
+    for key in reference[t]:
+      np.testing.assert_array_equal(np.concatenate([b[key] for b in local]), reference[t][key])
+
+  states, exact = pipeline.convert_states(
+    [it.get_state() for it in hosts], local_batch=2, new_count=1, new_local_batch=4
+  )
+  assert exact
+  resumed, _ = _iterator(config)
+  resumed.set_state(states[0])
+  _assert_batches_equal(_take(resumed, 2), reference[3:5])
+
+  back, exact = pipeline.convert_states(
+    [resumed.get_state()], local_batch=4, new_count=2, new_local_batch=2
+  )
+  assert exact and back[0]['parent'] == back[1]['parent'] == {'next_index': 10}
+
+
+@pytest.mark.unit
+def test_convert_states_reports_uneven_positions():
+  states = [
+    {'parent': {'next_index': 6}, 'num_seen': 7, 'num_skipped': 1},
+    {'parent': {'next_index': 4}, 'num_seen': 4, 'num_skipped': 0},
+  ]
+  new, exact = pipeline.convert_states(states, local_batch=2, new_count=1, new_local_batch=4)
+  assert not exact and new[0]['parent'] == {'next_index': 8}  # the earliest whole batch: 2
+  assert new[0]['num_seen'] == 11 and new[0]['num_skipped'] == 1
+  with pytest.raises(sources.DataError, match='same host count'):
+    pipeline.convert_states(
+      [{'parent': {'workers': []}}], local_batch=2, new_count=1, new_local_batch=4
+    )
+
+
 def _encode(image, fmt='PNG', **kwargs):
   buf = io.BytesIO()
   image.save(buf, format=fmt, **kwargs)

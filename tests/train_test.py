@@ -7,6 +7,7 @@ All runs share one persistent XLA compilation cache, so each distinct program co
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -15,20 +16,24 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, XLA_CACHE_DIR
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('train')]
 
 
-@pytest.fixture(scope='module')
-def shared(tmp_path_factory):
-  root = tmp_path_factory.mktemp('train')
+def run_folders(root) -> dict:
+  """A test module's shared folders: runs under root, text and render caches, XLA cache."""
   return {
     'root': root,
-    'xla_cache': root / 'xla_cache',
+    'xla_cache': XLA_CACHE_DIR,
     'text_cache': root / 'embeddings',
     'render_cache': root / 'openmoji',
   }
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+  return run_folders(tmp_path_factory.mktemp('train'))
 
 
 def train_cmd(shared, workdir, *overrides, config='configs/base64.py:tiny'):
@@ -122,11 +127,13 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == 0, stderr[-3000:]
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 75, stderr[-3000:]  # stopped early, resumable (not 'done')
   assert 'SIGTERM' in stderr
   stopped_at = finished_steps(workdir)[-1]
   assert stopped_at >= 2 and stopped_at == max(losses(workdir))
+  assert f'stopped at step {stopped_at} (SIGTERM)' in stdout + stderr
+  assert 'resume with the same command' in stdout + stderr
 
   # Resume (num_steps changed back to 6; with a constant schedule that changes nothing else).
   run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
@@ -192,7 +199,7 @@ def test_nan_loss_aborts_without_checkpoint(shared):
   )
   assert proc.returncode != 0
   assert 'Non-finite' in proc.stderr and 'at step' in proc.stderr
-  bad_step = int(proc.stderr.split('at step ')[1].split()[0])
+  bad_step = int(re.search(r'at step (\d+)', proc.stderr).group(1))
   assert all(s < bad_step for s in finished_steps(workdir))
 
 
@@ -229,6 +236,9 @@ def test_kill_9_never_leaves_a_bad_latest_checkpoint(shared, uninterrupted):
   if latest + 1 in reference:  # the restored state and data continue the same run exactly
     # Exact: same machine and device count, same compiled step, restored bytes (as above).
     assert losses(workdir)[latest + 1] == reference[latest + 1]
+  # Steps logged after the last checkpoint and re-run after the kill appear once.
+  logged = [json.loads(line)['step'] for line in open(workdir / 'metrics.jsonl')]
+  assert len(logged) == len(set(logged)), logged
 
 
 @pytest.mark.parametrize('config', ['configs/sr256.py:tiny', 'configs/sr1024.py:tiny'])

@@ -1,9 +1,14 @@
 """Deterministic, resumable training input pipeline on grain.
 
-    source --[process_index::process_count]--> shuffle (seeded, re-shuffled every epoch)
-      --> repeat forever --> decode + resize/crop (random_map: per-example RNG from the
-      seed and the example's global index) --> threads / worker processes (prefetch)
-      --> [main process] drop + count skipped examples, batch, look up text embeddings
+    source --> shuffle (seeded, re-shuffled every epoch) --> repeat forever
+      --> this process's block of every global batch --> decode + resize/crop (random_map:
+      per-example RNG from the seed and the example's index) --> threads / worker processes
+      (prefetch) --> [main process] drop + count skipped examples, batch, look up text embeddings
+
+One global order for any number of processes: global batch t is elements [t*B, (t+1)*B) of
+the shuffled stream, and process i of n reads its contiguous block [t*B + i*B/n, t*B +
+(i+1)*B/n). So (without skipped files) the global batches are the same for 1 or N hosts, and
+`convert_states` maps the saved positions of N processes onto M.
 
 Every random choice is a function of (config.seed, index), so the batches are the same
 for any number of reader threads or worker processes, and `iterator.get_state()` (a small
@@ -179,6 +184,56 @@ class _BatchIterDataset(grain.IterDataset):
     return f'ImagenBatchIterDataset(batch_size={self.batch_size})'
 
 
+class _ProcessBlocks:
+  """Random access to process `index`'s elements of a global stream: its contiguous block of
+  `local_batch` elements in every global batch of `count * local_batch`."""
+
+  def __init__(self, stream, *, index: int, count: int, local_batch: int):
+    self._stream, self._index, self._count, self._b = stream, index, count, local_batch
+
+  def __len__(self) -> int:
+    return len(self._stream) // self._count
+
+  def __getitem__(self, k: int):
+    batch, offset = divmod(int(k), self._b)
+    return self._stream[(batch * self._count + self._index) * self._b + offset]
+
+
+def convert_states(
+  states: list[dict[str, Any]], *, local_batch: int, new_count: int, new_local_batch: int
+) -> tuple[list[dict[str, Any]], bool]:
+  """Saved iterator states of N processes -> states for M processes, and whether exact.
+
+  Exact when every process had read the same number of whole batches (no skipped files):
+  then the global position t*B carries over. Otherwise each new process starts at the
+  smallest saved whole-batch position (a few examples may be seen twice) and False is
+  returned. Only the threaded reader's states convert (`data.num_workers=0`).
+  """
+  positions = []
+  for state in states:
+    parent = state.get('parent', {})
+    if set(parent) != {'next_index'}:
+      raise DataError(
+        'The saved data position comes from worker processes (data.num_workers > 0) and '
+        'cannot be moved to another number of hosts; resume with the same host count.'
+      )
+    positions.append(int(parent['next_index']))
+  batches = [p // local_batch for p in positions]
+  exact = len(set(positions)) == 1 and positions[0] % local_batch == 0
+  start = min(batches)
+  seen = sum(int(s.get('num_seen', 0)) for s in states)
+  skipped = sum(int(s.get('num_skipped', 0)) for s in states)
+  new = [
+    {
+      'parent': {'next_index': start * new_local_batch},
+      'num_seen': seen // new_count,
+      'num_skipped': skipped // new_count,
+    }
+    for _ in range(new_count)
+  ]
+  return new, exact
+
+
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks)
   nothing parsed them, so use their defaults."""
@@ -226,15 +281,17 @@ def make_dataset(
   source = build_source(data) if source is None else source
   seed = int(config.seed if seed is None else seed) % (2**32)
 
-  ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    ds = ds[process_index::process_count]
-  epoch_length = len(ds)
-  if epoch_length == 0:
+  if len(source) < process_count:
     raise DataError(
       f'{source.name} has {len(source)} examples: fewer than the {process_count} hosts.'
     )
-  ds = ds.seed(seed).shuffle().repeat(None).random_map(_ProcessRecord(options))
+  epoch_length = max(1, len(source) // process_count)  # this host's share of an epoch
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  ds = ds.random_map(_ProcessRecord(options))  # RNG from the global index: same on any host count
+  if process_count > 1:
+    ds = grain.MapDataset.source(
+      _ProcessBlocks(ds, index=process_index, count=process_count, local_batch=batch_size)
+    )
 
   num_workers = int(data.get('num_workers', 0))
   prefetch = int(data.get('prefetch', 2))

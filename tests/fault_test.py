@@ -1,0 +1,244 @@
+"""Injected faults against train.py and the checkpoint layer: damaged checkpoints (flipped bytes,
+truncated files, silent bit rot, a damaged config) fall back to the previous good step; NaN from
+the update is never saved; read-only and full disks, bad workdirs and bad --config flags give one
+line and a non-zero exit, losing nothing.
+"""
+
+import contextlib
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.train_test import CONSTANT_LR, finished_steps, losses, run, run_folders
+
+pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('faults')]
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+  return run_folders(tmp_path_factory.mktemp('faults'))
+
+
+@pytest.fixture(scope='module')
+def pristine(shared):
+  """4 steps, checkpoints at 2 and 4: each test damages a copy of it."""
+  workdir = shared['root'] / 'pristine'
+  run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
+  assert finished_steps(workdir) == [2, 4]
+  return workdir
+
+
+def copy_run(pristine, dest) -> pathlib.Path:
+  shutil.copytree(pristine, dest)
+  return dest
+
+
+def data_files(workdir, step) -> list[pathlib.Path]:
+  """The array data files of a checkpoint step, largest first."""
+  root = workdir / 'checkpoints' / str(step) / 'state'
+  files = [p for p in root.rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files, sorted(root.rglob('*'))
+  return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith('error:')]
+
+
+def test_flipped_bytes_fall_back_to_previous_step(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'flipped')
+  for path in data_files(workdir, 4):  # one flipped bit per data file, as bit rot leaves it
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+  proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  assert 'checkpoint step 4' in proc.stderr and str(workdir / 'checkpoints' / '4') in proc.stderr
+  assert 'Falling back' in proc.stderr and 'Resumed from step 2' in proc.stderr
+  assert (workdir / 'checkpoints_set_aside' / '4').is_dir()  # kept for inspection, not deleted
+  assert finished_steps(workdir) == [2, 4, 6]
+  # Steps 3 and 4 were re-run from the good step 2 exactly as the first time.
+  got, reference = losses(workdir), losses(pristine)
+  assert [got[3], got[4]] == [reference[3], reference[4]]
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]  # each step logged once
+
+
+def test_truncated_file_and_damaged_config_fall_back(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'truncated')
+  largest = data_files(workdir, 4)[0]
+  largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+  proc = run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
+  assert 'checkpoint step 4' in proc.stderr and 'Resumed from step 2' in proc.stderr
+
+  workdir = copy_run(pristine, shared['root'] / 'bad_config')
+  config_file = workdir / 'checkpoints' / '4' / 'config' / 'metadata'
+  config_file.write_text(config_file.read_text()[:40])  # cut mid-JSON
+  proc = run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
+  assert 'checkpoint step 4' in proc.stderr and 'config does not load' in proc.stderr
+  assert 'Resumed from step 2' in proc.stderr
+
+
+def test_no_usable_checkpoint_is_one_line_and_writes_nothing(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'all_bad')
+  for step in (2, 4):
+    for path in data_files(workdir, step):
+      path.write_bytes(b'')
+  before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+  proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, check=False)
+  assert proc.returncode == 1
+  errors = error_lines(proc.stderr)
+  assert errors and 'No usable checkpoint' in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert 'checkpoint step 4' in proc.stderr and 'checkpoint step 2' in proc.stderr
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
+
+
+def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'resume_step')
+  proc = run(
+    shared, workdir, '--config.train.num_steps=4', '--config.train.resume_step=3', check=False
+  )
+  assert proc.returncode == 1 and 'kept steps: [2, 4]' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+  run(shared, workdir, '--config.train.num_steps=4', '--config.train.resume_step=2', *CONSTANT_LR)
+  assert (workdir / 'checkpoints_set_aside' / '4').is_dir()
+  assert finished_steps(workdir) == [2, 4]
+  assert losses(workdir)[4] == losses(pristine)[4]
+  # The same command again (e.g. after a SIGTERM) continues; it does not go back to step 2.
+  proc = run(
+    shared, workdir, '--config.train.num_steps=6', '--config.train.resume_step=2', *CONSTANT_LR
+  )
+  assert 'Already resumed from step 2' in proc.stderr
+  assert finished_steps(workdir) == [2, 4, 6]
+  assert sorted(p.name for p in (workdir / 'checkpoints_set_aside').iterdir()) == ['4']
+
+
+def test_nan_from_the_update_is_never_applied_or_saved(shared):
+  # Adam with eps=0 divides 0 by 0 for parameters whose gradient is exactly zero: the loss and
+  # gradient norm are finite, the updated parameters are not.
+  workdir = shared['root'] / 'nan_update'
+  proc = run(
+    shared,
+    workdir,
+    '--config.train.num_steps=4',
+    '--config.optim.eps=0',
+    '--config.train.checkpoint_every=1',
+    *CONSTANT_LR,
+    check=False,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  assert 'Non-finite update' in proc.stderr and 'at step 1' in proc.stderr
+  ckpt = workdir / 'checkpoints'
+  assert not ckpt.exists() or finished_steps(workdir) == []
+
+
+def test_optimizer_structure_change_is_named(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'optim_change')
+  proc = run(
+    shared, workdir, '--config.train.num_steps=6', '--config.optim.grad_clip=0', check=False
+  )
+  assert proc.returncode == 1
+  errors = error_lines(proc.stderr)
+  assert errors and 'optim.grad_clip: 1.0 -> 0' in errors[0], proc.stderr[-2000:]
+  assert finished_steps(workdir) == [2, 4]
+
+
+def cli(args, cwd=REPO_ROOT, **kwargs):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  return subprocess.run(
+    [sys.executable, *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    **kwargs,
+  )
+
+
+@pytest.mark.parametrize(
+  'flags_, expected',
+  [
+    (['--config=configs/nope.py'], 'no such config file'),
+    (['--config=configs/base64.py:nonsense'], "Unknown variant 'nonsense'"),
+    (['--config=configs/base64.py:tiny', '--config.model.nonexistent=1'], "no field 'nonexistent'"),
+    (['--config=configs/base64.py:tiny', '--config.model.dim=abc'], 'invalid literal'),
+  ],
+)
+def test_bad_config_flags_are_one_line(tmp_path, flags_, expected):
+  proc = cli(['train.py', *flags_, f'--workdir={tmp_path / "run"}'])
+  assert proc.returncode == 2
+  assert 'Traceback' not in proc.stderr
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  target = tmp_path / 'file'
+  target.write_text('keep me')
+  proc = cli(['train.py', '--config=configs/base64.py:tiny', f'--workdir={target}'])
+  assert proc.returncode == 1 and 'is a file, not a folder' in proc.stderr
+  assert 'Traceback' not in proc.stderr and target.read_text() == 'keep me'
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, options: str):
+  """A tmpfs mounted at path (root only); skips the test where mounting is not allowed."""
+  path.mkdir(parents=True, exist_ok=True)
+  if os.geteuid() != 0 or shutil.which('mount') is None:
+    pytest.skip('mounting a tmpfs needs root (read-only / full-disk faults)')
+  proc = subprocess.run(
+    ['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(path)], capture_output=True
+  )
+  if proc.returncode != 0:
+    pytest.skip(f'cannot mount a tmpfs here: {proc.stderr.decode().strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', str(path)], check=False)
+
+
+def test_read_only_workdir(shared, pristine):
+  with tmpfs(shared['root'] / 'ro_empty', 'ro,size=1m') as mount:
+    proc = run(shared, mount / 'run', '--config.train.num_steps=2', check=False)
+    assert proc.returncode == 1 and 'Cannot write to --workdir' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+  with tmpfs(shared['root'] / 'ro_run', 'size=16m') as mount:
+    workdir = copy_run(pristine, mount / 'run')
+    subprocess.run(['mount', '-o', 'remount,ro', str(mount)], check=True)
+    proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, check=False)
+    assert proc.returncode == 1 and 'Cannot write to --workdir' in proc.stderr
+    assert 'Traceback' not in proc.stderr
+    assert finished_steps(workdir) == [2, 4]
+
+
+def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
+  # Room for about one checkpoint of the tiny model (1.3-2.8 MB each): a later save runs out.
+  with tmpfs(shared['root'] / 'full', 'size=3m') as mount:
+    workdir = mount / 'run'
+    proc = run(
+      shared,
+      workdir,
+      '--config.train.num_steps=12',
+      '--config.train.checkpoint_every=2',
+      *CONSTANT_LR,
+      check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = error_lines(proc.stderr)
+    assert errors and 'failed' in errors[0] and 'are intact' in errors[0], proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr
+    kept = finished_steps(workdir)
+    assert kept, 'no checkpoint survived'
+    # The newest finished checkpoint restores and verifies.
+    from imagen_jax import checkpoints
+
+    config = checkpoints.restore_config(checkpoints.make_manager(workdir, read_only=True), kept[-1])
+    assert config.stage == 'base64'
