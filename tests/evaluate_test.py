@@ -14,6 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from configs import base64, sr256
 from imagen_jax.data import digits
@@ -259,8 +260,14 @@ def evaluate(shared, *args, module=False):
 @pytest.mark.smoke
 def test_evaluate_cli_end_to_end(tiny_run, judge):
   out = tiny_run['root'] / 'eval.json'
+  grid = tiny_run['root'] / 'grid.png'
   proc = evaluate(
-    tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', '--batch_size=10', f'--out={out}'
+    tiny_run,
+    f'--checkpoints={tiny_run["digits"]}',
+    '--num=20',
+    '--batch_size=10',
+    f'--out={out}',
+    f'--grid={grid}',
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
   lines = proc.stdout.strip().splitlines()
@@ -277,6 +284,8 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
     assert row['fd'] >= 0.0 and row['nn_train'] >= 0.0
     assert len(row['per_class']) == 10
   assert result['rows']['generated']['n'] == 20
+  # 10 rows (classes) x 8 columns (4 seen, 4 held-out) of 16 px tiles with 2 px padding.
+  assert Image.open(grid).size == (8 * 18 + 2, 10 * 18 + 2)
   # --out exists now: refused, file untouched.
   before = out.read_bytes()
   proc = evaluate(tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}')

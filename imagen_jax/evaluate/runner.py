@@ -27,6 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from imagen_jax import cascade, stage
+from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import scoring
 from imagen_jax.evaluate.scoring import EvalError
@@ -55,6 +56,7 @@ class EvalRequest:
   k: int = 3  # neighbours of the precision/recall manifolds
   calibration: bool = True
   out: str | None = None  # JSON file for the result
+  grid: str | None = None  # PNG of generated samples: one row per class, seen then held-out
   overwrite: bool = False
 
 
@@ -156,14 +158,33 @@ def validate(req: EvalRequest) -> None:
       f'--judge {req.judge} does not exist; omit --judge to train and cache a judge under '
       f'--judge_dir ({req.judge_dir}).'
     )
-  if req.out:
-    out = pathlib.Path(req.out)
-    if out.exists() and not req.overwrite:
-      raise EvalError(f'--out {out} exists already; pass --overwrite to replace it.')
-    if out.is_dir():
-      raise EvalError(f'--out {out} is a folder; give a file name such as {out}/eval.json.')
-    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
-      raise EvalError(f'--out {out}: cannot write to the folder {out.parent}.')
+  for flag, path in (('--out', req.out), ('--grid', req.grid)):
+    if path:
+      _check_output(flag, pathlib.Path(path), overwrite=req.overwrite)
+
+
+def _check_output(flag: str, path: pathlib.Path, *, overwrite: bool) -> None:
+  if path.is_dir():
+    raise EvalError(f'{flag} {path} is a folder; give a file name.')
+  if path.exists() and not overwrite:
+    raise EvalError(f'{flag} {path} exists already; pass --overwrite to replace it.')
+  if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+    raise EvalError(f'{flag} {path}: cannot write to the folder {path.parent}.')
+
+
+def class_grid(images: np.ndarray, prompts: scoring.PromptSet, *, per_group: int = 4) -> np.ndarray:
+  """uint8 grid of generated images [N, R, R, 3]: row c holds up to `per_group` samples of
+  class c from seen-template prompts, then up to `per_group` from held-out ones."""
+  from imagen_jax import images as images_lib
+
+  rows = []
+  for c in range(digits.NUM_CLASSES):
+    for held in (False, True):
+      idx = np.flatnonzero((prompts.labels == c) & (prompts.heldout == held))[:per_group]
+      tiles = np.full((per_group, *images.shape[1:]), 1.0, np.float32)  # white: no sample
+      tiles[: len(idx)] = images[idx]
+      rows.append(tiles)
+  return images_lib.make_grid(images_lib.to_uint8(np.concatenate(rows)), columns=2 * per_group)
 
 
 def _saved_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
@@ -265,6 +286,11 @@ def run(req: EvalRequest) -> dict:
     'seconds': round(time.perf_counter() - start, 2),
     'rows': rows,
   }
+  if req.grid:
+    from imagen_jax import images as images_lib
+
+    images_lib.save_png(class_grid(images, prompts), req.grid, overwrite=req.overwrite)
+    result['grid'] = os.path.abspath(req.grid)
   if req.out:
     write_json(result, req.out, overwrite=req.overwrite)
   return result
