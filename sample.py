@@ -8,12 +8,12 @@ Per-stage settings take one value (all stages) or one per stage: --steps 25,20,1
 `--checkpoints runs/base64@1200` samples from kept checkpoint step 1200 (default: the latest
 usable one; a checkpoint that fails its checksums is reported and the previous one used).
 
-Files are written batch by batch (PNG + JSON sidecar per image; grid.png of the first 64 images,
-read back from their files, at the end), so a
-stopped run keeps every finished batch; rerun the same command with --skip_existing to make
-only the missing images (bitwise the same as an uninterrupted run). --overwrite replaces
-existing files instead; the two exclude each other. Requests for more than --max_images
-images in total (default 1000) are refused unless --max_images is raised.
+Files are written batch by batch (PNG + JSON sidecar per image; at the end grid.png of the first
+64 images, read back from their files), so a stopped run keeps every finished batch; rerun the
+same command with --skip_existing to make only the missing images (bitwise the same as an
+uninterrupted run). --overwrite replaces existing files instead; the two exclude each other.
+Requests for more than --max_images images in total (default 1000) are refused unless
+--max_images is raised.
 
 Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 75 stopped by
 SIGTERM/SIGINT (finished batches kept; rerun with --skip_existing to make the rest).
