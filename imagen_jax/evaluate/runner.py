@@ -143,8 +143,8 @@ def validate(req: EvalRequest) -> None:
     raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
   if req.guidance is not None and req.guidance < 0:
     raise EvalError(f'--guidance must be >= 0 (1 means no guidance), got {req.guidance}.')
-  if not 1 <= req.k < req.num:
-    raise EvalError(f'--k must be in [1, --num), got {req.k}.')
+  if not 1 <= req.k < min(req.num, 100):
+    raise EvalError(f'--k must be in [1, min(--num, 100)), got {req.k}; 3 is the usual value.')
   from imagen_jax import checkpoints
 
   try:
@@ -231,8 +231,6 @@ def run(req: EvalRequest) -> dict:
   validate(req)
   config, step = _saved_config(req.checkpoints)
   check_labelled_base(config, req.checkpoints)
-  resolution = int(config.data.resolution)
-  judge = _load_judge(req, resolution)
   overrides = dict(
     sampler=req.sampler,
     steps=req.steps,
@@ -241,6 +239,12 @@ def run(req: EvalRequest) -> dict:
     dynamic_percentile=req.dynamic_percentile,
     dynamic_max=req.dynamic_max,
   )
+  try:
+    cascade.SamplingOptions.from_config(config, **overrides)  # bad settings fail before compute
+  except ValueError as e:
+    raise EvalError(str(e)) from e
+  resolution = int(config.data.resolution)
+  judge = _load_judge(req, resolution)
   try:
     st = sample_lib.restore_stage(req.checkpoints, overrides, req.use_ema)
   except ValueError as e:  # SampleError, bad sampler options
