@@ -200,6 +200,9 @@ def test_calibration_rows_score_as_expected(judge):
   assert real['precision'] > 0.7 and real['recall'] > 0.7
   assert means['recall'] < 0.05  # 10 distinct images: no diversity
   assert noise['precision'] == 0.0 and noise['nn_train'] > 3 * real['nn_train']
+  assert real['border'] == 0.0 and means['border'] == 0.0
+  # Uniform in [0, 1]: mean 1/2, standard error 0.29 / sqrt(500 * 112 * 3) ~ 0.001 << 0.02.
+  assert noise['border'] == pytest.approx(0.5, abs=0.02)
 
 
 # ---- end to end through the real CLI ----
@@ -281,7 +284,7 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
     for key in ('adherence', 'adherence_seen', 'adherence_heldout', 'precision', 'recall'):
       assert 0.0 <= row[key] <= 1.0, (name, key)
     assert 0.0 <= row['entropy_bits'] <= np.log2(10) + 1e-9
-    assert row['fd'] >= 0.0 and row['nn_train'] >= 0.0
+    assert row['fd'] >= 0.0 and row['nn_train'] >= 0.0 and 0.0 <= row['border'] <= 1.0
     assert len(row['per_class']) == 10
   assert result['rows']['generated']['n'] == 20
   # 10 rows (classes) x 8 columns (4 seen, 4 held-out) of 16 px tiles with 2 px padding.

@@ -81,7 +81,8 @@ def main(argv) -> None:
     f'judge: real test accuracy {result["judge_test_accuracy"]:.4f} ({result["judge"]}). '
     f'FD, precision/recall (k={result["k"]}) in judge feature space against the '
     f'{result["reference"]}; nn_train: RMS pixel distance ([-1, 1] scale) to the nearest '
-    'train image. FD shrinks as n grows: compare rows of similar n.'
+    'train image; border: mean grey level (0..1) of the R/8-pixel frame. FD shrinks as n '
+    'grows: compare rows of similar n.'
   )
   print(json.dumps(result, sort_keys=True))
 

@@ -105,3 +105,12 @@ def nearest_distance(*, samples: np.ndarray, reference: np.ndarray) -> np.ndarra
   reference = np.asarray(reference).reshape(len(reference), -1)
   d = pairwise_distances(samples, reference).min(axis=1)
   return d / np.sqrt(samples.shape[1])
+
+
+def border_level(images: np.ndarray, *, width: int) -> float:
+  """Mean grey level in [0, 1] ((x + 1) / 2 for x in [-1, 1]) of the `width`-pixel frame of
+  images [N, R, R, C]; exactly 0 for the real digits (black border)."""
+  images = (np.asarray(images, np.float64) + 1.0) / 2.0
+  frame = np.ones(images.shape[1:3], bool)
+  frame[width:-width, width:-width] = False
+  return float(images[:, frame].mean()) if width > 0 else float('nan')

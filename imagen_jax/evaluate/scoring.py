@@ -18,7 +18,8 @@ feature space (FD, P/R) and in pixel space (nn_train: RMS distance per value, im
 reference, not the test split, so that the real-test row measures a real-vs-real floor instead
 of comparing the test set with itself (FD 0). FD and recall depend on the sample size (FD of
 real test images vs the train split: ~19 at n=40, ~1.7 at n=359, 64-d features): compare rows
-of similar n; the real rows use min(num, 359) images for that reason.
+of similar n; the real rows use min(num, 359) images for that reason. `border` is the mean
+grey level in [0, 1] of the R // 8-pixel frame, exactly 0 in every real image.
 """
 
 import dataclasses
@@ -40,6 +41,7 @@ SCALARS = (
   'precision',
   'recall',
   'nn_train',
+  'border',
 )
 
 
@@ -121,6 +123,7 @@ def score(
     'precision': precision,
     'recall': recall,
     'nn_train': float(nearest.mean()),
+    'border': metrics.border_level(images, width=max(1, images.shape[1] // 8)),
     'per_class': metrics.per_class_adherence(
       predicted=predicted, prompted=prompted, num_classes=digits.NUM_CLASSES
     ),
@@ -178,12 +181,13 @@ def calibration_sets(resolution: int, *, num: int, seed: int = 0) -> dict[str, t
 def format_table(rows: dict[str, dict]) -> str:
   """The rows side by side, one line each."""
   head = ('row', 'n', 'adher', 'seen', 'heldout', 'H(bits)', 'FD', 'prec', 'recall', 'nn_train')
-  lines = ['{:<16}{:>5}{:>8}{:>8}{:>8}{:>8}{:>9}{:>7}{:>7}{:>9}'.format(*head)]
+  head += ('border',)
+  lines = ['{:<16}{:>5}{:>8}{:>8}{:>8}{:>8}{:>9}{:>7}{:>7}{:>9}{:>8}'.format(*head)]
   for name, r in rows.items():
     lines.append(
       f'{name:<16}{r["n"]:>5}{r["adherence"]:>8.3f}{r["adherence_seen"]:>8.3f}'
       f'{r["adherence_heldout"]:>8.3f}{r["entropy_bits"]:>8.2f}{r["fd"]:>9.2f}'
-      f'{r["precision"]:>7.3f}{r["recall"]:>7.3f}{r["nn_train"]:>9.4f}'
+      f'{r["precision"]:>7.3f}{r["recall"]:>7.3f}{r["nn_train"]:>9.4f}{r["border"]:>8.3f}'
     )
   return '\n'.join(lines)
 
