@@ -11,7 +11,7 @@ digits hold 8x8 pixels of information), so one architecture serves every stage r
 
 Training: Adam, cross-entropy, random shifts of +-1 pixel (at 16 px) as augmentation, a fixed
 number of steps; batches and init come from `seed`, so the result is
-deterministic on one machine. About 20 s on 2 busy CPU cores.
+deterministic on one machine. 7-35 s on 2 CPU cores (idle to heavily shared).
 
 Cached at `cache_dir/judge-r<R>-<fingerprint>.npz` (params + metadata, written to a temporary
 name then renamed), reused by later runs; the fingerprint covers the dataset version, split,
