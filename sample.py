@@ -81,9 +81,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from imagen_jax import sample_lib
+  from imagen_jax import checkpoints, sample_lib
 
-  sample_lib.quiet_orbax_noise()
+  checkpoints.quiet_orbax_noise()
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:

@@ -94,7 +94,8 @@ def make_manager(
   workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep,
+    max_to_keep=None if read_only else keep,  # read-only: orbax warns about any keep setting
+    save_interval_steps=0 if read_only else 1,
     create=not read_only,
     enable_async_checkpointing=async_save,
     cleanup_tmp_directories=not read_only,
@@ -322,8 +323,8 @@ def restore_with_fallback(
     raise CheckpointError(f'No checkpoint to load: {describe_folder(manager.directory.parent)}.')
   raise CheckpointError(
     'No usable checkpoint in '
-    f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nStart a fresh --workdir, or restore '
-    'the folder from a backup.'
+    f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nRestore the folder from a backup, '
+    'or train into a fresh --workdir.'
   )
 
 
@@ -433,6 +434,8 @@ def describe_folder(workdir: str | os.PathLike) -> str:
   root = pathlib.Path(workdir)
   if not root.exists():
     return f'{root} does not exist'
+  if not root.is_dir():
+    return f'{root} is a file, not a run folder'
   ckpt = checkpoint_dir(root)
   if not ckpt.exists():
     listing = sorted(p.name for p in root.iterdir())[:20]

@@ -35,7 +35,6 @@ import logging
 import os
 import pathlib
 import re
-import sys
 import time
 from collections.abc import Sequence
 
@@ -54,41 +53,6 @@ GRID_MAX_IMAGES = 64  # grid.png shows at most this many images (the first ones)
 # Dtype the embedding cache stores (text/cache.py `_encode_shard`): training saw the encoder's
 # output rounded to it, so sampling rounds the same way.
 CACHE_EMBEDDING_DTYPE = ml_dtypes.bfloat16
-
-
-# Orbax notes logged every time a checkpoint folder is opened read-only, as sampling does: the
-# settings they mention are the read-only defaults, nothing is wrong. Only these are dropped.
-ORBAX_READ_ONLY_NOTES = (
-  'CheckpointManagerOptions.read_only=True, setting ',
-  'Given directory is read only=',
-)
-
-
-class _DropOrbaxReadOnlyNotes(logging.Filter):
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
-
-
-def quiet_orbax_noise() -> None:
-  """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the
-  "RuntimeError: Event loop is closed" tracebacks that tensorstore read callbacks print (as
-  unraisable exceptions, ~100 of them) after a damaged checkpoint fails to load, which
-  restore_params already reports in one line. Every other log record and exception is kept."""
-  absl_logger = logging.getLogger('absl')
-  if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
-    absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
-  previous = sys.unraisablehook
-  if getattr(previous, 'drops_closed_loop_callbacks', False):
-    return
-
-  def hook(unraisable):
-    exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
-      return
-    previous(unraisable)
-
-  hook.drops_closed_loop_callbacks = True
-  sys.unraisablehook = hook
 
 
 class SampleError(ValueError):

@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@STEP).')
@@ -37,13 +37,17 @@ flags.DEFINE_bool('overwrite', False, 'Replace existing --out / --grid files.')
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    print(f'error: unexpected arguments {argv[1:]}; see --helpshort.', file=sys.stderr)
+    sys.exit(2)
   if not FLAGS.checkpoints:
     print('error: --checkpoints RUN is required (the base stage run folder).', file=sys.stderr)
     sys.exit(2)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  from imagen_jax import checkpoints
   from imagen_jax.evaluate import runner, scoring
+
+  checkpoints.quiet_orbax_noise()
 
   req = runner.EvalRequest(
     checkpoints=FLAGS.checkpoints,
@@ -88,4 +92,6 @@ def main(argv) -> None:
 
 
 def run() -> None:
-  app.run(main)
+  from imagen_jax import cli
+
+  cli.run(main)
