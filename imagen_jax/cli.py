@@ -85,3 +85,105 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 def run(main: Callable[[list[str]], None]) -> None:
   """app.run(main) with `parse_flags`."""
   app.run(main, flags_parser=parse_flags)
+
+
+# ---------------------------------------------------------------------- several processes
+
+
+def define_distributed_flags() -> None:
+  """--distributed and the coordinator flags (train.py, sample.py, precompute)."""
+  flags.DEFINE_bool('distributed', False, 'Call jax.distributed.initialize() (multi-process).')
+  flags.DEFINE_string(
+    'coordinator_address',
+    None,
+    'With --distributed: host:port of process 0 (default: from the cluster environment: TPU '
+    'pod, SLURM, ...).',
+  )
+  flags.DEFINE_integer('num_processes', None, 'With --distributed: the number of processes.')
+  flags.DEFINE_integer('process_id', None, 'With --distributed: this process, 0..num_processes-1.')
+  flags.DEFINE_integer(
+    'coordinator_timeout', 300, 'With --distributed: seconds to wait for every process to join.'
+  )
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+  """Until the coordinator accepts TCP connections; one line and exit 1 after `timeout` s.
+
+  (jax's own client aborts the whole process with a C++ stack trace when its deadline passes.)
+  """
+  import socket
+  import time
+
+  host, _, port = address.rpartition(':')
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
+        return
+    except (OSError, ValueError) as e:
+      if time.monotonic() > deadline:
+        fail(
+          f'--distributed: no coordinator answered at {address} within {timeout} s '
+          f'({e}). Start process 0 (--process_id=0) with the same --coordinator_address, '
+          'or raise --coordinator_timeout.',
+          code=1,
+        )
+      time.sleep(0.5)
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from the flags; one line instead of a hang or a traceback."""
+  import jax
+
+  FLAGS = flags.FLAGS
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU runs; no-op elsewhere
+  if FLAGS.coordinator_address and FLAGS.process_id:  # not process 0, which hosts the service
+    _wait_for_coordinator(FLAGS.coordinator_address, FLAGS.coordinator_timeout)
+  try:
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+      initialization_timeout=FLAGS.coordinator_timeout,
+    )
+  except (RuntimeError, ValueError) as e:
+    where = FLAGS.coordinator_address or 'the address from the cluster environment'
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    fail(
+      f'--distributed: could not join the other processes through the coordinator at {where} '
+      f'within {FLAGS.coordinator_timeout} s ({first[:200]}). Check that every process was '
+      'started with the same --coordinator_address and --num_processes and a distinct '
+      '--process_id, and that process 0 is reachable.',
+      code=1,
+    )
+
+
+# ------------------------------------------------------------------- compilation cache
+
+
+def define_compilation_cache_flag() -> None:
+  flags.DEFINE_string(
+    'compilation_cache',
+    '~/.cache/imagen_jax/xla',
+    "JAX's persistent compilation cache: a second run of the same config skips compiling. "
+    "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.",
+  )
+
+
+def enable_compilation_cache() -> None:
+  """Point JAX's persistent compilation cache at --compilation_cache (unless off / set)."""
+  import os
+
+  import jax
+
+  path = flags.FLAGS.compilation_cache
+  if os.environ.get('JAX_COMPILATION_CACHE_DIR') or not path:
+    return
+  path = pathlib.Path(path).expanduser()
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    print(f'warning: compilation cache {path} unusable ({e.strerror}); compiling every run.')
+    return
+  jax.config.update('jax_compilation_cache_dir', str(path))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

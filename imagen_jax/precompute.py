@@ -17,7 +17,6 @@ train.py calls `open_or_build_cache` on every process.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from imagen_jax import multihost
 from imagen_jax.text import cache as cache_lib
 
 log = logging.getLogger(__name__)
@@ -75,23 +75,11 @@ class JaxProcesses:
     self.count = jax.process_count()
 
   def barrier(self, name: str) -> None:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(f'imagen_jax:{name}')
+    multihost.barrier(f'imagen_jax:{name}')
 
   def allgather(self, value: Any) -> list[Any]:
-    """JSON values of every process, in process order (bytes through process_allgather)."""
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.array([data.size], np.int32))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[: data.size] = data
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(self.count, -1)
-    return [
-      json.loads(row[: int(n)].tobytes().decode())
-      for row, n in zip(gathered, np.asarray(sizes).reshape(-1), strict=True)
-    ]
+    """JSON values of every process, in process order."""
+    return multihost.allgather_json(value)
 
 
 def processes() -> cache_lib.Processes:
@@ -204,20 +192,17 @@ def _run_cli() -> None:
     'relative to it, as train.py does (without it: relative to the current directory).',
   )
 
-  distributed_flag = flags.DEFINE_bool(
-    'distributed',
-    False,
-    'Call jax.distributed.initialize() first: run the same command on every host; each '
-    'encodes its share of the captions (text.cache_dir on shared storage).',
-  )
+  # --distributed: run the same command on every host; each encodes its share of the captions
+  # (text.cache_dir on shared storage).
+  cli.define_distributed_flags()
 
   def main(argv) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
       raise app.UsageError('--config is required, e.g. --config=configs/base64.py.')
-    if distributed_flag.value:
-      jax.distributed.initialize()
+    if flags.FLAGS.distributed:
+      cli.initialize_distributed()
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)

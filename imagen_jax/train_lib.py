@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from imagen_jax import cascade, checkpoints, images, optim, sharding, stage
+from imagen_jax import cascade, checkpoints, images, multihost, optim, sharding, stage
 from imagen_jax.diffusion import guidance, losses
 
 log = logging.getLogger(__name__)
@@ -453,24 +453,10 @@ def _resumed_from(manager, step: int) -> int | None:
     return None
 
 
-def _allgather_json(obj: Any) -> list:
-  """[obj of process 0, obj of process 1, ...] on every process (JSON-serialisable objects)."""
-  if jax.process_count() == 1:
-    return [obj]
-  from jax.experimental import multihost_utils
-
-  data = np.frombuffer(json.dumps(obj, sort_keys=True).encode(), np.uint8)
-  lengths = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
-  padded = np.zeros(int(lengths.max()), np.uint8)
-  padded[: data.size] = data
-  rows = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max length]
-  return [json.loads(bytes(rows[i, : lengths[i]]).decode()) for i in range(len(lengths))]
-
-
 def _check_same_config(config: ml_collections.ConfigDict) -> None:
   """Every process must run the same config: compare hashes, refuse a mismatch."""
   digest = checkpoints.json_checksum(json.loads(config.to_json_best_effort()))
-  digests = _allgather_json(digest)
+  digests = multihost.allgather_json(digest)
   differing = [i for i, d in enumerate(digests) if d != digests[0]]
   if differing:
     raise TrainingError(
@@ -481,7 +467,7 @@ def _check_same_config(config: ml_collections.ConfigDict) -> None:
 
 def data_state_for_save(data_iter) -> dict:
   """Every process's iterator position, gathered, so any host count can resume from it."""
-  states = _allgather_json(data_iter.get_state())
+  states = multihost.allgather_json(data_iter.get_state())
   return {'process_count': len(states), 'states': states}
 
 
@@ -634,6 +620,11 @@ def _make_eval_fn(config, graphdef, workdir_path):
   """fn(ema_params, step) -> {metric: value} every train.eval_every steps; None when off."""
   if not int(config.train.get('eval_every', 0)):
     return None
+  if jax.process_count() > 1:
+    raise TrainingError(
+      'train.eval_every runs on one process only for now; train with --config.train.eval_every=0 '
+      'and score the checkpoints with `python evaluate.py --checkpoints WORKDIR`.'
+    )
   from imagen_jax import evaluate
 
   return evaluate.make_train_eval_fn(config, graphdef, workdir_path)
@@ -737,6 +728,9 @@ class _Loop:
             t0 = time.perf_counter()
             step_fn = step_fn.lower(state, batch).compile()
             log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
+            multihost.barrier(
+              'imagen_jax:train_step_compiled'
+            )  # hosts start the collectives together
             flops = compiled_flops(step_fn) or 0.0
             device_peak = peak_flops(jax.devices()[0])
             window_start = time.perf_counter()
@@ -855,9 +849,14 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
     for a in (text_embs, text_mask)
   )
   sample_replicated = jax.jit(sample_fn, out_shardings=everywhere)
+  compiled = []
 
   def grid_fn(ema_params, step):
-    out = sample_replicated(ema_params, text_embs, text_mask, jax.random.key(config.seed))
+    args = (ema_params, text_embs, text_mask, jax.random.key(config.seed))
+    if not compiled:  # compile, then start the sampling's collectives together
+      compiled.append(sample_replicated.lower(*args).compile())
+      multihost.barrier('imagen_jax:sample_grid_compiled')
+    out = compiled[0](*args)
     grid = images.make_grid(images.to_uint8(np.asarray(out)))
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)

@@ -1,0 +1,41 @@
+"""Helpers for runs over several JAX processes (`jax.distributed.initialize`d); with one
+process each is a no-op or trivial."""
+
+import itertools
+import json
+from typing import Any
+
+import jax
+import numpy as np
+
+_barrier_count = itertools.count()  # every process passes the same barriers in the same order
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Wait until every process reaches `name` (no-op with one process).
+
+  Through the distributed runtime's own barrier, not a device collective: on CPU, gloo gives up
+  on a collective whose peers arrive more than 30 s apart, which a skew in compile or encode
+  times (one host finding a program in the compilation cache, another compiling it) exceeds.
+  """
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # the public multihost_utils barrier is a collective
+
+  unique = f'{name}#{next(_barrier_count)}'  # a barrier id is used once
+  distributed.global_state.client.wait_at_barrier(unique, timeout_s * 1000)
+
+
+def allgather_json(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable `value`, in process order (a barrier too)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  barrier('imagen_jax:allgather')  # the peers arrive together (see `barrier`)
+  data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[: data.size] = data
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+  return [json.loads(bytes(rows[i, : sizes[i]]).decode()) for i in range(len(sizes))]

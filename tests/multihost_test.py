@@ -1,0 +1,234 @@
+"""Two real processes (jax.distributed on CPU, gloo collectives, 2 fake devices each) against one
+process with 4 devices: the same losses, checkpoints that move between the two layouts with the
+exact data position, a SIGTERM to one process that stops both at the same step, sample grids.
+
+Skipped where localhost TCP ports cannot be opened; runs in CI here.
+"""
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.train_test import (
+  CONSTANT_LR,
+  env_for,
+  finished_steps,
+  losses,
+  run,
+  run_folders,
+  train_cmd,
+)
+
+pytestmark = [pytest.mark.smoke, pytest.mark.multiprocess, pytest.mark.xdist_group('multihost')]
+
+
+def free_port() -> int:
+  try:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      return s.getsockname()[1]
+  except OSError as e:
+    pytest.skip(f'cannot open a localhost port for the coordinator: {e}')
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory):
+  return run_folders(tmp_path_factory.mktemp('multihost'))
+
+
+def distributed_args(port: int, process_id: int) -> list[str]:
+  return [
+    '--distributed',
+    f'--coordinator_address=127.0.0.1:{port}',
+    '--num_processes=2',
+    f'--process_id={process_id}',
+    '--coordinator_timeout=120',
+  ]
+
+
+def start_process(shared, workdir, *overrides, port: int, process_id: int) -> subprocess.Popen:
+  """train.py as process `process_id` of 2, 2 CPU devices each, coordinator on `port`."""
+  return subprocess.Popen(
+    train_cmd(shared, workdir, *overrides) + distributed_args(port, process_id),
+    cwd=REPO_ROOT,
+    env=env_for(shared, devices=2),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def start_two(shared, workdir, *overrides):
+  """Two train.py processes of one run; returns the Popen objects."""
+  port = free_port()
+  return [start_process(shared, workdir, *overrides, port=port, process_id=i) for i in range(2)]
+
+
+def finish(procs, timeout=900) -> list[tuple[int, str, str]]:
+  """(returncode, stdout, stderr) of each; both killed if either hangs."""
+  results = []
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      out, err = p.communicate(timeout=max(1, deadline - time.time()))
+      results.append((p.returncode, out, err))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return results
+
+
+def run_two(shared, workdir, *overrides):
+  results = finish(start_two(shared, workdir, *overrides))
+  for i, (rc, _, err) in enumerate(results):
+    assert rc == 0, f'process {i} failed ({rc}):\n{err[-4000:]}'
+  return results
+
+
+@pytest.fixture(scope='module')
+def reference(shared):
+  """One process, 4 devices, 6 steps: the reference losses and checkpoints at 2, 4, 6."""
+  workdir = shared['root'] / 'one_process'
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  return workdir
+
+
+# Tolerance: the same global batches, RNG and 4-device mesh; only the all-reduce differs (gloo
+# across processes vs in-process), which reorders float32 sums: ~1e-7 relative per step.
+RTOL = 1e-4
+
+
+def test_two_processes_match_one_and_checkpoints_move_both_ways(shared, reference):
+  two = shared['root'] / 'two_processes'
+  run_two(shared, two, '--config.train.num_steps=4', '--config.train.sample_every=4', *CONSTANT_LR)
+  got, ref = losses(two), losses(reference)
+  assert sorted(got) == [1, 2, 3, 4]
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)], rtol=RTOL
+  )
+  assert (two / 'samples' / 'step_00000004.png').exists()  # the grid, read on every host
+  saved = json.load(open(two / 'checkpoints' / '4' / 'data' / 'metadata'))
+  assert saved['process_count'] == 2 and len(saved['states']) == 2
+
+  # 2 processes -> 1 process: steps 5 and 6 see the same data as the reference.
+  run(shared, two, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  got = losses(two)
+  np.testing.assert_allclose([got[5], got[6]], [ref[5], ref[6]], rtol=RTOL)
+
+  # 1 process -> 2 processes, from the reference's step 4.
+  back = shared['root'] / 'back_to_two'
+  shutil.copytree(reference, back)
+  shutil.rmtree(back / 'checkpoints' / '6')
+  run_two(shared, back, '--config.train.num_steps=6', *CONSTANT_LR)
+  got = losses(back)
+  np.testing.assert_allclose([got[5], got[6]], [ref[5], ref[6]], rtol=RTOL)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(shared):
+  workdir = shared['root'] / 'preempted'
+  procs = start_two(
+    shared,
+    workdir,
+    '--config.train.num_steps=100000',
+    '--config.train.checkpoint_every=1000',
+    *CONSTANT_LR,
+  )
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 600
+  try:
+    while time.time() < deadline and not (
+      metrics.exists() and len(metrics.read_text().split()) >= 2
+    ):
+      assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+  except BaseException:
+    finish(procs, timeout=1)
+    raise
+  results = finish(procs, timeout=300)
+  for rc, _, err in results:
+    assert rc == 75, err[-3000:]
+  stopped = [int(out.split('stopped at step ')[1].split()[0]) for _, out, _ in results]
+  assert stopped[0] == stopped[1]  # both hosts saved the same step together
+  assert finished_steps(workdir) == [stopped[0]]
+  run(shared, workdir, f'--config.train.num_steps={stopped[0] + 1}', *CONSTANT_LR, devices=4)
+  assert max(losses(workdir)) == stopped[0] + 1
+
+
+def test_coordinator_that_never_comes_up(shared, tmp_path):
+  env = env_for(shared, devices=2)
+  proc = subprocess.run(
+    train_cmd(shared, tmp_path / 'run')
+    + [
+      '--distributed',
+      f'--coordinator_address=127.0.0.1:{free_port()}',
+      '--num_processes=2',
+      '--process_id=1',
+      '--coordinator_timeout=3',
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 1 and 'no coordinator answered' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_processes_with_different_configs_are_refused(shared, tmp_path):
+  port = free_port()
+  procs = [
+    start_process(shared, tmp_path / 'run', f'--config.optim.lr={lr}', port=port, process_id=i)
+    for i, lr in enumerate(['1e-3', '2e-3'])
+  ]
+  for rc, _, err in finish(procs, timeout=300):
+    assert rc == 1 and 'run a different config than process 0' in err, err[-2000:]
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+
+
+def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp_path):
+  # Each process samples every other batch on its own device; the files equal one process's.
+  args = ['--prompt=a red circle', '--prompt=a blue square', '--num_images=2', '--batch_size=1']
+  args += [f'--checkpoints={reference}', '--steps=2']
+
+  def sample_cmd(out):
+    return [sys.executable, 'sample.py', *args, f'--out={out}']
+
+  one = subprocess.run(  # the same 2 local devices as each host (the text encoder uses them)
+    sample_cmd(tmp_path / 'one'),
+    cwd=REPO_ROOT,
+    env=env_for(shared, devices=2),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = free_port()
+  procs = [
+    subprocess.Popen(
+      sample_cmd(tmp_path / 'two') + distributed_args(port, i),
+      cwd=REPO_ROOT,
+      env=env_for(shared, devices=2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for rc, _, err in finish(procs, timeout=600):
+    assert rc == 0, err[-3000:]
+  names = sorted(p.name for p in (tmp_path / 'one').iterdir() if p.suffix == '.png')
+  assert len(names) == 5 and 'grid.png' in names  # 2 prompts x 2 images + the grid
+  for name in names:
+    assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
