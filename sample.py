@@ -26,6 +26,8 @@ import sys
 
 from absl import app, flags
 
+from imagen_jax import cli
+
 EXIT_STOPPED = 75  # as train.py: stopped early by a signal, resumable
 
 FLAGS = flags.FLAGS
@@ -38,6 +40,9 @@ flags.DEFINE_list(
   'Run folders of the stages, base first: runs/base64,runs/sr256; run@N picks kept step N.',
 )
 flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
+# --distributed: every process samples every n-th batch on its own devices (same files as one).
+cli.define_distributed_flags()
+cli.define_compilation_cache_flag()
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same images on one backend.')
 flags.DEFINE_integer('batch_size', 8, 'Images per batch.')
 flags.DEFINE_list('sampler', None, 'ddpm | ddim | dpmpp_2m | heun, per stage (default: config).')
@@ -81,6 +86,9 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  if FLAGS.distributed:
+    cli.initialize_distributed()
+  cli.enable_compilation_cache()
   from imagen_jax import checkpoints, sample_lib
 
   checkpoints.quiet_orbax_noise()
@@ -132,6 +140,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from imagen_jax import cli
-
   cli.run(main)

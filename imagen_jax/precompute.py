@@ -82,6 +82,13 @@ class JaxProcesses:
     return multihost.allgather_json(value)
 
 
+def encoder_id(config: ml_collections.ConfigDict) -> str:
+  """The encoder as the cache names it: `text.encoder`, plus `@dtype` when the encoder does not
+  compute in the default bfloat16 (the stored values differ, so the caches must too)."""
+  dtype = str(config.text.get('dtype', 'bfloat16'))
+  return config.text.encoder if dtype == 'bfloat16' else f'{config.text.encoder}@{dtype}'
+
+
 def processes() -> cache_lib.Processes:
   """The processes that build a cache together: all JAX processes, or this one alone."""
   return JaxProcesses() if jax.process_count() > 1 else cache_lib.SingleProcess()
@@ -133,6 +140,7 @@ def precompute(
     batch_size=_batch_size(config, mesh),
     progress=progress and procs.index == 0,
     processes=procs,
+    encoder_id=encoder_id(config),
   )
   log.info('Embedding cache ready: %s %s', cache.path, cache.stats())
   return cache
@@ -155,7 +163,7 @@ def open_or_build_cache(
     cache, problem = (
       cache_lib.EmbeddingCache.open(
         config.text.cache_dir,
-        encoder_name=config.text.encoder,
+        encoder_name=encoder_id(config),
         max_length=config.text.max_length,
         dataset_fingerprint=source.fingerprint(),
       ),

@@ -214,7 +214,7 @@ def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> casca
       step=wanted,
       key=key,
       abstract_fn=abstract_params,
-      sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+      sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
     )
   except checkpoints.CheckpointError as e:
     raise SampleError(' '.join(str(e).split())) from e  # one line, even listing failures
@@ -468,6 +468,8 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   timings = [0.0] * len(stages)
   made = skipped = 0
   for b, batch in enumerate(batches):
+    if b % jax.process_count() != jax.process_index():
+      continue  # another process's batch (several processes split the batches round-robin)
     if complete[b]:
       skipped += len(batch)
       log.info('batch %d/%d: all %d images exist; skipped.', b + 1, num_batches, len(batch))
@@ -506,7 +508,12 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     made += written
     skipped += len(batch) - written
     log.info('batch %d/%d: sampled %d images, wrote %d.', b + 1, num_batches, len(batch), written)
-  _write_grid([png for png, _ in paths], pathlib.Path(req.out))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices('imagen_jax:samples_written')
+  if jax.process_index() == 0:
+    _write_grid([png for png, _ in paths], pathlib.Path(req.out))
   for st, secs in zip(stages, timings, strict=True):
     log.info('%s: %.2f s sampling (compile included).', st.config.stage, secs)
   log.info('%d images made, %d already there (%s).', made, skipped, req.out)

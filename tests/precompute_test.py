@@ -136,3 +136,17 @@ def test_precompute_cli(images, tmp_path):
   assert cache.num_captions == 4 and cache.max_length == 12
   embs, mask = cache.lookup(['a cat'])
   assert embs.shape == (1, 12, 32) and mask.sum() == len('a cat') + 1
+
+
+@pytest.mark.unit
+def test_encoder_dtype_keeps_caches_apart(images, tmp_path):
+  # Embeddings computed in float32 differ from bfloat16-computed ones: a run must never read
+  # the other's cache from a shared cache_dir.
+  bf16 = make_config(images, tmp_path / 'cache')
+  f32 = make_config(images, tmp_path / 'cache')
+  f32.text.dtype = 'float32'
+  a = precompute.open_or_build_cache(bf16, build_if_missing=True)
+  with pytest.raises(cache_lib.CacheError):  # the bfloat16 cache is not the float32 run's
+    precompute.open_or_build_cache(f32, build_if_missing=False)
+  b = precompute.open_or_build_cache(f32, build_if_missing=True)
+  assert a.path != b.path and b.encoder_name == 't5-tiny-random@float32'

@@ -544,8 +544,13 @@ def build_cache(
   batch_size: int = 64,
   progress: bool = True,
   processes: Processes | None = None,
+  encoder_id: str | None = None,
 ) -> EmbeddingCache:
   """Encodes the (deduplicated) captions into `root/<cache_key>/`, resuming a partial build.
+
+  `encoder_id` (default `encoder.name`) names the encoder in the key and manifest; pass one
+  that also says how it computes (precompute adds a non-default `text.dtype`), so caches of
+  differently computed embeddings never mix.
 
   With `processes` (see `Processes`; `precompute.open_or_build_cache` passes the JAX
   processes), every process calls this with the same captions, encodes its share of the
@@ -572,11 +577,12 @@ def build_cache(
   if len(np.unique(hashes)) != len(hashes):
     raise CacheError('Two different captions share a 64-bit hash; rename one of them.')
 
-  path = pathlib.Path(root) / cache_key(encoder.name, encoder.max_length, dataset_fingerprint)
+  encoder_id = encoder_id or encoder.name
+  path = pathlib.Path(root) / cache_key(encoder_id, encoder.max_length, dataset_fingerprint)
   num_shards = math.ceil(len(unique) / shard_size)
   header = {
     'format_version': FORMAT_VERSION,
-    'encoder': encoder.name,
+    'encoder': encoder_id,
     'max_length': encoder.max_length,
     'dataset_fingerprint': str(dataset_fingerprint),
     'dim': encoder.dim,
