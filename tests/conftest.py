@@ -14,6 +14,21 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
   sys.path.insert(0, str(REPO_ROOT))
 
-# One persistent XLA compilation cache for every test that runs train.py / sample.py in a
-# subprocess: the tiny configs compile the same programs in many tests and modules.
-XLA_CACHE_DIR = REPO_ROOT / '.pytest_cache' / 'xla'
+# One persistent XLA compilation cache for the tests that run train.py / sample.py /
+# evaluate.py in a subprocess (the tiny configs compile the same programs in many tests and
+# modules); one per xdist worker, since JAX writes cache entries without a lock.
+XLA_CACHE_DIR = REPO_ROOT / '.pytest_cache' / 'xla' / os.environ.get('PYTEST_XDIST_WORKER', 'main')
+
+
+def cli_env(devices: int = 1) -> dict[str, str]:
+  """Environment of a train.py / sample.py / evaluate.py subprocess: CPU, `devices` fake
+  devices, the shared compilation cache (every program cached, however fast it compiled)."""
+  env = dict(os.environ)
+  env.update(
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE_DIR),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
+  return env

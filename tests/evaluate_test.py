@@ -6,7 +6,6 @@ end-to-end runs share one persistent XLA compilation cache, so each program comp
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from configs import base64, sr256
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import metrics, runner, scoring
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_env
 
 CHANCE = 1 / digits.NUM_CLASSES
 
@@ -211,14 +210,7 @@ def test_calibration_rows_score_as_expected(judge):
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory, judge):
   root = tmp_path_factory.mktemp('evaluate')
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_force_host_platform_device_count=1',
-    JAX_COMPILATION_CACHE_DIR=str(root / 'xla_cache'),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-  )
+  env = cli_env(devices=1)
   shared = {'root': root, 'env': env, 'judge_dir': str(pathlib.Path(judge.path).parent)}
 
   def train(name, *overrides):

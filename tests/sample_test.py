@@ -2,7 +2,6 @@
 a two-stage cascade, and every bad input (clear message, non-zero exit, nothing overwritten)."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, cli_env
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('sample')]
 
@@ -22,13 +21,7 @@ pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('sample')]
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('sample')
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS='--xla_force_host_platform_device_count=1',
-    JAX_COMPILATION_CACHE_DIR=str(root / 'xla_cache'),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-  )
+  env = cli_env(devices=1)
   common = [
     f'--config.text.cache_dir={root / "embeddings"}',
     f'--config.data.render_cache_dir={root / "openmoji"}',

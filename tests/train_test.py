@@ -5,7 +5,6 @@ All runs share one persistent XLA compilation cache, so each distinct program co
 """
 
 import json
-import os
 import pathlib
 import re
 import signal
@@ -16,16 +15,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, XLA_CACHE_DIR
+from tests.conftest import REPO_ROOT, cli_env
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('train')]
 
 
 def run_folders(root) -> dict:
-  """A test module's shared folders: runs under root, text and render caches, XLA cache."""
+  """A test module's shared folders: runs under root, text and render caches."""
   return {
     'root': root,
-    'xla_cache': XLA_CACHE_DIR,
     'text_cache': root / 'embeddings',
     'render_cache': root / 'openmoji',
   }
@@ -49,15 +47,8 @@ def train_cmd(shared, workdir, *overrides, config='configs/base64.py:tiny'):
 
 
 def env_for(shared, devices=1):
-  env = dict(os.environ)
-  env.update(
-    JAX_PLATFORMS='cpu',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    JAX_COMPILATION_CACHE_DIR=str(shared['xla_cache']),
-    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
-  )
-  return env
+  del shared  # every module shares one compilation cache
+  return cli_env(devices)
 
 
 def run(shared, workdir, *overrides, devices=1, config='configs/base64.py:tiny', check=True):
