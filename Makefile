@@ -11,9 +11,11 @@ UV := $(VENV)/bin/uv
 UV_VERSION := 0.13.9
 LOCK_ARGS ?=
 
-.PHONY: install lock test lint format demo clean
+.PHONY: install lock test lint format demo quality clean
 
 DEMO_DIR ?= runs/demo
+QUALITY_DIR ?= runs/quality
+QUALITY_NUM ?= 500
 
 # Fails (and leaves no stamp) when the lock no longer satisfies requirements*.txt.
 define CHECK_LOCK
@@ -69,6 +71,13 @@ demo: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) sample.py --checkpoints=$(DEMO_DIR) --training_prompts=16 \
 	  --out=$(DEMO_DIR)/samples --overwrite
 	@echo "Demo samples: $(DEMO_DIR)/samples/grid.png (training captions next to each PNG in its .json)"
+
+# Does it learn? Train the digits recipe (configs/digits.py, CPU), then evaluate it on
+# seen and held-out prompts and print the table with its calibration rows (and one JSON line).
+quality: $(STAMP)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) train.py --config=configs/digits.py --workdir=$(QUALITY_DIR)
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) evaluate.py --checkpoints=$(QUALITY_DIR) \
+	  --num=$(QUALITY_NUM) --out=$(QUALITY_DIR)/eval.json --overwrite
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

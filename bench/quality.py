@@ -1,0 +1,133 @@
+"""Does it learn? The digits recipe end to end: train, evaluate, one JSON line.
+
+  python bench/quality.py                              # train runs/quality, evaluate, report
+  python bench/quality.py --reuse                      # read runs/quality/eval.json if present
+  python bench/quality.py --workdir=/tmp/q --config=configs/digits.py:tiny --num=20
+
+Runs `train.py --config=configs/digits.py` and `evaluate.py` as subprocesses (the same commands
+as `make quality`), timing each, then prints ONE JSON line: the generated row's held-out and
+seen prompt adherence against the judge's accuracy on real test images, predicted-class
+entropy, judge-space FD against the real-vs-real floor (the `real_test` calibration row),
+precision/recall, the wall times, and whether the issue's target is met (held-out adherence
+>= 0.8 x judge accuracy, entropy > 3.0 bits, FD <= 5 x floor, training <= 20 minutes).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', 'runs/quality', 'Run folder (created, or resumed when present).')
+flags.DEFINE_string('config', 'configs/digits.py', 'Recipe config.')
+flags.DEFINE_integer('num', 500, 'Generated images for the evaluation.')
+flags.DEFINE_bool('reuse', False, 'Read an existing WORKDIR/eval.json instead of running.')
+flags.DEFINE_string(
+  'grid',
+  None,
+  'Also write a sample grid PNG here: one row per class, '
+  'seen then held-out prompt templates (e.g. docs/digits_samples.png).',
+)
+
+TRAIN_LIMIT_S = 20 * 60
+
+
+def _run(cmd: list[str]) -> float:
+  env = {**os.environ, 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
+  start = time.perf_counter()
+  subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
+  return time.perf_counter() - start
+
+
+def summarise(result: dict, train_s: float | None, eval_s: float | None) -> dict:
+  """The key numbers of an evaluate.py result (and the wall times) as one flat dict."""
+  gen, real = result['rows']['generated'], result['rows'].get('real_test')
+  judge_acc = float(result['judge_test_accuracy'])
+  floor = float(real['fd']) if real else None
+  out = {
+    'step': result['step'],
+    'num': result['num'],
+    'sampler': result['sampler'],
+    'steps': result['steps'],
+    'guidance': result['guidance'],
+    'judge_test_accuracy': round(judge_acc, 4),
+    'adherence': round(gen['adherence'], 4),
+    'adherence_seen': round(gen['adherence_seen'], 4),
+    'adherence_heldout': round(gen['adherence_heldout'], 4),
+    'heldout_over_judge': round(gen['adherence_heldout'] / judge_acc, 4),
+    'entropy_bits': round(gen['entropy_bits'], 3),
+    'fd': round(gen['fd'], 3),
+    'fd_floor_real_test': None if floor is None else round(floor, 3),
+    'fd_over_floor': None if not floor else round(gen['fd'] / floor, 2),
+    'precision': round(gen['precision'], 4),
+    'recall': round(gen['recall'], 4),
+    'nn_train': round(gen['nn_train'], 4),
+    'train_seconds': None if train_s is None else round(train_s, 1),
+    'eval_seconds': None if eval_s is None else round(eval_s, 1),
+    'sampling_seconds': result.get('sampling_seconds'),
+  }
+  out['target_met'] = bool(
+    out['heldout_over_judge'] >= 0.8
+    and out['entropy_bits'] > 3.0
+    and out['fd_over_floor'] is not None
+    and out['fd_over_floor'] <= 5.0
+    and (train_s is None or train_s <= TRAIN_LIMIT_S)
+  )
+  return out
+
+
+def write_grid(workdir: str, path: str, *, seen: int = 4, per_heldout: int = 2) -> None:
+  """Samples of the run's EMA params with its sampler settings: row c shows class c under
+  `seen` seen templates, then each held-out template `per_heldout` times; 4x nearest upscale."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from imagen_jax import images, sample_lib
+  from imagen_jax.data import digits
+
+  templates = list(digits.SEEN_TEMPLATES[:seen])
+  templates += [t for t in digits.HELDOUT_TEMPLATES for _ in range(per_heldout)]
+  prompts = [digits.caption(c, t) for c in range(digits.NUM_CLASSES) for t in templates]
+  stage = sample_lib.restore_stage(workdir, {}, True)
+  text_embs, text_mask = sample_lib.encode_text(prompts, stage.config)
+  out = stage.sample_fn(
+    stage.params, jnp.asarray(text_embs), jnp.asarray(text_mask), jax.random.key(0)
+  )
+  grid = images.make_grid(images.to_uint8(np.asarray(out)), columns=len(templates), pad=1)
+  grid = grid.repeat(4, axis=0).repeat(4, axis=1)
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  images.save_png(grid, path, overwrite=True)
+  print(f'grid: {path} (rows: classes 0-9; columns: {templates})', file=sys.stderr)
+
+
+def main(argv) -> None:
+  del argv
+  workdir = pathlib.Path(FLAGS.workdir)
+  eval_json = workdir / 'eval.json'
+  train_s = eval_s = None
+  if not (FLAGS.reuse and eval_json.exists()):
+    python = sys.executable
+    train_s = _run([python, 'train.py', f'--config={FLAGS.config}', f'--workdir={workdir}'])
+    eval_s = _run(
+      [
+        python,
+        'evaluate.py',
+        f'--checkpoints={workdir}',
+        f'--num={FLAGS.num}',
+        f'--out={eval_json}',
+        '--overwrite',
+      ]
+    )
+  result = json.loads(eval_json.read_text())
+  if FLAGS.grid:
+    write_grid(str(workdir), FLAGS.grid)
+  print(json.dumps(summarise(result, train_s, eval_s), sort_keys=True))
+
+
+if __name__ == '__main__':
+  app.run(main)
