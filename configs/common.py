@@ -139,6 +139,18 @@ def use_offline_text(c: ml_collections.ConfigDict, *, max_length: int) -> None:
   c.model.text_dim = 32
 
 
+def use_cpu_unet(c: ml_collections.ConfigDict) -> None:
+  """The 2.4M-parameter U-Net (small64 narrowed) of the CPU demo and the digits recipe."""
+  c.model.dim = 32
+  c.model.channel_mults = (1, 2, 4)
+  c.model.num_res_blocks = 1
+  c.model.attn_levels = (2,)
+  c.model.cross_attn_levels = (1, 2)
+  c.model.num_heads = 2
+  c.model.head_dim = 32
+  c.model.cond_dim = 128
+
+
 def use_tiny_run(c: ml_collections.ConfigDict) -> None:
   """The smallest end-to-end run (tests, CI): 32 examples, 4 steps, a checkpoint every 2."""
   use_offline_text(c, max_length=16)

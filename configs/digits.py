@@ -29,14 +29,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
   c.data.source = 'digits'
   c.data.split = 'train'
   common.use_offline_text(c, max_length=32)  # digits captions are <= 31 bytes
-  c.model.dim = 32
-  c.model.channel_mults = (1, 2, 4)
-  c.model.num_res_blocks = 1
-  c.model.attn_levels = (2,)
-  c.model.cross_attn_levels = (1, 2)
-  c.model.num_heads = 2
-  c.model.head_dim = 32
-  c.model.cond_dim = 128
+  common.use_cpu_unet(c)
 
   c.diffusion.objective = 'v'
   c.diffusion.loss_weighting = 'none'
