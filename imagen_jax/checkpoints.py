@@ -35,6 +35,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from imagen_jax import multihost
+
 log = logging.getLogger(__name__)
 
 ITEMS = ('state', 'data', 'config', 'checksums')
@@ -421,10 +423,7 @@ def set_aside_newer(workdir: str | os.PathLike, step: int, manager: ocp.Checkpoi
       shutil.move(str(step_dir(workdir, s)), dest)
       moved.append(dest)
   if newer:
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      multihost_utils.sync_global_devices('imagen_jax:set_aside')
+    multihost.barrier('imagen_jax:set_aside')  # process 0 has moved them
     manager.reload()
   return moved
 

@@ -404,7 +404,7 @@ def _optimizer_check(
 
 
 def _restore_for_resume(config, manager, abstract, state_sh, workdir_path):
-  """(state, data_state) of the requested (train.resume_step) or newest usable checkpoint.
+  """(step, state, data_state) of the requested (train.resume_step) or newest usable checkpoint.
 
   Damaged checkpoints are reported with their step and path and passed over; kept checkpoints
   newer than the one resumed are moved to checkpoints_set_aside/ (never deleted), so the run
