@@ -193,14 +193,13 @@ def _saved_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
 
   try:
     run_dir, step = checkpoints.parse_run(spec)
-    step = checkpoints.latest_finished_step(run_dir) if step is None else step
+    checkpoints.latest_finished_step(run_dir)  # a clear error for a folder with no checkpoint
     manager = checkpoints.make_manager(run_dir, read_only=True)
-    try:
-      if step not in manager.all_steps():
-        raise checkpoints.CheckpointError(
-          f'{run_dir} has no checkpoint step {step} (kept: {sorted(manager.all_steps())}).'
-        )
-      return checkpoints.restore_config(manager, step), step
+    try:  # the same fallback over damaged checkpoints as the restore of the params
+      step, config, _ = checkpoints.restore_with_fallback(
+        manager, step=step, restore_fn=lambda s: checkpoints.restore_config(manager, s)
+      )
+      return config, step
     finally:
       manager.close()
   except checkpoints.CheckpointError as e:
