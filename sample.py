@@ -47,6 +47,9 @@ flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same image
 flags.DEFINE_integer('batch_size', 8, 'Images per batch.')
 flags.DEFINE_list('sampler', None, 'ddpm | ddim | dpmpp_2m | heun, per stage (default: config).')
 flags.DEFINE_list('steps', None, 'Sampling steps per stage (default: config, 25).')
+flags.DEFINE_list(
+  'grid', None, 'Sampling grid per stage: quad | time | logsnr | karras | auto (default: config).'
+)
 flags.DEFINE_list('guidance', None, 'Classifier-free guidance scale per stage (1 = none).')
 flags.DEFINE_enum('thresholding', None, ['dynamic', 'static', 'none'], 'x0 thresholding.')
 flags.DEFINE_float('dynamic_percentile', None, 'Dynamic thresholding percentile p.')
@@ -109,6 +112,7 @@ def main(argv):
     batch_size=FLAGS.batch_size,
     samplers=FLAGS.sampler,
     steps=_numbers(FLAGS.steps, int, 'steps'),
+    grids=FLAGS.grid,
     guidance=_numbers(FLAGS.guidance, float, 'guidance'),
     thresholding=FLAGS.thresholding,
     dynamic_percentile=FLAGS.dynamic_percentile,

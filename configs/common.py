@@ -43,7 +43,11 @@ def get_common(
   c.diffusion.loss_weighting = 'min_snr'  # 'min_snr' | 'none'
   c.diffusion.min_snr_gamma = 5.0
   c.diffusion.cond_drop_prob = 0.1  # text dropped per example, for classifier-free guidance
-  c.diffusion.aug_level_max = 0.5  # SR: training noise-aug level ~ U[0, aug_level_max]
+  # SR noise-conditioning augmentation, on its own schedule (the same for every stage, see
+  # guidance.aug_schedule): level 0.1 -> alpha 0.95, 0.2 -> 0.82, 0.5 -> 0.29.
+  c.diffusion.aug_schedule = 'linear'  # 'linear' | 'stage' (runs made before this field)
+  c.diffusion.aug_level_min = 0.0  # SR: training level ~ U[aug_level_min, aug_level_max]
+  c.diffusion.aug_level_max = 0.5
 
   # Text: frozen encoder, embeddings precomputed once into an on-disk cache.
   c.text = ml_collections.ConfigDict()
@@ -124,11 +128,15 @@ def get_common(
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = 'dpmpp_2m'  # 'ddpm' | 'ddim' | 'dpmpp_2m' | 'heun'
   c.sample.steps = 25
+  # Sampling grid (schedules.logsnr_grid), separate from the training schedule: 'quad' | 'time' |
+  # 'logsnr' | 'karras'; 'auto' is karras for heun, quad otherwise. With the unshifted cosine
+  # put the last of 25 calls at logsnr 10.6 and 9.6 (tools/print_grids.py prints every stage's).
+  c.sample.grid = 'auto'
   c.sample.guidance = 5.0
   c.sample.thresholding = 'dynamic'  # 'dynamic' | 'static' | 'none'
   c.sample.dynamic_percentile = 0.995
   c.sample.dynamic_max = 0.0  # upper clamp c on the dynamic threshold (>= 1); 0: no clamp
-  c.sample.aug_level = 0.2  # SR stages: fixed noise-conditioning level at sampling
+  c.sample.aug_level = 0.2  # SR stages: noise-conditioning level at sampling (alpha 0.82)
   return c
 
 

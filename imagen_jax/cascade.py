@@ -23,6 +23,7 @@ class SamplingOptions:
 
   sampler: str = 'dpmpp_2m'  # 'ddpm' | 'ddim' | 'dpmpp_2m' | 'heun'
   steps: int = 25
+  grid: str = 'auto'  # 'quad' | 'time' | 'logsnr' | 'karras'; 'auto': karras for heun, else quad
   guidance: float = 5.0
   thresholding: str = 'dynamic'  # 'dynamic' | 'static' | 'none'
   dynamic_percentile: float = 0.995
@@ -33,6 +34,8 @@ class SamplingOptions:
   def __post_init__(self):
     if self.sampler not in samplers.SAMPLERS:
       raise ValueError(f"sampler must be one of {samplers.SAMPLERS}, got '{self.sampler}'.")
+    if self.grid != 'auto' and self.grid not in schedules.SPACINGS:
+      raise ValueError(f"grid must be 'auto' or one of {schedules.SPACINGS}, got '{self.grid}'.")
     if self.steps < 1:
       raise ValueError(f'steps must be a positive integer, got {self.steps}.')
     if self.guidance < 0:
@@ -42,12 +45,22 @@ class SamplingOptions:
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f'aug_level must be in [0, 1], got {self.aug_level}.')
 
+  @property
+  def spacing(self) -> str:
+    """The grid spacing this sampling uses ('auto' resolved by sampler)."""
+    return schedules.default_spacing(self.sampler) if self.grid == 'auto' else self.grid
+
+  def logsnrs(self, config: ml_collections.ConfigDict) -> jax.Array:
+    """The sampling grid [steps + 1] on the stage's schedule, noise to clean."""
+    return schedules.logsnr_grid(stage.schedule(config), steps=self.steps, spacing=self.spacing)
+
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'SamplingOptions':
     s = config.sample
     fields = dict(
       sampler=s.sampler,
       steps=int(s.steps),
+      grid=s.get('grid', 'auto'),
       guidance=float(s.guidance),
       thresholding=s.thresholding,
       dynamic_percentile=float(s.dynamic_percentile),
@@ -67,8 +80,9 @@ def make_stage_sampler(
   previous stage; it is upsampled and noise-augmented to `options.aug_level`.
   """
   resolution = int(config.data.resolution)
-  schedule = stage.schedule(config)
   is_sr = stage.is_super_resolution(config)
+  aug_schedule = stage.aug_schedule(config) if is_sr else None
+  logsnrs = options.logsnrs(config)
   objective = config.diffusion.objective
 
   @jax.jit
@@ -85,7 +99,7 @@ def make_stage_sampler(
         lowres=up,
         aug_level=options.aug_level,
         noise=jax.random.normal(aug_rng, up.shape),
-        schedule=schedule,
+        schedule=aug_schedule,
       )
     model_fn = stage.make_model_fn(
       graphdef,
@@ -103,7 +117,6 @@ def make_stage_sampler(
       percentile=options.dynamic_percentile,
       max_threshold=options.dynamic_max or jnp.inf,
     )
-    logsnrs = schedules.logsnr_grid(schedule, steps=options.steps)
     images = samplers.sample(
       options.sampler,
       denoise_fn=denoise,

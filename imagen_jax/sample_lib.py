@@ -69,6 +69,7 @@ class SampleRequest:
   batch_size: int = 8
   samplers: list[str] | None = None  # per stage (one value: all stages); None: config's
   steps: list[int] | None = None
+  grids: list[str] | None = None  # sampling grid spacing per stage; None: config's ('auto')
   guidance: list[float] | None = None
   thresholding: str | None = None
   dynamic_percentile: float | None = None
@@ -422,12 +423,14 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   n_stages = req.stop_at or len(req.checkpoints)
   samplers_ = _per_stage(req.samplers, n_stages, 'sampler')
   steps_ = _per_stage(req.steps, n_stages, 'steps')
+  grids_ = _per_stage(req.grids, n_stages, 'grid')
   guidance_ = _per_stage(req.guidance, n_stages, 'guidance')
   stages = []
   for i, workdir in enumerate(req.checkpoints[:n_stages]):
     overrides = dict(
       sampler=samplers_[i],
       steps=steps_[i],
+      grid=grids_[i],
       guidance=guidance_[i],
       thresholding=req.thresholding,
       dynamic_percentile=req.dynamic_percentile,

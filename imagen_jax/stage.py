@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion import guidance, schedules
 from imagen_jax.models import unet
 
 
@@ -33,6 +33,26 @@ def schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
     base_resolution=d.shift_base,
     logsnr_min=d.logsnr_min,
     logsnr_max=d.logsnr_max,
+  )
+
+
+AUG_SCHEDULES = ('linear', 'stage')
+
+
+def aug_schedule(config: ml_collections.ConfigDict) -> schedules.Schedule:
+  """Level -> logsnr of noise-conditioning augmentation (SR stages).
+
+  'linear' (the default): guidance.aug_schedule(), the same for every stage. 'stage': the stage's
+  own diffusion schedule, what runs made before the field existed trained with; a config without
+  `diffusion.aug_schedule` is such a run, so its checkpoints still sample as they were trained.
+  """
+  name = config.diffusion.get('aug_schedule', 'stage')
+  if name == 'linear':
+    return guidance.aug_schedule()
+  if name == 'stage':
+    return schedule(config)
+  raise ValueError(
+    f"Unknown diffusion.aug_schedule '{name}'; choose one of {', '.join(AUG_SCHEDULES)}."
   )
 
 

@@ -116,6 +116,7 @@ def make_train_step(
   d = config.diffusion
   schedule = stage.schedule(config)
   is_sr = stage.is_super_resolution(config)
+  aug_schedule = stage.aug_schedule(config) if is_sr else None
   accumulating = int(config.optim.grad_accum_steps) > 1
   lr_schedule = optim.make_lr_schedule(
     config.optim, max(1, int(config.train.num_steps) // int(config.optim.grad_accum_steps))
@@ -134,9 +135,14 @@ def make_train_step(
       up = stage.upsample_lowres(batch['lowres'], resolution=x.shape[1])
       lowres, aug_level = guidance.noise_condition_aug(
         lowres=up,
-        aug_level=guidance.training_aug_levels(aug_rng, batch_size=b, max_level=d.aug_level_max),
+        aug_level=guidance.training_aug_levels(
+          aug_rng,
+          batch_size=b,
+          min_level=d.get('aug_level_min', 0.0),
+          max_level=d.aug_level_max,
+        ),
         noise=jax.random.normal(aug_noise_rng, up.shape),
-        schedule=schedule,
+        schedule=aug_schedule,
       )
 
     def loss_fn(params):
@@ -639,7 +645,7 @@ class _Loop:
   data_iter: Any
   manager: Any
   writer: MetricWriter
-  sample_grid: Callable | None
+  sample_grid: Callable | None  # fn(ema_params, step) -> (uint8 grid, {metric: value})
   eval_fn: Callable | None
   batch_sh: Any
   workdir_path: pathlib.Path
@@ -779,8 +785,11 @@ class _Loop:
           if (
             self.sample_grid and config.train.sample_every and step % config.train.sample_every == 0
           ):
-            grid = self.sample_grid(state['ema_params'], step)
+            grid, grid_scalars = self.sample_grid(state['ema_params'], step)
             self.writer.image(step, 'samples', grid)
+            if grid_scalars:  # SR stages: PSNR / SSIM of the held-out grid
+              self.writer.write(step, grid_scalars)
+              last_scalars = {**last_scalars, **grid_scalars}
           if self.eval_fn and (step % eval_every == 0 or step == num_steps):
             results = self.eval_fn(state['ema_params'], step)
             self.writer.write(step, {f'eval/{k}': v for k, v in results.items()})
@@ -825,13 +834,16 @@ def _save_failed(manager, step: int, error: BaseException | str) -> TrainingErro
 
 
 def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
-  """fn(ema_params, step) -> uint8 grid of base-stage samples for fixed prompts (None for SR).
+  """fn(ema_params, step) -> (uint8 grid, {}) of base-stage samples for fixed prompts (SR
+  stages: _make_sr_grid_fn); None when train.sample_every is 0.
 
   Inputs and output are replicated over the mesh, so every host holds the whole grid (with
   several processes a sharded output could not be read back on one host).
   """
-  if stage.is_super_resolution(config) or not config.train.sample_every:
+  if not config.train.sample_every:
     return None
+  if stage.is_super_resolution(config):
+    return _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
   from imagen_jax.data import pipeline
 
   prompts = list(config.train.sample_prompts) or pipeline.sample_captions(
@@ -861,6 +873,52 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)
       images.save_png(grid, out_dir / f'step_{step:08d}.png', overwrite=True)
-    return grid
+    return grid, {}
+
+  return grid_fn
+
+
+def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
+  """fn(ema_params, step) -> (uint8 grid, metrics) for an SR stage, on fixed held-out images.
+
+  train.num_sample_prompts examples from evaluate.sr.heldout_examples (the OpenMoji emoji after
+  the training subset, a validation/test split, else fixed training examples; see there), the
+  same noise at every step. The grid (samples/step_N.png) has one row per image: the input
+  nearest-upsampled, bicubic, the stage's output (EMA params, config.sample settings) and the
+  real image. Metrics (means over the images, logged as sr/...): PSNR and SSIM of the output and
+  of bicubic against the real image, gain_db = psnr - psnr_bicubic, and consistency_psnr (the
+  output downsampled back against the input). Compiled once with replicated inputs and outputs,
+  then a barrier, as the base grid, so every host holds the whole result.
+  """
+  from imagen_jax.data import preprocess
+  from imagen_jax.evaluate import sr as sr_eval
+
+  heldout = sr_eval.heldout_examples(config, int(config.train.num_sample_prompts))
+  log.info('SR sample grids: %d images of %s.', len(heldout.captions), heldout.origin)
+  text_embs, text_mask = sr_eval.text_for(heldout.captions, config, text_cache)
+  lowres = preprocess.to_float(heldout.lowres)  # [N, r, r, 3]
+  real = preprocess.to_float(heldout.images)  # [N, R, R, 3]
+  everywhere = sharding.replicated(mesh)
+  inputs = [
+    jax.make_array_from_process_local_data(everywhere, np.asarray(a))
+    for a in (text_embs, text_mask, lowres, real)
+  ]
+  eval_fn = sr_eval.make_sr_eval_fn(config, graphdef, cascade.SamplingOptions.from_config(config))
+  eval_replicated = jax.jit(eval_fn, out_shardings=everywhere)
+  out_dir = workdir_path / 'samples'
+  compiled = []
+
+  def grid_fn(ema_params, step):
+    text_embs, text_mask, lowres_in, real_in = inputs
+    args = (ema_params, text_embs, text_mask, jax.random.key(config.seed), lowres_in, real_in)
+    if not compiled:  # compile, then start the sampling's collectives together
+      compiled.append(eval_replicated.lower(*args).compile())
+      multihost.barrier('imagen_jax:sr_grid_compiled')
+    output, bicubic, metrics = jax.device_get(compiled[0](*args))
+    grid = sr_eval.comparison_grid(lowres=lowres, bicubic=bicubic, output=output, real=real)
+    if jax.process_index() == 0:
+      out_dir.mkdir(exist_ok=True)
+      images.save_png(grid, out_dir / f'step_{step:08d}.png', overwrite=True)
+    return grid, {f'sr/{k}': v for k, v in sr_eval.summarise(metrics).items()}
 
   return grid_fn

@@ -75,9 +75,48 @@ def test_logsnr_grid_spans_the_schedule_and_increases(spacing):
   schedule = schedules.get_schedule('cosine', logsnr_min=-15.0, logsnr_max=12.0)
   grid = np.asarray(schedules.logsnr_grid(schedule, steps=25, spacing=spacing))
   assert grid.shape == (26,)
-  # Endpoints are the schedule's own values; f32 exp/log round trip ~1e-6 relative at |15|.
-  np.testing.assert_allclose(grid[[0, -1]], [-15.0, 12.0], atol=1e-4)
+  # Endpoints are the schedule's own values (karras: clipped below at sigma 80, logsnr -8.76);
+  # f32 exp/log round trip ~1e-6 relative at |15|.
+  first = schedules.KARRAS_LOGSNR_MIN if spacing == 'karras' else -15.0
+  np.testing.assert_allclose(grid[[0, -1]], [first, 12.0], atol=1e-4)
   assert np.all(np.diff(grid) > 0), spacing
+
+
+def test_logsnr_spacing_is_uniform_in_logsnr():
+  schedule = schedules.get_schedule('cosine', logsnr_min=-15.0, logsnr_max=12.0)
+  grid = np.asarray(schedules.logsnr_grid(schedule, steps=27, spacing='logsnr'))
+  # f32 affine interpolation of values <= 15: a few ulp; a non-uniform grid is off by >= 1e-1.
+  np.testing.assert_allclose(np.diff(grid), 1.0, atol=1e-5)
+
+
+def test_default_spacing_per_sampler():
+  assert schedules.default_spacing('heun') == 'karras'
+  for name in ('ddpm', 'ddim', 'dpmpp_2m'):
+    assert schedules.default_spacing(name) == 'quad'
+
+
+def test_dpmpp_2m_survives_equal_consecutive_logsnrs():
+  """A grid clipped at logsnr_max repeats its last value; DPM-Solver++ used to divide 0 by 0.
+
+  Repeated log-SNRs are zero-length steps: the sample must be finite and equal to the one on
+  the grid without the repeats (the steps after a repeat are first order, hence the tolerance).
+  """
+  schedule = schedules.get_schedule('cosine')
+  grid = schedules.logsnr_grid(schedule, steps=20)
+  # Two equal pairs: one in the middle (h = 0, then h_prev = 0) and one at the clean end.
+  repeated = jnp.concatenate([grid[:10], grid[9:10], grid[10:], grid[-1:]])
+  kw = dict(denoise_fn=mixture_denoiser, shape=(4000, 2), rng=jax.random.key(3))
+  x = np.asarray(samplers.sample_dpmpp_2m(logsnrs=repeated, **kw))
+  assert np.all(np.isfinite(x))
+  ref = np.asarray(samplers.sample_dpmpp_2m(logsnrs=grid, **kw))
+  # The step after a repeat is first order instead of second, which moves samples a little
+  # (measured median 0.004, 90th percentile 0.016; a few near a component boundary by 0.23); a
+  # NaN, a skipped or a doubled step moves most of them by O(0.1-1).
+  diff = np.abs(x - ref)
+  assert np.median(diff) < 0.02, np.median(diff)
+  weights, means, _ = mixture_stats(x)
+  np.testing.assert_allclose(weights, MIX_WEIGHTS, atol=0.03)
+  np.testing.assert_allclose(means, MIX_MEANS, atol=0.06)
 
 
 def test_logsnr_grid_spacings():
@@ -277,6 +316,7 @@ def test_noise_condition_aug_levels():
   aug, level = guidance.noise_condition_aug(
     lowres=lowres, aug_level=0.2, noise=noise, schedule=schedule
   )
+  assert level.shape == (3,)
   # f32(0.2) against 0.2: representation error 1.5e-8 only, so the old default rtol=1e-7 held
   # by 7x; 1e-6 also allows arithmetic on the level, a wrong level is off by >= 1e-3.
   np.testing.assert_allclose(level, [0.2, 0.2, 0.2], rtol=1e-6)
@@ -292,6 +332,20 @@ def test_noise_condition_aug_levels():
   levels = guidance.training_aug_levels(jax.random.key(1), batch_size=1000, max_level=0.5)
   assert levels.shape == (1000,) and 0 <= levels.min() and levels.max() <= 0.5
   assert abs(float(levels.mean()) - 0.25) < 0.03  # U(0, 0.5), n=1000: 6.5 standard errors
+  levels = guidance.training_aug_levels(
+    jax.random.key(1), batch_size=1000, min_level=0.1, max_level=0.3
+  )
+  assert 0.1 <= levels.min() and levels.max() <= 0.3
+  assert abs(float(levels.mean()) - 0.2) < 0.012  # U(0.1, 0.3), n=1000: 6.6 standard errors
+
+
+def test_aug_schedule_is_imagen_pytorchs_linear_and_the_same_for_every_stage():
+  """--aug_level 0.2 keeps alpha 0.82 of the low-res image (imagen-pytorch's default level and
+  schedule), on every SR stage, whatever the stage's own diffusion schedule."""
+  aug = guidance.aug_schedule()
+  alphas = [float(gaussian.alpha_sigma(aug(jnp.float32(a)))[0]) for a in (0.1, 0.2, 0.3, 0.5)]
+  # Reference values of the continuous DDPM-linear schedule, float64, rounded to 3 digits.
+  np.testing.assert_allclose(alphas, [0.951, 0.819, 0.638, 0.286], atol=1e-3)
 
 
 # ------------------------------------------- samplers against an analytic Gaussian mixture
@@ -350,6 +404,8 @@ def run_sampler(name: str, steps: int, spacing: str = 'quad') -> np.ndarray:
     ('dpmpp_2m', 25, 'quad'),
     ('dpmpp_2m', 25, 'time'),
     ('heun', 25, 'quad'),
+    ('heun', 25, 'karras'),
+    ('dpmpp_2m', 25, 'logsnr'),
   ],
 )
 def test_sampler_matches_gaussian_mixture(name, steps, spacing):

@@ -1,11 +1,12 @@
 """Classifier-free guidance, x0 thresholding, and noise-conditioning augmentation."""
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
-from imagen_jax.diffusion import gaussian
+from imagen_jax.diffusion import gaussian, schedules
 
 # model_fn(z [N, ...], logsnr [N], drop_text [N] bool) -> prediction [N, ...]
 CondModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -92,9 +93,24 @@ def make_denoise_fn(
   return denoise
 
 
-def training_aug_levels(rng: jax.Array, *, batch_size: int, max_level: float) -> jnp.ndarray:
-  """Per-example augmentation levels for SR training: aug_level ~ U[0, max_level], shape [B]."""
-  return jax.random.uniform(rng, (batch_size,), minval=0.0, maxval=max_level)
+def training_aug_levels(
+  rng: jax.Array, *, batch_size: int, max_level: float, min_level: float = 0.0
+) -> jnp.ndarray:
+  """Per-example SR training augmentation levels ~ U[min_level, max_level], shape [B]."""
+  return jax.random.uniform(rng, (batch_size,), minval=min_level, maxval=max_level)
+
+
+def aug_schedule(
+  logsnr_min: float = -20.0, logsnr_max: float = 20.0
+) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """The augmentation schedule: level a in [0, 1] -> logsnr, the same for every stage.
+
+  The continuous DDPM-linear schedule (schedules.logsnr_linear), as imagen-pytorch's low-res
+  noise schedule: level 0.1 -> alpha 0.95, 0.2 -> 0.82, 0.3 -> 0.64, 0.5 -> 0.29. Independent of
+  the stage's own diffusion schedule, so `--aug_level 0.2` is the same corruption on sr256 and
+  sr1024 whatever their schedules are.
+  """
+  return functools.partial(schedules.logsnr_linear, logsnr_min=logsnr_min, logsnr_max=logsnr_max)
 
 
 def noise_condition_aug(
@@ -107,8 +123,9 @@ def noise_condition_aug(
   """Noise-conditioning augmentation (Ho et al. 2021, Imagen): corrupt the low-res image.
 
     lowres_aug = alpha(s) lowres + sigma(s) noise,   logsnr = schedule(aug_level)
-  aug_level is a time in [0, 1] (scalar -> same for all). Returns (lowres_aug, aug_level [B]);
-  the model conditions on aug_level.
+  aug_level is a level in [0, 1] (scalar -> same for all) and `schedule` the augmentation
+  schedule (aug_schedule(), see stage.aug_schedule). Returns (lowres_aug, aug_level [B]); the
+  model conditions on aug_level.
   """
   batch = lowres.shape[0]
   aug_level = jnp.broadcast_to(jnp.asarray(aug_level, jnp.float32), (batch,))

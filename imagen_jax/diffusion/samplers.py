@@ -101,7 +101,8 @@ def sample_dpmpp_2m(
     D_i = x_i                                               (first step)
     D_i = (1 + 1 / (2 r_i)) x_i - 1 / (2 r_i) x_{i-1},  r_i = h_{i-1} / h_i   (later steps)
     z_{i+1} = (sigma_{i+1} / sigma_i) z_i - alpha_{i+1} expm1(-h_i) D_i
-  The final step is first order when lower_order_final (stabler at few steps).
+  The final step is first order when lower_order_final (stabler at few steps), and so is any step
+  where h_i or h_{i-1} is 0 (equal consecutive log-SNRs, e.g. a grid clipped at logsnr_max).
   """
   _, z = _init(rng, shape)
   steps, batch = logsnrs.shape[0] - 1, shape[0]
@@ -112,10 +113,11 @@ def sample_dpmpp_2m(
     x = denoise_fn(z, _full(logsnrs[i], batch))
     h = lambdas[i + 1] - lambdas[i]
     h_prev = lambdas[i] - lambdas[jnp.maximum(i - 1, 0)]
-    r = h_prev / h
-    second = (1.0 + 0.5 / r) * x - (0.5 / r) * x_prev
-    first_order = (i == 0) | (lower_order_final & (i == steps - 1))
-    d = jnp.where(first_order, x, second)
+    # Two equal consecutive log-SNRs (a grid clipped at logsnr_min/max) make h or h_prev 0 and
+    # r 0 or inf: such a step is first order (a zero-length one leaves z unchanged).
+    first_order = (i == 0) | (lower_order_final & (i == steps - 1)) | (h <= 0) | (h_prev <= 0)
+    half_inv_r = jnp.where(first_order, 0.0, 0.5 * h / jnp.where(first_order, 1.0, h_prev))
+    d = jnp.where(first_order, x, (1.0 + half_inv_r) * x - half_inv_r * x_prev)
     _, sigma_t = gaussian.alpha_sigma(logsnrs[i])
     alpha_s, sigma_s = gaussian.alpha_sigma(logsnrs[i + 1])
     z = (sigma_s / sigma_t) * z - alpha_s * jnp.expm1(-h) * d

@@ -5,6 +5,7 @@ representable at both ends of the time interval.
 """
 
 import functools
+import math
 from collections.abc import Callable
 
 import jax.numpy as jnp
@@ -87,7 +88,13 @@ def get_schedule(
   raise ValueError(f"Unknown schedule '{name}'; choose 'cosine', 'linear' or 'shifted_cosine'.")
 
 
-SPACINGS = ('quad', 'time', 'karras')
+SPACINGS = ('quad', 'time', 'logsnr', 'karras')
+
+# Karras et al. (2022) sample between sigma = 80 and 0.002 (s = sigma / alpha here): a 'karras'
+# grid keeps its ends inside that range, logsnr in [-8.76, 12.43], so that with rho = 7 its steps
+# are not spent in the [-20, -8.8] stretch where the image is pure noise.
+KARRAS_LOGSNR_MIN = -2.0 * math.log(80.0)
+KARRAS_LOGSNR_MAX = -2.0 * math.log(0.002)
 
 
 def logsnr_grid(
@@ -95,17 +102,20 @@ def logsnr_grid(
 ) -> jnp.ndarray:
   """Sampling grid [steps + 1], increasing from schedule(1) (noise) to schedule(0) (clean).
 
-  An ODE sampler's last step returns its last x0 estimate as the image, with that estimate's
-  error (amplified by guidance) scaled by the noise s = sigma / alpha = exp(-logsnr / 2) at that
-  call, so the grid decides how much of it shows:
-  'quad' (DDIM's quadratic spacing): logsnr at t_i = (1 - i / steps)^2. Uniform near the
-    noise end, crowded near the clean end: with the cosine schedule and 25 steps the last call
-    is at logsnr ~9.6 (s ~0.008).
-  'time': logsnr at t = 1, 1 - 1/steps, ..., 0; cosine, 25 steps: last call at logsnr ~5.2
-    (s ~0.07), which returned 25-step DPM-Solver++ samples of an eps model as colour noise.
-  'karras' (Karras et al. 2022): s uniform in s^(1/rho) between the schedule's endpoints,
-    s_i = (s_max^(1/rho) + i / steps (s_min^(1/rho) - s_max^(1/rho)))^rho; spends most steps
-    below logsnr -8 when the endpoints are +-20.
+  The grid is a sampling choice, separate from the training schedule: the model is conditioned
+  on log-SNR, so any increasing grid inside the trained range works. An ODE sampler's last step
+  returns its last x0 estimate as the image, with that estimate's error (amplified by guidance)
+  scaled by the noise s = sigma / alpha = exp(-logsnr / 2) at that call, so the grid decides how
+  much of it shows. With the unshifted cosine and 25 steps:
+  'quad' (DDIM's quadratic spacing, the default): logsnr at t_i = (1 - i / steps)^2. Uniform
+    near the noise end, crowded near the clean end: last call at logsnr ~9.6 (s ~0.008).
+  'time': logsnr at t = 1, 1 - 1/steps, ..., 0: last call at logsnr ~5.2 (s ~0.07), which
+    returned 25-step DPM-Solver++ samples of an eps model as colour noise.
+  'logsnr': uniform in logsnr between the schedule's ends: last call at 18.4 for ends +-20, but
+    half of the steps below logsnr 0.
+  'karras' (Karras et al. 2022, for Heun): s uniform in s^(1/rho),
+    s_i = (s_max^(1/rho) + i / steps (s_min^(1/rho) - s_max^(1/rho)))^rho, with the ends
+    clipped to [KARRAS_LOGSNR_MIN, KARRAS_LOGSNR_MAX] (sigma 80 .. 0.002): last call at ~10.6.
   """
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}.')
@@ -113,9 +123,18 @@ def logsnr_grid(
     return schedule(jnp.square(jnp.linspace(1.0, 0.0, steps + 1)))
   if spacing == 'time':
     return schedule(jnp.linspace(1.0, 0.0, steps + 1))
-  if spacing != 'karras':
+  if spacing not in SPACINGS:
     raise ValueError(f"Unknown grid spacing '{spacing}'; choose one of {', '.join(SPACINGS)}.")
   ends = schedule(jnp.asarray([1.0, 0.0]))
-  root_max, root_min = jnp.exp(-ends[0] / (2.0 * rho)), jnp.exp(-ends[1] / (2.0 * rho))
   frac = jnp.linspace(0.0, 1.0, steps + 1)
+  if spacing == 'logsnr':
+    return ends[0] + frac * (ends[1] - ends[0])
+  ends = jnp.clip(ends, KARRAS_LOGSNR_MIN, KARRAS_LOGSNR_MAX)
+  root_max, root_min = jnp.exp(-ends[0] / (2.0 * rho)), jnp.exp(-ends[1] / (2.0 * rho))
   return -2.0 * rho * jnp.log(root_max + frac * (root_min - root_max))
+
+
+def default_spacing(sampler: str) -> str:
+  """The grid a sampler uses unless told otherwise: 'karras' for Heun (its grid in EDM), else
+  'quad'. They put the last of 25 calls at logsnr 10.6 and 9.6 on the unshifted cosine."""
+  return 'karras' if sampler == 'heun' else 'quad'

@@ -1,0 +1,106 @@
+"""Per-stage schedules, sampling grids and augmentation, from the stage configs themselves."""
+
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import base64, sr256, sr1024
+from imagen_jax import cascade, stage
+from imagen_jax.diffusion import gaussian, guidance
+
+pytestmark = pytest.mark.unit
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _print_grids():
+  spec = importlib.util.spec_from_file_location('print_grids', ROOT / 'tools' / 'print_grids.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+FULL_STAGES = [base64.get_config(), sr256.get_config(), sr1024.get_config()]
+
+
+@pytest.mark.parametrize('config', FULL_STAGES, ids=lambda c: c.stage)
+def test_every_stage_ends_its_default_sampling_at_high_snr(config):
+  """The last network call of every stage's default sampling sits at logsnr > 9 (noise
+  s = sigma / alpha < 0.011): before, sr1024's was at -0.33 (sigma 0.76) and sr256's at 2.44."""
+  row = _print_grids().describe(config)
+  assert row['schedule'] == 'cosine'
+  assert row['last_call_logsnr'] > 9.0, row
+
+
+@pytest.mark.parametrize('sampler', ['ddpm', 'ddim', 'dpmpp_2m', 'heun'])
+def test_every_sampler_ends_at_high_snr_on_its_default_grid(sampler):
+  config = sr1024.get_config()
+  config.sample.sampler = sampler
+  row = _print_grids().describe(config)
+  assert row['grid'] == ('karras' if sampler == 'heun' else 'quad')
+  assert row['last_call_logsnr'] > 9.0, row
+
+
+def test_sr_stages_train_on_the_unshifted_cosine():
+  for config in (sr256.get_config(arg) for arg in ('', 'demo', 'tiny')):
+    assert stage.schedule(config)(jnp.float32(0.5)) == pytest.approx(0.0, abs=0.05)
+  # The median training example of sr1024 (t = 0.5) at logsnr ~0, not -5.6 as when shifted.
+  assert float(stage.schedule(sr1024.get_config())(jnp.float32(0.5))) > -0.1
+
+
+def test_aug_level_means_the_same_corruption_on_both_sr_stages():
+  level = jnp.float32(0.2)
+  alphas = [
+    float(gaussian.alpha_sigma(stage.aug_schedule(c)(level))[0])
+    for c in (sr256.get_config(), sr1024.get_config(), sr256.get_config('demo'))
+  ]
+  np.testing.assert_allclose(alphas, 0.8187, atol=1e-3)
+
+
+def test_a_config_from_before_aug_schedule_keeps_augmenting_on_its_stage_schedule():
+  """Runs saved before `diffusion.aug_schedule` existed trained their augmentation on the stage
+  schedule: their checkpoints must sample with that same corruption."""
+  old = sr256.get_config('tiny')
+  old.diffusion.schedule = 'shifted_cosine'
+  old.diffusion.shift_base = 8
+  del old.diffusion['aug_schedule']
+  level = jnp.float32(0.3)
+  np.testing.assert_allclose(stage.aug_schedule(old)(level), stage.schedule(old)(level))
+  new = sr256.get_config('tiny')
+  np.testing.assert_allclose(stage.aug_schedule(new)(level), guidance.aug_schedule()(level))
+  new.diffusion.aug_schedule = 'quadratic'
+  with pytest.raises(ValueError, match="aug_schedule 'quadratic'; choose one of linear, stage"):
+    stage.aug_schedule(new)
+
+
+def test_sampling_options_grid_from_config_and_validated():
+  config = sr256.get_config('tiny')
+  options = cascade.SamplingOptions.from_config(config)
+  assert options.grid == 'auto' and options.spacing == 'quad'
+  assert cascade.SamplingOptions.from_config(config, sampler='heun').spacing == 'karras'
+  assert cascade.SamplingOptions.from_config(config, grid='logsnr').spacing == 'logsnr'
+  del config.sample['grid']  # a config saved before the field: the same 'auto'
+  assert cascade.SamplingOptions.from_config(config).grid == 'auto'
+  with pytest.raises(ValueError, match="grid must be 'auto' or one of"):
+    cascade.SamplingOptions(grid='uniform')
+  grid = np.asarray(cascade.SamplingOptions(steps=6, grid='time').logsnrs(config))
+  np.testing.assert_allclose(grid, stage.schedule(config)(jnp.linspace(1.0, 0.0, 7)))
+
+
+def test_print_grids_tool_prints_one_line_per_stage():
+  out = subprocess.run(
+    [sys.executable, 'tools/print_grids.py', 'configs/sr256.py:tiny', '--all'],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+    env={'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'},
+  ).stdout.splitlines()
+  assert out[0].startswith('stage=sr256 resolution=32 schedule=cosine sampler=dpmpp_2m grid=quad')
+  assert 'aug_level=0.2 aug_alpha=0.819' in out[0]
+  assert len(out[1].split()) == 1 + 5  # 'logsnrs:' and the 4-step grid's 5 values
