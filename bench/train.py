@@ -1,10 +1,19 @@
 """End-to-end training speed of a config: data pipeline + train step, median step seconds.
 
   python bench/train.py --config=configs/base64.py:small --config.train.batch_size=4
+  # Memory of a full-size stage without allocating it (abstract state and batch, compile only):
+  python bench/train.py --config=configs/sr1024.py --memory_only --batch_per_device=8
 
 Uses the real input pipeline (embedded dataset, embedding cache; built on first use) and the
 real sharded train step. Prints one JSON line: step seconds with data (end to end), step
 seconds on a fixed batch (compute only), the data pipeline alone, img/s, TFLOP/s and MFU.
+
+--memory_only compiles the config's real train step (`train_lib.make_train_step`, pinned
+shardings, donated state) on abstract inputs: no params, no text encoder, no data. The batch
+has the pipeline's shapes (`pipeline.batch_spec`: training crops when data.crop_size is set,
+e.g. sr1024's 256 px crops with 64 px low-res crops). The JSON line gives XLA's
+`memory_analysis()` per device and the batch shapes. On CPU the figures overstate a GPU/TPU's
+(see bench/unet.py); set XLA_FLAGS=--xla_force_host_platform_device_count=N for N devices.
 """
 
 import json
@@ -23,10 +32,82 @@ from imagen_jax.data import pipeline
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
 flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
+flags.DEFINE_bool('memory_only', False, 'Compile the train step on abstract inputs; no run.')
+flags.DEFINE_integer(
+  'batch_per_device', 0, '--memory_only: examples per batch shard (0: train.batch_size / shards).'
+)
+
+
+def memory_only(config, *, batch_per_device: int = 0) -> dict:
+  """Compiles the config's train step on abstract state and batch; memory and shapes."""
+  pipeline.check_crops(config)  # as training does: crops only for a U-Net without self-attention
+  mesh = sharding.make_mesh(config.mesh)
+  shards = mesh.shape['data'] * mesh.shape['fsdp']  # the batch is split over both
+  batch = batch_per_device * shards if batch_per_device > 0 else int(config.train.batch_size)
+  if batch % shards:
+    raise SystemExit(f'batch {batch} is not a multiple of the {shards} batch shards.')
+  tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  batch_sh = sharding.batch_sharding(mesh)
+  spec = pipeline.batch_spec(config, batch)
+  with jax.set_mesh(mesh):
+    graphdef, abstract, state_sh, _ = train_lib.abstract_train_state(config, tx, mesh)
+    step_fn = jax.jit(
+      train_lib.make_train_step(config, graphdef, tx),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, sharding.replicated(mesh)),
+      donate_argnums=(0,),
+    )
+    abstract_batch = {
+      k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh) for k, (shape, dtype) in spec.items()
+    }
+    t0 = time.perf_counter()
+    lowered = step_fn.lower(train_lib.abstract_with_shardings(abstract, state_sh), abstract_batch)
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  memory = None
+  if mem is not None:
+    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    memory = {
+      'argument_gb': round(arg / 1e9, 3),
+      'output_gb': round(out / 1e9, 3),
+      'temp_gb': round(temp / 1e9, 3),
+      'alias_gb': round(alias / 1e9, 3),
+      'total_gb': round((arg + out + temp - alias) / 1e9, 3),
+      'per_device': True,
+    }
+  d = config.data
+  return {
+    'bench': 'train_memory',
+    'stage': config.stage,
+    'preset': config.model_preset,
+    'params_m': round(
+      sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params'])) / 1e6, 2
+    ),
+    'batch': batch,
+    'batch_per_device': batch // shards,
+    'resolution': int(d.resolution),
+    'crop_size': int(d.get('crop_size', 0)),
+    'shapes': {k: list(shape) for k, (shape, _) in spec.items()},
+    'self_attention_levels': list(config.model.attn_levels),
+    'dtype': config.model.dtype,
+    'remat': bool(config.model.remat),
+    'optimizer': config.optim.optimizer,
+    'mesh': dict(mesh.shape),
+    'backend': jax.default_backend(),
+    'device': jax.devices()[0].device_kind,
+    'devices': jax.device_count(),
+    'compile_s': round(compile_s, 1),
+    'memory': memory,
+  }
 
 
 def main(_):
   config = FLAGS.config
+  if FLAGS.memory_only:
+    print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
+    return
   mesh = sharding.make_mesh(config.mesh)
   cache = precompute.open_or_build_cache(config, build_if_missing=True)
   it = pipeline.make_iterator(config, text_cache=cache)

@@ -77,8 +77,14 @@ def get_common(
   c.data.resolution = resolution
   c.data.lowres_resolution = lowres_resolution  # 0 for the base stage
   c.data.random_crop = lowres_resolution > 0  # SR stages train on random crops
-  c.data.small_images = 'skip'  # 'skip' | 'upsample'
-  c.data.max_skip_fraction = 0.01
+  # Images whose shorter side is below resolution: 'skip' (dropped when the dataset is listed,
+  # counted in one log line) | 'upsample'. They never count toward max_skip_fraction.
+  c.data.small_images = 'skip'
+  # 0: train on whole resolution x resolution images. 0 < crop_size < resolution: train on
+  # crop_size crops of them (and the matching low-res crops); the noise schedule and sampling
+  # stay at resolution. Only for U-Nets without self-attention (refused otherwise).
+  c.data.crop_size = 0
+  c.data.max_skip_fraction = 0.01  # unreadable / broken files
   c.data.max_examples = 0  # 0: all
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process
   c.data.prefetch = 2

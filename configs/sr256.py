@@ -32,6 +32,8 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
     c.model.text_dim = 4096
     c.text.encoder = 'google/t5-v1_1-xxl'
     c.optim.optimizer = 'adafactor'
+    if stage == 'sr1024':  # Imagen: 256 px crops, 64 px low-res crops (no self-attention)
+      c.data.crop_size = resolution // 4
     c.train.batch_size = 512
     c.mesh.fsdp = -1
     c.mesh.data = 1
@@ -55,5 +57,7 @@ def sr_config(arg: str, *, stage: str, preset: str, resolution: int, lowres: int
   if variant == 'tiny':
     c = common.get_common(stage=stage, preset='tiny_sr', resolution=8 * scale, lowres_resolution=8)
     common.use_tiny_run(c)
+    if stage == 'sr1024':  # the crop path in the smoke tests: 16 of 32 px (4 of 8 low-res)
+      c.data.crop_size = c.data.resolution // 2
     return c
   raise ValueError(f"Unknown variant '{arg}' of {stage}; choose '', 'demo' or 'tiny'.")

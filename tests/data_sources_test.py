@@ -187,6 +187,8 @@ def test_tfds_array_record_data_source(tmp_path):
   source = sources.build_source(config)
   assert sorted(source.captions()) == ['grey level 0', 'grey level 150', 'grey level 50']
   assert len(source.skipped) == 1
+  # Sizes of the kept rows, from the images tfds decoded while the captions were listed.
+  np.testing.assert_array_equal(source.image_sizes(), [[8, 8]] * 3)
   for i in range(len(source)):
     record = source[i]
     grey = int(np.asarray(preprocess.decode_image(record['image']))[0, 0, 0])

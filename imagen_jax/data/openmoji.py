@@ -26,6 +26,8 @@ import time
 import unicodedata
 import uuid
 
+import numpy as np
+
 from imagen_jax.data.sources import DataError, FolderSource, _hash
 
 log = logging.getLogger(__name__)
@@ -283,13 +285,20 @@ class OpenMojiSource(FolderSource):
   Captions do not depend on the resolution, so all cascade stages share one text cache.
   """
 
-  def __init__(self, folder: pathlib.Path, *, max_examples: int = 0):
+  def __init__(self, folder: pathlib.Path, *, max_examples: int = 0, resolution: int = 0):
     super().__init__(folder, caption_column='text', max_examples=0)
     self.max_examples = max_examples
+    self.resolution = int(resolution)
     self.name = f'openmoji:{folder.name}'
 
   def fingerprint(self) -> str:
     return _hash(['openmoji', openmoji_version(), self.max_examples, self._captions])
+
+  def image_sizes(self) -> np.ndarray:
+    """Rendered at `resolution` (when given): no header to read."""
+    if self.resolution <= 0:
+      return super().image_sizes()
+    return np.full((len(self), 2), self.resolution, np.int32)
 
 
 def load_source(data_config) -> OpenMojiSource:
@@ -298,4 +307,4 @@ def load_source(data_config) -> OpenMojiSource:
   folder = render_dataset(
     data_config.render_cache_dir, int(data_config.resolution), max_examples=max_examples
   )
-  return OpenMojiSource(folder, max_examples=max_examples)
+  return OpenMojiSource(folder, max_examples=max_examples, resolution=int(data_config.resolution))

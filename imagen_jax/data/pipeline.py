@@ -1,6 +1,7 @@
 """Deterministic, resumable training input pipeline on grain.
 
-    source --> shuffle (seeded, re-shuffled every epoch) --> repeat forever
+    source --> drop images known to be too small (data.small_images='skip'; sizes.py)
+      --> shuffle (seeded, re-shuffled every epoch) --> repeat forever
       --> this process's block of every global batch --> decode + resize/crop (random_map:
       per-example RNG from the seed and the example's index) --> threads / worker processes
       (prefetch) --> [main process] drop + count skipped examples, batch, look up text embeddings
@@ -16,14 +17,24 @@ JSON-serialisable dict) restores the exact position: a resumed run sees exactly 
 batches it would have seen. A state can only be restored into an iterator built with the
 same config and the same `data.num_workers` (grain's worker states differ in shape).
 
-Skipped examples (unreadable, truncated, empty, non-image, decompression-bomb or too-small
-files) travel as markers from the workers to the main process, where they are logged
-(naming the file), counted and dropped. So the counts are exact and global for this host,
-however many workers there are, and they are part of the iterator state. Rule: once
-`min(100, epoch length)` examples have been seen (i.e. after 100 examples, or after the
-first epoch of a smaller dataset), the run aborts with `DataError` whenever
-skipped / seen > `data.max_skip_fraction`. One bad file in the first few examples of a
-larger dataset therefore does not abort; a dataset that stays mostly bad does.
+Skipped examples (unreadable, truncated, empty, non-image or decompression-bomb files)
+travel as markers from the workers to the main process, where they are logged (naming the
+file), counted and dropped. So the counts are exact and global for this host, however many
+workers there are, and they are part of the iterator state. Rule: once `min(100, epoch
+length)` examples that are not too small have been seen (or a whole epoch), the run aborts
+with `DataError` whenever skipped / (seen - too small) > `data.max_skip_fraction`. One bad
+file in the first few examples of a larger dataset therefore does not abort; a dataset that
+stays mostly bad does.
+
+Too-small images (shorter side below `data.resolution`, `data.small_images='skip'`) are not
+bad data: most of a web dataset is smaller than 1024 px. Those whose size the source knows
+without decoding are dropped before training, with one log line of the counts; the others
+are refused from their header when decoded and counted apart (`num_small`). Neither counts
+toward `max_skip_fraction`; the run stops only when no usable example is left.
+
+Training crops (`data.crop_size < data.resolution`, sr1024): batches hold crop_size crops
+and the matching low-res crops (`batch_spec` gives the shapes); `check_crops` refuses them
+for a U-Net with self-attention.
 """
 
 import logging
@@ -33,7 +44,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from imagen_jax.data import preprocess
+from imagen_jax.data import preprocess, sizes
 from imagen_jax.data.sources import DataError, Source, build_source
 
 log = logging.getLogger(__name__)
@@ -52,6 +63,8 @@ class _ProcessRecord(grain.transforms.RandomMap):
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
     try:
       image, lowres = preprocess.load_and_preprocess(record['image'], self.options, rng)
+    except preprocess.ImageTooSmall as e:
+      return {'skip': str(e), 'id': record['id'], 'small': True}
     except preprocess.SkipExample as e:
       return {'skip': str(e), 'id': record['id']}
     out = {'image': image, 'caption': record['caption'], 'id': record['id']}
@@ -94,8 +107,22 @@ class _BatchIterator(grain.DatasetIterator):
     super().__init__(parent)
     self._spec = spec
     self.num_seen = 0
-    self.num_skipped = 0
+    self.num_skipped = 0  # unusable files (they count toward max_skip_fraction)
+    self.num_small = 0  # too small, found when decoded (they do not)
     self._logged = 0
+
+  def _record_small(self, element: dict) -> None:
+    spec = self._spec
+    self.num_small += 1
+    if self.num_small == 1:
+      log.info(
+        '%s: skipping images smaller than %d px as they are decoded (their size is not in the '
+        'metadata), counted apart from broken files; first: %s: %s',
+        spec.source_name,
+        spec.min_side,
+        element['id'],
+        element['skip'],
+      )
 
   def _record_skip(self, element: dict) -> None:
     spec = self._spec
@@ -108,15 +135,35 @@ class _BatchIterator(grain.DatasetIterator):
 
   def _check_skip_fraction(self) -> None:
     spec = self._spec
-    if self.num_seen < min(MIN_SEEN_FOR_SKIP_CHECK, spec.epoch_length):
+    whole_epoch = self.num_seen >= spec.epoch_length
+    if self.num_seen == spec.epoch_length and self.num_small:
+      log.info(
+        '%s: first epoch: %d of %d examples were smaller than %d px when decoded and skipped '
+        '(data.small_images=upsample keeps them).',
+        spec.source_name,
+        self.num_small,
+        self.num_seen,
+        spec.min_side,
+      )
+    if whole_epoch and self.num_small + self.num_skipped >= self.num_seen:
+      raise DataError(
+        f'{spec.source_name}: no usable example in a whole epoch of {self.num_seen}: '
+        f'{self.num_small} smaller than data.resolution={spec.min_side} px, '
+        f'{self.num_skipped} unreadable. Use larger images, or keep small ones with '
+        '--config.data.small_images=upsample.'
+      )
+    usable = self.num_seen - self.num_small  # not too small: decodable or broken
+    if usable <= 0 or (
+      usable < min(MIN_SEEN_FOR_SKIP_CHECK, spec.epoch_length) and not whole_epoch
+    ):
       return
-    fraction = self.num_skipped / self.num_seen
+    fraction = self.num_skipped / usable
     if fraction > spec.max_skip_fraction:
       raise DataError(
-        f'{spec.source_name}: {self.num_skipped} of {self.num_seen} examples seen were '
-        f'unusable ({fraction:.1%} > data.max_skip_fraction={spec.max_skip_fraction}); '
-        'the warnings above name the files. Fix or remove them, or raise '
-        '--config.data.max_skip_fraction.'
+        f'{spec.source_name}: {self.num_skipped} of {usable} examples seen (besides '
+        f'{self.num_small} too small) were unusable ({fraction:.1%} > '
+        f'data.max_skip_fraction={spec.max_skip_fraction}); the warnings above name the files. '
+        'Fix or remove them, or raise --config.data.max_skip_fraction.'
       )
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -126,7 +173,9 @@ class _BatchIterator(grain.DatasetIterator):
     while len(kept) < spec.batch_size:
       element = next(self._parent)
       self.num_seen += 1
-      if 'skip' in element:
+      if element.get('small'):
+        self._record_small(element)
+      elif 'skip' in element:
         self._record_skip(element)
       else:
         kept.append(element)
@@ -144,12 +193,14 @@ class _BatchIterator(grain.DatasetIterator):
       'parent': self._parent.get_state(),
       'num_seen': int(self.num_seen),
       'num_skipped': int(self.num_skipped),
+      'num_small': int(self.num_small),
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(state['parent'])
     self.num_seen = int(state['num_seen'])
     self.num_skipped = int(state['num_skipped'])
+    self.num_small = int(state.get('num_small', 0))  # states saved before the field: 0
 
   def __str__(self) -> str:
     return f'ImagenBatchIterator(batch_size={self._spec.batch_size})'
@@ -168,6 +219,7 @@ class _BatchIterDataset(grain.IterDataset):
     epoch_length: int,
     max_skip_fraction: float,
     source_name: str,
+    min_side: int,
   ):
     super().__init__(parent)
     self.batch_size = batch_size
@@ -176,6 +228,7 @@ class _BatchIterDataset(grain.IterDataset):
     self.epoch_length = epoch_length
     self.max_skip_fraction = max_skip_fraction
     self.source_name = source_name
+    self.min_side = min_side  # too-small threshold (data.resolution)
 
   def __iter__(self) -> _BatchIterator:
     return _BatchIterator(self._parent.__iter__(), self)
@@ -223,11 +276,13 @@ def convert_states(
   start = min(batches)
   seen = sum(int(s.get('num_seen', 0)) for s in states)
   skipped = sum(int(s.get('num_skipped', 0)) for s in states)
+  small = sum(int(s.get('num_small', 0)) for s in states)
   new = [
     {
       'parent': {'next_index': start * new_local_batch},
       'num_seen': seen // new_count,
       'num_skipped': skipped // new_count,
+      'num_small': small // new_count,
     }
     for _ in range(new_count)
   ]
@@ -254,6 +309,84 @@ def per_host_batch_size(config, process_count: int) -> int:
   return batch_size // process_count
 
 
+def check_crops(config) -> preprocess.PreprocessOptions:
+  """The preprocess options of `config`; refuses crops the U-Net cannot train on (one line).
+
+  A crop (`data.crop_size < data.resolution`) is only a faithful training example for a fully
+  convolutional U-Net: convolutions, FiLM and cross-attention to the text act the same on a
+  crop as inside the whole image. Self-attention does not: trained on crops, it would attend
+  within a crop, then over the whole image when it samples. `crop_size` must also divide by
+  the U-Net's downsampling factor.
+  """
+  options = preprocess.PreprocessOptions.from_config(config.data)
+  model = config.get('model')
+  if not options.crops or model is None:
+    return options
+  crop, res = options.crop_size, options.resolution
+  attn_levels = tuple(model.get('attn_levels', ()))
+  if attn_levels:
+    raise DataError(
+      f'data.crop_size={crop} < data.resolution={res}, but the U-Net has self-attention '
+      f'(model.attn_levels={attn_levels}), which would attend within a crop in training and '
+      f'over the whole image when sampling: set --config.data.crop_size=0 (whole images) or '
+      "use a U-Net without self-attention (--config.model.attn_levels='()')."
+    )
+  factor = 2 ** (len(tuple(model.get('channel_mults', (1,)))) - 1)
+  if crop % factor:
+    raise DataError(
+      f'data.crop_size={crop} must be a multiple of {factor}, the downsampling factor of the '
+      f'U-Net ({len(model.channel_mults)} levels).'
+    )
+  return options
+
+
+def batch_spec(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """(shape, dtype) of every entry of a batch of `batch_size` from `make_dataset(config)`.
+
+  'image' [B, S, S, 3] and 'lowres' [B, s, s, 3] (SR stages), S = data.crop_size with training
+  crops, else data.resolution, s = S * lowres_resolution / resolution; 'text_embs'
+  [B, text.max_length, model.text_dim]; 'text_mask' [B, text.max_length].
+  """
+  options = preprocess.PreprocessOptions.from_config(config.data)
+  b, size, length = int(batch_size), options.image_size, int(config.text.max_length)
+  spec = {'image': ((b, size, size, 3), np.dtype(np.float32))}
+  if options.lowres_resolution:
+    spec['lowres'] = ((b, options.lowres_size, options.lowres_size, 3), np.dtype(np.float32))
+  spec['text_embs'] = ((b, length, int(config.model.text_dim)), np.dtype(np.float32))
+  spec['text_mask'] = ((b, length), np.dtype(bool))
+  return spec
+
+
+class _Subset:
+  """Random access to `source[indices[k]]` (the examples kept by the size filter)."""
+
+  def __init__(self, source: Source, indices: np.ndarray):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, k: int) -> dict:
+    return self._source[int(self._indices[k])]
+
+
+def drop_small_images(source: Source, options: preprocess.PreprocessOptions) -> Any:
+  """`source` without the images it knows to be too small (`small_images='skip'`); logs the
+  counts. DataError when none is left."""
+  if options.small_images != 'skip':
+    return source
+  result = sizes.filter_small(source.image_sizes(), min_side=options.resolution)
+  if result.small:
+    log.info(result.message(source.name))
+  if not len(result.kept):
+    raise DataError(
+      f'{source.name}: all {result.total} images are smaller than data.resolution='
+      f'{options.resolution} px on their shorter side: nothing to train on. Use larger images, '
+      'or keep these with --config.data.small_images=upsample.'
+    )
+  return source if not result.small else _Subset(source, result.kept)
+
+
 def make_dataset(
   config,
   *,
@@ -267,9 +400,9 @@ def make_dataset(
 
   Each element is a dict of numpy arrays: 'image' [B, H, W, 3] float32 in [-1, 1],
   'lowres' [B, h, w, 3] (SR stages), 'text_embs' [B, L, D] float32, 'text_mask' [B, L]
-  bool, with B = train.batch_size // process_count. `source` reuses an already-built
-  `build_source(config.data)`. `data.prefetch` batches are read ahead by threads (in each
-  worker when `data.num_workers` > 0); 0 reads synchronously.
+  bool, with B = train.batch_size // process_count (shapes: `batch_spec`). `source` reuses
+  an already-built `build_source(config.data)`. `data.prefetch` batches are read ahead by
+  threads (in each worker when `data.num_workers` > 0); 0 reads synchronously.
   """
   data = config.data
   if text_cache is None:
@@ -277,16 +410,17 @@ def make_dataset(
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} not in [0, process_count={process_count}).')
   batch_size = per_host_batch_size(config, process_count)
-  options = preprocess.PreprocessOptions.from_config(data)
+  options = check_crops(config)
   source = build_source(data) if source is None else source
   seed = int(config.seed if seed is None else seed) % (2**32)
+  examples = drop_small_images(source, options)
 
-  if len(source) < process_count:
+  if len(examples) < process_count:
     raise DataError(
-      f'{source.name} has {len(source)} examples: fewer than the {process_count} hosts.'
+      f'{source.name} has {len(examples)} usable examples: fewer than the {process_count} hosts.'
     )
-  epoch_length = max(1, len(source) // process_count)  # this host's share of an epoch
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(None)
+  epoch_length = max(1, len(examples) // process_count)  # this host's share of an epoch
+  ds = grain.MapDataset.source(examples).seed(seed).shuffle().repeat(None)
   ds = ds.random_map(_ProcessRecord(options))  # RNG from the global index: same on any host count
   if process_count > 1:
     ds = grain.MapDataset.source(
@@ -317,6 +451,7 @@ def make_dataset(
     epoch_length=epoch_length,
     max_skip_fraction=float(data.get('max_skip_fraction', 0.01)),
     source_name=source.name,
+    min_side=options.resolution,
   )
 
 

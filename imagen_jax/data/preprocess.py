@@ -4,7 +4,8 @@ Every decoded image ends as 8-bit RGB: alpha (and palette/greyscale transparency
 composited onto white, 16-bit and float greyscale are rescaled to 8 bit, CMYK and the other
 Pillow modes are converted, and EXIF orientation is applied.
 
-Resize policy (all resampling is antialiased BICUBIC):
+Resize policy (all resampling is antialiased BICUBIC). First the `resolution x resolution`
+frame, the image the stage generates:
 
 * centre crop (`random_crop=False`, base stage): the shorter side is resized to
   `resolution`, then the centre `resolution x resolution` square is kept.
@@ -14,10 +15,18 @@ Resize policy (all resampling is antialiased BICUBIC):
   `resolution x resolution` crop is then taken (offsets drawn from the per-example grain
   RNG, so it is deterministic). Every crop therefore covers at least half of the shorter
   side (the caption still describes it), and moderate-size images keep native detail.
-* images whose shorter side is below `resolution`: skipped (`small_images='skip'`) or
+* images whose shorter side is below `resolution`: skipped (`small_images='skip'`, raised
+  as `ImageTooSmall` before any pixel is decoded, counted apart from broken files) or
   resized up so that the shorter side is `resolution` (`small_images='upsample'`).
-* `lowres_resolution > 0`: the final crop is also downsampled (antialiased) to
-  `lowres_resolution` and returned as the conditioning image of SR stages.
+* `lowres_resolution > 0`: the frame is also downsampled (antialiased) to
+  `lowres_resolution`: the conditioning image of SR stages.
+
+Then, with `0 < crop_size < resolution` (training crops, e.g. sr1024: 256 px crops of the
+1024 px frame): a `crop_size` square of the frame (random with `random_crop`, else the
+centre) at an offset that is a multiple of `resolution / lowres_resolution`, and the
+matching `crop_size * lowres_resolution / resolution` window of the low-res frame (64 px for
+sr1024). The low-res crop is cut from the downsampled whole frame, not downsampled from the
+crop, so it holds exactly the pixels the model sees there when it samples the whole image.
 
 Arrays leave this module as uint8 `[H, W, 3]` (4x less data between grain worker
 processes); `to_float` maps them to float32 in [-1, 1].
@@ -41,6 +50,13 @@ class SkipExample(DataError):
   """An example that cannot be used (unreadable, too small, ...); it is skipped and counted."""
 
 
+class ImageTooSmall(SkipExample):
+  """A readable image whose shorter side is below the resolution (`small_images='skip'`).
+
+  Counted apart from broken files: it never counts toward `data.max_skip_fraction`.
+  """
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessOptions:
   """What `preprocess_image` produces; built from `config.data` by `from_config`."""
@@ -49,17 +65,46 @@ class PreprocessOptions:
   lowres_resolution: int = 0
   random_crop: bool = False
   small_images: str = 'skip'  # 'skip' | 'upsample'
+  crop_size: int = 0  # 0 (or resolution): the whole frame; else a crop_size crop of it
 
   def __post_init__(self):
-    if self.resolution <= 0:
-      raise DataError(f'data.resolution must be positive, got {self.resolution}.')
-    if self.lowres_resolution < 0 or self.lowres_resolution > self.resolution:
-      raise DataError(
-        f'data.lowres_resolution must be in [0, resolution={self.resolution}], '
-        f'got {self.lowres_resolution}.'
-      )
+    res, low, crop = self.resolution, self.lowres_resolution, self.crop_size
+    if res <= 0:
+      raise DataError(f'data.resolution must be positive, got {res}.')
+    if low < 0 or low > res:
+      raise DataError(f'data.lowres_resolution must be in [0, resolution={res}], got {low}.')
     if self.small_images not in ('skip', 'upsample'):
       raise DataError(f"data.small_images must be 'skip' or 'upsample', got {self.small_images!r}.")
+    if not 0 <= crop <= res:
+      raise DataError(f'data.crop_size must be in [0, resolution={res}] (0: no crop), got {crop}.')
+    if self.crops and low:
+      if res % low:
+        raise DataError(
+          f'data.crop_size={crop} needs data.resolution={res} to be a multiple of '
+          f'data.lowres_resolution={low} (the low-res crop must be a whole-pixel window).'
+        )
+      if crop % (res // low):
+        raise DataError(
+          f'data.crop_size={crop} must be a multiple of resolution / lowres_resolution = '
+          f'{res // low} (the low-res crop must be a whole-pixel window).'
+        )
+
+  @property
+  def crops(self) -> bool:
+    """Whether examples are crops smaller than the frame."""
+    return 0 < self.crop_size < self.resolution
+
+  @property
+  def image_size(self) -> int:
+    """Side of the training images: crop_size with crops, else resolution."""
+    return self.crop_size if self.crops else self.resolution
+
+  @property
+  def lowres_size(self) -> int:
+    """Side of the low-res training images (0 without low-res)."""
+    if not self.lowres_resolution:
+      return 0
+    return self.image_size * self.lowres_resolution // self.resolution
 
   @classmethod
   def from_config(cls, data_config) -> 'PreprocessOptions':
@@ -68,6 +113,7 @@ class PreprocessOptions:
       lowres_resolution=int(data_config.lowres_resolution),
       random_crop=bool(data_config.random_crop),
       small_images=str(data_config.small_images),
+      crop_size=int(data_config.get('crop_size', 0)),
     )
 
 
@@ -150,13 +196,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image
 
 
-def decode_image(data: Any, *, draft_size: int = 0) -> Image.Image:
+def too_small_message(width: int, height: int, resolution: int) -> str:
+  return (
+    f'image {width}x{height} is smaller than resolution {resolution} '
+    "(set data.small_images='upsample' to keep such images)"
+  )
+
+
+def decode_image(data: Any, *, draft_size: int = 0, min_size: int = 0) -> Image.Image:
   """Decodes `data` (bytes, path, HF image dict, array or PIL image) to an RGB image.
 
   Applies EXIF orientation. `draft_size` > 0 lets JPEG decode at a reduced scale whose
   sides are still >= draft_size (faster for large photos). Raises `SkipExample` for
   unreadable, truncated, empty or non-image data and for decompression bombs (more than
-  `PIL.Image.MAX_IMAGE_PIXELS` pixels, read at call time).
+  `PIL.Image.MAX_IMAGE_PIXELS` pixels, read at call time), and `ImageTooSmall` when the
+  shorter side is below `min_size` > 0 (read from the header: no pixel is decoded).
   """
   try:
     image = _open(data)
@@ -166,6 +220,8 @@ def decode_image(data: Any, *, draft_size: int = 0) -> Image.Image:
         f'decompression bomb guard: {image.width}x{image.height} pixels exceeds '
         f'PIL.Image.MAX_IMAGE_PIXELS={max_pixels}'
       )
+    if min(image.size) < min_size:  # EXIF rotations keep the shorter side
+      raise ImageTooSmall(too_small_message(image.width, image.height, min_size))
     if draft_size > 0 and image.format == 'JPEG':
       image.draft('RGB', (draft_size, draft_size))
     image.load()
@@ -203,17 +259,15 @@ def preprocess_image(
 ) -> tuple[np.ndarray, np.ndarray | None]:
   """Resizes/crops an RGB image following the module's policy.
 
-  Returns (image [R, R, 3] uint8, lowres [r, r, 3] uint8 or None). `rng` is required when
-  `options.random_crop`. Raises `SkipExample` for too-small images under 'skip'.
+  Returns (image [S, S, 3] uint8, lowres [s, s, 3] uint8 or None), S = options.image_size
+  (crop_size with crops, else resolution), s = options.lowres_size. `rng` is required when
+  `options.random_crop`. Raises `ImageTooSmall` for too-small images under 'skip'.
   """
   res = options.resolution
   short = min(image.size)
   if short < res:
     if options.small_images == 'skip':
-      raise SkipExample(
-        f'image {image.width}x{image.height} is smaller than resolution {res} '
-        "(set data.small_images='upsample' to keep such images)"
-      )
+      raise ImageTooSmall(too_small_message(image.width, image.height, res))
     image = _resize_shorter_side(image, res)
   if options.random_crop:
     if rng is None:
@@ -226,20 +280,48 @@ def preprocess_image(
     image = _resize_shorter_side(image, res)
     left = (image.width - res) // 2
     top = (image.height - res) // 2
-  crop = _crop(image, res, left, top)
-  lowres = None
-  if options.lowres_resolution > 0:
-    low = options.lowres_resolution
-    lowres = np.asarray(crop.resize((low, low), _RESAMPLE), dtype=np.uint8)  # [r, r, 3]
-  return np.asarray(crop, dtype=np.uint8), lowres  # [R, R, 3]
+  frame = _crop(image, res, left, top)  # [R, R]
+  low = options.lowres_resolution
+  lowres = frame.resize((low, low), _RESAMPLE) if low > 0 else None  # [r, r]
+  if options.crops:
+    frame, lowres = _training_crop(frame, lowres, options, rng)
+  if lowres is not None:
+    lowres = np.asarray(lowres, dtype=np.uint8)  # [s, s, 3]
+  return np.asarray(frame, dtype=np.uint8), lowres  # [S, S, 3]
+
+
+def _training_crop(
+  frame: Image.Image,
+  lowres: Image.Image | None,
+  options: PreprocessOptions,
+  rng: np.random.Generator | None,
+) -> tuple[Image.Image, Image.Image | None]:
+  """The crop_size window of the frame and the matching window of the low-res frame.
+
+  Offsets are multiples of `step = resolution / lowres_resolution`, so the low-res window
+  starts at offset / step and has side crop_size / step.
+  """
+  res, size = options.resolution, options.crop_size
+  step = res // options.lowres_resolution if options.lowres_resolution else 1
+  positions = (res - size) // step + 1  # aligned offsets per axis
+  if options.random_crop:
+    col, row = int(rng.integers(0, positions)), int(rng.integers(0, positions))
+  else:
+    col = row = (positions - 1) // 2
+  crop = _crop(frame, size, col * step, row * step)
+  if lowres is not None:
+    lowres = _crop(lowres, size // step, col, row)
+  return crop, lowres
 
 
 def load_and_preprocess(
   data: Any, options: PreprocessOptions, rng: np.random.Generator | None = None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-  """`decode_image` then `preprocess_image`."""
+  """`decode_image` then `preprocess_image`; too-small images are refused from the header."""
   draft = 0 if options.random_crop else options.resolution
-  return preprocess_image(decode_image(data, draft_size=draft), options, rng)
+  min_size = options.resolution if options.small_images == 'skip' else 0
+  image = decode_image(data, draft_size=draft, min_size=min_size)
+  return preprocess_image(image, options, rng)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

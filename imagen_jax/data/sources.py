@@ -18,7 +18,8 @@
 Records are `{'image': <path | bytes | HF image dict | array>, 'caption': str, 'id': str}`;
 images are decoded later (in grain workers) by `preprocess.py`. Pairs with a missing or
 empty caption are skipped at listing time with a warning naming them, and counted in
-`Source.skipped`.
+`Source.skipped`. `Source.image_sizes()` gives the sizes known without decoding (metadata,
+file headers), which the pipeline uses to drop too-small images (see `sizes.py`).
 """
 
 import csv
@@ -29,6 +30,10 @@ import os
 import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+import numpy as np
+
+from imagen_jax.data import sizes as sizes_lib
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,13 @@ class Source:
   def fingerprint(self) -> str:
     raise NotImplementedError
 
+  def image_sizes(self) -> np.ndarray:
+    """[N, 2] int32 (width, height) per index, known without decoding pixels; 0 = unknown.
+
+    Unknown sizes are checked when the image is decoded. The base class knows none.
+    """
+    return np.zeros((len(self), 2), np.int32)
+
   def _skip(self, item_id: str, reason: str) -> None:
     if len(self.skipped) < _MAX_LOGGED_SKIPS:
       log.warning('%s: skipping %s: %s', self.name, item_id, reason)
@@ -112,6 +124,8 @@ class FolderSource(Source):
     self.name = f'folder:{self.root}'
     self.caption_column = caption_column
     self.max_examples = int(max_examples)
+    self._meta_sizes: dict[str, tuple[int, int]] = {}  # from metadata width/height fields
+    self._sizes: np.ndarray | None = None
     if not self.root.is_dir():
       raise DataError(
         f'Image folder {self.root} does not exist or is not a directory; set '
@@ -157,6 +171,9 @@ class FolderSource(Source):
         if not caption:
           self._skip(rel, f'empty caption in {rel_meta}')
           continue
+        size = sizes_lib.size_from_fields(row)
+        if size is not None:
+          self._meta_sizes[rel] = size
         pairs.append((rel, caption))
     return sorted(pairs)
 
@@ -203,6 +220,16 @@ class FolderSource(Source):
 
   def fingerprint(self) -> str:
     return self._fingerprint
+
+  def image_sizes(self) -> np.ndarray:
+    """From the metadata's width/height fields, else from the file headers (cached)."""
+    if self._sizes is None:
+
+      def read(rel):
+        return self._meta_sizes.get(rel) or sizes_lib.read_size(self.root / rel)
+
+      self._sizes = sizes_lib.read_sizes(self._files, read, name=self.name)
+    return self._sizes
 
   def _listing_fingerprint(self) -> str:
     """Taken when the folder is listed: names, sizes, mtimes and captions."""
@@ -307,6 +334,15 @@ class HFSource(_RowSource):
     self._ds = ds
     self._fp = getattr(ds, '_fingerprint', '')
     self._index_rows(ds[caption_column])
+    self._size_columns = sizes_lib.size_columns(ds.column_names)
+
+  def image_sizes(self) -> np.ndarray:
+    """From `width` / `height` columns (any case) when the dataset has them."""
+    if self._size_columns is None:
+      return super().image_sizes()
+    rows = np.asarray(self._indices)
+    width, height = (_positive_ints(self._ds[c])[rows] for c in self._size_columns)
+    return np.stack([width, height], axis=1)
 
   def fingerprint(self) -> str:
     return _hash(
@@ -348,6 +384,8 @@ class TfdsSource(_RowSource):
         '(on a machine with TensorFlow) and point TFDS_DATA_DIR at them.'
       ) from e
 
+    row_sizes: list[tuple[int, int] | None] = []
+
     def captions():
       for i in range(len(self._ds)):
         record = self._ds[i]
@@ -358,15 +396,45 @@ class TfdsSource(_RowSource):
               f'{self.name} has no feature(s) {missing}; its features are {sorted(record)}. '
               'Set --config.data.image_column / --config.data.caption_column.'
             )
+        row_sizes.append(_record_size(record, image_column))
         yield record[caption_column]
 
     self._index_rows(captions())
+    self._sizes = sizes_lib.as_array([row_sizes[i] for i in self._indices])
+
+  def image_sizes(self) -> np.ndarray:
+    """Width/height features, else the decoded image's shape, seen while listing."""
+    return self._sizes
 
   def fingerprint(self) -> str:
     return _hash(
       ['tfds', self.tfds_name, self.split, str(self.data_dir), self.image_column]
       + [self.caption_column, self.max_examples, len(self._ds), _hash(self._captions)]
     )
+
+
+def _positive_ints(values: Iterable[Any]) -> np.ndarray:
+  """int32 values; 0 for missing, non-numeric or non-positive entries."""
+  out = []
+  for v in values:
+    try:
+      out.append(max(int(v), 0))
+    except (TypeError, ValueError):
+      out.append(0)
+  return np.asarray(out, np.int32)
+
+
+def _record_size(record: dict, image_column: str) -> tuple[int, int] | None:
+  """(width, height) of a decoded tfds record: its width/height features, else the image."""
+  size = sizes_lib.size_from_fields(record)
+  if size is not None:
+    return size
+  image = record.get(image_column)
+  if isinstance(image, np.ndarray) and image.ndim >= 2:
+    return int(image.shape[1]), int(image.shape[0])
+  if isinstance(image, bytes):
+    return sizes_lib.read_size(image)
+  return None
 
 
 def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:

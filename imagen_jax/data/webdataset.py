@@ -4,17 +4,20 @@
 (`shards/{00000..00999}.tar`, `{a,b}` lists too) or a glob (`shards/*.tar`). Each tar holds
 `key.jpg` (or .png / .webp / ...) + `key.txt` [+ `key.json`], as img2dataset writes them;
 the caption is the `.txt` member, else the `.json` member's `data.caption_column` (or
-'caption') field. Every tar's members are indexed once (name, data offset and size; the
-header walk seeks over image data), so a record is one `pread` at a known offset: random
-access, hence grain's seeded global shuffle, per-process slicing and exact resume from the
-iterator state, as for the other sources. With `data.index_dir`, the per-tar index is saved
+'caption') field; the `.json` member's `width` / `height` (img2dataset writes them) give the
+image size used to drop too-small images before training (see `sizes.py`). Every tar's
+members are indexed once (name, data offset and size; the header walk seeks over image
+data), so a record is one `pread` at a known offset: random access, hence grain's seeded
+global shuffle, per-process slicing and exact resume from the iterator state, as for the
+other sources. With `data.index_dir`, the per-tar index is saved
 there (keyed by the tar's path, size and mtime) and reused by later runs and other hosts.
 
 'arrayrecord': `--config.data.path` is a folder of `*.array_record*` files, a brace pattern
 or a glob; each record is a serialized `tf.train.Example` (the format tfds and most TF
 pipelines write) with the image bytes under `data.image_column` and the caption under
 `data.caption_column`. Read through grain's `ArrayRecordDataSource`, parsed without
-TensorFlow. `example_bytes` writes such a record.
+TensorFlow; image sizes come from the image bytes' headers, read while listing.
+`example_bytes` writes such a record.
 
 Problems are skipped and counted like in the other sources (`Source.skipped`, then
 `check_skip_fraction`): a missing shard file, a truncated or unreadable tar (its members up to
@@ -39,12 +42,13 @@ from typing import Any
 
 import numpy as np
 
+from imagen_jax.data import sizes as sizes_lib
 from imagen_jax.data.sources import DataError, Source, _clean_caption, _hash
 
 log = logging.getLogger(__name__)
 
 TAR_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff', 'ppm', 'jfif')
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: image widths / heights from the json sidecars
 _BRACE = re.compile(r'\{([^{}]*)\}')
 _RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
 _INDEX_THREADS = 16
@@ -121,8 +125,9 @@ def _split_member(name: str) -> tuple[str, str] | None:
 
 def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any]:
   """The image/caption pairs of one uncompressed tar: keys, image data offsets and sizes,
-  captions, and the `(id, reason)` of what was skipped. Reads member headers and captions
-  only (image data is seeked over)."""
+  captions, image widths and heights (from `key.json`, 0 when unknown), and the `(id,
+  reason)` of what was skipped. Reads member headers, captions and json sidecars only (image
+  data is seeked over)."""
   name = path.name
   skipped: list[tuple[str, str]] = []
   groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -161,7 +166,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       del groups[last]
       skipped.append((f'{name}/{last}', f'cut off by the {truncated}'))
 
-  keys, offsets, sizes, captions = [], [], [], []
+  keys, offsets, sizes, captions, widths, heights = [], [], [], [], [], []
   with open(path, 'rb') as f:
 
     def read(info: tarfile.TarInfo) -> bytes | None:
@@ -180,6 +185,14 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       if image.offset_data + image.size > file_size:
         skipped.append((item_id, 'image data cut off (truncated tar)'))
         continue
+      meta = None
+      if 'json' in members:
+        data = read(members['json'])
+        try:
+          meta = json.loads(data) if data is not None else None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+          meta = None
+        meta = meta if isinstance(meta, dict) else None
       caption = ''
       if 'txt' in members:
         data = read(members['txt'])
@@ -188,12 +201,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
           continue
         caption = _clean_caption(data.decode('utf-8', errors='replace'))
       elif 'json' in members:
-        data = read(members['json'])
-        try:
-          meta = json.loads(data) if data is not None else None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-          meta = None
-        if isinstance(meta, dict):
+        if meta is not None:
           caption = _clean_caption(meta.get(caption_column, meta.get('caption')))
       else:
         skipped.append((item_id, 'no caption member (.txt)'))
@@ -201,16 +209,21 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       if not caption:
         skipped.append((item_id, 'empty caption'))
         continue
+      width, height = (meta and sizes_lib.size_from_fields(meta)) or (0, 0)
       keys.append(key)
       offsets.append(image.offset_data)
       sizes.append(image.size)
       captions.append(caption)
+      widths.append(width)
+      heights.append(height)
   return {
     'version': INDEX_VERSION,
     'keys': keys,
     'offsets': offsets,
     'sizes': sizes,
     'captions': captions,
+    'widths': widths,
+    'heights': heights,
     'skipped': skipped,
   }
 
@@ -268,7 +281,7 @@ class WebDatasetSource(Source):
       indexes = list(
         pool.map(lambda p: _cached_index(p, caption_column, index_dir), shards)
       )  # shard order kept
-    shard_ids, offsets, sizes, self._keys, listing = [], [], [], [], []
+    shard_ids, offsets, sizes, dims, self._keys, listing = [], [], [], [], [], []
     for i, (path, index) in enumerate(zip(shards, indexes, strict=True)):
       for item_id, reason in index['skipped']:
         self._skip(item_id, reason)
@@ -278,6 +291,7 @@ class WebDatasetSource(Source):
       shard_ids.append(np.full(n, i, np.int32))
       offsets.append(np.asarray(index['offsets'][:n], np.int64))
       sizes.append(np.asarray(index['sizes'][:n], np.int64))
+      dims.append(np.stack([index['widths'][:n], index['heights'][:n]], axis=1).astype(np.int32))
       self._keys.extend(f'{path.name}/{k}' for k in index['keys'][:n])
       self._captions.extend(index['captions'][:n])
       listing.append([path.name, path.stat().st_size, n])
@@ -292,6 +306,7 @@ class WebDatasetSource(Source):
     self._shard_ids = np.concatenate(shard_ids)
     self._offsets = np.concatenate(offsets)
     self._sizes = np.concatenate(sizes)
+    self._dims = np.concatenate(dims).reshape(-1, 2)  # [N, 2] (width, height), 0: unknown
     self._fingerprint = _hash(
       ['webdataset', listing, caption_column, self.max_examples]
       + [_hash(self._keys), _hash(self._captions)]
@@ -319,6 +334,10 @@ class WebDatasetSource(Source):
 
   def fingerprint(self) -> str:
     return self._fingerprint
+
+  def image_sizes(self) -> np.ndarray:
+    """From the `key.json` sidecars' width / height (0 where a key has none)."""
+    return self._dims
 
 
 # -- ArrayRecord files of serialized tf.train.Example
@@ -447,6 +466,7 @@ class ArrayRecordSource(Source):
         f'{self.name}: cannot open the ArrayRecord files ({type(e).__name__}: {e}).'
       ) from e
     self._indices: list[int] = []
+    dims: list[tuple[int, int] | None] = []
     for i in range(len(self._ds)):
       try:
         features = parse_example(self._ds[i])
@@ -463,8 +483,10 @@ class ArrayRecordSource(Source):
         continue
       self._indices.append(i)
       self._captions.append(caption)
+      dims.append(sizes_lib.read_size(features[image_column][0]))  # header only
       if 0 < self.max_examples <= len(self._indices):
         break
+    self._dims = sizes_lib.as_array(dims)
     if not self._indices:
       raise DataError(
         f'No usable (image, caption) record in {self.name} ({len(self.skipped)} skipped; first: '
@@ -489,3 +511,7 @@ class ArrayRecordSource(Source):
 
   def fingerprint(self) -> str:
     return self._fingerprint
+
+  def image_sizes(self) -> np.ndarray:
+    """From the image bytes' headers, read while listing (0 where unreadable)."""
+    return self._dims
