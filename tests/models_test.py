@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imagen_jax.models import PRESETS, UNet, UNetConfig, config_from_dict, count_params
+from imagen_jax.models import PRESETS, UNet, UNetConfig, config_from_dict, count_params, layers
 
 pytestmark = pytest.mark.unit
 
@@ -206,6 +206,65 @@ def test_bfloat16_compute_is_finite_and_returns_float32():
   assert np.all(np.isfinite(out))
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)
+
+
+def _near_clean_pair(seed: int = 0, *, flat: bool = False):
+  """A bfloat16-exact image in [0.55, 0.95] (or flat at 0.75) and the same plus noise of 0.0015
+  (sigma at log-SNR ~13): below half a bfloat16 ulp there (2^-9 ~ 0.00195), so both round to
+  the same bfloat16."""
+  k = jax.random.split(jax.random.key(seed), 2)
+  clean = jax.random.uniform(k[0], (B, RES, RES, 3), minval=0.55, maxval=0.95)
+  clean = jnp.full_like(clean, 0.75) if flat else clean.astype(jnp.bfloat16).astype(jnp.float32)
+  noisy = clean + 0.0015 * jnp.where(jax.random.bernoulli(k[1], 0.5, clean.shape), 1.0, -1.0)
+  assert bool(jnp.all(noisy.astype(jnp.bfloat16) == clean.astype(jnp.bfloat16)))
+  return clean, noisy
+
+
+def test_bfloat16_model_sees_noise_below_bfloat16_resolution():
+  """The input convolution runs in float32 in a bfloat16 model, so noise that bfloat16 cannot
+  represent at the input still changes the output; with a bfloat16 input convolution (the
+  previous behaviour) both inputs give bit-identical outputs."""
+  config = dataclasses.replace(PRESETS['tiny'], dtype='bfloat16')
+  model = _perturbed(config)
+  clean, noisy = _near_clean_pair()
+  _, _, text_embs, text_mask, _ = _inputs(config)
+  logsnr = jnp.full((B,), 13.0)
+  out = lambda z: np.asarray(_forward(model, z, logsnr, text_embs, text_mask, None))
+  assert np.abs(out(noisy) - out(clean)).max() > 0
+  model.input_conv.dtype = jnp.bfloat16
+  np.testing.assert_array_equal(out(noisy), out(clean))
+
+
+def test_float32_input_conv_keeps_detail_in_bfloat16_activations():
+  """Mechanism of the above: a high-pass (zero-sum) input filter cancels a flat image; in
+  float32 the noise it leaves survives the cast of the activations to bfloat16 (relative
+  precision, 2^-9), while a bfloat16 convolution sees no noise at all."""
+  clean, noisy = _near_clean_pair(1, flat=True)
+  conv = layers.Conv(3, 1, 3, pinit=layers.ParamInit(jax.random.key(0)), dtype=jnp.float32)
+  laplacian = jnp.array([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]])
+  conv.kernel.set_value(jnp.broadcast_to(laplacian[:, :, None, None], (3, 3, 3, 1)) / 3.0)
+  inner = (slice(None), slice(1, -1), slice(1, -1))  # away from the zero padding
+  exact = np.asarray(conv(noisy) - conv(clean))[inner]
+  kept = np.asarray(conv(noisy).astype(jnp.bfloat16), np.float32) - np.asarray(
+    conv(clean).astype(jnp.bfloat16), np.float32
+  )
+  assert np.corrcoef(kept[inner].ravel(), exact.ravel())[0, 1] > 0.999
+  conv.dtype = jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(conv(noisy)), np.asarray(conv(clean)))
+
+
+def test_film_in_float32_inside_the_norm():
+  """FiLM scale/shift are applied in float32 before the one cast to the compute dtype."""
+  pinit = layers.ParamInit(jax.random.key(0))
+  norm = layers.GroupNorm(8, 2, pinit=pinit, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (2, 4, 4, 8))
+  scale = jax.random.normal(jax.random.key(2), (2, 8))
+  shift = jax.random.normal(jax.random.key(3), (2, 8))
+  y = norm(x, film_scale=scale, film_shift=shift)
+  norm.dtype = jnp.float32
+  y32 = norm(x) * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y32.astype(jnp.bfloat16)))
 
 
 @pytest.mark.parametrize('name', sorted(PRESETS))

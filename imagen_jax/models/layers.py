@@ -10,15 +10,21 @@ bfloat16); normalisation statistics and softmax stay in float32.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 import math
+from collections.abc import Iterator
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
 LOGICAL_AXES_KEY = 'logical_axes'
+
+log = logging.getLogger(__name__)
 
 
 class ParamInit:
@@ -186,7 +192,17 @@ class GroupNorm(nnx.Module):
     self.num_groups = num_groups
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, eps: float = 1e-5) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    eps: float = 1e-5,
+    *,
+    film_scale: jax.Array | None = None,
+    film_shift: jax.Array | None = None,
+  ) -> jax.Array:
+    """x [B, ..., C] -> normalised x in the compute dtype. FiLM, when given (film_scale and
+    film_shift [B, C]), is applied as y * (1 + film_scale) + film_shift in float32 before the
+    cast, so that a bfloat16 model rounds once, after the modulation."""
     *lead, c = x.shape
     xg = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
     reduce_axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)  # all but batch and group
@@ -194,6 +210,11 @@ class GroupNorm(nnx.Module):
     var = jnp.mean(jnp.square(xg - mean), axis=reduce_axes, keepdims=True)
     xg = (xg - mean) * jax.lax.rsqrt(var + eps)
     y = xg.reshape(x.shape) * self.scale[...] + self.bias[...]
+    if film_scale is not None:
+      assert film_shift is not None and film_scale.shape == (x.shape[0], c), film_scale.shape
+      bcast = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
+      scale = film_scale.astype(jnp.float32).reshape(bcast)
+      y = y * (1 + scale) + film_shift.astype(jnp.float32).reshape(bcast)
     return y.astype(self.dtype)
 
 
@@ -240,20 +261,120 @@ class ScalarEmbedding(nnx.Module):
     return self.dense_1(jax.nn.silu(self.dense_0(emb)))  # [B, cond_dim]
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Multi-head attention via `jax.nn.dot_product_attention`.
+# Custom-call targets of the fused attention kernels in compiled HLO text (bench/unet.py looks
+# for them to report whether the fused kernel really runs).
+FUSED_ATTENTION_MARKERS = {'cudnn': '__cudnn$fmha'}
 
-  q [B, T, H, D], k/v [B, S, H, D], mask [B, S] bool (True = attend) or None.
-  On GPU in 16-bit dtypes cuDNN's fused (flash) kernel is used where it supports the shapes;
-  otherwise XLA's implementation (which forms the logits inside one fused op).
+_plan_records: list[dict] | None = None
+
+
+@contextlib.contextmanager
+def record_attention_plans() -> Iterator[list[dict]]:
+  """Collects, while tracing inside the block, one dict per attention call: name, implementation,
+  reason, q/k shapes, dtype (tests and bench/unet.py use it; tracing happens once per compile)."""
+  global _plan_records
+  previous, _plan_records = _plan_records, []
+  try:
+    yield _plan_records
+  finally:
+    _plan_records = previous
+
+
+def _is_cuda_gpu() -> bool:
+  if jax.default_backend() != 'gpu':
+    return False
+  # How jax's own cuDNN attention tells CUDA from ROCm.
+  return 'cuda' in jax.extend.backend.get_backend().platform_version.lower()
+
+
+def _cudnn_head_dim_limit() -> int:
+  """cuDNN's flash attention takes head dims up to 256 on Hopper and later, 128 before."""
+  try:
+    major = int(str(getattr(jax.devices()[0], 'compute_capability', '0')).split('.')[0])
+  except ValueError:
+    major = 0
+  return 256 if major >= 9 else 128
+
+
+def plan_attention(
+  *, backend: str, cuda: bool, dtype, q_len: int, head_dim: int, head_dim_limit: int
+) -> tuple[str, str]:
+  """(implementation, reason) for an attention with these properties (a pure function).
+
+  'cudnn': cuDNN flash attention (CUDA GPU, 16-bit dtype, head dim a multiple of 8 within
+  cuDNN's limit, more than one query). 'xla': jax's reference attention, which materialises the
+  [B, H, T, S] logits in float32: the only choice on CPU, costly at full resolution.
   """
-  mask4 = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, S]
-  if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+  if backend != 'gpu':
+    return 'xla', f'no fused attention kernel wired for backend {backend!r}'
+  if not cuda:
+    return 'xla', 'GPU without CUDA/cuDNN'
+  name = jnp.dtype(dtype).name
+  if name not in ('bfloat16', 'float16'):
+    return 'xla', f'{name}: cuDNN flash attention needs bfloat16 or float16'
+  if head_dim % 8 or head_dim > head_dim_limit:
+    return 'xla', f'head dim {head_dim}: cuDNN needs a multiple of 8 up to {head_dim_limit}'
+  if q_len == 1:
+    return 'xla', 'a single query (pooling): logits [B, H, 1, S] are tiny, nothing to fuse'
+  return 'cudnn', 'cuDNN flash attention with key/value lengths'
+
+
+def attention_plan(q: jax.Array, k: jax.Array) -> tuple[str, str]:
+  """`plan_attention` for q [B, T, H, D] and k on the default backend and device."""
+  del k  # the key length does not restrict either implementation
+  backend = jax.default_backend()
+  cuda = _is_cuda_gpu()
+  return plan_attention(
+    backend=backend,
+    cuda=cuda,
+    dtype=q.dtype,
+    q_len=q.shape[1],
+    head_dim=q.shape[3],
+    head_dim_limit=_cudnn_head_dim_limit() if cuda else 0,
+  )
+
+
+def attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  kv_lengths: jax.Array | None,
+  *,
+  name: str = 'attention',
+) -> jax.Array:
+  """Multi-head attention over a prefix of the keys, via `jax.nn.dot_product_attention`.
+
+  q [B, T, H, D], k/v [B, S, H, D], kv_lengths [B] int (keys [0, kv_lengths[b]) are attended;
+  at least 1) or None (all keys). Passing lengths instead of a mask is what lets cuDNN's fused
+  (flash) kernel run: it rejects a [B, 1, 1, S] mask turned into a bias. The implementation is
+  chosen by `attention_plan` and logged when traced (once per compilation). If cuDNN still
+  declares the pattern unsupported (NotImplementedError, raised while tracing), a warning is
+  logged and XLA's implementation is used; any other error propagates.
+  """
+  assert q.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0], (q.shape, k.shape)
+  if kv_lengths is not None:
+    kv_lengths = kv_lengths.astype(jnp.int32)
+  impl, reason = attention_plan(q, k)
+  if impl == 'cudnn':
     try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask4, implementation='cudnn')
-    except Exception:  # noqa: BLE001  unsupported shape/mask for cuDNN: use the XLA path.
-      pass
-  return jax.nn.dot_product_attention(q, k, v, mask=mask4)
+      out = jax.nn.dot_product_attention(
+        q, k, v, key_value_seq_lengths=kv_lengths, implementation='cudnn'
+      )
+    except NotImplementedError as e:  # cuDNN: "unsupported pattern" (shapes/arch/version)
+      log.warning('attention %s: cuDNN refused %s x %s (%s); using XLA.', name, q.shape, k.shape, e)
+      impl, reason = 'xla', f'cuDNN refused: {e}'
+  if impl == 'xla':
+    out = jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=kv_lengths, implementation='xla'
+    )
+  log.info(
+    'attention %s: %s (%s), q %s k %s %s', name, impl, reason, q.shape, k.shape, q.dtype.name
+  )
+  if _plan_records is not None:
+    _plan_records.append(
+      dict(name=name, implementation=impl, reason=reason, q=q.shape, k=k.shape, dtype=q.dtype.name)
+    )
+  return out
 
 
 class ResBlock(nnx.Module):
@@ -278,7 +399,9 @@ class ResBlock(nnx.Module):
     self.out_channels = out_channels
     self.norm_0 = GroupNorm(in_channels, num_groups, pinit=pinit, dtype=dtype)
     self.conv_0 = Conv(in_channels, out_channels, 3, pinit=pinit, dtype=dtype)
-    self.film = Dense(cond_dim, 2 * out_channels, pinit=pinit, dtype=dtype, zero_init=True)
+    # FiLM in float32 whatever the compute dtype: [B, cond] x [cond, 2C] costs nothing next to
+    # the convolutions, and its scale/shift reach every pixel.
+    self.film = Dense(cond_dim, 2 * out_channels, pinit=pinit, dtype=jnp.float32, zero_init=True)
     self.norm_1 = GroupNorm(out_channels, num_groups, pinit=pinit, dtype=dtype)
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
     self.conv_1 = Conv(out_channels, out_channels, 3, pinit=pinit, dtype=dtype, zero_init=True)
@@ -293,9 +416,9 @@ class ResBlock(nnx.Module):
     assert c == self.in_channels, (x.shape, self.in_channels)
     assert cond.shape[0] == b, (cond.shape, x.shape)
     y = self.conv_0(jax.nn.silu(self.norm_0(x)))  # [B, H, W, C_out]
-    scale, shift = jnp.split(self.film(jax.nn.silu(cond)), 2, axis=-1)  # [B, C_out] each
-    y = self.norm_1(y) * (1 + scale[:, None, None, :]) + shift[:, None, None, :]
-    y = jax.nn.silu(y)
+    film = self.film(jax.nn.silu(cond.astype(jnp.float32)))  # [B, 2 C_out] float32
+    scale, shift = jnp.split(film, 2, axis=-1)  # [B, C_out] each
+    y = jax.nn.silu(self.norm_1(y, film_scale=scale, film_shift=shift))
     if self.dropout is not None:
       y = self.dropout(y, deterministic=deterministic)
     y = self.conv_1(y)
@@ -319,11 +442,13 @@ class SelfAttention(nnx.Module):
     text_width: int | None,
     pinit: ParamInit,
     dtype=jnp.float32,
+    name: str = 'self_attn',
   ):
     inner = num_heads * head_dim
     self.channels = channels
     self.num_heads = num_heads
     self.head_dim = head_dim
+    self.name = name
     self.norm = GroupNorm(channels, num_groups, pinit=pinit, dtype=dtype)
     self.qkv = Dense(channels, 3 * inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
     self.text_kv = (
@@ -336,22 +461,26 @@ class SelfAttention(nnx.Module):
     )
 
   def __call__(
-    self, x: jax.Array, text_tokens: jax.Array | None = None, text_mask: jax.Array | None = None
+    self,
+    x: jax.Array,
+    text_tokens: jax.Array | None = None,
+    text_lengths: jax.Array | None = None,
   ) -> jax.Array:
+    """x [B, H, W, C]; text_tokens [B, L, text_width] whose first text_lengths [B] are valid."""
     b, h, w, c = x.shape
     assert c == self.channels, (x.shape, self.channels)
     n, nh, hd = h * w, self.num_heads, self.head_dim
     qkv = self.qkv(self.norm(x).reshape(b, n, c)).reshape(b, n, 3, nh, hd)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, D]
-    mask = None
+    kv_lengths = None
     if self.text_kv is not None:
-      assert text_tokens is not None and text_mask is not None
+      assert text_tokens is not None and text_lengths is not None
       length = text_tokens.shape[1]
       text_kv = self.text_kv(text_tokens).reshape(b, length, 2, nh, hd)
       k = jnp.concatenate([k, text_kv[:, :, 0]], axis=1)  # [B, N + L, H, D]
       v = jnp.concatenate([v, text_kv[:, :, 1]], axis=1)
-      mask = jnp.concatenate([jnp.ones((b, n), bool), text_mask], axis=1)  # [B, N + L]
-    y = attention(q, k, v, mask).reshape(b, n, nh * hd)
+      kv_lengths = n + text_lengths  # all pixels, then the valid text prefix
+    y = attention(q, k, v, kv_lengths, name=self.name).reshape(b, n, nh * hd)
     return x + self.out(y).reshape(b, h, w, c).astype(x.dtype)
 
 
@@ -368,11 +497,13 @@ class CrossAttention(nnx.Module):
     text_width: int,
     pinit: ParamInit,
     dtype=jnp.float32,
+    name: str = 'cross_attn',
   ):
     inner = num_heads * head_dim
     self.channels = channels
     self.num_heads = num_heads
     self.head_dim = head_dim
+    self.name = name
     self.norm = GroupNorm(channels, num_groups, pinit=pinit, dtype=dtype)
     self.q = Dense(channels, inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
     self.kv = Dense(text_width, 2 * inner, pinit=pinit, dtype=dtype, axes=('embed', 'heads'))
@@ -380,18 +511,21 @@ class CrossAttention(nnx.Module):
       inner, channels, pinit=pinit, dtype=dtype, zero_init=True, axes=('heads', 'embed')
     )
 
-  def __call__(self, x: jax.Array, text_tokens: jax.Array, text_mask: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, text_tokens: jax.Array, text_lengths: jax.Array) -> jax.Array:
+    """x [B, H, W, C]; text_tokens [B, L, text_width] whose first text_lengths [B] are valid."""
     b, h, w, c = x.shape
     assert c == self.channels, (x.shape, self.channels)
     n, nh, hd, length = h * w, self.num_heads, self.head_dim, text_tokens.shape[1]
     q = self.q(self.norm(x).reshape(b, n, c)).reshape(b, n, nh, hd)
     kv = self.kv(text_tokens).reshape(b, length, 2, nh, hd)
-    y = attention(q, kv[:, :, 0], kv[:, :, 1], text_mask).reshape(b, n, nh * hd)
+    y = attention(q, kv[:, :, 0], kv[:, :, 1], text_lengths, name=self.name)
+    y = y.reshape(b, n, nh * hd)
     return x + self.out(y).reshape(b, h, w, c).astype(x.dtype)
 
 
 class AttentionPool(nnx.Module):
-  """Pools text tokens [B, L, W] into one vector [B, W] with a learned query (masked)."""
+  """Pools text tokens [B, L, W] into one vector [B, W] with a learned query (over the valid
+  prefix of the tokens)."""
 
   def __init__(self, width: int, *, num_heads: int, pinit: ParamInit, dtype=jnp.float32):
     if width % num_heads:
@@ -403,12 +537,13 @@ class AttentionPool(nnx.Module):
     self.out = Dense(width, width, pinit=pinit, dtype=dtype, axes=('heads', 'embed'))
     self.dtype = dtype
 
-  def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, lengths: jax.Array) -> jax.Array:
+    """tokens [B, L, W] whose first lengths [B] (>= 1) are valid -> [B, W]."""
     b, length, wd = tokens.shape
     nh, hd = self.num_heads, wd // self.num_heads
     q = jnp.broadcast_to(self.query[...].astype(self.dtype).reshape(1, 1, nh, hd), (b, 1, nh, hd))
     kv = self.kv(tokens).reshape(b, length, 2, nh, hd)
-    pooled = attention(q, kv[:, :, 0], kv[:, :, 1], mask).reshape(b, wd)
+    pooled = attention(q, kv[:, :, 0], kv[:, :, 1], lengths, name='text_pool').reshape(b, wd)
     return self.out(pooled)  # [B, W]
 
 

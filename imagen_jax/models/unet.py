@@ -237,7 +237,10 @@ class UNet(nnx.Module):
     self.text_pool_proj = layers.Dense(width, c.cond_dim, **kw)
 
     in_channels = c.image_channels * (2 if c.lowres_cond else 1)
-    self.input_conv = layers.Conv(in_channels, chans[0], 3, **kw)
+    # The input convolution runs in float32 even in a bfloat16 model: near the clean end
+    # (high log-SNR) the noise in z_t is below bfloat16's resolution (8 bits of mantissa) and
+    # rounding the input would erase it. It is 3 (6) input channels: its cost is negligible.
+    self.input_conv = layers.Conv(in_channels, chans[0], 3, pinit=pinit, dtype=jnp.float32)
 
     def attn_blocks(prefix: str, suffix: str, level: int, ch: int):
       if level in c.attn_levels:
@@ -251,6 +254,7 @@ class UNet(nnx.Module):
             head_dim=c.head_dim,
             num_groups=c.num_groups,
             text_width=text_width,
+            name=f'{prefix}attn{suffix}',
             **kw,
           ),
         )
@@ -264,6 +268,7 @@ class UNet(nnx.Module):
             head_dim=c.head_dim,
             num_groups=c.num_groups,
             text_width=width,
+            name=f'{prefix}cross{suffix}',
             **kw,
           ),
         )
@@ -307,16 +312,16 @@ class UNet(nnx.Module):
       fn = nnx.remat(fn)
     return fn(block, *args)
 
-  def _attend(self, prefix: str, suffix: str, h, text_tokens, text_mask) -> jax.Array:
+  def _attend(self, prefix: str, suffix: str, h, text_tokens, text_lengths) -> jax.Array:
     attn = getattr(self, f'{prefix}attn{suffix}', None)
     if attn is not None:
       if attn.text_kv is not None:
-        h = self._run(attn, h, text_tokens, text_mask)
+        h = self._run(attn, h, text_tokens, text_lengths)
       else:
         h = self._run(attn, h)
     cross = getattr(self, f'{prefix}cross{suffix}', None)
     if cross is not None:
-      h = self._run(cross, h, text_tokens, text_mask)
+      h = self._run(cross, h, text_tokens, text_lengths)
     return h
 
   def _check_inputs(self, x, logsnr, text_embs, text_mask, lowres, aug_level) -> None:
@@ -381,16 +386,24 @@ class UNet(nnx.Module):
     tokens = jnp.where(drop[:, None, None], null[None, None, :], tokens)
     first_only = jnp.arange(length)[None, :] == 0  # [1, L]
     text_mask = jnp.where(drop[:, None], first_only, text_mask)  # [B, L]
+    # Attention sees the valid tokens as a prefix of length text_lengths (what cuDNN's fused
+    # kernel takes instead of a mask). Text masks are prefixes already (right-padded captions;
+    # a dropped caption keeps only its first token, the null token): the stable sort below is
+    # then the identity. Any other mask is made a prefix by moving its valid tokens first,
+    # which attention, blind to key order, does not notice.
+    text_lengths = jnp.sum(text_mask, axis=-1, dtype=jnp.int32)  # [B], >= 1
+    order = jnp.argsort(~text_mask, axis=-1, stable=True)  # [B, L]: valid tokens first
+    tokens = jnp.take_along_axis(tokens, order[:, :, None], axis=1)
 
     # Conditioning vector.
     cond = self.logsnr_emb(logsnr)  # [B, cond_dim]
-    cond = cond + self.text_pool_proj(self.text_pool(tokens, text_mask))
+    cond = cond + self.text_pool_proj(self.text_pool(tokens, text_lengths))
     if self.aug_emb is not None:
       cond = cond + self.aug_emb(aug_level)
     assert cond.shape == (b, c.cond_dim), cond.shape
 
     h = x if lowres is None else jnp.concatenate([x, lowres.astype(x.dtype)], axis=-1)
-    h = self.input_conv(h)  # [B, H, W, ch0]
+    h = self.input_conv(h.astype(jnp.float32)).astype(dtype)  # [B, H, W, ch0]
     chans, blocks = c.channels(), c.blocks_per_level()
     skips = []
     for i in range(c.num_levels):
@@ -398,12 +411,12 @@ class UNet(nnx.Module):
         h = self._run(getattr(self, f'down_{i}_downsample'), h)
       for j in range(blocks[i]):
         h = self._run(getattr(self, f'down_{i}_res_{j}'), h, cond, deterministic=deterministic)
-        h = self._attend(f'down_{i}_', f'_{j}', h, tokens, text_mask)
+        h = self._attend(f'down_{i}_', f'_{j}', h, tokens, text_lengths)
       assert h.shape == (b, height >> i, width >> i, chans[i]), (i, h.shape)
       skips.append(h)
 
     h = self._run(self.mid_res_0, h, cond, deterministic=deterministic)
-    h = self._attend('mid_', '', h, tokens, text_mask)
+    h = self._attend('mid_', '', h, tokens, text_lengths)
     h = self._run(self.mid_res_1, h, cond, deterministic=deterministic)
 
     for i in reversed(range(c.num_levels)):
@@ -411,7 +424,7 @@ class UNet(nnx.Module):
       h = jnp.concatenate([h, (skip * _SKIP_SCALE).astype(h.dtype)], axis=-1)
       for j in range(blocks[i]):
         h = self._run(getattr(self, f'up_{i}_res_{j}'), h, cond, deterministic=deterministic)
-        h = self._attend(f'up_{i}_', f'_{j}', h, tokens, text_mask)
+        h = self._attend(f'up_{i}_', f'_{j}', h, tokens, text_lengths)
       assert h.shape == (b, height >> i, width >> i, chans[i]), (i, h.shape)
       if i > 0:
         h = self._run(getattr(self, f'up_{i}_upsample'), h)
