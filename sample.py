@@ -4,6 +4,18 @@
   python sample.py --prompts_file prompts.txt --checkpoints runs/base64 --num_images 4 \
       --sampler dpmpp_2m --steps 25 --guidance 5
 
+Editing an image you have (imagen_jax/editing.py; --init_image is repeatable, files or folders):
+
+  python sample.py --init_image photo.png --checkpoints runs/sr256,runs/sr1024 --prompt "a cat"
+  python sample.py --init_image photo.png --strength 0.6 --checkpoints runs/base64 --prompt ...
+  python sample.py --init_image photo.png --mask hole.png --resample 5 \
+      --checkpoints runs/base64,runs/sr256,runs/sr1024 --prompt "a red apple"
+
+upscales (SR checkpoints only: the image is fitted to the first one's low-res size), varies
+(image-to-image: the last fraction S of the steps, from the image noised to that point) or
+repaints (white in the mask; every stage keeps the rest, RePaint resampling N takes per step).
+The log says how each image was cropped and resized for each stage.
+
 Per-stage settings take one value (all stages) or one per stage: --steps 25,20,10.
 `--checkpoints runs/base64@1200` samples from kept checkpoint step 1200 (default: the latest
 usable one; a checkpoint that fails its checksums is reported and the previous one used).
@@ -15,8 +27,9 @@ uninterrupted run). --overwrite replaces existing files instead; the two exclude
 Requests for more than --max_images images in total (default 1000) are refused unless
 --max_images is raised.
 
-Exit codes: 0 done; 2 bad input (one line on stderr, nothing written); 75 stopped by
-SIGTERM/SIGINT (finished batches kept; rerun with --skip_existing to make the rest).
+Exit codes: 0 done; 2 bad input, a bad image or mask included (one line on stderr, nothing
+written); 75 stopped by SIGTERM/SIGINT (finished batches kept; rerun with --skip_existing to
+make the rest).
 """
 
 import logging
@@ -64,6 +77,17 @@ flags.DEFINE_bool(
   False,
   'Keep existing output files and make only the missing ones (same seed and settings).',
 )
+flags.DEFINE_multi_string(
+  'init_image',
+  [],
+  'Edit this image (repeatable; a folder: its images): upscale it when the checkpoints start '
+  'with an SR stage, vary it with --strength, repaint it with --mask.',
+)
+flags.DEFINE_float(
+  'strength', None, 'Image-to-image: the fraction of the steps run, in (0, 1] (1: from noise).'
+)
+flags.DEFINE_string('mask', None, 'Inpainting: a mask of the init image size, white = repaint.')
+flags.DEFINE_list('resample', None, 'Inpainting: RePaint takes per step, per stage (default 1).')
 flags.DEFINE_integer(  # sample_lib.DEFAULT_MAX_IMAGES
   'max_images', 1000, 'Refuse requests for more images than this in total (prompts x num_images).'
 )
@@ -124,6 +148,10 @@ def main(argv):
     skip_existing=FLAGS.skip_existing,
     max_images=FLAGS.max_images,
     training_prompts=FLAGS.training_prompts,
+    init_images=list(FLAGS.init_image) or None,
+    strength=FLAGS.strength,
+    mask=FLAGS.mask,
+    resample=_numbers(FLAGS.resample, int, 'resample'),
   )
   signal.signal(signal.SIGTERM, _stop)
   try:

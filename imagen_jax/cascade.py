@@ -30,6 +30,11 @@ class SamplingOptions:
   dynamic_max: float = 0.0  # upper clamp on the dynamic threshold (>= 1); 0: none
   aug_level: float = 0.2  # SR stages: noise-conditioning augmentation level
   eta: float = 0.0  # DDIM only
+  # Editing (imagen_jax.editing): image-to-image runs the last round(strength * steps) steps
+  # from the init image noised to that grid point (1: all, from pure noise); inpainting takes
+  # every step `resample` times (RePaint). Both need the init image given to the sampler.
+  strength: float = 1.0
+  resample: int = 1
 
   def __post_init__(self):
     if self.sampler not in samplers.SAMPLERS:
@@ -44,6 +49,15 @@ class SamplingOptions:
       raise ValueError(f'dynamic_max must be 0 (no clamp) or >= 1, got {self.dynamic_max}.')
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f'aug_level must be in [0, 1], got {self.aug_level}.')
+    if not 0.0 < self.strength <= 1.0:  # also refuses NaN
+      raise ValueError(f'strength must be in (0, 1], got {self.strength}.')
+    if self.resample < 1:
+      raise ValueError(f'resample must be a positive integer, got {self.resample}.')
+
+  @property
+  def start(self) -> int:
+    """Grid index where sampling starts: 0, or later for image-to-image (strength < 1)."""
+    return samplers.start_index(self.steps, self.strength)
 
   @property
   def spacing(self) -> str:
@@ -74,10 +88,17 @@ class SamplingOptions:
 def make_stage_sampler(
   config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, options: SamplingOptions
 ) -> Callable[..., jax.Array]:
-  """A jitted fn(params, text_embs [B,L,D], text_mask [B,L], rng, lowres=None) -> [B,H,W,3].
+  """A jitted fn(params, text_embs [B,L,D], text_mask [B,L], rng, lowres=None, x_init=None,
+  mask=None) -> [B,H,W,3].
 
   Images come out in [-1, 1] (with thresholding). SR stages take `lowres` [B, h, w, 3] from the
   previous stage; it is upsampled and noise-augmented to `options.aug_level`.
+
+  Editing: `x_init` [B, H, W, 3] in [-1, 1] (at this stage's resolution) is the image that
+  image-to-image starts from (`options.strength` < 1) and that inpainting keeps where `mask`
+  [B, H, W, 1] is 0 (1: generate), at every step and, exactly, in the result
+  (samplers.known_region_projection, with `options.resample` RePaint takes per step). The whole
+  loop stays one compiled program; one compilation per combination of given inputs.
   """
   resolution = int(config.data.resolution)
   is_sr = stage.is_super_resolution(config)
@@ -86,9 +107,10 @@ def make_stage_sampler(
   objective = config.diffusion.objective
 
   @jax.jit
-  def sample_fn(params, text_embs, text_mask, rng, lowres=None):
+  def sample_fn(params, text_embs, text_mask, rng, lowres=None, x_init=None, mask=None):
     batch = text_embs.shape[0]
     shape = (batch, resolution, resolution, 3)
+    check_edit_inputs(options, shape, x_init=x_init, mask=mask)
     aug_rng, sample_rng = jax.random.split(rng)
     lowres_aug = aug_level = None
     if is_sr:
@@ -117,6 +139,9 @@ def make_stage_sampler(
       percentile=options.dynamic_percentile,
       max_threshold=options.dynamic_max or jnp.inf,
     )
+    project = None
+    if mask is not None:
+      project = samplers.known_region_projection(x_known=x_init, mask=mask, logsnrs=logsnrs)
     images = samplers.sample(
       options.sampler,
       denoise_fn=denoise,
@@ -124,10 +149,43 @@ def make_stage_sampler(
       shape=shape,
       rng=sample_rng,
       eta=options.eta,
+      start=options.start,
+      x_init=x_init,
+      project=project,
+      resample=options.resample,
     )
     return jnp.clip(images, -1.0, 1.0)
 
   return sample_fn
+
+
+def check_edit_inputs(
+  options: SamplingOptions,
+  shape: tuple[int, ...],
+  *,
+  x_init: jax.Array | None = None,
+  mask: jax.Array | None = None,
+) -> None:
+  """ValueError unless the editing inputs fit the options and the sample shape [B, H, W, 3]."""
+  if x_init is None:
+    if options.strength < 1.0:
+      raise ValueError(f'strength {options.strength} < 1 needs the init image (x_init).')
+    if mask is not None:
+      raise ValueError('Inpainting (mask) needs the init image (x_init).')
+  elif tuple(x_init.shape) != tuple(shape):
+    raise ValueError(f'x_init has shape {tuple(x_init.shape)}; this stage samples {shape}.')
+  if mask is None and options.resample > 1:
+    raise ValueError(f'resample {options.resample} > 1 is for inpainting; it needs a mask.')
+  if mask is not None and tuple(mask.shape) != (*shape[:-1], 1):
+    raise ValueError(f'mask has shape {tuple(mask.shape)}; this stage needs {(*shape[:-1], 1)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEdit:
+  """A stage's editing inputs, at its own resolution (see make_stage_sampler)."""
+
+  x_init: jax.Array | None = None  # [B, H, W, 3] in [-1, 1]
+  mask: jax.Array | None = None  # [B, H, W, 1], 1 = generate, 0 = keep x_init
 
 
 @dataclasses.dataclass
@@ -150,11 +208,24 @@ def run_cascade(
   text_embs: Sequence[jax.Array],
   text_mask: Sequence[jax.Array],
   rng: jax.Array,
+  lowres: jax.Array | None = None,
+  edits: Sequence[StageEdit | None] | None = None,
 ) -> list[jax.Array]:
-  """Images of every stage in order; text_embs[i]/text_mask[i] are those of stage i's encoder."""
-  outputs, lowres = [], None
-  for i, st in enumerate(stages):
+  """Images of every stage in order; text_embs[i]/text_mask[i] are those of stage i's encoder.
+
+  `lowres` [B, h, w, 3]: the input of a first stage that is super-resolution (upscaling an
+  image); `edits[i]`: stage i's editing inputs (None: plain sampling). See imagen_jax.editing
+  for building both from image files.
+  """
+  outputs = []
+  edits = list(edits) if edits is not None else [None] * len(stages)
+  if len(edits) != len(stages):
+    raise ValueError(f'{len(edits)} stage edits for {len(stages)} stages.')
+  for i, (st, edit) in enumerate(zip(stages, edits, strict=True)):
     stage_rng = jax.random.fold_in(rng, i)
-    lowres = st.sample_fn(st.params, text_embs[i], text_mask[i], stage_rng, lowres)
+    edit = edit or StageEdit()
+    lowres = st.sample_fn(
+      st.params, text_embs[i], text_mask[i], stage_rng, lowres, edit.x_init, edit.mask
+    )
     outputs.append(lowres)
   return outputs

@@ -26,6 +26,13 @@ is refused. `overwrite` (replace everything) and `skip_existing` (keep what is t
 each other.
 
 Inputs are validated, and the output folder checked, before any compute or any write.
+
+Editing (imagen_jax.editing; `init_images`): with checkpoints that start with a
+super-resolution stage the images are upscaled (only the SR stages run); `strength` S < 1 starts
+the first stage from the image (image-to-image); `mask` (white = repaint) keeps the rest of the
+image on every stage (inpainting, `resample` RePaint takes per step). Every image is sampled
+with every prompt, `num_images` times: files `IMG-stem_PPP_KK_prompt.png` (IMG the image's
+index), image-major. The sidecars record each image's path and sha256 (and the mask's).
 """
 
 import dataclasses
@@ -44,7 +51,7 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from imagen_jax import cascade, checkpoints, images, stage
+from imagen_jax import cascade, checkpoints, editing, images, stage
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +88,11 @@ class SampleRequest:
   skip_existing: bool = False  # keep existing output files, make only the missing ones
   max_images: int = DEFAULT_MAX_IMAGES  # refuse requests for more images in total
   training_prompts: int = 0  # add the first N captions of the base stage's training data
+  # Editing (module docstring): image files or folders; SR checkpoints first: upscale them.
+  init_images: list[str] | None = None
+  strength: float | None = None  # (0, 1]: image-to-image on the first stage; None: 1
+  mask: str | None = None  # inpainting: white = repaint, the size of every init image
+  resample: list[int] | None = None  # inpainting: RePaint takes per step, per stage; None: 1
 
 
 def _per_stage(values: Sequence | None, n: int, name: str) -> list:
@@ -138,9 +150,17 @@ def validate(req: SampleRequest) -> None:
     raise SampleError(f'--max_images must be a positive integer, got {req.max_images}.')
   num_prompts = len(req.prompts) + max(req.training_prompts, 0)
   total = num_prompts * req.num_images
+  what = f'{num_prompts} prompt(s) x --num_images={req.num_images}'
+  if req.init_images:
+    try:
+      num_inits = len(editing.find_images(req.init_images))
+    except editing.EditError as e:
+      raise SampleError(str(e)) from e
+    total *= num_inits
+    what = f'{num_inits} init image(s) x {what}'
   if total > req.max_images:
     raise SampleError(
-      f'{num_prompts} prompt(s) x --num_images={req.num_images} = {total} images, more than '
+      f'{what} = {total} images, more than '
       f'--max_images={req.max_images}; pass --max_images={total} to allow it (images are '
       'written batch by batch; a stopped run resumes with --skip_existing).'
     )
@@ -152,20 +172,70 @@ def validate(req: SampleRequest) -> None:
       raise SampleError(f'--guidance must be >= 0 (1 means no guidance), got {g}.')
   if req.stop_at is not None and not 1 <= req.stop_at <= len(req.checkpoints):
     raise SampleError(f'--stop_at must be between 1 and {len(req.checkpoints)}, got {req.stop_at}.')
+  validate_edit(req)
+
+
+def validate_edit(req: SampleRequest) -> None:
+  """The editing options, and every init image and the mask decoded and checked."""
+  if req.strength is not None and not 0.0 < req.strength <= 1.0:  # also refuses NaN
+    raise SampleError(
+      f'--strength must be in (0, 1] (the fraction of the steps run from the noised image; '
+      f'1: all of them, from pure noise), got {req.strength}.'
+    )
+  for r in req.resample or []:
+    if r < 1:
+      raise SampleError(f'--resample must be positive integers (1: no resampling), got {r}.')
+  if not req.init_images:
+    for flag, value in (('strength', req.strength), ('mask', req.mask), ('resample', req.resample)):
+      if value is not None:
+        raise SampleError(f'--{flag} edits an image: pass it with --init_image IMAGE.')
+    return
+  if req.mask is None and any(r > 1 for r in req.resample or []):
+    raise SampleError('--resample is for inpainting (RePaint); pass it with --mask MASK.png.')
+  try:
+    paths = editing.find_images(req.init_images)
+    for path in paths:
+      image = editing.load_image(path)
+      if req.mask is not None:
+        editing.load_mask(req.mask, image.size, path)
+  except editing.EditError as e:
+    raise SampleError(str(e)) from e
 
 
 def slug(text: str, limit: int = 40) -> str:
   return re.sub(r'[^a-z0-9]+', '-', text.lower()).strip('-')[:limit] or 'prompt'
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One output image: its prompt, its index among the prompt's images, its init image."""
+
+  prompt: int
+  k: int
+  init: int | None = None  # index into the init images (editing), else None
+
+
+def jobs(req: SampleRequest) -> list[Job]:
+  """Every output image in order: prompt-major; with init images, image-major first."""
+  inits = range(len(editing.find_images(req.init_images))) if req.init_images else [None]
+  return [
+    Job(prompt=p, k=k, init=i)
+    for i in inits
+    for p in range(len(req.prompts))
+    for k in range(req.num_images)
+  ]
+
+
 def output_paths(req: SampleRequest) -> list[tuple[pathlib.Path, pathlib.Path]]:
-  """(png, json) per image, in prompt-major order."""
+  """(png, json) per image, in the order of `jobs`."""
   out = pathlib.Path(req.out)
+  inits = editing.find_images(req.init_images) if req.init_images else []
   paths = []
-  for p_idx, prompt in enumerate(req.prompts):
-    for k in range(req.num_images):
-      stem = f'{p_idx:03d}_{k:02d}_{slug(prompt)}'
-      paths.append((out / f'{stem}.png', out / f'{stem}.json'))
+  for job in jobs(req):
+    stem = f'{job.prompt:03d}_{job.k:02d}_{slug(req.prompts[job.prompt])}'
+    if job.init is not None:
+      stem = f'{job.init:03d}-{slug(inits[job.init].stem, 24)}_{stem}'
+    paths.append((out / f'{stem}.png', out / f'{stem}.json'))
   return paths
 
 
@@ -243,12 +313,33 @@ def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> casca
   return st
 
 
-def check_chain(stages: Sequence[cascade.Stage]) -> None:
-  if stage.is_super_resolution(stages[0].config):
+def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = None) -> None:
+  """The stages chain (each SR stage upsamples what the one before makes), and fit the request:
+  an SR stage may come first only to upscale init images; init images on a base stage need
+  --strength or --mask."""
+  editing_ = req is not None and bool(req.init_images)
+  first = stages[0]
+  if stage.is_super_resolution(first.config) and not editing_:
     raise SampleError(
-      f'The first checkpoint ({stages[0].workdir}) is a super-resolution stage '
-      f'({stages[0].config.stage}); list the base stage first.'
+      f'The first checkpoint ({first.workdir}) is a super-resolution stage '
+      f'({first.config.stage}); list the base stage first, or pass --init_image to upscale '
+      'your images with the SR stages.'
     )
+  if editing_ and not stage.is_super_resolution(first.config):
+    if req.strength is None and req.mask is None:
+      sr = [st.workdir for st in stages[1:]]
+      hint = f'; to upscale with {", ".join(sr)} drop {first.workdir}' if sr else ''
+      raise SampleError(
+        f'--init_image without --strength or --mask upscales the image with super-resolution '
+        f'stages, but the first checkpoint ({first.workdir}) is a base stage '
+        f'({first.config.stage}){hint}: list only SR checkpoints (e.g. --checkpoints '
+        'runs/sr256), or pass --strength S for image-to-image or --mask MASK.png to repaint.'
+      )
+    if req.strength == 1.0 and req.mask is None:
+      log.warning(
+        '--strength 1 runs every step from pure noise: the init image is not used (plain '
+        'sampling); pass --strength below 1 to start from it.'
+      )
   for prev, nxt in zip(stages, stages[1:], strict=False):
     if not stage.is_super_resolution(nxt.config):
       raise SampleError(
@@ -325,6 +416,22 @@ def encode_prompts(prompts: list[str], stages: Sequence[cascade.Stage]) -> tuple
   return [e.astype(np.float32) for e in text_embs], text_mask
 
 
+PER_IMAGE_FIELDS = ('prompt', 'image_index', 'init_image')  # sidecar fields that vary by image
+
+
+def _edit_settings(req: SampleRequest) -> dict:
+  """The editing inputs as they decide the images: files by path and content."""
+  inits = editing.find_images(req.init_images)
+  mask = None
+  if req.mask is not None:
+    mask = {'path': os.path.abspath(req.mask), 'sha256': editing.file_digest(req.mask)}
+  return {
+    'init_images': [{'path': os.path.abspath(p), 'sha256': editing.file_digest(p)} for p in inits],
+    'mask': mask,
+    'strength': 1.0 if req.strength is None else req.strength,
+  }
+
+
 def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
   """Everything that decides the images (the sidecar minus the per-image fields), as JSON."""
   settings = {
@@ -346,6 +453,8 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
       for st in stages
     ],
   }
+  if req.init_images:
+    settings['edit'] = _edit_settings(req)
   return json.loads(json.dumps(settings))
 
 
@@ -379,7 +488,7 @@ def _check_existing_sidecars(
         f'--skip_existing: sidecar {side} is unreadable ({e}); delete it (its image is then '
         'made again) or choose another --out.'
       ) from e
-    recorded = {k: v for k, v in recorded.items() if k not in ('prompt', 'image_index')}
+    recorded = {k: v for k, v in recorded.items() if k not in PER_IMAGE_FIELDS}
     if recorded != settings:
       diffs = _differences(recorded, settings)
       raise SampleError(
@@ -425,6 +534,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   steps_ = _per_stage(req.steps, n_stages, 'steps')
   grids_ = _per_stage(req.grids, n_stages, 'grid')
   guidance_ = _per_stage(req.guidance, n_stages, 'guidance')
+  resample_ = _per_stage(req.resample, n_stages, 'resample')
   stages = []
   for i, workdir in enumerate(req.checkpoints[:n_stages]):
     overrides = dict(
@@ -436,12 +546,15 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       dynamic_percentile=req.dynamic_percentile,
       dynamic_max=req.dynamic_max,
       aug_level=req.aug_level,
+      strength=req.strength if i == 0 else None,  # image-to-image: the first stage
+      resample=resample_[i],
     )
     try:
       stages.append(restore_stage(workdir, overrides, req.use_ema))
     except ValueError as e:
       raise SampleError(str(e)) from e
-  check_chain(stages)
+  check_chain(stages, req)
+  edit = _EditBatches(req, stages) if req.init_images else None
   if req.training_prompts:
     from imagen_jax.data import pipeline
 
@@ -450,7 +563,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     )
     prepare_output(req)
 
-  paths = output_paths(req)
+  paths, all_jobs = output_paths(req), jobs(req)
   settings = _settings(req, stages)
   if req.skip_existing:
     _check_existing_sidecars(req, paths, settings)
@@ -477,17 +590,22 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       skipped += len(batch)
       log.info('batch %d/%d: all %d images exist; skipped.', b + 1, num_batches, len(batch))
       continue
-    prompt_rows = np.asarray([i // req.num_images for i in batch])
+    prompt_rows = np.asarray([all_jobs[i].prompt for i in batch])
     rng = jax.random.fold_in(jax.random.key(req.seed), b)
-    lowres = None
+    lowres, stage_edits = None, [(None, None)] * len(stages)
+    if edit is not None:
+      lowres, stage_edits = edit.arrays([all_jobs[i].init for i in batch])
     for s, st in enumerate(stages):
       t0 = time.perf_counter()
+      x_init, mask = stage_edits[s]
       lowres = st.sample_fn(
         st.params,
         jnp.asarray(text_embs[s][prompt_rows].astype(np.float32)),  # [B, L, D]
         jnp.asarray(text_mask[s][prompt_rows]),  # [B, L]
         jax.random.fold_in(rng, s),
-        lowres,
+        None if lowres is None else jnp.asarray(lowres),
+        None if x_init is None else jnp.asarray(x_init),
+        None if mask is None else jnp.asarray(mask),
       )
       lowres.block_until_ready()
       timings[s] += time.perf_counter() - t0
@@ -506,7 +624,9 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
         written += 1
       if not (req.skip_existing and side.exists()):
-        sidecar = {'prompt': req.prompts[prompt_rows[row]], 'image_index': i % req.num_images}
+        sidecar = {'prompt': req.prompts[prompt_rows[row]], 'image_index': all_jobs[i].k}
+        if edit is not None:
+          sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
         _write_json(side, {**sidecar, **settings})
     made += written
     skipped += len(batch) - written
@@ -521,3 +641,34 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     log.info('%s: %.2f s sampling (compile included).', st.config.stage, secs)
   log.info('%d images made, %d already there (%s).', made, skipped, req.out)
   return [png for png, _ in paths]
+
+
+class _EditBatches:
+  """The init images of a request, fitted per stage batch by batch (one batch in memory)."""
+
+  def __init__(self, req: SampleRequest, stages: Sequence[cascade.Stage]):
+    self.paths = editing.find_images(req.init_images)
+    self.plans = editing.plan(stages, strength=req.strength, inpaint=req.mask is not None)
+    self.mask_path = req.mask
+    for path in self.paths:  # say what is done to every image, before any compute
+      size = editing.load_image(path).size  # after its EXIF rotation
+      for line in editing.describe_plan(path, size, stages, self.plans):
+        log.info('%s', line)
+    if req.mask is not None:
+      log.info(
+        '%s: white = repaint; fitted like its image, a pixel of a smaller stage is repainted when '
+        'any part of it is.',
+        req.mask,
+      )
+
+  def arrays(self, inits: Sequence[int]):
+    """(lowres [B, r, r, 3] | None, per stage (x_init | None, mask | None)) of a batch."""
+    try:
+      pictures = [editing.load_image(self.paths[i]) for i in inits]
+      masks = [
+        editing.load_mask(self.mask_path, im.size, self.paths[i]) if self.mask_path else None
+        for im, i in zip(pictures, inits, strict=True)
+      ]
+    except editing.EditError as e:  # the file changed since the request was validated
+      raise SampleError(str(e)) from e
+    return editing.stage_arrays(pictures, masks, self.plans)

@@ -476,3 +476,187 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_step(runs, tmp_pat
   assert proc.returncode != 0 and 'checkpoint step 4' in proc.stderr, proc.stderr[-3000:]
   assert len(error_lines(proc.stderr)) == 1 and not (tmp_path / 'o4').exists()
   assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------ editing
+
+
+def write_image(path, array):
+  Image.fromarray(np.asarray(array, np.uint8)).save(path)
+  return path
+
+
+def smooth_image(height, width, seed=0):
+  """A smooth RGB picture (a colour gradient plus a bump): far from the tiny models' outputs."""
+  rng = np.random.default_rng(seed)
+  y, x = np.mgrid[0:height, 0:width] / max(height, width)
+  base = rng.uniform(0, 255, 3)
+  picture = base + 120 * np.stack([x, y, 1 - x], -1) * rng.uniform(0.5, 1.0, 3)
+  return np.clip(picture, 0, 255).astype(np.uint8)
+
+
+def test_upscale_images_of_any_size_from_files_and_a_folder(runs, tmp_path):
+  """SR checkpoints only: every image (odd sizes, smaller and larger than the 16 px input) is
+  fitted to the SR stage's low-res size, with one log line saying how, and upscaled to 32 px."""
+  pics = tmp_path / 'pics'
+  pics.mkdir()
+  write_image(pics / 'wide.png', smooth_image(23, 37, seed=1))
+  write_image(pics / 'big.jpg', smooth_image(50, 50, seed=2))
+  small = write_image(tmp_path / 'small.png', smooth_image(12, 9, seed=3))
+  out = tmp_path / 'up'
+  proc = sample(
+    runs,
+    '--prompt=a red apple',
+    f'--checkpoints={runs["sr"]}',
+    f'--init_image={pics}',
+    f'--init_image={small}',
+    '--steps=2',
+    f'--out={out}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  files = pngs(out)
+  assert [f.name for f in files] == [
+    '000-big_000_00_a-red-apple.png',
+    '001-wide_000_00_a-red-apple.png',
+    '002-small_000_00_a-red-apple.png',
+  ]
+  outputs = [np.asarray(Image.open(f)) for f in files]
+  assert all(o.shape == (32, 32, 3) for o in outputs)
+  assert not np.array_equal(outputs[0], outputs[1])  # each conditioned on its own image
+  for line in (
+    'wide.png (37x23: centre 23x23 square kept (14 px of its width cut off)) resized down to '
+    "16x16 (bicubic) for sr256's low-res input (upscaling).",
+    'small.png (9x12: centre 9x9 square kept (3 px of its height cut off)) resized up to 16x16 '
+    "(bicubic) for sr256's low-res input (upscaling).",
+    'big.jpg (50x50) resized down to 16x16',
+  ):
+    assert line in proc.stderr, proc.stderr[-3000:]
+  side = json.loads(files[1].with_suffix('.json').read_text())
+  assert side['init_image'] == str(pics / 'wide.png')
+  assert [s['stage'] for s in side['stages']] == ['sr256']
+  assert [p['path'] for p in side['edit']['init_images']] == [
+    str(pics / 'big.jpg'),
+    str(pics / 'wide.png'),
+    str(small),
+  ]
+
+
+def test_image_to_image_and_inpainting(runs, tmp_path):
+  from imagen_jax import editing
+
+  picture = smooth_image(24, 20, seed=4)
+  init = write_image(tmp_path / 'init.png', picture)
+  hole = np.zeros((24, 20), np.uint8)
+  hole[8:16, 6:14] = 255
+  mask = write_image(tmp_path / 'hole.png', hole)
+  common = ['--prompt=a red apple', '--seed=0']
+
+  # Strength 1 is plain sampling from the same seed (the image is not used, and it says so).
+  plain, full = tmp_path / 'plain', tmp_path / 'full'
+  proc = sample(runs, *common, f'--checkpoints={runs["base"]}', '--steps=3', f'--out={plain}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  proc = sample(
+    runs,
+    *common,
+    f'--checkpoints={runs["base"]}',
+    '--steps=3',
+    f'--init_image={init}',
+    '--strength=1',
+    f'--out={full}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'the init image is not used' in proc.stderr
+  np.testing.assert_array_equal(  # exact: the same compiled loop from the same draw
+    np.asarray(Image.open(pngs(full)[0])), np.asarray(Image.open(pngs(plain)[0]))
+  )
+
+  # Image-to-image on the base stage.
+  varied = tmp_path / 'varied'
+  proc = sample(
+    runs,
+    *common,
+    f'--checkpoints={runs["base"]}',
+    '--steps=4',
+    f'--init_image={init}',
+    '--strength=0.5',
+    f'--out={varied}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (png,) = pngs(varied)
+  assert np.asarray(Image.open(png)).shape == (16, 16, 3)
+  side = json.loads(png.with_suffix('.json').read_text())
+  assert side['stages'][0]['strength'] == 0.5 and side['edit']['strength'] == 0.5
+  assert 'init.png (20x24: centre 20x20 square kept' in proc.stderr
+
+  # Inpainting through both stages: the known pixels of the 32 px result are the image's.
+  repainted = tmp_path / 'repainted'
+  proc = sample(
+    runs,
+    *common,
+    f'--checkpoints={runs["base"]},{runs["sr"]}',
+    '--steps=3,2',
+    f'--init_image={init}',
+    f'--mask={mask}',
+    '--resample=2',
+    f'--out={repainted}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (png,) = pngs(repainted)
+  result = np.asarray(Image.open(png))
+  expected = editing.fit_image(Image.fromarray(picture), 32)
+  keep = editing.fit_mask(hole >= 128, 32)[..., 0] == 0
+  assert result.shape == (32, 32, 3) and 0 < keep.sum() < keep.size
+  np.testing.assert_array_equal(result[keep], expected[keep])  # exact, through uint8 and back
+  assert np.abs(result[~keep].astype(int) - expected[~keep]).mean() > 5  # the hole is new
+  side = json.loads(png.with_suffix('.json').read_text())
+  assert [s['resample'] for s in side['stages']] == [2, 2]
+  assert side['edit']['mask']['path'] == str(mask)
+
+
+EDIT_CASES = {
+  'undecodable': (['--init_image={bad}'], 'cannot be decoded as an image'),
+  'grey': (['--init_image={grey}', '--strength=0.5'], 'is a greyscale image (mode L)'),
+  'rgba': (['--init_image={rgba}', '--strength=0.5'], 'has an alpha channel (mode RGBA)'),
+  'mask_size': (['--init_image={init}', '--mask={small_mask}'], "a mask must have its image's"),
+  'mask_black': (['--init_image={init}', '--mask={black}'], 'is all black: nothing to repaint'),
+  'mask_white': (['--init_image={init}', '--mask={white}'], 'is all white: nothing of the image'),
+  'strength_0': (['--init_image={init}', '--strength=0'], '--strength must be in (0, 1]'),
+  'strength_2': (['--init_image={init}', '--strength=2'], '--strength must be in (0, 1]'),
+  'no_sr_stage': (['--init_image={init}'], 'upscales the image with super-resolution stages'),
+  'no_image': (['--strength=0.5'], '--strength edits an image: pass it with --init_image'),
+  'resample_no_mask': (['--init_image={init}', '--resample=3'], 'pass it with --mask'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(EDIT_CASES))
+def test_bad_edit_inputs(runs, tmp_path, case):
+  """One error line, a non-zero exit, and the output folder untouched even with --overwrite."""
+  rgb = smooth_image(20, 20)
+  files = {
+    'init': write_image(tmp_path / 'init.png', rgb),
+    'grey': write_image(tmp_path / 'grey.png', rgb[..., 0]),
+    'rgba': write_image(tmp_path / 'rgba.png', np.dstack([rgb, np.full((20, 20), 255)])),
+    'small_mask': write_image(tmp_path / 'small_mask.png', np.full((10, 10), 255)),
+    'black': write_image(tmp_path / 'black.png', np.zeros((20, 20))),
+    'white': write_image(tmp_path / 'white.png', np.full((20, 20), 255)),
+    'bad': tmp_path / 'bad.png',
+  }
+  files['bad'].write_text('not a picture')
+  args, message = EDIT_CASES[case]
+  out = tmp_path / 'out'
+  out.mkdir()
+  precious = out / '000-init_000_00_x.png'  # the name the request would write
+  precious.write_bytes(b'precious')
+  proc = sample(
+    runs,
+    '--prompt=x',
+    f'--checkpoints={runs["base"]}',
+    '--steps=2',
+    *[a.format(**files) for a in args],
+    f'--out={out}',
+    '--overwrite',
+  )
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert len(error_lines(proc.stderr)) == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  assert sorted(p.name for p in out.iterdir()) == [precious.name]
+  assert precious.read_bytes() == b'precious'
