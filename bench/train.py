@@ -6,7 +6,14 @@
 
 Uses the real input pipeline (embedded dataset, embedding cache; built on first use) and the
 real sharded train step. Prints one JSON line: step seconds with data (end to end), step
-seconds on a fixed batch (compute only), the data pipeline alone, img/s, TFLOP/s and MFU.
+seconds on a fixed batch (compute only), the data pipeline alone, img/s, TFLOP/s, MFU and HFU.
+
+FLOPs are the U-Net's model FLOPs counted from its config and the batch shapes
+(`imagen_jax.flops`: 3 x forward per step), not `cost_analysis()`, which on GPU counts cuDNN
+convolutions and fused attention as zero and on TPU includes remat recomputation (reported
+apart as `xla_flops_per_device`). MFU = model FLOP/s / (devices x dense bf16 peak of the
+device kind); HFU adds the forward recomputed by remat (equal to MFU without remat). Both are
+null on a device the peak table does not list (CPU included).
 
 --memory_only compiles the config's real train step (`train_lib.make_train_step`, pinned
 shardings, donated state) on abstract inputs: no params, no text encoder, no data. The batch
@@ -26,7 +33,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import optim, precompute, sharding, train_lib
+from imagen_jax import flops as flops_lib
+from imagen_jax import optim, precompute, sharding, stage, train_lib
 from imagen_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -125,7 +133,14 @@ def main(_):
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = train_lib.compiled_flops(compiled)
+    xla_flops = train_lib.compiled_flops(compiled)
+    model_config = stage.model_config(config)
+    count = flops_lib.unet_flops(
+      model_config,
+      batch=batch['image'].shape[0],
+      resolution=batch['image'].shape[1],
+      text_len=batch['text_embs'].shape[1],
+    )
     for _ in range(2):
       state, m = compiled(state, batch)
     jax.block_until_ready(m)
@@ -157,8 +172,11 @@ def main(_):
   step_s = statistics.median(end_to_end)
   compute_s = statistics.median(fixed)
   bs = int(config.train.batch_size)
-  peak = train_lib.peak_flops(jax.devices()[0])
-  tflops = flops / compute_s / 1e12 if flops else None
+  kind, ndev = jax.devices()[0].device_kind, jax.device_count()
+  model_flops = count.train
+  hardware_flops = count.train_hardware(model_config.remat)
+  mfu = flops_lib.utilization(model_flops, compute_s, ndev, kind)
+  hfu = flops_lib.utilization(hardware_flops, compute_s, ndev, kind)
   print(
     json.dumps(
       {
@@ -171,16 +189,21 @@ def main(_):
         'batch': bs,
         'resolution': int(config.data.resolution),
         'dtype': config.model.dtype,
+        'remat': bool(model_config.remat),
         'backend': jax.default_backend(),
-        'device': jax.devices()[0].device_kind,
-        'devices': jax.device_count(),
+        'device': kind,
+        'devices': ndev,
         'compile_s': round(compile_s, 1),
         'step_s_end_to_end': round(step_s, 3),
         'step_s_compute_only': round(compute_s, 3),
         'data_s_per_batch': round(statistics.median(data_only), 4),
         'img_per_s': round(bs / step_s, 2),
-        'tflops_per_device': round(tflops, 3) if tflops else None,
-        'mfu': round(tflops * 1e12 / peak, 4) if tflops and peak else None,
+        'model_tflop_per_step': float(f'{model_flops / 1e12:.4g}'),
+        'hardware_tflop_per_step': float(f'{hardware_flops / 1e12:.4g}'),
+        'model_tflops_per_s_per_device': float(f'{model_flops / compute_s / ndev / 1e12:.4g}'),
+        'xla_flops_per_device': xla_flops,  # cost_analysis: see the docstring
+        'mfu': round(mfu, 4) if mfu is not None else None,
+        'hfu': round(hfu, 4) if hfu is not None else None,
         'loss_finite': bool(np.isfinite(float(m['loss']))),
       }
     )

@@ -1,11 +1,14 @@
-"""U-Net train-step / sampling-step benchmark; prints ONE JSON line on stdout.
+"""U-Net train-step / sampling-step benchmark; prints ONE JSON line per (batch, remat) point.
 
 Measures a jitted training step (v-prediction MSE + optimizer update, donated state, pinned
 shardings) and one classifier-free-guided sampling step (conditional and unconditional in one
-batch of 2B), plus XLA's memory and cost analysis of the compiled train step.
+batch of 2B), plus XLA's memory analysis of the compiled train step.
 
   # Speed on this machine (CPU) or a GPU/TPU:
   python bench/unet.py --preset small64 --batch 4 --resolution 64 --dtype float32
+  # Sweep: one line per point, each in its own process (clean peak memory; an out-of-memory
+  # point prints its error and the sweep goes on). Pick the best images_per_s that fits:
+  python bench/unet.py --preset base64 --dtype bfloat16 --batch 16,32,64 --remat none,block
   # Memory of a full-size model without allocating it (abstract params, compile only):
   python bench/unet.py --preset base64 --batch 32 --resolution 64 --dtype bfloat16 --remat \
       --mesh_fsdp 4 --fake_cpu_devices 4 --memory_only
@@ -15,6 +18,16 @@ use. On CPU it overstates what a GPU/TPU needs: XLA:CPU removes remat's optimisa
 barriers and schedules for concurrency, so `--remat` barely lowers its peak, bf16 convs
 and attention logits are computed in f32, and the attention falls back to materialising
 the logits (cuDNN flash attention is used on GPU).
+
+FLOPs: `model_tflop_per_step` is the U-Net's model FLOPs counted from its config and shapes
+(`imagen_jax.flops`, 3 x forward); `hardware_tflop_per_step` adds the forward that remat
+recomputes. MFU and HFU divide them by the step time, the device count and the dense bf16
+peak of the device kind (null where the peak table has no entry, CPU included).
+`xla_flops_per_step_per_device` is `cost_analysis()`, kept for reference only: it counts cuDNN
+convolutions and fused attention as zero on GPU and includes remat recomputation on TPU.
+`peak_memory_gb` is the device allocator's peak (`memory_stats()`; null where the backend
+has none, as on CPU). `fused_attention_in_hlo` says whether the compiled train step calls
+cuDNN's fused attention; `attention` gives the implementation each attention got.
 """
 
 from __future__ import annotations
@@ -23,18 +36,29 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+
+REMAT_CHOICES = ('none', 'block')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--preset', default='small64')
-  p.add_argument('--batch', type=int, default=4, help='global batch size')
+  p.add_argument(
+    '--batch', default='4', help='global batch size, or a comma list to sweep (16,32,64)'
+  )
   p.add_argument('--resolution', type=int, default=64)
   p.add_argument('--text_len', type=int, default=128)
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  p.add_argument('--remat', action='store_true')
+  p.add_argument(
+    '--remat',
+    nargs='?',
+    const='block',
+    default='none',
+    help="'none' | 'block' (remat every U-Net block; bare --remat = block) or a comma list",
+  )
   p.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
   p.add_argument('--mesh_fsdp', type=int, default=1, help='fsdp axis size; data = the rest')
   p.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up)')
@@ -42,11 +66,57 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--fake_cpu_devices', type=int, default=0, help='N > 0: force N host CPU devices (XLA_FLAGS)'
   )
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  try:
+    args.batches = [int(b) for b in str(args.batch).split(',')]
+  except ValueError:
+    p.error(f'--batch {args.batch!r}: give an integer or a comma list of integers.')
+  args.remats = str(args.remat).split(',')
+  bad = [r for r in args.remats if r not in REMAT_CHOICES]
+  if bad:
+    p.error(f'--remat {args.remat!r}: choose from {", ".join(REMAT_CHOICES)} (comma list).')
+  return args
 
 
-def main(argv=None) -> dict:
+def sweep(args) -> list[dict]:
+  """Runs each (batch, remat) point in a fresh process; one JSON line per point."""
+  keep = [
+    f'--preset={args.preset}',
+    f'--resolution={args.resolution}',
+    f'--text_len={args.text_len}',
+    f'--dtype={args.dtype}',
+    f'--optimizer={args.optimizer}',
+    f'--mesh_fsdp={args.mesh_fsdp}',
+    f'--steps={args.steps}',
+    f'--fake_cpu_devices={args.fake_cpu_devices}',
+  ] + (['--memory_only'] if args.memory_only else [])
+  results = []
+  for remat in args.remats:
+    for batch in args.batches:
+      cmd = [sys.executable, os.path.abspath(__file__), *keep, f'--batch={batch}']
+      cmd.append(f'--remat={remat}')
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+      if proc.returncode == 0 and lines:
+        result = json.loads(lines[-1])
+      else:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        result = {
+          'preset': args.preset,
+          'batch': batch,
+          'remat': remat,
+          'error': ' | '.join(tail)[-600:] or f'exit code {proc.returncode}',
+        }
+      print(json.dumps(result), flush=True)
+      results.append(result)
+  return results
+
+
+def main(argv=None) -> dict | list[dict]:
   args = parse_args(argv)
+  if len(args.batches) * len(args.remats) > 1:
+    return sweep(args)
+  args.batch, args.remat = args.batches[0], args.remats[0] == 'block'
   if args.fake_cpu_devices > 0:
     flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
@@ -60,8 +130,9 @@ def main(argv=None) -> dict:
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+  from imagen_jax import flops as flops_lib
   from imagen_jax import optim, sharding, train_lib
-  from imagen_jax.models import unet
+  from imagen_jax.models import layers, unet
 
   if args.preset not in unet.PRESETS:
     raise SystemExit(f'Unknown --preset {args.preset!r}; choose from {sorted(unet.PRESETS)}.')
@@ -158,9 +229,17 @@ def main(argv=None) -> dict:
       donate_argnums=(0, 1),
     )
     t0 = time.perf_counter()
-    compiled = train_jit.lower(abstract_params_sh, abstract_opt_sh, batch_shapes, abstract_key)
-    compiled = compiled.compile()
+    with layers.record_attention_plans() as plans:
+      lowered = train_jit.lower(abstract_params_sh, abstract_opt_sh, batch_shapes, abstract_key)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
+    hlo = compiled.as_text() or ''
+    attention = {}  # name -> implementation (traced once per compile; names repeat under grad)
+    for plan in plans:
+      attention[plan['name']] = plan['implementation']
+    attention_counts = {}
+    for impl in attention.values():
+      attention_counts[impl] = attention_counts.get(impl, 0) + 1
 
     mem = compiled.memory_analysis()
     memory = None
@@ -177,7 +256,10 @@ def main(argv=None) -> dict:
         'total_bytes': int(total),
         'per_device': True,
       }
-    flops = train_lib.compiled_flops(compiled)
+    xla_flops = train_lib.compiled_flops(compiled)
+    count = flops_lib.unet_flops(config, batch=b, resolution=r, text_len=n_text)
+    model_flops, hardware_flops = count.train, count.train_hardware(config.remat)
+    kind = jax.devices()[0].device_kind
 
     result = {
       'preset': args.preset,
@@ -185,20 +267,26 @@ def main(argv=None) -> dict:
       'batch': b,
       'resolution': r,
       'dtype': args.dtype,
-      'remat': args.remat,
+      'remat': 'block' if args.remat else 'none',
       'optimizer': args.optimizer,
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
-      'device_kind': jax.devices()[0].device_kind,
+      'device_kind': kind,
       'devices': jax.device_count(),
       'compile_s': round(compile_s, 2),
       'memory': memory,
-      'flops_per_step_per_device': flops,
+      'peak_memory_gb': None,
+      'model_tflop_per_step': float(f'{model_flops / 1e12:.4g}'),
+      'hardware_tflop_per_step': float(f'{hardware_flops / 1e12:.4g}'),
+      'xla_flops_per_step_per_device': xla_flops,
+      'fused_attention_in_hlo': any(m in hlo for m in layers.FUSED_ATTENTION_MARKERS.values()),
+      'attention': attention_counts,
       'train_step_s': None,
       'sample_step_s': None,
       'images_per_s': None,
-      'tflops_per_s_per_device': None,
+      'model_tflops_per_s_per_device': None,
       'mfu': None,
+      'hfu': None,
       'memory_only': args.memory_only,
     }
 
@@ -242,12 +330,15 @@ def main(argv=None) -> dict:
       result['sample_step_s'] = round(statistics.median(stimes), 4)
       result['images_per_s'] = round(b / train_s, 3)
       result['final_loss'] = float(loss)
-      if flops:
-        tflops = flops / train_s / 1e12
-        result['tflops_per_s_per_device'] = round(tflops, 3)
-        peak = (train_lib.peak_flops(jax.devices()[0]) or 0) / 1e12 or None
-        if peak and jax.default_backend() != 'cpu':
-          result['mfu'] = round(tflops / peak, 4)
+      ndev = jax.device_count()
+      result['model_tflops_per_s_per_device'] = float(f'{model_flops / train_s / ndev / 1e12:.4g}')
+      mfu = flops_lib.utilization(model_flops, train_s, ndev, kind)
+      hfu = flops_lib.utilization(hardware_flops, train_s, ndev, kind)
+      result['mfu'] = None if mfu is None else round(mfu, 4)
+      result['hfu'] = None if hfu is None else round(hfu, 4)
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      result['peak_memory_gb'] = round(stats['peak_bytes_in_use'] / 1e9, 3)
 
   print(json.dumps(result))
   return result
