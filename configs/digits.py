@@ -1,12 +1,12 @@
 """Known-good CPU recipe: text -> 16x16 handwritten digits (scikit-learn's bundled scans).
 
-  python train.py --config=configs/digits.py --workdir=runs/digits        # 2-core CPU, ~15 min
+  python train.py --config=configs/digits.py --workdir=runs/digits        # 2-core CPU, ~6 min
   python evaluate.py --checkpoints=runs/digits --num=500
   make quality                                                            # both, then the table
   python train.py --config=configs/digits.py:tiny --workdir=/tmp/t        # tests
 
 Variants by argument (never by copying the file):
-  ''    the recipe: a 2.4M-parameter U-Net, the offline t5-tiny-random encoder, 2,500 steps of
+  ''    the recipe: a 2.4M-parameter U-Net, the offline t5-tiny-random encoder, 1,500 steps of
         batch 32, v objective WITHOUT min-SNR weighting, DPM-Solver++ 25 steps on the
         quadratic grid, guidance 1.5, static thresholding.
   tiny  the same recipe for a handful of steps (tests, CI).
@@ -35,7 +35,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
   c.diffusion.loss_weighting = 'none'
 
   c.train.batch_size = 32
-  c.train.num_steps = 2500
+  c.train.num_steps = 1500  # 2,500: held-out adherence 0.752, 4,500: 0.700 (README)
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.sample_every = 0
