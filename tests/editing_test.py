@@ -246,6 +246,29 @@ def text_inputs(config, batch: int):
   return embs, jnp.ones((batch, 4), bool)
 
 
+def test_edit_plans(tiny_stages):
+  """Which sizes each stage gets the image at, per mode (no compile)."""
+  base, sr = make_stage(tiny_stages[0]), make_stage(tiny_stages[1])
+  sizes = lambda plans: [(p.lowres, p.x_init, p.mask) for p in plans]
+  assert sizes(editing.plan([sr], strength=None, inpaint=False)) == [(16, 0, 0)]  # upscale
+  assert sizes(editing.plan([sr], strength=0.5, inpaint=False)) == [(16, 32, 0)]
+  assert sizes(editing.plan([base, sr], strength=0.5, inpaint=False)) == [(0, 16, 0), (0, 0, 0)]
+  assert sizes(editing.plan([base, sr], strength=1.0, inpaint=False)) == [(0, 0, 0), (0, 0, 0)]
+  assert sizes(editing.plan([sr], strength=None, inpaint=True)) == [(16, 32, 32)]
+  lines = editing.describe_plan(
+    editing.pathlib.Path('a.png'),
+    (40, 30),
+    [base, sr],
+    editing.plan([base, sr], strength=None, inpaint=True),
+  )
+  assert lines == [
+    'a.png (40x30: centre 30x30 square kept (10 px of its width cut off)) resized down to 16x16 '
+    '(bicubic) for base64 (the known region).',
+    'a.png (40x30: centre 30x30 square kept (10 px of its width cut off)) resized up to 32x32 '
+    '(bicubic) for sr256 (the known region).',
+  ]
+
+
 def test_stage_strength_one_equals_plain_and_strength_needs_an_image(tiny_stages):
   base = make_stage(tiny_stages[0])
   embs, text_mask = text_inputs(base.config, 2)
