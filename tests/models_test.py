@@ -296,3 +296,39 @@ def test_preset_param_counts_from_abstract_shapes():
   assert 0.55e9 < counts['sr256'] < 0.85e9
   assert 0.55e9 < counts['sr1024'] < 0.85e9
   assert counts['small64'] < counts['sr1024']
+
+
+def test_param_init_draws_pieces_without_the_flat_vector_bit_for_bit():
+  """Large leaves are drawn from their own threefry counters (no flat vector of all params):
+  the values are exactly those of the one flat draw, so checkpoints and runs are unchanged."""
+  key = jax.random.fold_in(jax.random.key(3), 7)
+  shapes = ((3, 4), (100,), (2, 3, 5), (100,), (7,), (50, 2), (10, 10, 10), (10,))
+  stds = tuple(0.5 * (i + 1) for i in range(len(shapes)))
+  flat = layers._truncated_normal_pieces(key, shapes, stds, 10**9)  # one flat draw
+  split = layers._truncated_normal_pieces(key, shapes, stds, 100)  # small + lax.map per size
+  total = sum(int(np.prod(s)) for s in shapes)
+  reference = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (total,)))(key)
+  offset = 0
+  for a, b, shape, std in zip(flat, split, shapes, stds, strict=True):
+    assert a.shape == b.shape == shape
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    size = int(np.prod(shape))
+    expected = reference[offset : offset + size] * (std * layers._TRUNC_STD_CORRECTION)
+    np.testing.assert_array_equal(np.asarray(b), np.asarray(expected.reshape(shape)))
+    offset += size
+
+
+def test_param_init_pieces_under_a_mesh_are_the_same_values():
+  """Under jax.set_mesh each device draws a slice of every stack (partitionable threefry); the
+  values do not depend on it."""
+  from imagen_jax import sharding
+
+  key = jax.random.key(11)
+  shapes = ((8, 40), (320,), (4, 4), (16, 20), (7,))
+  stds = (1.0, 0.5, 2.0, 0.1, 1.0)
+  single = layers._truncated_normal_pieces(key, shapes, stds, 100)
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 4})
+  with jax.set_mesh(mesh):
+    spread = layers._truncated_normal_pieces(key, shapes, stds, 100)
+  for a, b in zip(single, spread, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
