@@ -306,6 +306,10 @@ def test_param_init_draws_pieces_without_the_flat_vector_bit_for_bit():
   stds = tuple(0.5 * (i + 1) for i in range(len(shapes)))
   flat = layers._truncated_normal_pieces(key, shapes, stds, 10**9)  # one flat draw
   split = layers._truncated_normal_pieces(key, shapes, stds, 100)  # small + lax.map per size
+  loops = lambda limit: (
+    layers._truncated_normal_pieces.lower(key, shapes, stds, limit).as_text().count('while')
+  )
+  assert loops(100) > loops(10**9)  # the lax.map path really ran (and differs from the flat)
   total = sum(int(np.prod(s)) for s in shapes)
   reference = jax.jit(lambda k: jax.random.truncated_normal(k, -2.0, 2.0, (total,)))(key)
   offset = 0

@@ -111,16 +111,18 @@ def _truncated_normal_pieces(
   pieces' offsets, but that vector is never formed: with threefry's partitionable counters
   (jax's default) element i depends only on (key, i), so each piece is drawn from its own
   counters. Small pieces share one draw; pieces of `separate_from` elements or more are drawn
-  by a `lax.map` over equal-size pieces (one compiled body per size). The peak is then the
-  small pieces plus at most `_MAP_ELEMENTS` elements of stacked draws, instead of ~4 copies of
-  the whole vector (its counters, bits and floats: ~15 GB for base64 on every device).
+  by a `lax.map` over equal-size pieces (one compiled body per size, at most `_MAP_ELEMENTS`
+  elements per map). The temporaries are then about one copy of the random params (XLA:CPU
+  keeps every stack alive until the end), where the flat vector cost ~2.4 copies (its
+  counters, bits and floats), and under a mesh each device holds 1/devices of the stacks
+  where the flat vector was replicated on every device.
   """
   sizes = [math.prod(s) for s in shapes]
   offsets = [0, *itertools.accumulate(sizes)][:-1]
   total = sum(sizes)
   done: set[int] = set()  # pieces already scaled and reshaped
   exact = (
-    jax.config.jax_threefry_partitionable
+    getattr(jax.config, 'jax_threefry_partitionable', True)
     and str(jax.random.key_impl(key)) == 'threefry2x32'
     and total < 2**32
   )
