@@ -27,6 +27,7 @@ import optax
 from flax import nnx
 
 from imagen_jax import cascade, checkpoints, images, multihost, optim, sharding, stage
+from imagen_jax import flops as flops_lib
 from imagen_jax.diffusion import guidance, losses
 
 log = logging.getLogger(__name__)
@@ -246,10 +247,12 @@ class StopSignal:
 
 
 def compiled_flops(compiled) -> float | None:
-  """FLOPs of one call of a compiled function, where the backend reports them."""
+  """FLOPs XLA's cost analysis reports for one call of a compiled function (None if it reports
+  none). Not model FLOPs: on GPU it counts cuDNN convolutions and other custom calls as zero, on
+  TPU it includes the remat recomputation; MFU comes from `imagen_jax.flops` instead."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001 - some backends do not implement it
+  except NotImplementedError:  # a backend without a cost model
     return None
   if isinstance(cost, list | tuple):
     cost = cost[0] if cost else None
@@ -257,26 +260,42 @@ def compiled_flops(compiled) -> float | None:
   return float(flops) if flops and flops > 0 else None
 
 
-# Dense bf16 peak FLOP/s per device, for MFU.
-PEAK_FLOPS = {
-  'H100': 989e12,
-  'H200': 989e12,
-  'A100': 312e12,
-  'L4': 121e12,
-  'TPU v4': 275e12,
-  'TPU v5 lite': 197e12,
-  'TPU v5e': 197e12,
-  'TPU v5p': 459e12,
-  'TPU v6 lite': 918e12,
-}
+@dataclasses.dataclass(frozen=True)
+class StepFlops:
+  """Analytic FLOPs of one train step on a batch (imagen_jax.flops) and the device peak."""
+
+  model: float  # forward + backward: the MFU numerator
+  hardware: float | None  # model + remat recomputation; None when remat is off
+  num_devices: int
+  peak: float | None  # dense bf16 FLOP/s of one device; None for an unknown device kind
+
+  def scalars(self, steps: int, seconds: float) -> dict[str, float]:
+    """Per-device model TFLOP/s and, on a known device kind, 'mfu' (and 'hfu' with remat)."""
+    per_device = self.model * steps / seconds / self.num_devices
+    out = {'model_tflops_per_device': per_device / 1e12}
+    if self.peak:
+      out['mfu'] = per_device / self.peak
+      if self.hardware is not None:
+        out['hfu'] = self.hardware * steps / seconds / self.num_devices / self.peak
+    return out
 
 
-def peak_flops(device: jax.Device) -> float | None:
-  kind = getattr(device, 'device_kind', '')
-  for name, flops in PEAK_FLOPS.items():
-    if name.lower() in kind.lower():
-      return flops
-  return None
+def step_flops(config: ml_collections.ConfigDict, batch: dict) -> StepFlops:
+  """FLOPs of one train step on `batch` (its global shapes: the real crop size and the text
+  length the batch really has) and the peak of this run's devices."""
+  model_config = stage.model_config(config)
+  count = flops_lib.unet_flops(
+    model_config,
+    batch=int(batch['image'].shape[0]),
+    resolution=int(batch['image'].shape[1]),
+    text_len=int(batch['text_embs'].shape[1]),
+  )
+  return StepFlops(
+    model=count.train,
+    hardware=count.train_hardware(True) if model_config.remat else None,
+    num_devices=jax.device_count(),
+    peak=flops_lib.peak_flops(jax.devices()[0].device_kind),
+  )
 
 
 class MetricWriter:
@@ -713,7 +732,7 @@ class _Loop:
     global_batch = int(config.train.batch_size)
     eval_every = int(config.train.get('eval_every', 0))
     step_fn = self.step_fn
-    flops = device_peak = None
+    flops = None  # StepFlops, once the step is compiled
     pending = None  # (step, metrics) of the previous step, fetched one step late
     last_scalars: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -730,15 +749,14 @@ class _Loop:
       with StopSignal(coordinated=jax.process_count() > 1) as stop:
         while step < num_steps:
           batch = _to_global(next(self.data_iter), self.batch_sh)
-          if flops is None:  # compile once, ahead of time, and read its cost
+          if flops is None:  # compile once, ahead of time
             t0 = time.perf_counter()
             step_fn = step_fn.lower(state, batch).compile()
             log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
             multihost.barrier(
               'imagen_jax:train_step_compiled'
             )  # hosts start the collectives together
-            flops = compiled_flops(step_fn) or 0.0
-            device_peak = peak_flops(jax.devices()[0])
+            flops = step_flops(config, batch)
             window_start = time.perf_counter()
           state, metrics = step_fn(state, batch)
           step += 1
@@ -753,11 +771,7 @@ class _Loop:
             elapsed = time.perf_counter() - window_start
             scalars['steps_per_s'] = window_steps / elapsed
             scalars['img_per_s'] = window_steps * global_batch / elapsed
-            if flops:
-              tflops = flops * window_steps / elapsed / 1e12
-              scalars['tflops_per_device'] = tflops
-              if device_peak:
-                scalars['mfu'] = tflops * 1e12 / device_peak
+            scalars.update(flops.scalars(window_steps, elapsed))
             self.writer.write(step, scalars)
             progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["img_per_s"]:.1f}')
             last_scalars = scalars

@@ -94,6 +94,23 @@ def test_smoke_base_stage(uninterrupted):
   assert list((uninterrupted / 'tensorboard').iterdir()), 'no TensorBoard event files'
   saved = json.load(open(uninterrupted / 'checkpoints' / '6' / 'config' / 'metadata'))
   assert saved['model']['dim'] == 16 and saved['stage'] == 'base64'
+  # Throughput: analytic model FLOPs per device; CPU has no peak in the table, so no MFU/HFU.
+  rows = [json.loads(line) for line in open(uninterrupted / 'metrics.jsonl')]
+  assert all(r['model_tflops_per_device'] > 0 for r in rows if 'img_per_s' in r)
+  assert not any('mfu' in r or 'hfu' in r or 'tflops_per_device' in r for r in rows)
+
+
+def test_step_flops_mfu_and_hfu():
+  from imagen_jax import flops, train_lib
+
+  step = train_lib.StepFlops(model=3e15, hardware=4e15, num_devices=2, peak=1e15)
+  got = step.scalars(steps=4, seconds=2.0)  # 6e15 model FLOP/s per device
+  assert got == pytest.approx({'model_tflops_per_device': 3000.0, 'mfu': 3.0, 'hfu': 4.0})
+  assert 'hfu' not in train_lib.StepFlops(3e15, None, 2, 1e15).scalars(4, 2.0)  # remat off
+  assert train_lib.StepFlops(3e15, 4e15, 2, None).scalars(4, 2.0) == {
+    'model_tflops_per_device': pytest.approx(3000.0)
+  }  # unknown device: no guess
+  assert flops.peak_flops('NVIDIA H100 PCIe') == 756e12  # the table train_lib now uses
 
 
 def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
@@ -239,3 +256,18 @@ def test_smoke_sr_stages(shared, config):
   got = losses(workdir)
   assert sorted(got) == [1, 2] and all(np.isfinite(v) for v in got.values())
   assert finished_steps(workdir) == [2]
+
+
+def test_step_flops_from_the_batch_shapes():
+  from configs import base64
+  from imagen_jax import flops, stage, train_lib
+
+  config = base64.get_config('tiny')
+  batch = {'image': np.zeros((4, 16, 16, 3)), 'text_embs': np.zeros((4, 8, 1))}
+  got = train_lib.step_flops(config, batch)
+  count = flops.unet_flops(stage.model_config(config), batch=4, resolution=16, text_len=8)
+  assert got.model == count.train > 0
+  assert got.peak is None  # CPU
+  config.model.remat = True
+  remat = train_lib.step_flops(config, batch)
+  assert remat.model == got.model and remat.hardware > remat.model
