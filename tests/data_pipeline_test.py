@@ -8,6 +8,7 @@ import struct
 import zlib
 
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 from PIL import Image
@@ -34,12 +35,14 @@ class FakeEmbeddingCache:
     for caption in captions:
       n = min(len(caption.split()) + 1, self.max_length)
       seed = zlib.crc32(caption.encode())
-      self._table[caption] = np.random.default_rng(seed).normal(size=(n, self.dim))
+      values = np.random.default_rng(seed).normal(size=(n, self.dim))
+      self._table[caption] = values.astype(ml_dtypes.bfloat16)  # as the real cache stores them
+    self.longest_caption = max((len(v) for v in self._table.values()), default=0)
 
   def get(self, caption):
     if caption not in self._table:
       raise _NotCached(caption)
-    return self._table[caption].astype(np.float32)
+    return self._table[caption]
 
 
 def _config(path, **data_overrides) -> ml_collections.ConfigDict:
@@ -118,15 +121,17 @@ def test_base_batches_shapes_values_and_text(tmp_path):
   batch = next(it)
   assert set(batch) == {'image', 'text_embs', 'text_mask'}
   assert batch['image'].shape == (4, 8, 8, 3) and batch['image'].dtype == np.float32
-  assert batch['text_embs'].shape == (4, 6, 4) and batch['text_embs'].dtype == np.float32
+  length = pipeline.text_length_bucket(cache.longest_caption, cache.max_length)
+  assert length == 6  # captions of 5 tokens (4 words + EOS) -> bucket 8, capped at max_length 6
+  assert batch['text_embs'].shape == (4, 6, 4) and batch['text_embs'].dtype == ml_dtypes.bfloat16
   assert batch['text_mask'].shape == (4, 6) and batch['text_mask'].dtype == bool
   assert batch['image'].min() >= -1.0 and batch['image'].max() <= 1.0
   for row, index in enumerate(_ids(batch)):
     expected = cache.get(f'solid colour number {index}')  # [n, D]
     n = expected.shape[0]
     np.testing.assert_array_equal(batch['text_mask'][row], np.arange(6) < n)
-    # Exact: both are the cached bfloat16 values widened to float32 (a lossless cast).
-    np.testing.assert_allclose(batch['text_embs'][row, :n], expected)
+    # Exact: the cached bfloat16 values themselves.
+    np.testing.assert_array_equal(batch['text_embs'][row, :n], expected)
     assert (batch['text_embs'][row, n:] == 0).all()
     # f32 x / 127.5 - 1 of uint8 pixels: <= 2 roundings of values <= 1; 1e-6 is ~8 ulp, and one
     # uint8 level (7.8e-3) would fail.
@@ -378,10 +383,17 @@ def test_with_the_real_embedding_cache(tmp_path):
     str(tmp_path / 'emb'), source.captions(), encoder, dataset_fingerprint=source.fingerprint()
   )
   batch = next(pipeline.make_iterator(config, text_cache=cache, source=source))
-  assert batch['text_embs'].shape == (4, 16, cache.dim)
+  # Trimmed to the run's length: the longest cached caption rounded up to a bucket.
+  longest = max(len(cache.get(c)) for c in source.captions())
+  assert cache.longest_caption == longest
+  length = pipeline.text_length_bucket(longest, 16)
+  assert length == pipeline.run_text_length(cache) and longest <= length <= 16
+  assert batch['text_embs'].shape == (4, length, cache.dim)
+  assert batch['text_embs'].dtype == ml_dtypes.bfloat16
   captions = [f'solid colour number {i}' for i in _ids(batch)]
-  text_embs, text_mask = cache.lookup(captions)
-  # Exact: both are the same cached bfloat16 values widened to float32.
-  np.testing.assert_array_equal(batch['text_embs'], text_embs)
-  np.testing.assert_array_equal(batch['text_mask'], text_mask)
+  text_embs, text_mask = cache.lookup(captions)  # [B, 16, D] float32, the full length
+  # Exact: the float32 lookup is the same cached bfloat16 values widened (a lossless cast).
+  np.testing.assert_array_equal(batch['text_embs'].astype(np.float32), text_embs[:, :length])
+  np.testing.assert_array_equal(batch['text_mask'], text_mask[:, :length])
+  assert not text_mask[:, length:].any() and not text_embs[:, length:].any()
   assert batch['text_mask'].any(axis=1).all()

@@ -42,6 +42,7 @@ import os
 from typing import Any
 
 import grain
+import ml_dtypes
 import numpy as np
 
 from imagen_jax.data import preprocess, sizes
@@ -73,15 +74,49 @@ class _ProcessRecord(grain.transforms.RandomMap):
     return out
 
 
-def lookup_text(text_cache: Any, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
-  """Per-caption cached embeddings, zero-padded to max_length.
+TEXT_DTYPE = ml_dtypes.bfloat16  # text_embs of training batches: the cache's own dtype
 
-  Returns (text_embs [B, L, D] float32, text_mask [B, L] bool), L = text_cache.max_length.
+# Text lengths the training batches are trimmed to: the longest caption of the run rounded up to
+# one of these (capped at text.max_length), so few lengths ever compile.
+TEXT_LENGTH_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def text_length_bucket(num_tokens: int, max_length: int) -> int:
+  """The smallest bucket >= num_tokens (at least 1 token), capped at max_length."""
+  n = max(1, int(num_tokens))
+  bucket = next((b for b in TEXT_LENGTH_BUCKETS if b >= n), n)
+  return min(bucket, int(max_length))
+
+
+def run_text_length(text_cache: Any) -> int:
+  """Text length of every training batch of a run: the longest caption in the whole cache,
+  rounded up to a bucket. A per-run length (not per batch) because with several processes each
+  builds only its part of the global batch and jit needs one global shape: every process reads
+  the same cache, so all agree without a collective at each step. A cache object that does not
+  report `longest_caption` (a test double) gets the full max_length."""
+  longest = getattr(text_cache, 'longest_caption', None)
+  if longest is None:
+    return int(text_cache.max_length)
+  return text_length_bucket(longest, text_cache.max_length)
+
+
+def lookup_text(
+  text_cache: Any,
+  captions: list[str],
+  *,
+  length: int | None = None,
+  dtype: Any = np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Per-caption cached embeddings, zero-padded (or cut) to `length`.
+
+  Returns (text_embs [B, L, D] `dtype`, text_mask [B, L] bool), L = `length`, by default
+  text_cache.max_length. The cache holds bfloat16: `dtype=ml_dtypes.bfloat16` passes its values
+  as they are (half the bytes of float32, which widens them exactly).
   """
-  length, dim = int(text_cache.max_length), int(text_cache.dim)
-  text_embs = np.zeros((len(captions), length, dim), np.float32)  # [B, L, D]
-  text_mask = np.zeros((len(captions), length), bool)  # [B, L]
-  for i, caption in enumerate(captions):
+  length = int(text_cache.max_length if length is None else length)
+  dim = int(text_cache.dim)
+  pieces = []
+  for caption in captions:
     try:
       embs = np.asarray(text_cache.get(caption))  # [n_tokens, D]
     except KeyError as e:
@@ -94,9 +129,12 @@ def lookup_text(text_cache: Any, captions: list[str]) -> tuple[np.ndarray, np.nd
         f'Cached embedding for {caption!r} has shape {embs.shape}, expected [n, {dim}]; '
         f'the cache is stale or corrupt: delete it and run `{_PRECOMPUTE_HINT}`.'
       )
-    n = min(embs.shape[0], length)
-    text_embs[i, :n] = embs[:n].astype(np.float32)
-    text_mask[i, :n] = True
+    pieces.append(embs[:length])
+  counts = np.array([len(e) for e in pieces], np.int64)  # [B]
+  text_mask = np.arange(length)[None, :] < counts[:, None]  # [B, L]: a prefix per caption
+  text_embs = np.zeros((len(captions), length, dim), dtype)  # [B, L, D]
+  if counts.sum():
+    text_embs[text_mask] = np.concatenate(pieces).astype(dtype)  # row-major = caption order
   return text_embs, text_mask
 
 
@@ -184,7 +222,7 @@ class _BatchIterator(grain.DatasetIterator):
     if spec.has_lowres:
       batch['lowres'] = preprocess.to_float(np.stack([e['lowres'] for e in kept]))  # [B,h,w,3]
     batch['text_embs'], batch['text_mask'] = lookup_text(
-      spec.text_cache, [e['caption'] for e in kept]
+      spec.text_cache, [e['caption'] for e in kept], length=spec.text_length, dtype=TEXT_DTYPE
     )
     return batch
 
@@ -229,6 +267,7 @@ class _BatchIterDataset(grain.IterDataset):
     self.max_skip_fraction = max_skip_fraction
     self.source_name = source_name
     self.min_side = min_side  # too-small threshold (data.resolution)
+    self.text_length = run_text_length(text_cache)  # every batch's L (the same on every host)
 
   def __iter__(self) -> _BatchIterator:
     return _BatchIterator(self._parent.__iter__(), self)
@@ -340,19 +379,23 @@ def check_crops(config) -> preprocess.PreprocessOptions:
   return options
 
 
-def batch_spec(config, batch_size: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+def batch_spec(
+  config, batch_size: int, text_length: int | None = None
+) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of every entry of a batch of `batch_size` from `make_dataset(config)`.
 
   'image' [B, S, S, 3] and 'lowres' [B, s, s, 3] (SR stages), S = data.crop_size with training
-  crops, else data.resolution, s = S * lowres_resolution / resolution; 'text_embs'
-  [B, text.max_length, model.text_dim]; 'text_mask' [B, text.max_length].
+  crops, else data.resolution, s = S * lowres_resolution / resolution; 'text_embs' [B, L,
+  model.text_dim] bfloat16; 'text_mask' [B, L]. L = `text_length`: the pipeline's is
+  `run_text_length(text_cache)`; without it, text.max_length (the longest L can be).
   """
   options = preprocess.PreprocessOptions.from_config(config.data)
-  b, size, length = int(batch_size), options.image_size, int(config.text.max_length)
+  b, size = int(batch_size), options.image_size
+  length = int(config.text.max_length if text_length is None else text_length)
   spec = {'image': ((b, size, size, 3), np.dtype(np.float32))}
   if options.lowres_resolution:
     spec['lowres'] = ((b, options.lowres_size, options.lowres_size, 3), np.dtype(np.float32))
-  spec['text_embs'] = ((b, length, int(config.model.text_dim)), np.dtype(np.float32))
+  spec['text_embs'] = ((b, length, int(config.model.text_dim)), np.dtype(TEXT_DTYPE))
   spec['text_mask'] = ((b, length), np.dtype(bool))
   return spec
 
@@ -399,8 +442,9 @@ def make_dataset(
   """The per-host training dataset of batches (see the module docstring).
 
   Each element is a dict of numpy arrays: 'image' [B, H, W, 3] float32 in [-1, 1],
-  'lowres' [B, h, w, 3] (SR stages), 'text_embs' [B, L, D] float32, 'text_mask' [B, L]
-  bool, with B = train.batch_size // process_count (shapes: `batch_spec`). `source` reuses
+  'lowres' [B, h, w, 3] (SR stages), 'text_embs' [B, L, D] bfloat16 (the cache's values),
+  'text_mask' [B, L] bool, with B = train.batch_size // process_count and L =
+  `run_text_length(text_cache)` (shapes: `batch_spec`). `source` reuses
   an already-built `build_source(config.data)`. `data.prefetch` batches are read ahead by
   threads (in each worker when `data.num_workers` > 0); 0 reads synchronously.
   """

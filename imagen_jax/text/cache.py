@@ -160,6 +160,7 @@ class EmbeddingCache:
     self.path = pathlib.Path(path)
     self.manifest = manifest
     self._loaded = None  # (embs mmaps, offsets, sorted hashes, shard ids, rows), lazily
+    self._longest = None  # tokens of the longest caption, lazily
     self.build_report: dict[str, Any] | None = None  # encoding speed, when just built
 
   @classmethod
@@ -240,6 +241,14 @@ class EmbeddingCache:
   @property
   def encoder_name(self) -> str:
     return self.manifest['encoder']
+
+  @property
+  def longest_caption(self) -> int:
+    """Tokens of the longest cached caption (0 for an empty cache); read from the offsets."""
+    if self._longest is None:
+      _, offsets, *_ = self._load()
+      self._longest = max((int(np.diff(o).max()) for o in offsets if len(o) > 1), default=0)
+    return self._longest
 
   def __len__(self) -> int:
     return self.num_captions
