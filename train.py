@@ -61,10 +61,9 @@ def main(argv):
       f'{FLAGS.workdir}/checkpoints; resume with the same command.'
     )
     raise SystemExit(EXIT_STOPPED)
-  print(
-    f'done: step {step}, loss {metrics.get("loss", float("nan")):.4f}; '
-    f'checkpoints in {FLAGS.workdir}/checkpoints'
-  )
+  # A rerun of a finished run trains no step: no loss to report.
+  loss = f', loss {metrics["loss"]:.4f}' if 'loss' in metrics else ' (already finished)'
+  print(f'done: step {step}{loss}; checkpoints in {FLAGS.workdir}/checkpoints')
 
 
 if __name__ == '__main__':

@@ -598,6 +598,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     graphdef, abstract, state_sh, init = abstract_train_state(config, tx, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
     log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, config.model_preset)
+    # Before any state exists: grid prompts missing from the cache (given sample_prompts, SR
+    # held-out captions) are encoded here, and the text encoder is freed again before the U-Net
+    # state is allocated, so training never holds T5 and the train state at once.
+    sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
     if not manager.all_steps():
       if int(config.train.get('resume_step', 0)):
         raise TrainingError(
@@ -633,7 +637,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_iter=data_iter,
       manager=manager,
       writer=MetricWriter(workdir_path, config, enabled=is_chief),
-      sample_grid=_make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh),
+      sample_grid=sample_grid,
       eval_fn=_make_eval_fn(config, graphdef, workdir_path),
       batch_sh=batch_sh,
       workdir_path=workdir_path,
