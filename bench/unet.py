@@ -17,7 +17,7 @@ Memory comes from `compiled.memory_analysis()` of the program compiled for the b
 use. On CPU it overstates what a GPU/TPU needs: XLA:CPU removes remat's optimisation
 barriers and schedules for concurrency, so `--remat` barely lowers its peak, bf16 convs
 and attention logits are computed in f32, and the attention falls back to materialising
-the logits (cuDNN flash attention is used on GPU).
+the logits (cuDNN flash attention is used on GPU, Pallas splash attention on TPU).
 
 FLOPs: `model_tflop_per_step` is the U-Net's model FLOPs counted from its config and shapes
 (`imagen_jax.flops`, 3 x forward); `hardware_tflop_per_step` adds the forward that remat
@@ -27,7 +27,8 @@ peak of the device kind (null where the peak table has no entry, CPU included).
 convolutions and fused attention as zero on GPU and includes remat recomputation on TPU.
 `peak_memory_gb` is the device allocator's peak (`memory_stats()`; null where the backend
 has none, as on CPU). `fused_attention_in_hlo` says whether the compiled train step calls
-cuDNN's fused attention; `attention` gives the implementation each attention got.
+a fused attention kernel (cuDNN's on GPU, a Mosaic `tpu_custom_call` on TPU); `attention` gives
+the implementation each attention got.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imagen_jax.models import tpu_attention
+
 LOGICAL_AXES_KEY = 'logical_axes'
 
 log = logging.getLogger(__name__)
@@ -359,8 +361,9 @@ class ScalarEmbedding(nnx.Module):
 
 
 # Custom-call targets of the fused attention kernels in compiled HLO text (bench/unet.py looks
-# for them to report whether the fused kernel really runs).
-FUSED_ATTENTION_MARKERS = {'cudnn': '__cudnn$fmha'}
+# for them to report whether the fused kernel really runs). Every Pallas/Mosaic TPU kernel is a
+# 'tpu_custom_call'; splash attention is the only one in this model.
+FUSED_ATTENTION_MARKERS = {'cudnn': '__cudnn$fmha', 'splash': 'tpu_custom_call'}
 
 _plan_records: list[dict] | None = None
 
@@ -394,14 +397,31 @@ def _cudnn_head_dim_limit() -> int:
 
 
 def plan_attention(
-  *, backend: str, cuda: bool, dtype, q_len: int, head_dim: int, head_dim_limit: int
+  *,
+  backend: str,
+  cuda: bool,
+  dtype,
+  q_len: int,
+  head_dim: int,
+  head_dim_limit: int,
+  kv_len: int | None = None,
 ) -> tuple[str, str]:
   """(implementation, reason) for an attention with these properties (a pure function).
 
   'cudnn': cuDNN flash attention (CUDA GPU, 16-bit dtype, head dim a multiple of 8 within
-  cuDNN's limit, more than one query). 'xla': jax's reference attention, which materialises the
-  [B, H, T, S] logits in float32: the only choice on CPU, costly at full resolution.
+  cuDNN's limit, more than one query). 'splash': the Pallas splash attention kernel (TPU,
+  bfloat16 or float32, at least 128 queries and 128 keys (kv_len; None: as many as queries),
+  head dim up to 256; see `tpu_attention.splash_unsupported_reason`). 'xla': jax's reference
+  attention, which materialises the [B, H, T, S] logits in float32: the only choice on CPU,
+  costly at full resolution.
   """
+  if backend == 'tpu':
+    why_not = tpu_attention.splash_unsupported_reason(
+      dtype=dtype, q_len=q_len, kv_len=q_len if kv_len is None else kv_len, head_dim=head_dim
+    )
+    if why_not is not None:
+      return 'xla', why_not
+    return 'splash', 'Pallas splash attention, key/value lengths as segment ids'
   if backend != 'gpu':
     return 'xla', f'no fused attention kernel wired for backend {backend!r}'
   if not cuda:
@@ -417,8 +437,7 @@ def plan_attention(
 
 
 def attention_plan(q: jax.Array, k: jax.Array) -> tuple[str, str]:
-  """`plan_attention` for q [B, T, H, D] and k on the default backend and device."""
-  del k  # the key length does not restrict either implementation
+  """`plan_attention` for q [B, T, H, D] and k [B, S, H, D] on the default backend and device."""
   backend = jax.default_backend()
   cuda = _is_cuda_gpu()
   return plan_attention(
@@ -428,6 +447,7 @@ def attention_plan(q: jax.Array, k: jax.Array) -> tuple[str, str]:
     q_len=q.shape[1],
     head_dim=q.shape[3],
     head_dim_limit=_cudnn_head_dim_limit() if cuda else 0,
+    kv_len=k.shape[1],
   )
 
 
@@ -444,9 +464,10 @@ def attention(
   q [B, T, H, D], k/v [B, S, H, D], kv_lengths [B] int (keys [0, kv_lengths[b]) are attended;
   at least 1) or None (all keys). Passing lengths instead of a mask is what lets cuDNN's fused
   (flash) kernel run: it rejects a [B, 1, 1, S] mask turned into a bias. The implementation is
-  chosen by `attention_plan` and logged when traced (once per compilation). If cuDNN still
-  declares the pattern unsupported (NotImplementedError, raised while tracing), a warning is
-  logged and XLA's implementation is used; any other error propagates.
+  chosen by `attention_plan` and logged when traced (once per compilation). If cuDNN or the
+  splash path still declares the pattern unsupported (NotImplementedError, raised while
+  tracing), a warning is logged and XLA's implementation is used; any other error propagates.
+  Off TPU the splash kernel runs in Pallas interpret mode (only tests force that plan there).
   """
   assert q.ndim == 4 and k.shape == v.shape and q.shape[0] == k.shape[0], (q.shape, k.shape)
   if kv_lengths is not None:
@@ -460,6 +481,16 @@ def attention(
     except NotImplementedError as e:  # cuDNN: "unsupported pattern" (shapes/arch/version)
       log.warning('attention %s: cuDNN refused %s x %s (%s); using XLA.', name, q.shape, k.shape, e)
       impl, reason = 'xla', f'cuDNN refused: {e}'
+  if impl == 'splash':
+    try:
+      out = tpu_attention.splash_attention(
+        q, k, v, kv_lengths, interpret=jax.default_backend() != 'tpu'
+      )
+    except NotImplementedError as e:  # SplashUnsupportedError, or the kernel's own limits
+      log.warning(
+        'attention %s: splash refused %s x %s (%s); using XLA.', name, q.shape, k.shape, e
+      )
+      impl, reason = 'xla', f'splash refused: {e}'
   if impl == 'xla':
     out = jax.nn.dot_product_attention(
       q, k, v, key_value_seq_lengths=kv_lengths, implementation='xla'
