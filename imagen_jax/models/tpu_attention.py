@@ -36,8 +36,8 @@ from jax.sharding import AxisType, PartitionSpec
 # TPU vector lane width: the kernel's block sizes along T and S must be multiples of it (its
 # segment-id masking tiles ids over 128 lanes), and the head dim is padded to it.
 LANES = 128
-# Fewer queries or keys than one block: padding would at least double the work of a small
-# attention whose [B, H, T, S] logits are cheap to materialise anyway.
+# Fewer queries or keys than one block: much of the padded block would be wasted work, and
+# the [B, H, T, S] logits of so small an attention are cheap to materialise anyway.
 MIN_SEQ_LEN = LANES
 # Widest head dim sent to the kernel (larger ones have not been tried; VMEM per block grows
 # with it).
