@@ -191,8 +191,8 @@ def test_tpu_plan_cases():
   assert plan(kv_len=32)[0] == 'xla' and plan(kv_len=128)[0] == 'splash'
   assert plan(head_dim=8)[0] == 'splash' and plan(head_dim=256)[0] == 'splash'
   assert plan(head_dim=512) == ('xla', 'head dim 512 > 256: not tried with the splash kernel')
-  # Other backends are unchanged: CPU has no kernel, GPU gets cuDNN.
-  assert plan(backend='cpu')[0] == 'xla'
+  # Other backends are unchanged: CPU gets its blocked attention, GPU cuDNN.
+  assert plan(backend='cpu')[0] == 'blocked'
   assert plan(backend='gpu', cuda=True, head_dim_limit=128)[0] == 'cudnn'
 
 

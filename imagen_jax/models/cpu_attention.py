@@ -11,12 +11,14 @@ than a CPU's caches: half of a small64 training step on a 2-core CPU was spent t
 - a custom VJP in the manner of flash attention: the forward pass saves only its output and
   the log-sum-exp of each query's logits; the backward pass recomputes the probabilities from
   them (one matmul and one exp), instead of keeping [B, H, T, S] arrays alive;
-- the queries are processed `lax.map`-style in blocks sized so that one block's logits fit in
-  about `block_bytes` (a few MB: the CPU's last-level cache), so every pass over the logits of
-  a block runs from cache.
+- the queries are processed in blocks (`lax.map` forward, `lax.scan` backward, dk and dv
+  accumulated in the scan's carry) sized so that one block's logits fit in about
+  `block_bytes`, so every pass over the logits of a block runs from the CPU's cache; q, k and v
+  are moved to heads-major layout once, outside the loops.
 
 Measured on a 2-core AMD EPYC (XLA:CPU, float32), B=4, T=1024, S=1056, H=4, D=32, forward and
-backward: 0.31 s -> 0.11 s; forward alone 0.093 s -> 0.030 s.
+backward: 0.275 s -> 0.070 s; forward alone 0.091 s -> 0.022 s. A small64 training step
+(batch 4, 64 px, 32 text tokens): 2.43 -> 1.79 s with an earlier version of this module.
 
 It is used on CPU only (`layers.plan_attention`): GPUs take cuDNN's fused kernel and TPUs a
 Pallas kernel, whose tiling is their own business.
@@ -54,52 +56,83 @@ def _kv_mask(kv_len: int, kv_lengths: jax.Array | None) -> jax.Array | None:
 
 
 def _logits(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """q [B, T, H, D] (already scaled), k [B, S, H, D] -> float32 logits [B, H, T, S]; masked
+  """q [B, H, t, D] (already scaled), k [B, H, S, D] -> float32 logits [B, H, t, S]; masked
   keys get float32's lowest value (exp gives exactly 0; a row with no key stays finite)."""
-  logits = jnp.einsum('bthd,bshd->bhts', q, k, preferred_element_type=jnp.float32)
+  logits = jnp.einsum('bhtd,bhsd->bhts', q, k, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return logits
 
 
-def _block_forward(q, k, v, mask, scale):
-  """One block of queries: (output [B, T, H, D] in q's dtype, log-sum-exp [B, H, T] f32)."""
-  logits = _logits(q * jnp.asarray(scale, q.dtype), k, mask)
-  peak = jnp.max(logits, axis=-1, keepdims=True)
-  p = jnp.exp(logits - peak)
-  total = jnp.sum(p, axis=-1, keepdims=True)  # [B, H, T, 1], >= 1
-  out = jnp.einsum('bhts,bshd->bthd', p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  out = out / jnp.swapaxes(total, 1, 2)  # [B, T, H, 1]
-  return out.astype(q.dtype), (peak + jnp.log(total))[..., 0]
+def _to_blocks(x: jax.Array, n: int) -> jax.Array:
+  """[B, T, H, D] -> [n, B, H, T / n, D]: heads-major query blocks."""
+  b, t, h, d = x.shape
+  return jnp.moveaxis(jnp.transpose(x, (0, 2, 1, 3)).reshape(b, h, n, t // n, d), 2, 0)
+
+
+def _from_blocks(x: jax.Array) -> jax.Array:
+  """[n, B, H, T / n, D] -> [B, T, H, D]."""
+  n, b, h, tb, d = x.shape
+  return jnp.transpose(jnp.moveaxis(x, 0, 2).reshape(b, h, n * tb, d), (0, 2, 1, 3))
+
+
+def _forward(q, k, v, mask, n):
+  """(output [B, T, H, D], residuals): scaled query blocks, heads-major k/v [B, H, S, D], the
+  blocks' outputs and their log-sum-exp [n, B, H, T / n]."""
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  q_blocks = _to_blocks(q * jnp.asarray(scale, q.dtype), n)
+  kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+  def block(qb):
+    logits = _logits(qb, kh, mask)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    p = jnp.exp(logits - peak)
+    total = jnp.sum(p, axis=-1, keepdims=True)  # >= 1
+    out = jnp.einsum('bhts,bhsd->bhtd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+    return (out / total).astype(q.dtype), (peak + jnp.log(total))[..., 0]
+
+  out_blocks, lse = jax.lax.map(block, q_blocks)
+  return _from_blocks(out_blocks), (q_blocks, kh, vh, mask, out_blocks, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _block_attention(q, k, v, mask, scale):
-  return _block_forward(q, k, v, mask, scale)[0]
+def _attention(q, k, v, mask, n):
+  return _forward(q, k, v, mask, n)[0]
 
 
-def _block_attention_fwd(q, k, v, mask, scale):
-  out, lse = _block_forward(q, k, v, mask, scale)
-  return out, (q, k, v, mask, out, lse)
-
-
-def _block_attention_bwd(scale, residuals, d_out):
-  q, k, v, mask, out, lse = residuals
-  logits = _logits(q * jnp.asarray(scale, q.dtype), k, mask)
-  p = jnp.exp(logits - lse[..., None])  # the forward's probabilities, [B, H, T, S] f32
-  d_out32 = d_out.astype(jnp.float32)
-  dv = jnp.einsum('bhts,bthd->bshd', p, d_out32)
-  dp = jnp.einsum('bthd,bshd->bhts', d_out32, v.astype(jnp.float32))
+def _attention_bwd(n, residuals, d_out):
+  """Flash-attention backward, one query block at a time; dk, dv accumulate in float32."""
+  del n
+  q_blocks, kh, vh, mask, out_blocks, lse = residuals
+  scale = 1.0 / math.sqrt(q_blocks.shape[-1])
+  d_blocks = _to_blocks(d_out, q_blocks.shape[0]).astype(jnp.float32)
   # softmax backward: ds = p * (dp - sum_s p * dp), and sum_s p * dp = sum_d d_out * out.
-  row = jnp.sum(d_out32 * out.astype(jnp.float32), axis=-1)  # [B, T, H]
-  ds = p * (dp - jnp.transpose(row, (0, 2, 1))[..., None])
-  dq = jnp.einsum('bhts,bshd->bthd', ds, k.astype(jnp.float32)) * scale
-  dk = jnp.einsum('bhts,bthd->bshd', ds, q.astype(jnp.float32)) * scale
+  rows = jnp.sum(d_blocks * out_blocks.astype(jnp.float32), axis=-1)  # [n, B, H, t]
+  k32, v32 = kh.astype(jnp.float32), vh.astype(jnp.float32)
+
+  def block(carry, xs):
+    dk, dv = carry
+    qb, db, lse_b, row = xs
+    p = jnp.exp(_logits(qb, kh, mask) - lse_b[..., None])  # the forward's probabilities
+    dv = dv + jnp.einsum('bhts,bhtd->bhsd', p, db)
+    ds = p * (jnp.einsum('bhtd,bhsd->bhts', db, v32) - row[..., None])
+    dq = jnp.einsum('bhts,bhsd->bhtd', ds, k32) * scale
+    dk = dk + jnp.einsum('bhts,bhtd->bhsd', ds, qb.astype(jnp.float32))  # qb holds the scale
+    return (dk, dv), dq
+
+  zeros = jnp.zeros(kh.shape, jnp.float32)
+  (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (q_blocks, d_blocks, lse, rows))
   d_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_mask
+  heads_last = (0, 2, 1, 3)
+  return (
+    _from_blocks(dq).astype(q_blocks.dtype),
+    jnp.transpose(dk, heads_last).astype(kh.dtype),
+    jnp.transpose(dv, heads_last).astype(vh.dtype),
+    d_mask,
+  )
 
 
-_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
+_attention.defvjp(_forward, _attention_bwd)
 
 
 def blocked_attention(
@@ -114,13 +147,7 @@ def blocked_attention(
   attending to its first kv_lengths[b] keys (None: all), scaled by 1/sqrt(D): the result of
   `jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths)`, in q's dtype.
   Logits, softmax and accumulation are float32 whatever the input dtype."""
-  b, t, h, d = q.shape
+  b, t, h, _ = q.shape
   s = k.shape[1]
-  scale = 1.0 / math.sqrt(d)
   mask = _kv_mask(s, None if kv_lengths is None else kv_lengths.astype(jnp.int32))
-  n = query_blocks(b, t, s, h, block_bytes)
-  if n == 1:
-    return _block_attention(q, k, v, mask, scale)
-  blocks = jnp.moveaxis(q.reshape(b, n, t // n, h, d), 1, 0)  # [n, B, T/n, H, D]
-  out = jax.lax.map(lambda qb: _block_attention(qb, k, v, mask, scale), blocks)
-  return jnp.moveaxis(out, 0, 1).reshape(b, t, h, d)
+  return _attention(q, k, v, mask, query_blocks(b, t, s, h, block_bytes))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imagen_jax.models import tpu_attention
+from imagen_jax.models import cpu_attention, tpu_attention
 
 LOGICAL_AXES_KEY = 'logical_axes'
 
@@ -411,9 +411,10 @@ def plan_attention(
   'cudnn': cuDNN flash attention (CUDA GPU, 16-bit dtype, head dim a multiple of 8 within
   cuDNN's limit, more than one query). 'splash': the Pallas splash attention kernel (TPU,
   bfloat16 or float32, at least 128 queries and 128 keys (kv_len; None: as many as queries),
-  head dim up to 256; see `tpu_attention.splash_unsupported_reason`). 'xla': jax's reference
-  attention, which materialises the [B, H, T, S] logits in float32: the only choice on CPU,
-  costly at full resolution.
+  head dim up to 256; see `tpu_attention.splash_unsupported_reason`). 'blocked': CPU, more than
+  one query: `cpu_attention.blocked_attention` (the same result in cache-sized blocks of queries,
+  2-3x faster there). 'xla': jax's reference attention, which materialises the [B, H, T, S]
+  logits in float32: costly at full resolution.
   """
   if backend == 'tpu':
     why_not = tpu_attention.splash_unsupported_reason(
@@ -422,6 +423,10 @@ def plan_attention(
     if why_not is not None:
       return 'xla', why_not
     return 'splash', 'Pallas splash attention, key/value lengths as segment ids'
+  if backend == 'cpu':
+    if q_len == 1:
+      return 'xla', 'a single query (pooling): logits [B, H, 1, S] are tiny'
+    return 'blocked', 'CPU: cache-sized query blocks, flash-style backward (cpu_attention)'
   if backend != 'gpu':
     return 'xla', f'no fused attention kernel wired for backend {backend!r}'
   if not cuda:
@@ -491,6 +496,8 @@ def attention(
         'attention %s: splash refused %s x %s (%s); using XLA.', name, q.shape, k.shape, e
       )
       impl, reason = 'xla', f'splash refused: {e}'
+  if impl == 'blocked':
+    out = cpu_attention.blocked_attention(q, k, v, kv_lengths)
   if impl == 'xla':
     out = jax.nn.dot_product_attention(
       q, k, v, key_value_seq_lengths=kv_lengths, implementation='xla'
