@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from imagen_jax.models import PRESETS, UNet, layers
+from imagen_jax.models import PRESETS, UNet, cpu_attention, layers
 
 pytestmark = pytest.mark.unit
 
@@ -141,7 +141,7 @@ def _preset_attention_shapes(name: str, resolution: int, text_len: int = 128) ->
 def test_every_preset_attention_is_fused_on_cuda(name, resolution):
   """On a CUDA GPU in bfloat16, every self- and cross-attention of every preset gets cuDNN
   (Hopper's head-dim limit 256 and Ampere's 128); only the single-query text pooling uses XLA.
-  On this CPU backend every call with several queries is planned (and was run) as 'blocked'."""
+  On this CPU backend, calls whose float32 logits exceed one cache-sized block are 'blocked'."""
   plans = _preset_attention_shapes(name, resolution)
   pixel_attention = [p for p in plans if p['name'] != 'text_pool']
   assert pixel_attention and len(plans) == len(pixel_attention) + 1
@@ -159,7 +159,9 @@ def test_every_preset_attention_is_fused_on_cuda(name, resolution):
       assert impl == expected, (name, p, reason)
   if jax.default_backend() == 'cpu':
     for p in plans:
-      assert p['implementation'] == ('xla' if p['name'] == 'text_pool' else 'blocked'), p
+      (b, t, h, _), s = p['q'], p['k'][1]
+      big = 4 * b * h * t * s > cpu_attention.DEFAULT_BLOCK_BYTES and t > 1
+      assert p['implementation'] == ('blocked' if big else 'xla'), p
 
 
 def test_plan_reasons():
@@ -183,3 +185,8 @@ def test_plan_reasons():
   assert plan(head_dim=36)[0] == 'xla'
   assert plan(cuda=False)[0] == 'xla'
   assert plan(backend='cpu')[0] == 'blocked' and plan(backend='cpu', q_len=1)[0] == 'xla'
+  # CPU: blocked only where the float32 logits exceed one 16 MB block (small64's 32x32 level).
+  cpu = lambda b_h, t, s: plan(backend='cpu', batch_heads=b_h, q_len=t, kv_len=s)[0]
+  assert (
+    cpu(16, 1024, 1056) == 'blocked' and cpu(16, 1024, 32) == 'xla' and cpu(16, 256, 288) == 'xla'
+  )

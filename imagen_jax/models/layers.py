@@ -405,16 +405,19 @@ def plan_attention(
   head_dim: int,
   head_dim_limit: int,
   kv_len: int | None = None,
+  batch_heads: int | None = None,
 ) -> tuple[str, str]:
   """(implementation, reason) for an attention with these properties (a pure function).
 
   'cudnn': cuDNN flash attention (CUDA GPU, 16-bit dtype, head dim a multiple of 8 within
   cuDNN's limit, more than one query). 'splash': the Pallas splash attention kernel (TPU,
   bfloat16 or float32, at least 128 queries and 128 keys (kv_len; None: as many as queries),
-  head dim up to 256; see `tpu_attention.splash_unsupported_reason`). 'blocked': CPU, more than
-  one query: `cpu_attention.blocked_attention` (the same result in cache-sized blocks of queries,
-  2-3x faster there). 'xla': jax's reference attention, which materialises the [B, H, T, S]
-  logits in float32: costly at full resolution.
+  head dim up to 256; see `tpu_attention.splash_unsupported_reason`). 'blocked': CPU, float32
+  logits [B, H, T, S] (batch_heads = B * H; None: assumed large) over one cache-sized block:
+  `cpu_attention.blocked_attention` (the same result in cache-sized blocks of queries, 3-4x
+  faster there; below that size its loop and transposes cost more than they save). 'xla':
+  jax's reference attention, which materialises the logits in float32: costly at full
+  resolution.
   """
   if backend == 'tpu':
     why_not = tpu_attention.splash_unsupported_reason(
@@ -426,6 +429,9 @@ def plan_attention(
   if backend == 'cpu':
     if q_len == 1:
       return 'xla', 'a single query (pooling): logits [B, H, 1, S] are tiny'
+    logits_bytes = 4 * q_len * (q_len if kv_len is None else kv_len) * (batch_heads or 1 << 30)
+    if logits_bytes <= cpu_attention.DEFAULT_BLOCK_BYTES:
+      return 'xla', 'CPU: the float32 logits fit in one cache-sized block; nothing to split'
     return 'blocked', 'CPU: cache-sized query blocks, flash-style backward (cpu_attention)'
   if backend != 'gpu':
     return 'xla', f'no fused attention kernel wired for backend {backend!r}'
@@ -453,6 +459,7 @@ def attention_plan(q: jax.Array, k: jax.Array) -> tuple[str, str]:
     head_dim=q.shape[3],
     head_dim_limit=_cudnn_head_dim_limit() if cuda else 0,
     kv_len=k.shape[1],
+    batch_heads=q.shape[0] * q.shape[2],
   )
 
 
