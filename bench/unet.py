@@ -16,8 +16,8 @@ batch of 2B), plus XLA's memory analysis of the compiled train step.
 Memory comes from `compiled.memory_analysis()` of the program compiled for the backend in
 use. On CPU it overstates what a GPU/TPU needs: XLA:CPU removes remat's optimisation
 barriers and schedules for concurrency, so `--remat` barely lowers its peak, bf16 convs
-and attention logits are computed in f32, and the attention falls back to materialising
-the logits (cuDNN flash attention is used on GPU, Pallas splash attention on TPU).
+and attention logits are computed in f32, and attention holds one block of f32 logits at a
+time (`cpu_attention`; cuDNN flash attention is used on GPU, Pallas splash attention on TPU).
 
 FLOPs: `model_tflop_per_step` is the U-Net's model FLOPs counted from its config and shapes
 (`imagen_jax.flops`, 3 x forward); `hardware_tflop_per_step` adds the forward that remat
