@@ -87,7 +87,14 @@ def get_common(
   c.data.max_skip_fraction = 0.01  # unreadable / broken files
   c.data.max_examples = 0  # 0: all
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process
-  c.data.prefetch = 2
+  c.data.prefetch = 2  # host batches read ahead by grain's threads
+  # Batches assembled and copied to the devices ahead of the train step by one thread
+  # (train_lib.device_prefetch), so the step never waits on the host; 0: in the step's thread.
+  c.data.device_prefetch = 2
+  # Text length L of training batches: 'batch' (each batch's longest caption, rounded up to a
+  # bucket: 8, 16, 32, ...; one compiled step per bucket) | 'run' (the run's longest caption) |
+  # 'auto': 'batch' on one process with an accelerator, 'run' on CPU or several processes.
+  c.data.text_length = 'auto'
 
   # Optimisation.
   c.optim = ml_collections.ConfigDict()

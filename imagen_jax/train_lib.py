@@ -4,10 +4,14 @@
 
 One code path for 1 CPU, N local devices and multi-host pods: a ('data', 'fsdp') mesh over
 all devices, params and optimizer state sharded by the logical rules, the batch split over
-both axes, one `jax.jit` step with pinned in/out shardings and donated state.
+both axes, one `jax.jit` step with pinned in/out shardings and donated state, compiled ahead
+of time once per batch shape (`CompiledSteps`: one per text length bucket with
+data.text_length=batch). A thread assembles batches and copies them to the devices ahead of the
+step (`device_prefetch`); checkpoints hold the data position of the last batch consumed.
 """
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -28,6 +32,7 @@ from flax import nnx
 
 from imagen_jax import cascade, checkpoints, images, multihost, optim, sharding, stage
 from imagen_jax import flops as flops_lib
+from imagen_jax.data import prefetch
 from imagen_jax.diffusion import guidance, losses
 
 log = logging.getLogger(__name__)
@@ -280,6 +285,16 @@ class StepFlops:
     return out
 
 
+def mean_step_flops(steps: list[StepFlops]) -> StepFlops:
+  """The mean StepFlops of a window's steps, which may differ in shape (text lengths): its
+  `scalars(len(steps), seconds)` counts each step's own FLOPs."""
+  first = steps[0]
+  hardware = None if first.hardware is None else sum(s.hardware for s in steps) / len(steps)
+  return dataclasses.replace(
+    first, model=sum(s.model for s in steps) / len(steps), hardware=hardware
+  )
+
+
 def step_flops(config: ml_collections.ConfigDict, batch: dict) -> StepFlops:
   """FLOPs of one train step on `batch` (its global shapes: the real crop size and the text
   length the batch really has) and the peak of this run's devices."""
@@ -357,6 +372,57 @@ def _to_global(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Ar
     k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
     for k, v in batch.items()
   }
+
+
+def batch_signature(batch: dict) -> tuple:
+  """What a compiled step depends on in a batch: each array's name, shape and dtype."""
+  return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
+
+
+class CompiledSteps:
+  """A jitted train step compiled ahead of time once per batch shape.
+
+  With data.text_length=batch the text length L changes with the batch (a few buckets), and a
+  compiled step only takes the shapes it was compiled for: `get(state, batch)` returns the one
+  for this batch's shapes, compiling it first when the shapes are new, with its FLOPs
+  (`step_flops`, for MFU) and the seconds spent compiling now (0.0 when it was compiled).
+  """
+
+  def __init__(self, step_fn, config: ml_collections.ConfigDict | None = None):
+    self.step_fn = step_fn  # jax.jit(...) with pinned shardings
+    self.config = config  # for step_flops; None: no FLOPs
+    self.compiled: dict[tuple, tuple[Any, StepFlops | None]] = {}  # batch_signature -> step
+    self.text_lengths: list[int] = []  # L of each compiled step, in compile order
+
+  def get(self, state, batch: dict) -> tuple[Any, StepFlops | None, float]:
+    key = batch_signature(batch)
+    if key in self.compiled:
+      return (*self.compiled[key], 0.0)
+    t0 = time.perf_counter()
+    compiled = self.step_fn.lower(state, batch).compile()
+    seconds = time.perf_counter() - t0
+    text_length = int(batch['text_embs'].shape[1])
+    if not self.compiled:
+      log.info('Train step compiled in %.1f s (text length %d).', seconds, text_length)
+      multihost.barrier('imagen_jax:train_step_compiled')  # hosts start the collectives together
+    else:
+      log.info('Train step compiled for text length %d in %.1f s.', text_length, seconds)
+      multihost.barrier('imagen_jax:train_step_recompiled')
+    flops = None if self.config is None else step_flops(self.config, batch)
+    self.compiled[key] = (compiled, flops)
+    self.text_lengths.append(text_length)
+    return compiled, flops, time.perf_counter() - t0
+
+
+def device_prefetch(config: ml_collections.ConfigDict, host_iter, batch_sharding):
+  """`host_iter`'s batches as global arrays, `data.device_prefetch` of them (default 2; 0:
+  none, read in the step's thread) assembled and copied to the devices ahead by one thread.
+  Its get_state() / set_state() are the host iterator's, at the last batch consumed."""
+  return prefetch.DevicePrefetch(
+    host_iter,
+    transfer=functools.partial(_to_global, batch_sharding=batch_sharding),
+    size=int(config.data.get('device_prefetch', 2)),
+  )
 
 
 def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
@@ -631,15 +697,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       out_shardings=(state_sh, metric_sh),
       donate_argnums=(0,),
     )
+    writer = MetricWriter(workdir_path, config, enabled=is_chief)
+    eval_fn = _make_eval_fn(config, graphdef, workdir_path)
     loop = _Loop(
       config=config,
       step_fn=step_fn,
-      data_iter=data_iter,
+      # From here on its thread assembles batches and copies them to the devices ahead of the
+      # step; _Loop.run closes it (and the host iterator) however the loop ends.
+      data_iter=device_prefetch(config, data_iter, batch_sh),
       manager=manager,
-      writer=MetricWriter(workdir_path, config, enabled=is_chief),
+      writer=writer,
       sample_grid=sample_grid,
-      eval_fn=_make_eval_fn(config, graphdef, workdir_path),
-      batch_sh=batch_sh,
+      eval_fn=eval_fn,
       workdir_path=workdir_path,
     )
     return loop.run(state, start, num_steps)
@@ -665,12 +734,11 @@ class _Loop:
 
   config: ml_collections.ConfigDict
   step_fn: Any
-  data_iter: Any
+  data_iter: Any  # yields batches already on the devices (device_prefetch)
   manager: Any
   writer: MetricWriter
   sample_grid: Callable | None  # fn(ema_params, step) -> (uint8 grid, {metric: value})
   eval_fn: Callable | None
-  batch_sh: Any
   workdir_path: pathlib.Path
   last_save: int | None = None  # step of the newest save started
 
@@ -735,8 +803,8 @@ class _Loop:
     config = self.config
     global_batch = int(config.train.batch_size)
     eval_every = int(config.train.get('eval_every', 0))
-    step_fn = self.step_fn
-    flops = None  # StepFlops, once the step is compiled
+    steps = CompiledSteps(self.step_fn, config)  # one compiled step per batch shape
+    window_flops: list[StepFlops] = []  # of each step in the img/s window
     pending = None  # (step, metrics) of the previous step, fetched one step late
     last_scalars: dict[str, Any] = {}
     window_start, window_steps = time.perf_counter(), 0
@@ -752,19 +820,17 @@ class _Loop:
     try:
       with StopSignal(coordinated=jax.process_count() > 1) as stop:
         while step < num_steps:
-          batch = _to_global(next(self.data_iter), self.batch_sh)
-          if flops is None:  # compile once, ahead of time
-            t0 = time.perf_counter()
-            step_fn = step_fn.lower(state, batch).compile()
-            log.info('Train step compiled in %.1f s.', time.perf_counter() - t0)
-            multihost.barrier(
-              'imagen_jax:train_step_compiled'
-            )  # hosts start the collectives together
-            flops = step_flops(config, batch)
+          batch = next(self.data_iter)  # on the device already (DevicePrefetch)
+          first = not steps.compiled
+          step_fn, flops, compile_s = steps.get(state, batch)  # compiles a new batch shape
+          if first:
             window_start = time.perf_counter()
+          else:
+            window_start += compile_s  # compiling stays out of the img/s window
           state, metrics = step_fn(state, batch)
           step += 1
           window_steps += 1
+          window_flops.append(flops)
           if pending is not None:
             last_scalars = {**last_scalars, **self.check(*pending)}
           pending = (step, metrics)
@@ -775,11 +841,11 @@ class _Loop:
             elapsed = time.perf_counter() - window_start
             scalars['steps_per_s'] = window_steps / elapsed
             scalars['img_per_s'] = window_steps * global_batch / elapsed
-            scalars.update(flops.scalars(window_steps, elapsed))
+            scalars.update(mean_step_flops(window_flops).scalars(window_steps, elapsed))
             self.writer.write(step, scalars)
             progress.set_postfix(loss=f'{scalars["loss"]:.4f}', img_s=f'{scalars["img_per_s"]:.1f}')
             last_scalars = scalars
-            window_start, window_steps = time.perf_counter(), 0
+            window_start, window_steps, window_flops = time.perf_counter(), 0, []
           progress.update(1)
 
           if stop.should_stop(step):

@@ -76,8 +76,9 @@ class _ProcessRecord(grain.transforms.RandomMap):
 
 TEXT_DTYPE = ml_dtypes.bfloat16  # text_embs of training batches: the cache's own dtype
 
-# Text lengths the training batches are trimmed to: the longest caption of the run rounded up to
-# one of these (capped at text.max_length), so few lengths ever compile.
+# Text lengths the training batches are trimmed to: the longest caption of the run (or of the
+# batch, data.text_length) rounded up to one of these (capped at text.max_length), so few
+# lengths ever compile.
 TEXT_LENGTH_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -100,20 +101,55 @@ def run_text_length(text_cache: Any) -> int:
   return text_length_bucket(longest, text_cache.max_length)
 
 
+TEXT_LENGTH_MODES = ('auto', 'batch', 'run')
+
+
+def text_length_mode(data_config, process_count: int, backend: str | None = None) -> str:
+  """'batch' or 'run': how training batches' text length L is chosen (`data.text_length`).
+
+  'batch': the longest caption of each batch, rounded up to a bucket (a few compiled step
+  shapes, far fewer padded text tokens). 'run': one L for the whole run (`run_text_length`).
+  Several processes always use 'run': each builds only its part of the global batch, and jit
+  needs one global shape, which they would have to agree on with a collective every step.
+  'auto' (the default) is 'batch' on one process with an accelerator, and 'run' on CPU, where
+  compiling another step shape costs more than the shorter text saves in a short run.
+  """
+  mode = str(data_config.get('text_length', 'auto'))
+  if mode not in TEXT_LENGTH_MODES:
+    raise DataError(
+      f"data.text_length={mode!r}: choose 'auto', 'batch' (each batch's longest caption, "
+      "bucketed) or 'run' (one length for the run)."
+    )
+  if process_count > 1:
+    if mode == 'batch':
+      log.info('data.text_length=batch: %d processes use one text length per run.', process_count)
+    return 'run'
+  if mode == 'auto':
+    if backend is None:
+      import jax
+
+      backend = jax.default_backend()
+    return 'run' if backend == 'cpu' else 'batch'
+  return mode
+
+
 def lookup_text(
   text_cache: Any,
   captions: list[str],
   *,
-  length: int | None = None,
+  length: int | str | None = None,
   dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Per-caption cached embeddings, zero-padded (or cut) to `length`.
 
   Returns (text_embs [B, L, D] `dtype`, text_mask [B, L] bool), L = `length`, by default
-  text_cache.max_length. The cache holds bfloat16: `dtype=ml_dtypes.bfloat16` passes its values
-  as they are (half the bytes of float32, which widens them exactly).
+  text_cache.max_length; 'bucket': the longest of these captions rounded up to a bucket
+  (`text_length_bucket`). The cache holds bfloat16: `dtype=ml_dtypes.bfloat16` passes its
+  values as they are (half the bytes of float32, which widens them exactly).
   """
-  length = int(text_cache.max_length if length is None else length)
+  max_length = int(text_cache.max_length)
+  bucketed = length == 'bucket'
+  length = max_length if length is None or bucketed else int(length)
   dim = int(text_cache.dim)
   pieces = []
   for caption in captions:
@@ -131,6 +167,8 @@ def lookup_text(
       )
     pieces.append(embs[:length])
   counts = np.array([len(e) for e in pieces], np.int64)  # [B]
+  if bucketed:
+    length = text_length_bucket(int(counts.max(initial=0)), max_length)
   text_mask = np.arange(length)[None, :] < counts[:, None]  # [B, L]: a prefix per caption
   text_embs = np.zeros((len(captions), length, dim), dtype)  # [B, L, D]
   if counts.sum():
@@ -222,7 +260,10 @@ class _BatchIterator(grain.DatasetIterator):
     if spec.has_lowres:
       batch['lowres'] = preprocess.to_float(np.stack([e['lowres'] for e in kept]))  # [B,h,w,3]
     batch['text_embs'], batch['text_mask'] = lookup_text(
-      spec.text_cache, [e['caption'] for e in kept], length=spec.text_length, dtype=TEXT_DTYPE
+      spec.text_cache,
+      [e['caption'] for e in kept],
+      length='bucket' if spec.text_length_mode == 'batch' else spec.text_length,
+      dtype=TEXT_DTYPE,
     )
     return batch
 
@@ -258,8 +299,10 @@ class _BatchIterDataset(grain.IterDataset):
     max_skip_fraction: float,
     source_name: str,
     min_side: int,
+    text_length_mode: str = 'run',
   ):
     super().__init__(parent)
+    self.text_length_mode = text_length_mode  # 'batch' | 'run' (text_length_mode())
     self.batch_size = batch_size
     self.text_cache = text_cache
     self.has_lowres = has_lowres
@@ -267,7 +310,7 @@ class _BatchIterDataset(grain.IterDataset):
     self.max_skip_fraction = max_skip_fraction
     self.source_name = source_name
     self.min_side = min_side  # too-small threshold (data.resolution)
-    self.text_length = run_text_length(text_cache)  # every batch's L (the same on every host)
+    self.text_length = run_text_length(text_cache)  # L of every batch with mode 'run'
 
   def __iter__(self) -> _BatchIterator:
     return _BatchIterator(self._parent.__iter__(), self)
@@ -444,7 +487,8 @@ def make_dataset(
   Each element is a dict of numpy arrays: 'image' [B, H, W, 3] float32 in [-1, 1],
   'lowres' [B, h, w, 3] (SR stages), 'text_embs' [B, L, D] bfloat16 (the cache's values),
   'text_mask' [B, L] bool, with B = train.batch_size // process_count and L =
-  `run_text_length(text_cache)` (shapes: `batch_spec`). `source` reuses
+  `run_text_length(text_cache)` (shapes: `batch_spec`), or with `text_length_mode` 'batch'
+  the bucket of each batch's longest caption (at most that). `source` reuses
   an already-built `build_source(config.data)`. `data.prefetch` batches are read ahead by
   threads (in each worker when `data.num_workers` > 0); 0 reads synchronously.
   """
@@ -496,6 +540,7 @@ def make_dataset(
     max_skip_fraction=float(data.get('max_skip_fraction', 0.01)),
     source_name=source.name,
     min_side=options.resolution,
+    text_length_mode=text_length_mode(data, process_count),
   )
 
 

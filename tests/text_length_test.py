@@ -1,0 +1,213 @@
+"""Per-batch text lengths (data.text_length=batch: a compiled step per length bucket) and
+batches put on the devices ahead by a thread (data.device_prefetch), with exact resume."""
+
+import json
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax import train_lib
+from imagen_jax.data import pipeline, prefetch
+from imagen_jax.data.sources import DataError
+from tests import data_pipeline_test as dp
+from tests import train_test
+
+
+class _LongCache(dp.FakeEmbeddingCache):
+  max_length = 32  # buckets 8, 16, 32
+
+
+def _caption_folder(root, n=12):
+  """n solid images (red = 10 * index); captions of 2 words (3 tokens), but 12 words (13
+  tokens) for the first two: of an epoch's 3 batches of 4, one or two need bucket 16, the
+  others fit bucket 8."""
+  root.mkdir(exist_ok=True)
+  for i in range(n):
+    Image.new('RGB', (8, 8), (10 * i, 255 - 10 * i, 7)).save(root / f'{i:03d}.png')
+    words = 12 if i < 2 else 2
+    (root / f'{i:03d}.txt').write_text(' '.join(f'w{i}x{j}' for j in range(words)))
+  return root
+
+
+def _iterator(config):
+  source = pipeline.build_source(config.data)
+  cache = _LongCache(source.captions())
+  return pipeline.make_iterator(config, text_cache=cache, source=source), cache
+
+
+@pytest.mark.unit
+def test_text_length_mode():
+  mode = pipeline.text_length_mode
+  auto = ml_collections.ConfigDict({'text_length': 'auto'})
+  assert mode(auto, 1, backend='cpu') == 'run'  # another compile costs more than it saves
+  assert mode(auto, 1, backend='gpu') == 'batch'
+  assert mode(auto, 1, backend='tpu') == 'batch'
+  assert mode(auto, 2, backend='gpu') == 'run'  # one global shape across processes
+  batch = ml_collections.ConfigDict({'text_length': 'batch'})
+  assert mode(batch, 1, backend='cpu') == 'batch'  # asked for explicitly
+  assert mode(batch, 4, backend='gpu') == 'run'
+  run = ml_collections.ConfigDict({'text_length': 'run'})
+  assert mode(run, 1, backend='gpu') == 'run'
+  assert mode(ml_collections.ConfigDict(), 1, backend='cpu') == 'run'  # configs without it
+  with pytest.raises(DataError, match=r"text_length='longest'.*'auto', 'batch'.*'run'"):
+    mode(ml_collections.ConfigDict({'text_length': 'longest'}), 1, backend='gpu')
+
+
+@pytest.mark.unit
+def test_batch_mode_trims_each_batch_to_its_bucket(tmp_path):
+  folder = _caption_folder(tmp_path / 'captions')
+  by_mode = {}
+  for text_length in ('batch', 'run'):
+    config = dp._config(folder, text_length=text_length)
+    it, cache = _iterator(config)
+    by_mode[text_length] = dp._take(it, 6)  # two epochs of 3 batches
+  assert pipeline.run_text_length(cache) == 16
+  lengths = []
+  for trimmed, full in zip(by_mode['batch'], by_mode['run'], strict=True):
+    np.testing.assert_array_equal(trimmed['image'], full['image'])  # the same examples
+    longest = int(full['text_mask'].sum(axis=1).max())
+    length = trimmed['text_embs'].shape[1]
+    assert length == pipeline.text_length_bucket(longest, cache.max_length)
+    assert trimmed['text_mask'].shape == (4, length)
+    assert trimmed['text_embs'].dtype == full['text_embs'].dtype == pipeline.TEXT_DTYPE
+    # The same values and mask, the padded slots dropped.
+    assert trimmed['text_embs'].tobytes() == full['text_embs'][:, :length].tobytes()
+    np.testing.assert_array_equal(trimmed['text_mask'], full['text_mask'][:, :length])
+    assert not full['text_mask'][:, length:].any()
+    lengths.append(length)
+  assert set(lengths) == {8, 16}
+
+
+class _Counter:
+  """A host iterator of {'i': [i]}, with grain's get_state / set_state; raises `error` when it
+  would produce batch `fail_at`, StopIteration after `stop_at`."""
+
+  def __init__(self, fail_at=None, error=None, stop_at=None):
+    self.i, self.fail_at, self.error, self.stop_at = 0, fail_at, error, stop_at
+    self.produced = 0
+    self.closed = False
+
+  def __next__(self):
+    if self.i == self.fail_at:
+      raise self.error
+    if self.i == self.stop_at:
+      raise StopIteration
+    self.i += 1
+    self.produced += 1
+    return {'i': np.array([self.i - 1])}
+
+  def get_state(self):
+    return {'i': self.i}
+
+  def set_state(self, state):
+    self.i = state['i']
+
+  def close(self):
+    self.closed = True
+
+
+def _prefetch_threads():
+  return [t for t in threading.enumerate() if t.name == 'device-prefetch']
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize('size', [0, 1, 2])
+def test_prefetch_order_state_and_close(size):
+  host = _Counter()
+  it = prefetch.DevicePrefetch(host, transfer=lambda b: {'on_device': b['i']}, size=size)
+  try:
+    assert it.get_state() == {'i': 0}
+    for k in range(1, 6):
+      assert int(next(it)['on_device'][0]) == k - 1  # order kept, transfer applied
+      assert it.get_state() == {'i': k}  # the position of the last batch consumed
+    time.sleep(0.2)
+    assert host.produced <= 5 + size  # never more than `size` read ahead
+    if size:
+      assert host.produced == 5 + size
+    # set_state drops what was read ahead and goes on from the state given.
+    it.set_state({'i': 2})
+    assert [int(next(it)['on_device'][0]) for _ in range(3)] == [2, 3, 4]
+    assert it.get_state() == {'i': 5}
+  finally:
+    it.close()
+  assert host.closed and not _prefetch_threads()
+  it.close()  # twice is fine
+  with pytest.raises(RuntimeError, match='after close'):
+    next(it)
+
+
+@pytest.mark.unit
+def test_prefetch_raises_the_hosts_error_at_its_batch():
+  error = DataError('folder: 3 of 4 examples were unusable')
+  it = prefetch.DevicePrefetch(_Counter(fail_at=3, error=error), transfer=lambda b: b, size=2)
+  try:
+    assert [int(next(it)['i'][0]) for _ in range(3)] == [0, 1, 2]
+    for _ in range(2):  # at the batch it would have been, and again after
+      with pytest.raises(DataError, match='3 of 4 examples') as raised:
+        next(it)
+      assert raised.value is error
+    assert it.get_state() == {'i': 3}  # the batches before it were consumed
+    assert not _prefetch_threads()
+  finally:
+    it.close()
+  finite = prefetch.DevicePrefetch(_Counter(stop_at=4), transfer=lambda b: b, size=2)
+  assert [int(b['i'][0]) for b in finite] == [0, 1, 2, 3]  # StopIteration ends a for loop
+  finite.close()
+
+
+@pytest.mark.unit
+def test_prefetch_of_the_real_pipeline_resumes_exactly(tmp_path):
+  """Global arrays sharded over 2 devices; the state saved after k consumed batches resumes a
+  fresh iterator at batch k, whatever the thread had read ahead."""
+  config = dp._config(_caption_folder(tmp_path / 'captions'), text_length='batch')
+  config.data.device_prefetch = 2
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('data',))
+  batch_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  reference, _ = _iterator(config)
+  expected = dp._take(reference, 5)
+  it = train_lib.device_prefetch(config, _iterator(config)[0], batch_sh)
+  try:
+    for k in range(3):
+      batch = next(it)
+      assert isinstance(batch['image'], jax.Array) and batch['image'].sharding == batch_sh
+      dp._assert_batches_equal([jax.device_get(batch)], [expected[k]])
+    state = json.loads(json.dumps(it.get_state()))  # as a checkpoint stores it
+  finally:
+    it.close()
+  resumed, _ = _iterator(config)
+  resumed.set_state(state)
+  dp._assert_batches_equal(dp._take(resumed, 2), expected[3:5])
+
+
+@pytest.mark.unit
+def test_mean_step_flops_weights_each_step():
+  short = train_lib.StepFlops(model=1e15, hardware=2e15, num_devices=1, peak=1e15)
+  long = train_lib.StepFlops(model=3e15, hardware=4e15, num_devices=1, peak=1e15)
+  got = train_lib.mean_step_flops([short, long, long]).scalars(steps=3, seconds=7.0)
+  assert got == pytest.approx({'model_tflops_per_device': 1000.0, 'mfu': 1.0, 'hfu': 10 / 7})
+
+
+@pytest.mark.smoke
+def test_training_with_per_batch_text_lengths(tmp_path):
+  """tiny with 32-token text: its first batch fits bucket 16, the next ones need 32."""
+  shared = train_test.run_folders(tmp_path)
+  workdir = tmp_path / 'run'
+  proc = train_test.run(
+    shared,
+    workdir,
+    '--config.text.max_length=32',
+    '--config.data.text_length=batch',
+    '--config.train.num_steps=3',
+  )
+  assert 'Train step compiled in' in proc.stderr
+  assert 'Train step compiled for text length 32 in' in proc.stderr
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  steps = [r for r in rows if 'img_per_s' in r]
+  assert [r['step'] for r in steps] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) and r['model_tflops_per_device'] > 0 for r in steps)
+  assert train_test.finished_steps(workdir) == [2, 3]
