@@ -36,3 +36,44 @@ def cli_env(devices: int = 1) -> dict[str, str]:
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
   )
   return env
+
+
+def data_config(**overrides):
+  """The `data` section of a config for the data-pipeline tests: a small folder dataset read
+  synchronously (no worker processes, no read-ahead), with `overrides` applied."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict(
+    dict(
+      source='folder',
+      path='',
+      index_dir='',
+      split='train',
+      image_column='image',
+      caption_column='text',
+      render_cache_dir='',
+      resolution=8,
+      lowres_resolution=0,
+      random_crop=False,
+      small_images='skip',
+      crop_size=0,
+      max_skip_fraction=0.01,
+      max_examples=0,
+      num_workers=0,
+      prefetch=0,
+    )
+  )
+  c.update(overrides)
+  return c
+
+
+def pipeline_config(path, *, batch_size: int, **data_overrides):
+  """A config with what `pipeline.make_iterator` reads: seed 0, `data_config(path=path,
+  **data_overrides)` and train.batch_size."""
+  import ml_collections
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data = data_config(path=str(path), **data_overrides)
+  c.train = ml_collections.ConfigDict(dict(batch_size=batch_size))
+  return c

@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagen_jax.data import pipeline, sources
 from imagen_jax.data.sources import DataError
+from tests.conftest import pipeline_config
 
 
 class _NotCached(KeyError):
@@ -46,29 +47,7 @@ class FakeEmbeddingCache:
 
 
 def _config(path, **data_overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = ml_collections.ConfigDict(
-    dict(
-      source='folder',
-      path=str(path),
-      split='train',
-      image_column='image',
-      caption_column='text',
-      render_cache_dir='',
-      resolution=8,
-      lowres_resolution=0,
-      random_crop=False,
-      small_images='skip',
-      max_skip_fraction=0.01,
-      max_examples=0,
-      num_workers=0,
-      prefetch=2,
-    )
-  )
-  c.data.update(data_overrides)
-  c.train = ml_collections.ConfigDict(dict(batch_size=4))
-  return c
+  return pipeline_config(path, batch_size=4, **{'prefetch': 2, **data_overrides})
 
 
 def _solid_folder(root, n=12):

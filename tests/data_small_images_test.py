@@ -16,6 +16,7 @@ from PIL import Image
 
 from imagen_jax.data import pipeline, sizes, sources, webdataset
 from imagen_jax.data.sources import DataError
+from tests.conftest import pipeline_config
 
 
 class FakeEmbeddingCache:
@@ -36,31 +37,7 @@ def _encode(size, colour, fmt='PNG') -> bytes:
 
 
 def _config(path, source='folder', **data) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = ml_collections.ConfigDict(
-    dict(
-      source=source,
-      path=str(path),
-      index_dir='',
-      split='train',
-      image_column='image',
-      caption_column='text',
-      render_cache_dir='',
-      resolution=16,
-      lowres_resolution=0,
-      random_crop=False,
-      small_images='skip',
-      crop_size=0,
-      max_skip_fraction=0.01,
-      max_examples=0,
-      num_workers=0,
-      prefetch=0,
-    )
-  )
-  c.data.update(data)
-  c.train = ml_collections.ConfigDict(dict(batch_size=2))
-  return c
+  return pipeline_config(path, batch_size=2, source=source, **{'resolution': 16, **data})
 
 
 def _iterator(config):

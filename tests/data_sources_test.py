@@ -10,6 +10,7 @@ from PIL import Image
 
 from imagen_jax.data import preprocess, sources
 from imagen_jax.data.sources import DataError
+from tests.conftest import data_config
 
 
 def _image(path, colour=(255, 0, 0), size=(8, 8)):
@@ -17,26 +18,7 @@ def _image(path, colour=(255, 0, 0), size=(8, 8)):
 
 
 def _data_config(**overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(
-    dict(
-      source='folder',
-      path='',
-      split='train',
-      image_column='image',
-      caption_column='text',
-      render_cache_dir='',
-      resolution=8,
-      lowres_resolution=0,
-      random_crop=False,
-      small_images='skip',
-      max_skip_fraction=0.5,
-      max_examples=0,
-      num_workers=0,
-      prefetch=0,
-    )
-  )
-  c.update(overrides)
-  return c
+  return data_config(**{'max_skip_fraction': 0.5, **overrides})
 
 
 @pytest.mark.unit

@@ -15,6 +15,7 @@ from PIL import Image
 
 from imagen_jax.data import pipeline, sources, webdataset
 from imagen_jax.data.sources import DataError
+from tests.conftest import pipeline_config
 
 
 class FakeEmbeddingCache:
@@ -66,29 +67,9 @@ def shards(tmp_path):
 
 
 def _config(path, source='webdataset', **data_overrides) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.data = ml_collections.ConfigDict(
-    dict(
-      source=source,
-      path=str(path),
-      index_dir='',
-      split='train',
-      image_column='image',
-      caption_column='text',
-      resolution=8,
-      lowres_resolution=0,
-      random_crop=False,
-      small_images='skip',
-      max_skip_fraction=0.0,
-      max_examples=0,
-      num_workers=0,
-      prefetch=0,
-    )
+  return pipeline_config(
+    path, batch_size=4, source=source, **{'max_skip_fraction': 0.0, **data_overrides}
   )
-  c.data.update(data_overrides)
-  c.train = ml_collections.ConfigDict(dict(batch_size=4))
-  return c
 
 
 @pytest.mark.unit
