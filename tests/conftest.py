@@ -77,3 +77,20 @@ def pipeline_config(path, *, batch_size: int, **data_overrides):
   c.data = data_config(path=str(path), **data_overrides)
   c.train = ml_collections.ConfigDict(dict(batch_size=batch_size))
   return c
+
+
+class FakeEmbeddingCache:
+  """get / max_length / dim of an EmbeddingCache (no longest_caption: batches get the full
+  max_length), deterministic per caption: words + 1 tokens (at most max_length)."""
+
+  def __init__(self, max_length: int = 6, dim: int = 4):
+    self.max_length, self.dim = max_length, dim
+
+  def get(self, caption):
+    import zlib
+
+    import numpy as np
+
+    n = min(len(caption.split()) + 1, self.max_length)
+    rng = np.random.default_rng(zlib.crc32(caption.encode()))
+    return rng.normal(size=(n, self.dim)).astype(np.float32)

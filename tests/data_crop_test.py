@@ -3,7 +3,6 @@ windows, the batch shapes, the self-attention refusal, the stage configs, and on
 step on crops."""
 
 import io
-import zlib
 
 import ml_collections
 import numpy as np
@@ -14,18 +13,7 @@ from configs import sr256, sr1024
 from imagen_jax.data import pipeline, preprocess
 from imagen_jax.data.preprocess import PreprocessOptions
 from imagen_jax.data.sources import DataError
-
-
-class FakeEmbeddingCache:
-  """get / max_length / dim of an EmbeddingCache, deterministic per caption."""
-
-  def __init__(self, max_length=6, dim=4):
-    self.max_length, self.dim = max_length, dim
-
-  def get(self, caption):
-    n = min(len(caption.split()) + 1, self.max_length)
-    rng = np.random.default_rng(zlib.crc32(caption.encode()))
-    return rng.normal(size=(n, self.dim)).astype(np.float32)
+from tests.conftest import FakeEmbeddingCache
 
 
 def _noise(size, seed=0) -> np.ndarray:

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import tarfile
-import zlib
 
 import ml_collections
 import numpy as np
@@ -16,18 +15,7 @@ from PIL import Image
 
 from imagen_jax.data import pipeline, sizes, sources, webdataset
 from imagen_jax.data.sources import DataError
-from tests.conftest import pipeline_config
-
-
-class FakeEmbeddingCache:
-  """get / max_length / dim of an EmbeddingCache, deterministic per caption."""
-
-  max_length = 6
-  dim = 4
-
-  def get(self, caption):
-    n = min(len(caption.split()) + 1, self.max_length)
-    return np.random.default_rng(zlib.crc32(caption.encode())).normal(size=(n, self.dim))
+from tests.conftest import FakeEmbeddingCache, pipeline_config
 
 
 def _encode(size, colour, fmt='PNG') -> bytes:

@@ -6,7 +6,6 @@ slicing, exact resume, a process left without data)."""
 import io
 import json
 import tarfile
-import zlib
 
 import ml_collections
 import numpy as np
@@ -15,18 +14,7 @@ from PIL import Image
 
 from imagen_jax.data import pipeline, sources, webdataset
 from imagen_jax.data.sources import DataError
-from tests.conftest import pipeline_config
-
-
-class FakeEmbeddingCache:
-  """get / max_length / dim of an EmbeddingCache, deterministic per caption."""
-
-  max_length = 6
-  dim = 4
-
-  def get(self, caption):
-    n = min(len(caption.split()) + 1, self.max_length)
-    return np.random.default_rng(zlib.crc32(caption.encode())).normal(size=(n, self.dim))
+from tests.conftest import FakeEmbeddingCache, pipeline_config
 
 
 def _image_bytes(i: int, fmt: str = 'PNG') -> bytes:
