@@ -631,6 +631,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'model.dropout={config.model.dropout}: dropout is not wired into training yet (the step '
       'runs the U-Net deterministically); use --config.model.dropout=0.'
     )
+  # Settings refused before anything is written to the workdir.
+  pipeline.text_length_mode(config.data, jax.process_count())
+  prefetch.checked_size(config.data.get('device_prefetch', 2))
   workdir_path = _prepare_workdir(workdir)
   precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
   is_chief = jax.process_index() == 0
@@ -653,12 +656,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   num_steps = int(config.train.num_steps)
   tx = optim.make_optimizer(config.optim, num_steps)
   manager = checkpoints.make_manager(workdir_path, keep=config.train.keep_checkpoints)
-  data_iter = pipeline.make_iterator(
-    config,
-    text_cache=text_cache,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
+  try:
+    data_iter = pipeline.make_iterator(
+      config,
+      text_cache=text_cache,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
+  except BaseException:
+    manager.close()  # lets orbax's background cleanup finish before the exit (no traceback)
+    raise
 
   with jax.set_mesh(mesh):
     graphdef, abstract, state_sh, init = abstract_train_state(config, tx, mesh)

@@ -211,3 +211,24 @@ def test_training_with_per_batch_text_lengths(tmp_path):
   assert [r['step'] for r in steps] == [1, 2, 3]
   assert all(np.isfinite(r['loss']) and r['model_tflops_per_device'] > 0 for r in steps)
   assert train_test.finished_steps(workdir) == [2, 3]
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+  'override, message',
+  [
+    ('--config.data.text_length=bucket', "data.text_length='bucket': choose 'auto', 'batch'"),
+    ('--config.data.device_prefetch=-1', 'data.device_prefetch=-1: use 0 (off) or a positive'),
+  ],
+)
+def test_bad_text_length_or_prefetch_is_refused_before_the_workdir_is_written(
+  tmp_path, override, message
+):
+  shared = train_test.run_folders(tmp_path)
+  workdir = tmp_path / 'run'
+  proc = train_test.run(shared, workdir, override, check=False)
+  assert proc.returncode != 0
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr
+  assert not workdir.exists()

@@ -21,6 +21,13 @@ from typing import Any
 _POLL_S = 0.05  # how often a waiting thread checks whether it was asked to stop
 
 
+def checked_size(size: Any) -> int:
+  """`data.device_prefetch` as a batch count, or ValueError naming the setting."""
+  if int(size) < 0:
+    raise ValueError(f'data.device_prefetch={size}: use 0 (off) or a positive batch count.')
+  return int(size)
+
+
 class DevicePrefetch(Iterator):
   """An iterator over `transfer(next(host_iter))`, read up to `size` batches ahead by a thread.
 
@@ -30,11 +37,9 @@ class DevicePrefetch(Iterator):
   """
 
   def __init__(self, host_iter: Any, transfer: Callable[[Any], Any], size: int = 2):
-    if size < 0:
-      raise ValueError(f'data.device_prefetch={size}: use 0 (off) or a positive batch count.')
     self._host_iter = host_iter
     self._transfer = transfer
-    self._size = int(size)
+    self._size = checked_size(size)
     self._state = host_iter.get_state()  # the position after the last batch handed out
     self._error: BaseException | None = None  # raised by the thread; raised again on next()
     self._thread: threading.Thread | None = None
