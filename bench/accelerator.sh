@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The accelerator benchmark set of the speed issue: bench/unet.py points in priority order,
+# bfloat16, one process and one JSON line each, appended to OUT_DIR/unet.jsonl as they finish.
+#
+#   bash bench/accelerator.sh [OUT_DIR] [FIRST_POINT]
+#   PY=python3 DEADLINE=540 bash bench/accelerator.sh /tmp/bench 0
+#
+# DEADLINE (seconds from the start, default 3000) bounds the whole set: a point gets at most
+# its own limit and what is left of the deadline; one that runs out or fails prints a line with
+# "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
+# deadline cut short). Points 0 and 1 are the same small64 point with a fresh persistent
+# compilation cache: point 1's compile_s is a second start's (reload, no compile).
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-/tmp/imagen_jax_bench}
+first=${2:-0}
+py=${PY:-python3}
+deadline=${DEADLINE:-3000}
+cache=${CACHE:-/tmp/imagen_jax_bench_cache}
+mkdir -p "$out"
+start=$SECONDS
+
+points=(
+  "300 --preset=small64 --batch=32 --compilation_cache=$cache"
+  "120 --preset=small64 --batch=32 --compilation_cache=$cache"
+  "300 --preset=small64 --batch=128"
+  "420 --preset=base64 --batch=16 --remat=block"
+  "420 --preset=base64 --batch=16 --remat=none"
+  "420 --preset=base64 --batch=64 --remat=block"
+  "420 --preset=base64 --batch=64 --remat=none"
+  "420 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
+)
+if [ "$first" -eq 0 ] && [ "$cache" != / ]; then rm -rf "$cache"; fi
+
+for ((i = first; i < ${#points[@]}; i++)); do
+  read -r limit args <<<"${points[$i]}"
+  left=$((deadline - (SECONDS - start)))
+  if [ "$left" -lt 60 ]; then
+    echo "# deadline: stopped before point $i; continue with FIRST_POINT=$i" >&2
+    break
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  echo "# $(date +%T) point $i (limit ${limit}s): $args" >&2
+  # shellcheck disable=SC2086  # args is a word list by design
+  timeout "$limit" "$py" bench/unet.py --dtype=bfloat16 --steps=10 $args \
+    >"$out/point.out" 2>"$out/point.err"
+  rc=$?
+  line=$(grep '^{' "$out/point.out" | tail -n 1)
+  if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
+    why=$(tail -n 3 "$out/point.err" | tr '\n"\\' "  /" | cut -c 1-600)
+    [ "$rc" -eq 124 ] && why="ran past ${limit}s. $why"
+    line="{\"point\": $i, \"args\": \"$args\", \"error\": \"exit $rc: $why\"}"
+    tail -n 40 "$out/point.err" >>"$out/errors.log"
+  fi
+  echo "$line" | tee -a "$out/unet.jsonl"
+done
+rm -f "$out/point.out" "$out/point.err"
