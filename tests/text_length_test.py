@@ -2,6 +2,7 @@
 batches put on the devices ahead by a thread (data.device_prefetch), with exact resume."""
 
 import json
+import logging
 import threading
 import time
 
@@ -56,6 +57,16 @@ def test_text_length_mode():
   assert mode(ml_collections.ConfigDict(), 1, backend='cpu') == 'run'  # configs without it
   with pytest.raises(DataError, match=r"text_length='longest'.*'auto', 'batch'.*'run'"):
     mode(ml_collections.ConfigDict({'text_length': 'longest'}), 1, backend='gpu')
+
+
+@pytest.mark.unit
+def test_several_processes_log_the_run_length_once(caplog):
+  batch = ml_collections.ConfigDict({'text_length': 'batch'})
+  with caplog.at_level(logging.INFO, logger=pipeline.log.name):
+    for _ in range(2):  # train_and_evaluate validates, make_dataset builds: one line
+      assert pipeline.text_length_mode(batch, 7, backend='gpu') == 'run'
+  lines = [r for r in caplog.records if 'processes use one text length' in r.getMessage()]
+  assert len(lines) == 1, [r.getMessage() for r in lines]
 
 
 @pytest.mark.unit
