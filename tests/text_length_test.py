@@ -152,6 +152,40 @@ def test_prefetch_order_state_and_close(size):
     next(it)
 
 
+class _Stuck(_Counter):
+  """A host iterator whose second batch hangs (a stalled read) until `release` is set."""
+
+  def __init__(self):
+    super().__init__()
+    self.release = threading.Event()
+
+  def __next__(self):
+    if self.i == 1:
+      self.release.wait()
+    return super().__next__()
+
+
+@pytest.mark.unit
+def test_prefetch_close_does_not_hang_on_a_stalled_read(caplog):
+  host = _Stuck()
+  it = prefetch.DevicePrefetch(host, transfer=lambda b: b, size=2)
+  try:
+    assert int(next(it)['i'][0]) == 0
+    time.sleep(0.1)  # the thread is now inside the stalled read
+    t0 = time.perf_counter()
+    with caplog.at_level(logging.WARNING, logger=prefetch.log.name):
+      it.close(timeout=0.3)
+    assert time.perf_counter() - t0 < 5
+    assert 'still reading a batch' in caplog.text
+    assert not host.closed  # not closed under the thread that is using it
+  finally:
+    host.release.set()  # let the daemon thread finish
+  deadline = time.time() + 5
+  while _prefetch_threads() and time.time() < deadline:
+    time.sleep(0.05)
+  assert not _prefetch_threads()
+
+
 @pytest.mark.unit
 def test_prefetch_raises_the_hosts_error_at_its_batch():
   error = DataError('folder: 3 of 4 examples were unusable')

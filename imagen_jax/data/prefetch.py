@@ -13,12 +13,16 @@ and `get_state()` returns the one of the last batch handed out, not of those rea
 """
 
 import copy
+import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 _POLL_S = 0.05  # how often a waiting thread checks whether it was asked to stop
+CLOSE_TIMEOUT_S = 30.0  # close() waits this long for a batch being read, then leaves it
+
+log = logging.getLogger(__name__)
 
 
 def checked_size(size: Any) -> int:
@@ -71,13 +75,17 @@ class DevicePrefetch(Iterator):
         ready.put((e, None))
         return
 
-  def _halt(self) -> None:
-    """Stop and join the thread; the batches it read ahead are dropped."""
+  def _halt(self, timeout: float | None = None) -> bool:
+    """Stop and join the thread (waiting at most `timeout` seconds; None: as long as it
+    takes); the batches it read ahead are dropped. False if it is still running."""
     if self._thread is None:
-      return
+      return True
     self._stop.set()
-    self._thread.join()
+    self._thread.join(timeout)
+    if self._thread.is_alive():
+      return False
     self._thread = None
+    return True
 
   def __next__(self) -> Any:
     if self._closed:
@@ -116,11 +124,21 @@ class DevicePrefetch(Iterator):
     if not self._closed:
       self._start()
 
-  def close(self) -> None:
-    """Stop (and join) the thread, then close the host iterator if it can be closed."""
+  def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+    """Stop (and join) the thread, then close the host iterator if it can be closed.
+
+    A thread still inside the host iterator after `timeout` seconds (a read that hangs) is left
+    behind with a warning: it is a daemon, so it cannot keep the process alive, and the host
+    iterator it is using is not closed under it."""
     if self._closed:
       return
     self._closed = True
-    self._halt()
+    if not self._halt(timeout):
+      log.warning(
+        'DevicePrefetch.close: the prefetch thread is still reading a batch after %.0f s; '
+        'leaving it (a daemon thread) and the host iterator open.',
+        timeout,
+      )
+      return
     if hasattr(self._host_iter, 'close'):
       self._host_iter.close()
