@@ -57,15 +57,30 @@ class _DropOrbaxReadOnlyNotes(logging.Filter):
     return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
 
 
+class _DropOrbaxOrphanTaskErrors(logging.Filter):
+  """asyncio's "Task exception was never retrieved" for orbax's own tasks: when one array of
+  a damaged checkpoint fails to load, orbax's gather stops at the first error and its sibling
+  reads fail unobserved; asyncio logs each with a traceback when it is garbage collected
+  (at random, often after the one-line error). The first error is the one reported."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = str(record.msg)
+    return not (msg.startswith('Task exception was never retrieved') and '/orbax/' in msg)
+
+
 def quiet_orbax_noise() -> None:
-  """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the
-  "RuntimeError: Event loop is closed" tracebacks that tensorstore read callbacks print (as
-  unraisable exceptions, ~100 of them) after a damaged checkpoint fails to load, which the
-  restore functions here already report in one line. Every other log record and exception is
-  kept."""
+  """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the noise a
+  damaged checkpoint leaves after it fails to load, which the restore functions here already
+  report in one line: the "RuntimeError: Event loop is closed" tracebacks that tensorstore read
+  callbacks print (as unraisable exceptions, ~100 of them), and asyncio's "Task exception was
+  never retrieved" for orbax's sibling reads (`_DropOrbaxOrphanTaskErrors`). Every other log
+  record and exception is kept."""
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, _DropOrbaxOrphanTaskErrors) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(_DropOrbaxOrphanTaskErrors())
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_callbacks', False):
     return
