@@ -8,7 +8,8 @@
 # DEADLINE (seconds from the start, default 3000) bounds the whole set: a point gets at most
 # its own limit and what is left of the deadline; one that runs out or fails prints a line with
 # "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
-# deadline cut short). Points 0 and 1 are the same small64 point with a fresh persistent
+# deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each point are traced
+# and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the same small64 point with a fresh persistent
 # compilation cache: point 1's compile_s is a second start's (reload, no compile).
 set -u
 cd "$(dirname "$0")/.."
@@ -42,7 +43,8 @@ for ((i = first; i < ${#points[@]}; i++)); do
   [ "$limit" -gt "$left" ] && limit=$left
   echo "# $(date +%T) point $i (limit ${limit}s): $args" >&2
   # shellcheck disable=SC2086  # args is a word list by design
-  timeout "$limit" "$py" bench/unet.py --dtype=bfloat16 --steps=10 $args \
+  timeout "$limit" "$py" bench/unet.py --dtype=bfloat16 --steps=10 \
+    --profile_steps="${PROFILE_STEPS:-3}" $args \
     >"$out/point.out" 2>"$out/point.err"
   rc=$?
   line=$(grep '^{' "$out/point.out" | tail -n 1)

@@ -9,6 +9,8 @@ batch of 2B), plus XLA's memory analysis of the compiled train step.
   # Sweep: one line per point, each in its own process (clean peak memory; an out-of-memory
   # point prints its error and the sweep goes on). Pick the best images_per_s that fits:
   python bench/unet.py --preset base64 --dtype bfloat16 --batch 16,32,64 --remat none,block
+  # Where the step's time goes (ms per step by kind of op and by phase; imagen_jax.op_profile):
+  python bench/unet.py --preset base64 --dtype bfloat16 --batch 16 --profile_steps 3
   # Memory of a full-size model without allocating it (abstract params, compile only):
   python bench/unet.py --preset base64 --batch 32 --resolution 64 --dtype bfloat16 --remat \
       --mesh_fsdp 4 --fake_cpu_devices 4 --memory_only
@@ -68,6 +70,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     '--fake_cpu_devices', type=int, default=0, help='N > 0: force N host CPU devices (XLA_FLAGS)'
   )
   p.add_argument(
+    '--profile_steps',
+    type=int,
+    default=0,
+    help='N > 0: trace N more train steps with the profiler and add "profile": milliseconds per '
+    'step by kind of op (conv, dot, attention, ...) and by phase (forward, backward, optimizer)',
+  )
+  p.add_argument(
     '--compilation_cache',
     default='',
     help="JAX's persistent compilation cache directory ('' = off, the default: compile_s then "
@@ -97,6 +106,7 @@ def sweep(args) -> list[dict]:
     f'--steps={args.steps}',
     f'--fake_cpu_devices={args.fake_cpu_devices}',
     f'--compilation_cache={args.compilation_cache}',
+    f'--profile_steps={args.profile_steps}',
   ] + (['--memory_only'] if args.memory_only else [])
   results = []
   for remat in args.remats:
@@ -207,8 +217,9 @@ def main(argv=None) -> dict | list[dict]:
       return jnp.mean(jnp.square(apply(p, z, logsnr, batch, drop) - v))
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, u: p + u, params, updates)
+    with jax.named_scope('optimizer'):  # the profile's 'optimizer' phase
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = jax.tree.map(lambda p, u: p + u, params, updates)
     return params, opt_state, loss
 
   def sample_step(params, z, batch, guidance):
@@ -345,6 +356,21 @@ def main(argv=None) -> dict | list[dict]:
         t0 = time.perf_counter()
         jax.block_until_ready(sample_jit(params, z, cond, 5.0))
         stimes.append(time.perf_counter() - t0)
+
+      if args.profile_steps > 0:
+        import tempfile
+
+        from imagen_jax import op_profile
+
+        with tempfile.TemporaryDirectory() as trace_dir:
+          with op_profile.traced(trace_dir):
+            for i in range(args.profile_steps):
+              params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i))
+              jax.block_until_ready(loss)
+          try:  # a profile that cannot be read must not cost the point's timings
+            result['profile'] = op_profile.summarize(trace_dir, hlo, steps=args.profile_steps)
+          except (OSError, ValueError) as e:
+            result['profile'] = {'error': f'{type(e).__name__}: {e}'}
 
       result['train_step_s'] = round(train_s, 4)
       result['sample_step_s'] = round(statistics.median(stimes), 4)

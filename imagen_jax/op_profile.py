@@ -1,0 +1,246 @@
+"""Where a compiled step's time goes: a profiler trace, grouped by kind of op and by phase.
+
+  with op_profile.traced(trace_dir):
+    for _ in range(n):
+      jax.block_until_ready(compiled(*args))
+  summary = op_profile.summarize(trace_dir, compiled.as_text(), steps=n)
+
+Each op event of the trace (an XLA:CPU thunk, or a GPU kernel through its `hlo_op`) is
+matched to its instruction in the compiled HLO, which gives its kind: 'attention' (a fused
+attention kernel), 'conv', 'dot', 'reduce', 'collective', 'copy' (layout moves: copy,
+transpose, pad, slice, concatenate...), 'elementwise' (everything else) and its phase from
+the op's name stack: 'optimizer' (ops under `jax.named_scope('optimizer')`), 'backward'
+(under a `transpose(...)` of autodiff), 'forward', or 'unknown' (no metadata). Events that
+match no instruction are summed as 'unmapped' and their heaviest names listed, never
+dropped or guessed. Control-flow instructions (while, conditional, call) are skipped:
+their bodies' ops are counted themselves.
+
+Times are summed over all threads or streams, so on a CPU running ops concurrently the op
+time per step can exceed the wall time (`summary['op_ms_per_step']` vs the caller's step
+time).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import gzip
+import json
+import pathlib
+import re
+
+KINDS = ('attention', 'conv', 'dot', 'reduce', 'collective', 'copy', 'elementwise')
+PHASES = ('forward', 'backward', 'optimizer', 'unknown')
+
+_COLLECTIVES = {
+  'all-reduce',
+  'all-gather',
+  'reduce-scatter',
+  'all-to-all',
+  'collective-permute',
+  'all-reduce-start',
+  'all-gather-start',
+  'collective-permute-start',
+}
+_MOVES = {
+  'copy',
+  'transpose',
+  'bitcast',
+  'broadcast',
+  'reshape',
+  'slice',
+  'dynamic-slice',
+  'dynamic-update-slice',
+  'concatenate',
+  'pad',
+  'parameter',
+  'constant',
+  'tuple',
+  'get-tuple-element',
+  'iota',
+  'copy-start',
+  'copy-done',
+}
+_CONTROL = {'while', 'conditional', 'call'}
+_INSTRUCTION = re.compile(r'^\s+(?:ROOT )?%?([\w.\-]+) = (.+?) ([\w\-]+)\(')
+_COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  kind: str
+  phase: str
+  shape: str
+
+
+def _kind_of_ops(ops: set[str], targets: set[str]) -> str:
+  text = ' '.join(targets).lower()
+  if 'fmha' in text or 'tpu_custom_call' in text or 'flash' in text:
+    return 'attention'
+  if 'convolution' in ops or 'conv' in text:
+    return 'conv'
+  if 'dot' in ops or 'gemm' in text or 'matmul' in text or 'cublas' in text:
+    return 'dot'
+  if ops & {'reduce', 'reduce-window', 'select-and-scatter'}:
+    return 'reduce'
+  if ops & _COLLECTIVES:
+    return 'collective'
+  if ops and ops <= _MOVES:
+    return 'copy'
+  return 'elementwise'
+
+
+def _phase(line: str) -> str:
+  match = re.search(r'op_name="([^"]*)"', line)
+  if not match:
+    return 'unknown'
+  name = match.group(1)
+  if re.search(r'(^|/)optimizer(/|$)', name):
+    return 'optimizer'
+  return 'backward' if 'transpose(' in name else 'forward'
+
+
+def hlo_ops(hlo_text: str) -> dict[str, Op]:
+  """Instruction name -> Op (kind, phase, result shape) for every instruction of a compiled
+  HLO module's text (`compiled.as_text()`); control flow gets kind 'control'."""
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():
+      match = _COMPUTATION.match(line)
+      current = match.group(1) if match else None
+      if current:
+        bodies[current] = []
+    elif current is not None and line.strip():
+      bodies[current].append(line)
+
+  def contents(name: str, seen: set[str]) -> tuple[set[str], set[str], str]:
+    """Opcodes, custom-call targets / fusion kinds, and the phase of the first instruction
+    with a name stack, inside computation `name` (fusions often carry none themselves)."""
+    ops, targets, phase = set(), set(), 'unknown'
+    if name in seen:
+      return ops, targets, phase
+    seen.add(name)
+    for line in bodies.get(name, []):
+      match = _INSTRUCTION.match(line)
+      if match:
+        ops.add(match.group(3))
+      targets.update(re.findall(r'custom_call_target="([^"]+)"', line))
+      targets.update(re.findall(r'"kind":"([^"]+)"', line))
+      if phase == 'unknown':
+        phase = _phase(line)
+      for called in re.findall(r'(?:calls|to_apply)=%?([\w.\-]+)', line):
+        inner_ops, inner_targets, inner_phase = contents(called, seen)
+        ops |= inner_ops
+        targets |= inner_targets
+        phase = inner_phase if phase == 'unknown' else phase
+    return ops, targets, phase
+
+  result = {}
+  for lines in bodies.values():
+    for line in lines:
+      match = _INSTRUCTION.match(line)
+      if not match:
+        continue
+      name, shape, opcode = match.groups()
+      if opcode in _CONTROL:
+        result[name] = Op('control', 'unknown', shape.split('{')[0])
+        continue
+      ops, targets = {opcode}, set(re.findall(r'custom_call_target="([^"]+)"', line))
+      targets.update(re.findall(r'"kind":"([^"]+)"', line))
+      phase = _phase(line)
+      if opcode in ('fusion', 'custom-call', 'async-start'):
+        for called in re.findall(r'calls=%?([\w.\-]+)', line):
+          inner_ops, inner_targets, inner_phase = contents(called, set())
+          ops |= inner_ops
+          targets |= inner_targets
+          phase = inner_phase if phase == 'unknown' else phase
+        if opcode == 'fusion':
+          ops.discard('fusion')
+      result[name] = Op(_kind_of_ops(ops, targets), phase, shape.split('{')[0])
+  return result
+
+
+@contextlib.contextmanager
+def traced(trace_dir: str | pathlib.Path):
+  """`jax.profiler.trace` into trace_dir (created)."""
+  import jax
+
+  pathlib.Path(trace_dir).mkdir(parents=True, exist_ok=True)
+  with jax.profiler.trace(str(trace_dir)):
+    yield
+
+
+def _trace_events(trace_dir: str | pathlib.Path) -> list[dict]:
+  files = sorted(pathlib.Path(trace_dir).rglob('*.trace.json.gz'), key=lambda p: p.stat().st_mtime)
+  if not files:
+    raise FileNotFoundError(
+      f'no *.trace.json.gz under {trace_dir}: was the profiler trace written?'
+    )
+  with gzip.open(files[-1], 'rt') as f:
+    events = json.load(f).get('traceEvents', [])
+  device_pids = {
+    e['pid']
+    for e in events
+    if e.get('ph') == 'M'
+    and e.get('name') == 'process_name'
+    and '/device:' in str(e.get('args', {}).get('name', ''))
+  }
+  spans = [e for e in events if e.get('ph') == 'X' and 'dur' in e]
+  if device_pids:  # GPU/TPU: the kernels on the device, not the host's launches
+    spans = [e for e in spans if e.get('pid') in device_pids]
+  return spans
+
+
+def _lookup(event: dict, ops: dict[str, Op]) -> tuple[str, Op | None]:
+  args = event.get('args') or {}
+  for name in (args.get('hlo_op'), event.get('name')):
+    if not name:
+      continue
+    name = str(name)
+    if name in ops:
+      return name, ops[name]
+    dotted = re.sub(r'_(\d+)$', r'.\1', name)  # kernel names spell fusion.12 as fusion_12
+    if dotted in ops:
+      return dotted, ops[dotted]
+  return str(args.get('hlo_op') or event.get('name')), None
+
+
+def summarize(trace_dir: str | pathlib.Path, hlo_text: str, *, steps: int, top: int = 10) -> dict:
+  """Milliseconds per step by kind and by phase, and the `top` heaviest ops, from the trace
+  of `steps` runs of the compiled module whose HLO text is `hlo_text`."""
+  if steps < 1:
+    raise ValueError(f'steps={steps}: profile at least one step.')
+  ops = hlo_ops(hlo_text)
+  by_kind = collections.defaultdict(float)
+  by_phase = collections.defaultdict(float)
+  by_op = collections.defaultdict(float)
+  unmapped = collections.defaultdict(float)
+  for event in _trace_events(trace_dir):
+    name, op = _lookup(event, ops)
+    ms = float(event['dur']) / 1e3 / steps  # trace durations are microseconds
+    if op is None:
+      unmapped[name] += ms
+      continue
+    if op.kind == 'control':  # a loop's or call's own span; its body's ops count themselves
+      continue
+    by_kind[op.kind] += ms
+    by_phase[op.phase] += ms
+    by_op[name] += ms
+  heaviest = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+  mapped = sum(by_kind.values())
+  # Host-side spans (Python, dispatch, the executor's own wait) are not ops: keep only the
+  # unmapped names that look like op names, so that the unmapped sum means something.
+  unmapped = {k: v for k, v in unmapped.items() if re.match(r'^[\w.\-]+$', k)}
+  return {
+    'steps': steps,
+    'op_ms_per_step': round(mapped, 3),
+    'by_kind_ms': {k: round(by_kind[k], 3) for k in KINDS if k in by_kind},
+    'by_phase_ms': {k: round(by_phase[k], 3) for k in PHASES if k in by_phase},
+    'top_ops': [[name, round(ms, 3), ops[name].kind, ops[name].shape] for name, ms in heaviest],
+    'unmapped_ms_per_step': round(sum(unmapped.values()), 3),
+    'top_unmapped': [
+      [name, round(ms, 3)] for name, ms in sorted(unmapped.items(), key=lambda kv: -kv[1])[:5]
+    ],
+  }

@@ -1,0 +1,132 @@
+"""bench/unet.py runs and prints its JSON line (the GPU session runs it unchanged), and the op
+profile (imagen_jax/op_profile.py) groups a real trace by kind of op and by phase."""
+# ruff: noqa: E501  (HLO below is verbatim compiler text, one instruction per line)
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from imagen_jax import op_profile
+from tests.conftest import REPO_ROOT
+
+HLO = """HloModule jit_step
+
+%fused_computation.1 (p0: f32[4,8], p1: f32[8,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/transpose(jvp(loss))/dot_general"}
+}
+
+%body (t: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %t = (s32[], f32[4,8]{1,0}) parameter(0)
+  ROOT %tuple.2 = (s32[], f32[4,8]{1,0}) tuple(%t)
+}
+
+ENTRY %main (a: f32[4,8], w: f32[8,8], k: f32[3,3,8,8], x: f32[1,6,6,8]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %w = f32[8,8]{1,0} parameter(1)
+  %k = f32[3,3,8,8]{3,2,1,0} parameter(2)
+  %x = f32[1,6,6,8]{3,2,1,0} parameter(3)
+  %convolution.3 = f32[1,6,6,8]{3,2,1,0} convolution(%x, %k), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(step)/jvp(loss)/conv_general_dilated"}
+  %custom-call.4 = f32[4,8]{1,0} custom-call(%a, %a, %a), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/jvp(loss)/dot_product_attention"}
+  %while.5 = (s32[], f32[4,8]{1,0}) while(%a), condition=%body, body=%body
+  %fusion.6 = f32[4,8]{1,0} fusion(%a, %w), kind=kOutput, calls=%fused_computation.1
+  %transpose.7 = f32[8,4]{0,1} transpose(%a), dimensions={1,0}, metadata={op_name="jit(step)/optimizer/transpose"}
+  ROOT %add.8 = f32[4,8]{1,0} add(%a, %a), metadata={op_name="jit(step)/optimizer/add"}
+}
+"""
+
+
+@pytest.mark.unit
+def test_hlo_ops_kinds_and_phases():
+  ops = op_profile.hlo_ops(HLO)
+  assert ops['convolution.3'] == op_profile.Op('conv', 'forward', 'f32[1,6,6,8]')
+  assert ops['custom-call.4'].kind == 'attention'  # cuDNN's fused attention
+  # A fusion without a name stack of its own takes its kind and phase from what it calls.
+  assert ops['fusion.6'] == op_profile.Op('dot', 'backward', 'f32[4,8]')
+  assert ops['transpose.7'] == op_profile.Op('copy', 'optimizer', 'f32[8,4]')
+  assert ops['add.8'] == op_profile.Op('elementwise', 'optimizer', 'f32[4,8]')
+  assert ops['while.5'].kind == 'control'  # tuple shapes parse; loops are not counted
+
+
+@pytest.mark.unit
+def test_summarize_a_real_trace(tmp_path):
+  def loss(w, x):
+    y = jax.lax.conv_general_dilated(
+      x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
+    )
+    return jnp.mean(jnp.square(jnp.dot(y.reshape(-1, 16), jnp.ones((16, 16)))))
+
+  def step(w, x):
+    g = jax.grad(loss)(w, x)
+    with jax.named_scope('optimizer'):
+      return w - 0.1 * g
+
+  w = jnp.ones((3, 3, 16, 16)) * 0.01
+  x = jnp.ones((2, 32, 32, 16))
+  compiled = jax.jit(step).lower(w, x).compile()
+  jax.block_until_ready(compiled(w, x))
+  with op_profile.traced(tmp_path):
+    for _ in range(2):
+      w = jax.block_until_ready(compiled(w, x))
+  summary = op_profile.summarize(tmp_path, compiled.as_text(), steps=2)
+  assert summary['steps'] == 2
+  assert summary['by_kind_ms'].get('conv', 0) > 0
+  total = pytest.approx(summary['op_ms_per_step'], abs=0.01)  # each entry rounded to 1 us
+  assert sum(summary['by_kind_ms'].values()) == total
+  assert sum(summary['by_phase_ms'].values()) == total
+  assert {'forward', 'backward', 'optimizer'} <= set(summary['by_phase_ms'])
+  assert summary['top_ops'] and all(row[1] >= 0 for row in summary['top_ops'])
+  with pytest.raises(FileNotFoundError, match='trace'):
+    op_profile.summarize(tmp_path / 'empty', compiled.as_text(), steps=1)
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not 8
+  return subprocess.run(
+    [sys.executable, 'bench/unet.py', *args],
+    cwd=REPO_ROOT,
+    env={**env, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+
+
+@pytest.mark.smoke
+def test_bench_unet_prints_one_json_line_with_a_profile():
+  proc = _bench(
+    '--preset=tiny',
+    '--batch=2',
+    '--resolution=16',
+    '--text_len=8',
+    '--steps=1',
+    '--profile_steps=1',
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  assert result['preset'] == 'tiny' and result['batch'] == 2
+  assert result['train_step_s'] > 0 and result['sample_step_s'] > 0
+  assert result['images_per_s'] == pytest.approx(2 / result['train_step_s'], rel=0.01)
+  assert result['model_tflop_per_step'] > 0
+  assert result['mfu'] is None  # CPU: no peak in the table, so no MFU, not a guess
+  assert result['fused_attention_in_hlo'] is False and result['fused_attention_calls'] == 0
+  assert sum(result['attention'].values()) > 0
+  profile = result['profile']
+  assert profile['by_kind_ms']['conv'] > 0 and profile['by_phase_ms']['optimizer'] > 0
+
+
+@pytest.mark.smoke
+def test_bench_sweep_reports_each_failing_point_and_goes_on():
+  proc = _bench('--preset=nope', '--batch=2,4', '--remat=none')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  assert [ln['batch'] for ln in lines] == [2, 4]
+  assert all("Unknown --preset 'nope'" in ln['error'] for ln in lines)
