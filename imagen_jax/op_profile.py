@@ -76,6 +76,8 @@ class Op:
 
 def _kind_of_ops(ops: set[str], targets: set[str]) -> str:
   text = ' '.join(targets).lower()
+  # cuDNN's fused attention, or a Mosaic kernel on TPU (this project's only Pallas kernel is
+  # splash attention).
   if 'fmha' in text or 'tpu_custom_call' in text or 'flash' in text:
     return 'attention'
   if 'convolution' in ops or 'conv' in text:
