@@ -9,8 +9,9 @@
 # its own limit and what is left of the deadline; one that runs out or fails prints a line with
 # "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
 # deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each point are traced
-# and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the same small64 point with a fresh persistent
-# compilation cache: point 1's compile_s is a second start's (reload, no compile).
+# and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the
+# same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
+# second start's (reload, no compile).
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/imagen_jax_bench}

@@ -62,6 +62,7 @@ def test_text_length_mode():
 @pytest.mark.unit
 def test_several_processes_log_the_run_length_once(caplog):
   batch = ml_collections.ConfigDict({'text_length': 'batch'})
+  pipeline._LOGGED_RUN_LENGTH.discard(7)  # whatever ran before in this process
   with caplog.at_level(logging.INFO, logger=pipeline.log.name):
     for _ in range(2):  # train_and_evaluate validates, make_dataset builds: one line
       assert pipeline.text_length_mode(batch, 7, backend='gpu') == 'run'
