@@ -60,12 +60,16 @@ def test_text_length_mode():
 
 
 @pytest.mark.unit
-def test_several_processes_log_the_run_length_once(caplog):
-  batch = ml_collections.ConfigDict({'text_length': 'batch'})
-  pipeline._LOGGED_RUN_LENGTH.discard(7)  # whatever ran before in this process
+def test_several_processes_log_the_run_length_once(tmp_path, caplog):
+  config = dp._config(_caption_folder(tmp_path / 'captions'), text_length='batch')
+  source = pipeline.build_source(config.data)
   with caplog.at_level(logging.INFO, logger=pipeline.log.name):
-    for _ in range(2):  # train_and_evaluate validates, make_dataset builds: one line
-      assert pipeline.text_length_mode(batch, 7, backend='gpu') == 'run'
+    # train_and_evaluate validates the setting, then builds the dataset: one line.
+    assert pipeline.text_length_mode(config.data, 2, backend='gpu') == 'run'
+    ds = pipeline.make_dataset(
+      config, text_cache=_LongCache(source.captions()), process_count=2, source=source
+    )
+  assert ds.text_length_mode == 'run'
   lines = [r for r in caplog.records if 'processes use one text length' in r.getMessage()]
   assert len(lines) == 1, [r.getMessage() for r in lines]
 

@@ -102,7 +102,6 @@ def run_text_length(text_cache: Any) -> int:
 
 
 TEXT_LENGTH_MODES = ('auto', 'batch', 'run')
-_LOGGED_RUN_LENGTH: set[int] = set()
 
 
 def text_length_mode(data_config, process_count: int, backend: str | None = None) -> str:
@@ -125,9 +124,6 @@ def text_length_mode(data_config, process_count: int, backend: str | None = None
       "bucketed) or 'run' (one length for the run)."
     )
   if process_count > 1:
-    if mode == 'batch' and process_count not in _LOGGED_RUN_LENGTH:
-      _LOGGED_RUN_LENGTH.add(process_count)  # asked once to validate, once to build: log once
-      log.info('data.text_length=batch: %d processes use one text length per run.', process_count)
     return 'run'
   if mode == 'auto':
     if backend is None:
@@ -520,6 +516,10 @@ def make_dataset(
       _ProcessBlocks(ds, index=process_index, count=process_count, local_batch=batch_size)
     )
 
+  length_mode = text_length_mode(data, process_count)
+  if data.get('text_length', 'auto') == 'batch' and length_mode == 'run':  # several processes
+    log.info('data.text_length=batch: %d processes use one text length per run.', process_count)
+
   num_workers = int(data.get('num_workers', 0))
   prefetch = int(data.get('prefetch', 2))
   if prefetch > 0:
@@ -545,7 +545,7 @@ def make_dataset(
     max_skip_fraction=float(data.get('max_skip_fraction', 0.01)),
     source_name=source.name,
     min_side=options.resolution,
-    text_length_mode=text_length_mode(data, process_count),
+    text_length_mode=length_mode,
   )
 
 
