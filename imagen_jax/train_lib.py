@@ -414,6 +414,11 @@ class CompiledSteps:
     return compiled, flops, time.perf_counter() - t0
 
 
+def device_prefetch_size(config: ml_collections.ConfigDict) -> int:
+  """`data.device_prefetch` (default 2) as a batch count, or ValueError naming the setting."""
+  return prefetch.checked_size(config.data.get('device_prefetch', 2))
+
+
 def device_prefetch(config: ml_collections.ConfigDict, host_iter, batch_sharding):
   """`host_iter`'s batches as global arrays, `data.device_prefetch` of them (default 2; 0:
   none, read in the step's thread) assembled and copied to the devices ahead by one thread.
@@ -421,7 +426,7 @@ def device_prefetch(config: ml_collections.ConfigDict, host_iter, batch_sharding
   return prefetch.DevicePrefetch(
     host_iter,
     transfer=functools.partial(_to_global, batch_sharding=batch_sharding),
-    size=int(config.data.get('device_prefetch', 2)),
+    size=device_prefetch_size(config),
   )
 
 
@@ -633,7 +638,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   # Settings refused before anything is written to the workdir.
   pipeline.text_length_mode(config.data, jax.process_count())
-  prefetch.checked_size(config.data.get('device_prefetch', 2))
+  device_prefetch_size(config)
   workdir_path = _prepare_workdir(workdir)
   precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
   is_chief = jax.process_index() == 0
