@@ -117,14 +117,12 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
     elif current is not None and line.strip():
       bodies[current].append(line)
 
-  def contents(name: str, seen: set[str]) -> tuple[set[str], set[str], str]:
+  def contents(lines: list[str], seen: set[str]) -> tuple[set[str], set[str], str]:
     """Opcodes, custom-call targets / fusion kinds, and the phase of the first instruction
-    with a name stack, inside computation `name` (fusions often carry none themselves)."""
+    with a name stack, in `lines` and the computations they call (fusions often carry no
+    name stack themselves); `seen`: computations already read."""
     ops, targets, phase = set(), set(), 'unknown'
-    if name in seen:
-      return ops, targets, phase
-    seen.add(name)
-    for line in bodies.get(name, []):
+    for line in lines:
       match = _INSTRUCTION.match(line)
       if match:
         ops.add(match.group(3))
@@ -133,7 +131,10 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
       if phase == 'unknown':
         phase = _phase(line)
       for called in re.findall(r'(?:calls|to_apply)=%?([\w.\-]+)', line):
-        inner_ops, inner_targets, inner_phase = contents(called, seen)
+        if called in seen:
+          continue
+        seen.add(called)
+        inner_ops, inner_targets, inner_phase = contents(bodies.get(called, []), seen)
         ops |= inner_ops
         targets |= inner_targets
         phase = inner_phase if phase == 'unknown' else phase
@@ -146,21 +147,13 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
       if not match:
         continue
       name, shape, opcode = match.groups()
+      shape = shape.split('{')[0]
       if opcode in _CONTROL:
-        result[name] = Op('control', 'unknown', shape.split('{')[0])
+        result[name] = Op('control', 'unknown', shape)
         continue
-      ops, targets = {opcode}, set(re.findall(r'custom_call_target="([^"]+)"', line))
-      targets.update(re.findall(r'"kind":"([^"]+)"', line))
-      phase = _phase(line)
-      if opcode in ('fusion', 'custom-call', 'async-start'):
-        for called in re.findall(r'calls=%?([\w.\-]+)', line):
-          inner_ops, inner_targets, inner_phase = contents(called, set())
-          ops |= inner_ops
-          targets |= inner_targets
-          phase = inner_phase if phase == 'unknown' else phase
-        if opcode == 'fusion':
-          ops.discard('fusion')
-      result[name] = Op(_kind_of_ops(ops, targets), phase, shape.split('{')[0])
+      ops, targets, phase = contents([line], set())
+      ops.discard('fusion')  # what a fusion is, is what it calls
+      result[name] = Op(_kind_of_ops(ops, targets), phase, shape)
   return result
 
 
