@@ -38,7 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from imagen_jax import flops as flops_lib
-from imagen_jax import optim, precompute, sharding, stage, train_lib
+from imagen_jax import host_memory, optim, precompute, sharding, stage, train_lib
 from imagen_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -116,6 +116,7 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
 
 
 def main(_):
+  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
   if FLAGS.memory_only:
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
@@ -204,6 +205,7 @@ def main(_):
         'backend': jax.default_backend(),
         'device': kind,
         'devices': ndev,
+        'host_malloc': host_malloc,
         'compile_s': round(compile_s, 1),
         'text_lengths': sorted(steps.text_lengths),  # of the compiled steps
         'recompile_s': round(recompile_s, 1),

@@ -139,6 +139,9 @@ def main(argv=None) -> dict | list[dict]:
     flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  from imagen_jax import host_memory
+
+  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
 
   import dataclasses
 
@@ -296,6 +299,7 @@ def main(argv=None) -> dict | list[dict]:
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
       'jax': jax.__version__,
+      'host_malloc': host_malloc,
       'device_kind': kind,
       'devices': jax.device_count(),
       'compile_s': round(compile_s, 2),
