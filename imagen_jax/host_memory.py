@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import pkgutil
 import sys
 from collections.abc import Mapping
 
@@ -50,6 +51,11 @@ def _accelerator_installed() -> str | None:
   for name in _ACCELERATOR_MODULES:
     if importlib.util.find_spec(name) is not None:
       return name
+  namespace = importlib.util.find_spec('jax_plugins')  # e.g. jax_plugins.xla_cuda12
+  if namespace is not None and namespace.submodule_search_locations:
+    found = next(pkgutil.iter_modules(namespace.submodule_search_locations), None)
+    if found is not None:
+      return f'jax_plugins.{found.name}'
   try:
     plugins = importlib.metadata.entry_points(group='jax_plugins')
   except Exception:  # noqa: BLE001 - broken package metadata must not stop a CPU run

@@ -88,3 +88,13 @@ def test_left_alone_where_it_does_not_apply(monkeypatch):
   # Too late once the backend has started: its threads already have their own arenas.
   monkeypatch.setattr(host_memory, '_backend_started', lambda: True)
   assert 'already started' in host_memory.why_not({'JAX_PLATFORMS': 'cpu'})
+
+
+def test_a_jax_plugins_namespace_package_counts_as_an_accelerator(tmp_path, monkeypatch):
+  (tmp_path / 'jax_plugins' / 'xla_fake_gpu').mkdir(parents=True)
+  (tmp_path / 'jax_plugins' / 'xla_fake_gpu' / '__init__.py').write_text('')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setattr(host_memory, '_ACCELERATOR_MODULES', ())  # whatever this machine has
+  assert host_memory._accelerator_installed() == 'jax_plugins.xla_fake_gpu'
+  monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
+  assert 'jax_plugins.xla_fake_gpu' in host_memory.why_not({})
