@@ -2,6 +2,7 @@
 profile (imagen_jax/op_profile.py) groups a real trace by kind of op and by phase."""
 # ruff: noqa: E501  (HLO below is verbatim compiler text, one instruction per line)
 
+import functools
 import json
 import os
 import subprocess
@@ -132,3 +133,33 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
   lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{')]
   assert [ln['batch'] for ln in lines] == [2, 4]
   assert all("Unknown --preset 'nope'" in ln['error'] for ln in lines)
+
+
+@pytest.mark.smoke
+def test_bench_cpu_conv_reports_cores_per_shape():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  run = functools.partial(
+    subprocess.run,
+    cwd=REPO_ROOT,
+    env={**env, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  proc = run(
+    [sys.executable, 'bench/cpu_conv.py', '--shapes=8x4x8,4x8x4', '--batch=1', '--calls=2']
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  assert result['backend'] == 'cpu' and result['batch'] == 1
+  assert [p['shape'] for p in result['points']] == ['8x4x8', '4x8x4']
+  first = result['points'][0]
+  assert first['gflop_forward'] == round(2 * 8 * 8 * 9 * 4 * 8 / 1e9, 3)
+  for part in ('forward', 'gradients'):
+    assert first[part]['wall_ms'] > 0 and first[part]['cpu_ms'] >= 0
+    ratio = first[part]['cpu_ms'] / first[part]['wall_ms']  # both rounded to 1 us
+    assert first[part]['cores'] == pytest.approx(ratio, rel=0.1, abs=0.05)
+  bad = run([sys.executable, 'bench/cpu_conv.py', '--shapes=64x64'])
+  assert bad.returncode == 2 and 'HxCinxCout' in bad.stderr
