@@ -15,6 +15,11 @@ first thing. It acts only where it helps: glibc on Linux, and a process whose JA
 be the CPU (JAX_PLATFORMS starts with cpu, or no GPU/TPU plugin is installed). On GPU and TPU
 the step's buffers live in device memory, and many data-loading threads would share one arena.
 IMAGEN_JAX_HOST_MALLOC=default leaves glibc's settings alone.
+
+The price is resident memory: a freed block that a small, longer-lived allocation has split no
+longer fits the next step's temporaries, which then take a new block, so the heap can hold one
+to a few step-sized blocks (small64: 1.9 GB growing once to 2.6 GB in 300 steps, against
+2.0-2.1 GB with glibc's defaults; README, Speed).
 """
 
 import ctypes
