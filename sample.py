@@ -39,7 +39,7 @@ import sys
 
 from absl import app, flags
 
-from imagen_jax import cli, host_memory
+from imagen_jax import cli
 
 EXIT_STOPPED = 75  # as train.py: stopped early by a signal, resumable
 
@@ -113,7 +113,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  cli.keep_freed_host_buffers()
   if FLAGS.distributed:
     cli.initialize_distributed()
   cli.enable_compilation_cache()

@@ -19,7 +19,7 @@ import logging
 from absl import flags
 from ml_collections import config_flags
 
-from imagen_jax import cli, host_memory
+from imagen_jax import cli
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped early by a signal, checkpoint saved, resumable
 
@@ -38,7 +38,7 @@ def main(argv):
     cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
-  host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  cli.keep_freed_host_buffers()
 
   if FLAGS.distributed:
     cli.initialize_distributed()

@@ -87,6 +87,17 @@ def run(main: Callable[[list[str]], None]) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
+def keep_freed_host_buffers() -> None:
+  """`host_memory.keep_freed_buffers()` for an entry point: a bad IMAGEN_JAX_HOST_MALLOC is
+  one line and exit code 2. Call it before JAX's CPU client starts its threads."""
+  from imagen_jax import host_memory
+
+  try:
+    host_memory.keep_freed_buffers()
+  except ValueError as e:
+    fail(str(e))
+
+
 # ---------------------------------------------------------------------- several processes
 
 

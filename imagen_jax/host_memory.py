@@ -14,7 +14,8 @@ client (whose threads pick their arena on their first allocation); the entry poi
 first thing. It acts only where it helps: glibc on Linux, and a process whose JAX backend will
 be the CPU (JAX_PLATFORMS starts with cpu, or no GPU/TPU plugin is installed). On GPU and TPU
 the step's buffers live in device memory, and many data-loading threads would share one arena.
-IMAGEN_JAX_HOST_MALLOC=default leaves glibc's settings alone.
+IMAGEN_JAX_HOST_MALLOC=default leaves glibc's settings alone (unset or `keep`: as above; any
+other value is refused with a ValueError).
 
 The price is resident memory: a freed block that a small, longer-lived allocation has split no
 longer fits the next step's temporaries, which then take a new block, so the heap can hold one
@@ -79,11 +80,29 @@ def _backend_started() -> bool:
   return bool(started and started())
 
 
+def _is_glibc() -> bool:
+  """The process runs on glibc (whose malloc has the mallopt settings used here)."""
+  try:
+    libc = ctypes.CDLL(None)
+    libc.gnu_get_libc_version  # noqa: B018 - glibc has it; musl and others do not
+    libc.mallopt  # noqa: B018
+  except (OSError, AttributeError):
+    return False
+  return True
+
+
 def why_not(environ: Mapping[str, str] | None = None) -> str | None:
-  """Why `keep_freed_buffers` would leave malloc alone here, or None when it applies."""
+  """Why `keep_freed_buffers` would leave malloc alone here, or None when it applies.
+  ValueError for an IMAGEN_JAX_HOST_MALLOC that is neither unset, `keep` nor `default`."""
   environ = os.environ if environ is None else environ
-  if environ.get(OPT_OUT, '').strip().lower() == 'default':
+  setting = environ.get(OPT_OUT, '').strip().lower()
+  if setting == 'default':
     return f'{OPT_OUT}=default'
+  if setting not in ('', 'keep'):
+    raise ValueError(
+      f'{OPT_OUT}={environ[OPT_OUT]!r} is not a setting: use {OPT_OUT}=default to leave '
+      "malloc as it is, or unset it (or 'keep') to keep XLA:CPU's buffers mapped."
+    )
   if not sys.platform.startswith('linux'):
     return f'not Linux ({sys.platform})'
   platforms = (environ.get('JAX_PLATFORMS') or '').strip().lower()
@@ -96,19 +115,15 @@ def why_not(environ: Mapping[str, str] | None = None) -> str | None:
       return f'an accelerator plugin is installed ({plugin}); set JAX_PLATFORMS=cpu for CPU runs'
   if _backend_started():
     return "JAX's backend already started (its threads have their arenas)"
-  try:
-    libc = ctypes.CDLL(None)
-    libc.gnu_get_libc_version.restype = ctypes.c_char_p
-    libc.gnu_get_libc_version()
-    libc.mallopt  # noqa: B018 - glibc has it; musl and others may not
-  except (OSError, AttributeError):
+  if not _is_glibc():
     return 'the C library is not glibc'
   return None
 
 
 def keep_freed_buffers(environ: Mapping[str, str] | None = None) -> str:
   """Set glibc's malloc to keep freed large blocks mapped (see the module docstring), where it
-  applies; once per process. Returns 'on' or why it was left alone."""
+  applies; once per process. Returns 'on' or why it was left alone; ValueError for a bad
+  IMAGEN_JAX_HOST_MALLOC."""
   if 'status' in _state:
     return _state['status']
   reason = why_not(environ)

@@ -209,9 +209,7 @@ def _run_cli() -> None:
       raise app.UsageError(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
       raise app.UsageError('--config is required, e.g. --config=configs/base64.py.')
-    from imagen_jax import host_memory
-
-    host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+    cli.keep_freed_host_buffers()
     if flags.FLAGS.distributed:
       cli.initialize_distributed()
     config = config_flag.value

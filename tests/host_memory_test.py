@@ -1,7 +1,6 @@
 """host_memory.keep_freed_buffers: XLA:CPU's large per-call buffers reuse their pages."""
 
 import json
-import platform
 import subprocess
 import sys
 import textwrap
@@ -54,7 +53,7 @@ def _probe(**env) -> dict:
 
 
 @pytest.mark.skipif(
-  not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
+  not sys.platform.startswith('linux') or not host_memory._is_glibc(),
   reason='what it changes is glibc malloc on Linux',
 )
 def test_large_buffers_keep_their_pages_between_calls():
@@ -100,3 +99,26 @@ def test_a_jax_plugins_namespace_package_counts_as_an_accelerator(tmp_path, monk
   assert host_memory._accelerator_installed() == 'jax_plugins.xla_fake_gpu'
   monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
   assert 'jax_plugins.xla_fake_gpu' in host_memory.why_not({})
+
+
+def test_a_bad_setting_is_refused_with_the_fix(monkeypatch):
+  monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
+  assert host_memory.why_not({'IMAGEN_JAX_HOST_MALLOC': 'keep', 'JAX_PLATFORMS': 'cpu'}) in (
+    None,
+    'the C library is not glibc',
+  )
+  with pytest.raises(ValueError, match=r"IMAGEN_JAX_HOST_MALLOC='off' is not a setting.*=default"):
+    host_memory.why_not({'IMAGEN_JAX_HOST_MALLOC': 'off'})
+  # An entry point: one line on stderr, exit code 2, before any work.
+  proc = subprocess.run(
+    [sys.executable, 'train.py', '--config=configs/base64.py:tiny', '--workdir=unused'],
+    cwd=REPO_ROOT,
+    env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin', 'IMAGEN_JAX_HOST_MALLOC': 'off'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [ln for ln in proc.stderr.splitlines() if ln.startswith('error:')]
+  assert len(errors) == 1 and "IMAGEN_JAX_HOST_MALLOC='off' is not a setting" in errors[0]
+  assert not (REPO_ROOT / 'unused').exists()

@@ -44,9 +44,10 @@ def main(argv) -> None:
     sys.exit(2)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from imagen_jax import checkpoints, host_memory
+  from imagen_jax import checkpoints
+  from imagen_jax import cli as common_cli
 
-  host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  common_cli.keep_freed_host_buffers()
   from imagen_jax.evaluate import runner, scoring
 
   checkpoints.quiet_orbax_noise()
