@@ -6,10 +6,13 @@
 For each shape HxCinxCout (square H x H images, 'SAME' padding, float32) it times the forward
 convolution and its gradients (input and kernel), as jitted programs on their own, and reports
 the wall time, the process CPU time over the same calls and their ratio: `cores` near 1 means
-the convolution ran on one core. On the 2-core development machine (jaxlib 0.10.2) the
-convolutions with 64 output channels, forward and input gradient, ran on one core (12 ms wall
-and 12 ms CPU for 1.2 GFLOP) where 128 channels used both: small64's whole 64 px level. A
-jaxlib that fixes this shows it here first.
+the convolution ran on one core. With an even batch it times the same two programs with image
+pairs side by side (`folded`: `imagen_jax.models.cpu_conv`, forward and input gradient folded,
+kernel gradient plain) and says whether the U-Net takes that path for the shape
+(`model_folds`). On the 2-core development machine (jaxlib 0.10.2) the convolutions with 64
+output channels of 64-wide images, forward and input gradient, ran on one core (12 ms wall and
+12 ms CPU for 1.2 GFLOP) where 128 channels or 128 columns used both, which is why the U-Net
+folds them. A jaxlib or a CPU where `folded` is no faster shows it here first.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import statistics
 import time
 
 from imagen_jax import host_memory
+from imagen_jax.models import cpu_conv
 
 SMALL64 = '64x64x64,64x128x64,64x64x128,32x128x128,32x256x128,16x256x256'
 
@@ -42,6 +46,23 @@ def _time(fn, args, calls: int) -> tuple[float, float]:
     walls.append(time.perf_counter() - t0)
   cpu_ms = (_cpu_seconds() - cpu0) / calls * 1e3
   return statistics.median(walls) * 1e3, cpu_ms
+
+
+def _measure(programs, x, k, dy, gflop: float, calls: int) -> dict:
+  forward, gradients = programs
+  out = {}
+  for name, fn, fn_args, flop in (
+    ('forward', forward, (x, k), gflop),
+    ('gradients', gradients, (x, k, dy), 2 * gflop),
+  ):
+    wall_ms, cpu_ms = _time(fn, fn_args, calls)
+    out[name] = {
+      'wall_ms': round(wall_ms, 3),
+      'cpu_ms': round(cpu_ms, 3),
+      'cores': round(cpu_ms / wall_ms, 2),
+      'gflop_per_s': round(flop / wall_ms * 1e3, 1),
+    }
+  return out
 
 
 def main(argv=None) -> dict:
@@ -71,8 +92,15 @@ def main(argv=None) -> dict:
       x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
 
-  forward = jax.jit(conv)
-  gradients = jax.jit(lambda x, k, dy: jax.vjp(conv, x, k)[1](dy))
+  def folded(x, k):
+    return cpu_conv.fold_both(x, k)
+
+  programs = {}
+  for name, fn in (('plain', conv), ('folded', folded)):
+    programs[name] = (
+      jax.jit(fn),
+      jax.jit(lambda x, k, dy, fn=fn: jax.vjp(fn, x, k)[1](dy)),
+    )
   points = []
   for h, c_in, c_out in shapes:
     keys = jax.random.split(jax.random.key(0), 3)
@@ -81,17 +109,10 @@ def main(argv=None) -> dict:
     dy = jax.random.normal(keys[2], (args.batch, h, h, c_out), jnp.float32)
     gflop = 2 * args.batch * h * h * 9 * c_in * c_out / 1e9
     point = {'shape': f'{h}x{c_in}x{c_out}', 'gflop_forward': round(gflop, 3)}
-    for name, fn, fn_args, flop in (
-      ('forward', forward, (x, k), gflop),
-      ('gradients', gradients, (x, k, dy), 2 * gflop),
-    ):
-      wall_ms, cpu_ms = _time(fn, fn_args, args.calls)
-      point[name] = {
-        'wall_ms': round(wall_ms, 3),
-        'cpu_ms': round(cpu_ms, 3),
-        'cores': round(cpu_ms / wall_ms, 2),
-        'gflop_per_s': round(flop / wall_ms * 1e3, 1),
-      }
+    point.update(_measure(programs['plain'], x, k, dy, gflop, args.calls))
+    if args.batch % 2 == 0:
+      point['folded'] = _measure(programs['folded'], x, k, dy, gflop, args.calls)
+    point['model_folds'] = cpu_conv.wanted(x, k, 1)
     points.append(point)
   result = {
     'bench': 'cpu_conv',

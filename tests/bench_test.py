@@ -147,19 +147,25 @@ def test_bench_cpu_conv_reports_cores_per_shape():
     timeout=300,
   )
   proc = run(
-    [sys.executable, 'bench/cpu_conv.py', '--shapes=8x4x8,4x8x4', '--batch=1', '--calls=2']
+    [sys.executable, 'bench/cpu_conv.py', '--shapes=8x4x8,4x8x4', '--batch=2', '--calls=2']
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
   assert len(lines) == 1, proc.stdout
   result = json.loads(lines[0])
-  assert result['backend'] == 'cpu' and result['batch'] == 1
+  assert result['backend'] == 'cpu' and result['batch'] == 2
   assert [p['shape'] for p in result['points']] == ['8x4x8', '4x8x4']
   first = result['points'][0]
-  assert first['gflop_forward'] == round(2 * 8 * 8 * 9 * 4 * 8 / 1e9, 3)
-  for part in ('forward', 'gradients'):
-    assert first[part]['wall_ms'] > 0 and first[part]['cpu_ms'] >= 0
-    ratio = first[part]['cpu_ms'] / first[part]['wall_ms']  # both rounded to 1 us
-    assert first[part]['cores'] == pytest.approx(ratio, rel=0.1, abs=0.05)
+  assert first['gflop_forward'] == round(2 * 2 * 8 * 8 * 9 * 4 * 8 / 1e9, 3)
+  assert first['model_folds'] is False  # 8 wide, 8 channels: the U-Net keeps it plain
+  for timings in (first, first['folded']):  # plain, and image pairs side by side
+    for part in ('forward', 'gradients'):
+      assert timings[part]['wall_ms'] > 0 and timings[part]['cpu_ms'] >= 0
+      ratio = timings[part]['cpu_ms'] / timings[part]['wall_ms']  # both rounded to 1 us
+      assert timings[part]['cores'] == pytest.approx(ratio, rel=0.1, abs=0.05)
+  odd = run([sys.executable, 'bench/cpu_conv.py', '--shapes=4x2x2', '--batch=1', '--calls=1'])
+  assert (
+    odd.returncode == 0 and 'folded' not in json.loads(odd.stdout.splitlines()[-1])['points'][0]
+  )
   bad = run([sys.executable, 'bench/cpu_conv.py', '--shapes=64x64'])
   assert bad.returncode == 2 and 'HxCinxCout' in bad.stderr

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imagen_jax.models import cpu_attention, tpu_attention
+from imagen_jax.models import cpu_attention, cpu_conv, tpu_attention
 
 LOGICAL_AXES_KEY = 'logical_axes'
 
@@ -266,6 +266,8 @@ class Conv(nnx.Module):
     kernel = self.kernel[...].astype(self.dtype)
     if kernel.shape[0] == 1 and self.stride == 1:  # 1x1: a plain matmul over channels
       y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
+    elif cpu_conv.wanted(x.astype(self.dtype), kernel, self.stride):
+      y = cpu_conv.conv_same(x.astype(self.dtype), kernel)
     else:
       y = jax.lax.conv_general_dilated(
         x.astype(self.dtype),
