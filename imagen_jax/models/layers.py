@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from imagen_jax.models import cpu_attention, cpu_conv, tpu_attention
+from imagen_jax.models import cpu_attention, cpu_conv, cpu_norm, tpu_attention
 
 LOGICAL_AXES_KEY = 'logical_axes'
 
@@ -300,11 +300,27 @@ class GroupNorm(nnx.Module):
     *,
     film_scale: jax.Array | None = None,
     film_shift: jax.Array | None = None,
+    silu: bool = False,
   ) -> jax.Array:
     """x [B, ..., C] -> normalised x in the compute dtype. FiLM, when given (film_scale and
     film_shift [B, C]), is applied as y * (1 + film_scale) + film_shift in float32 before the
-    cast, so that a bfloat16 model rounds once, after the modulation."""
+    cast, so that a bfloat16 model rounds once, after the modulation; `silu` applies SiLU
+    after it (on CPU in float32 before the cast, with `cpu_norm`'s backward pass)."""
     *lead, c = x.shape
+    if film_scale is not None:
+      assert film_shift is not None and film_scale.shape == (x.shape[0], c), film_scale.shape
+    if cpu_norm.wanted():
+      y = cpu_norm.group_norm(
+        x,
+        self.scale[...],
+        self.bias[...],
+        groups=self.num_groups,
+        eps=eps,
+        film_scale=film_scale,
+        film_shift=film_shift,
+        silu=silu,
+      )
+      return y.astype(self.dtype)
     xg = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
     reduce_axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)  # all but batch and group
     mean = jnp.mean(xg, axis=reduce_axes, keepdims=True)
@@ -312,11 +328,11 @@ class GroupNorm(nnx.Module):
     xg = (xg - mean) * jax.lax.rsqrt(var + eps)
     y = xg.reshape(x.shape) * self.scale[...] + self.bias[...]
     if film_scale is not None:
-      assert film_shift is not None and film_scale.shape == (x.shape[0], c), film_scale.shape
       bcast = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
       scale = film_scale.astype(jnp.float32).reshape(bcast)
       y = y * (1 + scale) + film_shift.astype(jnp.float32).reshape(bcast)
-    return y.astype(self.dtype)
+    y = y.astype(self.dtype)
+    return jax.nn.silu(y) if silu else y
 
 
 class LayerNorm(nnx.Module):
@@ -559,10 +575,10 @@ class ResBlock(nnx.Module):
     b, h, w, c = x.shape
     assert c == self.in_channels, (x.shape, self.in_channels)
     assert cond.shape[0] == b, (cond.shape, x.shape)
-    y = self.conv_0(jax.nn.silu(self.norm_0(x)))  # [B, H, W, C_out]
+    y = self.conv_0(self.norm_0(x, silu=True))  # [B, H, W, C_out]
     film = self.film(jax.nn.silu(cond.astype(jnp.float32)))  # [B, 2 C_out] float32
     scale, shift = jnp.split(film, 2, axis=-1)  # [B, C_out] each
-    y = jax.nn.silu(self.norm_1(y, film_scale=scale, film_shift=shift))
+    y = self.norm_1(y, film_scale=scale, film_shift=shift, silu=True)
     if self.dropout is not None:
       y = self.dropout(y, deterministic=deterministic)
     y = self.conv_1(y)

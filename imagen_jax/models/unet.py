@@ -429,7 +429,7 @@ class UNet(nnx.Module):
       if i > 0:
         h = self._run(getattr(self, f'up_{i}_upsample'), h)
 
-    h = jax.nn.silu(self.output_norm(h))
+    h = self.output_norm(h, silu=True)
     out = self.output_conv(h.astype(dtype))
     assert out.shape == x.shape, (out.shape, x.shape)
     return out.astype(jnp.float32)
