@@ -51,16 +51,33 @@ def _per_channel(v: jax.Array, ndim: int) -> jax.Array:
   return v.reshape((v.shape[0],) + (1,) * (ndim - 2) + (v.shape[1],))
 
 
-def _forward(x, scale, bias, film_scale, film_shift, groups, eps, film, silu):
+def _normalize(x, scale, bias, film_scale, film_shift, groups, eps):
+  """float32 (GroupNorm(x) * scale + bias, then FiLM when film_scale is not None), and the
+  per-group mean and 1/std [B, 1.., G, 1]."""
   xg = _grouped(x, groups)
   axes = _reduce_axes(xg)
   mean = jnp.mean(xg, axis=axes, keepdims=True)
   var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
   rstd = jax.lax.rsqrt(var + eps)
   y = ((xg - mean) * rstd).reshape(x.shape) * scale + bias
-  if film:
+  if film_scale is not None:
     y = y * (1 + _per_channel(film_scale, x.ndim)) + _per_channel(film_shift, x.ndim)
-  return (jax.nn.silu(y) if silu else y), (mean, rstd)
+  return y, (mean, rstd)
+
+
+def normalize(x, scale, bias, film_scale=None, film_shift=None, *, groups: int, eps: float):
+  """The forward computation of `group_norm` without SiLU, left for JAX to differentiate:
+  `layers.GroupNorm`'s path off the CPU (one definition of the forward for both paths)."""
+  if film_scale is not None:
+    film_scale, film_shift = film_scale.astype(jnp.float32), film_shift.astype(jnp.float32)
+  return _normalize(x, scale, bias, film_scale, film_shift, groups, eps)[0]
+
+
+def _forward(x, scale, bias, film_scale, film_shift, groups, eps, film, silu):
+  y, stats = _normalize(
+    x, scale, bias, film_scale if film else None, film_shift if film else None, groups, eps
+  )
+  return (jax.nn.silu(y) if silu else y), stats
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))

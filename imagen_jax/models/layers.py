@@ -306,7 +306,7 @@ class GroupNorm(nnx.Module):
     film_shift [B, C]), is applied as y * (1 + film_scale) + film_shift in float32 before the
     cast, so that a bfloat16 model rounds once, after the modulation; `silu` applies SiLU
     after it (on CPU in float32 before the cast, with `cpu_norm`'s backward pass)."""
-    *lead, c = x.shape
+    c = x.shape[-1]
     if film_scale is not None:
       assert film_shift is not None and film_scale.shape == (x.shape[0], c), film_scale.shape
     if cpu_norm.wanted():
@@ -321,16 +321,15 @@ class GroupNorm(nnx.Module):
         silu=silu,
       )
       return y.astype(self.dtype)
-    xg = x.astype(jnp.float32).reshape(*lead, self.num_groups, c // self.num_groups)
-    reduce_axes = tuple(range(1, xg.ndim - 2)) + (xg.ndim - 1,)  # all but batch and group
-    mean = jnp.mean(xg, axis=reduce_axes, keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=reduce_axes, keepdims=True)
-    xg = (xg - mean) * jax.lax.rsqrt(var + eps)
-    y = xg.reshape(x.shape) * self.scale[...] + self.bias[...]
-    if film_scale is not None:
-      bcast = (x.shape[0],) + (1,) * (x.ndim - 2) + (c,)
-      scale = film_scale.astype(jnp.float32).reshape(bcast)
-      y = y * (1 + scale) + film_shift.astype(jnp.float32).reshape(bcast)
+    y = cpu_norm.normalize(
+      x,
+      self.scale[...],
+      self.bias[...],
+      film_scale,
+      film_shift,
+      groups=self.num_groups,
+      eps=eps,
+    )
     y = y.astype(self.dtype)
     return jax.nn.silu(y) if silu else y
 
