@@ -11,14 +11,13 @@ norm's output (through SiLU) and x_hat the normalised input:
   d scale = sum_b (1 + film_scale) Q,  d bias = sum_b (1 + film_scale) P,
   dx = rstd (g a - sum_group(a P) / n - x_hat sum_group(a Q) / n),  a = scale (1 + film_scale),
 
-with sum_group over the channels of x's group and n its pixels times channels;
-
-so `group_norm`'s backward is one reduction pass (P and Q together, x_hat and the SiLU
+with sum_group over the channels of x's group and n its pixels times channels. So
+`group_norm`'s backward is one reduction pass (P and Q together, x_hat and the SiLU
 gradient recomputed on the fly from x and the saved per-group mean and 1/std) and one
-elementwise pass (dx). The forward pass is the same computation as `layers.GroupNorm`'s,
-in the same order. Measured on the 2-core AMD EPYC, batch 4, forward and backward of
-GroupNorm + FiLM + SiLU: 64x64x64 7.5 -> 4.4 ms, 32x32x128 4.4 -> 1.0 ms, 16x16x256
-1.4 -> 0.6 ms; gradients equal to JAX's to float32 rounding (tested).
+elementwise pass (dx). The forward pass is `normalize`, which `layers.GroupNorm` also runs
+off the CPU (there JAX differentiates it). Measured on the 2-core AMD EPYC, batch 4, forward
+and backward of GroupNorm + FiLM + SiLU: 64x64x64 7.5 -> 4.4 ms, 32x32x128 4.4 -> 1.0 ms,
+16x16x256 1.4 -> 0.6 ms; gradients equal to JAX's to float32 rounding (tested).
 
 Used on the CPU backend only (`wanted`): GPUs and TPUs keep XLA's own fusion of the
 differentiated graph, which this has not been measured against.
