@@ -31,7 +31,7 @@ def _plain(x, k):
 @pytest.mark.parametrize(
   'b,h,w,c_in,c_out',
   [
-    (2, 5, 7, 3, 4),  # odd width, H != W: the separator column is the only padding between
+    (2, 5, 7, 3, 4),  # odd width, H != W; one zero column between the pair's images
     (4, 6, 6, 2, 5),  # two pairs
     (6, 3, 2, 4, 1),  # narrow images, one output channel
   ],
@@ -81,7 +81,7 @@ def test_wanted_only_where_it_helps(one_device):
   assert cpu_conv.wanted(x[:, :, :40], k, 1)  # 40 wide: 82 folded, two tiles
   assert not cpu_conv.wanted(x[:3], k, 1)  # odd batch: no pairs
   assert not cpu_conv.wanted(x, k, 2)  # stride 2
-  assert not cpu_conv.wanted(x[:, :, :32], k, 1)  # 32 wide stays one tile folded (66 columns)
+  assert not cpu_conv.wanted(x[:, :, :32], k, 1)  # 32 wide: 66 columns folded, no gain measured
   assert not cpu_conv.wanted(x[..., :48], k[:, :, :48, :48], 1)  # other channel widths
   assert not cpu_conv.wanted(x, jnp.zeros((5, 5, 64, 64), jnp.float32), 1)  # 5x5 kernel
   assert not cpu_conv.wanted(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16), 1)
@@ -89,10 +89,13 @@ def test_wanted_only_where_it_helps(one_device):
 
 def test_conv_layer_uses_the_folded_path_and_keeps_its_result(one_device):
   layer = layers.Conv(64, 64, 3, pinit=layers.ParamInit(jax.random.key(0)))
-  x, _, _ = _inputs(2, 64, 64, 64, 64, seed=1)
+  x, kernel, _ = _inputs(2, 64, 64, 64, 64, seed=1)
+  layer.kernel[...] = kernel
+  layer.bias[...] = jnp.linspace(-1, 1, 64)
   want = _plain(x, layer.kernel[...]) + layer.bias[...]
   hlo = jax.jit(lambda x: layer(x)).lower(x).as_text()
   assert 'tensor<1x64x130x64xf32>' in hlo
+  assert float(jnp.abs(want).max()) > 0.5
   np.testing.assert_allclose(layer(x), want, rtol=1e-4, atol=1e-4)
   # The same layer on a batch of 3 has no pairs: the plain convolution.
-  assert '130' not in jax.jit(lambda x: layer(x)).lower(x[:1].repeat(3, 0)).as_text()
+  assert 'x130x' not in jax.jit(lambda x: layer(x)).lower(x[:1].repeat(3, 0)).as_text()
