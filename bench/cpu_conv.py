@@ -87,13 +87,8 @@ def main(argv=None) -> dict:
       'run it with JAX_PLATFORMS=cpu.'
     )
 
-  def conv(x, k):
-    return jax.lax.conv_general_dilated(
-      x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
-    )
-
   programs = {}
-  for name, fn in (('plain', conv), ('folded', cpu_conv.fold_both)):
+  for name, fn in (('plain', cpu_conv.plain), ('folded', cpu_conv.fold_both)):
     programs[name] = (
       jax.jit(fn),
       jax.jit(lambda x, k, dy, fn=fn: jax.vjp(fn, x, k)[1](dy)),

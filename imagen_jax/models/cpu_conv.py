@@ -38,8 +38,9 @@ TILE = 64
 _DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-def _plain(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), 'SAME', dimension_numbers=_DIMS)
+def plain(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+  """The ordinary 'SAME' convolution, NHWC x HWIO (`layers.Conv` off this path)."""
+  return jax.lax.conv_general_dilated(x, kernel, (stride, stride), 'SAME', dimension_numbers=_DIMS)
 
 
 def _fold(x: jax.Array) -> jax.Array:
@@ -59,11 +60,11 @@ def _unfold(y: jax.Array, w: int) -> jax.Array:
 
 
 def _folded(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  return _unfold(_plain(_fold(x), kernel), x.shape[2])
+  return _unfold(plain(_fold(x), kernel), x.shape[2])
 
 
 def _forward(x: jax.Array, kernel: jax.Array, fold: bool) -> jax.Array:
-  return _folded(x, kernel) if fold else _plain(x, kernel)
+  return _folded(x, kernel) if fold else plain(x, kernel)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -78,7 +79,7 @@ def _conv_fwd(x, kernel, fold_out, fold_in):
 def _conv_bwd(fold_out, fold_in, residuals, dy):
   x, kernel = residuals
   (dx,) = jax.vjp(lambda x: _forward(x, kernel, fold_in), x)[1](dy)
-  (dk,) = jax.vjp(lambda k: _plain(x, k), kernel)[1](dy)
+  (dk,) = jax.vjp(lambda k: plain(x, k), kernel)[1](dy)
   return dx, dk
 
 

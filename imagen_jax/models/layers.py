@@ -263,19 +263,13 @@ class Conv(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     assert x.ndim == 4 and x.shape[-1] == self.in_channels, (x.shape, self.in_channels)
-    kernel = self.kernel[...].astype(self.dtype)
+    x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
     if kernel.shape[0] == 1 and self.stride == 1:  # 1x1: a plain matmul over channels
-      y = jnp.dot(x.astype(self.dtype), kernel[0, 0])
-    elif cpu_conv.wanted(x.astype(self.dtype), kernel, self.stride):
-      y = cpu_conv.conv_same(x.astype(self.dtype), kernel)
+      y = jnp.dot(x, kernel[0, 0])
+    elif cpu_conv.wanted(x, kernel, self.stride):
+      y = cpu_conv.conv_same(x, kernel)
     else:
-      y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype),
-        kernel,
-        window_strides=(self.stride, self.stride),
-        padding='SAME',
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      )
+      y = cpu_conv.plain(x, kernel, self.stride)
     return y + self.bias[...].astype(self.dtype)
 
 
