@@ -37,8 +37,8 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from imagen_jax import cpu_devices, host_memory, optim, precompute, sharding, stage, train_lib
 from imagen_jax import flops as flops_lib
-from imagen_jax import host_memory, optim, precompute, sharding, stage, train_lib
 from imagen_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -121,6 +121,10 @@ def main(_):
   if FLAGS.memory_only:
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
     return
+  try:  # as train.py: two data-parallel devices on a CPU of two or more cores
+    cpu_devices.configure(config.train.batch_size, config.mesh)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from e
   mesh = sharding.make_mesh(config.mesh)
   cache = precompute.open_or_build_cache(config, build_if_missing=True)
   it = pipeline.make_iterator(config, text_cache=cache)

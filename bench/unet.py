@@ -67,7 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up)')
   p.add_argument('--memory_only', action='store_true', help='compile on abstract inputs only')
   p.add_argument(
-    '--fake_cpu_devices', type=int, default=0, help='N > 0: force N host CPU devices (XLA_FLAGS)'
+    '--fake_cpu_devices',
+    type=int,
+    default=0,
+    help='N > 0: force N host CPU devices (XLA_FLAGS); 0: as train.py chooses '
+    '(imagen_jax.cpu_devices: two on a CPU of two or more cores when the batch is even)',
   )
   p.add_argument(
     '--profile_steps',
@@ -139,9 +143,14 @@ def main(argv=None) -> dict | list[dict]:
     flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from imagen_jax import host_memory
+  from imagen_jax import cpu_devices, host_memory
 
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  if args.fake_cpu_devices <= 0:  # as train.py: two devices on a CPU of two or more cores
+    try:
+      cpu_devices.configure(args.batch, {'data': -1, 'fsdp': args.mesh_fsdp})
+    except ValueError as e:
+      raise SystemExit(f'error: {e}') from e
 
   import dataclasses
 

@@ -69,7 +69,23 @@ def _accelerator_installed() -> str | None:
   return next((ep.name for ep in plugins), None)
 
 
-def _backend_started() -> bool:
+def accelerator_reason(environ: Mapping[str, str] | None = None) -> str | None:
+  """Why JAX's backend may be something other than the CPU (None: it will be the CPU):
+  JAX_PLATFORMS names another platform first, or, when unset, a GPU/TPU plugin is installed."""
+  environ = os.environ if environ is None else environ
+  platforms = (environ.get('JAX_PLATFORMS') or '').strip().lower()
+  if platforms:
+    if platforms.split(',')[0].strip() != 'cpu':
+      return f'JAX_PLATFORMS={platforms}'
+    return None
+  plugin = _accelerator_installed()
+  if plugin:
+    return f'an accelerator plugin is installed ({plugin}); set JAX_PLATFORMS=cpu for CPU runs'
+  return None
+
+
+def backend_started() -> bool:
+  """JAX's backends are initialised (settings read at their start can no longer change)."""
   if 'jax' not in sys.modules:
     return False
   try:
@@ -105,15 +121,10 @@ def why_not(environ: Mapping[str, str] | None = None) -> str | None:
     )
   if not sys.platform.startswith('linux'):
     return f'not Linux ({sys.platform})'
-  platforms = (environ.get('JAX_PLATFORMS') or '').strip().lower()
-  if platforms:
-    if platforms.split(',')[0].strip() != 'cpu':
-      return f'JAX_PLATFORMS={platforms}'
-  else:
-    plugin = _accelerator_installed()
-    if plugin:
-      return f'an accelerator plugin is installed ({plugin}); set JAX_PLATFORMS=cpu for CPU runs'
-  if _backend_started():
+  accelerator = accelerator_reason(environ)
+  if accelerator is not None:
+    return accelerator
+  if backend_started():
     return "JAX's backend already started (its threads have their arenas)"
   if not _is_glibc():
     return 'the C library is not glibc'

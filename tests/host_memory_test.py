@@ -72,7 +72,7 @@ def test_large_buffers_keep_their_pages_between_calls():
 
 
 def test_left_alone_where_it_does_not_apply(monkeypatch):
-  monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: False)
   monkeypatch.setattr(host_memory, '_accelerator_installed', lambda: None)
   assert host_memory.why_not({'IMAGEN_JAX_HOST_MALLOC': 'default'}) == (
     'IMAGEN_JAX_HOST_MALLOC=default'
@@ -87,7 +87,7 @@ def test_left_alone_where_it_does_not_apply(monkeypatch):
   assert 'jax_cuda12_plugin' in host_memory.why_not({})
   assert host_memory.why_not({'JAX_PLATFORMS': 'cpu'}) in (None, 'the C library is not glibc')
   # Too late once the backend has started: its threads already have their own arenas.
-  monkeypatch.setattr(host_memory, '_backend_started', lambda: True)
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: True)
   assert 'already started' in host_memory.why_not({'JAX_PLATFORMS': 'cpu'})
 
 
@@ -97,12 +97,12 @@ def test_a_jax_plugins_namespace_package_counts_as_an_accelerator(tmp_path, monk
   monkeypatch.syspath_prepend(str(tmp_path))
   monkeypatch.setattr(host_memory, '_ACCELERATOR_MODULES', ())  # whatever this machine has
   assert host_memory._accelerator_installed() == 'jax_plugins.xla_fake_gpu'
-  monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: False)
   assert 'jax_plugins.xla_fake_gpu' in host_memory.why_not({})
 
 
 def test_a_bad_setting_is_refused_with_the_fix(monkeypatch):
-  monkeypatch.setattr(host_memory, '_backend_started', lambda: False)
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: False)
   assert host_memory.why_not({'IMAGEN_JAX_HOST_MALLOC': 'keep', 'JAX_PLATFORMS': 'cpu'}) in (
     None,
     'the C library is not glibc',

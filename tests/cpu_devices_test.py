@@ -1,0 +1,143 @@
+"""cpu_devices: training on a CPU of two or more cores runs as two data-parallel JAX devices."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from imagen_jax import cpu_devices, host_memory
+from tests.conftest import REPO_ROOT, cli_env
+
+MESH = {'data': -1, 'fsdp': 1}
+CPU = {'JAX_PLATFORMS': 'cpu'}
+
+
+@pytest.fixture(autouse=True)
+def _backend_not_started(monkeypatch):
+  # This test process's backend has started (8 fake devices); `choose` is checked as it runs
+  # at an entry point's start.
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: False)
+
+
+def test_two_devices_where_the_cpu_and_the_config_take_them():
+  assert cpu_devices.choose(4, MESH, environ=CPU, cores=2)[0] == 2
+  assert (
+    cpu_devices.choose(16, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': 'auto'}, cores=64)[0]
+    == 2
+  )
+  assert cpu_devices.choose(8, {'data': 1, 'fsdp': -1}, environ=CPU, cores=2)[0] == 2
+  assert cpu_devices.choose(8, {'data': 2, 'fsdp': 1}, environ=CPU, cores=2)[0] == 2
+
+
+@pytest.mark.parametrize(
+  'batch, mesh, environ, cores, why',
+  [
+    (3, MESH, CPU, 2, 'train.batch_size=3 is not divisible by 2'),
+    (8, {'data': 4, 'fsdp': 1}, CPU, 8, 'does not fill 2 devices'),
+    (8, {'data': 1, 'fsdp': 1}, CPU, 8, 'does not fill 2 devices'),
+    (4, MESH, CPU, 1, '1 usable core'),
+    (4, MESH, {'JAX_PLATFORMS': 'cuda'}, 8, 'JAX_PLATFORMS=cuda'),
+    (4, MESH, {**CPU, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}, 8, 'XLA_FLAGS'),
+    (4, MESH, {**CPU, 'JAX_NUM_CPU_DEVICES': '1'}, 8, 'JAX_NUM_CPU_DEVICES'),
+  ],
+)
+def test_left_at_one_device_otherwise(batch, mesh, environ, cores, why):
+  n, reason = cpu_devices.choose(batch, mesh, environ=environ, cores=cores)
+  assert n is None and why in reason, reason
+
+
+def test_left_alone_for_several_processes_an_accelerator_plugin_or_a_started_backend(monkeypatch):
+  n, reason = cpu_devices.choose(4, MESH, distributed=True, environ=CPU, cores=2)
+  assert n is None and '--distributed' in reason
+  monkeypatch.setattr(host_memory, '_accelerator_installed', lambda: 'jax_cuda12_plugin')
+  n, reason = cpu_devices.choose(4, MESH, environ={}, cores=2)
+  assert n is None and 'jax_cuda12_plugin' in reason
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: True)
+  n, reason = cpu_devices.choose(4, MESH, environ=CPU, cores=2)
+  assert n is None and 'already started' in reason
+
+
+def test_an_explicit_count_is_used_or_refused_with_the_fix(monkeypatch):
+  assert (
+    cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '1'}, cores=8)[0] == 1
+  )
+  assert (
+    cpu_devices.choose(12, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '3'}, cores=1)[0] == 3
+  )
+  for bad in ('two', '0', '-1'):
+    with pytest.raises(ValueError, match=r"IMAGEN_JAX_CPU_DEVICES='.*' is not a setting.*auto"):
+      cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': bad})
+  with pytest.raises(ValueError, match='batch_size=6 is not divisible by 4; choose a count'):
+    cpu_devices.choose(6, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '4'})
+  with pytest.raises(ValueError, match='set the CPU device count in one place'):
+    env = {
+      **CPU,
+      'IMAGEN_JAX_CPU_DEVICES': '2',
+      'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+    }
+    cpu_devices.choose(4, MESH, environ=env)
+  monkeypatch.setattr(host_memory, 'backend_started', lambda: True)
+  with pytest.raises(ValueError, match='already started'):
+    cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'})
+
+
+# configure() in a fresh process: the device count JAX then reports, and the train step on the
+# two devices gives the loss of the one-device step.
+_PROBE = textwrap.dedent(
+  """
+  import json, sys
+  from imagen_jax import cpu_devices
+  n = cpu_devices.configure(4, {'data': -1, 'fsdp': 1})
+  import jax, jax.numpy as jnp
+  from imagen_jax import sharding
+  mesh = sharding.make_mesh({'data': -1, 'fsdp': 1})
+  x = jnp.arange(4 * 8, dtype=jnp.float32).reshape(4, 8)
+  x = jax.device_put(x, sharding.batch_sharding(mesh))
+  w = jnp.linspace(-1.0, 1.0, 8 * 3, dtype=jnp.float32).reshape(8, 3)
+  loss, grad = jax.jit(jax.value_and_grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2)))(w)
+  print(json.dumps({'configured': n, 'devices': jax.device_count(), 'mesh': dict(mesh.shape),
+                    'loss': float(loss), 'grad': grad.tolist()}))
+  """
+)
+
+
+def _probe(**env) -> dict:
+  environ = {k: v for k, v in cli_env().items() if k != 'XLA_FLAGS'}
+  environ.update(env)
+  proc = subprocess.run(
+    [sys.executable, '-c', _PROBE], cwd=REPO_ROOT, env=environ, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(
+  len(os.sched_getaffinity(0)) < 2 if hasattr(os, 'sched_getaffinity') else True,
+  reason='the automatic choice needs two usable cores',
+)
+def test_configure_gives_two_devices_and_the_same_numbers():
+  two = _probe()
+  one = _probe(IMAGEN_JAX_CPU_DEVICES='1')
+  assert (two['configured'], two['devices'], two['mesh']) == (2, 2, {'data': 2, 'fsdp': 1})
+  assert (one['configured'], one['devices'], one['mesh']) == (1, 1, {'data': 1, 'fsdp': 1})
+  assert two['loss'] == pytest.approx(one['loss'], rel=1e-6)
+  for a, b in zip(sum(two['grad'], []), sum(one['grad'], []), strict=True):
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+
+
+def test_train_py_refuses_a_count_the_batch_cannot_take(tmp_path):
+  env = {k: v for k, v in cli_env().items() if k != 'XLA_FLAGS'}
+  env['IMAGEN_JAX_CPU_DEVICES'] = '3'  # the tiny config's batch is 4
+  proc = subprocess.run(
+    [sys.executable, 'train.py', '--config=configs/base64.py:tiny', f'--workdir={tmp_path / "w"}'],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert 'IMAGEN_JAX_CPU_DEVICES=3: train.batch_size=4 is not divisible by 3' in proc.stderr
+  assert not (tmp_path / 'w').exists()
