@@ -42,6 +42,7 @@ import logging
 import os
 import pathlib
 import re
+import socket
 import time
 from collections.abc import Sequence
 
@@ -244,7 +245,9 @@ def prepare_output(req: SampleRequest) -> None:
   out = pathlib.Path(req.out)
   try:
     out.mkdir(parents=True, exist_ok=True)
-    probe = out / '.write_test'
+    # One name per process: processes sharing --out (sample.py --distributed) must not remove
+    # each other's probe.
+    probe = out / f'.write_test.{socket.gethostname()}.{os.getpid()}'
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:

@@ -19,6 +19,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -467,7 +468,7 @@ def _prepare_workdir(workdir: str) -> pathlib.Path:
     raise TrainingError(f'--workdir {path} is a file, not a folder; pass a folder path.')
   try:
     path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test.{os.getpid()}'
+    probe = path / f'.write_test.{socket.gethostname()}.{os.getpid()}'  # one per process, any host
     probe.write_text('ok')
     probe.unlink()
   except OSError as e:

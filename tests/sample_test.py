@@ -664,3 +664,34 @@ def test_bad_edit_inputs(runs, tmp_path, case):
   assert len(error_lines(proc.stderr)) == 1 and 'Traceback' not in proc.stderr, proc.stderr
   assert sorted(p.name for p in out.iterdir()) == [precious.name]
   assert precious.read_bytes() == b'precious'
+
+
+# Two processes (as `sample.py --distributed` runs them) checking the same --out at once, many
+# times: each must remove only its own write probe (a shared name made one process's unlink
+# fail with FileNotFoundError, reported as "Cannot write to the output folder").
+_PROBE_RACE = """
+import sys, types
+from imagen_jax import sample_lib
+req = types.SimpleNamespace(out=sys.argv[1], overwrite=True, skip_existing=False)
+for _ in range(400):
+  sample_lib.prepare_output(req)
+print('ok')
+"""
+
+
+def test_processes_sharing_an_output_folder_do_not_remove_each_others_probe(tmp_path):
+  procs = [
+    subprocess.Popen(
+      [sys.executable, '-c', _PROBE_RACE, str(tmp_path / 'out')],
+      cwd=REPO_ROOT,
+      env=cli_env(),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for _ in range(2)
+  ]
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and out.strip() == 'ok', err[-2000:]
+  assert list((tmp_path / 'out').iterdir()) == []  # no probe left behind
