@@ -14,7 +14,10 @@ removed when the manager opens. A non-finite state is never saved (`save` refuse
 
 Restores fall back: `restore_train_state` / `restore_params` try the requested or latest step,
 and on a checkpoint that does not load or fails verification log its step and path and try the
-previous kept one.
+previous kept one. With several processes, every process restores on its own (no orbax barrier)
+and they agree after each step tried: a step that fails on any process is passed over by all, and
+processes that see different kept steps refuse to start, so they never resume from different
+steps.
 """
 
 import dataclasses
@@ -110,6 +113,13 @@ def step_dir(workdir: str | os.PathLike, step: int) -> pathlib.Path:
 def make_manager(
   workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
+  """The run's checkpoint manager. A read-only one (for restores) is this process's alone: its
+  restores end in no cross-process barrier, so that a step failing to load on one process (bit
+  rot in its copy) cannot leave the others waiting in orbax's barrier forever; the processes
+  agree on each step's outcome instead (`restore_with_fallback`)."""
+  local = ocp.options.MultiprocessingOptions(
+    primary_host=jax.process_index(), active_processes={jax.process_index()}
+  )
   options = ocp.CheckpointManagerOptions(
     max_to_keep=None if read_only else keep,  # read-only: orbax warns about any keep setting
     save_interval_steps=0 if read_only else 1,
@@ -117,6 +127,7 @@ def make_manager(
     enable_async_checkpointing=async_save,
     cleanup_tmp_directories=not read_only,
     read_only=read_only,
+    multiprocessing_options=local if read_only else ocp.options.MultiprocessingOptions(),
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
@@ -304,10 +315,26 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -
   return restored['state'], restored['data']
 
 
+def kept_steps(manager: ocp.CheckpointManager) -> list[int]:
+  """The kept steps, newest first. With several processes, every process must see the same list
+  (one shared checkpoint folder): CheckpointError naming what each one sees otherwise, raised on
+  every process alike, since a process that restored a step its peers do not have would train on
+  different weights than them."""
+  local = sorted(manager.all_steps(), reverse=True)
+  seen = multihost.allgather_json(local)
+  if any(steps != seen[0] for steps in seen):
+    views = '; '.join(f'process {i}: {sorted(steps) or "none"}' for i, steps in enumerate(seen))
+    raise CheckpointError(
+      f'The processes see different checkpoints in {manager.directory} ({views}). Every process '
+      'must see the same run folder: put --workdir on a filesystem that all hosts share.'
+    )
+  return local
+
+
 def candidate_steps(manager: ocp.CheckpointManager, step: int | None) -> list[int]:
   """[step] if it is kept (CheckpointError listing the kept steps otherwise), else all kept
-  steps, newest first."""
-  kept = sorted(manager.all_steps(), reverse=True)
+  steps, newest first (the same on every process: `kept_steps`)."""
+  kept = kept_steps(manager)
   if step is None:
     return kept
   if step not in kept:
@@ -318,6 +345,35 @@ def candidate_steps(manager: ocp.CheckpointManager, step: int | None) -> list[in
   return [step]
 
 
+def agreed_failures(step: int, reports: list[dict]) -> list[str]:
+  """The failures of one restore attempt over all processes, from each process's report
+  {'step': the step it tried, 'error': its CheckpointError message or None, 'earlier': the
+  failures it met before}, in process order.
+
+  [] when every process restored `step`; else the messages (prefixed 'process i:' when there are
+  several processes), so that every process passes over a step that failed on any of them. A
+  report of another step means the processes lost step with each other (a step that failed on
+  one before its peers finished reading it): CheckpointError naming every failure, since their
+  states now differ."""
+  tried = [r['step'] for r in reports]
+  if any(s != step for s in tried):
+    seen = [
+      f'process {i}: {e}'
+      for i, r in enumerate(reports)
+      for e in [*r.get('earlier', []), r['error']]
+      if e
+    ]
+    raise CheckpointError(
+      f'The processes restored different checkpoint steps (process order: {tried}) after a '
+      f'checkpoint failed to load on some of them only ({"; ".join(seen)}). Check that every '
+      'host reads the same run folder, move the damaged step out of checkpoints/, and start '
+      'again.'
+    )
+  if len(reports) == 1:
+    return [reports[0]['error']] if reports[0]['error'] else []
+  return [f'process {i}: {r["error"]}' for i, r in enumerate(reports) if r['error']]
+
+
 def restore_with_fallback(
   manager: ocp.CheckpointManager, *, step: int | None, restore_fn: Callable[[int], Any]
 ) -> tuple[int, Any, list[str]]:
@@ -326,16 +382,37 @@ def restore_with_fallback(
   With step=None, tries the kept steps newest first; restore_fn raising CheckpointError marks a
   step unusable (logged with its step and path) and the previous one is tried. With a step, only
   that one. CheckpointError listing every failure when none is usable.
+
+  With several processes, they agree after each attempt (`agreed_failures`): a step that failed
+  on any process is passed over by all, so that they never resume from different steps. (A
+  failure inside orbax's own read, before its closing barrier, leaves the peers waiting in that
+  barrier until its collective times out: on CPU gloo's 30 s, after which they report the step
+  failed too; on GPU, NCCL may wait far longer.)
   """
   failures = []
   candidates = candidate_steps(manager, step)
   for s in candidates:
+    result, error, fatal = None, None, None
     try:
-      return s, restore_fn(s), failures
+      result = restore_fn(s)
     except CheckpointError as e:
-      failures.append(str(e))
-      if step is None and s != candidates[-1]:
-        log.error('%s Falling back to the previous kept checkpoint.', e)
+      error = str(e)
+    except Exception as e:  # noqa: BLE001 - not a damaged step: re-raised once the peers know
+      error, fatal = _one_line(e), e
+    reports = multihost.allgather_json(
+      {'step': s, 'error': error, 'earlier': failures, 'fatal': fatal is not None}
+    )
+    if fatal is not None:
+      raise fatal
+    stopped = [f'process {i}: {r["error"]}' for i, r in enumerate(reports) if r['fatal']]
+    if stopped:
+      raise CheckpointError(f'Restoring {_where(manager, s)} stopped on ' + '; '.join(stopped))
+    failed = agreed_failures(s, reports)
+    if not failed:
+      return s, result, failures
+    failures.extend(failed)
+    if step is None and s != candidates[-1]:
+      log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
   if not candidates:
     raise CheckpointError(f'No checkpoint to load: {describe_folder(manager.directory.parent)}.')
   raise CheckpointError(

@@ -500,34 +500,38 @@ def _optimizer_check(
   )
 
 
-def _restore_for_resume(config, manager, abstract, state_sh, workdir_path):
+def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, newest: int):
   """(step, state, data_state) of the requested (train.resume_step) or newest usable checkpoint.
 
   Damaged checkpoints are reported with their step and path and passed over; kept checkpoints
   newer than the one resumed are moved to checkpoints_set_aside/ (never deleted), so the run
-  neither overwrites nor returns to them.
+  neither overwrites nor returns to them. newest: the newest kept step (`checkpoints.kept_steps`,
+  the same on every process).
   """
   requested = int(config.train.get('resume_step', 0)) or None
-  newest = max(manager.all_steps())
-  if requested and newest > requested and _resumed_from(manager, newest) == requested:
-    # The newer checkpoints come from this same resume (the command was run again, e.g. after a
-    # SIGTERM): continue from them instead of throwing their progress away.
-    log.info('Already resumed from step %d earlier; continuing from step %d.', requested, newest)
-    requested = None
-  target = abstract_with_shardings(abstract, state_sh)
-
-  def restore_one(step):
-    saved = checkpoints.restore_config(manager, step)
-    changed = _resume_check(saved, config)
-    _optimizer_check(saved, config, abstract['params'])
-    return checkpoints.restore(manager, step, abstract_state=target), changed
-
+  # Restores go through a read-only manager of this process's own (`checkpoints.make_manager`).
+  reader = checkpoints.make_manager(workdir_path, read_only=True)
   try:
+    if requested and newest > requested and _resumed_from(reader, newest) == requested:
+      # The newer checkpoints come from this same resume (the command was run again, e.g. after
+      # a SIGTERM): continue from them instead of throwing their progress away.
+      log.info('Already resumed from step %d earlier; continuing from step %d.', requested, newest)
+      requested = None
+    target = abstract_with_shardings(abstract, state_sh)
+
+    def restore_one(step):
+      saved = checkpoints.restore_config(reader, step)
+      changed = _resume_check(saved, config)
+      _optimizer_check(saved, config, abstract['params'])
+      return checkpoints.restore(reader, step, abstract_state=target), changed
+
     step, ((state, data_state), changed), failures = checkpoints.restore_with_fallback(
-      manager, step=requested, restore_fn=restore_one
+      reader, step=requested, restore_fn=restore_one
     )
   except checkpoints.CheckpointError as e:
     raise TrainingError(str(e)) from e
+  finally:
+    reader.close()
   if changed:
     log.warning('Resuming with changed settings (checkpoint -> now): %s', '; '.join(changed))
   moved = checkpoints.set_aside_newer(workdir_path, step, manager)
@@ -681,7 +685,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # held-out captions) are encoded here, and the text encoder is freed again before the U-Net
     # state is allocated, so training never holds T5 and the train state at once.
     sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
-    if not manager.all_steps():
+    try:
+      kept = checkpoints.kept_steps(manager)  # the same on every process, or an error
+    except checkpoints.CheckpointError as e:
+      manager.close()
+      if hasattr(data_iter, 'close'):
+        data_iter.close()
+      raise TrainingError(str(e)) from e
+    if not kept:
       if int(config.train.get('resume_step', 0)):
         raise TrainingError(
           f'train.resume_step={config.train.resume_step} but {workdir_path} holds no checkpoint.'
@@ -690,7 +701,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     else:
       try:
         resumed, state, data_state = _restore_for_resume(
-          config, manager, abstract, state_sh, workdir_path
+          config, manager, abstract, state_sh, workdir_path, newest=kept[0]
         )
       except BaseException:
         manager.close()  # lets orbax's async machinery shut down quietly before the exit

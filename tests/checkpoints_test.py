@@ -126,6 +126,21 @@ def test_parse_run():
       checkpoints.parse_run(bad)
 
 
+def test_processes_agree_on_each_restore_attempt():
+  ok = {'step': 6, 'error': None}
+  bad = {'step': 6, 'error': 'checkpoint step 6 (/w/checkpoints/6): 2 arrays differ.'}
+  assert checkpoints.agreed_failures(6, [ok]) == []
+  assert checkpoints.agreed_failures(6, [bad]) == [bad['error']]  # one process: as before
+  # A step that failed on one process only is a failure for every process.
+  assert checkpoints.agreed_failures(6, [ok, bad]) == [f'process 1: {bad["error"]}']
+  # A process that already fell back to step 4 while its peer restored 6: refused, naming both.
+  fell_back = {'step': 4, 'error': None, 'earlier': [bad['error']]}
+  with pytest.raises(checkpoints.CheckpointError) as e:
+    checkpoints.agreed_failures(6, [ok, fell_back])
+  assert 'different checkpoint steps (process order: [6, 4])' in str(e.value)
+  assert f'process 1: {bad["error"]}' in str(e.value)
+
+
 def _orphan_task_error_records(filename: str) -> list[logging.LogRecord]:
   """What asyncio logs for a task whose exception nobody retrieved, the coroutine defined in
   `filename` (as orbax's sibling reads are when a damaged checkpoint fails), seen through the

@@ -232,3 +232,48 @@ def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp
   assert len(names) == 5 and 'grid.png' in names  # 2 prompts x 2 images + the grid
   for name in names:
     assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
+
+
+def flip_one_bit_per_data_file(workdir, step):
+  """One flipped bit in each array data file of a checkpoint step, as bit rot leaves it."""
+  root = workdir / 'checkpoints' / str(step) / 'state'
+  files = [p for p in root.rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files
+  for path in files:
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def run_on_own_copies(shared, hosts, *overrides) -> list[tuple[int, str, str]]:
+  """train.py as 2 processes, process i on its own run folder hosts[i] (hosts with local disks)."""
+  port = free_port()
+  procs = [
+    start_process(shared, hosts[i], *overrides, *CONSTANT_LR, port=port, process_id=i)
+    for i in range(2)
+  ]
+  return finish(procs, timeout=600)
+
+
+def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_both(shared, reference, tmp_path):
+  # Process 1's copy of step 6 has bit rot; process 0's is intact. Before, process 1 failed to
+  # read it and fell back while process 0 resumed from step 6 and waited in orbax's closing
+  # barrier for a peer that never came. Now both report step 6 as failed and resume from 4.
+  hosts = [tmp_path / f'host{i}' for i in range(2)]
+  for host in hosts:
+    shutil.copytree(reference, host)
+  flip_one_bit_per_data_file(hosts[1], 6)
+  for i, (rc, out, err) in enumerate(
+    run_on_own_copies(shared, hosts, '--config.train.num_steps=4')
+  ):
+    assert rc == 0, f'process {i}: {err[-3000:]}'
+    assert f'process 1: checkpoint step 6 ({hosts[1]}/checkpoints/6) does not load' in err
+    assert 'Resumed from step 4' in err and 'Resumed from step 6' not in err
+    assert 'done: step 4' in out
+
+  # Process 1 no longer sees step 4 at all: both refuse, naming what each sees.
+  shutil.rmtree(hosts[1] / 'checkpoints' / '4')
+  for i, (rc, _, err) in enumerate(run_on_own_copies(shared, hosts, '--config.train.num_steps=4')):
+    assert rc == 1, f'process {i}: {err[-3000:]}'
+    assert 'The processes see different checkpoints' in err, err[-3000:]
+    assert 'process 0: [2, 4]; process 1: [2, 6]' in err
