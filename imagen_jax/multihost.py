@@ -3,6 +3,9 @@ process each is a no-op or trivial."""
 
 import itertools
 import json
+import os
+import pathlib
+import socket
 from typing import Any
 
 import jax
@@ -39,3 +42,13 @@ def allgather_json(value: Any) -> list[Any]:
   padded[: data.size] = data
   rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
   return [json.loads(bytes(rows[i, : sizes[i]]).decode()) for i in range(len(sizes))]
+
+
+def check_writable(folder: pathlib.Path) -> None:
+  """Create folder (and parents) and write and remove a probe file in it; OSError if it cannot.
+  The probe is named after the host and process, so processes sharing the folder never remove
+  each other's probe."""
+  folder.mkdir(parents=True, exist_ok=True)
+  probe = folder / f'.write_test.{socket.gethostname()}.{os.getpid()}'
+  probe.write_text('ok')
+  probe.unlink()

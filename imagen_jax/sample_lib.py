@@ -42,7 +42,6 @@ import logging
 import os
 import pathlib
 import re
-import socket
 import time
 from collections.abc import Sequence
 
@@ -52,7 +51,7 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from imagen_jax import cascade, checkpoints, editing, images, stage
+from imagen_jax import cascade, checkpoints, editing, images, multihost, stage
 
 log = logging.getLogger(__name__)
 
@@ -244,12 +243,7 @@ def prepare_output(req: SampleRequest) -> None:
   """Create and test-write the output folder; refuse to overwrite unless asked."""
   out = pathlib.Path(req.out)
   try:
-    out.mkdir(parents=True, exist_ok=True)
-    # One name per process: processes sharing --out (sample.py --distributed) must not remove
-    # each other's probe.
-    probe = out / f'.write_test.{socket.gethostname()}.{os.getpid()}'
-    probe.write_text('ok')
-    probe.unlink()
+    multihost.check_writable(out)  # processes may share --out (sample.py --distributed)
   except OSError as e:
     raise SampleError(
       f'Cannot write to the output folder {out}: {e.strerror}. Pass --out DIR.'

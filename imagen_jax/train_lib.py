@@ -19,7 +19,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -467,10 +466,7 @@ def _prepare_workdir(workdir: str) -> pathlib.Path:
   if path.exists() and not path.is_dir():
     raise TrainingError(f'--workdir {path} is a file, not a folder; pass a folder path.')
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f'.write_test.{socket.gethostname()}.{os.getpid()}'  # one per process, any host
-    probe.write_text('ok')
-    probe.unlink()
+    multihost.check_writable(path)
   except OSError as e:
     raise TrainingError(
       f'Cannot write to --workdir {path} ({e.strerror}); pass a writable folder (or fix its '
