@@ -291,10 +291,21 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   return ml_collections.ConfigDict(raw)
 
 
-def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> tuple[Any, Any]:
-  """(state, data_state) of step, placed as `abstract_state`'s shardings say, verified.
+@dataclasses.dataclass
+class Loaded:
+  """What a `restore_with_fallback` restore_fn returns: the loaded value, and verify, which checks
+  it (CheckpointError if it fails). verify may be a collective over the processes (checksums of
+  arrays that span them), so it is called on every process together, once all have loaded."""
 
-  CheckpointError (naming the step and folder) when it does not load or fails verification.
+  value: Any
+  verify: Callable[[], None] = lambda: None
+
+
+def load(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> Loaded:
+  """(state, data_state) of step, placed as `abstract_state`'s shardings say, with its verify.
+
+  CheckpointError (naming the step and folder) when it does not load, or from verify when it
+  does not match its saved checksums.
   """
   where = _where(manager, step)
   try:
@@ -309,10 +320,21 @@ def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -
     raise
   except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
     raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
-  if stored is not None:
-    _verify_arrays(restored['state'], stored['arrays'], where)
-    _verify_json('data', restored['data'], stored, where)
-  return restored['state'], restored['data']
+
+  def verify() -> None:
+    if stored is not None:
+      _verify_arrays(restored['state'], stored['arrays'], where)
+      _verify_json('data', restored['data'], stored, where)
+
+  return Loaded((restored['state'], restored['data']), verify)
+
+
+def restore(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> tuple[Any, Any]:
+  """`load` and verify: (state, data_state) of step; CheckpointError when it does not load or
+  fails verification."""
+  loaded = load(manager, step, abstract_state=abstract_state)
+  loaded.verify()
+  return loaded.value
 
 
 def kept_steps(manager: ocp.CheckpointManager) -> list[int]:
@@ -374,42 +396,57 @@ def agreed_failures(step: int, reports: list[dict]) -> list[str]:
   return [f'process {i}: {r["error"]}' for i, r in enumerate(reports) if r['error']]
 
 
+def _attempt(fn: Callable[[], Any]) -> tuple[Any, str | None, BaseException | None]:
+  """(fn(), None, None), or (None, message, None) on CheckpointError (a damaged step), or
+  (None, message, exception) on any other exception (re-raised once the peers know)."""
+  try:
+    return fn(), None, None
+  except CheckpointError as e:
+    return None, str(e), None
+  except Exception as e:  # noqa: BLE001 - see above
+    return None, _one_line(e), e
+
+
+def _agree(manager, step: int, error, fatal, failures: list[str]) -> list[str]:
+  """Every process's outcome of one phase of restoring step (`agreed_failures`); a process that
+  met an error other than a damaged checkpoint stops every process."""
+  reports = multihost.allgather_json(
+    {'step': step, 'error': error, 'earlier': failures, 'fatal': fatal is not None}
+  )
+  if fatal is not None:
+    raise fatal
+  stopped = [f'process {i}: {r["error"]}' for i, r in enumerate(reports) if r['fatal']]
+  if stopped:
+    raise CheckpointError(f'Restoring {_where(manager, step)} stopped on ' + '; '.join(stopped))
+  return agreed_failures(step, reports)
+
+
 def restore_with_fallback(
-  manager: ocp.CheckpointManager, *, step: int | None, restore_fn: Callable[[int], Any]
+  manager: ocp.CheckpointManager, *, step: int | None, restore_fn: Callable[[int], Loaded]
 ) -> tuple[int, Any, list[str]]:
-  """(step, restore_fn(step), failures) for the newest usable step.
+  """(step, its loaded and verified value, failures) for the newest usable step.
 
-  With step=None, tries the kept steps newest first; restore_fn raising CheckpointError marks a
-  step unusable (logged with its step and path) and the previous one is tried. With a step, only
-  that one. CheckpointError listing every failure when none is usable.
+  With step=None, tries the kept steps newest first; restore_fn(step) or its `Loaded.verify`
+  raising CheckpointError marks a step unusable (logged with its step and path) and the previous
+  one is tried. With a step, only that one. CheckpointError listing every failure when none is
+  usable.
 
-  With several processes, they agree after each attempt (`agreed_failures`): a step that failed
-  on any process is passed over by all, so that they never resume from different steps. (A
-  failure inside orbax's own read, before its closing barrier, leaves the peers waiting in that
-  barrier until its collective times out: on CPU gloo's 30 s, after which they report the step
-  failed too; on GPU, NCCL may wait far longer.)
+  With several processes, they agree on the outcome after the load and again after the verify
+  (`agreed_failures`): a step that failed on any process is passed over by all, so they never
+  resume from different steps, and none waits in a verify collective for a peer that failed to
+  load. restore_fn reads only this process's files: the managers of `make_manager(read_only=
+  True)` end a restore in no cross-process barrier.
   """
   failures = []
   candidates = candidate_steps(manager, step)
   for s in candidates:
-    result, error, fatal = None, None, None
-    try:
-      result = restore_fn(s)
-    except CheckpointError as e:
-      error = str(e)
-    except Exception as e:  # noqa: BLE001 - not a damaged step: re-raised once the peers know
-      error, fatal = _one_line(e), e
-    reports = multihost.allgather_json(
-      {'step': s, 'error': error, 'earlier': failures, 'fatal': fatal is not None}
-    )
-    if fatal is not None:
-      raise fatal
-    stopped = [f'process {i}: {r["error"]}' for i, r in enumerate(reports) if r['fatal']]
-    if stopped:
-      raise CheckpointError(f'Restoring {_where(manager, s)} stopped on ' + '; '.join(stopped))
-    failed = agreed_failures(s, reports)
+    loaded, error, fatal = _attempt(lambda s=s: restore_fn(s))
+    failed = _agree(manager, s, error, fatal, failures)
     if not failed:
-      return s, result, failures
+      _, error, fatal = _attempt(loaded.verify)
+      failed = _agree(manager, s, error, fatal, failures)
+      if not failed:
+        return s, loaded.value, failures
     failures.extend(failed)
     if step is None and s != candidates[-1]:
       log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
@@ -460,7 +497,7 @@ def restore_params(
     raise CheckpointError(f'No checkpoint to load: {describe_folder(workdir)}.')
   manager = make_manager(workdir, read_only=True)
 
-  def restore_one(s: int) -> tuple[Any, ml_collections.ConfigDict]:
+  def restore_one(s: int) -> Loaded:
     config = restore_config(manager, s)
     abstract = abstract_fn(config)
     target = {
@@ -485,10 +522,13 @@ def restore_params(
       raise
     except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
       raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
-    if stored is not None:
-      wanted = {k: v for k, v in stored['arrays'].items() if k.startswith(f"['{key}']")}
-      _verify_arrays({key: restored[key]}, wanted, where)
-    return restored[key], config
+
+    def verify() -> None:
+      if stored is not None:
+        wanted = {k: v for k, v in stored['arrays'].items() if k.startswith(f"['{key}']")}
+        _verify_arrays({key: restored[key]}, wanted, where)
+
+    return Loaded((restored[key], config), verify)
 
   try:
     used, (params, config), failures = restore_with_fallback(

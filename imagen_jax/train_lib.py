@@ -519,7 +519,8 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
       saved = checkpoints.restore_config(reader, step)
       changed = _resume_check(saved, config)
       _optimizer_check(saved, config, abstract['params'])
-      return checkpoints.restore(reader, step, abstract_state=target), changed
+      loaded = checkpoints.load(reader, step, abstract_state=target)
+      return checkpoints.Loaded((loaded.value, changed), loaded.verify)
 
     step, ((state, data_state), changed), failures = checkpoints.restore_with_fallback(
       reader, step=requested, restore_fn=restore_one

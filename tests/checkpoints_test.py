@@ -64,14 +64,14 @@ def test_bit_rot_that_decodes_is_caught_and_the_previous_step_used(two_steps):
   with pytest.raises(checkpoints.CheckpointError, match='differ from their saved checksums'):
     checkpoints.restore(manager, 2, abstract_state=target)
   step, (state, data), failures = checkpoints.restore_with_fallback(
-    manager, step=None, restore_fn=lambda s: checkpoints.restore(manager, s, abstract_state=target)
+    manager, step=None, restore_fn=lambda s: checkpoints.load(manager, s, abstract_state=target)
   )
   assert step == 1 and data == {'pos': 1} and int(state['step']) == 1
   assert len(failures) == 1 and 'checkpoint step 2' in failures[0]
   # Asked for explicitly, the damaged step is an error, not a silent fallback.
   with pytest.raises(checkpoints.CheckpointError, match='checkpoint step 2'):
     checkpoints.restore_with_fallback(
-      manager, step=2, restore_fn=lambda s: checkpoints.restore(manager, s, abstract_state=target)
+      manager, step=2, restore_fn=lambda s: checkpoints.load(manager, s, abstract_state=target)
     )
 
 

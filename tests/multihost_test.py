@@ -255,25 +255,31 @@ def run_on_own_copies(shared, hosts, *overrides) -> list[tuple[int, str, str]]:
   return finish(procs, timeout=600)
 
 
-def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_both(shared, reference, tmp_path):
+@pytest.mark.parametrize('fsdp', [1, 4])
+def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_both(
+  shared, reference, tmp_path, fsdp
+):
   # Process 1's copy of step 6 has bit rot; process 0's is intact. Before, process 1 failed to
   # read it and fell back while process 0 resumed from step 6 and waited in orbax's closing
   # barrier for a peer that never came. Now both report step 6 as failed and resume from 4.
+  # fsdp=4: the params span both processes, so verifying their checksums is a collective that
+  # process 0 must not enter alone.
   hosts = [tmp_path / f'host{i}' for i in range(2)]
   for host in hosts:
     shutil.copytree(reference, host)
   flip_one_bit_per_data_file(hosts[1], 6)
-  for i, (rc, out, err) in enumerate(
-    run_on_own_copies(shared, hosts, '--config.train.num_steps=4')
-  ):
+  args = ['--config.train.num_steps=4', f'--config.mesh.fsdp={fsdp}']
+  for i, (rc, out, err) in enumerate(run_on_own_copies(shared, hosts, *args)):
     assert rc == 0, f'process {i}: {err[-3000:]}'
     assert f'process 1: checkpoint step 6 ({hosts[1]}/checkpoints/6) does not load' in err
     assert 'Resumed from step 4' in err and 'Resumed from step 6' not in err
     assert 'done: step 4' in out
+  if fsdp != 1:
+    return
 
   # Process 1 no longer sees step 4 at all: both refuse, naming what each sees.
   shutil.rmtree(hosts[1] / 'checkpoints' / '4')
-  for i, (rc, _, err) in enumerate(run_on_own_copies(shared, hosts, '--config.train.num_steps=4')):
+  for i, (rc, _, err) in enumerate(run_on_own_copies(shared, hosts, *args)):
     assert rc == 1, f'process {i}: {err[-3000:]}'
     assert 'The processes see different checkpoints' in err, err[-3000:]
     assert 'process 0: [2, 4]; process 1: [2, 6]' in err

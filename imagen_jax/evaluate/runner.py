@@ -197,7 +197,9 @@ def _saved_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
     manager = checkpoints.make_manager(run_dir, read_only=True)
     try:  # the same fallback over damaged checkpoints as the restore of the params
       step, config, _ = checkpoints.restore_with_fallback(
-        manager, step=step, restore_fn=lambda s: checkpoints.restore_config(manager, s)
+        manager,
+        step=step,
+        restore_fn=lambda s: checkpoints.Loaded(checkpoints.restore_config(manager, s)),
       )
       return config, step
     finally:
