@@ -12,7 +12,7 @@ Saves are async and atomic (orbax writes to a temporary folder and renames it wh
 so a save killed midway never becomes the latest checkpoint; leftover temporary folders are
 removed when the manager opens. A non-finite state is never saved (`save` refuses it).
 
-Restores fall back: `restore_train_state` / `restore_params` try the requested or latest step,
+Restores fall back: a resume (`train_lib`) and `restore_params` try the requested or latest step,
 and on a checkpoint that does not load or fails verification log its step and path and try the
 previous kept one. With several processes, every process restores on its own (no orbax barrier)
 and they agree after each step tried: a step that fails on any process is passed over by all, and
@@ -374,9 +374,8 @@ def agreed_failures(step: int, reports: list[dict]) -> list[str]:
 
   [] when every process restored `step`; else the messages (prefixed 'process i:' when there are
   several processes), so that every process passes over a step that failed on any of them. A
-  report of another step means the processes lost step with each other (a step that failed on
-  one before its peers finished reading it): CheckpointError naming every failure, since their
-  states now differ."""
+  report of another step means the processes are trying different steps (a safety net: the
+  callers keep them in step): CheckpointError naming every failure, never a silent divergence."""
   tried = [r['step'] for r in reports]
   if any(s != step for s in tried):
     seen = [
@@ -386,10 +385,9 @@ def agreed_failures(step: int, reports: list[dict]) -> list[str]:
       if e
     ]
     raise CheckpointError(
-      f'The processes restored different checkpoint steps (process order: {tried}) after a '
-      f'checkpoint failed to load on some of them only ({"; ".join(seen)}). Check that every '
-      'host reads the same run folder, move the damaged step out of checkpoints/, and start '
-      'again.'
+      f'The processes tried different checkpoint steps (process order: {tried}); failures so '
+      f'far: {"; ".join(seen) or "none"}. Check that every host reads the same run folder, '
+      'move any damaged step named here out of checkpoints/, and start again.'
     )
   if len(reports) == 1:
     return [reports[0]['error']] if reports[0]['error'] else []

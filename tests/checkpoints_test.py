@@ -137,7 +137,7 @@ def test_processes_agree_on_each_restore_attempt():
   fell_back = {'step': 4, 'error': None, 'earlier': [bad['error']]}
   with pytest.raises(checkpoints.CheckpointError) as e:
     checkpoints.agreed_failures(6, [ok, fell_back])
-  assert 'different checkpoint steps (process order: [6, 4])' in str(e.value)
+  assert 'tried different checkpoint steps (process order: [6, 4])' in str(e.value)
   assert f'process 1: {bad["error"]}' in str(e.value)
 
 
