@@ -719,7 +719,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       donate_argnums=(0,),
     )
     writer = MetricWriter(workdir_path, config, enabled=is_chief)
-    eval_fn = _make_eval_fn(config, graphdef, workdir_path)
+    eval_fn = _make_eval_fn(config, graphdef, workdir_path, mesh)
     loop = _Loop(
       config=config,
       step_fn=step_fn,
@@ -735,18 +735,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return loop.run(state, start, num_steps)
 
 
-def _make_eval_fn(config, graphdef, workdir_path):
+def _make_eval_fn(config, graphdef, workdir_path, mesh):
   """fn(ema_params, step) -> {metric: value} every train.eval_every steps; None when off."""
   if not int(config.train.get('eval_every', 0)):
     return None
-  if jax.process_count() > 1:
-    raise TrainingError(
-      'train.eval_every runs on one process only for now; train with --config.train.eval_every=0 '
-      'and score the checkpoints with `python evaluate.py --checkpoints WORKDIR`.'
-    )
   from imagen_jax import evaluate
 
-  return evaluate.make_train_eval_fn(config, graphdef, workdir_path)
+  return evaluate.make_train_eval_fn(config, graphdef, workdir_path, mesh=mesh)
 
 
 @dataclasses.dataclass

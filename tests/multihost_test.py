@@ -283,3 +283,42 @@ def test_a_checkpoint_damaged_on_one_host_only_is_passed_over_by_both(
     assert rc == 1, f'process {i}: {err[-3000:]}'
     assert 'The processes see different checkpoints' in err, err[-3000:]
     assert 'process 0: [2, 4]; process 1: [2, 6]' in err
+
+
+def eval_rows(workdir) -> dict[int, dict]:
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  return {r['step']: {k: v for k, v in r.items() if k.startswith('eval/')} for r in rows}
+
+
+def test_in_training_evaluation_on_two_processes_matches_one(shared, tmp_path):
+  # train.eval_every on 2 processes x 2 devices: the same samples and scores as 1 x 4 (the
+  # judge trained and cached by process 0 while process 1 waits). After 2 steps the model is at
+  # chance: this checks that the processes sample and score what one process does, not quality.
+  args = [
+    '--config.train.num_steps=2',
+    '--config.train.eval_every=2',
+    '--config.train.eval_num=20',
+    f'--config.train.eval_judge_dir={shared["root"] / "judge"}',
+    *CONSTANT_LR,
+  ]
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  port = free_port()
+  procs = [
+    subprocess.Popen(
+      train_cmd(shared, two, *args, config='configs/digits.py:tiny') + distributed_args(port, i),
+      cwd=REPO_ROOT,
+      env=env_for(shared, devices=2),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  for i, (rc, _, err) in enumerate(finish(procs, timeout=600)):
+    assert rc == 0, f'process {i}: {err[-3000:]}'
+  assert (shared['root'] / 'judge').is_dir()
+  run(shared, one, *args, devices=4, config='configs/digits.py:tiny')
+  got, ref = eval_rows(two)[2], eval_rows(one)[2]
+  assert set(got) == set(ref) and {'eval/adherence', 'eval/fd'} <= set(got)
+  for key, value in ref.items():
+    np.testing.assert_allclose(got[key], value, rtol=RTOL, atol=1e-6, err_msg=key)

@@ -26,7 +26,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from imagen_jax import cascade, stage
+from imagen_jax import cascade, multihost, sharding, stage
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import scoring
@@ -86,20 +86,25 @@ def encode_prompts(
   from imagen_jax.text import encoder as encoder_lib
 
   mesh = precompute.make_encoder_mesh(config)
-  encoder = encoder_lib.load_text_encoder(
-    config.text.encoder,
-    max_length=int(config.text.max_length),
-    dtype=config.text.get('dtype', 'bfloat16'),
-    mesh=mesh,
+  # This process's devices only, whatever mesh the caller set (training's spans every process).
+  local = mesh or jax.sharding.Mesh(
+    np.asarray(jax.local_devices()[:1]).reshape(1, 1), ('data', 'fsdp')
   )
-  devices = 1 if mesh is None else mesh.devices.size
-  batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices
-  text_embs, text_mask = [], []
-  for start in range(0, len(prompts), batch):
-    chunk = list(prompts[start : start + batch])
-    embs, mask = encoder.encode(chunk + [''] * (batch - len(chunk)))  # [B, L, D], [B, L]
-    text_embs.append(np.asarray(embs)[: len(chunk)])
-    text_mask.append(np.asarray(mask)[: len(chunk)])
+  with jax.set_mesh(local):
+    encoder = encoder_lib.load_text_encoder(
+      config.text.encoder,
+      max_length=int(config.text.max_length),
+      dtype=config.text.get('dtype', 'bfloat16'),
+      mesh=mesh,
+    )
+    devices = 1 if mesh is None else mesh.devices.size
+    batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices
+    text_embs, text_mask = [], []
+    for start in range(0, len(prompts), batch):
+      chunk = list(prompts[start : start + batch])
+      embs, mask = encoder.encode(chunk + [''] * (batch - len(chunk)))  # [B, L, D], [B, L]
+      text_embs.append(np.asarray(embs)[: len(chunk)])
+      text_mask.append(np.asarray(mask)[: len(chunk)])
   embs = np.concatenate(text_embs).astype(CACHE_EMBEDDING_DTYPE).astype(np.float32)
   mask = np.concatenate(text_mask)
   return np.where(mask[..., None], embs, 0.0).astype(np.float32), mask
@@ -124,6 +129,31 @@ def generate(
     images = sample_fn(params, jnp.asarray(text_embs[rows]), jnp.asarray(text_mask[rows]), rng)
     out.append(np.asarray(images)[: min(batch_size, n - start)])
   return np.concatenate(out)
+
+
+def _replicated_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """sample_fn over a mesh that spans several processes: text inputs and images replicated, so
+  every process holds the whole batch; compiled on the first call, then a barrier, so that the
+  processes start its collectives together."""
+  everywhere = sharding.replicated(mesh)
+  jitted = jax.jit(sample_fn, out_shardings=everywhere)
+  compiled = []
+
+  def sample(params, text_embs, text_mask, rng):
+    args = (
+      params,
+      *(
+        jax.make_array_from_process_local_data(everywhere, np.asarray(a))
+        for a in (text_embs, text_mask)
+      ),
+      rng,
+    )
+    if not compiled:
+      compiled.append(jitted.lower(*args).compile())
+      multihost.barrier('imagen_jax:eval_sampler_compiled')
+    return compiled[0](*args)
+
+  return sample
 
 
 def _finite(images: np.ndarray) -> tuple[np.ndarray, int]:
@@ -312,7 +342,11 @@ def write_json(result: dict, path: str | os.PathLike, *, overwrite: bool) -> Non
 
 
 def make_train_eval_fn(
-  config: ml_collections.ConfigDict, graphdef, workdir: str | os.PathLike
+  config: ml_collections.ConfigDict,
+  graphdef,
+  workdir: str | os.PathLike,
+  *,
+  mesh: jax.sharding.Mesh | None = None,
 ) -> Callable[..., dict[str, float]] | None:
   """fn(ema_params, step) -> flat scalar metrics of `config.train.eval_num` samples from a
   fixed prompt set and seed (config.seed); None when `config.train.eval_every` is 0.
@@ -323,6 +357,11 @@ def make_train_eval_fn(
   entropy_bits, fd, precision, recall, nn_train, num_nonfinite. FD is biased upward at small
   sample sizes (real test images score ~19 at 40 samples, ~1.7 at 359): read it as a trend
   across steps, and use evaluate.py (--num 500) for the comparison with the real floor.
+
+  With several processes (`mesh`: the training mesh), every process calls it at the same steps:
+  the samples are computed over the mesh with replicated inputs and outputs (compiled once, then
+  a barrier, as the training sample grids), so every process scores the same images with the
+  same judge (trained and cached by process 0 first).
   """
   if int(config.train.get('eval_every', 0)) <= 0:
     return None
@@ -336,12 +375,18 @@ def make_train_eval_fn(
   if not judge_dir.is_absolute():
     judge_dir = pathlib.Path(workdir) / judge_dir
   resolution = int(config.data.resolution)
+  if jax.process_count() > 1:  # one process trains and caches the judge; the others load it
+    if jax.process_index() == 0:
+      judge_lib.load_or_train(resolution=resolution, cache_dir=judge_dir)
+    multihost.barrier('imagen_jax:eval_judge_cached')
   reference = scoring.Reference.build(
     judge_lib.load_or_train(resolution=resolution, cache_dir=judge_dir)
   )
   text_embs, text_mask = encode_prompts(config, list(prompts.prompts))
   options = cascade.SamplingOptions.from_config(config)
   sample_fn = cascade.make_stage_sampler(config, graphdef, options)
+  if jax.process_count() > 1:
+    sample_fn = _replicated_sampler(sample_fn, mesh)
   batch_size = max(1, min(num, int(config.train.batch_size)))
   seed = int(config.seed)
 
