@@ -147,7 +147,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(shared):
   deadline = time.time() + 600
   try:
     while time.time() < deadline and not (
-      metrics.exists() and len(metrics.read_text().split()) >= 2
+      metrics.exists() and len(metrics.read_text().splitlines()) >= 2
     ):
       assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
       time.sleep(0.1)

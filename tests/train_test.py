@@ -131,7 +131,9 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 600
-  while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().split()) >= 2):
+  while time.time() < deadline and not (
+    metrics.exists() and len(metrics.read_text().splitlines()) >= 2
+  ):
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
