@@ -176,8 +176,18 @@ def _fingerprint_tree(tree: Any) -> tuple[Any, jax.Array]:
 
 
 def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
-  """({key path: [s0, s1]}, all finite) of every array leaf of tree."""
-  sums, finite = _fingerprint_tree(tree)
+  """({key path: [s0, s1]}, all finite) of every array leaf of tree.
+
+  With several processes, arrays that span them make this a collective: every process compiles
+  it first and then passes a barrier, so that they start it together (gloo on CPU gives up on a
+  collective whose peers arrive more than 30 s apart, which a skew in compile times exceeds, and
+  the peer that arrives late then waits in it forever)."""
+  if jax.process_count() > 1:
+    compiled = _fingerprint_tree.lower(tree).compile()
+    multihost.barrier('imagen_jax:checksums_compiled')
+    sums, finite = compiled(tree)
+  else:
+    sums, finite = _fingerprint_tree(tree)
   sums = jax.device_get(sums)
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]
   return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)] for path, s in flat}, bool(
