@@ -145,16 +145,24 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(shared):
   )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 600
+  ended_early = None  # both processes' output, when one ends before the signal
   try:
     while time.time() < deadline and not (
       metrics.exists() and len(metrics.read_text().splitlines()) >= 2
     ):
-      assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+      if any(p.poll() is not None for p in procs):
+        ended_early = finish(procs, timeout=60)
+        break
       time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
+    else:
+      procs[1].send_signal(signal.SIGTERM)  # only the second host is preempted
   except BaseException:
     finish(procs, timeout=1)
     raise
+  assert ended_early is None, '\n'.join(
+    f'process {i} ended early ({rc}):\n{err[:2000]}\n...\n{err[-3000:]}'
+    for i, (rc, _, err) in enumerate(ended_early)
+  )
   results = finish(procs, timeout=300)
   for rc, _, err in results:
     assert rc == 75, err[-3000:]
