@@ -54,10 +54,12 @@ def distributed_args(port: int, process_id: int) -> list[str]:
   ]
 
 
-def start_process(shared, workdir, *overrides, port: int, process_id: int) -> subprocess.Popen:
+def start_process(
+  shared, workdir, *overrides, port: int, process_id: int, config='configs/base64.py:tiny'
+) -> subprocess.Popen:
   """train.py as process `process_id` of 2, 2 CPU devices each, coordinator on `port`."""
   return subprocess.Popen(
-    train_cmd(shared, workdir, *overrides) + distributed_args(port, process_id),
+    train_cmd(shared, workdir, *overrides, config=config) + distributed_args(port, process_id),
     cwd=REPO_ROOT,
     env=env_for(shared, devices=2),
     stdout=subprocess.PIPE,
@@ -312,14 +314,7 @@ def test_in_training_evaluation_on_two_processes_matches_one(shared, tmp_path):
   one, two = tmp_path / 'one', tmp_path / 'two'
   port = free_port()
   procs = [
-    subprocess.Popen(
-      train_cmd(shared, two, *args, config='configs/digits.py:tiny') + distributed_args(port, i),
-      cwd=REPO_ROOT,
-      env=env_for(shared, devices=2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
+    start_process(shared, two, *args, port=port, process_id=i, config='configs/digits.py:tiny')
     for i in range(2)
   ]
   for i, (rc, _, err) in enumerate(finish(procs, timeout=600)):
