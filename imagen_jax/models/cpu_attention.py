@@ -32,6 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.manual_axes import match_varying
+
 # Bytes of float32 logits per block of queries, about half a server CPU's L3 cache (16 MB: the
 # fastest of 1-128 MB measured on the 32 MB L3 of a 2-core AMD EPYC), leaving room
 # for the few arrays of the same size that the backward pass keeps at once.
@@ -120,7 +122,7 @@ def _attention_bwd(n, residuals, d_out):
     dk = dk + jnp.einsum('bhts,bhtd->bhsd', ds, qb.astype(jnp.float32))  # qb holds the scale
     return (dk, dv), dq
 
-  zeros = jnp.zeros(kh.shape, jnp.float32)
+  zeros = jnp.zeros_like(k32)  # of k's type, also inside shard_map
   (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (q_blocks, d_blocks, lse, rows))
   d_mask = None if mask is None else jnp.zeros(mask.shape, jax.dtypes.float0)
   heads_last = (0, 2, 1, 3)
@@ -150,4 +152,5 @@ def blocked_attention(
   b, t, h, _ = q.shape
   s = k.shape[1]
   mask = _kv_mask(s, None if kv_lengths is None else kv_lengths.astype(jnp.int32))
+  q, k, v, mask = match_varying(q, k, v, mask)  # inside shard_map (manual_axes)
   return _attention(q, k, v, mask, query_blocks(b, t, s, h, block_bytes))

@@ -36,6 +36,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.manual_axes import match_varying
+
 # Output columns of one YNNPACK convolution tile at 64 channels (measured: bench/cpu_conv.py).
 TILE = 64
 
@@ -94,13 +96,13 @@ def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """'SAME' stride-1 3x3 convolution, NHWC x HWIO: the forward pass on image pairs side by
   side where the output has `TILE` channels, the input gradient where the input has."""
   c_in, c_out = kernel.shape[2:]
-  return _conv(x, kernel, c_out == TILE, c_in == TILE)
+  return _conv(*match_varying(x, kernel), c_out == TILE, c_in == TILE)
 
 
 def fold_both(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv_same` with the forward pass and the input gradient both folded, whatever the
   channels (bench/cpu_conv.py; the tests)."""
-  return _conv(x, kernel, True, True)
+  return _conv(*match_varying(x, kernel), True, True)
 
 
 def wanted(x: jax.Array, kernel: jax.Array, stride: int) -> bool:

@@ -30,6 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from imagen_jax.models.manual_axes import match_varying
+
 
 def wanted() -> bool:
   return jax.default_backend() == 'cpu'
@@ -157,11 +159,13 @@ def group_norm(
   if not film:  # placeholders with no gradient path; the static `film` flag ignores them
     film_scale = film_shift = jnp.zeros((b, c), jnp.float32)
   return _group_norm(
-    x,
-    scale.astype(jnp.float32),
-    bias.astype(jnp.float32),
-    film_scale.astype(jnp.float32),
-    film_shift.astype(jnp.float32),
+    *match_varying(  # inside shard_map (manual_axes)
+      x,
+      scale.astype(jnp.float32),
+      bias.astype(jnp.float32),
+      film_scale.astype(jnp.float32),
+      film_shift.astype(jnp.float32),
+    ),
     groups,
     eps,
     film,
