@@ -65,7 +65,11 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list('guidance', None, 'Classifier-free guidance scale per stage (1 = none).')
 flags.DEFINE_enum('thresholding', None, ['dynamic', 'static', 'none'], 'x0 thresholding.')
-flags.DEFINE_float('dynamic_percentile', None, 'Dynamic thresholding percentile p.')
+flags.DEFINE_float(
+  'dynamic_percentile',
+  None,
+  'Dynamic thresholding quantile p in (0, 1] (0.995: the 99.5th percentile of |x0|).',
+)
 flags.DEFINE_float('dynamic_max', None, 'Upper clamp on the dynamic threshold (0: none).')
 flags.DEFINE_float('aug_level', None, 'Noise-conditioning augmentation level of SR stages.')
 flags.DEFINE_integer('stop_at', None, 'Run only the first N stages.')

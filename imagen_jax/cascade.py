@@ -6,6 +6,7 @@ sampler), with classifier-free guidance batched as [cond; uncond] in one forward
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -43,9 +44,16 @@ class SamplingOptions:
       raise ValueError(f"grid must be 'auto' or one of {schedules.SPACINGS}, got '{self.grid}'.")
     if self.steps < 1:
       raise ValueError(f'steps must be a positive integer, got {self.steps}.')
-    if self.guidance < 0:
-      raise ValueError(f'guidance must be >= 0 (1 = no guidance), got {self.guidance}.')
-    if self.dynamic_max != 0.0 and self.dynamic_max < 1.0:
+    if not 0.0 <= self.guidance < math.inf:  # also refuses NaN
+      raise ValueError(
+        f'guidance must be a finite number >= 0 (1 = no guidance), got {self.guidance}.'
+      )
+    if not 0.0 < self.dynamic_percentile <= 1.0:
+      raise ValueError(
+        'dynamic_percentile is a quantile in (0, 1] (0.995 thresholds at the 99.5th percentile '
+        f'of |x0|), got {self.dynamic_percentile}.'
+      )
+    if not (self.dynamic_max == 0.0 or self.dynamic_max >= 1.0):  # also refuses NaN
       raise ValueError(f'dynamic_max must be 0 (no clamp) or >= 1, got {self.dynamic_max}.')
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f'aug_level must be in [0, 1], got {self.aug_level}.')

@@ -39,6 +39,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import os
 import pathlib
 import re
@@ -168,8 +169,8 @@ def validate(req: SampleRequest) -> None:
     if s < 1:
       raise SampleError(f'--steps must be positive integers, got {s}.')
   for g in req.guidance or []:
-    if g < 0:
-      raise SampleError(f'--guidance must be >= 0 (1 means no guidance), got {g}.')
+    if not 0 <= g < math.inf:  # also refuses NaN
+      raise SampleError(f'--guidance must be a finite number >= 0 (1 means no guidance), got {g}.')
   if req.stop_at is not None and not 1 <= req.stop_at <= len(req.checkpoints):
     raise SampleError(f'--stop_at must be between 1 and {len(req.checkpoints)}, got {req.stop_at}.')
   validate_edit(req)

@@ -641,6 +641,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # Settings refused before anything is written to the workdir.
   pipeline.text_length_mode(config.data, jax.process_count())
   device_prefetch_size(config)
+  cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py
   workdir_path = _prepare_workdir(workdir)
   precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
   is_chief = jax.process_index() == 0

@@ -92,6 +92,25 @@ def test_sampling_options_grid_from_config_and_validated():
   np.testing.assert_allclose(grid, stage.schedule(config)(jnp.linspace(1.0, 0.0, 7)))
 
 
+@pytest.mark.parametrize(
+  'field,value,message',
+  [
+    ('guidance', float('nan'), 'guidance must be a finite number >= 0'),
+    ('guidance', float('inf'), 'guidance must be a finite number >= 0'),
+    ('dynamic_percentile', 99.5, r'dynamic_percentile is a quantile in \(0, 1\]'),
+    ('dynamic_percentile', 0.0, r'dynamic_percentile is a quantile in \(0, 1\]'),
+    ('dynamic_max', float('nan'), 'dynamic_max must be 0'),
+    ('dynamic_max', 0.5, 'dynamic_max must be 0'),
+  ],
+)
+def test_sampling_options_refuse_values_that_would_sample_silently_wrong(field, value, message):
+  # 99.5 (the paper's "99.5th percentile") would clamp to the maximum; NaN would reach the
+  # images and be blamed on the checkpoint by the NaN check.
+  with pytest.raises(ValueError, match=message):
+    cascade.SamplingOptions(**{field: value})
+  cascade.SamplingOptions(dynamic_percentile=1.0, dynamic_max=float('inf'), guidance=0.0)
+
+
 def test_print_grids_tool_prints_one_line_per_stage():
   out = subprocess.run(
     [sys.executable, 'tools/print_grids.py', 'configs/sr256.py:tiny', '--all'],

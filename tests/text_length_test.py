@@ -269,11 +269,11 @@ def test_training_with_per_batch_text_lengths(tmp_path):
   [
     ('--config.data.text_length=bucket', "data.text_length='bucket': choose 'auto', 'batch'"),
     ('--config.data.device_prefetch=-1', 'data.device_prefetch=-1: use 0 (off) or a positive'),
+    # saved with every checkpoint for sample.py: refused before training, not at sampling
+    ('--config.sample.dynamic_percentile=99.5', 'dynamic_percentile is a quantile in (0, 1]'),
   ],
 )
-def test_bad_text_length_or_prefetch_is_refused_before_the_workdir_is_written(
-  tmp_path, override, message
-):
+def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, override, message):
   shared = train_test.run_folders(tmp_path)
   workdir = tmp_path / 'run'
   proc = train_test.run(shared, workdir, override, check=False)

@@ -23,7 +23,11 @@ flags.DEFINE_string('sampler', None, 'ddpm | ddim | dpmpp_2m | heun (default: th
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: the run config).')
 flags.DEFINE_float('guidance', None, 'Classifier-free guidance scale, 1 = none (default: config).')
 flags.DEFINE_enum('thresholding', None, ['dynamic', 'static', 'none'], 'x0 thresholding.')
-flags.DEFINE_float('dynamic_percentile', None, 'Dynamic thresholding percentile p.')
+flags.DEFINE_float(
+  'dynamic_percentile',
+  None,
+  'Dynamic thresholding quantile p in (0, 1] (0.995: the 99.5th percentile of |x0|).',
+)
 flags.DEFINE_float('dynamic_max', None, 'Upper clamp on the dynamic threshold (0: none).')
 flags.DEFINE_bool('ema', True, 'Use the EMA parameters.')
 flags.DEFINE_string('judge', None, 'An existing judge file (.npz); default: cached in --judge_dir.')
