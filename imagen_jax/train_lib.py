@@ -33,7 +33,7 @@ from flax import nnx
 from imagen_jax import cascade, checkpoints, images, multihost, optim, sharding, stage
 from imagen_jax import flops as flops_lib
 from imagen_jax.data import prefetch
-from imagen_jax.diffusion import guidance, losses
+from imagen_jax.diffusion import gaussian, guidance, losses
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +430,47 @@ def device_prefetch(config: ml_collections.ConfigDict, host_iter, batch_sharding
   )
 
 
+# train.* counts: (lowest allowed value, what 0 means where 0 is allowed)
+_TRAIN_COUNTS = {
+  'batch_size': (1, ''),
+  'num_steps': (1, ''),
+  'log_every': (1, ''),
+  'checkpoint_every': (1, ''),
+  'keep_checkpoints': (1, ''),
+  'resume_step': (0, ' (0: the newest checkpoint that verifies)'),
+  'sample_every': (0, ' (0: off)'),
+  'eval_every': (0, ' (0: off)'),
+}
+
+
+def check_loop_settings(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the first training-loop or loss setting that cannot train, before the
+  workdir is written (a zero log_every or checkpoint_every used to end a started run with a
+  ZeroDivisionError, a zero batch with a traceback, an unknown loss weighting at the first
+  step's compile; a negative num_steps 'finished' at step 0)."""
+  for name, (lowest, zero) in _TRAIN_COUNTS.items():
+    value = config.train.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      raise ValueError(f'train.{name}={value!r}: use a whole number >= {lowest}{zero}.')
+  decay = float(config.optim.ema_decay)
+  if not 0.0 <= decay <= 1.0:  # also refuses NaN
+    raise ValueError(f'optim.ema_decay={decay}: use a value in [0, 1] (e.g. 0.9999).')
+  lr = float(config.optim.lr)
+  if not 0.0 <= lr < math.inf:
+    raise ValueError(f'optim.lr={lr}: use a finite learning rate >= 0 (e.g. 1e-4).')
+  stage.schedule(config)  # each of these raises naming the allowed values
+  if stage.is_super_resolution(config):
+    stage.aug_schedule(config)
+  zeros = np.zeros(1, np.float32)
+  gaussian.target_for(objective=config.diffusion.objective, x=zeros, eps=zeros, logsnr=zeros)
+  losses.loss_weight(
+    logsnr=zeros,
+    objective=config.diffusion.objective,
+    weighting=config.diffusion.loss_weighting,
+    min_snr_gamma=float(config.diffusion.min_snr_gamma),
+  )
+
+
 def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if config.train.batch_size % shards:
@@ -639,6 +680,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'runs the U-Net deterministically); use --config.model.dropout=0.'
     )
   # Settings refused before anything is written to the workdir.
+  check_loop_settings(config)
   pipeline.text_length_mode(config.data, jax.process_count())
   device_prefetch_size(config)
   cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py

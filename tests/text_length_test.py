@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import base64
 from imagen_jax import train_lib
 from imagen_jax.data import pipeline, prefetch
 from imagen_jax.data.sources import DataError
@@ -271,6 +272,9 @@ def test_training_with_per_batch_text_lengths(tmp_path):
     ('--config.data.device_prefetch=-1', 'data.device_prefetch=-1: use 0 (off) or a positive'),
     # saved with every checkpoint for sample.py: refused before training, not at sampling
     ('--config.sample.dynamic_percentile=99.5', 'dynamic_percentile is a quantile in (0, 1]'),
+    # a ZeroDivisionError at the first step and a traceback from the data loader, before
+    ('--config.train.checkpoint_every=0', 'train.checkpoint_every=0: use a whole number >= 1'),
+    ('--config.train.batch_size=0', 'train.batch_size=0: use a whole number >= 1'),
   ],
 )
 def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, override, message):
@@ -282,3 +286,28 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
   assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    ('train.num_steps', -1, 'train.num_steps=-1: use a whole number >= 1'),
+    ('train.log_every', 0, 'train.log_every=0: use a whole number >= 1'),
+    ('train.keep_checkpoints', 0, 'train.keep_checkpoints=0: use a whole number >= 1'),
+    ('train.sample_every', -5, r'train.sample_every=-5: use a whole number >= 0 \(0: off\)'),
+    ('train.resume_step', -1, 'train.resume_step=-1: use a whole number >= 0'),
+    ('optim.ema_decay', 1.5, r'optim.ema_decay=1.5: use a value in \[0, 1\]'),
+    ('optim.ema_decay', float('nan'), 'optim.ema_decay=nan'),
+    ('optim.lr', float('inf'), 'optim.lr=inf: use a finite learning rate'),
+    ('diffusion.loss_weighting', 'snr', "Unknown loss weighting 'snr'"),
+    ('diffusion.objective', 'noise', "Unknown objective 'noise'"),
+    ('diffusion.schedule', 'sigmoid', "Unknown schedule 'sigmoid'"),
+  ],
+)
+def test_loop_settings_that_cannot_train_are_named(field, value, message):
+  config = base64.get_config('tiny')
+  train_lib.check_loop_settings(config)  # the preset itself passes
+  section, name = field.split('.')
+  config[section][name] = value
+  with pytest.raises(ValueError, match=message):
+    train_lib.check_loop_settings(config)
