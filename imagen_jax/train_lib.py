@@ -15,6 +15,7 @@ import functools
 import json
 import logging
 import math
+import numbers
 import os
 import pathlib
 import shutil
@@ -450,7 +451,7 @@ def check_loop_settings(config: ml_collections.ConfigDict) -> None:
   step's compile; a negative num_steps 'finished' at step 0)."""
   for name, (lowest, zero) in _TRAIN_COUNTS.items():
     value = config.train.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
       raise ValueError(f'train.{name}={value!r}: use a whole number >= {lowest}{zero}.')
   decay = float(config.optim.ema_decay)
   if not 0.0 <= decay <= 1.0:  # also refuses NaN
