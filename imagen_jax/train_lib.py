@@ -431,28 +431,40 @@ def device_prefetch(config: ml_collections.ConfigDict, host_iter, batch_sharding
   )
 
 
-# train.* counts: (lowest allowed value, what 0 means where 0 is allowed)
-_TRAIN_COUNTS = {
-  'batch_size': (1, ''),
-  'num_steps': (1, ''),
-  'log_every': (1, ''),
-  'checkpoint_every': (1, ''),
-  'keep_checkpoints': (1, ''),
-  'resume_step': (0, ' (0: the newest checkpoint that verifies)'),
-  'sample_every': (0, ' (0: off)'),
-  'eval_every': (0, ' (0: off)'),
+# Whole-number settings: (lowest allowed value, what 0 means where 0 is allowed)
+_COUNTS = {
+  'train.batch_size': (1, ''),
+  'train.num_steps': (1, ''),
+  'train.log_every': (1, ''),
+  'train.checkpoint_every': (1, ''),
+  'train.keep_checkpoints': (1, ''),
+  'train.resume_step': (0, ' (0: the newest checkpoint that verifies)'),
+  'train.sample_every': (0, ' (0: off)'),
+  'train.eval_every': (0, ' (0: off)'),
+  'optim.warmup_steps': (0, ''),
+  'data.max_examples': (0, ' (0: all)'),
+  'data.num_workers': (0, ' (0: read in the main process)'),
+  'data.prefetch': (0, ' (0: no read-ahead)'),
 }
 
 
 def check_loop_settings(config: ml_collections.ConfigDict) -> None:
-  """ValueError naming the first training-loop or loss setting that cannot train, before the
-  workdir is written (a zero log_every or checkpoint_every used to end a started run with a
-  ZeroDivisionError, a zero batch with a traceback, an unknown loss weighting at the first
-  step's compile; a negative num_steps 'finished' at step 0)."""
-  for name, (lowest, zero) in _TRAIN_COUNTS.items():
-    value = config.train.get(name)
+  """ValueError naming the first training-loop, data or loss setting that cannot train (or
+  would be quietly read as another), before the workdir is written: a zero log_every or
+  checkpoint_every used to end a started run with a ZeroDivisionError, a zero batch with a
+  traceback, an unknown loss weighting at the first step's compile, a bad crop size after the
+  text cache was built; a negative num_steps 'finished' at step 0."""
+  from imagen_jax.data import preprocess
+
+  for field, (lowest, zero) in _COUNTS.items():
+    section, name = field.split('.')
+    value = config[section].get(name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
-      raise ValueError(f'train.{name}={value!r}: use a whole number >= {lowest}{zero}.')
+      raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
+  skip = float(config.data.max_skip_fraction)
+  if not 0.0 <= skip <= 1.0:
+    raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
+  preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
   decay = float(config.optim.ema_decay)
   if not 0.0 <= decay <= 1.0:  # also refuses NaN
     raise ValueError(f'optim.ema_decay={decay}: use a value in [0, 1] (e.g. 0.9999).')
@@ -682,6 +694,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   # Settings refused before anything is written to the workdir.
   check_loop_settings(config)
+  num_steps = int(config.train.num_steps)
+  tx = optim.make_optimizer(config.optim, num_steps)  # optimizer, schedule, grad_accum_steps
   pipeline.text_length_mode(config.data, jax.process_count())
   device_prefetch_size(config)
   cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py
@@ -704,8 +718,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       f'model.text_dim={config.model.text_dim}; pass --config.model.text_dim={text_cache.dim}.'
     )
 
-  num_steps = int(config.train.num_steps)
-  tx = optim.make_optimizer(config.optim, num_steps)
   manager = checkpoints.make_manager(workdir_path, keep=config.train.keep_checkpoints)
   try:
     data_iter = pipeline.make_iterator(

@@ -275,6 +275,7 @@ def test_training_with_per_batch_text_lengths(tmp_path):
     # a ZeroDivisionError at the first step and a traceback from the data loader, before
     ('--config.train.checkpoint_every=0', 'train.checkpoint_every=0: use a whole number >= 1'),
     ('--config.train.batch_size=0', 'train.batch_size=0: use a whole number >= 1'),
+    ('--config.optim.grad_accum_steps=0', 'optim.grad_accum_steps must be >= 1'),  # after the cache
   ],
 )
 def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, override, message):
@@ -302,6 +303,11 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('diffusion.loss_weighting', 'snr', "Unknown loss weighting 'snr'"),
     ('diffusion.objective', 'noise', "Unknown objective 'noise'"),
     ('diffusion.schedule', 'sigmoid', "Unknown schedule 'sigmoid'"),
+    ('optim.warmup_steps', -5, 'optim.warmup_steps=-5: use a whole number >= 0'),
+    ('data.max_examples', -1, r'data.max_examples=-1: use a whole number >= 0 \(0: all\)'),
+    ('data.num_workers', -1, 'data.num_workers=-1: use a whole number >= 0'),
+    ('data.max_skip_fraction', 2.0, r'data.max_skip_fraction=2.0: use a fraction in \[0, 1\]'),
+    ('data.crop_size', 100, r'data.crop_size must be in \[0, resolution=16\]'),
   ],
 )
 def test_loop_settings_that_cannot_train_are_named(field, value, message):
