@@ -448,7 +448,7 @@ _COUNTS = {
 }
 
 
-def check_loop_settings(config: ml_collections.ConfigDict) -> None:
+def check_settings(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first training-loop, data or loss setting that cannot train (or
   would be quietly read as another), before the workdir is written: a zero log_every or
   checkpoint_every used to end a started run with a ZeroDivisionError, a zero batch with a
@@ -693,7 +693,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       'runs the U-Net deterministically); use --config.model.dropout=0.'
     )
   # Settings refused before anything is written to the workdir.
-  check_loop_settings(config)
+  check_settings(config)
   num_steps = int(config.train.num_steps)
   tx = optim.make_optimizer(config.optim, num_steps)  # optimizer, schedule, grad_accum_steps
   pipeline.text_length_mode(config.data, jax.process_count())

@@ -272,10 +272,11 @@ def test_training_with_per_batch_text_lengths(tmp_path):
     ('--config.data.device_prefetch=-1', 'data.device_prefetch=-1: use 0 (off) or a positive'),
     # saved with every checkpoint for sample.py: refused before training, not at sampling
     ('--config.sample.dynamic_percentile=99.5', 'dynamic_percentile is a quantile in (0, 1]'),
-    # a ZeroDivisionError at the first step and a traceback from the data loader, before
+    # before: a ZeroDivisionError at the first step; a traceback from the data loader
     ('--config.train.checkpoint_every=0', 'train.checkpoint_every=0: use a whole number >= 1'),
     ('--config.train.batch_size=0', 'train.batch_size=0: use a whole number >= 1'),
-    ('--config.optim.grad_accum_steps=0', 'optim.grad_accum_steps must be >= 1'),  # after the cache
+    # before: refused only after the text cache was built in the workdir
+    ('--config.optim.grad_accum_steps=0', 'optim.grad_accum_steps must be >= 1'),
   ],
 )
 def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, override, message):
@@ -310,10 +311,10 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('data.crop_size', 100, r'data.crop_size must be in \[0, resolution=16\]'),
   ],
 )
-def test_loop_settings_that_cannot_train_are_named(field, value, message):
+def test_settings_that_cannot_train_are_named(field, value, message):
   config = base64.get_config('tiny')
-  train_lib.check_loop_settings(config)  # the preset itself passes
+  train_lib.check_settings(config)  # the preset itself passes
   section, name = field.split('.')
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
-    train_lib.check_loop_settings(config)
+    train_lib.check_settings(config)
