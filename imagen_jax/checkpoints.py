@@ -183,9 +183,9 @@ def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   collective whose peers arrive more than 30 s apart, which a skew in compile times exceeds, and
   the peer that arrives late then waits in it forever)."""
   if jax.process_count() > 1:
-    compiled = _fingerprint_tree.lower(tree).compile()
-    multihost.barrier('imagen_jax:checksums_compiled')
-    sums, finite = compiled(tree)
+    sums, finite = multihost.compiled_together(_fingerprint_tree, 'imagen_jax:checksums_compiled')(
+      tree
+    )
   else:
     sums, finite = _fingerprint_tree(tree)
   sums = jax.device_get(sums)

@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,6 +28,21 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
 
   unique = f'{name}#{next(_barrier_count)}'  # a barrier id is used once
   distributed.global_state.client.wait_at_barrier(unique, timeout_s * 1000)
+
+
+def compiled_together(jitted: Callable, name: str) -> Callable:
+  """`jitted` (a jax.jit function) compiled on the first call, then barrier `name`, so that every
+  process starts its collectives together (gloo's 30 s limit, see `barrier`); later calls reuse
+  that compiled program (same argument shapes)."""
+  compiled = []
+
+  def run(*args):
+    if not compiled:
+      compiled.append(jitted.lower(*args).compile())
+      barrier(name)
+    return compiled[0](*args)
+
+  return run
 
 
 def allgather_json(value: Any) -> list[Any]:

@@ -1016,15 +1016,12 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
     jax.make_array_from_process_local_data(everywhere, np.asarray(a))
     for a in (text_embs, text_mask)
   )
-  sample_replicated = jax.jit(sample_fn, out_shardings=everywhere)
-  compiled = []
+  sample_replicated = multihost.compiled_together(
+    jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:sample_grid_compiled'
+  )
 
   def grid_fn(ema_params, step):
-    args = (ema_params, text_embs, text_mask, jax.random.key(config.seed))
-    if not compiled:  # compile, then start the sampling's collectives together
-      compiled.append(sample_replicated.lower(*args).compile())
-      multihost.barrier('imagen_jax:sample_grid_compiled')
-    out = compiled[0](*args)
+    out = sample_replicated(ema_params, text_embs, text_mask, jax.random.key(config.seed))
     grid = images.make_grid(images.to_uint8(np.asarray(out)))
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)
@@ -1060,17 +1057,15 @@ def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
     for a in (text_embs, text_mask, lowres, real)
   ]
   eval_fn = sr_eval.make_sr_eval_fn(config, graphdef, cascade.SamplingOptions.from_config(config))
-  eval_replicated = jax.jit(eval_fn, out_shardings=everywhere)
+  eval_replicated = multihost.compiled_together(
+    jax.jit(eval_fn, out_shardings=everywhere), 'imagen_jax:sr_grid_compiled'
+  )
   out_dir = workdir_path / 'samples'
-  compiled = []
 
   def grid_fn(ema_params, step):
     text_embs, text_mask, lowres_in, real_in = inputs
     args = (ema_params, text_embs, text_mask, jax.random.key(config.seed), lowres_in, real_in)
-    if not compiled:  # compile, then start the sampling's collectives together
-      compiled.append(eval_replicated.lower(*args).compile())
-      multihost.barrier('imagen_jax:sr_grid_compiled')
-    output, bicubic, metrics = jax.device_get(compiled[0](*args))
+    output, bicubic, metrics = jax.device_get(eval_replicated(*args))
     grid = sr_eval.comparison_grid(lowres=lowres, bicubic=bicubic, output=output, real=real)
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)

@@ -136,22 +136,16 @@ def _replicated_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh) -> Callabl
   every process holds the whole batch; compiled on the first call, then a barrier, so that the
   processes start its collectives together."""
   everywhere = sharding.replicated(mesh)
-  jitted = jax.jit(sample_fn, out_shardings=everywhere)
-  compiled = []
+  run = multihost.compiled_together(
+    jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:eval_sampler_compiled'
+  )
 
   def sample(params, text_embs, text_mask, rng):
-    args = (
-      params,
-      *(
-        jax.make_array_from_process_local_data(everywhere, np.asarray(a))
-        for a in (text_embs, text_mask)
-      ),
-      rng,
+    text_embs, text_mask = (
+      jax.make_array_from_process_local_data(everywhere, np.asarray(a))
+      for a in (text_embs, text_mask)
     )
-    if not compiled:
-      compiled.append(jitted.lower(*args).compile())
-      multihost.barrier('imagen_jax:eval_sampler_compiled')
-    return compiled[0](*args)
+    return run(params, text_embs, text_mask, rng)
 
   return sample
 
