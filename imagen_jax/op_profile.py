@@ -10,7 +10,8 @@ matched to its instruction in the compiled HLO, which gives its kind: 'attention
 attention kernel), 'conv', 'dot', 'reduce', 'collective', 'copy' (layout moves: copy,
 transpose, pad, slice, concatenate...), 'elementwise' (everything else) and its phase from
 the op's name stack: 'optimizer' (ops under `jax.named_scope('optimizer')`), 'backward'
-(under a `transpose(...)` of autodiff), 'forward', or 'unknown' (no metadata). Events that
+(under a `transpose(...)` of autodiff), 'forward', or 'unknown' (no metadata); a fusion
+takes the latest phase among its instructions. Events that
 match no instruction are summed as 'unmapped' and their heaviest names listed, never
 dropped or guessed. Control-flow instructions (while, conditional, call) are skipped:
 their bodies' ops are counted themselves.
@@ -93,6 +94,9 @@ def _kind_of_ops(ops: set[str], targets: set[str]) -> str:
   return 'elementwise'
 
 
+_PHASE_ORDER = ('unknown', 'forward', 'backward', 'optimizer')  # later wins within a fusion
+
+
 def _phase(line: str) -> str:
   match = re.search(r'op_name="([^"]*)"', line)
   if not match:
@@ -118,9 +122,10 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
       bodies[current].append(line)
 
   def contents(lines: list[str], seen: set[str]) -> tuple[set[str], set[str], str]:
-    """Opcodes, custom-call targets / fusion kinds, and the phase of the first instruction
-    with a name stack, in `lines` and the computations they call (fusions often carry no
-    name stack themselves); `seen`: computations already read."""
+    """Opcodes, custom-call targets / fusion kinds, and the latest phase (optimizer, then
+    backward, then forward) of the instructions in `lines` and the computations they call
+    (fusions often carry no name stack themselves, and one that reads a parameter to update
+    it starts with the parameter's forward name); `seen`: computations already read."""
     ops, targets, phase = set(), set(), 'unknown'
     for line in lines:
       match = _INSTRUCTION.match(line)
@@ -128,8 +133,7 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
         ops.add(match.group(3))
       targets.update(re.findall(r'custom_call_target="([^"]+)"', line))
       targets.update(re.findall(r'"kind":"([^"]+)"', line))
-      if phase == 'unknown':
-        phase = _phase(line)
+      phase = max(phase, _phase(line), key=_PHASE_ORDER.index)
       for called in re.findall(r'(?:calls|to_apply)=%?([\w.\-]+)', line):
         if called in seen:
           continue
@@ -137,7 +141,7 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
         inner_ops, inner_targets, inner_phase = contents(bodies.get(called, []), seen)
         ops |= inner_ops
         targets |= inner_targets
-        phase = inner_phase if phase == 'unknown' else phase
+        phase = max(phase, inner_phase, key=_PHASE_ORDER.index)
     return ops, targets, phase
 
   result = {}

@@ -23,6 +23,13 @@ HLO = """HloModule jit_step
   ROOT %dot.1 = f32[4,8]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/transpose(jvp(loss))/dot_general"}
 }
 
+%fused_update (q0: f32[8,8], q1: f32[8,8]) -> f32[8,8] {
+  %q0 = f32[8,8]{1,0} parameter(0)
+  %transpose.20 = f32[8,8]{1,0} transpose(%q0), dimensions={1,0}, metadata={op_name="params['w'].value"}
+  %q1 = f32[8,8]{1,0} parameter(1)
+  ROOT %add.21 = f32[8,8]{1,0} add(%transpose.20, %q1), metadata={op_name="jit(step)/optimizer/add"}
+}
+
 %body (t: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
   %t = (s32[], f32[4,8]{1,0}) parameter(0)
   ROOT %tuple.2 = (s32[], f32[4,8]{1,0}) tuple(%t)
@@ -38,6 +45,7 @@ ENTRY %main (a: f32[4,8], w: f32[8,8], k: f32[3,3,8,8], x: f32[1,6,6,8]) -> f32[
   %while.5 = (s32[], f32[4,8]{1,0}) while(%a), condition=%body, body=%body
   %fusion.6 = f32[4,8]{1,0} fusion(%a, %w), kind=kOutput, calls=%fused_computation.1
   %transpose.7 = f32[8,4]{0,1} transpose(%a), dimensions={1,0}, metadata={op_name="jit(step)/optimizer/transpose"}
+  %fusion.9 = f32[8,8]{1,0} fusion(%w, %w), kind=kInput, calls=%fused_update
   ROOT %add.8 = f32[4,8]{1,0} add(%a, %a), metadata={op_name="jit(step)/optimizer/add"}
 }
 """
@@ -52,6 +60,9 @@ def test_hlo_ops_kinds_and_phases():
   assert ops['fusion.6'] == op_profile.Op('dot', 'backward', 'f32[4,8]')
   assert ops['transpose.7'] == op_profile.Op('copy', 'optimizer', 'f32[8,4]')
   assert ops['add.8'] == op_profile.Op('elementwise', 'optimizer', 'f32[4,8]')
+  # A fusion that starts by reading a parameter (a forward name) and updates it is the
+  # optimizer's: the latest phase among its instructions wins.
+  assert ops['fusion.9'] == op_profile.Op('elementwise', 'optimizer', 'f32[8,8]')
   assert ops['while.5'].kind == 'control'  # tuple shapes parse; loops are not counted
 
 
@@ -100,7 +111,7 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.smoke
-def test_bench_unet_prints_one_json_line_with_a_profile():
+def test_bench_unet_prints_one_json_line_with_a_profile(tmp_path):
   proc = _bench(
     '--preset=tiny',
     '--batch=2',
@@ -108,6 +119,7 @@ def test_bench_unet_prints_one_json_line_with_a_profile():
     '--text_len=8',
     '--steps=1',
     '--profile_steps=1',
+    f'--trace_dir={tmp_path}',
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
@@ -124,6 +136,9 @@ def test_bench_unet_prints_one_json_line_with_a_profile():
   assert result['host_malloc'] in ('on', 'off: the C library is not glibc')
   profile = result['profile']
   assert profile['by_kind_ms']['conv'] > 0 and profile['by_phase_ms']['optimizer'] > 0
+  # --trace_dir keeps the trace and the HLO that maps it, so it can be summarised again later.
+  kept = op_profile.summarize(tmp_path, (tmp_path / 'train_step.hlo.txt').read_text(), steps=1)
+  assert kept['by_kind_ms'] == profile['by_kind_ms']
 
 
 @pytest.mark.smoke
