@@ -11,7 +11,11 @@
 # deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each point are traced
 # and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the
 # same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
-# second start's (reload, no compile).
+# second start's (reload, no compile). Points 8 and 9 repeat point 4 with the other ways of
+# fixing the gradients' layout before the optimizer (optim.settle_gradients), to compare with
+# one call: POINTS="4 8 9". POINTS (a space-separated list of point numbers) runs
+# those points in that order instead; TRACE_POINTS (same form) keeps those points' profiler
+# traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and OUT_DIR/hlo_<n>.txt.gz.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/imagen_jax_bench}
@@ -31,23 +35,33 @@ points=(
   "420 --preset=base64 --batch=64 --remat=block"
   "420 --preset=base64 --batch=64 --remat=none"
   "420 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
+  "420 --preset=base64 --batch=16 --remat=none --grad_layout=row_major"
+  "420 --preset=base64 --batch=16 --remat=none --grad_layout=none"
 )
-if [ "$first" -eq 0 ] && [ "$cache" != / ]; then rm -rf "$cache"; fi
+order=${POINTS:-$(seq "$first" $((${#points[@]} - 1)))}
+case " $order " in *" 0 "*) [ "$cache" != / ] && rm -rf "$cache" ;; esac
 
-for ((i = first; i < ${#points[@]}; i++)); do
+for i in $order; do
   read -r limit args <<<"${points[$i]}"
+  trace=()
+  case " ${TRACE_POINTS:-} " in *" $i "*) rm -rf "$out/trace.d" && trace=(--trace_dir="$out/trace.d") ;; esac
   left=$((deadline - (SECONDS - start)))
   if [ "$left" -lt 60 ]; then
-    echo "# deadline: stopped before point $i; continue with FIRST_POINT=$i" >&2
+    echo "# deadline: stopped before point $i" >&2
     break
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "# $(date +%T) point $i (limit ${limit}s): $args" >&2
   # shellcheck disable=SC2086  # args is a word list by design
   timeout "$limit" "$py" bench/unet.py --dtype=bfloat16 --steps=10 \
-    --profile_steps="${PROFILE_STEPS:-3}" $args \
+    --profile_steps="${PROFILE_STEPS:-3}" "${trace[@]}" $args \
     >"$out/point.out" 2>"$out/point.err"
   rc=$?
+  if [ -d "$out/trace.d" ]; then
+    find "$out/trace.d" -name '*.trace.json.gz' -exec cp {} "$out/trace_$i.json.gz" \;
+    gzip -c "$out/trace.d/train_step.hlo.txt" >"$out/hlo_$i.txt.gz" 2>/dev/null
+    rm -rf "$out/trace.d"
+  fi
   line=$(grep '^{' "$out/point.out" | tail -n 1)
   if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
     why=$(tail -n 3 "$out/point.err" | tr '\n"\\' "  /" | cut -c 1-600)

@@ -81,6 +81,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     'step by kind of op (conv, dot, attention, ...) and by phase (forward, backward, optimizer)',
   )
   p.add_argument(
+    '--grad_layout',
+    default='auto',
+    choices=('auto', 'barrier', 'row_major', 'none'),
+    help='how the gradients are fixed before the optimizer (imagen_jax.optim.settle_gradients; '
+    "'auto', what training uses: 'barrier' on GPU, 'none' elsewhere)",
+  )
+  p.add_argument(
+    '--trace_dir',
+    default='',
+    help="with --profile_steps: keep the profiler trace in this directory ('' = a temporary "
+    'one, deleted; the trace opens in Perfetto or TensorBoard)',
+  )
+  p.add_argument(
     '--compilation_cache',
     default='',
     help="JAX's persistent compilation cache directory ('' = off, the default: compile_s then "
@@ -111,6 +124,8 @@ def sweep(args) -> list[dict]:
     f'--fake_cpu_devices={args.fake_cpu_devices}',
     f'--compilation_cache={args.compilation_cache}',
     f'--profile_steps={args.profile_steps}',
+    f'--trace_dir={args.trace_dir}',
+    f'--grad_layout={args.grad_layout}',
   ] + (['--memory_only'] if args.memory_only else [])
   results = []
   for remat in args.remats:
@@ -229,6 +244,7 @@ def main(argv=None) -> dict | list[dict]:
       return jnp.mean(jnp.square(apply(p, z, logsnr, batch, drop) - v))
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
+    grads = optim.settle_gradients(grads, args.grad_layout)  # 'auto': as train_lib's step
     with jax.named_scope('optimizer'):  # the profile's 'optimizer' phase
       updates, opt_state = tx.update(grads, opt_state, params)
       params = jax.tree.map(lambda p, u: p + u, params, updates)
@@ -305,6 +321,7 @@ def main(argv=None) -> dict | list[dict]:
       'dtype': args.dtype,
       'remat': 'block' if args.remat else 'none',
       'optimizer': args.optimizer,
+      'grad_layout': optim.gradient_layout(args.grad_layout),
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
       'jax': jax.__version__,
@@ -371,11 +388,17 @@ def main(argv=None) -> dict | list[dict]:
         stimes.append(time.perf_counter() - t0)
 
       if args.profile_steps > 0:
+        import contextlib
         import tempfile
 
         from imagen_jax import op_profile
 
-        with tempfile.TemporaryDirectory() as trace_dir:
+        keep = contextlib.nullcontext(args.trace_dir) if args.trace_dir else None
+        with keep or tempfile.TemporaryDirectory() as trace_dir:
+          if args.trace_dir:  # the HLO that maps the trace's kernels to ops, for op_profile
+            os.makedirs(trace_dir, exist_ok=True)
+            with open(os.path.join(trace_dir, 'train_step.hlo.txt'), 'w') as f:
+              f.write(hlo)
           with op_profile.traced(trace_dir):
             for i in range(args.profile_steps):
               params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i))

@@ -174,6 +174,7 @@ def make_train_step(
       return jnp.mean(per_example)
 
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
+    grads = optim.settle_gradients(grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
