@@ -172,6 +172,12 @@ def test_settle_gradients_keeps_values_and_puts_its_op_in_the_step(how):
 
   want = k - 0.1 * jax.grad(loss)(k)
   np.testing.assert_allclose(jax.jit(step)(k), want, rtol=1e-6, atol=1e-6)
+  # The same with the kernel sharded over its output channels (FSDP's rule for kernels).
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ('fsdp',))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, 'fsdp'))
+  out = jax.jit(step)(jax.device_put(k, sharded))
+  assert out.sharding.spec == sharded.spec
+  np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
   text = jax.jit(step).lower(k).as_text()
   marker = {'barrier': 'optimization_barrier', 'row_major': 'LayoutConstraint', 'none': None}.get(
     optim.gradient_layout(how)
