@@ -142,8 +142,8 @@ def settle_gradients(grads: Any, how: str = 'auto') -> Any:
   kernel, on the gradient alone. Not yet compiled on a GPU: `bench/unet.py --grad_layout`
   measures it.
   'none' leaves XLA to choose: what 'auto' picks off GPU. On this project's 2-core CPU the
-  barrier cost 4-5 % of the small64 training step (it keeps the gradient's last ops out of
-  the update's loops), and TPU has not been measured.
+  barrier cost 4-5 % of the small64 training step (interleaved runs), and TPU has not been
+  measured.
   """
   how = gradient_layout(how)
   if how == 'none':

@@ -167,8 +167,10 @@ def test_settle_gradients_keeps_values_and_puts_its_op_in_the_step(how):
     return jnp.mean(jnp.square(y))
 
   def step(kernel):
-    grads = optim.settle_gradients({'k': jax.grad(loss)(kernel)}, how)
-    return kernel - 0.1 * grads['k']
+    bias = jnp.zeros((6,))  # a 1-D and a 0-D leaf go through as well
+    grads = {'k': jax.grad(loss)(kernel), 'b': bias, 's': jnp.float32(1.0)}
+    grads = optim.settle_gradients(grads, how)
+    return kernel - 0.1 * grads['k'] * grads['s'] + grads['b']
 
   want = k - 0.1 * jax.grad(loss)(k)
   np.testing.assert_allclose(jax.jit(step)(k), want, rtol=1e-6, atol=1e-6)
