@@ -39,6 +39,12 @@ points=(
   "420 --preset=base64 --batch=16 --remat=none --grad_layout=none"
 )
 order=${POINTS:-$(seq "$first" $((${#points[@]} - 1)))}
+for i in $order; do
+  if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -ge ${#points[@]} ]; then
+    echo "accelerator.sh: point '$i' in POINTS/FIRST_POINT does not exist; give numbers 0-$((${#points[@]} - 1))." >&2
+    exit 2
+  fi
+done
 case " $order " in *" 0 "*) [ "$cache" != / ] && rm -rf "$cache" ;; esac
 
 for i in $order; do
