@@ -60,15 +60,24 @@ class _DropOrbaxReadOnlyNotes(logging.Filter):
     return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
 
 
+_unloadable_steps: set[str] = set()  # step folders that failed to load (`_does_not_load`)
+
+
 class _DropOrbaxOrphanTaskErrors(logging.Filter):
-  """asyncio's "Task exception was never retrieved" for orbax's own tasks: when one array of
-  a damaged checkpoint fails to load, orbax's gather stops at the first error and its sibling
-  reads fail unobserved; asyncio logs each with a traceback when it is garbage collected
-  (at random, often after the one-line error). The first error is the one reported."""
+  """asyncio's "... exception was never retrieved" for the reads of a step that failed to load:
+  when one array of a damaged checkpoint fails, orbax's gather stops at that first error (the one
+  reported, `_does_not_load`) and its sibling reads fail unobserved; asyncio logs each, with a
+  traceback, when it is garbage collected, at random, often during the next restore. Orbax's own
+  tasks are recognised by their coroutine's file; tensorstore's bare futures by the step folder
+  their error names, which must be one that already failed to load here."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     msg = str(record.msg)
-    return not (msg.startswith('Task exception was never retrieved') and '/orbax/' in msg)
+    if msg.startswith('Task exception was never retrieved'):
+      return '/orbax/' not in msg
+    if msg.startswith('Future exception was never retrieved'):
+      return not any(folder in msg for folder in _unloadable_steps)
+    return True
 
 
 def quiet_orbax_noise() -> None:
@@ -269,6 +278,17 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}'
 
 
+def _does_not_load(
+  manager: ocp.CheckpointManager, step: int, e: BaseException, item: str = ''
+) -> CheckpointError:
+  """The one-line error for a step (or its `item`) whose files do not load. The step's folder is
+  remembered, so that the leftovers of the failed read are not reported again
+  (`_DropOrbaxOrphanTaskErrors`)."""
+  _unloadable_steps.add(str(pathlib.Path(manager.directory) / str(step)))
+  what = f': its {item}' if item else ''
+  return CheckpointError(f'{_where(manager, step)}{what} does not load ({_one_line(e)}).')
+
+
 def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """The step's checksums item; None for checkpoints written before checksums existed."""
   if not (pathlib.Path(manager.directory) / str(step) / 'checksums').exists():
@@ -293,7 +313,7 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - any failure to read is reported with the step
-    raise CheckpointError(f'{where}: its config does not load ({_one_line(e)}).') from e
+    raise _does_not_load(manager, step, e, item='config') from e
   if not isinstance(raw, dict):
     raise CheckpointError(f'{where}: its config item is not a JSON object.')
   if stored is not None:
@@ -329,7 +349,7 @@ def load(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> L
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
-    raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
+    raise _does_not_load(manager, step, e) from e
 
   def verify() -> None:
     if stored is not None:
@@ -529,7 +549,7 @@ def restore_params(
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
-      raise CheckpointError(f'{where} does not load ({_one_line(e)}).') from e
+      raise _does_not_load(manager, s, e) from e
 
     def verify() -> None:
       if stored is not None:

@@ -141,13 +141,10 @@ def test_processes_agree_on_each_restore_attempt():
   assert f'process 1: {bad["error"]}' in str(e.value)
 
 
-def _orphan_task_error_records(filename: str) -> list[logging.LogRecord]:
-  """What asyncio logs for a task whose exception nobody retrieved, the coroutine defined in
-  `filename` (as orbax's sibling reads are when a damaged checkpoint fails), seen through the
-  filter that `quiet_orbax_noise` puts on the 'asyncio' logger."""
-  namespace = {}
-  source = 'async def read():\n  raise ValueError("OUT_OF_RANGE: byte range not valid")\n'
-  exec(compile(source, filename, 'exec'), namespace)
+def _never_retrieved_records(make_orphan) -> list[logging.LogRecord]:
+  """What asyncio logs for an orphan (a task or future whose exception nobody retrieved, as the
+  sibling reads of a damaged checkpoint are) made by make_orphan(loop), seen through the filter
+  that `quiet_orbax_noise` puts on the 'asyncio' logger."""
   records = []
   handler = logging.Handler()
   handler.emit = records.append
@@ -156,17 +153,52 @@ def _orphan_task_error_records(filename: str) -> list[logging.LogRecord]:
   asyncio_logger.addHandler(handler)
   try:
     loop = asyncio.new_event_loop()
-    task = loop.create_task(namespace['read']())
-    loop.run_until_complete(asyncio.sleep(0.01))  # the task fails; nobody looks
+    orphan = make_orphan(loop)
+    loop.run_until_complete(asyncio.sleep(0.01))  # it fails; nobody looks
     loop.close()
-    del task
+    del orphan
     gc.collect()  # asyncio reports the unretrieved exception here
   finally:
     asyncio_logger.removeHandler(handler)
   return [r for r in records if 'never retrieved' in r.getMessage()]
 
 
+def _orphan_task_error_records(filename: str) -> list[logging.LogRecord]:
+  """An orphan task whose coroutine is defined in `filename` (orbax's own tasks are)."""
+  namespace = {}
+  source = 'async def read():\n  raise ValueError("OUT_OF_RANGE: byte range not valid")\n'
+  exec(compile(source, filename, 'exec'), namespace)
+  return _never_retrieved_records(lambda loop: loop.create_task(namespace['read']()))
+
+
 def test_orbax_orphan_task_errors_are_dropped_others_kept():
   assert _orphan_task_error_records('/x/site-packages/orbax/checkpoint/serialization.py') == []
   kept = _orphan_task_error_records('/x/site-packages/mylib/reader.py')
   assert len(kept) == 1 and 'mylib' in kept[0].getMessage()
+
+
+def test_orphan_read_futures_of_a_step_that_failed_to_load_are_dropped_others_kept(two_steps):
+  # Tensorstore's own futures carry no orbax frame; their error names the file they read. Found
+  # as a hang in CI: ~5 KB of traceback per orphan, logged whenever the garbage collector met
+  # one, filled a stderr pipe and stopped the process mid-restore (and its peer at the barrier).
+  workdir, manager = two_steps
+
+  def orphan_reading(step):
+    def make(loop):
+      future = loop.create_future()
+      future.set_exception(
+        ValueError(
+          'DATA_LOSS: Error reading "params.w/.zarray" in OCDBT database at local file '
+          f'"{checkpoints.step_dir(workdir, step)}/state/": Error reading Byte range [0, 328)'
+        )
+      )
+      return future
+
+    return make
+
+  assert len(_never_retrieved_records(orphan_reading(2))) == 1  # step 2 has not failed (yet)
+  error = checkpoints._does_not_load(manager, 2, ValueError('DATA_LOSS: ...'))
+  assert str(error).startswith(f'checkpoint step 2 ({workdir / "checkpoints" / "2"}) does not load')
+  assert _never_retrieved_records(orphan_reading(2)) == []
+  kept = _never_retrieved_records(orphan_reading(1))  # step 1 loaded: its errors are news
+  assert len(kept) == 1 and f'{workdir / "checkpoints" / "1"}' in kept[0].getMessage()

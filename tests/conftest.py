@@ -11,7 +11,9 @@ _flag = '--xla_force_host_platform_device_count=8'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 
+import itertools  # noqa: E402
 import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,8 +36,32 @@ def cli_env(devices: int = 1) -> dict[str, str]:
     JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE_DIR),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    PYTHONFAULTHANDLER='1',  # a SIGABRT (a test's hang handling) prints every thread's stack
   )
   return env
+
+
+_logged = itertools.count()
+
+
+def start_logged(cmd: list[str], log_dir: pathlib.Path, **popen_kwargs) -> subprocess.Popen:
+  """subprocess.Popen(cmd) with stdout and stderr written to files in log_dir (`logged_output`
+  reads them), not to pipes: a pipe that the test does not read while it waits on something else
+  stops the child at its next write once 64 KB wait there, and a peer waiting at a barrier for that
+  child stops with it (a CI hang)."""
+  log_dir.mkdir(parents=True, exist_ok=True)
+  prefix = log_dir / f'proc{next(_logged)}'
+  with open(f'{prefix}.out', 'w') as out, open(f'{prefix}.err', 'w') as err:
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **popen_kwargs)
+  proc.log_prefix = prefix
+  return proc
+
+
+def logged_output(proc: subprocess.Popen) -> tuple[str, str]:
+  """(stdout, stderr) so far of a `start_logged` process."""
+  return tuple(
+    pathlib.Path(f'{proc.log_prefix}.{name}').read_text(errors='replace') for name in ('out', 'err')
+  )
 
 
 def data_config(**overrides):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, logged_output, start_logged
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -58,13 +58,11 @@ def start_process(
   shared, workdir, *overrides, port: int, process_id: int, config='configs/base64.py:tiny'
 ) -> subprocess.Popen:
   """train.py as process `process_id` of 2, 2 CPU devices each, coordinator on `port`."""
-  return subprocess.Popen(
+  return start_logged(
     train_cmd(shared, workdir, *overrides, config=config) + distributed_args(port, process_id),
+    shared['root'] / 'logs',
     cwd=REPO_ROOT,
     env=env_for(shared, devices=2),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
   )
 
 
@@ -75,19 +73,29 @@ def start_two(shared, workdir, *overrides):
 
 
 def finish(procs, timeout=900) -> list[tuple[int, str, str]]:
-  """(returncode, stdout, stderr) of each; both killed if either hangs."""
-  results = []
+  """(returncode, stdout, stderr) of each `start_logged` process. If they are not all done by
+  `timeout`, the ones still running get SIGABRT (PYTHONFAULTHANDLER, see `cli_env`, prints every
+  thread's Python stack) and the test fails with each process's stderr tail: where each waited."""
   deadline = time.time() + timeout
   try:
     for p in procs:
-      out, err = p.communicate(timeout=max(1, deadline - time.time()))
-      results.append((p.returncode, out, err))
-  finally:
+      p.wait(timeout=max(1, deadline - time.time()))
+  except subprocess.TimeoutExpired:
     for p in procs:
       if p.poll() is None:
+        p.send_signal(signal.SIGABRT)
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
-  return results
+    tails = [
+      f'--- process {i} (exit {p.returncode}):\n{logged_output(p)[1][-6000:]}'
+      for i, p in enumerate(procs)
+    ]
+    pytest.fail(f'the processes did not finish in {timeout} s:\n' + '\n'.join(tails))
+  return [(p.returncode, *logged_output(p)) for p in procs]
 
 
 def run_two(shared, workdir, *overrides):
@@ -226,13 +234,11 @@ def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp
   assert one.returncode == 0, one.stderr[-3000:]
   port = free_port()
   procs = [
-    subprocess.Popen(
+    start_logged(
       sample_cmd(tmp_path / 'two') + distributed_args(port, i),
+      tmp_path / 'logs',
       cwd=REPO_ROOT,
       env=env_for(shared, devices=2),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
     )
     for i in range(2)
   ]

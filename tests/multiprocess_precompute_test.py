@@ -18,6 +18,7 @@ import time
 import pytest
 
 from imagen_jax.text import cache as cache_lib
+from tests.conftest import logged_output, start_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAPTIONS = [f'a photo of thing number {i}' + ' and more' * (i % 3) for i in range(22)]
@@ -87,14 +88,12 @@ def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: flo
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
   port = _free_port()
   return [
-    subprocess.Popen(
+    start_logged(  # to files: an undrained pipe could stop one process and the other with it
       [sys.executable, '-c', _CHILD, str(port), str(count), str(i), str(images)]
       + [str(cache_dir), str(delay)],
+      cache_dir.parent / 'logs',
       cwd=REPO_ROOT,
       env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
     )
     for i in range(count)
   ]
@@ -112,11 +111,13 @@ def _finish(procs) -> list[dict]:
   """Waits for every process (killing all of them on timeout); their REPORT lines."""
   deadline = time.time() + TIMEOUT_S
   try:
-    outputs = [p.communicate(timeout=max(1, deadline - time.time())) for p in procs]
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
   except subprocess.TimeoutExpired:
     _kill(procs)
-    tails = [p.stderr.read()[-2000:] for p in procs]
+    tails = [logged_output(p)[1][-2000:] for p in procs]
     pytest.fail(f'precompute processes did not finish in {TIMEOUT_S} s: {tails}')
+  outputs = [logged_output(p) for p in procs]
   reports = []
   for p, (out, err) in zip(procs, outputs, strict=True):
     assert p.returncode == 0, err[-3000:]
@@ -181,7 +182,7 @@ def test_killed_two_process_build_resumes(localhost_ports, images, one_process_c
   deadline, markers = time.time() + TIMEOUT_S, []
   try:
     while time.time() < deadline and not markers:
-      assert all(p.poll() is None for p in procs), [p.stderr.read()[-2000:] for p in procs]
+      assert all(p.poll() is None for p in procs), [logged_output(p)[1][-2000:] for p in procs]
       markers = sorted((cache_dir / key).glob('shard-*' + cache_lib.DONE_SUFFIX))
       time.sleep(0.05)
     procs[1].send_signal(signal.SIGKILL)  # one host dies mid-build ...
