@@ -60,7 +60,7 @@ class _DropOrbaxReadOnlyNotes(logging.Filter):
     return not str(record.msg).startswith(ORBAX_READ_ONLY_NOTES)
 
 
-_unloadable_steps: set[str] = set()  # step folders that failed to load (`_does_not_load`)
+_unloadable_steps: set[str] = set()  # 'step folder/' of each that failed to load here
 
 
 class _DropOrbaxOrphanTaskErrors(logging.Filter):
@@ -284,7 +284,7 @@ def _does_not_load(
   """The one-line error for a step (or its `item`) whose files do not load. The step's folder is
   remembered, so that the leftovers of the failed read are not reported again
   (`_DropOrbaxOrphanTaskErrors`)."""
-  _unloadable_steps.add(str(pathlib.Path(manager.directory) / str(step)))
+  _unloadable_steps.add(f'{pathlib.Path(manager.directory) / str(step)}/')  # not step 60 for 6
   what = f': its {item}' if item else ''
   return CheckpointError(f'{_where(manager, step)}{what} does not load ({_one_line(e)}).')
 
