@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, cli_env
+from tests.conftest import REPO_ROOT, cli_env, logged_output, start_logged
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('train')]
 
@@ -115,7 +115,7 @@ def test_step_flops_mfu_and_hfu():
 
 def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   workdir = shared['root'] / 'interrupted'
-  proc = subprocess.Popen(
+  proc = start_logged(  # to files: the test reads no pipe while it waits for the metrics
     train_cmd(
       shared,
       workdir,
@@ -123,21 +123,20 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
       '--config.train.checkpoint_every=1000',
       *CONSTANT_LR,
     ),
+    shared['root'] / 'logs',
     cwd=REPO_ROOT,
     env=env_for(shared),
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
-    text=True,
   )
   metrics = workdir / 'metrics.jsonl'
   deadline = time.time() + 600
   while time.time() < deadline and not (
     metrics.exists() and len(metrics.read_text().splitlines()) >= 2
   ):
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert proc.poll() is None, logged_output(proc)[1][-3000:]
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
-  stdout, stderr = proc.communicate(timeout=300)
+  proc.wait(timeout=300)
+  stdout, stderr = logged_output(proc)
   assert proc.returncode == 75, stderr[-3000:]  # stopped early, resumable (not 'done')
   assert 'SIGTERM' in stderr
   stopped_at = finished_steps(workdir)[-1]
