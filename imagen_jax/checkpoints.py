@@ -84,8 +84,8 @@ def quiet_orbax_noise() -> None:
   """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the noise a
   damaged checkpoint leaves after it fails to load, which the restore functions here already
   report in one line: the "RuntimeError: Event loop is closed" tracebacks that tensorstore read
-  callbacks print (as unraisable exceptions, ~100 of them), and asyncio's "Task exception was
-  never retrieved" for orbax's sibling reads (`_DropOrbaxOrphanTaskErrors`). Every other log
+  callbacks print (as unraisable exceptions, ~100 of them), and asyncio's "Task/Future exception
+  was never retrieved" for the sibling reads (`_DropOrbaxOrphanTaskErrors`). Every other log
   record and exception is kept."""
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
