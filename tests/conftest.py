@@ -13,8 +13,12 @@ if _flag not in os.environ.get('XLA_FLAGS', ''):
 
 import itertools  # noqa: E402
 import pathlib  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -62,6 +66,32 @@ def logged_output(proc: subprocess.Popen) -> tuple[str, str]:
   return tuple(
     pathlib.Path(f'{proc.log_prefix}.{name}').read_text(errors='replace') for name in ('out', 'err')
   )
+
+
+def finish(procs, timeout=900) -> list[tuple[int, str, str]]:
+  """(returncode, stdout, stderr) of each `start_logged` process. If they are not all done by
+  `timeout`, the ones still running get SIGABRT (PYTHONFAULTHANDLER, see `cli_env`, prints every
+  thread's Python stack) and the test fails with each process's stderr tail: where each waited."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  except subprocess.TimeoutExpired:
+    for p in procs:
+      if p.poll() is None:
+        p.send_signal(signal.SIGABRT)
+    for p in procs:
+      try:
+        p.wait(timeout=30)
+      except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    tails = [
+      f'--- process {i} (exit {p.returncode}):\n{logged_output(p)[1][-6000:]}'
+      for i, p in enumerate(procs)
+    ]
+    pytest.fail(f'the processes did not finish in {timeout} s:\n' + '\n'.join(tails))
+  return [(p.returncode, *logged_output(p)) for p in procs]
 
 
 def data_config(**overrides):

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, logged_output, start_logged
+from tests.conftest import REPO_ROOT, finish, start_logged
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -70,32 +70,6 @@ def start_two(shared, workdir, *overrides):
   """Two train.py processes of one run; returns the Popen objects."""
   port = free_port()
   return [start_process(shared, workdir, *overrides, port=port, process_id=i) for i in range(2)]
-
-
-def finish(procs, timeout=900) -> list[tuple[int, str, str]]:
-  """(returncode, stdout, stderr) of each `start_logged` process. If they are not all done by
-  `timeout`, the ones still running get SIGABRT (PYTHONFAULTHANDLER, see `cli_env`, prints every
-  thread's Python stack) and the test fails with each process's stderr tail: where each waited."""
-  deadline = time.time() + timeout
-  try:
-    for p in procs:
-      p.wait(timeout=max(1, deadline - time.time()))
-  except subprocess.TimeoutExpired:
-    for p in procs:
-      if p.poll() is None:
-        p.send_signal(signal.SIGABRT)
-    for p in procs:
-      try:
-        p.wait(timeout=30)
-      except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-    tails = [
-      f'--- process {i} (exit {p.returncode}):\n{logged_output(p)[1][-6000:]}'
-      for i, p in enumerate(procs)
-    ]
-    pytest.fail(f'the processes did not finish in {timeout} s:\n' + '\n'.join(tails))
-  return [(p.returncode, *logged_output(p)) for p in procs]
 
 
 def run_two(shared, workdir, *overrides):

@@ -10,7 +10,6 @@ import os
 import pathlib
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 import time
@@ -18,7 +17,7 @@ import time
 import pytest
 
 from imagen_jax.text import cache as cache_lib
-from tests.conftest import logged_output, start_logged
+from tests.conftest import finish, logged_output, start_logged
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAPTIONS = [f'a photo of thing number {i}' + ' and more' * (i % 3) for i in range(22)]
@@ -85,7 +84,12 @@ def images(tmp_path_factory):
 
 
 def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: float = 0.0):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS='cpu',
+    XLA_FLAGS='--xla_force_host_platform_device_count=2',
+    PYTHONFAULTHANDLER='1',  # finish()'s SIGABRT on a hang prints every thread's stack
+  )
   port = _free_port()
   return [
     start_logged(  # to files: an undrained pipe could stop one process and the other with it
@@ -108,19 +112,10 @@ def _kill(procs) -> None:
 
 
 def _finish(procs) -> list[dict]:
-  """Waits for every process (killing all of them on timeout); their REPORT lines."""
-  deadline = time.time() + TIMEOUT_S
-  try:
-    for p in procs:
-      p.wait(timeout=max(1, deadline - time.time()))
-  except subprocess.TimeoutExpired:
-    _kill(procs)
-    tails = [logged_output(p)[1][-2000:] for p in procs]
-    pytest.fail(f'precompute processes did not finish in {TIMEOUT_S} s: {tails}')
-  outputs = [logged_output(p) for p in procs]
+  """Waits for every process (see conftest.finish); their REPORT lines."""
   reports = []
-  for p, (out, err) in zip(procs, outputs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+  for rc, out, err in finish(procs, timeout=TIMEOUT_S):
+    assert rc == 0, err[-3000:]
     line = next(line for line in out.splitlines() if line.startswith('REPORT '))
     reports.append(json.loads(line[len('REPORT ') :]))
   return reports
