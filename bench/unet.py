@@ -83,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--grad_layout',
     default='auto',
-    choices=('auto', 'barrier', 'row_major', 'none'),
-    help='how the gradients are fixed before the optimizer (imagen_jax.optim.settle_gradients; '
-    "'auto', what training uses: 'barrier' on GPU, 'none' elsewhere)",
+    help='how the gradients are fixed before the optimizer (imagen_jax.optim.GRADIENT_LAYOUTS, '
+    "checked once jax is imported: auto, barrier, row_major, none; 'auto', what training uses: "
+    "'barrier' on GPU, 'none' elsewhere)",
   )
   p.add_argument(
     '--trace_dir',
@@ -185,6 +185,10 @@ def main(argv=None) -> dict | list[dict]:
 
   if args.preset not in unet.PRESETS:
     raise SystemExit(f'Unknown --preset {args.preset!r}; choose from {sorted(unet.PRESETS)}.')
+  if args.grad_layout not in optim.GRADIENT_LAYOUTS:
+    raise SystemExit(
+      f'Unknown --grad_layout {args.grad_layout!r}; choose from {list(optim.GRADIENT_LAYOUTS)}.'
+    )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
   if args.batch % mesh.size:

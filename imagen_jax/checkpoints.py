@@ -184,6 +184,12 @@ def _fingerprint_tree(tree: Any) -> tuple[Any, jax.Array]:
   return sums, finite
 
 
+# Compiled once per tree signature (and process), not at every save or load.
+_fingerprint_tree_together = multihost.compiled_together(
+  _fingerprint_tree, 'imagen_jax:checksums_compiled'
+)
+
+
 def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   """({key path: [s0, s1]}, all finite) of every array leaf of tree.
 
@@ -192,9 +198,7 @@ def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   collective whose peers arrive more than 30 s apart, which a skew in compile times exceeds, and
   the peer that arrives late then waits in it forever)."""
   if jax.process_count() > 1:
-    sums, finite = multihost.compiled_together(_fingerprint_tree, 'imagen_jax:checksums_compiled')(
-      tree
-    )
+    sums, finite = _fingerprint_tree_together(tree)
   else:
     sums, finite = _fingerprint_tree(tree)
   sums = jax.device_get(sums)

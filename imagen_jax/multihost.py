@@ -31,18 +31,29 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
 
 
 def compiled_together(jitted: Callable, name: str) -> Callable:
-  """`jitted` (a jax.jit function) compiled on the first call, then barrier `name`, so that every
-  process starts its collectives together (gloo's 30 s limit, see `barrier`); later calls reuse
-  that compiled program (same argument shapes)."""
-  compiled = []
+  """`jitted` (a jax.jit function) compiled for each new signature of its arguments (tree
+  structure, shapes, dtypes, shardings), then barrier `name`, so that every process starts its
+  collectives together (gloo's 30 s limit, see `barrier`); a call with a signature seen before
+  reuses that compiled program. Every process makes the same calls, so all compile (and pass the
+  barrier) at the same calls."""
+  compiled: dict[Any, Any] = {}
 
   def run(*args):
-    if not compiled:
-      compiled.append(jitted.lower(*args).compile())
+    leaves, treedef = jax.tree.flatten(args)
+    key = (treedef, tuple(_signature(x) for x in leaves))
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile()
       barrier(name)
-    return compiled[0](*args)
+    return compiled[key](*args)
 
   return run
+
+
+def _signature(x: Any) -> tuple:
+  if isinstance(x, jax.Array):
+    return (x.shape, x.dtype, x.sharding)
+  x = np.asarray(x)
+  return (x.shape, x.dtype)
 
 
 def allgather_json(value: Any) -> list[Any]:

@@ -151,6 +151,13 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
 
 
 @pytest.mark.smoke
+def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
+  proc = _bench('--preset=small64', '--grad_layout=sideways')
+  assert proc.returncode != 0 and not proc.stdout.strip()
+  assert "Unknown --grad_layout 'sideways'" in proc.stderr and "'row_major'" in proc.stderr
+
+
+@pytest.mark.smoke
 def test_bench_cpu_conv_reports_cores_per_shape():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   run = functools.partial(

@@ -5,7 +5,6 @@ import json
 import os
 import pickle
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -16,6 +15,7 @@ import pytest
 
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encoder as encoder_lib
+from tests.conftest import logged_output, start_logged
 
 MAX_LENGTH = 16
 CAPTIONS = [f'caption number {i} ' + 'ab' * (i % 5) for i in range(22)]
@@ -156,10 +156,9 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   key = cache_lib.cache_key('t5-tiny-random', 16, 'fp')
   manifest_path = killed_root / key / cache_lib.MANIFEST
 
-  proc = subprocess.Popen(
+  proc = start_logged(  # output to files: a pipe read only at the end could stop the child
     [sys.executable, '-c', _CHILD, str(killed_root), str(tmp_path / 'captions.txt')],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.PIPE,
+    tmp_path / 'logs',
     env=dict(os.environ),
   )
   deadline = time.time() + 120
@@ -171,7 +170,7 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
       break
     time.sleep(0.05)
   proc.wait(timeout=30)
-  assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
+  assert proc.returncode == -signal.SIGKILL, logged_output(proc)[1][-2000:]
 
   manifest = json.loads(manifest_path.read_text())
   markers = sorted((killed_root / key).glob('shard-*' + cache_lib.DONE_SUFFIX))

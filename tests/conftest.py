@@ -14,6 +14,7 @@ if _flag not in os.environ.get('XLA_FLAGS', ''):
 import itertools  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -43,6 +44,17 @@ def cli_env(devices: int = 1) -> dict[str, str]:
     PYTHONFAULTHANDLER='1',  # a SIGABRT (a test's hang handling) prints every thread's stack
   )
   return env
+
+
+def free_port() -> int:
+  """A localhost TCP port free now (for a JAX coordinator); skips the test where none can be
+  bound (a sandbox without networking)."""
+  try:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', 0))
+      return s.getsockname()[1]
+  except OSError as e:
+    pytest.skip(f'cannot open a localhost port for the coordinator: {e}')
 
 
 _logged = itertools.count()

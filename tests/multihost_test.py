@@ -8,7 +8,6 @@ Skipped where localhost TCP ports cannot be opened; runs in CI here.
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, finish, start_logged
+from tests.conftest import REPO_ROOT, finish, free_port, start_logged
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -28,15 +27,6 @@ from tests.train_test import (
 )
 
 pytestmark = [pytest.mark.smoke, pytest.mark.multiprocess, pytest.mark.xdist_group('multihost')]
-
-
-def free_port() -> int:
-  try:
-    with socket.socket() as s:
-      s.bind(('127.0.0.1', 0))
-      return s.getsockname()[1]
-  except OSError as e:
-    pytest.skip(f'cannot open a localhost port for the coordinator: {e}')
 
 
 @pytest.fixture(scope='module')

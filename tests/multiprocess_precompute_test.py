@@ -9,7 +9,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import sys
 import textwrap
 import time
@@ -17,9 +16,8 @@ import time
 import pytest
 
 from imagen_jax.text import cache as cache_lib
-from tests.conftest import finish, logged_output, start_logged
+from tests.conftest import REPO_ROOT, finish, free_port, logged_output, start_logged
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 CAPTIONS = [f'a photo of thing number {i}' + ' and more' * (i % 3) for i in range(22)]
 SHARD_SIZE = 4  # 22 captions -> 6 shards (the last one short)
 TIMEOUT_S = 240
@@ -58,20 +56,6 @@ _CHILD = textwrap.dedent(
 ).replace('SHARD_SIZE', str(SHARD_SIZE))
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope='module')
-def localhost_ports():
-  try:
-    _free_port()
-  except OSError as e:
-    pytest.skip(f'cannot bind a localhost port: {e}')
-
-
 @pytest.fixture(scope='module')
 def images(tmp_path_factory):
   from PIL import Image
@@ -90,7 +74,7 @@ def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: flo
     XLA_FLAGS='--xla_force_host_platform_device_count=2',
     PYTHONFAULTHANDLER='1',  # finish()'s SIGABRT on a hang prints every thread's stack
   )
-  port = _free_port()
+  port = free_port()
   return [
     start_logged(  # to files: an undrained pipe could stop one process and the other with it
       [sys.executable, '-c', _CHILD, str(port), str(count), str(i), str(images)]
@@ -153,7 +137,7 @@ def one_process_cache(images, tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-def test_two_processes_build_the_same_bytes(localhost_ports, images, one_process_cache, tmp_path):
+def test_two_processes_build_the_same_bytes(images, one_process_cache, tmp_path):
   reports = _finish(_start(2, images, tmp_path / 'cache'))
   path = pathlib.Path(reports[0]['path'])
   assert reports[1]['path'] == str(path)
@@ -170,7 +154,7 @@ def test_two_processes_build_the_same_bytes(localhost_ports, images, one_process
 
 
 @pytest.mark.multiprocess
-def test_killed_two_process_build_resumes(localhost_ports, images, one_process_cache, tmp_path):
+def test_killed_two_process_build_resumes(images, one_process_cache, tmp_path):
   cache_dir = tmp_path / 'cache'
   key = one_process_cache.name
   procs = _start(2, images, cache_dir, delay=1.0)
