@@ -27,8 +27,11 @@ if str(REPO_ROOT) not in sys.path:
 
 # One persistent XLA compilation cache for the tests that run train.py / sample.py /
 # evaluate.py in a subprocess (the tiny configs compile the same programs in many tests and
-# modules); one per xdist worker, since JAX writes cache entries without a lock.
-XLA_CACHE_DIR = REPO_ROOT / '.pytest_cache' / 'xla' / os.environ.get('PYTEST_XDIST_WORKER', 'main')
+# modules), shared by the xdist workers. With a size limit set, JAX reads and writes its entries
+# under a file lock (jax._src.lru_cache); without one it writes them unlocked, and a peer could
+# read a half-written entry.
+XLA_CACHE_DIR = REPO_ROOT / '.pytest_cache' / 'xla'
+XLA_CACHE_MAX_BYTES = 16 * 2**30
 
 
 def cli_env(devices: int = 1) -> dict[str, str]:
@@ -41,6 +44,7 @@ def cli_env(devices: int = 1) -> dict[str, str]:
     JAX_COMPILATION_CACHE_DIR=str(XLA_CACHE_DIR),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+    JAX_COMPILATION_CACHE_MAX_SIZE=str(XLA_CACHE_MAX_BYTES),  # the file lock (see above)
     PYTHONFAULTHANDLER='1',  # a SIGABRT (a test's hang handling) prints every thread's stack
   )
   return env
