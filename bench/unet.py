@@ -83,9 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--grad_layout',
     default='auto',
-    help='how the gradients are fixed before the optimizer (imagen_jax.optim.GRADIENT_LAYOUTS, '
-    "checked once jax is imported: auto, barrier, row_major, none; 'auto', what training uses: "
-    "'barrier' on GPU, 'none' elsewhere)",
+    help='how the gradients are fixed before the optimizer, one of imagen_jax.optim.'
+    "GRADIENT_LAYOUTS (checked once jax is imported); 'auto', what training uses: 'barrier' on "
+    "GPU, 'none' elsewhere",
   )
   p.add_argument(
     '--trace_dir',
