@@ -166,3 +166,18 @@ class FakeEmbeddingCache:
     n = min(len(caption.split()) + 1, self.max_length)
     rng = np.random.default_rng(zlib.crc32(caption.encode()))
     return rng.normal(size=(n, self.dim)).astype(np.float32)
+
+
+def pytest_runtest_setup(item):
+  """`make test` runs `--dist loadgroup` so that each `xdist_group` (a module whose fixture
+  trains a run, or tests that must not overlap) runs on one worker and builds its fixture once.
+  pytest-xdist does that by appending '@group' to the node id, which pytest 9.2 no longer lets
+  it do: every group was then split over the workers and its fixtures built on each, silently.
+  Fail such a test with the reason instead (a worker's collection error would not be shown)."""
+  if getattr(item.config.option, 'loadgroup', False):  # an xdist worker under loadgroup
+    if item.get_closest_marker('xdist_group') and '@' not in item.nodeid:
+      pytest.fail(
+        f'pytest {pytest.__version__} with this pytest-xdist ignores xdist_group marks: install '
+        'the locked versions (make install), or a pytest that requirements-test.txt allows',
+        pytrace=False,
+      )
