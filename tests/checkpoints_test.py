@@ -118,6 +118,42 @@ def test_checksums_see_every_single_bit():
   assert got["['x']"][0] == base["['x']"][0] and got != base  # the weighted sum sees swaps
 
 
+def reference_checksum(words: np.ndarray) -> list[int]:
+  """The saved format, in numpy: s0 = sum b_i, s1 = sum b_i (2i + 1), mod 2**32."""
+  b = words.reshape(-1).astype(np.uint64)
+  weights = np.arange(b.size, dtype=np.uint64) * 2 + 1
+  return [int(b.sum() % 2**32), int((b * weights % 2**32).sum() % 2**32)]
+
+
+def test_checksums_keep_the_saved_format_for_every_dtype():
+  # Checkpoints written by earlier versions must still verify: the per-leaf values are pinned to
+  # a numpy reference of the format (32-bit words; narrower types widened), whatever program
+  # computes them. Several leaves share a shape, as a train state's params and moments do.
+  w = np.linspace(-2.0, 5.0, 3 * 70, dtype=np.float32).reshape(3, 70)
+  half = (np.arange(70) - 30).astype(jnp.bfloat16)
+  key = jax.random.key(7)
+  tree = {
+    'params': {'w': jnp.asarray(w), 'b': jnp.asarray(half)},
+    'mu': {'w': jnp.asarray(w * 3), 'b': jnp.asarray(half)},
+    'count': jnp.int32(-5),
+    'mask': jnp.asarray(np.arange(9) % 2 == 0),
+    'rng': key,
+  }
+  sums, finite = checkpoints.array_checksums(tree)
+  assert finite
+  assert sums == {
+    "['count']": reference_checksum(np.array([-5], np.int32).view(np.uint32)),
+    "['mask']": reference_checksum((np.arange(9) % 2 == 0).astype(np.uint8)),
+    "['mu']['b']": reference_checksum(np.asarray(half).view(np.uint16)),
+    "['mu']['w']": reference_checksum((w * 3).view(np.uint32)),
+    "['params']['b']": reference_checksum(np.asarray(half).view(np.uint16)),
+    "['params']['w']": reference_checksum(w.view(np.uint32)),
+    "['rng']": reference_checksum(np.asarray(jax.random.key_data(key))),
+  }
+  half[5] = np.inf
+  assert not checkpoints.array_checksums({**tree, 'mu': {'b': jnp.asarray(half)}})[1]
+
+
 def test_parse_run():
   assert checkpoints.parse_run('runs/base64') == ('runs/base64', None)
   assert checkpoints.parse_run('runs/a@b/base64@1200') == ('runs/a@b/base64', 1200)
