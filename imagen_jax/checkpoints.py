@@ -191,15 +191,10 @@ def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   With several processes, arrays that span them make each a collective: every process compiles
   a new signature first and then passes a barrier, so that they start it together (gloo on CPU
   gives up on a collective whose peers arrive more than 30 s apart, which a skew in compile times
-  exceeds, and the peer that arrives late then waits in it forever)."""
+  exceeds, and the peer that arrives late then waits in it forever), one leaf at a time."""
+  fingerprint = _fingerprint_together if jax.process_count() > 1 else _fingerprint
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if jax.process_count() > 1:
-    # One leaf at a time: programs with no data between them may run at once, and their
-    # collectives then pair up wrongly across processes (seen: both processes hung in one).
-    results = [jax.block_until_ready(_fingerprint_together(x)) for _, x in flat]
-  else:
-    results = [_fingerprint(x) for _, x in flat]
-  results = jax.device_get(results)
+  results = jax.device_get([fingerprint(x) for _, x in flat])
   sums = {
     jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)]
     for (path, _), (s, _) in zip(flat, results, strict=True)

@@ -35,7 +35,9 @@ def compiled_together(jitted: Callable, name: str) -> Callable:
   structure, shapes, dtypes, shardings), then barrier `name`, so that every process starts its
   collectives together (gloo's 30 s limit, see `barrier`); a call with a signature seen before
   reuses that compiled program. Every process makes the same calls, so all compile (and pass the
-  barrier) at the same calls."""
+  barrier) at the same calls. Each call returns finished results: two calls with no data between
+  them could otherwise run at once, and their collectives pair up wrongly across processes (seen:
+  both processes hung in per-leaf checkpoint checksums)."""
   compiled: dict[Any, Any] = {}
 
   def run(*args):
@@ -44,7 +46,7 @@ def compiled_together(jitted: Callable, name: str) -> Callable:
     if key not in compiled:
       compiled[key] = jitted.lower(*args).compile()
       barrier(name)
-    return compiled[key](*args)
+    return jax.block_until_ready(compiled[key](*args))
 
   return run
 
