@@ -13,9 +13,12 @@
 # same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
 # second start's (reload, no compile). Points 8 and 9 repeat point 4 with the other ways of
 # fixing the gradients' layout before the optimizer (optim.settle_gradients), to compare with
-# one call: POINTS="4 8 9". POINTS (a space-separated list of point numbers) runs
-# those points in that order instead; TRACE_POINTS (same form) keeps those points' profiler
-# traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and OUT_DIR/hlo_<n>.txt.gz.
+# one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py --step train: EMA,
+# NaN/Inf check); point 10 is point 4 with --step=bare, the step of the earlier H100/H200
+# rows, so POINTS="4 10" shows what the EMA and the check cost. POINTS (a space-separated
+# list of point numbers) runs those points in that order instead; TRACE_POINTS (same form)
+# keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
+# OUT_DIR/hlo_<n>.txt.gz.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/imagen_jax_bench}
@@ -37,6 +40,7 @@ points=(
   "420 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
   "420 --preset=base64 --batch=16 --remat=none --grad_layout=row_major"
   "420 --preset=base64 --batch=16 --remat=none --grad_layout=none"
+  "420 --preset=base64 --batch=16 --remat=none --step=bare"
 )
 order=${POINTS:-$(seq "$first" $((${#points[@]} - 1)))}
 for i in $order; do

@@ -1,8 +1,16 @@
 """U-Net train-step / sampling-step benchmark; prints ONE JSON line per (batch, remat) point.
 
-Measures a jitted training step (v-prediction MSE + optimizer update, donated state, pinned
-shardings) and one classifier-free-guided sampling step (conditional and unconditional in one
-batch of 2B), plus XLA's memory analysis of the compiled train step.
+Measures a jitted training step (donated state, pinned shardings) and one classifier-free-
+guided sampling step (conditional and unconditional in one batch of 2B), plus XLA's memory
+analysis of the compiled train step, on synthetic data (no text encoder, no dataset). The
+training step is, by default (`--step train`), the one train.py runs:
+`imagen_jax.train_lib.make_train_step` with the project's defaults for the preset's stage (the
+stage's diffusion loss with min-SNR weighting and text dropout, noise-conditioning
+augmentation of a 4x smaller low-res image for an SR preset, gradient clipping, the
+optimizer, the EMA and the NaN/Inf guard over the new state). `--step bare` times only the
+v-prediction MSE and the optimizer update, the step of the H100 rows in README measured before
+`--step` existed; the two differ by the EMA, the guard and the gradient norm (their cost:
+`--profile_steps`, phases 'optimizer' and 'guard').
 
   # Speed on this machine (CPU) or a GPU/TPU:
   python bench/unet.py --preset small64 --batch 4 --resolution 64 --dtype float32
@@ -44,6 +52,7 @@ import sys
 import time
 
 REMAT_CHOICES = ('none', 'block')
+STEPS = ('train', 'bare')
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     help="'none' | 'block' (remat every U-Net block; bare --remat = block) or a comma list",
   )
   p.add_argument('--optimizer', default='adamw', choices=('adamw', 'adafactor'))
+  p.add_argument(
+    '--step',
+    default='train',
+    choices=STEPS,
+    help="'train': the step train.py runs (train_lib.make_train_step: EMA, NaN guard, ...); "
+    "'bare': the loss and the optimizer update only (the README's earlier H100 rows)",
+  )
   p.add_argument('--mesh_fsdp', type=int, default=1, help='fsdp axis size; data = the rest')
   p.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up)')
   p.add_argument('--memory_only', action='store_true', help='compile on abstract inputs only')
@@ -119,6 +135,7 @@ def sweep(args) -> list[dict]:
     f'--text_len={args.text_len}',
     f'--dtype={args.dtype}',
     f'--optimizer={args.optimizer}',
+    f'--step={args.step}',
     f'--mesh_fsdp={args.mesh_fsdp}',
     f'--steps={args.steps}',
     f'--fake_cpu_devices={args.fake_cpu_devices}',
@@ -202,26 +219,38 @@ def main(argv=None) -> dict | list[dict]:
   optim_config.schedule = 'constant'
   optim_config.warmup_steps = 0
   tx = optim.make_optimizer(optim_config, num_steps=1000)
+  b, r, c, n_text = args.batch, args.resolution, config.image_channels, args.text_len
+  # The stage config train.py would get for this preset (the project's defaults), for
+  # --step train; an SR preset gets Imagen's 4x smaller low-res input.
+  low = r // 4 if config.lowres_cond else 0
+  stage_config = common.get_common(
+    stage='bench', preset=args.preset, resolution=r, lowres_resolution=low
+  )
+  stage_config.model = common.model_config(args.preset, dtype=args.dtype, remat=args.remat)
+  stage_config.optim = optim_config
+  stage_config.train.num_steps = 1000
+  train_lib.check_settings(stage_config)
 
-  abstract_model = nnx.eval_shape(lambda: unet.UNet(config, rngs=nnx.Rngs(0)))
-  graphdef, abstract_params = nnx.split(abstract_model)
+  graphdef, abstract_state, state_sh, init_state = train_lib.abstract_train_state(
+    stage_config, tx, mesh
+  )
+  abstract_params = abstract_state['params']
   num_params = unet.count_params(abstract_params)
-  param_sh = sharding.state_shardings(abstract_params, mesh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_sh = sharding.state_shardings(abstract_opt, mesh)
+  param_sh, opt_sh = state_sh['params'], state_sh['opt_state']
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
 
-  b, r, c, n_text = args.batch, args.resolution, config.image_channels, args.text_len
   f32, bf16 = jnp.float32, jnp.bfloat16
+  bare = args.step == 'bare'
+  low = r if bare else low  # the bare step conditions on a full-size low-res image
   batch_shapes = {
-    'images': jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh),
+    ('images' if bare else 'image'): jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh),
     # bfloat16, as the data pipeline delivers them (the T5 cache holds bf16).
     'text_embs': jax.ShapeDtypeStruct((b, n_text, config.text_dim), bf16, sharding=batch_sh),
     'text_mask': jax.ShapeDtypeStruct((b, n_text), jnp.bool_, sharding=batch_sh),
   }
   if config.lowres_cond:
-    batch_shapes['lowres'] = jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh)
+    batch_shapes['lowres'] = jax.ShapeDtypeStruct((b, low, low, c), f32, sharding=batch_sh)
   batch_sh_tree = {k: batch_sh for k in batch_shapes}
 
   def apply(params, z, logsnr, batch, drop_text):
@@ -270,23 +299,33 @@ def main(argv=None) -> dict | list[dict]:
 
   key_shape = jax.eval_shape(lambda: jax.random.key(0))
   abstract_key = jax.ShapeDtypeStruct(key_shape.shape, key_shape.dtype, sharding=repl)
-  abstract_params_sh = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_params, param_sh
-  )
-  abstract_opt_sh = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_opt, opt_sh
-  )
+  abstract_state_sh = train_lib.abstract_with_shardings(abstract_state, state_sh)
 
   with jax.set_mesh(mesh):
-    train_jit = jax.jit(
-      train_step,
-      in_shardings=(param_sh, opt_sh, batch_sh_tree, repl),
-      out_shardings=(param_sh, opt_sh, repl),
-      donate_argnums=(0, 1),
-    )
+    if bare:
+      train_jit = jax.jit(
+        train_step,
+        in_shardings=(param_sh, opt_sh, batch_sh_tree, repl),
+        out_shardings=(param_sh, opt_sh, repl),
+        donate_argnums=(0, 1),
+      )
+      abstract_args = (
+        abstract_state_sh['params'],
+        abstract_state_sh['opt_state'],
+        batch_shapes,
+        abstract_key,
+      )
+    else:
+      train_jit = jax.jit(
+        train_lib.make_train_step(stage_config, graphdef, tx, grad_layout=args.grad_layout),
+        in_shardings=(state_sh, batch_sh_tree),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,),
+      )
+      abstract_args = (abstract_state_sh, batch_shapes)
     t0 = time.perf_counter()
     with layers.record_attention_plans() as plans:
-      lowered = train_jit.lower(abstract_params_sh, abstract_opt_sh, batch_shapes, abstract_key)
+      lowered = train_jit.lower(*abstract_args)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text() or ''
@@ -325,6 +364,7 @@ def main(argv=None) -> dict | list[dict]:
       'dtype': args.dtype,
       'remat': 'block' if args.remat else 'none',
       'optimizer': args.optimizer,
+      'step': args.step,
       'grad_layout': optim.gradient_layout(args.grad_layout),
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
@@ -354,27 +394,40 @@ def main(argv=None) -> dict | list[dict]:
     }
 
     if not args.memory_only:
-      init = jax.jit(lambda: nnx.state(unet.UNet(config, rngs=nnx.Rngs(0))), out_shardings=param_sh)
-      params = init()
-      opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+      state = init_state()  # params, EMA and optimizer state, made in their shards
       data_key = jax.random.key(1)
       ks = jax.random.split(data_key, 4)
       batch = {
-        'images': jax.random.uniform(ks[0], (b, r, r, c), f32, -1, 1),
+        ('images' if bare else 'image'): jax.random.uniform(ks[0], (b, r, r, c), f32, -1, 1),
         'text_embs': jax.random.normal(ks[1], (b, n_text, config.text_dim), bf16),
         'text_mask': jnp.arange(n_text)[None, :] < jnp.arange(b)[:, None] % n_text + 8,
       }
       if config.lowres_cond:
-        batch['lowres'] = jax.random.uniform(ks[2], (b, r, r, c), f32, -1, 1)
+        batch['lowres'] = jax.random.uniform(ks[2], (b, low, low, c), f32, -1, 1)
       batch = jax.device_put(batch, batch_sh_tree)
+      finite = []
+
+      def run_step(i):
+        """One train step on the state; its loss (ready)."""
+        nonlocal state
+        if bare:
+          params, opt_state, loss = compiled(
+            state['params'], state['opt_state'], batch, jax.random.key(i)
+          )
+          state = {**state, 'params': params, 'opt_state': opt_state}
+        else:
+          state, metrics = compiled(state, batch)
+          loss = metrics['loss']
+          finite.append(metrics['finite'])
+        return jax.block_until_ready(loss)
 
       times = []
       for i in range(args.steps + 1):
         t0 = time.perf_counter()
-        params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i))
-        jax.block_until_ready(loss)
+        loss = run_step(i)
         times.append(time.perf_counter() - t0)
       train_s = statistics.median(times[1:])
+      params = state['params']
 
       cond = {k: v for k, v in batch.items() if k != 'images'}
       z = jax.device_put(jax.random.normal(ks[3], (b, r, r, c), f32), batch_sh)
@@ -405,8 +458,7 @@ def main(argv=None) -> dict | list[dict]:
               f.write(hlo)
           with op_profile.traced(trace_dir):
             for i in range(args.profile_steps):
-              params, opt_state, loss = compiled(params, opt_state, batch, jax.random.key(i))
-              jax.block_until_ready(loss)
+              run_step(i)
           try:  # a profile that cannot be read must not cost the point's timings
             result['profile'] = op_profile.summarize(trace_dir, hlo, steps=args.profile_steps)
           except (OSError, ValueError) as e:
@@ -416,6 +468,8 @@ def main(argv=None) -> dict | list[dict]:
       result['sample_step_s'] = round(statistics.median(stimes), 4)
       result['images_per_s'] = round(b / train_s, 3)
       result['final_loss'] = float(loss)
+      # --step train: every timed step kept its update (the guard let none through as NaN/Inf).
+      result['all_steps_finite'] = None if bare else bool(all(jax.device_get(finite)))
       ndev = jax.device_count()
       result['model_tflops_per_s_per_device'] = float(f'{model_flops / train_s / ndev / 1e12:.4g}')
       mfu = flops_lib.utilization(model_flops, train_s, ndev, kind)

@@ -118,16 +118,20 @@ def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
   assert sorted(p.name for p in (workdir / 'checkpoints_set_aside').iterdir()) == ['4']
 
 
-def test_nan_from_the_update_is_never_applied_or_saved(shared):
+def test_nan_from_the_update_stops_the_run_and_is_never_saved(shared):
   # Adam with eps=0 divides 0 by 0 for parameters whose gradient is exactly zero: the loss and
-  # gradient norm are finite, the updated parameters are not.
+  # gradient norm are finite, the updated parameters are not. The step's state is checked
+  # before it is sampled (a grid every step) or saved (every second step), not only when its
+  # metrics are logged (every fourth step here).
   workdir = shared['root'] / 'nan_update'
   proc = run(
     shared,
     workdir,
     '--config.train.num_steps=4',
     '--config.optim.eps=0',
-    '--config.train.checkpoint_every=1',
+    '--config.train.checkpoint_every=2',
+    '--config.train.sample_every=1',
+    '--config.train.log_every=4',
     *CONSTANT_LR,
     check=False,
   )
@@ -135,6 +139,7 @@ def test_nan_from_the_update_is_never_applied_or_saved(shared):
   assert 'Non-finite update' in proc.stderr and 'at step 1' in proc.stderr
   ckpt = workdir / 'checkpoints'
   assert not ckpt.exists() or finished_steps(workdir) == []
+  assert not list(workdir.glob('samples/*.png'))
 
 
 def test_optimizer_structure_change_is_named(shared, pristine):

@@ -195,3 +195,68 @@ def test_settle_gradients_refuses_an_unknown_way():
     optim.settle_gradients({'k': jnp.ones((2, 2))}, 'transpose')
   # 'auto' is the barrier on GPU only: on CPU it cost 4-5 % of the small64 step.
   assert optim.gradient_layout('auto') == ('barrier' if jax.default_backend() == 'gpu' else 'none')
+
+
+@pytest.mark.parametrize('accum', [1, 2])
+@pytest.mark.parametrize('optimizer', ['adamw', 'adafactor'])
+def test_checking_the_new_ema_sees_every_non_finite_update(optimizer, accum):
+  """train_lib.update_state checks only the new EMA. From a finite state, whenever that and the
+  gradient norm are finite, so is every leaf of the new state (params, EMA, optimizer state);
+  NaN gradients, a NaN parameter and a NaN the optimizer makes (Adam, eps=0, a zero gradient:
+  0/0) are each seen within one accumulation cycle."""
+  from imagen_jax import train_lib
+
+  config = _config(
+    optimizer=optimizer,
+    grad_accum_steps=accum,
+    weight_decay=0.01,
+    adafactor_min_dim=8,  # factor these small matrices as the large ones are
+    schedule='constant',
+    warmup_steps=0,
+  )
+  params = {
+    'bias': jnp.zeros((32,)),
+    'conv': jnp.full((3, 3, 8, 16), 0.1),
+    'kernel': jnp.full((16, 32), 0.1),
+  }
+
+  def fresh(eps=None):
+    c = _config(**{**config.to_dict(), **({} if eps is None else {'eps': eps})})
+    tx = optim.make_optimizer(c, num_steps=100)
+    state = {
+      'step': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key(0),
+      'params': params,
+      'ema_params': jax.tree.map(jnp.copy, params),
+      'opt_state': tx.init(params),
+    }
+    return state, jax.jit(lambda s, g: train_lib.update_state(s, g, tx, c))
+
+  def grads(scale, seed=0, **replace):
+    keys = jax.random.split(jax.random.key(seed), len(params))
+    pairs = zip(params.items(), keys, strict=True)
+    g = {k: scale * jax.random.normal(kk, v.shape) for (k, v), kk in pairs}
+    return {**g, **replace}
+
+  def run(state, step, grads_seq) -> list[bool]:
+    """Whether each step was judged finite; asserts that a finite one left a finite state."""
+    judged = []
+    for i, g in enumerate(grads_seq):
+      state, norm, update_finite = step(state, g)
+      judged.append(bool(jnp.isfinite(norm) & update_finite))
+      if judged[-1]:
+        assert bool(train_lib.all_finite(state)), f'step {i} judged finite, state is not'
+    return judged
+
+  cycle = 2 * accum
+  state, step = fresh()
+  assert all(run(state, step, [grads(1.0, seed=i) for i in range(cycle)]))
+  assert all(run(state, step, [grads(1e15, seed=i) for i in range(cycle)]))  # clipped
+  assert all(run(state, step, [grads(0.0)] * cycle))
+  nan_grads = grads(1.0, bias=jnp.full((32,), jnp.nan))
+  assert run(state, step, [nan_grads]) == [False]
+  poisoned = {**state, 'params': {**params, 'conv': params['conv'].at[0, 0, 0, 0].set(jnp.inf)}}
+  assert run(poisoned, step, [grads(1.0)]) == [False]
+  if optimizer == 'adamw':  # 0 / (sqrt(0) + 0) in the applied update of the zero-gradient bias
+    state, step = fresh(eps=0.0)
+    assert not all(run(state, step, [grads(1.0, bias=jnp.zeros((32,)))] * accum))
