@@ -184,17 +184,46 @@ def initialize_distributed() -> None:
 # ------------------------------------------------------------------- compilation cache
 
 
+# The persistent compilation cache's size: least recently used entries are removed beyond it
+# (JAX_COMPILATION_CACHE_MAX_SIZE, in bytes, overrides; -1 there means no limit).
+COMPILATION_CACHE_MAX_BYTES = 8 * 2**30
+
+
 def define_compilation_cache_flag() -> None:
   flags.DEFINE_string(
     'compilation_cache',
     '~/.cache/imagen_jax/xla',
     "JAX's persistent compilation cache: a second run of the same config skips compiling. "
-    "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins.",
+    "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins. Entries used least recently "
+    f'go beyond {COMPILATION_CACHE_MAX_BYTES / 2**30:.0f} GiB (JAX_COMPILATION_CACHE_MAX_SIZE).',
   )
 
 
+def adopt_unlimited_cache_entries(path: pathlib.Path) -> int:
+  """Give each entry of a compilation cache written without a size limit (this project's
+  default cache before it had one) the access-time file that JAX's LRU eviction reads, set to
+  the entry's modification time; eviction fails on an entry without one, and then no new entry
+  is written. Returns how many entries were adopted."""
+  import os
+
+  adopted = 0
+  for entry in path.glob('*-cache'):
+    atime = entry.with_name(entry.name[: -len('-cache')] + '-atime')
+    if atime.exists():
+      continue
+    try:
+      tmp = atime.with_name(f'.{atime.name}.{os.getpid()}.tmp')
+      tmp.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, 'little'))
+      os.replace(tmp, atime)  # whole or absent for a reader in another process
+      adopted += 1
+    except OSError:  # removed meanwhile (evicted by another process) or not writable
+      continue
+  return adopted
+
+
 def enable_compilation_cache() -> None:
-  """Point JAX's persistent compilation cache at --compilation_cache (unless off / set)."""
+  """Point JAX's persistent compilation cache at --compilation_cache (unless off / set), with
+  a size limit (LRU eviction; JAX then reads and writes entries under a file lock)."""
   import os
 
   import jax
@@ -208,5 +237,9 @@ def enable_compilation_cache() -> None:
   except OSError as e:
     print(f'warning: compilation cache {path} unusable ({e.strerror}); compiling every run.')
     return
+  if not os.environ.get('JAX_COMPILATION_CACHE_MAX_SIZE'):
+    jax.config.update('jax_compilation_cache_max_size', COMPILATION_CACHE_MAX_BYTES)
+  if jax.config.jax_compilation_cache_max_size != -1:
+    adopt_unlimited_cache_entries(path)
   jax.config.update('jax_compilation_cache_dir', str(path))
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

@@ -1,0 +1,92 @@
+"""The product's persistent compilation cache (imagen_jax.cli): size-limited, LRU-evicted, and
+usable on a folder written before it had a limit."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from imagen_jax import cli
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.unit
+
+# What train.py / sample.py do at start (define the flag, parse it, enable the cache), then one
+# small compile, cached whatever its compile time.
+SCRIPT = """
+import sys
+from absl import flags
+from imagen_jax import cli
+cli.define_compilation_cache_flag()
+flags.FLAGS(['prog', f'--compilation_cache={sys.argv[1]}'])
+cli.enable_compilation_cache()
+import jax, jax.numpy as jnp
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+print('max_size', jax.config.jax_compilation_cache_max_size)
+jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.ones(7)))
+"""
+
+
+def _run(cache: pathlib.Path, **env) -> subprocess.CompletedProcess:
+  base = {
+    k: v for k, v in os.environ.items() if not k.startswith(('JAX_COMPILATION', 'JAX_PERSISTENT'))
+  }
+  return subprocess.run(
+    [sys.executable, '-c', SCRIPT, str(cache)],
+    cwd=REPO_ROOT,
+    env={**base, 'JAX_PLATFORMS': 'cpu', **env},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+
+
+def test_a_cache_written_without_a_limit_is_adopted_and_evicted_oldest_first(tmp_path):
+  cache = tmp_path / 'xla'
+  cache.mkdir()
+  # Two entries as an unlimited cache leaves them: no access-time files.
+  old, newer = cache / 'jit_old-0123-cache', cache / 'jit_newer-4567-cache'
+  old.write_bytes(b'\0' * 700_000)
+  newer.write_bytes(b'\0' * 299_500)
+  now = time.time()
+  os.utime(old, (now - 7200, now - 7200))
+  os.utime(newer, (now - 3600, now - 3600))
+
+  # A limit that no new entry (about 2 KB each) fits under without evicting the older one.
+  proc = _run(cache, JAX_COMPILATION_CACHE_MAX_SIZE='1000000')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'max_size 1000000' in proc.stdout
+  assert 'Error' not in proc.stderr, proc.stderr[-3000:]  # JAX warns when a write fails
+  assert not old.exists() and newer.exists()  # least recently used first
+  written = [p for p in cache.glob('*-cache') if p != newer]
+  assert written, 'the new program was not cached'
+  for entry in [newer, *written]:
+    assert entry.with_name(entry.name.replace('-cache', '-atime')).exists()
+
+
+def test_the_default_limit_applies_and_an_env_limit_wins(tmp_path):
+  proc = _run(tmp_path / 'a')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f'max_size {cli.COMPILATION_CACHE_MAX_BYTES}' in proc.stdout
+  assert list((tmp_path / 'a').glob('*-atime'))  # eviction on: access times are kept
+  proc = _run(tmp_path / 'b', JAX_COMPILATION_CACHE_MAX_SIZE='-1')
+  assert proc.returncode == 0 and 'max_size -1' in proc.stdout
+  assert list((tmp_path / 'b').glob('*-cache')) and not list((tmp_path / 'b').glob('*-atime'))
+
+
+def test_adopting_gives_each_entry_its_modification_time(tmp_path):
+  entry = tmp_path / 'jit_f-89ab-cache'
+  entry.write_bytes(b'x')
+  os.utime(entry, ns=(1_000_000_000, 1_234_567_890_123))
+  kept = tmp_path / 'jit_g-cdef-cache'
+  kept.write_bytes(b'y')
+  (tmp_path / 'jit_g-cdef-atime').write_bytes((42).to_bytes(8, 'little'))
+  assert cli.adopt_unlimited_cache_entries(tmp_path) == 1
+  atime = (tmp_path / 'jit_f-89ab-atime').read_bytes()
+  assert int.from_bytes(atime, 'little') == 1_234_567_890_123
+  assert int.from_bytes((tmp_path / 'jit_g-cdef-atime').read_bytes(), 'little') == 42
+  assert cli.adopt_unlimited_cache_entries(tmp_path) == 0
+  assert not list(tmp_path.glob('.*.tmp'))
