@@ -197,7 +197,7 @@ def main(argv=None) -> dict | list[dict]:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
   from imagen_jax import flops as flops_lib
-  from imagen_jax import optim, sharding, train_lib
+  from imagen_jax import optim, sharding, stage, train_lib
   from imagen_jax.models import layers, unet
 
   if args.preset not in unet.PRESETS:
@@ -394,7 +394,12 @@ def main(argv=None) -> dict | list[dict]:
     }
 
     if not args.memory_only:
-      state = init_state()  # params, EMA and optimizer state, made in their shards
+      if bare:  # params and optimizer state only, as the earlier rows (no EMA on the device)
+        init_params = lambda: stage.init_params(stage_config, jax.random.key(0))  # noqa: E731
+        params = jax.jit(init_params, out_shardings=param_sh)()
+        state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_sh)(params)}
+      else:
+        state = init_state()  # params, EMA and optimizer state, made in their shards
       data_key = jax.random.key(1)
       ks = jax.random.split(data_key, 4)
       batch = {
