@@ -194,8 +194,9 @@ def define_compilation_cache_flag() -> None:
     'compilation_cache',
     '~/.cache/imagen_jax/xla',
     "JAX's persistent compilation cache: a second run of the same config skips compiling. "
-    "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins. Entries used least recently "
-    f'go beyond {COMPILATION_CACHE_MAX_BYTES / 2**30:.0f} GiB (JAX_COMPILATION_CACHE_MAX_SIZE).',
+    "'' turns it off; JAX_COMPILATION_CACHE_DIR, when set, wins. Kept under "
+    f'{COMPILATION_CACHE_MAX_BYTES / 2**30:.0f} GiB by removing the least recently used entries '
+    '(JAX_COMPILATION_CACHE_MAX_SIZE, in bytes, overrides).',
   )
 
 
