@@ -244,7 +244,7 @@ def main(argv=None) -> dict | list[dict]:
   bare = args.step == 'bare'
   low = r if bare else low  # the bare step conditions on a full-size low-res image
   batch_shapes = {
-    ('images' if bare else 'image'): jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh),
+    'image': jax.ShapeDtypeStruct((b, r, r, c), f32, sharding=batch_sh),
     # bfloat16, as the data pipeline delivers them (the T5 cache holds bf16).
     'text_embs': jax.ShapeDtypeStruct((b, n_text, config.text_dim), bf16, sharding=batch_sh),
     'text_mask': jax.ShapeDtypeStruct((b, n_text), jnp.bool_, sharding=batch_sh),
@@ -257,13 +257,16 @@ def main(argv=None) -> dict | list[dict]:
     model = nnx.merge(graphdef, params)
     extra = {}
     if config.lowres_cond:
-      extra = dict(lowres=batch['lowres'], aug_level=jnp.full((z.shape[0],), 0.2, f32))
+      lowres = batch['lowres']
+      if lowres.shape[1] != z.shape[1]:  # --step train's smaller input, upsampled as it does
+        lowres = stage.upsample_lowres(lowres, resolution=z.shape[1])
+      extra = dict(lowres=lowres, aug_level=jnp.full((z.shape[0],), 0.2, f32))
     return model(z, logsnr, batch['text_embs'], batch['text_mask'], drop_text=drop_text, **extra)
 
   def train_step(params, opt_state, batch, key):
     """v-prediction MSE at a random log-SNR (cosine schedule), 10% text dropout."""
     k_t, k_eps, k_drop = jax.random.split(key, 3)
-    x = batch['images']
+    x = batch['image']
     t = jax.random.uniform(k_t, (x.shape[0],), minval=0.02, maxval=0.98)
     logsnr = -2.0 * jnp.log(jnp.tan(jnp.pi * t / 2))
     alpha = jnp.sqrt(jax.nn.sigmoid(logsnr))[:, None, None, None]
@@ -403,7 +406,7 @@ def main(argv=None) -> dict | list[dict]:
       data_key = jax.random.key(1)
       ks = jax.random.split(data_key, 4)
       batch = {
-        ('images' if bare else 'image'): jax.random.uniform(ks[0], (b, r, r, c), f32, -1, 1),
+        'image': jax.random.uniform(ks[0], (b, r, r, c), f32, -1, 1),
         'text_embs': jax.random.normal(ks[1], (b, n_text, config.text_dim), bf16),
         'text_mask': jnp.arange(n_text)[None, :] < jnp.arange(b)[:, None] % n_text + 8,
       }
@@ -434,7 +437,7 @@ def main(argv=None) -> dict | list[dict]:
       train_s = statistics.median(times[1:])
       params = state['params']
 
-      cond = {k: v for k, v in batch.items() if k != 'images'}
+      cond = {k: v for k, v in batch.items() if k != 'image'}
       z = jax.device_put(jax.random.normal(ks[3], (b, r, r, c), f32), batch_sh)
       cond_sh = {k: batch_sh for k in cond}
       sample_jit = jax.jit(
