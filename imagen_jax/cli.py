@@ -243,4 +243,9 @@ def enable_compilation_cache() -> None:
   if jax.config.jax_compilation_cache_max_size != -1:
     adopt_unlimited_cache_entries(path)
   jax.config.update('jax_compilation_cache_dir', str(path))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+  if not os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'):
+    # Every program, however fast it compiled (JAX's default skips those under 1 s, a limit
+    # meant for remote caches): a start's dozens of small programs (one checksum program per
+    # array signature of a checkpoint, the schedule's, the RNG's) take about 5 s to compile on a
+    # 2-core CPU and milliseconds to read from this local folder.
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)

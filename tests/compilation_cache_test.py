@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.unit
 
 # What train.py / sample.py do at start (define the flag, parse it, enable the cache), then one
-# small compile, cached whatever its compile time.
+# small compile (cached: the product caches every program, however fast it compiled).
 SCRIPT = """
 import sys
 from absl import flags
@@ -24,8 +24,8 @@ cli.define_compilation_cache_flag()
 flags.FLAGS(['prog', f'--compilation_cache={sys.argv[1]}'])
 cli.enable_compilation_cache()
 import jax, jax.numpy as jnp
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 print('max_size', jax.config.jax_compilation_cache_max_size)
+print('min_compile_time', jax.config.jax_persistent_cache_min_compile_time_secs)
 jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.ones(7)))
 """
 
@@ -75,6 +75,17 @@ def test_the_default_limit_applies_and_an_env_limit_wins(tmp_path):
   proc = _run(tmp_path / 'b', JAX_COMPILATION_CACHE_MAX_SIZE='-1')
   assert proc.returncode == 0 and 'max_size -1' in proc.stdout
   assert list((tmp_path / 'b').glob('*-cache')) and not list((tmp_path / 'b').glob('*-atime'))
+
+
+def test_fast_programs_are_cached_unless_the_env_sets_a_minimum(tmp_path):
+  # The program compiles in milliseconds: JAX's default (1 s minimum) would not write it.
+  proc = _run(tmp_path / 'a')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'min_compile_time 0.0' in proc.stdout
+  assert list((tmp_path / 'a').glob('jit_*-cache'))
+  proc = _run(tmp_path / 'b', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='30')
+  assert proc.returncode == 0 and 'min_compile_time 30.0' in proc.stdout
+  assert not list((tmp_path / 'b').glob('jit_*-cache'))
 
 
 def test_adopting_gives_each_entry_its_modification_time(tmp_path):
