@@ -1,5 +1,6 @@
 """The product's persistent compilation cache (imagen_jax.cli): size-limited, LRU-evicted, and
-usable on a folder written before it had a limit."""
+usable on a folder written before it had a limit; every program cached; on in train.py, sample.py
+and evaluate.py."""
 
 import os
 import pathlib
@@ -101,3 +102,33 @@ def test_adopting_gives_each_entry_its_modification_time(tmp_path):
   assert int.from_bytes((tmp_path / 'jit_g-cdef-atime').read_bytes(), 'little') == 42
   assert cli.adopt_unlimited_cache_entries(tmp_path) == 0
   assert not list(tmp_path.glob('.*.tmp'))
+
+
+CONFIG = REPO_ROOT / 'configs' / 'base64.py'
+
+
+@pytest.mark.parametrize(
+  'entry, args',
+  [
+    ('train.py', [f'--config={CONFIG}:tiny', '--config.train.batch_size=0', '--workdir=RUN']),
+    ('sample.py', ['--prompt=x', '--checkpoints=MISSING', '--out=OUT']),
+    ('evaluate.py', ['--checkpoints=MISSING']),
+  ],
+)
+def test_every_entry_point_takes_the_flag(tmp_path, entry, args):
+  # Each turns the cache on at start (making its folder), then refuses the bad input.
+  base = {
+    k: v for k, v in os.environ.items() if not k.startswith(('JAX_COMPILATION', 'JAX_PERSISTENT'))
+  }
+  cache = tmp_path / 'xla'
+  proc = subprocess.run(
+    [sys.executable, str(REPO_ROOT / entry), *args, f'--compilation_cache={cache}'],
+    cwd=tmp_path,  # RUN, OUT and MISSING are in there
+    env={**base, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO_ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode != 0 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert 'error' in proc.stderr.lower() and 'compilation_cache' not in proc.stderr
+  assert cache.is_dir(), proc.stderr[-3000:]

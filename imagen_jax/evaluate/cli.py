@@ -14,6 +14,8 @@ import sys
 
 from absl import flags
 
+from imagen_jax import cli as common_cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@STEP).')
 flags.DEFINE_integer('num', 500, 'Generated images: a multiple of the 10 classes, >= 20.')
@@ -37,6 +39,7 @@ flags.DEFINE_bool('calibration', True, 'Also score the calibration rows.')
 flags.DEFINE_string('out', None, 'Also write the result to this JSON file.')
 flags.DEFINE_string('grid', None, 'Also save a PNG of samples: a row per class, seen | held-out.')
 flags.DEFINE_bool('overwrite', False, 'Replace existing --out / --grid files.')
+common_cli.define_compilation_cache_flag()
 
 
 def main(argv) -> None:
@@ -48,10 +51,9 @@ def main(argv) -> None:
     sys.exit(2)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
-  from imagen_jax import checkpoints
-  from imagen_jax import cli as common_cli
-
   common_cli.keep_freed_host_buffers()
+  common_cli.enable_compilation_cache()
+  from imagen_jax import checkpoints
   from imagen_jax.evaluate import runner, scoring
 
   checkpoints.quiet_orbax_noise()
