@@ -31,14 +31,19 @@ jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.ones(7)))
 """
 
 
-def _run(cache: pathlib.Path, **env) -> subprocess.CompletedProcess:
+def _env(**extra) -> dict[str, str]:
+  """This environment without the test suite's cache settings (conftest.cli_env), CPU."""
   base = {
     k: v for k, v in os.environ.items() if not k.startswith(('JAX_COMPILATION', 'JAX_PERSISTENT'))
   }
+  return {**base, 'JAX_PLATFORMS': 'cpu', **extra}
+
+
+def _run(cache: pathlib.Path, **env) -> subprocess.CompletedProcess:
   return subprocess.run(
     [sys.executable, '-c', SCRIPT, str(cache)],
     cwd=REPO_ROOT,
-    env={**base, 'JAX_PLATFORMS': 'cpu', **env},
+    env=_env(**env),
     capture_output=True,
     text=True,
     timeout=300,
@@ -117,14 +122,11 @@ CONFIG = REPO_ROOT / 'configs' / 'base64.py'
 )
 def test_every_entry_point_takes_the_flag(tmp_path, entry, args):
   # Each turns the cache on at start (making its folder), then refuses the bad input.
-  base = {
-    k: v for k, v in os.environ.items() if not k.startswith(('JAX_COMPILATION', 'JAX_PERSISTENT'))
-  }
   cache = tmp_path / 'xla'
   proc = subprocess.run(
     [sys.executable, str(REPO_ROOT / entry), *args, f'--compilation_cache={cache}'],
     cwd=tmp_path,  # RUN, OUT and MISSING are in there
-    env={**base, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': str(REPO_ROOT)},
+    env=_env(PYTHONPATH=str(REPO_ROOT)),
     capture_output=True,
     text=True,
     timeout=300,
