@@ -104,6 +104,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     "GPU, 'none' elsewhere",
   )
   p.add_argument(
+    '--state_layout',
+    default='default',
+    help="how params, EMA and optimizer state are laid out in device memory, one of "
+    "imagen_jax.sharding.STATE_LAYOUTS: 'default' (row-major) or 'conv_ohwi' (conv kernels "
+    "stored [O, kh, kw, I], as cuDNN takes them and returns their gradients)",
+  )
+  p.add_argument(
+    '--sample_steps',
+    type=int,
+    default=-1,
+    help='timed guided sampling steps (-1 = as --steps; 0 = no sampling: sample_step_s null)',
+  )
+  p.add_argument(
     '--trace_dir',
     default='',
     help="with --profile_steps: keep the profiler trace in this directory ('' = a temporary "
@@ -143,6 +156,8 @@ def sweep(args) -> list[dict]:
     f'--profile_steps={args.profile_steps}',
     f'--trace_dir={args.trace_dir}',
     f'--grad_layout={args.grad_layout}',
+    f'--state_layout={args.state_layout}',
+    f'--sample_steps={args.sample_steps}',
   ] + (['--memory_only'] if args.memory_only else [])
   results = []
   for remat in args.remats:
@@ -206,6 +221,11 @@ def main(argv=None) -> dict | list[dict]:
     raise SystemExit(
       f'Unknown --grad_layout {args.grad_layout!r}; choose from {list(optim.GRADIENT_LAYOUTS)}.'
     )
+  if args.state_layout not in sharding.STATE_LAYOUTS:
+    raise SystemExit(
+      f'Unknown --state_layout {args.state_layout!r}; '
+      f'choose from {list(sharding.STATE_LAYOUTS)}.'
+    )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
   if args.batch % mesh.size:
@@ -236,6 +256,8 @@ def main(argv=None) -> dict | list[dict]:
   )
   abstract_params = abstract_state['params']
   num_params = unet.count_params(abstract_params)
+  # --state_layout: the state's shardings, as Formats where a leaf gets a non-default layout
+  state_sh = sharding.state_formats(state_sh, abstract_state, args.state_layout)
   param_sh, opt_sh = state_sh['params'], state_sh['opt_state']
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
@@ -369,6 +391,7 @@ def main(argv=None) -> dict | list[dict]:
       'optimizer': args.optimizer,
       'step': args.step,
       'grad_layout': optim.gradient_layout(args.grad_layout),
+      'state_layout': args.state_layout,
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
       'jax': jax.__version__,
@@ -403,6 +426,7 @@ def main(argv=None) -> dict | list[dict]:
         state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_sh)(params)}
       else:
         state = init_state()  # params, EMA and optimizer state, made in their shards
+      state = jax.device_put(state, {k: state_sh[k] for k in state})  # --state_layout
       data_key = jax.random.key(1)
       ks = jax.random.split(data_key, 4)
       batch = {
@@ -443,11 +467,13 @@ def main(argv=None) -> dict | list[dict]:
       sample_jit = jax.jit(
         sample_step, in_shardings=(param_sh, batch_sh, cond_sh, None), out_shardings=batch_sh
       )
-      t0 = time.perf_counter()
-      jax.block_until_ready(sample_jit(params, z, cond, 5.0))
-      result['sample_compile_s'] = round(time.perf_counter() - t0, 2)
+      sample_steps = max(args.steps, 1) if args.sample_steps < 0 else args.sample_steps
       stimes = []
-      for _ in range(max(args.steps, 1)):
+      if sample_steps:
+        t0 = time.perf_counter()
+        jax.block_until_ready(sample_jit(params, z, cond, 5.0))
+        result['sample_compile_s'] = round(time.perf_counter() - t0, 2)
+      for _ in range(sample_steps):
         t0 = time.perf_counter()
         jax.block_until_ready(sample_jit(params, z, cond, 5.0))
         stimes.append(time.perf_counter() - t0)
@@ -473,7 +499,7 @@ def main(argv=None) -> dict | list[dict]:
             result['profile'] = {'error': f'{type(e).__name__}: {e}'}
 
       result['train_step_s'] = round(train_s, 4)
-      result['sample_step_s'] = round(statistics.median(stimes), 4)
+      result['sample_step_s'] = round(statistics.median(stimes), 4) if stimes else None
       result['images_per_s'] = round(b / train_s, 3)
       result['final_loss'] = float(loss)
       # --step train: every timed step kept its update (the guard let none through as NaN/Inf).

@@ -164,6 +164,34 @@ def state_shardings(
   return jax.tree.map(leaf_sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+STATE_LAYOUTS = ('default', 'conv_ohwi')
+
+
+def state_formats(shardings: Any, abstract: Any, how: str = 'default') -> Any:
+  """`shardings` with, for how='conv_ohwi', every 4-D leaf stored [O, kh, kw, I] in memory.
+
+  A convolution kernel is the logical array [kh, kw, I, O]; its EMA copy and optimizer moments
+  have the same shape. cuDNN takes NHWC convolutions' filters, and returns their gradients,
+  laid out [O, kh, kw, I], so with the default row-major storage XLA transposes every kernel
+  for the forward pass and transposes parameter and moments around the optimizer update
+  (`optim.settle_gradients`). 'conv_ohwi' gives those leaves that layout as a
+  `jax.experimental.layout.Format` (the logical shapes, the values and the shardings are
+  unchanged), for jit's in/out shardings and `jax.device_put`. 'default' returns `shardings`.
+  """
+  if how not in STATE_LAYOUTS:
+    raise ValueError(f'state layout {how!r}: choose one of {", ".join(STATE_LAYOUTS)}.')
+  if how == 'default':
+    return shardings
+  from jax.experimental.layout import Format, Layout
+
+  ohwi = Layout(major_to_minor=(3, 0, 1, 2))
+
+  def one(sh, leaf):
+    return Format(ohwi, sh) if len(getattr(leaf, 'shape', ())) == 4 else sh
+
+  return jax.tree.map(one, shardings, abstract)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over ('data', 'fsdp'); the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(MESH_AXES))
