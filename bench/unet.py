@@ -106,9 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument(
     '--state_layout',
     default='default',
-    help="how params, EMA and optimizer state are laid out in device memory, one of "
+    help='how params, EMA and optimizer state are laid out in device memory, one of '
     "imagen_jax.sharding.STATE_LAYOUTS: 'default' (row-major) or 'conv_ohwi' (conv kernels "
-    "stored [O, kh, kw, I], as cuDNN takes them and returns their gradients)",
+    'stored [O, kh, kw, I], as cuDNN takes them and returns their gradients)',
   )
   p.add_argument(
     '--sample_steps',
@@ -223,8 +223,7 @@ def main(argv=None) -> dict | list[dict]:
     )
   if args.state_layout not in sharding.STATE_LAYOUTS:
     raise SystemExit(
-      f'Unknown --state_layout {args.state_layout!r}; '
-      f'choose from {list(sharding.STATE_LAYOUTS)}.'
+      f'Unknown --state_layout {args.state_layout!r}; choose from {list(sharding.STATE_LAYOUTS)}.'
     )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
   mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
