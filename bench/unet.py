@@ -105,10 +105,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   )
   p.add_argument(
     '--state_layout',
-    default='default',
-    help='how params, EMA and optimizer state are laid out in device memory, one of '
-    "imagen_jax.sharding.STATE_LAYOUTS: 'default' (row-major) or 'conv_ohwi' (conv kernels "
-    'stored [O, kh, kw, I], as cuDNN takes them and returns their gradients)',
+    default='auto',
+    help='how params, EMA and optimizer state are laid out in device memory (train.state_layout), '
+    "one of imagen_jax.sharding.STATE_LAYOUTS: 'default' (row-major), 'conv_ohwi' (conv kernels "
+    "stored [O, kh, kw, I], as cuDNN takes them and returns their gradients) or 'auto', what "
+    "training uses: 'conv_ohwi' on GPU, 'default' elsewhere",
   )
   p.add_argument(
     '--sample_steps',
@@ -248,6 +249,7 @@ def main(argv=None) -> dict | list[dict]:
   stage_config.model = common.model_config(args.preset, dtype=args.dtype, remat=args.remat)
   stage_config.optim = optim_config
   stage_config.train.num_steps = 1000
+  stage_config.train.state_layout = args.state_layout
   train_lib.check_settings(stage_config)
 
   graphdef, abstract_state, state_sh, init_state = train_lib.abstract_train_state(
@@ -255,8 +257,6 @@ def main(argv=None) -> dict | list[dict]:
   )
   abstract_params = abstract_state['params']
   num_params = unet.count_params(abstract_params)
-  # --state_layout: the state's shardings, as Formats where a leaf gets a non-default layout
-  state_sh = sharding.state_formats(state_sh, abstract_state, args.state_layout)
   param_sh, opt_sh = state_sh['params'], state_sh['opt_state']
   batch_sh = sharding.batch_sharding(mesh)
   repl = sharding.replicated(mesh)
@@ -390,7 +390,7 @@ def main(argv=None) -> dict | list[dict]:
       'optimizer': args.optimizer,
       'step': args.step,
       'grad_layout': optim.gradient_layout(args.grad_layout),
-      'state_layout': args.state_layout,
+      'state_layout': sharding.state_layout(args.state_layout),
       'mesh': dict(mesh.shape),
       'backend': jax.default_backend(),
       'jax': jax.__version__,
@@ -421,11 +421,12 @@ def main(argv=None) -> dict | list[dict]:
     if not args.memory_only:
       if bare:  # params and optimizer state only, as the earlier rows (no EMA on the device)
         init_params = lambda: stage.init_params(stage_config, jax.random.key(0))  # noqa: E731
-        params = jax.jit(init_params, out_shardings=param_sh)()
-        state = {'params': params, 'opt_state': jax.jit(tx.init, out_shardings=opt_sh)(params)}
+        params = jax.jit(init_params, out_shardings=sharding.plain_shardings(param_sh))()
+        opt_state = jax.jit(tx.init, out_shardings=sharding.plain_shardings(opt_sh))(params)
+        state = {'params': params, 'opt_state': opt_state}
+        state = sharding.relayout(state, {'params': param_sh, 'opt_state': opt_sh})
       else:
         state = init_state()  # params, EMA and optimizer state, made in their shards
-      state = jax.device_put(state, {k: state_sh[k] for k in state})  # --state_layout
       data_key = jax.random.key(1)
       ks = jax.random.split(data_key, 4)
       batch = {

@@ -128,6 +128,10 @@ def get_common(
   c.train.eval_every = 0
   c.train.eval_num = 40
   c.train.eval_judge_dir = 'cache/judge'  # judge cache; relative: relative to the workdir
+  # Device memory layout of params, EMA and optimizer state (imagen_jax.sharding.STATE_LAYOUTS):
+  # 'auto' = 'conv_ohwi' on GPU (conv kernels stored [O, kh, kw, I], as cuDNN takes them: no
+  # transposes around the optimizer), 'default' (row-major) elsewhere. Values are the same.
+  c.train.state_layout = 'auto'
   c.train.wandb = False
   c.train.wandb_project = 'imagen-jax'
   c.train.wandb_mode = 'online'  # 'online' | 'offline'

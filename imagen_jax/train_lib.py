@@ -48,14 +48,24 @@ class TrainingError(RuntimeError):
 # ------------------------------------------------------------------------------ state
 
 
-def make_state_shardings(abstract_state: TrainState, mesh) -> TrainState:
-  """NamedShardings for a (possibly abstract) train state, by the logical axis rules."""
+def make_state_shardings(
+  abstract_state: TrainState, mesh, state_layout: str = 'default'
+) -> TrainState:
+  """NamedShardings for a (possibly abstract) train state, by the logical axis rules.
+
+  state_layout (`sharding.STATE_LAYOUTS`): 'conv_ohwi' (or 'auto' on GPU) makes the 4-D
+  leaves of params, EMA and optimizer state Formats with cuDNN's kernel layout
+  (`sharding.state_formats`).
+  """
   return {
     'step': sharding.replicated(mesh),
     'rng': sharding.replicated(mesh),
-    'params': sharding.state_shardings(abstract_state['params'], mesh),
-    'ema_params': sharding.state_shardings(abstract_state['ema_params'], mesh),
-    'opt_state': sharding.state_shardings(abstract_state['opt_state'], mesh),
+    **{
+      k: sharding.state_formats(
+        sharding.state_shardings(abstract_state[k], mesh), abstract_state[k], state_layout
+      )
+      for k in ('params', 'ema_params', 'opt_state')
+    },
   }
 
 
@@ -66,6 +76,8 @@ def abstract_train_state(
 
   init() creates the params directly in their shards (jit with out_shardings); a resumed run
   never calls it and restores into the abstract state instead, so only one state is ever live.
+  The shardings follow config.train.state_layout (`make_state_shardings`); init() returns the
+  state in those layouts (`sharding.relayout`, a leaf at a time).
   """
   graphdef, _ = stage.abstract_model(config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -81,8 +93,12 @@ def abstract_train_state(
     }
 
   abstract = jax.eval_shape(init_fn, init_rng)
-  shardings = make_state_shardings(abstract, mesh)
-  init = lambda: jax.jit(init_fn, out_shardings=shardings)(init_rng)
+  shardings = make_state_shardings(abstract, mesh, config.train.get('state_layout', 'auto'))
+  plain = sharding.plain_shardings(shardings)
+
+  def init():
+    return sharding.relayout(jax.jit(init_fn, out_shardings=plain)(init_rng), shardings)
+
   return graphdef, abstract, shardings, init
 
 
@@ -496,6 +512,12 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= skip <= 1.0:
     raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
+  layout = config.train.get('state_layout', 'auto')
+  if layout not in sharding.STATE_LAYOUTS:
+    raise ValueError(
+      f'train.state_layout={layout!r}: use one of {", ".join(sharding.STATE_LAYOUTS)} '
+      "('auto': conv kernels stored as cuDNN takes them on GPU, row-major elsewhere)."
+    )
   decay = float(config.optim.ema_decay)
   if not 0.0 <= decay <= 1.0:  # also refuses NaN
     raise ValueError(f'optim.ema_decay={decay}: use a value in [0, 1] (e.g. 0.9999).')
@@ -598,7 +620,7 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
       # a SIGTERM): continue from them instead of throwing their progress away.
       log.info('Already resumed from step %d earlier; continuing from step %d.', requested, newest)
       requested = None
-    target = abstract_with_shardings(abstract, state_sh)
+    target = abstract_with_shardings(abstract, sharding.plain_shardings(state_sh))
 
     def restore_one(step):
       saved = checkpoints.restore_config(reader, step)
@@ -610,6 +632,7 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
     step, ((state, data_state), changed), failures = checkpoints.restore_with_fallback(
       reader, step=requested, restore_fn=restore_one
     )
+    state = sharding.relayout(state, state_sh)  # the train step's layouts (state_layout)
   except checkpoints.CheckpointError as e:
     raise TrainingError(str(e)) from e
   finally:

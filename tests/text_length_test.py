@@ -309,6 +309,7 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('data.num_workers', -1, 'data.num_workers=-1: use a whole number >= 0'),
     ('data.max_skip_fraction', 2.0, r'data.max_skip_fraction=2.0: use a fraction in \[0, 1\]'),
     ('data.crop_size', 100, r'data.crop_size must be in \[0, resolution=16\]'),
+    ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
   ],
 )
 def test_settings_that_cannot_train_are_named(field, value, message):

@@ -178,6 +178,25 @@ def test_four_devices_match_one_device(shared, uninterrupted):
   )
 
 
+def test_conv_kernel_layout_trains_and_resumes_like_row_major(shared, uninterrupted):
+  """train.state_layout=conv_ohwi (what 'auto' is on GPU) on CPU: the step runs on kernels,
+  EMA and moments stored [O, kh, kw, I]; checkpoints hold logical values, so a run switches
+  layouts at a resume in either direction, and the losses are the row-major run's."""
+  workdir = shared['root'] / 'ohwi'
+  ohwi = '--config.train.state_layout=conv_ohwi'
+  run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR, ohwi)
+  run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)  # row-major from step 2
+  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, ohwi)
+  got, reference = losses(workdir), losses(uninterrupted)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  # The same f32 math with kernels read in another order: equal to every bit on this CPU;
+  # rtol 1e-4 leaves room for another CPU's convolution order, while a kernel restored or
+  # relaid transposed would change the losses at O(0.1).
+  np.testing.assert_allclose(
+    [got[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-4
+  )
+
+
 def test_resume_with_different_model_is_refused(shared, uninterrupted):
   workdir = shared['root'] / 'mismatch'
   run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR)
