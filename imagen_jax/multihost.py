@@ -32,12 +32,12 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
 
 def compiled_together(jitted: Callable, name: str) -> Callable:
   """`jitted` (a jax.jit function) compiled for each new signature of its arguments (tree
-  structure, shapes, dtypes, shardings), then barrier `name`, so that every process starts its
-  collectives together (gloo's 30 s limit, see `barrier`); a call with a signature seen before
-  reuses that compiled program. Every process makes the same calls, so all compile (and pass the
-  barrier) at the same calls. Each call returns finished results: two calls with no data between
-  them could otherwise run at once, and their collectives pair up wrongly across processes (seen:
-  both processes hung in per-leaf checkpoint checksums)."""
+  structure, shapes, dtypes, shardings, memory layouts), then barrier `name`, so that every
+  process starts its collectives together (gloo's 30 s limit, see `barrier`); a call with a
+  signature seen before reuses that compiled program. Every process makes the same calls, so
+  all compile (and pass the barrier) at the same calls. Each call returns finished results: two
+  calls with no data between them could otherwise run at once, and their collectives pair up
+  wrongly across processes (seen: both processes hung in per-leaf checkpoint checksums)."""
   compiled: dict[Any, Any] = {}
 
   def run(*args):
@@ -53,7 +53,11 @@ def compiled_together(jitted: Callable, name: str) -> Callable:
 
 def _signature(x: Any) -> tuple:
   if isinstance(x, jax.Array):
-    return (x.shape, x.dtype, x.sharding)
+    # The memory layout too: a program compiled for one (train.state_layout's conv kernels,
+    # or a just-restored row-major leaf of the same shape) refuses arrays in another.
+    fmt = getattr(x, 'format', None)  # typed PRNG key arrays have none
+    layout = None if fmt is None or fmt.layout is None else fmt.layout.major_to_minor
+    return (x.shape, x.dtype, x.sharding, layout)
   x = np.asarray(x)
   return (x.shape, x.dtype)
 

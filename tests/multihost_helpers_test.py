@@ -33,3 +33,13 @@ def test_compiled_together_compiles_and_waits_once_per_argument_signature(monkey
   assert len(lowered) == 5 and barriers == ['test:compiled'] * 5  # shape, dtype, tree each new
   run({'a': jnp.arange(5.0) - 1})
   assert len(lowered) == 5
+
+  # A kernel in another memory layout (train.state_layout='conv_ohwi', next to a restored
+  # row-major one of the same shape): a program of its own, not one that refuses it.
+  from jax.experimental.layout import Format, Layout
+
+  k = jnp.arange(24.0).reshape(1, 2, 3, 4)
+  ohwi = jax.device_put(k + 0, Format(Layout(major_to_minor=(3, 0, 1, 2)), k.sharding))
+  np.testing.assert_array_equal(run({'a': k})['a'], 2 * k)
+  np.testing.assert_array_equal(run({'a': ohwi})['a'], 2 * k)
+  assert len(lowered) == 7
