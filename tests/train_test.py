@@ -181,10 +181,20 @@ def test_four_devices_match_one_device(shared, uninterrupted):
 def test_conv_kernel_layout_trains_and_resumes_like_row_major(shared, uninterrupted):
   """train.state_layout=conv_ohwi (what 'auto' is on GPU) on CPU: the step runs on kernels,
   EMA and moments stored [O, kh, kw, I]; checkpoints hold logical values, so a run switches
-  layouts at a resume in either direction, and the losses are the row-major run's."""
+  layouts at a resume in either direction, and the losses are the row-major run's. The first
+  run also draws a sample grid from the EMA in that layout."""
   workdir = shared['root'] / 'ohwi'
   ohwi = '--config.train.state_layout=conv_ohwi'
-  run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR, ohwi)
+  # A sample grid too: its program is compiled for the EMA in that layout (compiled_together).
+  run(
+    shared,
+    workdir,
+    '--config.train.num_steps=2',
+    '--config.train.sample_every=2',
+    *CONSTANT_LR,
+    ohwi,
+  )
+  assert list((workdir / 'samples').iterdir()), 'no sample grid'
   run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)  # row-major from step 2
   run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, ohwi)
   got, reference = losses(workdir), losses(uninterrupted)
