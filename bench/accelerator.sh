@@ -17,9 +17,10 @@
 # NaN/Inf check); point 10 is point 4 with --step=bare, the step of the earlier H100/H200
 # rows, so POINTS="4 10" shows what the EMA and the check cost. Points 11-13 store the conv
 # kernels, their EMA and moments [O, kh, kw, I] (bench/unet.py --state_layout=conv_ohwi): 11 is
-# point 10 so, 12 point 4 so, 13 point 11 without the gradient barrier. SAMPLE_STEPS (default:
-# as --steps; 0 = none) sets the timed guided sampling steps of every point. POINTS (a space-separated
-# list of point numbers) runs those points in that order instead; TRACE_POINTS (same form)
+# point 10 so, 12 point 4 so, 13 point 11 without the gradient barrier. SAMPLE_STEPS
+# (default: as --steps; 0 = none) sets the timed guided sampling steps of every point. POINTS
+# (a space-separated list of point numbers) runs those points in that order instead;
+# TRACE_POINTS (same form)
 # keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
 # OUT_DIR/hlo_<n>.txt.gz.
 set -u
