@@ -15,12 +15,13 @@
 # fixing the gradients' layout before the optimizer (optim.settle_gradients), to compare with
 # one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py --step train: EMA,
 # NaN/Inf check); point 10 is point 4 with --step=bare, the step of the earlier H100/H200
-# rows, so POINTS="4 10" shows what the EMA and the check cost. Points 11-13 store the conv
-# kernels, their EMA and moments [O, kh, kw, I] (bench/unet.py --state_layout=conv_ohwi): 11 is
-# point 10 so, 12 point 4 so, 13 point 11 without the gradient barrier. SAMPLE_STEPS
-# (default: as --steps; 0 = none) sets the timed guided sampling steps of every point. POINTS
-# (a space-separated list of point numbers) runs those points in that order instead;
-# TRACE_POINTS (same form)
+# rows, so POINTS="4 10" shows what the EMA and the check cost. Every point stores the state
+# as training does (bench/unet.py --state_layout=auto: on GPU the conv kernels, their EMA and
+# moments [O, kh, kw, I], as cuDNN takes them); points 11 and 12 are points 10 and 4 with the
+# row-major state of the rows before 2026-11-27 (--state_layout=default), point 13 is point 10
+# without the gradient barrier. SAMPLE_STEPS (default: as --steps; 0 = none) sets the timed
+# guided sampling steps of every point. POINTS (a space-separated list of point numbers) runs
+# those points in that order instead; TRACE_POINTS (same form)
 # keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
 # OUT_DIR/hlo_<n>.txt.gz.
 set -u
@@ -45,9 +46,9 @@ points=(
   "420 --preset=base64 --batch=16 --remat=none --grad_layout=row_major"
   "420 --preset=base64 --batch=16 --remat=none --grad_layout=none"
   "420 --preset=base64 --batch=16 --remat=none --step=bare"
-  "420 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=conv_ohwi"
-  "420 --preset=base64 --batch=16 --remat=none --state_layout=conv_ohwi"
-  "420 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=conv_ohwi --grad_layout=none"
+  "420 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=default"
+  "420 --preset=base64 --batch=16 --remat=none --state_layout=default"
+  "420 --preset=base64 --batch=16 --remat=none --step=bare --grad_layout=none"
 )
 order=${POINTS:-$(seq "$first" $((${#points[@]} - 1)))}
 for i in $order; do
