@@ -99,11 +99,20 @@ def test_two_processes_match_one_and_checkpoints_move_both_ways(shared, referenc
   got = losses(two)
   np.testing.assert_allclose([got[5], got[6]], [ref[5], ref[6]], rtol=RTOL)
 
-  # 1 process -> 2 processes, from the reference's step 4.
+  # 1 process -> 2 processes, from the reference's step 4, with the conv kernels stored as on
+  # GPU (train.state_layout): each process verifies the restored row-major arrays' checksums,
+  # relays them and saves step 6 from the other layout (multihost.compiled_together keys on it).
   back = shared['root'] / 'back_to_two'
   shutil.copytree(reference, back)
   shutil.rmtree(back / 'checkpoints' / '6')
-  run_two(shared, back, '--config.train.num_steps=6', *CONSTANT_LR)
+  run_two(
+    shared,
+    back,
+    '--config.train.num_steps=6',
+    '--config.train.state_layout=conv_ohwi',
+    *CONSTANT_LR,
+  )
+  assert finished_steps(back)[-1] == 6
   got = losses(back)
   np.testing.assert_allclose([got[5], got[6]], [ref[5], ref[6]], rtol=RTOL)
 
