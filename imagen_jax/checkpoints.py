@@ -191,10 +191,21 @@ def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   With several processes, arrays that span them make each a collective: every process compiles
   a new signature first and then passes a barrier, so that they start it together (gloo on CPU
   gives up on a collective whose peers arrive more than 30 s apart, which a skew in compile times
-  exceeds, and the peer that arrives late then waits in it forever), one leaf at a time."""
+  exceeds, and the peer that arrives late then waits in it forever), one leaf at a time.
+  In one process a leaf split over several devices (FSDP) is one too, finished before the
+  next starts: XLA:CPU ran such programs, dispatched back to back, in different orders on
+  different devices, and the all-reduce rendezvous then timed out and aborted the process (a
+  2-device fsdp=2 run, at its first save, in 5 of 6 tries)."""
   fingerprint = _fingerprint_together if jax.process_count() > 1 else _fingerprint
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  results = jax.device_get([fingerprint(x) for _, x in flat])
+
+  def one(x):
+    result = fingerprint(x)
+    if isinstance(x, jax.Array) and not x.sharding.is_fully_replicated:
+      jax.block_until_ready(result)  # its collectives done before the next program's start
+    return result
+
+  results = jax.device_get([one(x) for _, x in flat])
   sums = {
     jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)]
     for (path, _), (s, _) in zip(flat, results, strict=True)
