@@ -111,6 +111,10 @@ class CheckpointError(ValueError):
   """A checkpoint folder that cannot be used; the message says what was found."""
 
 
+class NonFiniteStateError(CheckpointError):
+  """`save` was given a state holding NaN/Inf; nothing was written."""
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
   return pathlib.Path(workdir).absolute() / 'checkpoints'
 
@@ -248,13 +252,13 @@ def save(
 ) -> bool:
   """Start an (async) save of step, with checksums; returns whether a save was started.
 
-  Raises CheckpointError, writing nothing, if any array of the state is NaN/Inf.
+  Raises NonFiniteStateError, writing nothing, if any array of the state is NaN/Inf.
   """
   if not (force or manager.should_save(step)):
     return False
   arrays, finite = array_checksums(state)
   if not finite:
-    raise CheckpointError(
+    raise NonFiniteStateError(
       f'Refusing to save step {step}: the train state holds NaN/Inf values (nothing written).'
     )
   config_json = json.loads(config.to_json_best_effort())

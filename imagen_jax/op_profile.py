@@ -9,10 +9,9 @@ Each op event of the trace (an XLA:CPU thunk, or a GPU kernel through its `hlo_o
 matched to its instruction in the compiled HLO, which gives its kind: 'attention' (a fused
 attention kernel), 'conv', 'dot', 'reduce', 'collective', 'copy' (layout moves: copy,
 transpose, pad, slice, concatenate...), 'elementwise' (everything else) and its phase from
-the op's name stack: 'guard' (under `jax.named_scope('guard')`: the train step's NaN/Inf
-check of the new state), 'optimizer' (under `jax.named_scope('optimizer')`), 'backward'
+the op's name stack: 'optimizer' (under `jax.named_scope('optimizer')`), 'backward'
 (under a `transpose(...)` of autodiff), 'forward', or 'unknown' (no metadata); a fusion
-takes the latest phase among its instructions (in that order, guard latest). Events that
+takes the latest phase among its instructions (in that order, optimizer latest). Events that
 match no instruction are summed as 'unmapped' and their heaviest names listed, never
 dropped or guessed. Control-flow instructions (while, conditional, call) are skipped:
 their bodies' ops are counted themselves.
@@ -33,7 +32,7 @@ import pathlib
 import re
 
 KINDS = ('attention', 'conv', 'dot', 'reduce', 'collective', 'copy', 'elementwise')
-PHASES = ('forward', 'backward', 'optimizer', 'guard', 'unknown')
+PHASES = ('forward', 'backward', 'optimizer', 'unknown')
 
 _COLLECTIVES = {
   'all-reduce',
@@ -95,7 +94,7 @@ def _kind_of_ops(ops: set[str], targets: set[str]) -> str:
   return 'elementwise'
 
 
-_PHASE_ORDER = ('unknown', 'forward', 'backward', 'optimizer', 'guard')  # later wins in a fusion
+_PHASE_ORDER = ('unknown', 'forward', 'backward', 'optimizer')  # later wins in a fusion
 
 
 def _phase(line: str) -> str:
@@ -103,9 +102,8 @@ def _phase(line: str) -> str:
   if not match:
     return 'unknown'
   name = match.group(1)
-  for scope in ('guard', 'optimizer'):
-    if re.search(rf'(^|/){scope}(/|$)', name):
-      return scope
+  if re.search(r'(^|/)optimizer(/|$)', name):
+    return 'optimizer'
   return 'backward' if 'transpose(' in name else 'forward'
 
 

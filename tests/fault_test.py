@@ -118,25 +118,33 @@ def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
   assert sorted(p.name for p in (workdir / 'checkpoints_set_aside').iterdir()) == ['4']
 
 
-def test_nan_from_the_update_stops_the_run_and_is_never_saved(shared):
+@pytest.mark.parametrize(
+  ('user', 'every'),
+  [
+    ('grid', ('--config.train.checkpoint_every=2', '--config.train.sample_every=1')),
+    ('save', ('--config.train.checkpoint_every=1', '--config.train.sample_every=0')),
+  ],
+)
+def test_nan_from_the_update_stops_the_run_and_is_never_saved(shared, user, every):
   # Adam with eps=0 divides 0 by 0 for parameters whose gradient is exactly zero: the loss and
-  # gradient norm are finite, the updated parameters are not. The step's state is checked
-  # before it is sampled (a grid every step) or saved (every second step), not only when its
-  # metrics are logged (every fourth step here).
-  workdir = shared['root'] / 'nan_update'
+  # gradient norm are finite, the updated parameters are not. The train step checks only its
+  # loss and gradient norm; the state is checked before it is sampled (`_Loop.check_state`, a
+  # grid every step) or saved (`checkpoints.save`, every step), not only when its metrics are
+  # logged (every fourth step here).
+  workdir = shared['root'] / f'nan_update_{user}'
   proc = run(
     shared,
     workdir,
     '--config.train.num_steps=4',
     '--config.optim.eps=0',
-    '--config.train.checkpoint_every=2',
-    '--config.train.sample_every=1',
+    *every,
     '--config.train.log_every=4',
     *CONSTANT_LR,
     check=False,
   )
   assert proc.returncode == 1, proc.stderr[-2000:]
-  assert 'Non-finite update' in proc.stderr and 'at step 1' in proc.stderr
+  assert 'Non-finite state (NaN/Inf in the parameters' in proc.stderr, proc.stderr[-2000:]
+  assert 'at step 1;' in proc.stderr and 'optim.eps' in proc.stderr
   ckpt = workdir / 'checkpoints'
   assert not ckpt.exists() or finished_steps(workdir) == []
   assert not list(workdir.glob('samples/*.png'))
