@@ -179,31 +179,43 @@ def test_four_devices_match_one_device(shared, uninterrupted):
 
 
 def test_conv_kernel_layout_trains_and_resumes_like_row_major(shared, uninterrupted):
-  """train.state_layout=conv_ohwi (what 'auto' is on GPU) on CPU: the step runs on kernels,
-  EMA and moments stored [O, kh, kw, I]; checkpoints hold logical values, so a run switches
-  layouts at a resume in either direction, and the losses are the row-major run's. The first
-  run also draws a sample grid from the EMA in that layout."""
-  workdir = shared['root'] / 'ohwi'
-  ohwi = '--config.train.state_layout=conv_ohwi'
-  # A sample grid too: its program is compiled for the EMA in that layout (compiled_together).
-  run(
-    shared,
-    workdir,
-    '--config.train.num_steps=2',
-    '--config.train.sample_every=2',
-    *CONSTANT_LR,
-    ohwi,
+  """train.state_layout=conv_ohwi (what 'auto' is on GPU) on CPU, through bench/layout_resume.py
+  (the check a GPU session runs with 'auto'): the step runs on kernels, EMA and moments stored
+  [O, kh, kw, I]; checkpoints hold logical values, so a run switches layouts at a resume in
+  either direction, and the losses are the row-major run's. Its first part also draws a sample
+  grid from the EMA in that layout."""
+  proc = subprocess.run(
+    [
+      sys.executable,
+      'bench/layout_resume.py',
+      '--layout=conv_ohwi',
+      f'--workdir={shared["root"] / "layout_resume"}',
+      '--tolerance=1e-4',
+      '--',
+      f'--config.text.cache_dir={shared["text_cache"]}',
+      f'--config.data.render_cache_dir={shared["render_cache"]}',
+    ],
+    cwd=REPO_ROOT,
+    env=env_for(shared),
+    capture_output=True,
+    text=True,
+    timeout=1800,
   )
-  assert list((workdir / 'samples').iterdir()), 'no sample grid'
-  run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)  # row-major from step 2
-  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, ohwi)
-  got, reference = losses(workdir), losses(uninterrupted)
-  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
+  assert len(lines) == 1, proc.stdout
+  result = json.loads(lines[0])
+  assert result['layouts'] == ['conv_ohwi', 'default', 'conv_ohwi'] and result['steps'] == 6
+  assert result['ok'] and result['grid_written'] and not result['missing_steps']
+  reference = losses(uninterrupted)
   # The same f32 math with kernels read in another order: equal to every bit on this CPU;
   # rtol 1e-4 leaves room for another CPU's convolution order, while a kernel restored or
   # relaid transposed would change the losses at O(0.1).
   np.testing.assert_allclose(
-    [got[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-4
+    result['losses_switched'], [reference[s] for s in range(1, 7)], rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    result['losses_straight'], [reference[s] for s in range(1, 7)], rtol=1e-4
   )
 
 
