@@ -10,8 +10,11 @@ matched to its instruction in the compiled HLO, which gives its kind: 'attention
 attention kernel), 'conv', 'dot', 'reduce', 'collective', 'copy' (layout moves: copy,
 transpose, pad, slice, concatenate...), 'elementwise' (everything else) and its phase from
 the op's name stack: 'optimizer' (under `jax.named_scope('optimizer')`), 'backward'
-(under a `transpose(...)` of autodiff), 'forward', or 'unknown' (no metadata); a fusion
-takes the latest phase among its instructions (in that order, optimizer latest). Events that
+(under a `transpose(...)` of autodiff), 'forward', or 'unknown'; a fusion takes the latest
+phase among its instructions (in that order, optimizer latest). An op without any name (XLA:CPU
+drops the metadata of the kernel-gradient convolutions it hands to YNNPACK) takes the latest
+phase among its operands, since a forward op reads no gradient; 'unknown' is left for ops that
+read only parameters and constants. Events that
 match no instruction are summed as 'unmapped' and their heaviest names listed, never
 dropped or guessed. Control-flow instructions (while, conditional, call) are skipped:
 their bodies' ops are counted themselves.
@@ -146,7 +149,7 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
 
   result = {}
   for lines in bodies.values():
-    for line in lines:
+    for line in lines:  # in order: an instruction's operands are defined above it
       match = _INSTRUCTION.match(line)
       if not match:
         continue
@@ -156,6 +159,10 @@ def hlo_ops(hlo_text: str) -> dict[str, Op]:
         result[name] = Op('control', 'unknown', shape)
         continue
       ops, targets, phase = contents([line], set())
+      if phase == 'unknown':  # no name anywhere: the latest phase among the operands
+        operands = re.findall(r'%([\w.\-]+)', line[match.end() :].split(')', 1)[0])
+        phases = [result[o].phase for o in operands if o in result]
+        phase = max(['unknown', *phases], key=_PHASE_ORDER.index)
       ops.discard('fusion')  # what a fusion is, is what it calls
       result[name] = Op(_kind_of_ops(ops, targets), phase, shape)
   return result

@@ -46,6 +46,8 @@ ENTRY %main (a: f32[4,8], w: f32[8,8], k: f32[3,3,8,8], x: f32[1,6,6,8]) -> f32[
   %fusion.6 = f32[4,8]{1,0} fusion(%a, %w), kind=kOutput, calls=%fused_computation.1
   %transpose.7 = f32[8,4]{0,1} transpose(%a), dimensions={1,0}, metadata={op_name="jit(step)/optimizer/transpose"}
   %fusion.9 = f32[8,8]{1,0} fusion(%w, %w), kind=kInput, calls=%fused_update
+  %convolution.11 = f32[3,3,8,8]{3,2,1,0} convolution(%x, %fusion.6), window={size=6x6 pad=1_1x1_1}, dim_labels=b01f_01io->b01f
+  %copy.12 = f32[8,8]{0,1} copy(%w)
   ROOT %add.8 = f32[4,8]{1,0} add(%a, %a), metadata={op_name="jit(step)/optimizer/add"}
 }
 """
@@ -64,6 +66,10 @@ def test_hlo_ops_kinds_and_phases():
   # optimizer's: the latest phase among its instructions wins.
   assert ops['fusion.9'] == op_profile.Op('elementwise', 'optimizer', 'f32[8,8]')
   assert ops['while.5'].kind == 'control'  # tuple shapes parse; loops are not counted
+  # No name at all (XLA:CPU's kernel-gradient convolutions): the latest phase of its operands,
+  # here the forward input and a backward value; reading only parameters leaves it unknown.
+  assert ops['convolution.11'] == op_profile.Op('conv', 'backward', 'f32[3,3,8,8]')
+  assert ops['copy.12'] == op_profile.Op('copy', 'unknown', 'f32[8,8]')
 
 
 @pytest.mark.unit
