@@ -89,10 +89,10 @@ def main(argv=None) -> dict:
       shutil.rmtree(d)  # fresh runs: a kept checkpoint would be resumed
   part = args.steps // 3
   _train(args, straight, args.steps, args.layout, passthrough)
-  grid = [f'--config.train.sample_every={part}']
-  _train(args, switched, part, args.layout, grid + passthrough)
-  _train(args, switched, 2 * part, 'default', ['--config.train.sample_every=0', *passthrough])
-  _train(args, switched, args.steps, args.layout, ['--config.train.sample_every=0', *passthrough])
+  no_grid = ['--config.train.sample_every=0', *passthrough]
+  _train(args, switched, part, args.layout, [f'--config.train.sample_every={part}', *passthrough])
+  _train(args, switched, 2 * part, 'default', no_grid)
+  _train(args, switched, args.steps, args.layout, no_grid)
 
   a, b = _losses(straight), _losses(switched)
   steps = list(range(1, args.steps + 1))
