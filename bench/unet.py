@@ -9,8 +9,8 @@ stage's diffusion loss with min-SNR weighting and text dropout, noise-conditioni
 augmentation of a 4x smaller low-res image for an SR preset, gradient clipping, the
 optimizer and the EMA; the loop checks its loss and gradient norm). `--step bare` times only
 the v-prediction MSE and the optimizer update, the step of the H100 rows in README measured
-before `--step` existed; the two differ by the EMA and the gradient norm (their cost:
-`--profile_steps`, phase 'optimizer').
+before `--step` existed; the two differ by the EMA (the logged gradient norm is the one
+gradient clipping computes, merged by XLA; cost: `--profile_steps`, phase 'optimizer').
 
   # Speed on this machine (CPU) or a GPU/TPU:
   python bench/unet.py --preset small64 --batch 4 --resolution 64 --dtype float32
