@@ -38,7 +38,10 @@ convolutions and fused attention as zero on GPU and includes remat recomputation
 `peak_memory_gb` is the device allocator's peak (`memory_stats()`; null where the backend
 has none, as on CPU). `fused_attention_in_hlo` says whether the compiled train step calls
 a fused attention kernel (cuDNN's on GPU, a Mosaic `tpu_custom_call` on TPU); `attention` gives
-the implementation each attention got.
+the implementation each attention got. `compile` and `sample_compile` say whether the train and
+sampling steps were compiled or loaded from the persistent compilation cache
+(`--compilation_cache`; `imagen_jax.compile_events`): a second start of a point with a cache
+should read 'loaded from the persistent compilation cache'.
 """
 
 from __future__ import annotations
@@ -212,8 +215,8 @@ def main(argv=None) -> dict | list[dict]:
 
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
+  from imagen_jax import compile_events, optim, sharding, stage, train_lib
   from imagen_jax import flops as flops_lib
-  from imagen_jax import optim, sharding, stage, train_lib
   from imagen_jax.models import layers, unet
 
   if args.preset not in unet.PRESETS:
@@ -350,7 +353,8 @@ def main(argv=None) -> dict | list[dict]:
     t0 = time.perf_counter()
     with layers.record_attention_plans() as plans:
       lowered = train_jit.lower(*abstract_args)
-    compiled = lowered.compile()
+    with compile_events.counting() as train_made:
+      compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     hlo = compiled.as_text() or ''
     attention = {}  # name -> implementation (traced once per compile; names repeat under grad)
@@ -398,6 +402,7 @@ def main(argv=None) -> dict | list[dict]:
       'device_kind': kind,
       'devices': jax.device_count(),
       'compile_s': round(compile_s, 2),
+      'compile': train_made.summary(),  # or 'loaded from the persistent compilation cache'
       'memory': memory,
       'peak_memory_gb': None,
       'model_tflop_per_step': float(f'{model_flops / 1e12:.4g}'),
@@ -471,8 +476,10 @@ def main(argv=None) -> dict | list[dict]:
       stimes = []
       if sample_steps:
         t0 = time.perf_counter()
-        jax.block_until_ready(sample_jit(params, z, cond, 5.0))
+        with compile_events.counting() as sample_made:
+          jax.block_until_ready(sample_jit(params, z, cond, 5.0))
         result['sample_compile_s'] = round(time.perf_counter() - t0, 2)
+        result['sample_compile'] = sample_made.summary()
       for _ in range(sample_steps):
         t0 = time.perf_counter()
         jax.block_until_ready(sample_jit(params, z, cond, 5.0))

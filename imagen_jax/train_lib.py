@@ -31,7 +31,16 @@ import numpy as np
 import optax
 from flax import nnx
 
-from imagen_jax import cascade, checkpoints, images, multihost, optim, sharding, stage
+from imagen_jax import (
+  cascade,
+  checkpoints,
+  compile_events,
+  images,
+  multihost,
+  optim,
+  sharding,
+  stage,
+)
 from imagen_jax import flops as flops_lib
 from imagen_jax.data import prefetch
 from imagen_jax.diffusion import gaussian, guidance, losses
@@ -429,14 +438,15 @@ class CompiledSteps:
     if key in self.compiled:
       return (*self.compiled[key], 0.0)
     t0 = time.perf_counter()
-    compiled = self.step_fn.lower(state, batch).compile()
+    with compile_events.counting() as made:
+      compiled = self.step_fn.lower(state, batch).compile()
     seconds = time.perf_counter() - t0
     text_length = int(batch['text_embs'].shape[1])
     if not self.compiled:
-      log.info('Train step compiled in %.1f s (text length %d).', seconds, text_length)
+      log.info('Train step %s in %.1f s (text length %d).', made.summary(), seconds, text_length)
       multihost.barrier('imagen_jax:train_step_compiled')  # hosts start the collectives together
     else:
-      log.info('Train step compiled for text length %d in %.1f s.', text_length, seconds)
+      log.info('Train step for text length %d %s in %.1f s.', text_length, made.summary(), seconds)
       multihost.barrier('imagen_jax:train_step_recompiled')
     flops = None if self.config is None else step_flops(self.config, batch)
     self.compiled[key] = (compiled, flops)

@@ -135,6 +135,8 @@ def test_bench_unet_prints_one_json_line_with_a_profile(tmp_path):
   # The step train.py runs (train_lib.make_train_step); every loss and gradient norm finite.
   assert result['step'] == 'train' and result['all_steps_finite'] is True
   assert result['train_step_s'] > 0 and result['sample_step_s'] > 0
+  # No --compilation_cache: compile_s times real compiles.
+  assert result['compile'] == result['sample_compile'] == 'compiled'
   assert result['images_per_s'] == pytest.approx(2 / result['train_step_s'], rel=0.01)
   assert result['model_tflop_per_step'] > 0
   assert result['mfu'] is None  # CPU: no peak in the table, so no MFU, not a guess

@@ -25,9 +25,13 @@ cli.define_compilation_cache_flag()
 flags.FLAGS(['prog', f'--compilation_cache={sys.argv[1]}'])
 cli.enable_compilation_cache()
 import jax, jax.numpy as jnp
+from imagen_jax import compile_events
 print('max_size', jax.config.jax_compilation_cache_max_size)
 print('min_compile_time', jax.config.jax_persistent_cache_min_compile_time_secs)
-jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(jnp.ones(7)))
+x = jax.block_until_ready(jnp.ones(7))
+with compile_events.counting() as made:
+  jax.block_until_ready(jax.jit(lambda x: jnp.sin(x) * 2 + 1)(x))
+print('made:', made.summary())
 """
 
 
@@ -89,9 +93,14 @@ def test_fast_programs_are_cached_unless_the_env_sets_a_minimum(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'min_compile_time 0.0' in proc.stdout
   assert list((tmp_path / 'a').glob('jit_*-cache'))
+  assert 'made: compiled' in proc.stdout
+  # A second start finds it (what train.py and sample.py log: imagen_jax.compile_events).
+  proc = _run(tmp_path / 'a')
+  assert 'made: loaded from the persistent compilation cache' in proc.stdout, proc.stdout
   proc = _run(tmp_path / 'b', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='30')
   assert proc.returncode == 0 and 'min_compile_time 30.0' in proc.stdout
   assert not list((tmp_path / 'b').glob('jit_*-cache'))
+  assert 'made: compiled' in proc.stdout
 
 
 def test_adopting_gives_each_entry_its_modification_time(tmp_path):

@@ -113,6 +113,8 @@ def test_same_seed_same_images_other_seed_differs(runs):
       f'--out={out}',
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if name == 'b':  # the same program as run 'a' compiled into the suite's cache
+      assert 'the sampler loaded from the persistent compilation cache' in proc.stderr
     outs[name] = np.asarray(Image.open(pngs(out)[0]))
   # Exact: same machine, same compiled programs, same seed; XLA:CPU is deterministic run to run.
   np.testing.assert_array_equal(outs['a'], outs['b'])

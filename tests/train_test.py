@@ -145,7 +145,9 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   assert 'resume with the same command' in stdout + stderr
 
   # Resume (num_steps changed back to 6; with a constant schedule that changes nothing else).
-  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  # The uninterrupted run compiled this step into the suite's cache: a second start loads it.
+  assert 'Train step loaded from the persistent compilation cache in' in proc.stderr
   resumed = losses(workdir)
   reference = losses(uninterrupted)
   if stopped_at < 6:
