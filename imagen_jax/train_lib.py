@@ -58,13 +58,14 @@ class TrainingError(RuntimeError):
 
 
 def make_state_shardings(
-  abstract_state: TrainState, mesh, state_layout: str = 'default'
+  abstract_state: TrainState, mesh, state_layout: str = 'auto'
 ) -> TrainState:
   """NamedShardings for a (possibly abstract) train state, by the logical axis rules.
 
-  state_layout (`sharding.STATE_LAYOUTS`): 'conv_ohwi' (or 'auto' on GPU) makes the 4-D
-  leaves of params, EMA and optimizer state Formats with cuDNN's kernel layout
-  (`sharding.state_formats`).
+  state_layout (`sharding.STATE_LAYOUTS`; 'auto' as `train.state_layout` defaults to):
+  'conv_ohwi' (or 'auto' on GPU) makes the 4-D leaves of params, EMA and optimizer state
+  Formats with cuDNN's kernel layout (`sharding.state_formats`); 'default' keeps them
+  row-major.
   """
   return {
     'step': sharding.replicated(mesh),
