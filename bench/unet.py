@@ -194,6 +194,8 @@ def main(argv=None) -> dict | list[dict]:
     flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + flag).strip()
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  # This checkout's package first (an installed one may be another checkout's).
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from imagen_jax import cpu_devices, host_memory
 
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
@@ -213,7 +215,6 @@ def main(argv=None) -> dict | list[dict]:
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(args.compilation_cache))
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import common
   from imagen_jax import compile_events, optim, sharding, stage, train_lib
   from imagen_jax import flops as flops_lib
