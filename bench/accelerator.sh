@@ -12,9 +12,9 @@
 # and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the
 # same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
 # second start's (reload, no compile; its "compile" and "sample_compile" read "loaded from the
-# persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the other ways of
-# fixing the gradients' layout before the optimizer (optim.settle_gradients), to compare with
-# one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py --step train: EMA,
+# persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the
+# other ways of fixing the gradients' layout before the optimizer (optim.settle_gradients), to
+# compare with one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py --step train: EMA,
 # gradient norm); point 10 is point 4 with --step=bare, the step of the earlier H100/H200
 # rows, so POINTS="4 10" shows what the EMA costs. Every point stores the state
 # as training does (bench/unet.py --state_layout=auto: on GPU the conv kernels, their EMA and
