@@ -14,9 +14,9 @@
 # second start's (reload, no compile; its "compile" and "sample_compile" read "loaded from the
 # persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the
 # other ways of fixing the gradients' layout before the optimizer (optim.settle_gradients), to
-# compare with one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py --step train: EMA,
-# gradient norm); point 10 is point 4 with --step=bare, the step of the earlier H100/H200
-# rows, so POINTS="4 10" shows what the EMA costs. Every point stores the state
+# compare with one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py
+# --step train: EMA, gradient norm); point 10 is point 4 with --step=bare, the step of the
+# earlier H100/H200 rows, so POINTS="4 10" shows what the EMA costs. Every point stores the state
 # as training does (bench/unet.py --state_layout=auto: on GPU the conv kernels, their EMA and
 # moments [O, kh, kw, I], as cuDNN takes them); points 11 and 12 are points 10 and 4 with the
 # row-major state of the rows before 2026-11-27 (--state_layout=default), point 13 is point 10
