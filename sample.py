@@ -118,12 +118,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   cli.keep_freed_host_buffers()
-  if FLAGS.distributed:
-    cli.initialize_distributed()
-  cli.enable_compilation_cache()
   from imagen_jax import checkpoints, sample_lib
-
-  checkpoints.quiet_orbax_noise()
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
@@ -158,6 +153,13 @@ def main(argv):
     mask=FLAGS.mask,
     resample=_numbers(FLAGS.resample, int, 'resample'),
   )
+  # Two CPU devices when the first batch splits over them (imagen_jax.cpu_devices), before
+  # JAX's backend starts.
+  cli.split_cpu_devices(sample_lib.first_batch_size(req), None, distributed=FLAGS.distributed)
+  if FLAGS.distributed:
+    cli.initialize_distributed()
+  cli.enable_compilation_cache()
+  checkpoints.quiet_orbax_noise()
   signal.signal(signal.SIGTERM, _stop)
   try:
     written = sample_lib.run(req)

@@ -39,7 +39,9 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
   cli.keep_freed_host_buffers()
-  cli.split_cpu_devices(FLAGS.config, distributed=FLAGS.distributed)
+  cli.split_cpu_devices(
+    FLAGS.config.train.batch_size, FLAGS.config.mesh, distributed=FLAGS.distributed
+  )
 
   if FLAGS.distributed:
     cli.initialize_distributed()

@@ -3,7 +3,9 @@
   python bench/sample.py --config=configs/base64.py:small --batch=4 --steps=25 --sampler=dpmpp_2m
 
 Random-initialised weights (speed does not depend on training); guidance batched as
-[cond; uncond]. Prints one JSON line.
+[cond; uncond]. On a CPU of two or more cores the batch is split over two devices where it is
+even, as sample.py does (`imagen_jax.cpu_devices`, `cascade.BatchDevices`); IMAGEN_JAX_CPU_DEVICES=1
+measures one device. `devices` and `split` say which ran. Prints one JSON line.
 """
 
 import json
@@ -15,7 +17,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cascade, host_memory, stage
+from imagen_jax import cascade, cpu_devices, host_memory, stage
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
@@ -28,20 +30,27 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
 
 def main(_):
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  cpu_devices.configure(FLAGS.batch, None)  # as sample.py: two CPU devices for an even batch
   config = FLAGS.config
+  devices = cascade.BatchDevices()
+  split = devices.splits(FLAGS.batch)
   graphdef, _ = stage.abstract_model(config)
-  params = jax.jit(lambda k: stage.init_params(config, k))(jax.random.key(0))
+  params = jax.jit(lambda k: stage.init_params(config, k), out_shardings=devices.params_sharding)(
+    jax.random.key(0)
+  )
   options = cascade.SamplingOptions.from_config(
     config, sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance
   )
-  fn = cascade.make_stage_sampler(config, graphdef, options)
+  fn, params, put = devices.place(
+    cascade.make_stage_sampler(config, graphdef, options), params, split
+  )
   b, length, dim = FLAGS.batch, int(config.text.max_length), int(config.model.text_dim)
-  text_embs = jax.random.normal(jax.random.key(1), (b, length, dim))
-  text_mask = jnp.arange(length)[None, :] < jnp.array([length // 2] * b)[:, None]
+  text_embs = put(jax.random.normal(jax.random.key(1), (b, length, dim)))
+  text_mask = put(jnp.arange(length)[None, :] < jnp.array([length // 2] * b)[:, None])
   lowres = None
   if stage.is_super_resolution(config):
     r = int(config.data.lowres_resolution)
-    lowres = jax.random.uniform(jax.random.key(2), (b, r, r, 3), minval=-1, maxval=1)
+    lowres = put(jax.random.uniform(jax.random.key(2), (b, r, r, 3), minval=-1, maxval=1))
   args = (params, text_embs, text_mask, jax.random.key(3), lowres)
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
@@ -66,6 +75,8 @@ def main(_):
         'guidance': FLAGS.guidance,
         'backend': jax.default_backend(),
         'device': jax.devices()[0].device_kind,
+        'devices': len(devices.devices),
+        'split': split,
         'host_malloc': host_malloc,
         'compile_s': round(compile_s, 2),
         'batch_s': round(batch_s, 3),

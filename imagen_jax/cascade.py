@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from imagen_jax import stage
@@ -208,6 +209,56 @@ class Stage:
   @functools.cached_property
   def sample_fn(self):
     return make_stage_sampler(self.config, self.graphdef, self.options)
+
+
+class BatchDevices:
+  """Where batches are sampled: over this process's devices (sample.py and evaluate.py ask for
+  two on a CPU of two or more cores when their first batch is even, imagen_jax.cpu_devices).
+
+  With several devices the params go on each (`params_sharding`, replicated), and a batch they
+  divide is split over them: inputs and images sharded by row, each device samples its rows with
+  no communication, and the noise is that of one device (jax's partitionable threefry draws it
+  by index). Any other batch is sampled on the first device, from its replica of the params, as
+  with one device: splitting a single image as two made a guided step slower (cpu_devices).
+  """
+
+  def __init__(self, devices: Sequence[jax.Device] | None = None):
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    self.mesh = None
+    if len(self.devices) > 1:
+      self.mesh = jax.sharding.Mesh(np.asarray(self.devices), ('batch',))
+    self._split = {}  # id(sample_fn) -> (sample_fn, its jit with batch-sharded images out)
+
+  @property
+  def params_sharding(self) -> jax.sharding.Sharding:
+    if self.mesh is None:
+      return jax.sharding.SingleDeviceSharding(self.devices[0])
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+  def splits(self, batch: int) -> bool:
+    """Whether a batch of this many images is split over the devices."""
+    return self.mesh is not None and batch % len(self.devices) == 0
+
+  def describe(self, split: bool) -> str:
+    """' over N devices' / ' on the first device' for a log line ('' with one device)."""
+    if self.mesh is None:
+      return ''
+    return f' over {len(self.devices)} devices' if split else ' on the first device'
+
+  def place(self, sample_fn: Callable, params, split: bool):
+    """(sample_fn, params, put: host array -> its device array) for one batch; `params` on
+    `params_sharding`."""
+    if not split:
+      if self.mesh is not None:  # the first device's replica (no copy)
+        first = self.devices[0]
+        params = jax.tree.map(
+          lambda a: next(s.data for s in a.addressable_shards if s.device == first), params
+        )
+      return sample_fn, params, jnp.asarray
+    rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('batch'))
+    if id(sample_fn) not in self._split:
+      self._split[id(sample_fn)] = (sample_fn, jax.jit(sample_fn, out_shardings=rows))
+    return self._split[id(sample_fn)][1], params, lambda x: jax.device_put(x, rows)
 
 
 def run_cascade(

@@ -98,14 +98,15 @@ def keep_freed_host_buffers() -> None:
     fail(str(e))
 
 
-def split_cpu_devices(config, *, distributed: bool) -> None:
-  """`cpu_devices.configure` for a training entry point (two data-parallel devices on a CPU of
-  two or more cores, see its docstring): a bad IMAGEN_JAX_CPU_DEVICES, or a count the config
-  cannot use, is one line and exit code 2. Call it before JAX's backend starts."""
+def split_cpu_devices(batch_size: int, mesh, *, distributed: bool) -> None:
+  """`cpu_devices.configure` for an entry point (two data-parallel devices on a CPU of two or
+  more cores, see its docstring; train.py passes its batch size and mesh, sample.py its first
+  batch and mesh=None): a bad IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one
+  line and exit code 2. Call it before JAX's backend starts."""
   from imagen_jax import cpu_devices
 
   try:
-    cpu_devices.configure(config.train.batch_size, config.mesh, distributed=distributed)
+    cpu_devices.configure(batch_size, mesh, distributed=distributed)
   except ValueError as e:
     fail(str(e))
 

@@ -1,4 +1,4 @@
-"""Training on a CPU as two JAX devices: data parallelism over one host's cores.
+"""Training and sampling on a CPU as two JAX devices: data parallelism over one host's cores.
 
 XLA:CPU runs a program's operations one after another, each spread over the cores by its own
 kernel, and many leave cores idle: YNNPACK runs a 64-channel convolution of a 64 px image as
@@ -16,8 +16,14 @@ Four devices on the same two cores were slower than one (train 1.66-1.79 s). Two
 what is used on larger CPUs, where it has not been measured: IMAGEN_JAX_CPU_DEVICES=N sets
 another count, and `bench/unet.py --fake_cpu_devices N` measures it.
 
-`configure` applies the choice before JAX's backend starts (train.py and bench/train.py call
-it first thing; sample.py and evaluate.py sample on one device and do not). Automatically
+Sampling gains too: a guided sampling step of small64 at batch 2 (64 px, text length 32) took
+0.59 s on one device and 0.47 s on two, but a single image split as two (padded) took 0.47 s
+against 0.27 s on one device. sample.py, evaluate.py and bench/sample.py therefore ask for two
+devices only when their first batch is even; `cascade.BatchDevices` splits each batch the
+devices divide and samples any other on the first of them.
+
+`configure` applies the choice before JAX's backend starts (train.py, sample.py, evaluate.py
+and the bench scripts call it first thing). Automatically
 (IMAGEN_JAX_CPU_DEVICES unset or `auto`) it picks two devices only where all of these hold,
 and otherwise leaves JAX's default of one:
 
@@ -27,10 +33,12 @@ and otherwise leaves JAX's default of one:
 - nothing else set the count (XLA_FLAGS' --xla_force_host_platform_device_count,
   JAX_NUM_CPU_DEVICES or jax's `jax_num_cpu_devices`);
 - at least two cores are usable (the process's CPU affinity);
-- the config can use two: an even train.batch_size and a mesh that two devices fill.
+- the config can use two: an even train.batch_size and a mesh that two devices fill (sampling:
+  an even first batch).
 
-IMAGEN_JAX_CPU_DEVICES=N (a positive integer) asks for N devices on the CPU backend; a batch or
-mesh that N devices cannot take is refused (ValueError) instead of being changed.
+IMAGEN_JAX_CPU_DEVICES=N (a positive integer) asks for N devices on the CPU backend; a training
+batch or mesh that N devices cannot take is refused (ValueError) instead of being changed
+(sampling takes any N: a batch that N does not divide is sampled on one device).
 """
 
 from __future__ import annotations
@@ -70,7 +78,12 @@ def _count_set_elsewhere(environ: Mapping[str, str]) -> str | None:
 
 
 def _unfit(n: int, batch_size: int, mesh: Any) -> str | None:
-  """Why a train config cannot run on n devices (None when it can)."""
+  """Why a train config cannot run on n devices (None when it can); mesh None: sampling, whose
+  first batch of `batch_size` images n devices would split."""
+  if mesh is None:
+    if batch_size % n:
+      return f'a first batch of {batch_size} images does not split over {n} devices'
+    return None
   if batch_size % n:
     return f'train.batch_size={batch_size} is not divisible by {n}'
   sizes = [int(mesh['data'] if isinstance(mesh, Mapping) else mesh.data)]
@@ -92,6 +105,11 @@ def choose(
 ) -> tuple[int | None, str]:
   """(number of CPU devices to configure, or None to leave JAX's default; the reason).
 
+  Training passes its batch size and mesh. Sampling (sample.py) passes mesh=None and the size
+  of its first batch: the automatic choice then takes two devices only when they split that
+  batch, and an explicit count is taken whatever the batches (sample_lib samples a batch that
+  the devices do not split on one of them).
+
   ValueError for a bad IMAGEN_JAX_CPU_DEVICES, a count the config cannot use, or a count asked
   for after JAX's backend started."""
   environ = os.environ if environ is None else environ
@@ -112,7 +130,7 @@ def choose(
     elsewhere = _count_set_elsewhere(environ)
     if elsewhere:
       raise ValueError(f'{SETTING}={n} and {elsewhere}: set the CPU device count in one place.')
-    unfit = _unfit(n, batch_size, mesh)
+    unfit = None if mesh is None else _unfit(n, batch_size, mesh)  # sampling takes any count
     if unfit:
       raise ValueError(
         f'{SETTING}={n}: {unfit}; choose a count that divides the batch and fits the mesh.'

@@ -21,8 +21,12 @@ Resuming: batch b always draws its noise from fold_in(key(seed), b) and always h
 images (fixed by the prompt order, --num_images and --batch_size), so a rerun with the same
 settings and `skip_existing=True` skips every batch whose files all exist (no compute), and
 recomputes a partly-present batch, writing only its missing files: the result is bitwise the
-same as one uninterrupted run. The existing sidecars must record the same settings, or the run
-is refused. `overwrite` (replace everything) and `skip_existing` (keep what is there) exclude
+same as one uninterrupted run (on the same devices). The existing sidecars must record the same
+settings, or the run is refused.
+
+Devices (`cascade.BatchDevices`): a batch that this process's devices divide is split over them
+(sample.py asks for two CPU devices when its first batch is even, imagen_jax.cpu_devices), any
+other batch is sampled on the first device; the images are one device's up to float rounding. `overwrite` (replace everything) and `skip_existing` (keep what is there) exclude
 each other.
 
 Inputs are validated, and the output folder checked, before any compute or any write.
@@ -47,7 +51,6 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from PIL import Image
@@ -149,16 +152,10 @@ def validate(req: SampleRequest) -> None:
     raise SampleError(f'--batch_size must be a positive integer, got {req.batch_size}.')
   if req.max_images < 1:
     raise SampleError(f'--max_images must be a positive integer, got {req.max_images}.')
-  num_prompts = len(req.prompts) + max(req.training_prompts, 0)
-  total = num_prompts * req.num_images
-  what = f'{num_prompts} prompt(s) x --num_images={req.num_images}'
-  if req.init_images:
-    try:
-      num_inits = len(editing.find_images(req.init_images))
-    except editing.EditError as e:
-      raise SampleError(str(e)) from e
-    total *= num_inits
-    what = f'{num_inits} init image(s) x {what}'
+  try:
+    total, what = count_images(req)
+  except editing.EditError as e:
+    raise SampleError(str(e)) from e
   if total > req.max_images:
     raise SampleError(
       f'{what} = {total} images, more than '
@@ -174,6 +171,29 @@ def validate(req: SampleRequest) -> None:
   if req.stop_at is not None and not 1 <= req.stop_at <= len(req.checkpoints):
     raise SampleError(f'--stop_at must be between 1 and {len(req.checkpoints)}, got {req.stop_at}.')
   validate_edit(req)
+
+
+def count_images(req: SampleRequest) -> tuple[int, str]:
+  """(images the request makes in total, how: 'P prompt(s) x --num_images=K', after 'N init
+  image(s) x' when editing); editing.EditError when the init images cannot be listed."""
+  num_prompts = len(req.prompts) + max(req.training_prompts, 0)
+  total = num_prompts * req.num_images
+  what = f'{num_prompts} prompt(s) x --num_images={req.num_images}'
+  if req.init_images:
+    num_inits = len(editing.find_images(req.init_images))
+    total *= num_inits
+    what = f'{num_inits} init image(s) x {what}'
+  return total, what
+
+
+def first_batch_size(req: SampleRequest) -> int:
+  """Images in the request's first batch (sample.py picks the CPU device count by it); 1 when
+  the request is not valid (`run` then says why)."""
+  try:
+    total = count_images(req)[0]
+  except editing.EditError:
+    return 1
+  return max(1, min(req.batch_size, total))
 
 
 def validate_edit(req: SampleRequest) -> None:
@@ -261,8 +281,14 @@ def prepare_output(req: SampleRequest) -> None:
       )
 
 
-def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> cascade.Stage:
-  """A stage from a run folder, built from its saved config.
+def restore_stage(
+  workdir: str,
+  options_overrides: dict,
+  use_ema: bool,
+  sharding: jax.sharding.Sharding | None = None,
+) -> cascade.Stage:
+  """A stage from a run folder, built from its saved config, its params on `sharding` (default:
+  this process's first device).
 
   `workdir` is a run folder ('runs/base64': its latest usable checkpoint) or 'runs/base64@N'
   (kept step N). The step actually used is `stage.step`; when the latest checkpoint could not
@@ -283,7 +309,7 @@ def restore_stage(workdir: str, options_overrides: dict, use_ema: bool) -> casca
       step=wanted,
       key=key,
       abstract_fn=abstract_params,
-      sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+      sharding=sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
     )
   except checkpoints.CheckpointError as e:
     raise SampleError(' '.join(str(e).split())) from e  # one line, even listing failures
@@ -533,6 +559,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   grids_ = _per_stage(req.grids, n_stages, 'grid')
   guidance_ = _per_stage(req.guidance, n_stages, 'guidance')
   resample_ = _per_stage(req.resample, n_stages, 'resample')
+  devices = cascade.BatchDevices()
   stages = []
   for i, workdir in enumerate(req.checkpoints[:n_stages]):
     overrides = dict(
@@ -548,7 +575,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       resample=resample_[i],
     )
     try:
-      stages.append(restore_stage(workdir, overrides, req.use_ema))
+      stages.append(restore_stage(workdir, overrides, req.use_ema, devices.params_sharding))
     except ValueError as e:
       raise SampleError(str(e)) from e
   check_chain(stages, req)
@@ -594,20 +621,22 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     lowres, stage_edits = None, [(None, None)] * len(stages)
     if edit is not None:
       lowres, stage_edits = edit.arrays([all_jobs[i].init for i in batch])
+    split = devices.splits(len(batch))
     for s, st in enumerate(stages):
       t0 = time.perf_counter()
       x_init, mask = stage_edits[s]
+      sample_fn, params, put = devices.place(st.sample_fn, st.params, split)
       args = (
-        st.params,
-        jnp.asarray(text_embs[s][prompt_rows].astype(np.float32)),  # [B, L, D]
-        jnp.asarray(text_mask[s][prompt_rows]),  # [B, L]
+        params,
+        put(text_embs[s][prompt_rows].astype(np.float32)),  # [B, L, D]
+        put(text_mask[s][prompt_rows]),  # [B, L]
         jax.random.fold_in(rng, s),
-        None if lowres is None else jnp.asarray(lowres),
-        None if x_init is None else jnp.asarray(x_init),
-        None if mask is None else jnp.asarray(mask),
+        None if lowres is None else put(lowres),
+        None if x_init is None else put(x_init),
+        None if mask is None else put(mask),
       )
       with compile_events.counting() as programs:  # the sampler's own compile
-        lowres = st.sample_fn(*args)
+        lowres = sample_fn(*args)
         lowres.block_until_ready()
       timings[s] += time.perf_counter() - t0
       compiles[s].add(programs)
@@ -632,7 +661,14 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         _write_json(side, {**sidecar, **settings})
     made += written
     skipped += len(batch) - written
-    log.info('batch %d/%d: sampled %d images, wrote %d.', b + 1, num_batches, len(batch), written)
+    log.info(
+      'batch %d/%d: sampled %d images%s, wrote %d.',
+      b + 1,
+      num_batches,
+      len(batch),
+      devices.describe(split),
+      written,
+    )
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 

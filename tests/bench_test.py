@@ -1,5 +1,6 @@
-"""bench/unet.py runs and prints its JSON line (the GPU session runs it unchanged), and the op
-profile (imagen_jax/op_profile.py) groups a real trace by kind of op and by phase."""
+"""bench/unet.py and bench/sample.py run and print their JSON line (the GPU session runs them
+unchanged), and the op profile (imagen_jax/op_profile.py) groups a real trace by kind of op and
+by phase."""
 # ruff: noqa: E501  (HLO below is verbatim compiler text, one instruction per line)
 
 import functools
@@ -170,6 +171,25 @@ def test_bench_unet_runs_both_steps_for_an_sr_preset(step):
   assert result['step'] == step and result['memory']['total_bytes'] > 0
   assert result['train_step_s'] > 0 and result['sample_step_s'] > 0
   assert result['all_steps_finite'] is (True if step == 'train' else None)
+
+
+@pytest.mark.smoke
+def test_bench_sample_splits_an_even_batch_over_two_cpu_devices():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+    [sys.executable, 'bench/sample.py', '--config=configs/base64.py:tiny', '--batch=2']
+    + ['--steps=2', '--repeats=1'],
+    cwd=REPO_ROOT,
+    env={**env, 'JAX_PLATFORMS': 'cpu', 'IMAGEN_JAX_CPU_DEVICES': '2'},
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  assert result['bench'] == 'sample' and result['batch'] == 2
+  assert result['devices'] == 2 and result['split'] is True
+  assert result['images_per_s'] == pytest.approx(2 / result['batch_s'], rel=0.01)
 
 
 @pytest.mark.smoke

@@ -32,6 +32,17 @@ def test_two_devices_where_the_cpu_and_the_config_take_them():
   assert cpu_devices.choose(8, {'data': 2, 'fsdp': 1}, environ=CPU, cores=2)[0] == 2
 
 
+def test_sampling_takes_two_devices_for_an_even_first_batch():
+  # sample.py passes mesh=None and its first batch; a batch the devices do not split is sampled
+  # on one of them, so an explicit count is taken whatever the batch.
+  assert cpu_devices.choose(8, None, environ=CPU, cores=2)[0] == 2
+  n, reason = cpu_devices.choose(1, None, environ=CPU, cores=2)
+  assert n is None and 'a first batch of 1 images does not split over 2 devices' in reason
+  assert cpu_devices.choose(1, None, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'})[0] == 2
+  n, reason = cpu_devices.choose(8, None, distributed=True, environ=CPU, cores=2)
+  assert n is None and '--distributed' in reason
+
+
 @pytest.mark.parametrize(
   'batch, mesh, environ, cores, why',
   [

@@ -288,6 +288,34 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   assert out.read_bytes() == before
 
 
+def test_evaluate_on_two_cpu_devices_matches_one(tiny_run, tmp_path):
+  # IMAGEN_JAX_CPU_DEVICES=2: each batch of 10 is split over the two devices (the noise is drawn
+  # by index, so the images are one device's up to float rounding) and scores the same.
+  args = [f'--checkpoints={tiny_run["digits"]}', '--num=20', '--batch_size=10']
+  one = evaluate(tiny_run, *args, f'--out={tmp_path / "one.json"}')
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert 'batches of 10.' in one.stderr, one.stderr[-3000:]
+  env = {k: v for k, v in tiny_run['env'].items() if k != 'XLA_FLAGS'}
+  two = subprocess.run(
+    [sys.executable, 'evaluate.py', f'--judge_dir={tiny_run["judge_dir"]}', *args]
+    + [f'--out={tmp_path / "two.json"}'],
+    cwd=REPO_ROOT,
+    env={**env, 'IMAGEN_JAX_CPU_DEVICES': '2'},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert 'CPU devices: 2' in two.stderr and 'batches of 10 over 2 devices.' in two.stderr
+  rows = [
+    json.loads((tmp_path / f'{n}.json').read_text())['rows']['generated'] for n in 'one two'.split()
+  ]
+  for key in ('adherence', 'adherence_seen', 'adherence_heldout', 'precision', 'recall'):
+    assert rows[1][key] == pytest.approx(rows[0][key], abs=0.051), key  # one image of 20 at most
+  for key in ('fd', 'entropy_bits', 'nn_train'):
+    assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-2), key
+
+
 @pytest.mark.smoke
 def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
   run_dir = tiny_run['digits']

@@ -189,8 +189,9 @@ def test_processes_with_different_configs_are_refused(shared, tmp_path):
 
 
 def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp_path):
-  # Each process samples every other batch on its own device; the files equal one process's.
-  args = ['--prompt=a red circle', '--prompt=a blue square', '--num_images=2', '--batch_size=1']
+  # Each process samples every other batch on its own two devices (a batch of 2 split over
+  # them, the last one, of 1 image, on the first); the files equal one process's.
+  args = ['--prompt=a red circle', '--num_images=5', '--batch_size=2']
   args += [f'--checkpoints={reference}', '--steps=2']
 
   def sample_cmd(out):
@@ -215,10 +216,14 @@ def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp
     )
     for i in range(2)
   ]
-  for rc, _, err in finish(procs, timeout=600):
+  results = finish(procs, timeout=600)
+  for rc, _, err in results:
     assert rc == 0, err[-3000:]
+  err0 = results[0][2]  # process 0 samples batches 1 and 3
+  assert 'batch 1/3: sampled 2 images over 2 devices' in err0, err0[-3000:]
+  assert 'batch 3/3: sampled 1 images on the first device' in err0, err0[-3000:]
   names = sorted(p.name for p in (tmp_path / 'one').iterdir() if p.suffix == '.png')
-  assert len(names) == 5 and 'grid.png' in names  # 2 prompts x 2 images + the grid
+  assert len(names) == 6 and 'grid.png' in names  # 5 images + the grid
   for name in names:
     assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
 

@@ -121,6 +121,37 @@ def test_same_seed_same_images_other_seed_differs(runs):
   assert not np.array_equal(outs['a'], outs['c'])
 
 
+def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
+  # IMAGEN_JAX_CPU_DEVICES=2 (sample.py configures the devices; the automatic choice is tested
+  # in cpu_devices_test): the batch of 4 is split over the two devices, the last one (1 image)
+  # is sampled on the first device. The noise is drawn by index, so the images are those of one
+  # device up to float rounding (other batch shapes per program; the text encoder runs on both
+  # devices), ddpm's fresh noise at every step included.
+  args = ['--prompt=a red apple', '--num_images=5', '--batch_size=4', '--steps=3']
+  args += [f'--checkpoints={runs["base"]}', '--sampler=ddpm']
+  one = runs['root'] / 'devices_one'
+  assert sample(runs, *args, f'--out={one}').returncode == 0
+  two = runs['root'] / 'devices_two'
+  env = {k: v for k, v in runs['env'].items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+    [sys.executable, 'sample.py', *args, f'--out={two}'],
+    cwd=REPO_ROOT,
+    env={**env, 'IMAGEN_JAX_CPU_DEVICES': '2'},
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'CPU devices: 2' in proc.stderr, proc.stderr[-3000:]
+  assert 'batch 1/2: sampled 4 images over 2 devices, wrote 4.' in proc.stderr
+  assert 'batch 2/2: sampled 1 images on the first device, wrote 1.' in proc.stderr
+  assert [p.name for p in pngs(two)] == [p.name for p in pngs(one)] and len(pngs(one)) == 5
+  for a, b in zip(pngs(one), pngs(two), strict=True):
+    diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
+    assert diff.max() <= 3 and diff.mean() < 0.25, (a.name, diff.max(), diff.mean())
+    assert a.with_suffix('.json').read_text() == b.with_suffix('.json').read_text()
+
+
 def test_two_stage_cascade(runs):
   out = runs['root'] / 'out_cascade'
   proc = sample(

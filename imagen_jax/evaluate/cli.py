@@ -52,6 +52,9 @@ def main(argv) -> None:
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   common_cli.keep_freed_host_buffers()
+  # Two CPU devices when they split a batch (every batch has --batch_size rows, the last one
+  # padded), before JAX's backend starts (imagen_jax.cpu_devices).
+  common_cli.split_cpu_devices(max(1, FLAGS.batch_size), None, distributed=False)
   common_cli.enable_compilation_cache()
   from imagen_jax import checkpoints
   from imagen_jax.evaluate import runner, scoring

@@ -118,15 +118,21 @@ def generate(
   *,
   seed: int,
   batch_size: int,
+  devices: cascade.BatchDevices | None = None,
 ) -> np.ndarray:
   """[N, R, R, 3] images in [-1, 1], sampled in batches of `batch_size` (the last one padded,
-  so one compiled shape); non-finite values are kept (the caller counts them)."""
+  so one compiled shape); non-finite values are kept (the caller counts them). `devices`: the
+  batches are placed by it (`params` on its params_sharding); None: as `params` and jax place
+  them."""
   n = len(text_embs)
+  put = jnp.asarray
+  if devices is not None:
+    sample_fn, params, put = devices.place(sample_fn, params, devices.splits(batch_size))
   out = []
   for b, start in enumerate(range(0, n, batch_size)):
     rows = np.arange(start, start + batch_size).clip(max=n - 1)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), 0)
-    images = sample_fn(params, jnp.asarray(text_embs[rows]), jnp.asarray(text_mask[rows]), rng)
+    images = sample_fn(params, put(text_embs[rows]), put(text_mask[rows]), rng)
     out.append(np.asarray(images)[: min(batch_size, n - start)])
   return np.concatenate(out)
 
@@ -270,17 +276,31 @@ def run(req: EvalRequest) -> dict:
     raise EvalError(str(e)) from e
   resolution = int(config.data.resolution)
   judge = _load_judge(req, resolution)
+  devices = cascade.BatchDevices()
   try:
-    st = sample_lib.restore_stage(req.checkpoints, overrides, req.use_ema)
+    st = sample_lib.restore_stage(req.checkpoints, overrides, req.use_ema, devices.params_sharding)
   except ValueError as e:  # SampleError, bad sampler options
     raise EvalError(str(e)) from e
   prompts = scoring.prompt_set(req.num)
   text_embs, text_mask = encode_prompts(st.config, list(prompts.prompts))
   t0 = time.perf_counter()
   images = generate(
-    st.sample_fn, st.params, text_embs, text_mask, seed=req.seed, batch_size=req.batch_size
+    st.sample_fn,
+    st.params,
+    text_embs,
+    text_mask,
+    seed=req.seed,
+    batch_size=req.batch_size,
+    devices=devices,
   )
   sampling_seconds = time.perf_counter() - t0
+  log.info(
+    'Sampled %d images in %.1f s, batches of %d%s.',
+    len(images),
+    sampling_seconds,
+    req.batch_size,
+    devices.describe(devices.splits(req.batch_size)),
+  )
   images, num_nonfinite = _finite(images)
   reference = scoring.Reference.build(judge)
   rows = {
