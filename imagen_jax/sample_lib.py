@@ -22,12 +22,12 @@ images (fixed by the prompt order, --num_images and --batch_size), so a rerun wi
 settings and `skip_existing=True` skips every batch whose files all exist (no compute), and
 recomputes a partly-present batch, writing only its missing files: the result is bitwise the
 same as one uninterrupted run (on the same devices). The existing sidecars must record the same
-settings, or the run is refused.
+settings, or the run is refused. `overwrite` (replace everything) and `skip_existing` (keep what
+is there) exclude each other.
 
 Devices (`cascade.BatchDevices`): a batch that this process's devices divide is split over them
 (sample.py asks for two CPU devices when its first batch is even, imagen_jax.cpu_devices), any
-other batch is sampled on the first device; the images are one device's up to float rounding. `overwrite` (replace everything) and `skip_existing` (keep what is there) exclude
-each other.
+other batch is sampled on the first device; the images are one device's up to float rounding.
 
 Inputs are validated, and the output folder checked, before any compute or any write.
 
