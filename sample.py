@@ -27,6 +27,10 @@ uninterrupted run). --overwrite replaces existing files instead; the two exclude
 Requests for more than --max_images images in total (default 1000) are refused unless
 --max_images is raised.
 
+On a CPU of two or more cores whose first batch is even, sampling runs on two JAX devices: each
+even batch as two halves, one per device, an odd last batch on one (imagen_jax.cpu_devices;
+IMAGEN_JAX_CPU_DEVICES=1 keeps one device). The images are one device's up to float rounding.
+
 Exit codes: 0 done; 2 bad input, a bad image or mask included (one line on stderr, nothing
 written); 75 stopped by SIGTERM/SIGINT (finished batches kept; rerun with --skip_existing to
 make the rest).
