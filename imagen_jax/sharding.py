@@ -242,6 +242,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def sampler_inputs(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
+  """Host arrays of one batch (the same leading size, the whole arrays on every process) as
+  global arrays for a sampler inside training: split by row over the mesh (`batch_sharding`)
+  where its devices divide the batch, so each device samples its rows, else replicated (every
+  device samples them all). The sampler's outputs are pinned replicated, so every host holds
+  the whole result."""
+  arrays = [np.asarray(a) for a in arrays]
+  sh = batch_sharding(mesh) if len(arrays[0]) % mesh.size == 0 else replicated(mesh)
+  return [jax.make_array_from_callback(a.shape, sh, lambda idx, a=a: a[idx]) for a in arrays]
+
+
 def bytes_per_device(tree: Any, shardings: Any) -> int:
   """Bytes each device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`."""
   total = 0

@@ -1064,8 +1064,9 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   """fn(ema_params, step) -> (uint8 grid, {}) of base-stage samples for fixed prompts (SR
   stages: _make_sr_grid_fn); None when train.sample_every is 0.
 
-  Inputs and output are replicated over the mesh, so every host holds the whole grid (with
-  several processes a sharded output could not be read back on one host).
+  The prompts are split by row over the mesh where its devices divide them
+  (`sharding.sampler_inputs`), and the output is replicated, so every host holds the whole grid
+  (with several processes a sharded output could not be read back on one host).
   """
   if not config.train.sample_every:
     return None
@@ -1083,10 +1084,7 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
 
   out_dir = workdir_path / 'samples'
   everywhere = sharding.replicated(mesh)
-  text_embs, text_mask = (
-    jax.make_array_from_process_local_data(everywhere, np.asarray(a))
-    for a in (text_embs, text_mask)
-  )
+  text_embs, text_mask = sharding.sampler_inputs(mesh, text_embs, text_mask)
   sample_replicated = multihost.compiled_together(
     jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:sample_grid_compiled'
   )
@@ -1111,8 +1109,9 @@ def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   nearest-upsampled, bicubic, the stage's output (EMA params, config.sample settings) and the
   real image. Metrics (means over the images, logged as sr/...): PSNR and SSIM of the output and
   of bicubic against the real image, gain_db = psnr - psnr_bicubic, and consistency_psnr (the
-  output downsampled back against the input). Compiled once with replicated inputs and outputs,
-  then a barrier, as the base grid, so every host holds the whole result.
+  output downsampled back against the input). Compiled once, inputs split by row where the mesh
+  divides them and outputs replicated, then a barrier, as the base grid, so every host holds the
+  whole result.
   """
   from imagen_jax.data import preprocess
   from imagen_jax.evaluate import sr as sr_eval
@@ -1123,10 +1122,7 @@ def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   lowres = preprocess.to_float(heldout.lowres)  # [N, r, r, 3]
   real = preprocess.to_float(heldout.images)  # [N, R, R, 3]
   everywhere = sharding.replicated(mesh)
-  inputs = [
-    jax.make_array_from_process_local_data(everywhere, np.asarray(a))
-    for a in (text_embs, text_mask, lowres, real)
-  ]
+  inputs = sharding.sampler_inputs(mesh, text_embs, text_mask, lowres, real)
   eval_fn = sr_eval.make_sr_eval_fn(config, graphdef, cascade.SamplingOptions.from_config(config))
   eval_replicated = multihost.compiled_together(
     jax.jit(eval_fn, out_shardings=everywhere), 'imagen_jax:sr_grid_compiled'

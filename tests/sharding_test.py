@@ -1,4 +1,5 @@
-"""Mesh construction, logical-axis rules and sharded U-Net forward on 8 fake CPU devices."""
+"""Mesh construction, logical-axis rules, sharded U-Net forward and sampling placements on 8 fake
+CPU devices."""
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,46 @@ def test_conv_ohwi_state_layout_keeps_values_and_shards(tiny):
   # on outputs O(1), the same as with row-major kernels (bit-equal to it here); 1e-4 as in
   # test_sharded_forward_matches_unsharded, while a transposed kernel is O(0.1-1) off.
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('shape', MESHES)
+def test_sampler_inputs_split_rows_the_mesh_divides_else_replicate(shape):
+  mesh = sharding.make_mesh({'data': shape[0], 'fsdp': shape[1]})
+  text = np.arange(8 * 3 * 2, dtype=np.float32).reshape(8, 3, 2)
+  mask = np.arange(8 * 3).reshape(8, 3) % 2 == 0
+  for rows, split in ((8, True), (16, True), (3, False)):
+    picked = np.arange(rows) % 8
+    arrays = sharding.sampler_inputs(mesh, text[picked], mask[picked])
+    for got, want in zip(arrays, (text[picked], mask[picked]), strict=True):
+      np.testing.assert_array_equal(np.asarray(got), want)
+      assert got.sharding == (sharding.batch_sharding(mesh) if split else sharding.replicated(mesh))
+      assert {s.data.shape[0] for s in got.addressable_shards} == {rows // 8 if split else rows}
+
+
+def test_batch_devices_split_what_they_divide_and_put_the_rest_on_the_first():
+  from imagen_jax import cascade
+
+  devices = cascade.BatchDevices(jax.devices()[:2])
+  params = jax.device_put({'w': jnp.float32(3.0)}, devices.params_sharding)
+  sample_fn = jax.jit(lambda params, x, rng: x * params['w'] + jax.random.normal(rng, x.shape))
+  x = np.arange(6, dtype=np.float32).reshape(6, 1)
+  rng = jax.random.key(0)
+  want = np.asarray(jax.jit(sample_fn.__wrapped__)({'w': 3.0}, x, rng))  # one device
+  assert devices.splits(6) and not devices.splits(5)
+  assert (devices.describe(True), devices.describe(False)) == (
+    ' over 2 devices',
+    ' on the first device',
+  )
+  fn, placed, put = devices.place(sample_fn, params, split=True)
+  out = fn(placed, put(x), rng)
+  assert out.sharding.spec == P('batch') and len(out.sharding.device_set) == 2
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)  # the same noise, by index
+  assert devices.place(sample_fn, params, split=True)[0] is fn  # compiled once per sampler
+  fn, placed, put = devices.place(sample_fn, params, split=False)
+  assert placed['w'].devices() == {jax.devices()[0]}  # the first device's replica
+  out = fn(placed, put(x[:5]), rng)
+  assert out.devices() == {jax.devices()[0]}
+  want_odd = np.asarray(jax.jit(sample_fn.__wrapped__)({'w': 3.0}, x[:5], rng))
+  np.testing.assert_allclose(np.asarray(out), want_odd, rtol=1e-6)
+  one = cascade.BatchDevices(jax.devices()[:1])
+  assert one.mesh is None and not one.splits(4) and one.describe(True) == ''

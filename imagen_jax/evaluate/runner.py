@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
@@ -125,7 +124,7 @@ def generate(
   batches are placed by it (`params` on its params_sharding); None: as `params` and jax place
   them."""
   n = len(text_embs)
-  put = jnp.asarray
+  put = np.asarray  # host rows: a jitted sample_fn places them, _mesh_sampler splits them
   if devices is not None:
     sample_fn, params, put = devices.place(sample_fn, params, devices.splits(batch_size))
   out = []
@@ -137,20 +136,18 @@ def generate(
   return np.concatenate(out)
 
 
-def _replicated_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-  """sample_fn over a mesh that spans several processes: text inputs and images replicated, so
-  every process holds the whole batch; compiled on the first call, then a barrier, so that the
-  processes start its collectives together."""
+def _mesh_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """sample_fn over the training mesh (one or several processes): text inputs split by row where
+  the mesh divides the batch (`sharding.sampler_inputs`), images replicated, so every process
+  holds the whole batch; compiled on the first call, then a barrier, so that the processes start
+  its collectives together."""
   everywhere = sharding.replicated(mesh)
   run = multihost.compiled_together(
     jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:eval_sampler_compiled'
   )
 
   def sample(params, text_embs, text_mask, rng):
-    text_embs, text_mask = (
-      jax.make_array_from_process_local_data(everywhere, np.asarray(a))
-      for a in (text_embs, text_mask)
-    )
+    text_embs, text_mask = sharding.sampler_inputs(mesh, text_embs, text_mask)
     return run(params, text_embs, text_mask, rng)
 
   return sample
@@ -372,10 +369,11 @@ def make_train_eval_fn(
   sample sizes (real test images score ~19 at 40 samples, ~1.7 at 359): read it as a trend
   across steps, and use evaluate.py (--num 500) for the comparison with the real floor.
 
-  With several processes (`mesh`: the training mesh), every process calls it at the same steps:
-  the samples are computed over the mesh with replicated inputs and outputs (compiled once, then
-  a barrier, as the training sample grids), so every process scores the same images with the
-  same judge (trained and cached by process 0 first).
+  `mesh` (train.py passes the training mesh): the samples are computed over it, each batch split
+  by row where its devices divide it, with replicated outputs (compiled once, then a barrier, as
+  the training sample grids). With several processes every process calls it at the same steps,
+  so every process scores the same images with the same judge (trained and cached by process 0
+  first).
   """
   if int(config.train.get('eval_every', 0)) <= 0:
     return None
@@ -399,8 +397,8 @@ def make_train_eval_fn(
   text_embs, text_mask = encode_prompts(config, list(prompts.prompts))
   options = cascade.SamplingOptions.from_config(config)
   sample_fn = cascade.make_stage_sampler(config, graphdef, options)
-  if jax.process_count() > 1:
-    sample_fn = _replicated_sampler(sample_fn, mesh)
+  if mesh is not None:  # the training mesh: the params live on it
+    sample_fn = _mesh_sampler(sample_fn, mesh)
   batch_size = max(1, min(num, int(config.train.batch_size)))
   seed = int(config.seed)
 
