@@ -25,7 +25,7 @@ import ml_collections
 import ml_dtypes
 import numpy as np
 
-from imagen_jax import cascade, multihost, sharding, stage
+from imagen_jax import cascade, compile_events, multihost, sharding, stage
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import scoring
@@ -118,11 +118,12 @@ def generate(
   seed: int,
   batch_size: int,
   devices: cascade.BatchDevices | None = None,
+  compiles: compile_events.Compiles | None = None,
 ) -> np.ndarray:
   """[N, R, R, 3] images in [-1, 1], sampled in batches of `batch_size` (the last one padded,
   so one compiled shape); non-finite values are kept (the caller counts them). `devices`: the
   batches are placed by it (`params` on its params_sharding); None: as `params` and jax place
-  them."""
+  them. `compiles`: the sampler's compiles are added to it (imagen_jax.compile_events)."""
   n = len(text_embs)
   put = np.asarray  # host rows: a jitted sample_fn places them, _mesh_sampler splits them
   if devices is not None:
@@ -131,7 +132,11 @@ def generate(
   for b, start in enumerate(range(0, n, batch_size)):
     rows = np.arange(start, start + batch_size).clip(max=n - 1)
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), 0)
-    images = sample_fn(params, put(text_embs[rows]), put(text_mask[rows]), rng)
+    args = (params, put(text_embs[rows]), put(text_mask[rows]), rng)
+    with compile_events.counting() as made:  # the sampler's own compile
+      images = sample_fn(*args)
+    if compiles is not None:
+      compiles.add(made)
     out.append(np.asarray(images)[: min(batch_size, n - start)])
   return np.concatenate(out)
 
@@ -281,6 +286,7 @@ def run(req: EvalRequest) -> dict:
   prompts = scoring.prompt_set(req.num)
   text_embs, text_mask = encode_prompts(st.config, list(prompts.prompts))
   t0 = time.perf_counter()
+  compiles = compile_events.Compiles()
   images = generate(
     st.sample_fn,
     st.params,
@@ -289,14 +295,16 @@ def run(req: EvalRequest) -> dict:
     seed=req.seed,
     batch_size=req.batch_size,
     devices=devices,
+    compiles=compiles,
   )
   sampling_seconds = time.perf_counter() - t0
   log.info(
-    'Sampled %d images in %.1f s, batches of %d%s.',
+    'Sampled %d images in %.1f s, batches of %d%s, compile included (the sampler %s).',
     len(images),
     sampling_seconds,
     req.batch_size,
     devices.describe(devices.splits(req.batch_size)),
+    compiles.summary(),
   )
   images, num_nonfinite = _finite(images)
   reference = scoring.Reference.build(judge)
