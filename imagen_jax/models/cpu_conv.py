@@ -24,9 +24,10 @@ the batch into the width would cross a batch-sharded mesh axis), float32, stride
 batch, images 33-64 wide (narrower ones stay one tile once folded) and 64 input or output
 channels (other widths tile differently: 24, 32, 40, 48 and 96 channels gained nothing).
 Training on a CPU of two or more cores runs on two devices (`imagen_jax.cpu_devices`), whose
-two streams of operations fill the cores between them, so this applies to sampling and to
-one-device training; folded on two devices as well, small64's training step was no faster
-(1.43-1.47 s against 1.38-1.44 s, interleaved runs).
+two streams of operations fill the cores between them, and so does sampling whose first batch
+is even; this applies where a process has one device (IMAGEN_JAX_CPU_DEVICES=1, one core, or
+sampling an odd first batch). Folded on two devices as well, small64's training step was no
+faster (1.43-1.47 s against 1.38-1.44 s, interleaved runs).
 """
 
 from __future__ import annotations
