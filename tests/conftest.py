@@ -50,6 +50,13 @@ def cli_env(devices: int = 1) -> dict[str, str]:
   return env
 
 
+def with_cpu_devices(env: dict[str, str], n: int) -> dict[str, str]:
+  """`env` (a `cli_env`) for an entry point that configures its own CPU devices: no device
+  count in XLA_FLAGS, IMAGEN_JAX_CPU_DEVICES=n (imagen_jax.cpu_devices)."""
+  env = {k: v for k, v in env.items() if k != 'XLA_FLAGS'}
+  return {**env, 'IMAGEN_JAX_CPU_DEVICES': str(n)}
+
+
 def free_port() -> int:
   """A localhost TCP port free now (for a JAX coordinator); skips the test where none can be
   bound (a sandbox without networking)."""

@@ -20,7 +20,7 @@ from configs import base64, sr256
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import metrics, runner, scoring
-from tests.conftest import REPO_ROOT, cli_env
+from tests.conftest import REPO_ROOT, cli_env, with_cpu_devices
 
 CHANCE = 1 / digits.NUM_CLASSES
 
@@ -241,12 +241,12 @@ def tiny_run(tmp_path_factory, judge):
   return shared
 
 
-def evaluate(shared, *args, module=False):
+def evaluate(shared, *args, module=False, env=None):
   entry = ['-m', 'imagen_jax.evaluate'] if module else ['evaluate.py']
   return subprocess.run(
     [sys.executable, *entry, f'--judge_dir={shared["judge_dir"]}', *args],
     cwd=REPO_ROOT,
-    env=shared['env'],
+    env=env or shared['env'],
     capture_output=True,
     text=True,
     timeout=900,
@@ -297,15 +297,8 @@ def test_evaluate_on_two_cpu_devices_matches_one(tiny_run, tmp_path):
   assert one.returncode == 0, one.stderr[-3000:]
   made = r'of 10, compile included \(the sampler (compiled|loaded from the persistent [a-z ]+)\)\.'
   assert re.search(made, one.stderr), one.stderr[-3000:]  # compile_events: either, by cache
-  env = {k: v for k, v in tiny_run['env'].items() if k != 'XLA_FLAGS'}
-  two = subprocess.run(
-    [sys.executable, 'evaluate.py', f'--judge_dir={tiny_run["judge_dir"]}', *args]
-    + [f'--out={tmp_path / "two.json"}'],
-    cwd=REPO_ROOT,
-    env={**env, 'IMAGEN_JAX_CPU_DEVICES': '2'},
-    capture_output=True,
-    text=True,
-    timeout=900,
+  two = evaluate(
+    tiny_run, *args, f'--out={tmp_path / "two.json"}', env=with_cpu_devices(tiny_run['env'], 2)
   )
   assert two.returncode == 0, two.stderr[-3000:]
   assert 'CPU devices: 2' in two.stderr and 'batches of 10 over 2 devices, compile' in two.stderr

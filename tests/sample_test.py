@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, cli_env
+from tests.conftest import REPO_ROOT, cli_env, with_cpu_devices
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('sample')]
 
@@ -58,11 +58,11 @@ def runs(tmp_path_factory):
   return {'root': root, 'env': env, 'base': root / 'base', 'sr': root / 'sr'}
 
 
-def sample(runs, *args):
+def sample(runs, *args, env=None):
   return subprocess.run(
     [sys.executable, 'sample.py', *args],
     cwd=REPO_ROOT,
-    env=runs['env'],
+    env=env or runs['env'],
     capture_output=True,
     text=True,
     timeout=900,
@@ -132,15 +132,7 @@ def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
   one = runs['root'] / 'devices_one'
   assert sample(runs, *args, f'--out={one}').returncode == 0
   two = runs['root'] / 'devices_two'
-  env = {k: v for k, v in runs['env'].items() if k != 'XLA_FLAGS'}
-  proc = subprocess.run(
-    [sys.executable, 'sample.py', *args, f'--out={two}'],
-    cwd=REPO_ROOT,
-    env={**env, 'IMAGEN_JAX_CPU_DEVICES': '2'},
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
+  proc = sample(runs, *args, f'--out={two}', env=with_cpu_devices(runs['env'], 2))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'CPU devices: 2' in proc.stderr, proc.stderr[-3000:]
   assert 'batch 1/2: sampled 4 images over 2 devices, wrote 4.' in proc.stderr
