@@ -122,7 +122,7 @@ def choose(
     if n < 1:
       raise ValueError(
         f'{SETTING}={environ[SETTING]!r} is not a setting: use a positive number of CPU devices '
-        "(1: one device), or unset it (or 'auto') to let training choose."
+        "(1: one device), or unset it (or 'auto') for the automatic choice."
       )
     why = host_memory.accelerator_reason(environ)
     if why is not None:
