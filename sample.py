@@ -157,9 +157,14 @@ def main(argv):
     mask=FLAGS.mask,
     resample=_numbers(FLAGS.resample, int, 'resample'),
   )
-  # Two CPU devices when the first batch splits over them (imagen_jax.cpu_devices), before
-  # JAX's backend starts.
-  cli.split_cpu_devices(sample_lib.first_batch_size(req), None, distributed=FLAGS.distributed)
+  # Two CPU devices when the first batch splits over them and two copies of the params fit
+  # (imagen_jax.cpu_devices), before JAX's backend starts.
+  cli.split_cpu_devices(
+    sample_lib.first_batch_size(req),
+    None,
+    distributed=FLAGS.distributed,
+    copy_bytes=lambda: sample_lib.params_bytes(req),
+  )
   if FLAGS.distributed:
     cli.initialize_distributed()
   cli.enable_compilation_cache()

@@ -33,6 +33,12 @@ cli.define_compilation_cache_flag()
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _replicated_bytes(config) -> int:
+  from imagen_jax import train_lib
+
+  return train_lib.replicated_bytes(config)
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
@@ -40,7 +46,10 @@ def main(argv):
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
   cli.keep_freed_host_buffers()
   cli.split_cpu_devices(
-    FLAGS.config.train.batch_size, FLAGS.config.mesh, distributed=FLAGS.distributed
+    FLAGS.config.train.batch_size,
+    FLAGS.config.mesh,
+    distributed=FLAGS.distributed,
+    copy_bytes=lambda: _replicated_bytes(FLAGS.config),
   )
 
   if FLAGS.distributed:

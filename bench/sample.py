@@ -30,8 +30,9 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
 
 def main(_):
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
-  cpu_devices.configure(FLAGS.batch, None)  # as sample.py: two CPU devices for an even batch
   config = FLAGS.config
+  # As sample.py: two CPU devices for an even batch, where two copies of the params fit.
+  cpu_devices.configure(FLAGS.batch, None, copy_bytes=lambda: stage.params_bytes(config))
   devices = cascade.BatchDevices()
   split = devices.splits(FLAGS.batch)
   graphdef, _ = stage.abstract_model(config)

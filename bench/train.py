@@ -122,7 +122,9 @@ def main(_):
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
     return
   try:  # as train.py: two data-parallel devices on a CPU of two or more cores
-    cpu_devices.configure(config.train.batch_size, config.mesh)
+    cpu_devices.configure(
+      config.train.batch_size, config.mesh, copy_bytes=lambda: train_lib.replicated_bytes(config)
+    )
   except ValueError as e:
     raise SystemExit(f'error: {e}') from e
   mesh = sharding.make_mesh(config.mesh)

@@ -628,6 +628,27 @@ def latest_finished_step(workdir: str | os.PathLike) -> int:
   return step
 
 
+def peek_config(spec: str) -> ml_collections.ConfigDict | None:
+  """The config saved with a run's checkpoint ('RUN' or 'RUN@STEP'), read as a plain file before
+  JAX's backend starts (a CheckpointManager would start it), unverified; None where there is
+  none to read. For estimates only (`cpu_devices`'s memory check); restores use
+  `restore_config`."""
+  try:
+    workdir, step = parse_run(spec)
+    root = checkpoint_dir(workdir)
+    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if step is None else [step]
+  except (CheckpointError, OSError):
+    return None
+  for s in sorted(steps, reverse=True):  # orbax names a finished step by its number alone
+    try:
+      raw = json.loads((root / str(s) / 'config' / 'metadata').read_text())
+    except (OSError, ValueError):
+      continue
+    if isinstance(raw, dict):
+      return ml_collections.ConfigDict(raw)
+  return None
+
+
 def config_differences(
   saved: ml_collections.ConfigDict | dict,
   current: ml_collections.ConfigDict | dict,

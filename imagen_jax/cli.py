@@ -5,6 +5,7 @@ ill-typed override) is one line on stderr and exit code 2, never a traceback.
 """
 
 import importlib.util
+import logging
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -98,15 +99,28 @@ def keep_freed_host_buffers() -> None:
     fail(str(e))
 
 
-def split_cpu_devices(batch_size: int, mesh, *, distributed: bool) -> None:
+def split_cpu_devices(
+  batch_size: int, mesh, *, distributed: bool, copy_bytes: Callable[[], int | None] | None = None
+) -> None:
   """`cpu_devices.configure` for an entry point (two data-parallel devices on a CPU of two or
   more cores, see its docstring; train.py passes its batch size and mesh, sample.py its first
-  batch and mesh=None): a bad IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one
-  line and exit code 2. Call it before JAX's backend starts."""
+  batch and mesh=None; copy_bytes: what each device would hold a copy of): a bad
+  IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one line and exit code 2. Call
+  it before JAX's backend starts. A copy_bytes that fails counts as unknown: the config's own
+  errors are reported where it is used."""
   from imagen_jax import cpu_devices
 
+  def estimate() -> int | None:
+    try:
+      return copy_bytes()
+    except Exception as e:  # noqa: BLE001 - an estimate; the real use reports the problem
+      logging.getLogger(__name__).debug('CPU devices: no memory estimate (%s)', e)
+      return None
+
   try:
-    cpu_devices.configure(batch_size, mesh, distributed=distributed)
+    cpu_devices.configure(
+      batch_size, mesh, distributed=distributed, copy_bytes=copy_bytes and estimate
+    )
   except ValueError as e:
     fail(str(e))
 

@@ -34,7 +34,12 @@ and otherwise leaves JAX's default of one:
   JAX_NUM_CPU_DEVICES or jax's `jax_num_cpu_devices`);
 - at least two cores are usable (the process's CPU affinity);
 - the config can use two: an even train.batch_size and a mesh that two devices fill (sampling:
-  an even first batch).
+  an even first batch);
+- memory for the second copy: each device holds its own copy of what is replicated (training:
+  params, EMA, gradients and optimizer state; sampling: the params of every stage), so two
+  copies must take at most half of the memory available (`host_memory.available_bytes`). Where
+  they would not, one device keeps one copy: base64's 1,610M float32 params are 6.4 GB, and a
+  cascade's three stages 12 GB.
 
 IMAGEN_JAX_CPU_DEVICES=N (a positive integer) asks for N devices on the CPU backend; a training
 batch or mesh that N devices cannot take is refused (ValueError) instead of being changed
@@ -46,7 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from imagen_jax import host_memory
@@ -55,6 +60,10 @@ log = logging.getLogger(__name__)
 
 SETTING = 'IMAGEN_JAX_CPU_DEVICES'
 AUTO_DEVICES = 2
+# The automatic choice takes two devices only when their copies of the replicated state fit in
+# this share of the memory available (the rest: activations, the sampler's or step's temporaries).
+MEMORY_SHARE = 0.5
+_MEMORY = 'memory: '
 _XLA_FLAG = '--xla_force_host_platform_device_count'
 
 
@@ -95,6 +104,29 @@ def _unfit(n: int, batch_size: int, mesh: Any) -> str | None:
   return None
 
 
+def _memory_short(
+  n: int, copy_bytes: Callable[[], int | None] | None, available: int | None
+) -> str | None:
+  """Why n copies of the replicated bytes do not fit in MEMORY_SHARE of the memory available
+  (None: they fit, or either figure is unknown)."""
+  if copy_bytes is None:
+    return None
+  available = host_memory.available_bytes() if available is None else available
+  if available is None:
+    return None
+  each = copy_bytes()
+  if each is None or n * each <= MEMORY_SHARE * available:
+    return None
+  return (
+    f'{_MEMORY}{n} copies of the {_size(each)} that every device holds would take more than '
+    f'{MEMORY_SHARE:.0%} of the {_size(available)} of memory available'
+  )
+
+
+def _size(n: int) -> str:
+  return f'{n / 1e9:.1f} GB' if n >= 1e9 else f'{n / 1e6:.0f} MB'
+
+
 def choose(
   batch_size: int,
   mesh: Any,
@@ -102,6 +134,8 @@ def choose(
   distributed: bool = False,
   environ: Mapping[str, str] | None = None,
   cores: int | None = None,
+  copy_bytes: Callable[[], int | None] | None = None,
+  available: int | None = None,
 ) -> tuple[int | None, str]:
   """(number of CPU devices to configure, or None to leave JAX's default; the reason).
 
@@ -109,6 +143,10 @@ def choose(
   of its first batch: the automatic choice then takes two devices only when they split that
   batch, and an explicit count is taken whatever the batches (sample_lib samples a batch that
   the devices do not split on one of them).
+
+  copy_bytes() gives the bytes each device holds a copy of (None: unknown, not checked); it is
+  called only when everything else allows two devices. available: the memory free for the
+  process (default `host_memory.available_bytes()`).
 
   ValueError for a bad IMAGEN_JAX_CPU_DEVICES, a count the config cannot use, or a count asked
   for after JAX's backend started."""
@@ -154,17 +192,28 @@ def choose(
   unfit = _unfit(AUTO_DEVICES, batch_size, mesh)
   if unfit:
     return None, unfit
+  too_big = _memory_short(AUTO_DEVICES, copy_bytes, available)
+  if too_big:
+    return None, too_big
   return AUTO_DEVICES, f'{cores} cores; {SETTING}=1 for one device'
 
 
 def configure(
-  batch_size: int, mesh: Any, *, distributed: bool = False, environ: Mapping[str, str] | None = None
+  batch_size: int,
+  mesh: Any,
+  *,
+  distributed: bool = False,
+  environ: Mapping[str, str] | None = None,
+  copy_bytes: Callable[[], int | None] | None = None,
 ) -> int | None:
   """Apply `choose` (see the module docstring) before JAX's backend starts; returns the count
   set (None: JAX's default). ValueError as `choose`."""
-  n, reason = choose(batch_size, mesh, distributed=distributed, environ=environ)
+  n, reason = choose(
+    batch_size, mesh, distributed=distributed, environ=environ, copy_bytes=copy_bytes
+  )
   if n is None:
-    log.debug('CPU devices: left as they are (%s)', reason)
+    level = logging.INFO if reason.startswith(_MEMORY) else logging.DEBUG  # worth knowing
+    log.log(level, 'CPU devices: left as they are (%s)', reason)
     return None
   import jax
 

@@ -84,6 +84,45 @@ def accelerator_reason(environ: Mapping[str, str] | None = None) -> str | None:
   return None
 
 
+def _read_int(path: str) -> int | None:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except OSError:
+    return None
+  return int(text) if text.isdigit() else None  # cgroup v2 writes 'max' for no limit
+
+
+def _meminfo_available(path: str) -> int | None:
+  try:
+    with open(path) as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024  # kB
+  except (OSError, ValueError, IndexError):
+    return None
+  return None
+
+
+def available_bytes(root: str = '/') -> int | None:
+  """Memory this process can still take, in bytes (None where it cannot be read: not Linux):
+  the kernel's MemAvailable, or less where the process's cgroup (a container's limit, v2 or v1)
+  leaves less."""
+  found = []
+  system = _meminfo_available(os.path.join(root, 'proc/meminfo'))
+  if system is not None:
+    found.append(system)
+  for limit_file, usage_file in (
+    ('sys/fs/cgroup/memory.max', 'sys/fs/cgroup/memory.current'),  # v2
+    ('sys/fs/cgroup/memory/memory.limit_in_bytes', 'sys/fs/cgroup/memory/memory.usage_in_bytes'),
+  ):
+    limit = _read_int(os.path.join(root, limit_file))
+    usage = _read_int(os.path.join(root, usage_file))
+    if limit is not None and usage is not None and limit < 2**60:  # v1 writes ~2**63 for none
+      found.append(max(0, limit - usage))
+  return min(found) if found else None
+
+
 def backend_started() -> bool:
   """JAX's backends are initialised (settings read at their start can no longer change)."""
   if 'jax' not in sys.modules:

@@ -196,6 +196,19 @@ def first_batch_size(req: SampleRequest) -> int:
   return max(1, min(req.batch_size, total))
 
 
+def params_bytes(req: SampleRequest) -> int | None:
+  """Bytes of the params of every stage the request samples with (all are held at once), from
+  the configs saved with their checkpoints, before JAX's backend starts; None when a config
+  cannot be read (`run` then says why)."""
+  total = 0
+  for spec in req.checkpoints[: req.stop_at or len(req.checkpoints)]:
+    config = checkpoints.peek_config(spec)
+    if config is None:
+      return None
+    total += stage.params_bytes(config)
+  return total
+
+
 def validate_edit(req: SampleRequest) -> None:
   """The editing options, and every init image and the mask decoded and checked."""
   if req.strength is not None and not 0.0 < req.strength <= 1.0:  # also refuses NaN

@@ -63,6 +63,16 @@ def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx
   return graphdef, params
 
 
+def nbytes(tree) -> int:
+  """Bytes of a tree of arrays or abstract arrays (ShapeDtypeStruct)."""
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
+
+
+def params_bytes(config: ml_collections.ConfigDict) -> int:
+  """Bytes of the stage's params, from their abstract shapes (JAX's backend is not started)."""
+  return nbytes(abstract_model(config)[1])
+
+
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> nnx.State:
   """Freshly initialised params (call under jax.jit with out_shardings to shard at birth)."""
   model = unet.UNet(model_config(config), rngs=nnx.Rngs(rng))

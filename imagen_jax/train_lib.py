@@ -112,6 +112,14 @@ def abstract_train_state(
   return graphdef, abstract, shardings, init
 
 
+def replicated_bytes(config: ml_collections.ConfigDict) -> int:
+  """Bytes a data-parallel device holds a copy of in training: params, EMA, gradients and the
+  optimizer state, from abstract shapes (JAX's backend is not started; `cpu_devices` uses it)."""
+  _, params = stage.abstract_model(config)
+  tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  return 3 * stage.nbytes(params) + stage.nbytes(jax.eval_shape(tx.init, params))
+
+
 def create_train_state(
   config: ml_collections.ConfigDict, tx: optax.GradientTransformation, mesh
 ) -> tuple[nnx.GraphDef, TrainState, TrainState]:

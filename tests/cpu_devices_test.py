@@ -71,6 +71,74 @@ def test_left_alone_for_several_processes_an_accelerator_plugin_or_a_started_bac
   assert n is None and 'already started' in reason
 
 
+def test_two_devices_only_where_two_copies_fit_in_half_the_memory():
+  gb = 10**9
+  calls = []
+
+  def copy_bytes(n):
+    return lambda: calls.append(n) or n
+
+  fits = cpu_devices.choose(
+    4, MESH, environ=CPU, cores=2, copy_bytes=copy_bytes(3 * gb), available=12 * gb
+  )
+  assert fits[0] == 2, fits
+  n, reason = cpu_devices.choose(
+    4, None, environ=CPU, cores=2, copy_bytes=copy_bytes(6_438_885_388), available=24 * gb
+  )
+  assert n is None, reason
+  assert reason == (
+    'memory: 2 copies of the 6.4 GB that every device holds would take more than 50% of the '
+    '24.0 GB of memory available'
+  )
+  # Unknown bytes or memory: the other conditions decide.
+  unknown = cpu_devices.choose(4, MESH, environ=CPU, cores=2, copy_bytes=lambda: None, available=gb)
+  assert unknown[0] == 2
+  assert calls == [3 * gb, 6_438_885_388]
+  # The estimate runs only when everything else allows two devices; an explicit count is taken.
+  odd = cpu_devices.choose(3, MESH, environ=CPU, cores=2, copy_bytes=copy_bytes(gb), available=1)
+  assert odd[0] is None
+  env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}
+  assert cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=1)[0] == 2
+  assert calls == [3 * gb, 6_438_885_388]
+
+
+def test_a_failing_estimate_counts_as_unknown(monkeypatch):
+  from imagen_jax import cli
+
+  seen = {}
+
+  def configure(batch_size, mesh, *, distributed, copy_bytes):
+    seen['bytes'] = copy_bytes()
+
+  monkeypatch.setattr(cpu_devices, 'configure', configure)
+
+  def broken():
+    raise ValueError('unknown model preset')
+
+  cli.split_cpu_devices(4, None, distributed=False, copy_bytes=broken)
+  assert seen == {'bytes': None}
+
+
+def test_available_memory_is_the_least_of_the_system_and_the_cgroup(tmp_path):
+  def write(rel, text):
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+  assert host_memory.available_bytes(str(tmp_path)) is None  # nothing readable
+  write('proc/meminfo', 'MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n')
+  assert host_memory.available_bytes(str(tmp_path)) == 20_000_000 * 1024
+  write('sys/fs/cgroup/memory.max', 'max\n')  # cgroup v2 without a limit
+  write('sys/fs/cgroup/memory.current', '5000000000\n')
+  assert host_memory.available_bytes(str(tmp_path)) == 20_000_000 * 1024
+  write('sys/fs/cgroup/memory.max', '8000000000\n')  # a container's limit
+  assert host_memory.available_bytes(str(tmp_path)) == 3_000_000_000
+  write('sys/fs/cgroup/memory/memory.limit_in_bytes', str(2**63 - 4096))  # v1 without a limit
+  write('sys/fs/cgroup/memory/memory.usage_in_bytes', '1000')
+  assert host_memory.available_bytes(str(tmp_path)) == 3_000_000_000
+  assert host_memory.available_bytes() > 0  # this machine's own
+
+
 def test_an_explicit_count_is_used_or_refused_with_the_fix(monkeypatch):
   assert (
     cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '1'}, cores=8)[0] == 1

@@ -2,6 +2,7 @@
 a two-stage cascade, and every bad input (clear message, non-zero exit, nothing overwritten)."""
 
 import json
+import os
 import pathlib
 import shutil
 import signal
@@ -142,6 +143,66 @@ def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
     diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
     assert diff.max() <= 3 and diff.mean() < 0.25, (a.name, diff.max(), diff.mean())
     assert a.with_suffix('.json').read_text() == b.with_suffix('.json').read_text()
+
+
+_ESTIMATES = """
+import json, sys
+from configs import base64
+from imagen_jax import cli, host_memory, sample_lib, train_lib
+req = sample_lib.SampleRequest(
+  prompts=['a'], checkpoints=sys.argv[1:], out='unused', num_images=2, seed=0, batch_size=2
+)
+sample_bytes = sample_lib.params_bytes(req)
+train_bytes = train_lib.replicated_bytes(base64.get_config('tiny'))
+started = host_memory.backend_started()
+cli.split_cpu_devices(2, None, distributed=False, copy_bytes=lambda: sample_lib.params_bytes(req))
+import jax
+print(json.dumps(dict(sample=sample_bytes, train=train_bytes, started=started,
+                      devices=jax.device_count())))
+"""
+
+
+def test_memory_estimates_read_the_run_folders_before_the_backend_starts(runs):
+  # sample.py and train.py size what two CPU devices would each hold a copy of (cpu_devices'
+  # memory check) before JAX's backend starts, which must stay unstarted for the device count
+  # to apply. The estimates equal the bytes of the real params and train state.
+  import jax
+
+  from configs import base64
+  from imagen_jax import checkpoints, optim, sharding, stage, train_lib
+
+  env = {k: v for k, v in runs['env'].items() if k not in ('XLA_FLAGS', 'IMAGEN_JAX_CPU_DEVICES')}
+  proc = subprocess.run(
+    [sys.executable, '-c', _ESTIMATES, str(runs['base']), str(runs['sr'])],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got['started'] is False
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 1
+  assert got['devices'] == (2 if cores >= 2 else 1), proc.stderr[-3000:]
+
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restored = [
+    checkpoints.restore_params(
+      run, abstract_fn=lambda c: stage.abstract_model(c)[1], sharding=one_device
+    ).params
+    for run in (runs['base'], runs['sr'])
+  ]
+  assert got['sample'] == sum(stage.nbytes(p) for p in restored)
+  config = base64.get_config('tiny')
+  tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
+  _, state, _ = train_lib.create_train_state(
+    config, tx, sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  )
+  p, e, o = state['params'], state['ema_params'], state['opt_state']
+  assert got['train'] == 2 * stage.nbytes(p) + stage.nbytes(e) + stage.nbytes(o)  # + gradients
+  assert checkpoints.peek_config(f'{runs["base"]}@3') is None  # no such step
+  assert checkpoints.peek_config(f'{runs["base"]}@2').train.num_steps == 4
 
 
 def test_two_stage_cascade(runs):

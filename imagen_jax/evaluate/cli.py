@@ -42,6 +42,13 @@ flags.DEFINE_bool('overwrite', False, 'Replace existing --out / --grid files.')
 common_cli.define_compilation_cache_flag()
 
 
+def _params_bytes() -> int | None:
+  from imagen_jax import checkpoints, stage
+
+  config = checkpoints.peek_config(FLAGS.checkpoints)
+  return None if config is None else stage.params_bytes(config)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     print(f'error: unexpected arguments {argv[1:]}; see --helpshort.', file=sys.stderr)
@@ -53,8 +60,10 @@ def main(argv) -> None:
   logging.getLogger('absl').setLevel(logging.WARNING)
   common_cli.keep_freed_host_buffers()
   # Two CPU devices when they split a batch (every batch has --batch_size rows, the last one
-  # padded), before JAX's backend starts (imagen_jax.cpu_devices).
-  common_cli.split_cpu_devices(max(1, FLAGS.batch_size), None, distributed=False)
+  # padded) and two copies of the params fit, before JAX's backend starts (imagen_jax.cpu_devices).
+  common_cli.split_cpu_devices(
+    max(1, FLAGS.batch_size), None, distributed=False, copy_bytes=_params_bytes
+  )
   common_cli.enable_compilation_cache()
   from imagen_jax import checkpoints
   from imagen_jax.evaluate import runner, scoring
