@@ -22,8 +22,9 @@ images (fixed by the prompt order, --num_images and --batch_size), so a rerun wi
 settings and `skip_existing=True` skips every batch whose files all exist (no compute), and
 recomputes a partly-present batch, writing only its missing files: the result is bitwise the
 same as one uninterrupted run (on the same devices). The existing sidecars must record the same
-settings, or the run is refused. `overwrite` (replace everything) and `skip_existing` (keep what
-is there) exclude each other.
+settings, or the run is refused; where they record other devices (`sampled_on`) a warning says
+that the new images match an uninterrupted run only to float rounding. `overwrite` (replace
+everything) and `skip_existing` (keep what is there) exclude each other.
 
 Devices (`cascade.BatchDevices`): a batch that this process's devices divide is split over them
 (sample.py asks for two CPU devices when its first batch is even, imagen_jax.cpu_devices), any
@@ -454,6 +455,10 @@ def encode_prompts(prompts: list[str], stages: Sequence[cascade.Stage]) -> tuple
 
 
 PER_IMAGE_FIELDS = ('prompt', 'image_index', 'init_image')  # sidecar fields that vary by image
+# Where the images were sampled: {'backend': 'cpu', 'devices': 2} (this process's devices; a
+# batch they do not divide ran on the first). It moves float rounding only, so --skip_existing
+# warns about a different one instead of refusing.
+SAMPLED_ON = 'sampled_on'
 
 
 def _edit_settings(req: SampleRequest) -> dict:
@@ -512,9 +517,15 @@ def _differences(recorded, current, prefix: str = '') -> list[str]:
 
 
 def _check_existing_sidecars(
-  req: SampleRequest, paths: Sequence[tuple[pathlib.Path, pathlib.Path]], settings: dict
+  req: SampleRequest,
+  paths: Sequence[tuple[pathlib.Path, pathlib.Path]],
+  settings: dict,
+  sampled_on: dict,
 ) -> None:
-  """--skip_existing: the sidecars already there must record these settings."""
+  """--skip_existing: the sidecars already there must record these settings; a warning when they
+  were sampled on other devices (the new images then match an uninterrupted run's only to float
+  rounding)."""
+  elsewhere = set()
   for _, side in paths:
     if not side.exists():
       continue
@@ -525,6 +536,9 @@ def _check_existing_sidecars(
         f'--skip_existing: sidecar {side} is unreadable ({e}); delete it (its image is then '
         'made again) or choose another --out.'
       ) from e
+    where = recorded.pop(SAMPLED_ON, None)  # absent in sidecars written before it existed
+    if where is not None and where != sampled_on:
+      elsewhere.add(_describe_devices(where))
     recorded = {k: v for k, v in recorded.items() if k not in PER_IMAGE_FIELDS}
     if recorded != settings:
       diffs = _differences(recorded, settings)
@@ -532,6 +546,21 @@ def _check_existing_sidecars(
         f'--skip_existing: {side} was made with other settings ({"; ".join(diffs[:3])}); '
         'rerun with the same seed and settings, choose another --out, or pass --overwrite.'
       )
+
+  if elsewhere:
+    log.warning(
+      '--skip_existing: images in %s were sampled on %s, this run samples on %s: the images it '
+      'adds match an uninterrupted run only to float rounding (IMAGEN_JAX_CPU_DEVICES=N sets '
+      'the CPU device count).',
+      req.out,
+      ' and '.join(sorted(elsewhere)),
+      _describe_devices(sampled_on),
+    )
+
+
+def _describe_devices(where: dict) -> str:
+  n = where.get('devices')
+  return f'{n} {where.get("backend")} device{"" if n == 1 else "s"}'
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
@@ -603,8 +632,9 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
 
   paths, all_jobs = output_paths(req), jobs(req)
   settings = _settings(req, stages)
+  sampled_on = {'backend': jax.default_backend(), 'devices': len(devices.devices)}
   if req.skip_existing:
-    _check_existing_sidecars(req, paths, settings)
+    _check_existing_sidecars(req, paths, settings, sampled_on)
 
   num = len(paths)
   num_batches = -(-num // req.batch_size)
@@ -671,7 +701,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         sidecar = {'prompt': req.prompts[prompt_rows[row]], 'image_index': all_jobs[i].k}
         if edit is not None:
           sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
-        _write_json(side, {**sidecar, **settings})
+        _write_json(side, {**sidecar, **settings, SAMPLED_ON: sampled_on})
     made += written
     skipped += len(batch) - written
     log.info(

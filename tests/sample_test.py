@@ -96,6 +96,7 @@ def test_base_stage_outputs_and_sidecars(runs):
   assert side['prompt'] == 'a red apple' and side['seed'] == 0
   assert side['stages'][0]['steps'] == 3 and side['stages'][0]['step'] == 4  # the latest
   assert side['stages'][0]['sampler'] == 'dpmpp_2m'
+  assert side['sampled_on'] == {'backend': 'cpu', 'devices': 1}
   for noise in ('Sharding info not provided', 'read only', 'read_only', 'Traceback'):
     assert noise not in proc.stderr, proc.stderr[-3000:]
 
@@ -142,7 +143,21 @@ def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
   for a, b in zip(pngs(one), pngs(two), strict=True):
     diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
     assert diff.max() <= 3 and diff.mean() < 0.25, (a.name, diff.max(), diff.mean())
-    assert a.with_suffix('.json').read_text() == b.with_suffix('.json').read_text()
+    side_a, side_b = (json.loads(p.with_suffix('.json').read_text()) for p in (a, b))
+    assert side_a.pop('sampled_on') == {'backend': 'cpu', 'devices': 1}
+    assert side_b.pop('sampled_on') == {'backend': 'cpu', 'devices': 2}
+    assert side_a == side_b
+  # A resume on one device of images sampled on two: made, with a warning that the new image
+  # matches an uninterrupted run only to float rounding.
+  last = pngs(two)[-1]
+  last.unlink()
+  proc = sample(runs, *args, f'--out={two}', '--skip_existing')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (
+    f'--skip_existing: images in {two} were sampled on 2 cpu devices, this run samples on 1 cpu '
+    'device: the images it adds match an uninterrupted run only to float rounding'
+  ) in ' '.join(proc.stderr.split()), proc.stderr[-3000:]
+  assert last.exists() and last.with_suffix('.json').exists()
 
 
 _ESTIMATES = """
