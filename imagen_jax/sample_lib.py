@@ -531,13 +531,15 @@ def _check_existing_sidecars(
       continue
     try:
       recorded = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+      if not isinstance(recorded, dict):
+        raise ValueError('not a JSON object')
+    except (OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
       raise SampleError(
         f'--skip_existing: sidecar {side} is unreadable ({e}); delete it (its image is then '
         'made again) or choose another --out.'
       ) from e
-    where = recorded.pop(SAMPLED_ON, None)  # absent in sidecars written before it existed
-    if where is not None and where != sampled_on:
+    where = recorded.pop(SAMPLED_ON, None)
+    if isinstance(where, dict) and where != sampled_on:  # absent in older sidecars
       elsewhere.add(_describe_devices(where))
     recorded = {k: v for k, v in recorded.items() if k not in PER_IMAGE_FIELDS}
     if recorded != settings:

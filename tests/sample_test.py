@@ -480,6 +480,36 @@ def test_sigterm_keeps_finished_batches_and_says_how_to_resume(runs, tmp_path):
   assert all(f.exists() for f in first_batch) and not (out / '000_02_a-red-apple.png').exists()
 
 
+def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
+  from imagen_jax import sample_lib
+
+  req = sample_lib.SampleRequest(prompts=['a'], checkpoints=['unused'], out=str(tmp_path))
+  settings = {'seed': 0, 'stages': [{'step': 4}]}
+  here = {'backend': 'cpu', 'devices': 1}
+  paths = [(tmp_path / f'{i}.png', tmp_path / f'{i}.json') for i in range(4)]
+
+  def write(i, text):
+    paths[i][1].write_text(text)
+
+  write(0, json.dumps({'prompt': 'a', 'image_index': 0, **settings, 'sampled_on': here}))
+  write(1, json.dumps({'prompt': 'a', 'image_index': 1, **settings}))  # before sampled_on
+  with caplog.at_level('WARNING'):
+    sample_lib._check_existing_sidecars(req, paths, settings, here)
+  assert 'sampled on' not in caplog.text
+  two = {'backend': 'cpu', 'devices': 2}
+  write(2, json.dumps({'prompt': 'a', 'image_index': 2, **settings, 'sampled_on': two}))
+  with caplog.at_level('WARNING'):
+    sample_lib._check_existing_sidecars(req, paths, settings, here)
+  assert 'were sampled on 2 cpu devices, this run samples on 1 cpu device' in caplog.text
+  write(3, json.dumps({'prompt': 'a', 'image_index': 3, **settings, 'seed': 1}))
+  with pytest.raises(sample_lib.SampleError, match=r'3.json was made with other settings \(seed'):
+    sample_lib._check_existing_sidecars(req, paths, settings, here)
+  for bad in ('[1, 2]', '{"prompt": '):
+    write(3, bad)
+    with pytest.raises(sample_lib.SampleError, match=r'3.json is unreadable .*delete it'):
+      sample_lib._check_existing_sidecars(req, paths, settings, here)
+
+
 def test_checkpoint_step_choice(runs, tmp_path):
   """run@N samples kept step N; the sidecar records the step used."""
   out = tmp_path / 'at2'
