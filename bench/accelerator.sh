@@ -83,7 +83,9 @@ for i in $order; do
   fi
   line=$(grep '^{' "$out/point.out" | tail -n 1)
   if [ "$rc" -ne 0 ] || [ -z "$line" ]; then
-    why=$(tail -n 3 "$out/point.err" | tr '\n"\\' "  /" | cut -c 1-600)
+    # One JSON string: quotes and backslashes replaced, all but printable ASCII dropped (tabs,
+    # colour codes, and multibyte characters that the byte cut could split).
+    why=$(tail -n 3 "$out/point.err" | tr '\n\t"\\' '   /' | LC_ALL=C tr -cd ' -~' | cut -c 1-600)
     [ "$rc" -eq 124 ] && why="ran past ${limit}s. $why"
     line="{\"point\": $i, \"args\": \"$args\", \"error\": \"exit $rc: $why\"}"
     tail -n 40 "$out/point.err" >>"$out/errors.log"

@@ -242,3 +242,42 @@ def test_bench_cpu_conv_reports_cores_per_shape():
   )
   bad = run([sys.executable, 'bench/cpu_conv.py', '--shapes=64x64'])
   assert bad.returncode == 2 and 'HxCinxCout' in bad.stderr
+
+
+@pytest.mark.unit
+def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failure(tmp_path):
+  # The GPU session's driver, with a stand-in for python: one point prints its JSON line, one
+  # fails with quotes, a backslash, a tab, an escape code and a non-ASCII dash in its stderr (the
+  # error line must still be JSON), and the set goes on; an unknown point number is refused before any runs.
+  fake = tmp_path / 'python'
+  fake.write_text(
+    '#!/bin/sh\n'
+    'case "$*" in *batch=128*) printf \'bad "x" \\\\ y\\tz\\033[0m \u2014 ok\\n\' >&2; exit 3;; esac\n'
+    'echo "warming up"\n'
+    'echo \'{"img_per_s": 1.0}\'\n'
+  )
+  fake.chmod(0o755)
+  out = tmp_path / 'out'
+  env = {**os.environ, 'PY': str(fake), 'CACHE': str(tmp_path / 'cache'), 'DEADLINE': '600'}
+
+  def run(points):
+    return subprocess.run(
+      ['bash', 'bench/accelerator.sh', str(out)],
+      cwd=REPO_ROOT,
+      env={**env, 'POINTS': points},
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  proc = run('2 1')
+  assert proc.returncode == 0, proc.stderr
+  lines = [json.loads(ln) for ln in (out / 'unet.jsonl').read_text().splitlines()]
+  assert lines[1] == {'img_per_s': 1.0}
+  assert lines[0]['point'] == 2 and '--batch=128' in lines[0]['args']
+  assert lines[0]['error'].startswith('exit 3: bad  x  / y z[0m  ok'), lines[0]
+  assert 'bad' in (out / 'errors.log').read_text()
+  proc = run('1 14')
+  assert proc.returncode == 2
+  assert "point '14' in POINTS/FIRST_POINT does not exist; give numbers 0-13" in proc.stderr
+  assert len((out / 'unet.jsonl').read_text().splitlines()) == 2  # nothing ran
