@@ -43,7 +43,8 @@ and otherwise leaves JAX's default of one:
 
 IMAGEN_JAX_CPU_DEVICES=N (a positive integer) asks for N devices on the CPU backend; a training
 batch or mesh that N devices cannot take is refused (ValueError) instead of being changed
-(sampling takes any N: a batch that N does not divide is sampled on one device).
+(sampling takes any N: a batch that N does not divide is sampled on one device). N copies that
+do not fit the memory check above are taken with a warning in the log.
 """
 
 from __future__ import annotations
@@ -145,8 +146,9 @@ def choose(
   the devices do not split on one of them).
 
   copy_bytes() gives the bytes each device holds a copy of (None: unknown, not checked); it is
-  called only when everything else allows two devices. available: the memory free for the
-  process (default `host_memory.available_bytes()`).
+  called only when everything else allows two devices (or an explicit count above one, which
+  is taken, the reason then saying that the copies do not fit). available: the memory free for
+  the process (default `host_memory.available_bytes()`).
 
   ValueError for a bad IMAGEN_JAX_CPU_DEVICES, a count the config cannot use, or a count asked
   for after JAX's backend started."""
@@ -175,7 +177,8 @@ def choose(
       )
     if host_memory.backend_started():
       raise ValueError(f"{SETTING}={n}: JAX's backend already started; the count is read then.")
-    return n, f'{SETTING}={n}'
+    short = _memory_short(n, copy_bytes, available) if n > 1 else None
+    return n, f'{SETTING}={n}' + (f'; {short}' if short else '')  # taken, with a warning
   why = host_memory.accelerator_reason(environ)
   if why is not None:
     return None, f'the backend may not be the CPU ({why})'
@@ -218,5 +221,6 @@ def configure(
   import jax
 
   jax.config.update('jax_num_cpu_devices', n)
-  log.info('CPU devices: %d, data parallel over the cores (%s)', n, reason)
+  level = logging.WARNING if _MEMORY in reason else logging.INFO  # an explicit count, too big
+  log.log(level, 'CPU devices: %d, data parallel over the cores (%s)', n, reason)
   return n

@@ -97,9 +97,21 @@ def test_two_devices_only_where_two_copies_fit_in_half_the_memory():
   # The estimate runs only when everything else allows two devices; an explicit count is taken.
   odd = cpu_devices.choose(3, MESH, environ=CPU, cores=2, copy_bytes=copy_bytes(gb), available=1)
   assert odd[0] is None
-  env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}
-  assert cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=1)[0] == 2
   assert calls == [3 * gb, 6_438_885_388]
+  # An explicit count is taken; the reason (logged as a warning) says that it does not fit.
+  env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}
+  n, reason = cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=gb)
+  assert n == 2
+  assert reason == (
+    'IMAGEN_JAX_CPU_DEVICES=2; memory: 2 copies of the 1.0 GB that every device holds would '
+    'take more than 50% of the 1.0 GB of memory available'
+  )
+  env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '1'}
+  assert cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=1) == (
+    1,
+    'IMAGEN_JAX_CPU_DEVICES=1',
+  )
+  assert calls == [3 * gb, 6_438_885_388, gb]
 
 
 def test_a_failing_estimate_counts_as_unknown(monkeypatch):
