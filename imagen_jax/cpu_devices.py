@@ -39,7 +39,8 @@ and otherwise leaves JAX's default of one:
   params, EMA, gradients and optimizer state; sampling: the params of every stage), so two
   copies must take at most half of the memory available (`host_memory.available_bytes`). Where
   they would not, one device keeps one copy: base64's 1,610M float32 params are 6.4 GB, and a
-  cascade's three stages 12 GB.
+  cascade's three stages 12 GB. A mesh whose fsdp axis takes both devices (the state split
+  over them, not copied) is not checked.
 
 IMAGEN_JAX_CPU_DEVICES=N (a positive integer) asks for N devices on the CPU backend; a training
 batch or mesh that N devices cannot take is refused (ValueError) instead of being changed
@@ -105,12 +106,23 @@ def _unfit(n: int, batch_size: int, mesh: Any) -> str | None:
   return None
 
 
+def _replicas(n: int, mesh: Any) -> int:
+  """Copies of the state that n devices hold: n / the mesh's fsdp size (sampling, mesh None: n)."""
+  if mesh is None:
+    return n
+  data = int(mesh['data'] if isinstance(mesh, Mapping) else mesh.data)
+  fsdp = int(mesh['fsdp'] if isinstance(mesh, Mapping) else mesh.fsdp)
+  if fsdp == -1:
+    fsdp = n // max(data, 1)
+  return max(1, n // max(fsdp, 1))
+
+
 def _memory_short(
   n: int, copy_bytes: Callable[[], int | None] | None, available: int | None
 ) -> str | None:
   """Why n copies of the replicated bytes do not fit in MEMORY_SHARE of the memory available
-  (None: they fit, or either figure is unknown)."""
-  if copy_bytes is None:
+  (None: they fit, or either figure is unknown; one copy is never checked)."""
+  if copy_bytes is None or n < 2:
     return None
   available = host_memory.available_bytes() if available is None else available
   if available is None:
@@ -177,7 +189,7 @@ def choose(
       )
     if host_memory.backend_started():
       raise ValueError(f"{SETTING}={n}: JAX's backend already started; the count is read then.")
-    short = _memory_short(n, copy_bytes, available) if n > 1 else None
+    short = _memory_short(_replicas(n, mesh), copy_bytes, available)
     return n, f'{SETTING}={n}' + (f'; {short}' if short else '')  # taken, with a warning
   why = host_memory.accelerator_reason(environ)
   if why is not None:
@@ -195,7 +207,7 @@ def choose(
   unfit = _unfit(AUTO_DEVICES, batch_size, mesh)
   if unfit:
     return None, unfit
-  too_big = _memory_short(AUTO_DEVICES, copy_bytes, available)
+  too_big = _memory_short(_replicas(AUTO_DEVICES, mesh), copy_bytes, available)
   if too_big:
     return None, too_big
   return AUTO_DEVICES, f'{cores} cores; {SETTING}=1 for one device'

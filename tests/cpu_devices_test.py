@@ -98,6 +98,13 @@ def test_two_devices_only_where_two_copies_fit_in_half_the_memory():
   odd = cpu_devices.choose(3, MESH, environ=CPU, cores=2, copy_bytes=copy_bytes(gb), available=1)
   assert odd[0] is None
   assert calls == [3 * gb, 6_438_885_388]
+  # The state split over the two devices (fsdp), not copied: no second copy to check.
+  for mesh in ({'data': 1, 'fsdp': -1}, {'data': -1, 'fsdp': 2}):
+    split = cpu_devices.choose(
+      8, mesh, environ=CPU, cores=2, copy_bytes=copy_bytes(gb), available=1
+    )
+    assert split[0] == 2, split
+  assert calls == [3 * gb, 6_438_885_388]
   # An explicit count is taken; the reason (logged as a warning) says that it does not fit.
   env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}
   n, reason = cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=gb)
