@@ -37,7 +37,16 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import cpu_devices, host_memory, optim, precompute, sharding, stage, train_lib
+from imagen_jax import (
+  cpu_devices,
+  device_memory,
+  host_memory,
+  optim,
+  precompute,
+  sharding,
+  stage,
+  train_lib,
+)
 from imagen_jax import flops as flops_lib
 from imagen_jax.data import pipeline
 
@@ -76,19 +85,8 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
     lowered = step_fn.lower(train_lib.abstract_with_shardings(abstract, state_sh), abstract_batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  memory = None
-  if mem is not None:
-    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-    memory = {
-      'argument_gb': round(arg / 1e9, 3),
-      'output_gb': round(out / 1e9, 3),
-      'temp_gb': round(temp / 1e9, 3),
-      'alias_gb': round(alias / 1e9, 3),
-      'total_gb': round((arg + out + temp - alias) / 1e9, 3),
-      'per_device': True,
-    }
+  mem = device_memory.analyse(compiled)
+  memory = None if mem is None else {**mem.as_gb(), 'per_device': True}
   d = config.data
   return {
     'bench': 'train_memory',

@@ -216,7 +216,7 @@ def main(argv=None) -> dict | list[dict]:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
   from configs import common
-  from imagen_jax import compile_events, optim, sharding, stage, train_lib
+  from imagen_jax import compile_events, device_memory, optim, sharding, stage, train_lib
   from imagen_jax import flops as flops_lib
   from imagen_jax.models import layers, unet
 
@@ -365,21 +365,10 @@ def main(argv=None) -> dict | list[dict]:
     for impl in attention.values():
       attention_counts[impl] = attention_counts.get(impl, 0) + 1
 
-    mem = compiled.memory_analysis()
+    mem = device_memory.analyse(compiled)
     memory = None
     if mem is not None:
-      arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-      temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
-      total = arg + out + temp - alias
-      memory = {
-        'argument_gb': arg / 1e9,
-        'output_gb': out / 1e9,
-        'temp_gb': temp / 1e9,
-        'alias_gb': alias / 1e9,
-        'total_gb': total / 1e9,
-        'total_bytes': int(total),
-        'per_device': True,
-      }
+      memory = {**mem.as_gb(digits=6), 'total_bytes': mem.total, 'per_device': True}
     xla_flops = train_lib.compiled_flops(compiled)
     count = flops_lib.unet_flops(config, batch=b, resolution=r, text_len=n_text)
     model_flops, hardware_flops = count.train, count.train_hardware(config.remat)

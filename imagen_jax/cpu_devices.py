@@ -56,7 +56,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from imagen_jax import host_memory
+from imagen_jax import device_memory, host_memory
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,11 @@ def _memory_short(
   each = copy_bytes()
   if each is None or n * each <= MEMORY_SHARE * available:
     return None
+  size = device_memory.size_text
   return (
-    f'{_MEMORY}{n} copies of the {_size(each)} that every device holds would take more than '
-    f'{MEMORY_SHARE:.0%} of the {_size(available)} of memory available'
+    f'{_MEMORY}{n} copies of the {size(each)} that every device holds would take more than '
+    f'{MEMORY_SHARE:.0%} of the {size(available)} of memory available'
   )
-
-
-def _size(n: int) -> str:
-  return f'{n / 1e9:.1f} GB' if n >= 1e9 else f'{n / 1e6:.0f} MB'
 
 
 def choose(

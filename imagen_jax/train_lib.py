@@ -35,6 +35,7 @@ from imagen_jax import (
   cascade,
   checkpoints,
   compile_events,
+  device_memory,
   images,
   multihost,
   optim,
@@ -457,6 +458,17 @@ class CompiledSteps:
     else:
       log.info('Train step for text length %d %s in %.1f s.', text_length, made.summary(), seconds)
       multihost.barrier('imagen_jax:train_step_recompiled')
+    devices = jax.local_devices()
+    if devices[0].platform == 'cpu':
+      fixes = 'Lower train.batch_size (XLA:CPU keeps remat from lowering its peak).'
+    else:
+      fixes = (
+        'Lower train.batch_size, set model.remat=True, split the state over more devices '
+        '(mesh.fsdp), or use optim.optimizer=adafactor.'
+      )
+    device_memory.log_check(
+      compiled, devices, what=f'Train step memory (text length {text_length})', fixes=fixes
+    )
     flops = None if self.config is None else step_flops(self.config, batch)
     self.compiled[key] = (compiled, flops)
     self.text_lengths.append(text_length)

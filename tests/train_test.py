@@ -171,7 +171,11 @@ def test_resume_on_a_different_device_count(shared, uninterrupted):
 
 def test_four_devices_match_one_device(shared, uninterrupted):
   workdir = shared['root'] / 'four'
-  run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)
+  # The compiled step's memory is logged (imagen_jax.device_memory): on CPU, the four devices'
+  # outputs and temporaries against the host memory available.
+  line = re.search(r'Train step memory \(text length \d+\): per device .*', proc.stderr)
+  assert line and 'of temporaries;' in line.group(0) and 'available.' in line.group(0), line
   got, reference = losses(workdir), losses(uninterrupted)
   # f32 reductions in a different order over 6 steps of Adam at lr 1e-3: losses ~0.5 differ by
   # 1 ulp (measured 3e-8); rtol 1e-4 leaves > 1000x (was 2e-3, loose enough to hide a bug).

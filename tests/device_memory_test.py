@@ -1,0 +1,90 @@
+"""device_memory: a compiled program's memory from XLA, and the warning when it will not fit."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from imagen_jax import device_memory
+
+pytestmark = pytest.mark.unit
+
+FIXES = 'Lower train.batch_size.'
+
+
+def _compiled():
+  def f(x):  # exp(x) feeds two products: a 1 MiB temporary
+    t = jnp.exp(x)
+    return (t @ t[:8].T).sum(0) + (t.T @ t[:, :8]).sum(1)[:8]
+
+  x = jnp.zeros((256, 1024), jnp.float32)  # a 1 MiB argument
+  return jax.jit(f).lower(x).compile()
+
+
+def test_the_analysis_of_a_compiled_program():
+  mem = device_memory.analyse(_compiled())
+  assert mem.argument == 256 * 1024 * 4 and mem.output == 8 * 4
+  assert mem.temp >= 256 * 1024 * 4
+  assert mem.total == mem.argument + mem.output + mem.temp - mem.alias
+  assert mem.allocated_by_run == mem.output + mem.temp - mem.alias
+  assert mem.as_gb()['argument_gb'] == 0.001
+
+  class NoAnalysis:
+    def memory_analysis(self):
+      raise NotImplementedError('UNIMPLEMENTED')
+
+  assert device_memory.analyse(NoAnalysis()) is None
+
+
+def test_cpu_counts_every_local_devices_run_against_host_memory():
+  mem = device_memory.ProgramMemory(argument=10**9, output=10**9, temp=3 * 10**9, alias=10**9)
+  cpus = jax.devices('cpu')[:2]
+  level, line = device_memory.check(mem, cpus, what='Step', fixes=FIXES, available=20 * 10**9)
+  assert level == logging.INFO
+  assert line == (
+    'Step: per device 1.0 GB of arguments, 1.0 GB of outputs (1.0 GB of them in donated '
+    'buffers), 3.0 GB of temporaries; 6.0 GB more host memory, 20.0 GB available.'
+  )
+  level, line = device_memory.check(mem, cpus, what='Step', fixes=FIXES, available=5 * 10**9)
+  assert level == logging.WARNING
+  assert line.endswith(
+    '6.0 GB more host memory, 5.0 GB available: the system may end the process for lack of '
+    'memory (with no error message). Lower train.batch_size.'
+  )
+  assert device_memory.check(None, cpus, what='Step', fixes=FIXES) is None
+
+
+class FakeGpu:
+  platform = 'gpu'
+  device_kind = 'NVIDIA H100 80GB HBM3'
+
+  def __init__(self, stats):
+    self.stats = stats
+
+  def memory_stats(self):
+    if isinstance(self.stats, Exception):
+      raise self.stats
+    return self.stats
+
+
+def test_an_accelerator_compares_the_whole_footprint_with_its_limit():
+  mem = device_memory.ProgramMemory(
+    argument=30 * 10**9, output=30 * 10**9, temp=40 * 10**9, alias=30 * 10**9
+  )
+  gpu = FakeGpu({'bytes_limit': 79 * 10**9, 'bytes_in_use': 0})
+  level, line = device_memory.check(mem, [gpu], what='Step', fixes=FIXES)
+  assert level == logging.INFO
+  assert line.endswith('70.0 GB in all of the 79.0 GB of a NVIDIA H100 80GB HBM3.')
+  level, line = device_memory.check(mem, [gpu], what='Step', fixes=FIXES, limit=60 * 10**9)
+  assert level == logging.WARNING
+  assert line.endswith(': it will run out of device memory. Lower train.batch_size.')
+  for stats in ({}, None, RuntimeError('no stats')):  # no limit known: the figures alone
+    level, line = device_memory.check(mem, [FakeGpu(stats)], what='Step', fixes=FIXES)
+    assert level == logging.INFO and line.endswith('of temporaries.')
+
+
+def test_log_check_logs_the_compiled_programs_figures(caplog):
+  with caplog.at_level(logging.INFO, logger='imagen_jax.device_memory'):
+    device_memory.log_check(_compiled(), jax.devices('cpu')[:1], what='Probe', fixes=FIXES)
+  assert 'Probe: per device 1 MB of arguments' in caplog.text
