@@ -464,7 +464,8 @@ class CompiledSteps:
     else:
       fixes = (
         'Lower train.batch_size, set model.remat=True, split the state over more devices '
-        '(mesh.fsdp), or use optim.optimizer=adafactor.'
+        '(mesh.fsdp), or use optim.optimizer=adafactor (on GPU, JAX takes 75% of the memory '
+        'unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).'
       )
     device_memory.log_check(
       compiled, devices, what=f'Train step memory (text length {text_length})', fixes=fixes
