@@ -67,6 +67,13 @@ def main(argv):
     FileNotFoundError,
   ) as e:
     cli.fail(str(e), code=1)
+  except Exception as e:
+    from imagen_jax import device_memory
+
+    xla_message = device_memory.out_of_memory(e)
+    if xla_message is None:
+      raise
+    cli.fail(train_lib.out_of_memory_message(FLAGS.workdir, xla_message), code=1)
   step = metrics.get('step')
   if metrics.get('stopped_by'):
     print(

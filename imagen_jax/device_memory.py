@@ -11,7 +11,9 @@ do not fit, before the first step runs:
   `host_memory.available_bytes()`. Past it the kernel's OOM killer ends the process with no
   message of ours, hence the warning. XLA:CPU's figures overstate a GPU's (bench/unet.py).
 
-A warning, not a refusal: the figures are XLA's estimate, and a CPU host may have swap.
+A warning, not a refusal: the figures are XLA's estimate, and a CPU host may have swap. When an
+allocation does fail, XLA raises RESOURCE_EXHAUSTED (`out_of_memory`), which train.py and
+sample.py turn into one line with the same fixes and what was kept.
 """
 
 from __future__ import annotations
@@ -127,6 +129,16 @@ def check(
   if mem.total > limit:
     return logging.WARNING, f'{line}: it will run out of device memory. {fixes}'
   return logging.INFO, f'{line}.'
+
+
+def out_of_memory(error: BaseException) -> str | None:
+  """XLA's message when `error` is an allocation failure (RESOURCE_EXHAUSTED: on GPU/TPU past
+  the allocator's limit, on CPU past the process's address-space limit), else None."""
+  import jax
+
+  if isinstance(error, jax.errors.JaxRuntimeError) and 'RESOURCE_EXHAUSTED' in str(error):
+    return ' '.join(str(error).split())[:300].rstrip('.')
+  return None
 
 
 def log_check(compiled: Any, devices: Sequence[Any], *, what: str, fixes: str) -> None:

@@ -104,11 +104,31 @@ def _meminfo_available(path: str) -> int | None:
   return None
 
 
+def _address_space_left(root: str) -> int | None:
+  """What RLIMIT_AS (`ulimit -v`) leaves this process beyond its mapped size (None: no limit)."""
+  try:
+    import resource
+  except ImportError:  # not Unix
+    return None
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  if soft == resource.RLIM_INFINITY:
+    return None
+  try:
+    with open(os.path.join(root, 'proc/self/status')) as f:
+      mapped = next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmSize:'))
+  except (OSError, ValueError, IndexError, StopIteration):
+    return None
+  return max(0, soft - mapped)
+
+
 def available_bytes(root: str = '/') -> int | None:
   """Memory this process can still take, in bytes (None where it cannot be read: not Linux):
   the kernel's MemAvailable, or less where the process's cgroup (a container's limit, v2 or v1)
-  leaves less."""
+  or its address-space limit (RLIMIT_AS, `ulimit -v`) leaves less."""
   found = []
+  left = _address_space_left(root)
+  if left is not None:
+    found.append(left)
   system = _meminfo_available(os.path.join(root, 'proc/meminfo'))
   if system is not None:
     found.append(system)

@@ -56,7 +56,16 @@ import ml_dtypes
 import numpy as np
 from PIL import Image
 
-from imagen_jax import cascade, checkpoints, compile_events, editing, images, multihost, stage
+from imagen_jax import (
+  cascade,
+  checkpoints,
+  compile_events,
+  device_memory,
+  editing,
+  images,
+  multihost,
+  stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -680,9 +689,24 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         None if x_init is None else put(x_init),
         None if mask is None else put(mask),
       )
-      with compile_events.counting() as programs:  # the sampler's own compile
-        lowres = sample_fn(*args)
-        lowres.block_until_ready()
+      try:
+        with compile_events.counting() as programs:  # the sampler's own compile
+          lowres = sample_fn(*args)
+          lowres.block_until_ready()
+      except Exception as e:
+        xla_message = device_memory.out_of_memory(e)
+        if xla_message is None:
+          raise
+        kept = (
+          f'{made} images from earlier batches were written; the same command with '
+          '--skip_existing makes only the missing ones.'
+          if made
+          else 'No image was written.'
+        )
+        raise SampleError(
+          f'Out of memory sampling batch {b + 1} of {num_batches} on stage {s + 1} '
+          f'({xla_message}): lower --batch_size (now {req.batch_size}). {kept}'
+        ) from e
       timings[s] += time.perf_counter() - t0
       compiles[s].add(programs)
     out = np.asarray(lowres)  # [B, H, W, 3]

@@ -428,6 +428,31 @@ def batch_signature(batch: dict) -> tuple:
   return tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in batch.items()))
 
 
+def memory_fixes() -> str:
+  """What lowers the train step's memory, for this backend."""
+  if jax.default_backend() == 'cpu':
+    return 'Lower train.batch_size (XLA:CPU keeps remat from lowering its peak).'
+  return (
+    'Lower train.batch_size, set model.remat=True, split the state over more devices '
+    '(mesh.fsdp), or use optim.optimizer=adafactor (on GPU, JAX takes 75% of the memory '
+    'unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).'
+  )
+
+
+def out_of_memory_message(workdir: str, xla_message: str) -> str:
+  """train.py's line for a run that ran out of memory: XLA's message, the fixes, and the
+  checkpoint the same command resumes from."""
+  try:
+    step = checkpoints.latest_finished_step(workdir)
+    kept = f'the newest checkpoint in {workdir} is step {step}: the same command resumes from it'
+  except checkpoints.CheckpointError:
+    kept = 'no checkpoint was saved yet: the same command starts afresh'
+  return (
+    f'Out of memory ({xla_message}). {memory_fixes()} The run stopped without saving the '
+    f'failed step; {kept} after the change.'
+  )
+
+
 class CompiledSteps:
   """A jitted train step compiled ahead of time once per batch shape.
 
@@ -458,17 +483,11 @@ class CompiledSteps:
     else:
       log.info('Train step for text length %d %s in %.1f s.', text_length, made.summary(), seconds)
       multihost.barrier('imagen_jax:train_step_recompiled')
-    devices = jax.local_devices()
-    if devices[0].platform == 'cpu':
-      fixes = 'Lower train.batch_size (XLA:CPU keeps remat from lowering its peak).'
-    else:
-      fixes = (
-        'Lower train.batch_size, set model.remat=True, split the state over more devices '
-        '(mesh.fsdp), or use optim.optimizer=adafactor (on GPU, JAX takes 75% of the memory '
-        'unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).'
-      )
     device_memory.log_check(
-      compiled, devices, what=f'Train step memory (text length {text_length})', fixes=fixes
+      compiled,
+      jax.local_devices(),
+      what=f'Train step memory (text length {text_length})',
+      fixes=memory_fixes(),
     )
     flops = None if self.config is None else step_flops(self.config, batch)
     self.compiled[key] = (compiled, flops)

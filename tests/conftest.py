@@ -57,6 +57,19 @@ def with_cpu_devices(env: dict[str, str], n: int) -> dict[str, str]:
   return {**env, 'IMAGEN_JAX_CPU_DEVICES': str(n)}
 
 
+def with_address_space_limit(cmd: list[str], gib: int) -> list[str]:
+  """`cmd` ([python, script, args...]) run under an address-space limit of `gib` GiB (RLIMIT_AS,
+  as `ulimit -v` sets it): XLA:CPU's allocations past it fail with RESOURCE_EXHAUSTED, as a
+  GPU's do past its memory. A tiny train.py or sample.py run peaks at about 1.2 GB of it."""
+  code = (
+    'import resource, runpy, sys\n'
+    f'resource.setrlimit(resource.RLIMIT_AS, ({gib} << 30, {gib} << 30))\n'
+    'sys.argv = sys.argv[1:]\n'
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+  )
+  return [cmd[0], '-c', code, *cmd[1:]]
+
+
 def free_port() -> int:
   """A localhost TCP port free now (for a JAX coordinator); skips the test where none can be
   bound (a sandbox without networking)."""

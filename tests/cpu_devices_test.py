@@ -156,6 +156,19 @@ def test_available_memory_is_the_least_of_the_system_and_the_cgroup(tmp_path):
   write('sys/fs/cgroup/memory/memory.usage_in_bytes', '1000')
   assert host_memory.available_bytes(str(tmp_path)) == 3_000_000_000
   assert host_memory.available_bytes() > 0  # this machine's own
+  # An address-space limit (`ulimit -v`) leaves what the process has not mapped yet.
+  probe = (
+    'import resource\n'
+    'resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n'
+    'from imagen_jax import host_memory\n'
+    "print(host_memory._address_space_left('/'), host_memory.available_bytes())\n"
+  )
+  proc = subprocess.run(
+    [sys.executable, '-c', probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+  )
+  assert proc.returncode == 0, proc.stderr
+  left, available = map(int, proc.stdout.split())
+  assert 0 < left < 1 << 30 and available <= left, proc.stdout
 
 
 def test_an_explicit_count_is_used_or_refused_with_the_fix(monkeypatch):

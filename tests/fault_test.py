@@ -13,8 +13,16 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT
-from tests.train_test import CONSTANT_LR, finished_steps, losses, run, run_folders
+from tests.conftest import REPO_ROOT, with_address_space_limit
+from tests.train_test import (
+  CONSTANT_LR,
+  env_for,
+  finished_steps,
+  losses,
+  run,
+  run_folders,
+  train_cmd,
+)
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('faults')]
 
@@ -148,6 +156,31 @@ def test_nan_from_the_update_stops_the_run_and_is_never_saved(shared, user, ever
   ckpt = workdir / 'checkpoints'
   assert not ckpt.exists() or finished_steps(workdir) == []
   assert not list(workdir.glob('samples/*.png'))
+
+
+def test_out_of_memory_is_one_line_with_the_fixes_and_keeps_the_checkpoints(shared, pristine):
+  workdir = copy_run(pristine, shared['root'] / 'out_of_memory')
+  cmd = train_cmd(
+    shared, workdir, '--config.train.num_steps=6', '--config.train.batch_size=8192', *CONSTANT_LR
+  )
+  proc = subprocess.run(
+    with_address_space_limit(cmd, 4),  # XLA's allocations past 4 GiB fail
+    cwd=REPO_ROOT,
+    env=env_for(shared),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  # Warned when the step compiled (its 11 GB of temporaries against the 4 GB limit) ...
+  assert 'more host memory' in proc.stderr and 'the system may end the process' in proc.stderr
+  # ... then one line, with the fixes and the checkpoint the same command resumes from.
+  (line,) = error_lines(proc.stderr)
+  assert line.startswith('error: Out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ')
+  assert 'Lower train.batch_size' in line and 'Traceback' not in proc.stderr
+  assert f'the newest checkpoint in {workdir} is step 4: the same command resumes from it' in line
+  assert finished_steps(workdir) == [2, 4]
+  assert losses(workdir) == losses(pristine)  # nothing of the failed step was logged
 
 
 def test_optimizer_structure_change_is_named(shared, pristine):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO_ROOT, cli_env, with_cpu_devices
+from tests.conftest import REPO_ROOT, cli_env, with_address_space_limit, with_cpu_devices
 
 pytestmark = [pytest.mark.smoke, pytest.mark.xdist_group('sample')]
 
@@ -325,6 +325,32 @@ def test_unwritable_output_and_no_overwrite(runs, tmp_path):
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert existing.read_bytes() != b'precious'
+
+
+def test_out_of_memory_is_one_line_and_writes_nothing(runs, tmp_path):
+  # 32768 images in one batch under a 4 GiB address-space limit: XLA's allocation of the
+  # sampler's temporaries (7.9 GB) fails (RESOURCE_EXHAUSTED), as a GPU's does past its memory.
+  # (At 8192 images their block fit and a kernel's own scratch allocation failed instead:
+  # std::bad_alloc, an abort that no Python code can catch.)
+  out = tmp_path / 'out'
+  cmd = [sys.executable, 'sample.py', f'--checkpoints={runs["base"]}', '--prompt=a red apple']
+  cmd += ['--num_images=32768', '--batch_size=32768', '--max_images=32768', '--steps=2']
+  proc = subprocess.run(
+    with_address_space_limit([*cmd, f'--out={out}'], 4),
+    cwd=REPO_ROOT,
+    env=runs['env'],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  (line,) = error_lines(proc.stderr)
+  assert line.startswith(
+    'error: Out of memory sampling batch 1 of 1 on stage 1 (RESOURCE_EXHAUSTED: Out of memory '
+    'allocating '
+  )
+  assert line.endswith('): lower --batch_size (now 32768). No image was written.')
+  assert 'Traceback' not in proc.stderr and not out.exists()
 
 
 def test_nan_sample_is_an_error_and_writes_nothing(runs, tmp_path):
