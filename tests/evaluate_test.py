@@ -20,7 +20,7 @@ from configs import base64, sr256
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import metrics, runner, scoring
-from tests.conftest import REPO_ROOT, cli_env, with_cpu_devices
+from tests.conftest import REPO_ROOT, cli_env, with_address_space_limit, with_cpu_devices
 
 CHANCE = 1 / digits.NUM_CLASSES
 
@@ -324,6 +324,22 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
     assert proc.returncode == 2, (expected, proc.stderr[-2000:])
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  # Out of memory (XLA's RESOURCE_EXHAUSTED, injected by a 4 GiB address-space limit, under
+  # which the sampler's temporaries for a batch of 32768 do not fit): one line too.
+  cmd = [sys.executable, 'evaluate.py', f'--judge_dir={tiny_run["judge_dir"]}']
+  cmd += [f'--checkpoints={run_dir}', '--num=20', '--batch_size=32768']
+  proc = subprocess.run(
+    with_address_space_limit([*cmd, f'--out={tmp_path / "eval.json"}'], 4),
+    cwd=REPO_ROOT,
+    env=tiny_run['env'],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert error.startswith('error: Out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ')
+  assert error.endswith('): lower --batch_size (now 32768).'), error
   assert not list(tmp_path.iterdir())  # nothing written
   # A run on a dataset without labels (the default OpenMoji data): refused from its config.
   openmoji_run = tiny_run['train']('openmoji')

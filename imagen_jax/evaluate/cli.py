@@ -95,6 +95,17 @@ def main(argv) -> None:
   except runner.EvalError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception as e:
+    from imagen_jax import device_memory
+
+    xla_message = device_memory.out_of_memory(e)
+    if xla_message is None:
+      raise
+    print(
+      f'error: Out of memory ({xla_message}): lower --batch_size (now {FLAGS.batch_size}).',
+      file=sys.stderr,
+    )
+    sys.exit(2)
   print(
     f'{result["checkpoint"]} step {result["step"]}: {result["num"]} samples, '
     f'{result["sampler"]} {result["steps"]} steps, guidance {result["guidance"]}, '
