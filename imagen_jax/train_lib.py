@@ -863,6 +863,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     writer = MetricWriter(workdir_path, config, enabled=is_chief)
     eval_fn = _make_eval_fn(config, graphdef, workdir_path, mesh)
+    eval_batch = min(int(config.train.get('eval_num', 40)), int(config.train.batch_size))
     loop = _Loop(
       config=config,
       step_fn=step_fn,
@@ -871,11 +872,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_iter=device_prefetch(config, data_iter, batch_sh),
       manager=manager,
       writer=writer,
-      sample_grid=sample_grid,
-      eval_fn=eval_fn,
+      sample_grid=_out_of_memory_names(
+        sample_grid,
+        'sampling the in-training grid',
+        'use fewer grid prompts (train.num_sample_prompts='
+        f'{config.train.num_sample_prompts}, or train.sample_prompts where set), or turn the '
+        'grids off with train.sample_every=0.',
+      ),
+      eval_fn=_out_of_memory_names(
+        eval_fn,
+        'in the in-training evaluation',
+        f'its batches hold min(train.eval_num, train.batch_size) = {eval_batch} images; lower '
+        'train.eval_num below that, or turn the evaluation off with train.eval_every=0.',
+      ),
       workdir_path=workdir_path,
     )
     return loop.run(state, start, num_steps)
+
+
+def _out_of_memory_names(fn: Callable | None, what: str, fixes: str) -> Callable | None:
+  """fn(ema_params, step) with XLA's out-of-memory error turned into a TrainingError naming
+  `what` and its `fixes`: train.py's general out-of-memory line would suggest a smaller
+  train.batch_size, while a grid or evaluation sampler (sr1024's at full resolution, where the
+  step trains on crops) can run out where the step fits."""
+  if fn is None:
+    return None
+
+  @functools.wraps(fn)
+  def run(ema_params, step):
+    try:
+      return fn(ema_params, step)
+    except Exception as e:
+      xla_message = device_memory.out_of_memory(e)
+      if xla_message is None:
+        raise
+      raise TrainingError(
+        f'Out of memory {what} at step {step} ({xla_message}): {fixes} The checkpoints saved '
+        'so far are kept; the same command resumes from the newest.'
+      ) from e
+
+  return run
 
 
 def _make_eval_fn(config, graphdef, workdir_path, mesh):

@@ -88,3 +88,27 @@ def test_log_check_logs_the_compiled_programs_figures(caplog):
   with caplog.at_level(logging.INFO, logger='imagen_jax.device_memory'):
     device_memory.log_check(_compiled(), jax.devices('cpu')[:1], what='Probe', fixes=FIXES)
   assert 'Probe: per device 1 MB of arguments' in caplog.text
+
+
+def test_in_training_samplers_name_their_own_settings_when_out_of_memory():
+  from imagen_jax import train_lib
+
+  def grid(ema_params, step):
+    raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 12 bytes.')
+
+  named = train_lib._out_of_memory_names(grid, 'sampling the in-training grid', 'Fewer prompts.')
+  with pytest.raises(train_lib.TrainingError) as raised:
+    named(None, 5000)
+  assert str(raised.value) == (
+    'Out of memory sampling the in-training grid at step 5000 (RESOURCE_EXHAUSTED: Out of '
+    'memory allocating 12 bytes): Fewer prompts. The checkpoints saved so far are kept; the '
+    'same command resumes from the newest.'
+  )
+
+  def other(ema_params, step):
+    raise jax.errors.JaxRuntimeError('INTERNAL: something else')
+
+  with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):
+    train_lib._out_of_memory_names(other, 'x', 'y')(None, 1)
+  assert train_lib._out_of_memory_names(None, 'x', 'y') is None
+  assert train_lib._out_of_memory_names(lambda p, s: (p, s), 'x', 'y')(1, 2) == (1, 2)
