@@ -908,7 +908,7 @@ def _out_of_memory_names(fn: Callable | None, what: str, fixes: str) -> Callable
         raise
       raise TrainingError(
         f'Out of memory {what} at step {step} ({xla_message}): {fixes} The checkpoints saved '
-        'so far are kept; the same command resumes from the newest.'
+        'so far are kept; the command with that change resumes from the newest.'
       ) from e
 
   return run

@@ -102,7 +102,7 @@ def test_in_training_samplers_name_their_own_settings_when_out_of_memory():
   assert str(raised.value) == (
     'Out of memory sampling the in-training grid at step 5000 (RESOURCE_EXHAUSTED: Out of '
     'memory allocating 12 bytes): Fewer prompts. The checkpoints saved so far are kept; the '
-    'same command resumes from the newest.'
+    'command with that change resumes from the newest.'
   )
 
   def other(ema_params, step):
