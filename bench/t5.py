@@ -47,6 +47,7 @@ def main(argv=None) -> None:
   import numpy as np
   from flax import nnx
 
+  from imagen_jax import device_memory
   from imagen_jax.text import encoder as encoder_lib
   from imagen_jax.text import t5
 
@@ -85,7 +86,7 @@ def main(argv=None) -> None:
     lowered = encoder_lib.lower_encoder(
       graphdef, state, batch=batch, length=args.max_length, mesh=m
     )
-    param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract_state))
+    param_bytes = device_memory.tree_bytes(abstract_state)
   else:
     if args.synthetic_config:
       config = t5.T5_V1_1_CONFIGS[args.synthetic_config]

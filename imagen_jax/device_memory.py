@@ -73,6 +73,14 @@ def analyse(compiled: Any) -> ProgramMemory | None:
   )
 
 
+def tree_bytes(tree: Any) -> int:
+  """Bytes of a tree of arrays or abstract arrays (ShapeDtypeStruct), all of it (not per device:
+  `sharding.bytes_per_device` divides by the shardings)."""
+  import jax
+
+  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
+
+
 def size_text(n: int) -> str:
   """'6.4 GB' / '47 MB'."""
   return f'{n / 1e9:.1f} GB' if n >= 1e9 else f'{n / 1e6:.0f} MB'

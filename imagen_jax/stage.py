@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from imagen_jax import device_memory
 from imagen_jax.diffusion import guidance, schedules
 from imagen_jax.models import unet
 
@@ -63,14 +64,9 @@ def abstract_model(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, nnx
   return graphdef, params
 
 
-def nbytes(tree) -> int:
-  """Bytes of a tree of arrays or abstract arrays (ShapeDtypeStruct)."""
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
-
-
 def params_bytes(config: ml_collections.ConfigDict) -> int:
   """Bytes of the stage's params, from their abstract shapes (JAX's backend is not started)."""
-  return nbytes(abstract_model(config)[1])
+  return device_memory.tree_bytes(abstract_model(config)[1])
 
 
 def init_params(config: ml_collections.ConfigDict, rng: jax.Array) -> nnx.State:

@@ -118,7 +118,8 @@ def replicated_bytes(config: ml_collections.ConfigDict) -> int:
   optimizer state, from abstract shapes (JAX's backend is not started; `cpu_devices` uses it)."""
   _, params = stage.abstract_model(config)
   tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
-  return 3 * stage.nbytes(params) + stage.nbytes(jax.eval_shape(tx.init, params))
+  size = device_memory.tree_bytes
+  return 3 * size(params) + size(jax.eval_shape(tx.init, params))
 
 
 def create_train_state(
@@ -863,7 +864,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     writer = MetricWriter(workdir_path, config, enabled=is_chief)
     eval_fn = _make_eval_fn(config, graphdef, workdir_path, mesh)
-    eval_batch = min(int(config.train.get('eval_num', 40)), int(config.train.batch_size))
     loop = _Loop(
       config=config,
       step_fn=step_fn,
@@ -879,12 +879,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f'{config.train.num_sample_prompts}, or train.sample_prompts where set), or turn the '
         'grids off with train.sample_every=0.',
       ),
-      eval_fn=_out_of_memory_names(
-        eval_fn,
-        'in the in-training evaluation',
-        f'its batches hold min(train.eval_num, train.batch_size) = {eval_batch} images; lower '
-        'train.eval_num below that, or turn the evaluation off with train.eval_every=0.',
-      ),
+      eval_fn=eval_fn,
       workdir_path=workdir_path,
     )
     return loop.run(state, start, num_steps)
@@ -918,9 +913,15 @@ def _make_eval_fn(config, graphdef, workdir_path, mesh):
   """fn(ema_params, step) -> {metric: value} every train.eval_every steps; None when off."""
   if not int(config.train.get('eval_every', 0)):
     return None
-  from imagen_jax import evaluate
+  from imagen_jax.evaluate import runner
 
-  return evaluate.make_train_eval_fn(config, graphdef, workdir_path, mesh=mesh)
+  return _out_of_memory_names(
+    runner.make_train_eval_fn(config, graphdef, workdir_path, mesh=mesh),
+    'in the in-training evaluation',
+    f'its batches hold min(train.eval_num, train.batch_size) = '
+    f'{runner.train_eval_batch_size(config)} images; lower train.eval_num below that, or turn '
+    'the evaluation off with train.eval_every=0.',
+  )
 
 
 @dataclasses.dataclass

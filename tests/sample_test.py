@@ -184,7 +184,7 @@ def test_memory_estimates_read_the_run_folders_before_the_backend_starts(runs):
   import jax
 
   from configs import base64
-  from imagen_jax import checkpoints, optim, sharding, stage, train_lib
+  from imagen_jax import checkpoints, device_memory, optim, sharding, stage, train_lib
 
   env = {k: v for k, v in runs['env'].items() if k not in ('XLA_FLAGS', 'IMAGEN_JAX_CPU_DEVICES')}
   proc = subprocess.run(
@@ -208,14 +208,16 @@ def test_memory_estimates_read_the_run_folders_before_the_backend_starts(runs):
     ).params
     for run in (runs['base'], runs['sr'])
   ]
-  assert got['sample'] == sum(stage.nbytes(p) for p in restored)
+  assert got['sample'] == sum(device_memory.tree_bytes(p) for p in restored)
   config = base64.get_config('tiny')
   tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
   _, state, _ = train_lib.create_train_state(
     config, tx, sharding.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   )
   p, e, o = state['params'], state['ema_params'], state['opt_state']
-  assert got['train'] == 2 * stage.nbytes(p) + stage.nbytes(e) + stage.nbytes(o)  # + gradients
+  assert got['train'] == 2 * device_memory.tree_bytes(p) + device_memory.tree_bytes(
+    e
+  ) + device_memory.tree_bytes(o)  # + gradients
   assert checkpoints.peek_config(f'{runs["base"]}@3') is None  # no such step
   assert checkpoints.peek_config(f'{runs["base"]}@2').train.num_steps == 4
 

@@ -360,6 +360,11 @@ def write_json(result: dict, path: str | os.PathLike, *, overwrite: bool) -> Non
   os.replace(tmp, path)
 
 
+def train_eval_batch_size(config: ml_collections.ConfigDict) -> int:
+  """Images per batch of the in-training evaluation: min(train.eval_num, train.batch_size)."""
+  return max(1, min(int(config.train.get('eval_num', 40)), int(config.train.batch_size)))
+
+
 def make_train_eval_fn(
   config: ml_collections.ConfigDict,
   graphdef,
@@ -407,7 +412,7 @@ def make_train_eval_fn(
   sample_fn = cascade.make_stage_sampler(config, graphdef, options)
   if mesh is not None:  # the training mesh: the params live on it
     sample_fn = _mesh_sampler(sample_fn, mesh)
-  batch_size = max(1, min(num, int(config.train.batch_size)))
+  batch_size = train_eval_batch_size(config)
   seed = int(config.seed)
 
   def eval_fn(ema_params, step: int) -> dict[str, float]:

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from imagen_jax import device_memory
 from imagen_jax.text import t5
 from imagen_jax.text import tokenizer as tokenizer_lib
 
@@ -106,7 +107,7 @@ class TextEncoder:
     return self.config.num_params()
 
   def param_bytes(self) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self._state))
+    return device_memory.tree_bytes(self._state)
 
   def lower(self, batch: int) -> jax.stages.Lowered:
     """The embedding function lowered for a [batch, max_length] token batch."""
