@@ -132,8 +132,8 @@ def _memory_short(
     return None
   size = device_memory.size_text
   return (
-    f'{_MEMORY}{n} copies of the {size(each)} that every device holds would take more than '
-    f'{MEMORY_SHARE:.0%} of the {size(available)} of memory available'
+    f'{_MEMORY}{n} copies of the {size(each)} that each data-parallel replica holds would take '
+    f'more than {MEMORY_SHARE:.0%} of the {size(available)} of memory available'
   )
 
 

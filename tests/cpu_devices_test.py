@@ -87,8 +87,8 @@ def test_two_devices_only_where_two_copies_fit_in_half_the_memory():
   )
   assert n is None, reason
   assert reason == (
-    'memory: 2 copies of the 6.4 GB that every device holds would take more than 50% of the '
-    '24.0 GB of memory available'
+    'memory: 2 copies of the 6.4 GB that each data-parallel replica holds would take more than '
+    '50% of the 24.0 GB of memory available'
   )
   # Unknown bytes or memory: the other conditions decide.
   unknown = cpu_devices.choose(4, MESH, environ=CPU, cores=2, copy_bytes=lambda: None, available=gb)
@@ -110,15 +110,21 @@ def test_two_devices_only_where_two_copies_fit_in_half_the_memory():
   n, reason = cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=gb)
   assert n == 2
   assert reason == (
-    'IMAGEN_JAX_CPU_DEVICES=2; memory: 2 copies of the 1.0 GB that every device holds would '
-    'take more than 50% of the 1.0 GB of memory available'
+    'IMAGEN_JAX_CPU_DEVICES=2; memory: 2 copies of the 1.0 GB that each data-parallel replica '
+    'holds would take more than 50% of the 1.0 GB of memory available'
   )
+  # Four devices with fsdp=2: two replicas, each split over two devices.
+  env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '4'}
+  mesh = {'data': -1, 'fsdp': 2}
+  n, reason = cpu_devices.choose(8, mesh, environ=env, copy_bytes=copy_bytes(gb), available=gb)
+  assert n == 4
+  assert reason.startswith('IMAGEN_JAX_CPU_DEVICES=4; memory: 2 copies of the 1.0 GB'), reason
   env = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '1'}
   assert cpu_devices.choose(4, MESH, environ=env, copy_bytes=copy_bytes(gb), available=1) == (
     1,
     'IMAGEN_JAX_CPU_DEVICES=1',
   )
-  assert calls == [3 * gb, 6_438_885_388, gb]
+  assert calls == [3 * gb, 6_438_885_388, gb, gb]
 
 
 def test_a_failing_estimate_counts_as_unknown(monkeypatch):
