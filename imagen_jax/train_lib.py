@@ -872,8 +872,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_iter=device_prefetch(config, data_iter, batch_sh),
       manager=manager,
       writer=writer,
-      sample_grid=_out_of_memory_names(
+      sample_grid=_in_training_sampler(
         sample_grid,
+        'In-training sample grid',
         'sampling the in-training grid',
         'use fewer grid prompts (train.num_sample_prompts='
         f'{config.train.num_sample_prompts}, or train.sample_prompts where set), or turn the '
@@ -885,18 +886,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return loop.run(state, start, num_steps)
 
 
-def _out_of_memory_names(fn: Callable | None, what: str, fixes: str) -> Callable | None:
-  """fn(ema_params, step) with XLA's out-of-memory error turned into a TrainingError naming
-  `what` and its `fixes`: train.py's general out-of-memory line would suggest a smaller
-  train.batch_size, while a grid or evaluation sampler (sr1024's at full resolution, where the
-  step trains on crops) can run out where the step fits."""
+def _in_training_sampler(fn: Callable | None, name: str, what: str, fixes: str) -> Callable | None:
+  """fn(ema_params, step), a sample grid or evaluation run during training, that
+
+  - logs its first call's time and how its programs were made ('In-training sample grid at step
+    500: 9.8 s, compile included (compiled).'; a second start of the same config should say
+    'loaded from the persistent compilation cache', as the train step's line does);
+  - turns XLA's out-of-memory error into a TrainingError naming `what` and its `fixes`:
+    train.py's general out-of-memory line would suggest a smaller train.batch_size, while a grid
+    or evaluation sampler (sr1024's at full resolution, where the step trains on crops) can run
+    out where the step fits."""
   if fn is None:
     return None
+  first = [True]
 
   @functools.wraps(fn)
   def run(ema_params, step):
+    t0 = time.perf_counter()
     try:
-      return fn(ema_params, step)
+      with compile_events.counting() as made:
+        out = fn(ema_params, step)
     except Exception as e:
       xla_message = device_memory.out_of_memory(e)
       if xla_message is None:
@@ -905,6 +914,16 @@ def _out_of_memory_names(fn: Callable | None, what: str, fixes: str) -> Callable
         f'Out of memory {what} at step {step} ({xla_message}): {fixes} The checkpoints saved '
         'so far are kept; the command with that change resumes from the newest.'
       ) from e
+    if first[0]:
+      first[0] = False
+      log.info(
+        '%s at step %d: %.1f s, compile included (%s).',
+        name,
+        step,
+        time.perf_counter() - t0,
+        made.summary(),
+      )
+    return out
 
   return run
 
@@ -915,8 +934,9 @@ def _make_eval_fn(config, graphdef, workdir_path, mesh):
     return None
   from imagen_jax.evaluate import runner
 
-  return _out_of_memory_names(
+  return _in_training_sampler(
     runner.make_train_eval_fn(config, graphdef, workdir_path, mesh=mesh),
+    'In-training evaluation',
     'in the in-training evaluation',
     f'its batches hold min(train.eval_num, train.batch_size) = '
     f'{runner.train_eval_batch_size(config)} images; lower train.eval_num below that, or turn '

@@ -1,6 +1,7 @@
 """device_memory: a compiled program's memory from XLA, and the warning when it will not fit."""
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -96,7 +97,9 @@ def test_in_training_samplers_name_their_own_settings_when_out_of_memory():
   def grid(ema_params, step):
     raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 12 bytes.')
 
-  named = train_lib._out_of_memory_names(grid, 'sampling the in-training grid', 'Fewer prompts.')
+  named = train_lib._in_training_sampler(
+    grid, 'Grid', 'sampling the in-training grid', 'Fewer prompts.'
+  )
   with pytest.raises(train_lib.TrainingError) as raised:
     named(None, 5000)
   assert str(raised.value) == (
@@ -109,6 +112,33 @@ def test_in_training_samplers_name_their_own_settings_when_out_of_memory():
     raise jax.errors.JaxRuntimeError('INTERNAL: something else')
 
   with pytest.raises(jax.errors.JaxRuntimeError, match='INTERNAL'):
-    train_lib._out_of_memory_names(other, 'x', 'y')(None, 1)
-  assert train_lib._out_of_memory_names(None, 'x', 'y') is None
-  assert train_lib._out_of_memory_names(lambda p, s: (p, s), 'x', 'y')(1, 2) == (1, 2)
+    train_lib._in_training_sampler(other, 'X', 'x', 'y')(None, 1)
+  assert train_lib._in_training_sampler(None, 'X', 'x', 'y') is None
+  assert train_lib._in_training_sampler(lambda p, s: (p, s), 'X', 'x', 'y')(1, 2) == (1, 2)
+
+
+def test_in_training_samplers_log_their_first_call_and_how_it_compiled(caplog):
+  from imagen_jax import train_lib
+
+  calls = []
+
+  @jax.jit
+  def square(x):
+    return x * x + 0.5  # a program of its own
+
+  def grid(ema_params, step):
+    calls.append(step)
+    return square(jnp.full((3,), float(len(calls) + 7)))
+
+  logged = train_lib._in_training_sampler(grid, 'In-training sample grid', 'x', 'y')
+  with caplog.at_level(logging.INFO, logger='imagen_jax.train_lib'):
+    assert float(logged(None, 500)[0]) == 64.5
+    assert float(logged(None, 1000)[0]) == 81.5
+  lines = [r.getMessage() for r in caplog.records if 'In-training' in r.getMessage()]
+  assert len(lines) == 1, lines  # the first call only
+  assert re.fullmatch(
+    r'In-training sample grid at step 500: \d+\.\d s, compile included \('
+    r'(compiled|loaded from the persistent compilation cache)\)\.',
+    lines[0],
+  ), lines
+  assert calls == [500, 1000]

@@ -212,6 +212,7 @@ def test_sr_training_logs_grid_and_metrics_of_heldout_images(shared):
     cmd, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=900
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
+  assert 'In-training sample grid at step 2: ' in proc.stderr  # with its compile's origin
   png = workdir / 'samples' / 'step_00000002.png'
   grid = np.asarray(Image.open(png))
   n = sr256.get_config('tiny').train.num_sample_prompts
