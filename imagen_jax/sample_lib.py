@@ -13,6 +13,8 @@ at most the batch in progress. `grid.png` comes last, built from the first GRID_
 written files (read back from disk). Memory: one batch of images, plus the text embeddings of
 the distinct prompts in bfloat16 on the host (prompts x L x D x 2 bytes: 1 MiB per prompt for
 T5-XXL at L=128); requests above `max_images` images in total are refused unless raised.
+Device memory: each stage's sampler is compiled before the first batch of each shape runs, and
+its memory per device logged, with a warning when it will not fit (`_CompiledSamplers`).
 
 Prompts are encoded as training saw them: the config's encoder, max_length and text.dtype, the
 precompute batch shape, rounded to the cache's bfloat16 (see `encode_text`).
@@ -662,6 +664,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
 
   timings = [0.0] * len(stages)
   compiles = [compile_events.Compiles() for _ in stages]  # of each stage's sampler
+  compiled = _CompiledSamplers(devices, req.batch_size)
   made = skipped = 0
   for b, batch in enumerate(batches):
     if b % jax.process_count() != jax.process_index():
@@ -691,8 +694,9 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       )
       try:
         with compile_events.counting() as programs:  # the sampler's own compile
-          lowres = sample_fn(*args)
-          lowres.block_until_ready()
+          run_sampler = compiled.get(s, st, sample_fn, args, split)
+        lowres = run_sampler(*args)
+        lowres.block_until_ready()
       except Exception as e:
         xla_message = device_memory.out_of_memory(e)
         if xla_message is None:
@@ -753,6 +757,34 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     )
   log.info('%d images made, %d already there (%s).', made, skipped, req.out)
   return [png for png, _ in paths]
+
+
+class _CompiledSamplers:
+  """Each stage's sampler compiled ahead of its first run for every argument signature (batch
+  size, split or not, text length, editing inputs), so that its memory is logged, and a batch
+  that will not fit warned about, before the batch runs (`device_memory.check`: on GPU/TPU
+  against the device's limit, on CPU against the host memory available). The compiled program
+  is what runs; the persistent compilation cache serves it as it serves a jitted call."""
+
+  def __init__(self, devices: cascade.BatchDevices, batch_size: int):
+    self.devices = devices
+    self.batch_size = batch_size
+    self.programs = {}  # (stage index, split, argument signature) -> compiled sampler
+
+  def get(self, s: int, st: cascade.Stage, sample_fn, args: tuple, split: bool):
+    signature = tuple(None if a is None else (a.shape, str(a.dtype)) for a in args[1:])
+    key = (s, split, signature)
+    if key not in self.programs:
+      program = sample_fn.lower(*args).compile()
+      devices = self.devices.devices if split else self.devices.devices[:1]
+      device_memory.log_check(
+        program,
+        devices,
+        what=f'{st.config.stage} sampler memory (batch {len(args[1])})',
+        fixes=f'Lower --batch_size (now {self.batch_size}).',
+      )
+      self.programs[key] = program
+    return self.programs[key]
 
 
 class _EditBatches:

@@ -4,6 +4,7 @@ a two-stage cascade, and every bad input (clear message, non-zero exit, nothing 
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -99,6 +100,9 @@ def test_base_stage_outputs_and_sidecars(runs):
   assert side['sampled_on'] == {'backend': 'cpu', 'devices': 1}
   for noise in ('Sharding info not provided', 'read only', 'read_only', 'Traceback'):
     assert noise not in proc.stderr, proc.stderr[-3000:]
+  # The sampler was compiled ahead of its run: its memory is logged before the batch runs.
+  memory = re.search(r'base64 sampler memory \(batch 4\): per device \d+ MB', proc.stderr)
+  assert memory and memory.start() < proc.stderr.index('batch 1/1: sampled 4 images')
 
 
 def test_same_seed_same_images_other_seed_differs(runs):
@@ -352,6 +356,9 @@ def test_out_of_memory_is_one_line_and_writes_nothing(runs, tmp_path):
     'allocating '
   )
   assert line.endswith('): lower --batch_size (now 32768). No image was written.')
+  # Foretold by the memory check of the sampler compiled ahead of the batch (4 GiB limit).
+  assert 'base64 sampler memory (batch 32768)' in proc.stderr
+  assert 'Lower --batch_size (now 32768).' in proc.stderr
   assert 'Traceback' not in proc.stderr and not out.exists()
 
 
