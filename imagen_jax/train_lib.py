@@ -844,12 +844,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         resumed, state, data_state = _restore_for_resume(
           config, manager, abstract, state_sh, workdir_path, newest=kept[0]
         )
+        restore_data_state(data_iter, data_state, config)
       except BaseException:
         manager.close()  # lets orbax's async machinery shut down quietly before the exit
         if hasattr(data_iter, 'close'):
-          data_iter.close()
+          data_iter.close()  # worker processes (data.num_workers > 0)
         raise
-      restore_data_state(data_iter, data_state, config)
       _truncate_metrics(workdir_path, resumed)
       log.info('Resumed from step %d in %s.', resumed, workdir_path)
     start = int(state['step'])

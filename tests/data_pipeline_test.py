@@ -349,6 +349,53 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
     _assert_batches_equal(in_process[2:], _take(restored, 2))
   finally:
     restored.close()
+  # A resume may change data.num_workers: the position carries over between the readers.
+  config.data.num_workers = 0
+  threads, _ = _iterator(config)
+  threads.set_state(state)  # 2 workers -> threads
+  _assert_batches_equal(in_process[2:3], _take(threads, 1))
+  state = json.loads(json.dumps(threads.get_state()))
+  config.data.num_workers = 3
+  three, _ = _iterator(config)
+  try:
+    three.set_state(state)  # threads -> 3 workers, mid-cycle (element 12 of 4-image batches)
+    _assert_batches_equal(in_process[3:], _take(three, 1))
+  finally:
+    three.close()
+  config.data.num_workers = 0
+  with pytest.raises(sources.DataError, match='resume with the data.num_workers of the run that'):
+    _iterator(config)[0].set_state({**state, 'parent': {'workers': []}})
+
+
+@pytest.mark.unit
+def test_reader_positions_of_threads_and_worker_processes():
+  # grain's states as its readers wrote them: 3 workers after 4 elements (worker 0 read
+  # elements 0 and 3, workers 1 and 2 one each; the next is worker 1's).
+  three = {
+    'next_index_in_cycle': 1,
+    'next_index_in_datasets': 3,
+    'iterators_in_use_indices': [0, 1, 2],
+    'iterators_in_use_states': [{'next_index': 2}, {'next_index': 1}, {'next_index': 1}],
+    'exhausted': [0, 0, 0],
+    'future_states': {},
+  }
+  assert pipeline.reader_position(three) == 4
+  assert pipeline.reader_position({'next_index': 7}) == 7
+  assert pipeline._reader_state(4, {'next_index': 0}) == {'next_index': 4}
+  assert pipeline._reader_state(4, {**three, 'next_index_in_cycle': 0}) == three
+  for n in range(10):
+    assert pipeline.reader_position(pipeline._reader_state(n, three)) == n
+  # Not a state this knows: no position (set_state and convert_states then refuse).
+  assert pipeline.reader_position({**three, 'next_index_in_cycle': 0}) is None
+  assert pipeline.reader_position({**three, 'exhausted': [0, 1, 0]}) is None
+  assert pipeline.reader_position({'workers': []}) is None
+  moved, exact = pipeline.convert_states(
+    [{'parent': three, 'num_seen': 4, 'num_skipped': 0}],
+    local_batch=2,
+    new_count=2,
+    new_local_batch=1,
+  )
+  assert exact and [s['parent'] for s in moved] == [{'next_index': 2}] * 2
 
 
 @pytest.mark.smoke

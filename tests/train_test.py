@@ -169,6 +169,21 @@ def test_resume_on_a_different_device_count(shared, uninterrupted):
   np.testing.assert_allclose([got[5], got[6]], [reference[5], reference[6]], rtol=1e-4)
 
 
+def test_resume_with_other_data_workers(shared, uninterrupted):
+  # data.num_workers is a throughput setting: a resume may change it (threads -> 2 worker
+  # processes here). The data position carries over exactly, so the losses are the
+  # uninterrupted run's to the bit (same machine, same compiled step).
+  workdir = shared['root'] / 'workers'
+  run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR)
+  proc = run(
+    shared, workdir, '--config.train.num_steps=6', '--config.data.num_workers=2', *CONSTANT_LR
+  )
+  assert 'Data position carried over from data.num_workers=0 to 2 (element 8)' in proc.stderr
+  got, reference = losses(workdir), losses(uninterrupted)
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  assert [got[s] for s in range(1, 7)] == [reference[s] for s in range(1, 7)]
+
+
 def test_four_devices_match_one_device(shared, uninterrupted):
   workdir = shared['root'] / 'four'
   proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, devices=4)

@@ -14,8 +14,8 @@ the shuffled stream, and process i of n reads its contiguous block [t*B + i*B/n,
 Every random choice is a function of (config.seed, index), so the batches are the same
 for any number of reader threads or worker processes, and `iterator.get_state()` (a small
 JSON-serialisable dict) restores the exact position: a resumed run sees exactly the
-batches it would have seen. A state can only be restored into an iterator built with the
-same config and the same `data.num_workers` (grain's worker states differ in shape).
+batches it would have seen, also after a change of `data.num_workers` (grain's states of
+threads and of worker processes differ in shape; `set_state` converts between them).
 
 Skipped examples (unreadable, truncated, empty, non-image or decompression-bomb files)
 travel as markers from the workers to the main process, where they are logged (naming the
@@ -277,7 +277,23 @@ class _BatchIterator(grain.DatasetIterator):
     }
 
   def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state['parent'])
+    parent, like = state['parent'], self._parent.get_state()
+    if _reader_layout(parent) != _reader_layout(like):  # data.num_workers changed since the save
+      position = reader_position(parent)
+      if position is None or reader_position(like) is None:
+        raise DataError(
+          'The saved data position comes from a reader this version cannot convert to '
+          f'data.num_workers={_workers_text(like)}; resume with the data.num_workers of the run '
+          'that saved it.'
+        )
+      log.info(
+        'Data position carried over from data.num_workers=%s to %s (element %d).',
+        _workers_text(parent),
+        _workers_text(like),
+        position,
+      )
+      parent = _reader_state(position, like)
+    self._parent.set_state(parent)
     self.num_seen = int(state['num_seen'])
     self.num_skipped = int(state['num_skipped'])
     self.num_small = int(state.get('num_small', 0))  # states saved before the field: 0
@@ -335,6 +351,64 @@ class _ProcessBlocks:
     return self._stream[(batch * self._count + self._index) * self._b + offset]
 
 
+def _reader_layout(parent: dict[str, Any]) -> int | None:
+  """The worker count of a reader state (0: threads in this process), None if unrecognised."""
+  if set(parent) == {'next_index'}:
+    return 0
+  workers = parent.get('iterators_in_use_states')
+  return len(workers) if isinstance(workers, list) else None
+
+
+def _workers_text(parent: dict[str, Any]) -> str:
+  layout = _reader_layout(parent)
+  return '?' if layout is None else str(layout)
+
+
+def reader_position(parent: dict[str, Any]) -> int | None:
+  """How many elements of this process's stream a saved reader state has consumed (None when
+  the state is not one this knows).
+
+  Threads (data.num_workers=0): grain's `next_index`. Worker processes: grain's mp_prefetch
+  interleaves W workers, worker i reading elements i, i + W, ... of the same stream and the
+  main process taking one from each in turn, so the position is the sum of the workers' own
+  next indices (checked against the cycle's next worker). The elements are the same in either
+  reader (module docstring), so a position carries over between worker counts exactly."""
+  layout = _reader_layout(parent)
+  if layout == 0:
+    return int(parent['next_index'])
+  if not layout:
+    return None
+  workers = parent['iterators_in_use_states']
+  if not all(isinstance(w, dict) and set(w) == {'next_index'} for w in workers):
+    return None
+  if parent.get('future_states') or any(parent.get('exhausted') or []):
+    return None  # an epoch-bounded or finished stream: not what make_dataset builds
+  if list(parent.get('iterators_in_use_indices', [])) != list(range(layout)):
+    return None
+  position = sum(int(w['next_index']) for w in workers)
+  if position % layout != int(parent.get('next_index_in_cycle', -1)):
+    return None
+  return position
+
+
+def _reader_state(position: int, like: dict[str, Any]) -> dict[str, Any]:
+  """A reader state of `like`'s layout (see reader_position) at `position`."""
+  layout = _reader_layout(like)
+  if layout == 0:
+    return {'next_index': position}
+  return {
+    **like,
+    'next_index_in_cycle': position % layout,
+    'next_index_in_datasets': layout,
+    'iterators_in_use_indices': list(range(layout)),
+    'iterators_in_use_states': [
+      {'next_index': max(0, position - i + layout - 1) // layout} for i in range(layout)
+    ],
+    'exhausted': [0] * layout,
+    'future_states': {},
+  }
+
+
 def convert_states(
   states: list[dict[str, Any]], *, local_batch: int, new_count: int, new_local_batch: int
 ) -> tuple[list[dict[str, Any]], bool]:
@@ -343,17 +417,18 @@ def convert_states(
   Exact when every process had read the same number of whole batches (no skipped files):
   then the global position t*B carries over. Otherwise each new process starts at the
   smallest saved whole-batch position (a few examples may be seen twice) and False is
-  returned. Only the threaded reader's states convert (`data.num_workers=0`).
+  returned. The new states are the threaded reader's; `set_state` carries them to worker
+  processes (data.num_workers > 0).
   """
   positions = []
   for state in states:
-    parent = state.get('parent', {})
-    if set(parent) != {'next_index'}:
+    position = reader_position(state.get('parent', {}))
+    if position is None:
       raise DataError(
-        'The saved data position comes from worker processes (data.num_workers > 0) and '
-        'cannot be moved to another number of hosts; resume with the same host count.'
+        'The saved data position comes from a reader this version cannot convert and cannot '
+        'be moved to another number of hosts; resume with the same host count.'
       )
-    positions.append(int(parent['next_index']))
+    positions.append(position)
   batches = [p // local_batch for p in positions]
   exact = len(set(positions)) == 1 and positions[0] % local_batch == 0
   start = min(batches)
