@@ -215,7 +215,10 @@ def _run_cli() -> None:
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
-    cache = precompute(config)
+    try:
+      cache = precompute(config)
+    except (ValueError, FileNotFoundError) as e:  # DataError, CacheError, T5CheckpointError
+      cli.fail(str(e), code=1)
     if jax.process_index() == 0:
       print(cache.path)
 

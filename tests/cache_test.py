@@ -125,6 +125,22 @@ def test_incomplete_cache_refused(tmp_path, tiny_encoder):
     )
 
 
+@pytest.mark.unit
+def test_empty_shard_file_is_damage_not_a_traceback(tmp_path, tiny_encoder):
+  # A zero-byte file (a disk that filled up, a copy cut short): np.load raises EOFError.
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:5], tiny_encoder, dataset_fingerprint='fp', shard_size=4, batch_size=4
+  )
+  shard = json.loads((cache.path / cache_lib.MANIFEST).read_text())['shards'][0]
+  (cache.path / shard['files']['offsets']).write_bytes(b'')
+  reopened = cache_lib.EmbeddingCache.open(
+    str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+  )
+  with pytest.raises(cache_lib.CacheError, match='is damaged'):
+    reopened.lookup(CAPTIONS[:1])
+  assert not cache_lib._shard_is_intact(cache.path, shard, cache.dim)  # a resumed build redoes it
+
+
 _CHILD = textwrap.dedent(
   """
   import sys, time

@@ -136,6 +136,26 @@ def test_precompute_cli(images, tmp_path):
   assert cache.num_captions == 4 and cache.max_length == 12
   embs, mask = cache.lookup(['a cat'])
   assert embs.shape == (1, 12, 32) and mask.sum() == len('a cat') + 1
+  # A user error (here a data folder that does not exist) is one line, not a traceback.
+  missing = tmp_path / 'no_such_folder'
+  result = subprocess.run(
+    [
+      sys.executable,
+      '-m',
+      'imagen_jax.precompute',
+      f'--config={config_file}',
+      f'--config.data.path={missing}',
+    ],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and str(missing) in errors[0], result.stderr[-3000:]
 
 
 @pytest.mark.unit

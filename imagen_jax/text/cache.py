@@ -280,7 +280,7 @@ class EmbeddingCache:
         embs.append(np.load(self.path / files['embs'], mmap_mode='r'))
         offsets.append(np.load(self.path / files['offsets']))
         shard_hashes = np.load(self.path / files['hashes'])
-      except (OSError, ValueError) as e:
+      except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise CacheError(
           f'Embedding cache {str(self.path)!r} is damaged ({e}); delete it and rebuild with '
           f'`{PRECOMPUTE_HINT}`.'
@@ -344,7 +344,7 @@ def _shard_is_intact(path: pathlib.Path, shard: dict, dim: int) -> bool:
     embs = np.load(path / shard['files']['embs'], mmap_mode='r')
     offsets = np.load(path / shard['files']['offsets'], mmap_mode='r')
     hashes = np.load(path / shard['files']['hashes'], mmap_mode='r')
-  except (OSError, ValueError):
+  except (OSError, ValueError, EOFError):  # EOFError: an empty file
     return False
   return (
     embs.shape == (shard['num_tokens'], dim)
