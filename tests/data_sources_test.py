@@ -71,6 +71,29 @@ def test_imagefolder_metadata_and_max_examples(tmp_path):
 
 
 @pytest.mark.unit
+def test_metadata_text_encodings(tmp_path):
+  for i in range(2):
+    _image(tmp_path / f'{i}.png', (i * 40, 0, 0))
+  # Excel's 'CSV UTF-8' starts with a byte-order mark: the first column is still 'file_name'.
+  (tmp_path / 'metadata.csv').write_bytes(
+    '\ufefffile_name,text\n0.png,caf\u00e9 au lait\n1.png,un th\u00e9\n'.encode()
+  )
+  source = sources.build_source(_data_config(path=str(tmp_path)))
+  assert source.captions() == ['caf\u00e9 au lait', 'un th\u00e9'] and not source.skipped
+  # Latin-1 is not guessed at: one line naming the file and the fix.
+  (tmp_path / 'metadata.csv').write_bytes('file_name,text\n0.png,caf\u00e9\n'.encode('latin-1'))
+  with pytest.raises(DataError, match=r'metadata.csv is not UTF-8 text .*iconv'):
+    sources.build_source(_data_config(path=str(tmp_path)))
+  # Half a surrogate pair from a JSON escape becomes U+FFFD (UTF-8 cannot encode it).
+  (tmp_path / 'metadata.csv').unlink()
+  rows = [{'file_name': '0.png', 'text': 'smile \ud83d'}, {'file_name': '1.png', 'text': 'ok'}]
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+  source = sources.build_source(_data_config(path=str(tmp_path)))
+  assert source.captions() == ['smile \ufffd', 'ok']
+  assert source.fingerprint()  # hashes the captions as UTF-8
+
+
+@pytest.mark.unit
 def test_folder_errors_are_clear(tmp_path):
   with pytest.raises(DataError, match='does not exist'):
     sources.build_source(_data_config(path=str(tmp_path / 'nope')))

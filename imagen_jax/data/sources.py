@@ -62,7 +62,12 @@ def _clean_caption(caption: Any) -> str:
     caption = caption.decode('utf-8', errors='replace')
   if caption is None:
     return ''
-  return str(caption).strip()
+  caption = str(caption)
+  try:
+    caption.encode('utf-8')
+  except UnicodeEncodeError:  # half a surrogate pair, e.g. from the JSON escape '\\ud83d'
+    caption = ''.join('\ufffd' if '\ud800' <= c <= '\udfff' else c for c in caption)
+  return caption.strip()
 
 
 class Source:
@@ -178,11 +183,21 @@ class FolderSource(Source):
     return sorted(pairs)
 
   def _read_metadata(self, meta: pathlib.Path):
+    """(line number, row) of a metadata.csv / metadata.jsonl, read as UTF-8 with or without a
+    byte-order mark (Excel's 'CSV UTF-8' writes one); other encodings are a DataError."""
+    try:
+      yield from self._metadata_rows(meta)
+    except UnicodeDecodeError as e:
+      raise DataError(
+        f'{meta} is not UTF-8 text ({e}); save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8`).'
+      ) from e
+
+  def _metadata_rows(self, meta: pathlib.Path):
     if meta.suffix == '.csv':
-      with open(meta, newline='', encoding='utf-8') as f:
+      with open(meta, newline='', encoding='utf-8-sig') as f:
         yield from enumerate(csv.DictReader(f), start=2)
       return
-    with open(meta, encoding='utf-8') as f:
+    with open(meta, encoding='utf-8-sig') as f:
       for line_no, line in enumerate(f, start=1):
         if not line.strip():
           continue
