@@ -222,6 +222,20 @@ def test_weights_not_matching_config_error(tmp_path, tiny_folders):
     encoder_lib.load_text_encoder(str(tmp_path))
 
 
+@pytest.mark.unit
+def test_lfs_pointer_or_truncated_shard_is_one_clear_error(tmp_path, tiny_folders):
+  write_hf_folder(tmp_path, sharded=True, weights=tiny_folders[1])
+  shard = sorted(tmp_path.glob('*.safetensors'))[0]
+  good = shard.read_bytes()
+  # What `git clone` leaves without git-lfs: a small text file in place of the weights.
+  shard.write_text(f'version https://git-lfs.github.com/spec/v1\noid sha256:{"0" * 64}\n')
+  with pytest.raises(t5.T5CheckpointError, match=r'is a Git LFS pointer .*git lfs pull'):
+    encoder_lib.load_text_encoder(str(tmp_path))
+  shard.write_bytes(good[: len(good) // 2])  # a download cut short
+  with pytest.raises(t5.T5CheckpointError, match=r'not a readable safetensors file .*again'):
+    encoder_lib.load_text_encoder(str(tmp_path))
+
+
 @pytest.fixture(scope='module')
 def tiny_random_f32():
   return {

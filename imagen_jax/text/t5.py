@@ -460,6 +460,32 @@ def _target_of(name: str, num_layers: int) -> tuple[str, int | None, bool] | Non
   return hit[0], layer, hit[1]
 
 
+def _damaged_message(path: pathlib.Path, error: BaseException) -> str:
+  """One line for a safetensors file that cannot be read: a Git LFS pointer (a clone without
+  `git lfs`), or a truncated or corrupt download."""
+  size = path.stat().st_size if path.exists() else 0
+  with open(path, 'rb') as f:
+    head = f.read(64)
+  if head.startswith(b'version https://git-lfs'):
+    return (
+      f'{str(path)!r} is a Git LFS pointer ({size} bytes), not the weights: fetch them with '
+      '`git lfs pull` in that folder, or download it with huggingface_hub.'
+    )
+  return (
+    f'{str(path)!r} ({size} bytes) is not a readable safetensors file ({error}): the download '
+    'is truncated or corrupt; download it again.'
+  )
+
+
+def _open_safetensors(path: pathlib.Path):
+  from safetensors import safe_open
+
+  try:
+    return safe_open(str(path), framework='np')
+  except Exception as e:  # noqa: BLE001 - safetensors' own error type
+    raise T5CheckpointError(_damaged_message(path, e)) from e
+
+
 def load_t5_encoder(
   name_or_path: str,
   *,
@@ -474,7 +500,6 @@ def load_t5_encoder(
   time from the memory-mapped safetensors files, are cast to `param_dtype` (default:
   `dtype`) on the host and put straight onto `mesh` (sharded) or the default device.
   """
-  from safetensors import safe_open
 
   folder = resolve_checkpoint(name_or_path, revision=revision)
   config = read_config(folder)
@@ -501,7 +526,7 @@ def load_t5_encoder(
           f'Checkpoint shard {file!r} listed in the index is missing from {str(folder)!r}; '
           're-download the checkpoint.'
         )
-      handles[file] = safe_open(str(folder / file), framework='np')
+      handles[file] = _open_safetensors(folder / file)
       for name in handles[file].keys():
         target = _target_of(name, config.num_layers)
         if target is not None:
@@ -527,7 +552,10 @@ def load_t5_encoder(
       host = np.empty(shape, param_dtype)
       entries = sources[path] if path.startswith('layers.') else sources[path][:1]
       for layer, transpose, file, name in entries:
-        tensor = handles[file].get_tensor(name)
+        try:
+          tensor = handles[file].get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - safetensors' own error type
+          raise T5CheckpointError(_damaged_message(folder / file, e)) from e
         tensor = tensor.T if transpose else tensor
         expected = shape[1:] if layer is not None else shape
         if tuple(tensor.shape) != expected:
