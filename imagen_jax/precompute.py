@@ -83,10 +83,18 @@ class JaxProcesses:
 
 
 def encoder_id(config: ml_collections.ConfigDict) -> str:
-  """The encoder as the cache names it: `text.encoder`, plus `@dtype` when the encoder does not
-  compute in the default bfloat16 (the stored values differ, so the caches must too)."""
+  """The encoder as the cache names it: `text.encoder`; for a local checkpoint folder plus
+  `#` and a digest of the checkpoint it holds (`t5.folder_fingerprint`: other weights or
+  tokenizer files in the same folder make another cache); plus `@dtype` when the encoder does
+  not compute in the default bfloat16 (the stored values differ, so the caches must too)."""
+  from imagen_jax.text import t5
+
+  name = str(config.text.encoder)
+  fingerprint = t5.folder_fingerprint(name)
+  if fingerprint is not None:
+    name = f'{name}#{fingerprint}'
   dtype = str(config.text.get('dtype', 'bfloat16'))
-  return config.text.encoder if dtype == 'bfloat16' else f'{config.text.encoder}@{dtype}'
+  return name if dtype == 'bfloat16' else f'{name}@{dtype}'
 
 
 def processes() -> cache_lib.Processes:

@@ -89,6 +89,35 @@ def test_precompute_and_open_or_build(images, tmp_path):
     precompute.open_or_build_cache(config, build_if_missing=False)
 
 
+@pytest.mark.unit
+def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path):
+  from imagen_jax.text import t5
+  from tests import t5_test
+
+  folder = tmp_path / 't5'
+  t5_test.write_hf_folder(folder, sharded=False)
+  config = make_config(images, tmp_path / 'cache')
+  config.text.encoder = str(folder)
+  config.mesh.fsdp = 1
+  first = precompute.open_or_build_cache(config, build_if_missing=True)
+  assert precompute.encoder_id(config) == f'{folder}#{t5.folder_fingerprint(str(folder))}'
+  # The folder now holds another checkpoint of the same architecture: a new cache is built
+  # from it instead of the old embeddings being reused.
+  other = t5_test._tiny_weights(t5.read_config(folder), seed=7)
+  t5_test.write_hf_folder(folder, sharded=True, weights=other)
+  (folder / 'model.safetensors').unlink()
+  second = precompute.open_or_build_cache(config, build_if_missing=True)
+  assert second.path != first.path
+  fresh = encoder_lib.load_text_encoder(str(folder), max_length=16)
+  embs, mask = fresh.encode(['a cat'])
+  want = np.asarray(embs[0][mask[0]], np.float32)
+  # Tolerance: the cache holds bfloat16, encoded at the precompute batch shape.
+  np.testing.assert_allclose(
+    np.asarray(second.get('a cat'), np.float32), want, atol=0.05, rtol=0.05
+  )
+  assert np.abs(np.asarray(first.get('a cat'), np.float32) - want).max() > 0.5  # the old model's
+
+
 _CONFIG_FILE = textwrap.dedent(
   """
   import ml_collections

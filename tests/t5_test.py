@@ -236,6 +236,31 @@ def test_lfs_pointer_or_truncated_shard_is_one_clear_error(tmp_path, tiny_folder
     encoder_lib.load_text_encoder(str(tmp_path))
 
 
+@pytest.mark.unit
+def test_folder_fingerprint_names_the_checkpoint_a_folder_holds(tmp_path):
+  assert t5.folder_fingerprint('google/t5-v1_1-xxl') is None  # a Hub name (no such folder here)
+  folder = tmp_path / 'ckpt'
+  folder.mkdir()
+  (folder / 'config.json').write_text('{"d_model": 16}')
+  weights = np.random.default_rng(0).integers(0, 255, 3 << 20, np.uint8)  # 3 MiB: by pieces
+  (folder / 'model.safetensors').write_bytes(weights.tobytes())
+  (folder / 'README.md').write_text('not read by the loader, not hashed')
+  first = t5.folder_fingerprint(str(folder))
+  assert first and first == t5.folder_fingerprint(str(folder))
+  (folder / 'README.md').write_text('edited')
+  assert t5.folder_fingerprint(str(folder)) == first
+  moved = tmp_path / 'moved'
+  folder.rename(moved)
+  assert t5.folder_fingerprint(str(moved)) == first  # the content, not the place
+  other = weights.copy()
+  other[0] ^= 1  # the first piece: another checkpoint differs everywhere, this in one byte
+  (moved / 'model.safetensors').write_bytes(other.tobytes())
+  assert t5.folder_fingerprint(str(moved)) != first
+  (moved / 'model.safetensors').write_bytes(weights.tobytes())
+  (moved / 'config.json').write_text('{"d_model": 32}')
+  assert t5.folder_fingerprint(str(moved)) != first
+
+
 @pytest.fixture(scope='module')
 def tiny_random_f32():
   return {
