@@ -53,6 +53,9 @@ def get_common(
   c.text = ml_collections.ConfigDict()
   c.text.encoder = 'google/t5-v1_1-xxl'  # hub name, local folder, or 't5-tiny-random'
   c.text.max_length = 128
+  # A Hub revision (branch, tag, commit or 'refs/pr/<n>') of text.encoder; '' for the default
+  # branch. Some repos keep their safetensors weights off the default branch.
+  c.text.revision = ''
   # Root, one sub-folder per (encoder, max_len, data); a relative path is taken relative to the
   # workdir. Give an absolute path to share one cache between runs and stages.
   c.text.cache_dir = 'cache/embeddings'

@@ -93,6 +93,9 @@ def encoder_id(config: ml_collections.ConfigDict) -> str:
   fingerprint = t5.folder_fingerprint(name)
   if fingerprint is not None:
     name = f'{name}#{fingerprint}'
+  revision = str(config.text.get('revision') or '')
+  if revision and fingerprint is None:  # a hub name at another revision: other weights
+    name = f'{name}#{revision}'
   dtype = str(config.text.get('dtype', 'bfloat16'))
   return name if dtype == 'bfloat16' else f'{name}@{dtype}'
 
@@ -138,6 +141,7 @@ def precompute(
     max_length=config.text.max_length,
     dtype=config.text.get('dtype', 'bfloat16'),
     mesh=mesh,
+    revision=config.text.get('revision') or None,
   )
   cache = cache_lib.build_cache(
     config.text.cache_dir,

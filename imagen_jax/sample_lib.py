@@ -401,13 +401,16 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
       )
 
 
-def _encoder_key(config) -> tuple[str, int, str, int]:
+def _encoder_key(config) -> tuple[str, int, str, int, str]:
+  """What makes two stages' prompt embeddings the same: encoder, max length, dtype, precompute
+  batch size and Hub revision."""
   text = config.text
   return (
     text.encoder,
     int(text.max_length),
     text.get('dtype', 'bfloat16'),
     int(text.get('precompute_batch_size', 64)),
+    str(text.get('revision') or ''),
   )
 
 
@@ -425,11 +428,17 @@ def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
   from imagen_jax.text import cache as cache_lib
   from imagen_jax.text import encoder as encoder_lib
 
-  name, max_length, dtype, _ = _encoder_key(config)
+  name, max_length, dtype, _, revision = _encoder_key(config)
   if not prompts:
     return np.zeros((0, max_length, 0), CACHE_EMBEDDING_DTYPE), np.zeros((0, max_length), bool)
   mesh = precompute.make_encoder_mesh(config)
-  enc = encoder_lib.load_text_encoder(name, max_length=max_length, dtype=dtype, mesh=mesh)
+  enc = encoder_lib.load_text_encoder(
+    name,
+    max_length=max_length,
+    dtype=dtype,
+    mesh=mesh,
+    revision=revision or None,
+  )
   tokens, offsets = cache_lib._encode_shard(
     prompts, enc, precompute._batch_size(config, mesh)
   )  # [T, D] bfloat16 bits of the real tokens, [P + 1]

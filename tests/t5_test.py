@@ -348,10 +348,11 @@ def test_hub_download_fetches_only_encoder_shards(tmp_path, tiny_folders, monkey
   index = json.loads((remote / 'model.safetensors.index.json').read_text())
   index['weight_map']['decoder.extra.weight'] = 'decoder.safetensors'
   (remote / 'model.safetensors.index.json').write_text(json.dumps(index))
-  local, fetched = tmp_path / 'hub_cache', []
+  local, fetched, revisions = tmp_path / 'hub_cache', [], []
 
   def fake_snapshot_download(repo_id, *, revision=None, allow_patterns=()):
-    assert repo_id == 'someorg/tiny-t5' and revision is None
+    assert repo_id == 'someorg/tiny-t5'
+    revisions.append(revision)
     local.mkdir(exist_ok=True)
     for f in remote.iterdir():
       if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
@@ -364,6 +365,20 @@ def test_hub_download_fetches_only_encoder_shards(tmp_path, tiny_folders, monkey
   assert 'decoder.safetensors' not in fetched
   assert {'config.json', 'model-00001-of-00002.safetensors'} <= set(fetched)
   assert hub.name == 'someorg/tiny-t5' and hub.dim == 16
+  assert set(revisions) == {None}
+  # config.text.revision reaches the Hub (e.g. a repo whose safetensors sit on a PR branch), and
+  # the embedding cache of another revision is another cache.
+  revisions.clear()
+  encoder_lib.load_text_encoder('someorg/tiny-t5', max_length=8, revision='refs/pr/7')
+  assert revisions and set(revisions) == {'refs/pr/7'}
+  from configs import base64
+  from imagen_jax import precompute
+
+  config = base64.get_config('tiny')
+  config.text.encoder = 'someorg/tiny-t5'
+  assert precompute.encoder_id(config) == 'someorg/tiny-t5'
+  config.text.revision = 'refs/pr/7'
+  assert precompute.encoder_id(config) == 'someorg/tiny-t5#refs/pr/7'
 
   def offline(repo_id, **kwargs):
     raise OSError('network is unreachable')

@@ -95,6 +95,7 @@ def encode_prompts(
       max_length=int(config.text.max_length),
       dtype=config.text.get('dtype', 'bfloat16'),
       mesh=mesh,
+      revision=config.text.get('revision') or None,
     )
     devices = 1 if mesh is None else mesh.devices.size
     batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices

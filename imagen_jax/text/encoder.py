@@ -153,8 +153,12 @@ def load_text_encoder(
   max_length: int = 128,
   dtype: str = 'bfloat16',
   mesh: jax.sharding.Mesh | None = None,
+  revision: str | None = None,
 ) -> TextEncoder:
   """A frozen T5 encoder by hub name ('google/t5-v1_1-xxl'), local folder, or 't5-tiny-random'.
+
+  `revision`: the Hub revision of a hub name (branch, tag, commit, 'refs/pr/<n>'; None or '':
+  the default branch).
 
   `dtype` is the compute and parameter dtype ('bfloat16' or 'float32'); with `mesh`, the
   parameters are sharded over its 'data' x 'fsdp' axes and batches over the same devices.
@@ -170,6 +174,8 @@ def load_text_encoder(
     model = t5.random_encoder(TINY_RANDOM_CONFIG, seed=TINY_RANDOM_SEED, dtype=dtype, mesh=mesh)
     tokenizer = tokenizer_lib.load_tokenizer(tokenizer_lib.BYTE_TOKENIZER, max_length=max_length)
     return TextEncoder(TINY_RANDOM, model, tokenizer, mesh=mesh)
-  model, folder = t5.load_t5_encoder(name_or_path, dtype=dtype, mesh=mesh)
+  model, folder = t5.load_t5_encoder(
+    name_or_path, dtype=dtype, mesh=mesh, revision=revision or None
+  )
   tokenizer = tokenizer_lib.load_tokenizer(folder, max_length=max_length)
   return TextEncoder(name_or_path, model, tokenizer, mesh=mesh)

@@ -428,7 +428,8 @@ def _no_safetensors_message(where: str, found: Sequence[str]) -> str:
     'Only model.safetensors or model.safetensors.index.json + shards are read (no torch here). '
     'Convert once on a machine with PyTorch: transformers.T5EncoderModel.from_pretrained(src)'
     '.save_pretrained(dst, safe_serialization=True), then pass dst; many hub repos also offer '
-    "a safetensors revision (e.g. revision='refs/pr/<n>') or a safetensors mirror."
+    "a safetensors revision: pass it as --config.text.revision (e.g. 'refs/pr/<n>'), or use a "
+    'safetensors mirror.'
   )
 
 
