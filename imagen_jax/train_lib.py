@@ -649,10 +649,19 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
   # Restores go through a read-only manager of this process's own (`checkpoints.make_manager`).
   reader = checkpoints.make_manager(workdir_path, read_only=True)
   try:
-    if requested and newest > requested and _resumed_from(reader, newest) == requested:
+    if requested and newest > requested and _same_resume(reader, newest, config):
       # The newer checkpoints come from this same resume (the command was run again, e.g. after
       # a SIGTERM): continue from them instead of throwing their progress away.
-      log.info('Already resumed from step %d earlier; continuing from step %d.', requested, newest)
+      log.warning(
+        'Already resumed from step %d earlier with these settings; continuing from step %d. '
+        'To go back to step %d again, change a setting (e.g. optim.lr) or move the checkpoints '
+        'after step %d out of %s.',
+        requested,
+        newest,
+        requested,
+        requested,
+        checkpoints.checkpoint_dir(workdir_path),
+      )
       requested = None
     target = abstract_with_shardings(abstract, sharding.plain_shardings(state_sh))
 
@@ -685,12 +694,19 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
   return step, state, data_state
 
 
-def _resumed_from(manager, step: int) -> int | None:
-  """The train.resume_step that the run which wrote `step` was started with (None if unknown)."""
+def _same_resume(manager, step: int, config: ml_collections.ConfigDict) -> bool:
+  """Whether checkpoint `step` was written by a run of this same resume: started with the same
+  train.resume_step and the same settings, train.num_steps aside (a run extended after a stop).
+  A go-back with other settings (the advice after a NaN: the same step, a lower optim.lr) is a
+  new attempt, not a continuation."""
   try:
-    return int(checkpoints.restore_config(manager, step).train.get('resume_step', 0)) or None
+    saved = checkpoints.restore_config(manager, step)
+    if int(saved.train.get('resume_step', 0)) != int(config.train.resume_step):
+      return False
+    differences = checkpoints.config_differences(saved, config)
   except (checkpoints.CheckpointError, AttributeError, KeyError, TypeError, ValueError):
-    return None
+    return False
+  return all(d.startswith('train.num_steps:') for d in differences)
 
 
 def _check_same_config(config: ml_collections.ConfigDict) -> None:

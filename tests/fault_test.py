@@ -124,6 +124,20 @@ def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
   assert 'Already resumed from step 2' in proc.stderr
   assert finished_steps(workdir) == [2, 4, 6]
   assert sorted(p.name for p in (workdir / 'checkpoints_set_aside').iterdir()) == ['4']
+  # Going back to step 2 again with another setting (a lower learning rate, as the NaN message
+  # advises) is a new attempt: it goes back, setting the newer steps aside again.
+  proc = run(
+    shared,
+    workdir,
+    '--config.train.num_steps=4',
+    '--config.train.resume_step=2',
+    '--config.optim.lr=1e-5',
+    *CONSTANT_LR,
+  )
+  assert 'Already resumed' not in proc.stderr and 'Resumed from step 2' in proc.stderr
+  assert finished_steps(workdir) == [2, 4]
+  assert losses(workdir)[4] != losses(pristine)[4]  # trained again at the lower rate
+  assert (workdir / 'checkpoints_set_aside' / '6').is_dir()
 
 
 @pytest.mark.parametrize(
