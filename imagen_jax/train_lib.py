@@ -39,6 +39,7 @@ from imagen_jax import (
   images,
   multihost,
   optim,
+  run_lock,
   sharding,
   stage,
 )
@@ -366,7 +367,16 @@ def step_flops(config: ml_collections.ConfigDict, batch: dict) -> StepFlops:
 class MetricWriter:
   """metrics.jsonl (always), TensorBoard event files, and optionally Weights & Biases."""
 
-  def __init__(self, workdir: pathlib.Path, config: ml_collections.ConfigDict, enabled: bool):
+  def __init__(
+    self,
+    workdir: pathlib.Path,
+    config: ml_collections.ConfigDict,
+    enabled: bool,
+    start_step: int = 0,
+  ):
+    """start_step: the step the run starts from; TensorBoard drops the events of later steps
+    that earlier runs logged (re-run after a resume from an older checkpoint), as
+    metrics.jsonl's rows are (`_truncate_metrics`)."""
     self.enabled = enabled
     self.tb = self.wandb = None
     if not enabled:
@@ -374,7 +384,7 @@ class MetricWriter:
     self.jsonl = open(workdir / 'metrics.jsonl', 'a')  # noqa: SIM115
     from tensorboardX import SummaryWriter
 
-    self.tb = SummaryWriter(str(workdir / 'tensorboard'))
+    self.tb = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step + 1)
     if config.train.wandb:
       try:
         import wandb
@@ -383,11 +393,18 @@ class MetricWriter:
           'config.train.wandb=True needs Weights & Biases: `pip install wandb` '
           '(or run with --config.train.wandb=False).'
         ) from e
+      # One W&B run per workdir: its id is kept there, so a resumed run logs into the same one.
+      id_file = workdir / 'wandb_run_id'
+      run_id = id_file.read_text().strip() if id_file.exists() else ''
+      if not run_id:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + '\n')
       self.wandb = wandb.init(
         project=config.train.wandb_project,
         mode=config.train.wandb_mode,
         dir=str(workdir),
         config=json.loads(config.to_json_best_effort()),
+        id=run_id,
         resume='allow',
       )
 
@@ -788,7 +805,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   'stopped_by' (the signal's name). Raises TrainingError on NaN/Inf, resume mismatch, no usable
   checkpoint, an unwritable workdir, a failed save, etc.
   """
-  from imagen_jax import precompute
   from imagen_jax.data import pipeline
 
   if float(config.model.dropout) > 0:
@@ -804,6 +820,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   device_prefetch_size(config)
   cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py
   workdir_path = _prepare_workdir(workdir)
+  lock = _lock_workdir(workdir_path)
+  try:
+    return _train(config, workdir_path, tx)
+  finally:
+    lock.release()
+
+
+def _lock_workdir(workdir_path: pathlib.Path) -> run_lock.RunLock:
+  """The workdir's run lock, held by process 0 (`imagen_jax.run_lock`); TrainingError on every
+  process when another run holds it."""
+  lock = run_lock.RunLock(workdir_path)
+  problem = lock.acquire() if jax.process_index() == 0 else None
+  if jax.process_count() > 1:
+    problem = multihost.allgather_json(problem)[0]
+  if problem:
+    lock.release()
+    raise TrainingError(problem)
+  return lock
+
+
+def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) -> dict[str, Any]:
+  """train_and_evaluate in a locked workdir."""
+  from imagen_jax import precompute
+  from imagen_jax.data import pipeline
+
+  num_steps = int(config.train.num_steps)
   precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
   is_chief = jax.process_index() == 0
   if jax.process_count() > 1:
@@ -851,9 +893,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       raise TrainingError(str(e)) from e
     if not kept:
       if int(config.train.get('resume_step', 0)):
+        manager.close()
+        if hasattr(data_iter, 'close'):
+          data_iter.close()
         raise TrainingError(
           f'train.resume_step={config.train.resume_step} but {workdir_path} holds no checkpoint.'
         )
+      _truncate_metrics(workdir_path, 0)  # rows of a run stopped before its first checkpoint
       state = init()
     else:
       try:
@@ -878,7 +924,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       out_shardings=(state_sh, metric_sh),
       donate_argnums=(0,),
     )
-    writer = MetricWriter(workdir_path, config, enabled=is_chief)
+    writer = MetricWriter(workdir_path, config, enabled=is_chief, start_step=start)
     eval_fn = _make_eval_fn(config, graphdef, workdir_path, mesh)
     loop = _Loop(
       config=config,

@@ -5,6 +5,7 @@ line and a non-zero exit, losing nothing.
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import shutil
@@ -302,3 +303,41 @@ def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
 
     config = checkpoints.restore_config(checkpoints.make_manager(workdir, read_only=True), kept[-1])
     assert config.stage == 'base64'
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_untouched(shared, pristine):
+  # Another train.py holds the workdir (here: this test holds its lock). A second start must not
+  # clean its checkpoint in progress, rewrite its metrics or save over its steps.
+  from imagen_jax import run_lock
+
+  workdir = copy_run(pristine, shared['root'] / 'in_use')
+  in_progress = workdir / 'checkpoints' / '6.orbax-checkpoint-tmp-1234'
+  in_progress.mkdir()
+  metrics = (workdir / 'metrics.jsonl').read_bytes()
+  lock = run_lock.RunLock(workdir)
+  assert lock.acquire() is None
+  try:
+    proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR, check=False)
+  finally:
+    lock.release()
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  (line,) = error_lines(proc.stderr)
+  assert line.startswith(f'error: {workdir} is in use by another training run (host ')
+  assert f'pid {os.getpid()}' in line and 'Traceback' not in proc.stderr
+  assert in_progress.is_dir() and (workdir / 'metrics.jsonl').read_bytes() == metrics
+  assert finished_steps(workdir) == [2, 4]
+
+
+def test_a_fresh_start_drops_the_rows_of_a_run_stopped_before_its_first_checkpoint(shared):
+  # A run killed before its first checkpoint left metrics rows; the next start begins at step 0,
+  # so those rows would otherwise be logged twice.
+  workdir = shared['root'] / 'no_checkpoint_yet'
+  workdir.mkdir()
+  (workdir / 'metrics.jsonl').write_text(
+    ''.join(f'{{"step": {s}, "loss": 9.0}}\n' for s in (1, 2, 3))
+  )
+  proc = run(shared, workdir, '--config.train.num_steps=2', *CONSTANT_LR)
+  assert 'metrics.jsonl: dropped 3 rows after step 0' in proc.stderr
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2]
+  assert 9.0 not in losses(workdir).values()

@@ -1,0 +1,52 @@
+"""train_lib.MetricWriter: one Weights & Biases run per workdir, TensorBoard purged on resume."""
+
+import sys
+import types
+
+import pytest
+
+from configs import base64
+from imagen_jax import train_lib
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard_steps(
+  tmp_path, monkeypatch
+):
+  inits, purges = [], []
+  ids = iter(['first1', 'second2'])
+  fake = types.ModuleType('wandb')
+  fake.util = types.SimpleNamespace(generate_id=lambda: next(ids))
+
+  class Run:
+    def log(self, *args, **kwargs):
+      pass
+
+    def finish(self):
+      pass
+
+  def init(**kwargs):
+    inits.append(kwargs)
+    return Run()
+
+  fake.init = init
+  monkeypatch.setitem(sys.modules, 'wandb', fake)
+  import tensorboardX
+
+  real = tensorboardX.SummaryWriter
+
+  def writer(logdir, purge_step=None):
+    purges.append(purge_step)
+    return real(logdir, purge_step=purge_step)
+
+  monkeypatch.setattr(tensorboardX, 'SummaryWriter', writer)
+  config = base64.get_config('tiny')
+  config.train.wandb = True
+  for start in (0, 40):  # a fresh start, then a resume from step 40
+    w = train_lib.MetricWriter(tmp_path, config, enabled=True, start_step=start)
+    w.write(start + 1, {'loss': 0.5})
+    w.close()
+  assert [i['id'] for i in inits] == ['first1', 'first1'] and inits[0]['resume'] == 'allow'
+  assert (tmp_path / 'wandb_run_id').read_text() == 'first1\n'
+  assert purges == [1, 41]  # events of steps the new run logs again are dropped
