@@ -97,8 +97,9 @@ def _unfit(n: int, batch_size: int, mesh: Any) -> str | None:
     return None
   if batch_size % n:
     return f'train.batch_size={batch_size} is not divisible by {n}'
-  sizes = [int(mesh['data'] if isinstance(mesh, Mapping) else mesh.data)]
-  sizes.append(int(mesh['fsdp'] if isinstance(mesh, Mapping) else mesh.fsdp))
+  from imagen_jax import sharding
+
+  sizes = sharding.mesh_sizes(mesh)  # ValueError for sizes no mesh can have (fsdp=0)
   fixed = math.prod(s for s in sizes if s != -1)
   fills = n % fixed == 0 if -1 in sizes else fixed == n
   if not fills:
@@ -110,8 +111,9 @@ def _replicas(n: int, mesh: Any) -> int:
   """Copies of the state that n devices hold: n / the mesh's fsdp size (sampling, mesh None: n)."""
   if mesh is None:
     return n
-  data = int(mesh['data'] if isinstance(mesh, Mapping) else mesh.data)
-  fsdp = int(mesh['fsdp'] if isinstance(mesh, Mapping) else mesh.fsdp)
+  from imagen_jax import sharding
+
+  data, fsdp = sharding.mesh_sizes(mesh)
   if fsdp == -1:
     fsdp = n // max(data, 1)
   return max(1, n // max(fsdp, 1))

@@ -51,6 +51,17 @@ def _get(cfg: Any, name: str) -> Any:
   return getattr(cfg, name)
 
 
+def mesh_sizes(mesh_config: Any) -> list[int]:
+  """[data, fsdp] as configured (-1: the remaining devices); ValueError for sizes no mesh can
+  have. Needs no devices (cpu_devices checks a config before JAX's backend starts)."""
+  sizes = [int(_get(mesh_config, axis)) for axis in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  if any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f'Mesh sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  return sizes
+
+
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp') mesh of Auto axes; a size of -1 takes the remaining devices.
 
@@ -58,11 +69,7 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
-  sizes = [int(_get(mesh_config, axis)) for axis in MESH_AXES]
-  if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f'At most one mesh axis may be -1, got data={sizes[0]}, fsdp={sizes[1]}.')
-  if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'Mesh sizes must be positive or -1, got data={sizes[0]}, fsdp={sizes[1]}.')
+  sizes = mesh_sizes(mesh_config)
   fixed = math.prod(s for s in sizes if s != -1)
   if n % fixed:
     raise ValueError(

@@ -546,6 +546,19 @@ _COUNTS = {
 }
 
 
+# optim fields: (lowest, highest, highest allowed, example). A negative min_lr_ratio made the
+# cosine schedule's end negative (gradient ascent late in training); a negative grad_clip
+# turned clipping off; b2 >= 1 never forgets a gradient.
+_OPTIM_RANGES = {
+  'min_lr_ratio': (0.0, 1.0, True, 'e.g. 0.1: the cosine ends at 10% of optim.lr'),
+  'b1': (0.0, 1.0, False, 'e.g. 0.9'),
+  'b2': (0.0, 1.0, False, 'e.g. 0.999'),
+  'eps': (0.0, math.inf, False, 'e.g. 1e-8'),
+  'weight_decay': (0.0, math.inf, False, 'e.g. 0 or 0.01'),
+  'grad_clip': (0.0, math.inf, False, 'a global norm, e.g. 1.0; 0: no clipping'),
+}
+
+
 def check_settings(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first training-loop, data or loss setting that cannot train (or
   would be quietly read as another), before the workdir is written: a zero log_every or
@@ -575,6 +588,11 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   lr = float(config.optim.lr)
   if not 0.0 <= lr < math.inf:
     raise ValueError(f'optim.lr={lr}: use a finite learning rate >= 0 (e.g. 1e-4).')
+  for name, (low, high, closed, example) in _OPTIM_RANGES.items():
+    value = float(config.optim[name])
+    if not (low <= value <= high if closed else low <= value < high):  # also refuses NaN
+      bounds = f'[{low:g}, {high:g}]' if closed else f'[{low:g}, {high:g})'
+      raise ValueError(f'optim.{name}={value}: use a value in {bounds} ({example}).')
   stage.schedule(config)  # each of these raises naming the allowed values
   if stage.is_super_resolution(config):
     stage.aug_schedule(config)

@@ -258,3 +258,9 @@ def test_train_py_refuses_a_count_the_batch_cannot_take(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert 'IMAGEN_JAX_CPU_DEVICES=3: train.batch_size=4 is not divisible by 3' in proc.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def test_a_mesh_size_no_mesh_can_have_is_a_value_error_not_a_division_by_zero():
+  for environ in (CPU, {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}):
+    with pytest.raises(ValueError, match='Mesh sizes must be positive or -1, got data=-1, fsdp=0'):
+      cpu_devices.choose(4, {'data': -1, 'fsdp': 0}, environ=environ, cores=2)
