@@ -42,6 +42,8 @@ def _replicated_bytes(config) -> int:
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
+  if not FLAGS.workdir.strip():
+    cli.fail('--workdir is empty; pass the run folder, e.g. --workdir=runs/base64.')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
   cli.keep_freed_host_buffers()

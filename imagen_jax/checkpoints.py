@@ -116,7 +116,9 @@ class NonFiniteStateError(CheckpointError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> pathlib.Path:
-  return pathlib.Path(workdir).absolute() / 'checkpoints'
+  """WORKDIR/checkpoints, absolute; '~' expanded as train.py's workdir is (a quoted
+  --workdir='~/run' reaches the program unexpanded)."""
+  return pathlib.Path(workdir).expanduser().absolute() / 'checkpoints'
 
 
 def step_dir(workdir: str | os.PathLike, step: int) -> pathlib.Path:
@@ -509,17 +511,18 @@ class RestoredParams:
 
 
 def parse_run(spec: str) -> tuple[str, int | None]:
-  """'runs/base64' -> ('runs/base64', None); 'runs/base64@1200' -> ('runs/base64', 1200)."""
+  """'runs/base64' -> ('runs/base64', None); 'runs/base64@1200' -> ('runs/base64', 1200); a
+  leading '~' expanded."""
   spec = str(spec)
   if '@' not in spec:
-    return spec, None
+    return os.path.expanduser(spec), None
   path, _, step = spec.rpartition('@')
   if not re.fullmatch(r'\d+', step) or not path:
     raise CheckpointError(
       f"'{spec}': a checkpoint is RUN or RUN@STEP with STEP a kept step number, e.g. "
       'runs/base64@2000.'
     )
-  return path, int(step)
+  return os.path.expanduser(path), int(step)
 
 
 def restore_params(
@@ -603,7 +606,7 @@ def set_aside_newer(workdir: str | os.PathLike, step: int, manager: ocp.Checkpoi
 
 def describe_folder(workdir: str | os.PathLike) -> str:
   """What a run folder holds, for error messages."""
-  root = pathlib.Path(workdir)
+  root = pathlib.Path(workdir).expanduser()
   if not root.exists():
     return f'{root} does not exist'
   if not root.is_dir():

@@ -162,6 +162,16 @@ def test_parse_run():
       checkpoints.parse_run(bad)
 
 
+def test_a_home_relative_workdir_is_the_one_train_py_wrote(tmp_path, monkeypatch):
+  # A quoted --workdir='~/run' reaches the program unexpanded; train.py expands it, and so must
+  # every reader of that folder (sample.py, the out-of-memory message's checkpoint lookup).
+  monkeypatch.setenv('HOME', str(tmp_path))
+  assert checkpoints.parse_run('~/run@4') == (str(tmp_path / 'run'), 4)
+  assert checkpoints.parse_run('~/run') == (str(tmp_path / 'run'), None)
+  assert checkpoints.checkpoint_dir('~/run') == tmp_path / 'run' / 'checkpoints'
+  assert checkpoints.describe_folder('~/run') == f'{tmp_path / "run"} does not exist'
+
+
 def test_processes_agree_on_each_restore_attempt():
   ok = {'step': 6, 'error': None}
   bad = {'step': 6, 'error': 'checkpoint step 6 (/w/checkpoints/6): 2 arrays differ.'}

@@ -248,6 +248,27 @@ def test_workdir_that_is_a_file(tmp_path):
   assert 'Traceback' not in proc.stderr and target.read_text() == 'keep me'
 
 
+def test_empty_workdir_is_refused(tmp_path):
+  # --workdir= (an unset shell variable) trained into the current folder before.
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(REPO_ROOT / 'train.py'),
+      f'--config={REPO_ROOT}/configs/base64.py:tiny',
+      '--workdir=',
+    ],
+    cwd=tmp_path,
+    env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2 and error_lines(proc.stderr) == [
+    'error: --workdir is empty; pass the run folder, e.g. --workdir=runs/base64.'
+  ], proc.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []
+
+
 @contextlib.contextmanager
 def tmpfs(path: pathlib.Path, options: str):
   """A tmpfs mounted at path (root only); skips the test where mounting is not allowed."""
