@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from imagen_jax import multihost
+from imagen_jax import device_memory, multihost
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,13 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: {text[:300]}'
 
 
+def _not_damage(e: BaseException) -> bool:
+  """A restore error that says nothing about the checkpoint: out of memory (XLA's
+  RESOURCE_EXHAUSTED placing the arrays). Raised as it is (the entry points' out-of-memory line),
+  not taken as damage: that would pass over every kept step and set good ones aside."""
+  return device_memory.out_of_memory(e) is not None
+
+
 def _does_not_load(
   manager: ocp.CheckpointManager, step: int, e: BaseException, item: str = ''
 ) -> CheckpointError:
@@ -364,6 +371,8 @@ def load(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> L
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
+    if _not_damage(e):
+      raise
     raise _does_not_load(manager, step, e) from e
 
   def verify() -> None:
@@ -495,6 +504,14 @@ def restore_with_fallback(
       log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
   if not candidates:
     raise CheckpointError(f'No checkpoint to load: {describe_folder(manager.directory.parent)}.')
+  others = sorted(set(manager.all_steps()) - {step}) if step is not None else []
+  if others:  # the step asked for is damaged; others are kept
+    raise CheckpointError(
+      f'Checkpoint step {step}, the one asked for, is not usable:\n  '
+      + '\n  '.join(failures)
+      + f'\nAsk for another kept step ({", ".join(map(str, others))}), or for none to use the '
+      'newest usable one.'
+    )
   raise CheckpointError(
     'No usable checkpoint in '
     f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nRestore the folder from a backup, '
@@ -565,6 +582,8 @@ def restore_params(
     except CheckpointError:
       raise
     except Exception as e:  # noqa: BLE001 - reported with the step, then the caller falls back
+      if _not_damage(e):
+        raise
       raise _does_not_load(manager, s, e) from e
 
     def verify() -> None:

@@ -5,6 +5,7 @@ import asyncio
 import gc
 import logging
 import shutil
+import unittest.mock
 
 import jax
 import jax.numpy as jnp
@@ -249,3 +250,47 @@ def test_orphan_read_futures_of_a_step_that_failed_to_load_are_dropped_others_ke
   for other in (1, 20):  # step 1 loaded, and step 20 is not step 2: their errors are news
     kept = _never_retrieved_records(orphan_reading(other))
     assert len(kept) == 1 and f'{workdir / "checkpoints" / str(other)}/' in kept[0].getMessage()
+
+
+def test_out_of_memory_while_restoring_is_not_damage(tmp_path):
+  # RESOURCE_EXHAUSTED placing the arrays says nothing about the files: it must reach the caller
+  # as it is (train.py's out-of-memory line), not mark the step damaged and fall back.
+  class Manager:
+    directory = tmp_path / 'checkpoints'
+
+    def all_steps(self):
+      return [2, 4]
+
+    def restore(self, step, args):
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Out of memory allocating 8 bytes.')
+
+  (tmp_path / 'checkpoints' / '4' / 'checksums').mkdir(parents=True)
+
+  def stored_checksums(manager, step):
+    return {'arrays': {}}
+
+  with unittest.mock.patch.object(checkpoints, '_read_checksums', stored_checksums):
+    with pytest.raises(jax.errors.JaxRuntimeError, match='RESOURCE_EXHAUSTED'):
+      checkpoints.load(Manager(), 4, abstract_state={})
+    with pytest.raises(jax.errors.JaxRuntimeError, match='RESOURCE_EXHAUSTED'):
+      checkpoints.restore_with_fallback(
+        Manager(), step=None, restore_fn=lambda s: checkpoints.load(Manager(), s, abstract_state={})
+      )
+
+
+def test_a_damaged_step_asked_for_names_the_other_kept_steps(tmp_path):
+  class Manager:
+    directory = tmp_path / 'checkpoints'
+
+    def all_steps(self):
+      return [2, 4, 6]
+
+  def restore_fn(step):
+    raise checkpoints.CheckpointError(f'checkpoint step {step}: 1 array differs.')
+
+  with pytest.raises(checkpoints.CheckpointError) as raised:
+    checkpoints.restore_with_fallback(Manager(), step=4, restore_fn=restore_fn)
+  assert str(raised.value) == (
+    'Checkpoint step 4, the one asked for, is not usable:\n  checkpoint step 4: 1 array differs.'
+    '\nAsk for another kept step (2, 6), or for none to use the newest usable one.'
+  )
