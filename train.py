@@ -69,6 +69,8 @@ def main(argv):
     FileNotFoundError,
   ) as e:
     cli.fail(str(e), code=1)
+  except KeyboardInterrupt:
+    cli.fail(train_lib.interrupted_message(FLAGS.workdir), code=130)
   except Exception as e:
     from imagen_jax import device_memory
 

@@ -278,9 +278,15 @@ class StopSignal:
     return self
 
   def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      # A second Ctrl-C (e.g. during a long compile or save): stop at once, without saving;
+      # a save in progress is finished by the loop's clean-up, and a partial one never counts.
+      raise KeyboardInterrupt
     self.received = signal.Signals(signum).name
     log.warning(
-      '%s received: saving a checkpoint at the current step, then exiting.', self.received
+      '%s received: saving a checkpoint at the current step, then exiting%s.',
+      self.received,
+      ' (Ctrl-C again: stop at once, without saving)' if signum == signal.SIGINT else '',
     )
 
   def _forward_to_sigterm(self, signum, frame):
@@ -457,18 +463,28 @@ def memory_fixes() -> str:
   )
 
 
+def _resumes_from(workdir: str) -> str:
+  """'the newest checkpoint in W is step N: the same command resumes from it', or that there
+  is none."""
+  try:
+    step = checkpoints.latest_finished_step(workdir)
+    return f'the newest checkpoint in {workdir} is step {step}: the same command resumes from it'
+  except checkpoints.CheckpointError:
+    return 'no checkpoint was saved yet: the same command starts afresh'
+
+
 def out_of_memory_message(workdir: str, xla_message: str) -> str:
   """train.py's line for a run that ran out of memory: XLA's message, the fixes, and the
   checkpoint the same command resumes from."""
-  try:
-    step = checkpoints.latest_finished_step(workdir)
-    kept = f'the newest checkpoint in {workdir} is step {step}: the same command resumes from it'
-  except checkpoints.CheckpointError:
-    kept = 'no checkpoint was saved yet: the same command starts afresh'
   return (
     f'Out of memory ({xla_message}). {memory_fixes()} The run stopped without saving the '
-    f'failed step; {kept} after the change.'
+    f'failed step; {_resumes_from(workdir)} after the change.'
   )
+
+
+def interrupted_message(workdir: str) -> str:
+  """train.py's line for a run stopped at once by a second Ctrl-C."""
+  return f'Stopped at once by a second Ctrl-C, without saving; {_resumes_from(workdir)}.'
 
 
 class CompiledSteps:

@@ -1,4 +1,4 @@
-"""train_lib.MetricWriter: one Weights & Biases run per workdir, TensorBoard purged on resume."""
+"""train_lib.MetricWriter (one W&B run per workdir, TensorBoard purged on resume) and StopSignal."""
 
 import sys
 import types
@@ -50,3 +50,26 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard
   assert [i['id'] for i in inits] == ['first1', 'first1'] and inits[0]['resume'] == 'allow'
   assert (tmp_path / 'wandb_run_id').read_text() == 'first1\n'
   assert purges == [1, 41]  # events of steps the new run logs again are dropped
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog):
+  import os
+  import signal
+
+  with train_lib.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # the first: save at the current step, then exit
+    assert stop.received == 'SIGINT'
+    assert 'Ctrl-C again: stop at once' in caplog.text
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      for _ in range(100):  # the handler runs between bytecodes of the main thread
+        pass
+  with train_lib.StopSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)  # a scheduler's repeated SIGTERM still saves
+    assert stop.received == 'SIGTERM'
+  message = train_lib.interrupted_message(str(tmp_path))
+  assert message == (
+    'Stopped at once by a second Ctrl-C, without saving; no checkpoint was saved yet: the same '
+    'command starts afresh.'
+  )
