@@ -3,7 +3,10 @@
 import io
 import json
 import logging
+import os
+import pathlib
 import re
+import signal
 import struct
 import zlib
 
@@ -331,6 +334,23 @@ def test_sample_captions_distinct_in_order(tmp_path):
   assert captions == ['solid colour number 0', 'solid colour number 2', 'solid colour number 3']
 
 
+def _proc_status(pid: int) -> dict[str, str]:
+  lines = pathlib.Path(f'/proc/{pid}/status').read_text().splitlines()
+  return dict(line.split(':\t', 1) for line in lines if ':\t' in line)
+
+
+def _child_processes(parent: int) -> list[int]:
+  children = []
+  for entry in pathlib.Path('/proc').iterdir():
+    if entry.name.isdigit():
+      try:
+        if int(_proc_status(int(entry.name))['PPid']) == parent:
+          children.append(int(entry.name))
+      except (OSError, KeyError, ValueError):
+        pass
+  return children
+
+
 @pytest.mark.smoke
 def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   folder = _noise_folder(tmp_path / 'noise')
@@ -341,6 +361,13 @@ def test_worker_processes_give_the_same_batches_and_resume(tmp_path):
   try:
     _assert_batches_equal(in_process[:2], _take(it, 2))
     state = json.loads(json.dumps(it.get_state()))
+    # The workers ignore Ctrl-C (the terminal sends it to the whole process group), which the
+    # main process handles: no traceback from each worker while it saves.
+    workers = _child_processes(os.getpid())
+    assert len(workers) >= 2, workers
+    for pid in workers:
+      ignored = int(_proc_status(pid)['SigIgn'], 16)
+      assert ignored & (1 << (signal.SIGINT - 1)), (pid, hex(ignored))
   finally:
     it.close()
   restored, _ = _iterator(config)

@@ -447,6 +447,16 @@ def convert_states(
   return new, exact
 
 
+def _leave_ctrl_c_to_the_main_process(worker_index: int, worker_count: int) -> None:
+  """A worker process ignores SIGINT: Ctrl-C in a terminal reaches the whole process group,
+  and each worker printed a KeyboardInterrupt traceback while the main process was saving; the
+  main process stops them (`close`)."""
+  del worker_index, worker_count
+  import signal
+
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _ensure_absl_flags_parsed() -> None:
   """grain's worker processes read absl flags; outside `absl.app.run` (tests, notebooks)
   nothing parsed them, so use their defaults."""
@@ -609,7 +619,8 @@ def make_dataset(
     _ensure_absl_flags_parsed()
     buffer = max(1, prefetch * batch_size // num_workers)
     it_ds = it_ds.mp_prefetch(
-      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer)
+      grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=buffer),
+      worker_init_fn=_leave_ctrl_c_to_the_main_process,
     )
   return _BatchIterDataset(
     it_ds,
