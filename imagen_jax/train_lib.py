@@ -772,17 +772,43 @@ def _check_same_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def data_state_for_save(data_iter) -> dict:
-  """Every process's iterator position, gathered, so any host count can resume from it."""
+def data_state_for_save(data_iter, dataset_fingerprint: str | None = None) -> dict:
+  """Every process's iterator position, gathered, so any host count can resume from it, with
+  the fingerprint of the dataset it is a position in."""
   states = multihost.allgather_json(data_iter.get_state())
-  return {'process_count': len(states), 'states': states}
+  saved = {'process_count': len(states), 'states': states}
+  if dataset_fingerprint is not None:
+    saved['dataset_fingerprint'] = dataset_fingerprint
+  return saved
 
 
-def restore_data_state(data_iter, saved: dict, config: ml_collections.ConfigDict) -> None:
+def _check_same_dataset(saved: dict, dataset_fingerprint: str | None) -> None:
+  """Warn when the run resumes a position saved in another dataset (files added, removed or
+  changed, another data.max_examples): the position then points into another shuffle."""
+  before = saved.get('dataset_fingerprint')
+  if before is None or dataset_fingerprint is None or before == dataset_fingerprint:
+    return
+  log.warning(
+    'The dataset changed since this checkpoint (fingerprint %s -> %s): the saved data position '
+    'now points into a different shuffle, so some examples of this epoch may be seen twice or '
+    'not at all. Resume with the data it was saved with for an exact continuation.',
+    before,
+    dataset_fingerprint,
+  )
+
+
+def restore_data_state(
+  data_iter,
+  saved: dict,
+  config: ml_collections.ConfigDict,
+  dataset_fingerprint: str | None = None,
+) -> None:
   """Put this process's iterator at its saved position; across a change of host count, at the
-  same global batch (exact without skipped files, see pipeline.convert_states)."""
+  same global batch (exact without skipped files, see pipeline.convert_states). A warning when
+  the saved position belongs to another dataset (`dataset_fingerprint`)."""
   from imagen_jax.data import pipeline
 
+  _check_same_dataset(saved, dataset_fingerprint)
   if 'states' not in saved:  # written before positions were gathered: one process
     saved = {'process_count': 1, 'states': [saved]}
   count, states = int(saved['process_count']), saved['states']
@@ -807,6 +833,13 @@ def restore_data_state(data_iter, saved: dict, config: ml_collections.ConfigDict
       count,
       jax.process_count(),
     )
+
+
+def _dataset_fingerprint(text_cache) -> str | None:
+  """The fingerprint of the training data (of the listing its embedding cache was built for)."""
+  manifest = getattr(text_cache, 'manifest', None) or {}
+  value = manifest.get('dataset_fingerprint')
+  return None if value is None else str(value)
 
 
 def _truncate_metrics(workdir_path: pathlib.Path, step: int) -> None:
@@ -940,7 +973,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
         resumed, state, data_state = _restore_for_resume(
           config, manager, abstract, state_sh, workdir_path, newest=kept[0]
         )
-        restore_data_state(data_iter, data_state, config)
+        restore_data_state(data_iter, data_state, config, _dataset_fingerprint(text_cache))
       except BaseException:
         manager.close()  # lets orbax's async machinery shut down quietly before the exit
         if hasattr(data_iter, 'close'):
@@ -978,6 +1011,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       ),
       eval_fn=eval_fn,
       workdir_path=workdir_path,
+      dataset_fingerprint=_dataset_fingerprint(text_cache),
     )
     return loop.run(state, start, num_steps)
 
@@ -1052,6 +1086,7 @@ class _Loop:
   sample_grid: Callable | None  # fn(ema_params, step) -> (uint8 grid, {metric: value})
   eval_fn: Callable | None
   workdir_path: pathlib.Path
+  dataset_fingerprint: str | None = None  # saved with the data position
   last_save: int | None = None  # step of the newest save started
 
   def check(self, step: int, metrics: dict) -> dict[str, float]:
@@ -1090,7 +1125,7 @@ class _Loop:
         self.manager,
         step,
         state=state,
-        data_state=data_state_for_save(self.data_iter),
+        data_state=data_state_for_save(self.data_iter, self.dataset_fingerprint),
         config=self.config,
         force=force,
       )

@@ -7,6 +7,7 @@ All runs share one persistent XLA compilation cache, so each distinct program co
 import json
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -182,6 +183,19 @@ def test_resume_with_other_data_workers(shared, uninterrupted):
   got, reference = losses(workdir), losses(uninterrupted)
   assert sorted(got) == [1, 2, 3, 4, 5, 6]
   assert [got[s] for s in range(1, 7)] == [reference[s] for s in range(1, 7)]
+
+
+def test_resume_on_other_data_warns(shared, uninterrupted):
+  # The saved data position is a position in one dataset listing: resuming on another (here 24
+  # examples instead of 32) says so, since the position now points into another shuffle.
+  workdir = shared['root'] / 'other_data'
+  shutil.copytree(uninterrupted, workdir)
+  saved = json.loads((workdir / 'checkpoints' / '6' / 'data' / 'metadata').read_text())
+  assert len(saved['dataset_fingerprint']) == 16
+  proc = run(shared, workdir, '--config.train.num_steps=7', '--config.data.max_examples=24')
+  assert 'The dataset changed since this checkpoint (fingerprint ' in proc.stderr
+  proc = run(shared, workdir, '--config.train.num_steps=8', '--config.data.max_examples=24')
+  assert 'The dataset changed' not in proc.stderr
 
 
 def test_four_devices_match_one_device(shared, uninterrupted):
