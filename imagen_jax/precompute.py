@@ -112,15 +112,17 @@ def _source(config: ml_collections.ConfigDict):
 
 
 def precompute(
-  config: ml_collections.ConfigDict, *, progress: bool = True
+  config: ml_collections.ConfigDict, *, progress: bool = True, source=None
 ) -> cache_lib.EmbeddingCache:
   """Encodes every caption of `config.data` into the cache (resuming a partial build).
 
   With several JAX processes, every process must call this (see `open_or_build_cache`).
+  `source`: the data source of `config.data` when the caller already built it (listing a large
+  dataset takes time).
   """
   from imagen_jax.text import encoder as encoder_lib
 
-  source = _source(config)
+  source = _source(config) if source is None else source
   captions = list(source.captions())
   fingerprint = source.fingerprint()
   mesh = make_encoder_mesh(config)
@@ -159,7 +161,7 @@ def precompute(
 
 
 def open_or_build_cache(
-  config: ml_collections.ConfigDict, *, build_if_missing: bool
+  config: ml_collections.ConfigDict, *, build_if_missing: bool, source=None
 ) -> cache_lib.EmbeddingCache:
   """Opens the cache for (config.text, config.data); builds / resumes it if allowed.
 
@@ -167,9 +169,9 @@ def open_or_build_cache(
   incomplete, all processes build it together (each its share of the shards, on its own
   devices) and all return the same opened cache; `text.cache_dir` must be on storage they
   share. Raises CacheError (naming the fix, the same on every process) when it is missing,
-  stale or incomplete and `build_if_missing` is False.
+  stale or incomplete and `build_if_missing` is False. `source`: as `precompute`'s.
   """
-  source = _source(config)
+  source = _source(config) if source is None else source
   procs = processes()
   try:
     cache, problem = (
@@ -193,7 +195,7 @@ def open_or_build_cache(
     raise cache_lib.CacheError(message if procs.count == 1 else f'process {index}: {message}')
   if procs.index == 0:
     log.warning('%s Building it now.', first[1])
-  return precompute(config)
+  return precompute(config, source=source)
 
 
 def _run_cli() -> None:

@@ -910,7 +910,7 @@ def _lock_workdir(workdir_path: pathlib.Path) -> run_lock.RunLock:
 def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) -> dict[str, Any]:
   """train_and_evaluate in a locked workdir."""
   from imagen_jax import precompute
-  from imagen_jax.data import pipeline
+  from imagen_jax.data import pipeline, sources
 
   num_steps = int(config.train.num_steps)
   precompute.resolve_cache_dir(config, workdir_path)  # saved configs keep the absolute path
@@ -924,7 +924,12 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
   )
 
   # On every process: a missing cache is built by all of them together (shared storage).
-  text_cache = precompute.open_or_build_cache(config, build_if_missing=config.text.auto_precompute)
+  # The dataset is listed once (a large folder or tfds split takes a while): the cache, the
+  # iterator and the grid prompts share this source.
+  source = sources.build_source(config.data)
+  text_cache = precompute.open_or_build_cache(
+    config, build_if_missing=config.text.auto_precompute, source=source
+  )
   if text_cache.dim != config.model.text_dim:
     raise ValueError(
       f'The text encoder {config.text.encoder} gives {text_cache.dim}-wide embeddings but '
@@ -938,6 +943,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       text_cache=text_cache,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      source=source,
     )
   except BaseException:
     manager.close()  # lets orbax's background cleanup finish before the exit (no traceback)
@@ -950,7 +956,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
     # Before any state exists: grid prompts missing from the cache (given sample_prompts, SR
     # held-out captions) are encoded here, and the text encoder is freed again before the U-Net
     # state is allocated, so training never holds T5 and the train state at once.
-    sample_grid = _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
+    sample_grid = _make_sample_grid_fn(
+      config, graphdef, text_cache, workdir_path, mesh, source=source
+    )
     try:
       kept = checkpoints.kept_steps(manager)  # the same on every process, or an error
     except checkpoints.CheckpointError as e:
@@ -1288,7 +1296,7 @@ def _save_failed(manager, step: int, error: BaseException | str) -> TrainingErro
   )
 
 
-def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
+def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh, source=None):
   """fn(ema_params, step) -> (uint8 grid, {}) of base-stage samples for fixed prompts (SR
   stages: _make_sr_grid_fn); None when train.sample_every is 0.
 
@@ -1303,7 +1311,7 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   from imagen_jax.data import pipeline
 
   prompts = list(config.train.sample_prompts) or pipeline.sample_captions(
-    config, config.train.num_sample_prompts
+    config, config.train.num_sample_prompts, source=source
   )
   text_embs, text_mask = text_cache.lookup(prompts)
   sample_fn = cascade.make_stage_sampler(

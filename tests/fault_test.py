@@ -362,3 +362,29 @@ def test_a_fresh_start_drops_the_rows_of_a_run_stopped_before_its_first_checkpoi
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows if 'loss' in r] == [1, 2]
   assert 9.0 not in losses(workdir).values()
+
+
+def test_a_folder_dataset_is_listed_once_per_start(shared, tmp_path):
+  # Listing a large folder stats every file and reads image headers; train.py used to list it up
+  # to four times (cache, iterator, grid prompts), each time warning about the same bad file.
+  from PIL import Image
+
+  data = tmp_path / 'images'
+  data.mkdir()
+  for i in range(8):
+    Image.new('RGB', (16, 16), (30 * i, 0, 0)).save(data / f'{i}.png')
+    (data / f'{i}.txt').write_text(f'square number {i}')
+  Image.new('RGB', (16, 16)).save(data / 'no_caption.png')
+  proc = run(
+    shared,
+    tmp_path / 'run',
+    '--config.data.source=folder',
+    f'--config.data.path={data}',
+    '--config.data.max_skip_fraction=0.5',
+    '--config.train.num_steps=1',
+    '--config.train.sample_every=1',
+    '--config.sample.steps=2',
+    *CONSTANT_LR,
+  )
+  assert proc.stderr.count('skipping no_caption.png') == 1, proc.stderr[-3000:]
+  assert (tmp_path / 'run' / 'samples' / 'step_00000001.png').exists()
