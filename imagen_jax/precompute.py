@@ -100,6 +100,35 @@ def encoder_id(config: ml_collections.ConfigDict) -> str:
   return name if dtype == 'bfloat16' else f'{name}@{dtype}'
 
 
+def record_encoder_fingerprint(config: ml_collections.ConfigDict) -> None:
+  """Set `text.encoder_fingerprint` (in place; '' for a Hub name): the digest of the T5
+  checkpoint a local `text.encoder` folder holds now (`t5.folder_fingerprint`). train.py saves
+  it with every checkpoint, so that sampling can tell when that folder holds other weights."""
+  from imagen_jax.text import t5
+
+  with config.unlocked():
+    config.text.encoder_fingerprint = t5.folder_fingerprint(str(config.text.encoder)) or ''
+
+
+def check_encoder_unchanged(config: ml_collections.ConfigDict) -> None:
+  """Warn when a run's local T5 folder now holds another checkpoint than the one it trained
+  with (its saved `text.encoder_fingerprint`): prompts would be encoded by another model than
+  the one whose embeddings the U-Net learned, and the images would not follow them."""
+  from imagen_jax.text import t5
+
+  saved = str(config.text.get('encoder_fingerprint') or '')
+  now = t5.folder_fingerprint(str(config.text.encoder)) or ''
+  if saved and now and saved != now:
+    log.warning(
+      'The T5 folder %s holds another checkpoint than the one this model trained with '
+      '(fingerprint %s then, %s now): its prompt embeddings will not be the ones the model '
+      'learned. Put the training checkpoint back in that folder.',
+      config.text.encoder,
+      saved,
+      now,
+    )
+
+
 def processes() -> cache_lib.Processes:
   """The processes that build a cache together: all JAX processes, or this one alone."""
   return JaxProcesses() if jax.process_count() > 1 else cache_lib.SingleProcess()

@@ -431,6 +431,7 @@ def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
   name, max_length, dtype, _, revision = _encoder_key(config)
   if not prompts:
     return np.zeros((0, max_length, 0), CACHE_EMBEDDING_DTYPE), np.zeros((0, max_length), bool)
+  precompute.check_encoder_unchanged(config)
   mesh = precompute.make_encoder_mesh(config)
   enc = encoder_lib.load_text_encoder(
     name,

@@ -872,6 +872,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   'stopped_by' (the signal's name). Raises TrainingError on NaN/Inf, resume mismatch, no usable
   checkpoint, an unwritable workdir, a failed save, etc.
   """
+  from imagen_jax import precompute
   from imagen_jax.data import pipeline
 
   if float(config.model.dropout) > 0:
@@ -886,6 +887,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pipeline.text_length_mode(config.data, jax.process_count())
   device_prefetch_size(config)
   cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py
+  precompute.record_encoder_fingerprint(config)  # saved too; sample.py compares it
   workdir_path = _prepare_workdir(workdir)
   lock = _lock_workdir(workdir_path)
   try:

@@ -2,6 +2,7 @@
 sharded encoder) and through the CLI with a config override."""
 
 import json
+import logging
 import os
 import pathlib
 import subprocess
@@ -90,7 +91,7 @@ def test_precompute_and_open_or_build(images, tmp_path):
 
 
 @pytest.mark.unit
-def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path):
+def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path, caplog):
   from imagen_jax.text import t5
   from tests import t5_test
 
@@ -101,6 +102,11 @@ def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path):
   config.mesh.fsdp = 1
   first = precompute.open_or_build_cache(config, build_if_missing=True)
   assert precompute.encoder_id(config) == f'{folder}#{t5.folder_fingerprint(str(folder))}'
+  precompute.record_encoder_fingerprint(config)  # what train.py saves with its checkpoints
+  assert config.text.encoder_fingerprint == t5.folder_fingerprint(str(folder))
+  with caplog.at_level(logging.WARNING):
+    precompute.check_encoder_unchanged(config)
+  assert 'another checkpoint' not in caplog.text
   # The folder now holds another checkpoint of the same architecture: a new cache is built
   # from it instead of the old embeddings being reused.
   other = t5_test._tiny_weights(t5.read_config(folder), seed=7)
@@ -108,6 +114,11 @@ def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path):
   (folder / 'model.safetensors').unlink()
   second = precompute.open_or_build_cache(config, build_if_missing=True)
   assert second.path != first.path
+  # Sampling with the saved config (old fingerprint) warns: its prompts would be encoded by
+  # another model than the one the U-Net learned from.
+  with caplog.at_level(logging.WARNING):
+    precompute.check_encoder_unchanged(config)
+  assert f'The T5 folder {folder} holds another checkpoint' in caplog.text
   fresh = encoder_lib.load_text_encoder(str(folder), max_length=16)
   embs, mask = fresh.encode(['a cat'])
   want = np.asarray(embs[0][mask[0]], np.float32)

@@ -84,6 +84,7 @@ def encode_prompts(
   from imagen_jax import precompute
   from imagen_jax.text import encoder as encoder_lib
 
+  precompute.check_encoder_unchanged(config)
   mesh = precompute.make_encoder_mesh(config)
   # This process's devices only, whatever mesh the caller set (training's spans every process).
   local = mesh or jax.sharding.Mesh(
