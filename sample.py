@@ -116,6 +116,24 @@ def _stop(signum, frame):
   raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _read_prompts_file(name: str) -> list[str]:
+  """One prompt per non-empty line of a UTF-8 text file (a byte-order mark is dropped, not kept
+  on the first prompt; a pipe such as <(...) or /dev/stdin is read too); one error line, exit 2,
+  for a file that cannot be read or is not UTF-8."""
+  path = pathlib.Path(name).expanduser()
+  try:
+    text = path.read_text(encoding='utf-8-sig')
+  except FileNotFoundError:
+    cli.fail(f'--prompts_file {path} does not exist.')
+  except IsADirectoryError:
+    cli.fail(f'--prompts_file {path} is a folder; pass a text file with one prompt per line.')
+  except UnicodeDecodeError as e:
+    cli.fail(f'--prompts_file {path} is not UTF-8 text ({e}); save it as UTF-8.')
+  except OSError as e:
+    cli.fail(f'--prompts_file {path} cannot be read ({e.strerror}).')
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -126,11 +144,7 @@ def main(argv):
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
-    path = pathlib.Path(FLAGS.prompts_file)
-    if not path.is_file():
-      print(f'error: --prompts_file {path} does not exist.', file=sys.stderr)
-      sys.exit(2)
-    prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts += _read_prompts_file(FLAGS.prompts_file)
   req = sample_lib.SampleRequest(
     prompts=prompts,
     checkpoints=FLAGS.checkpoints,

@@ -78,6 +78,9 @@ GRID_MAX_IMAGES = 64  # grid.png shows at most this many images (the first ones)
 CACHE_EMBEDDING_DTYPE = ml_dtypes.bfloat16
 
 
+SEEDS = 2**32  # seeds 0 .. 2**32 - 1: what jax.random.key(seed) tells apart (no x64)
+
+
 class SampleError(ValueError):
   """Bad sampling input; the message names the problem and the fix."""
 
@@ -111,14 +114,19 @@ class SampleRequest:
   resample: list[int] | None = None  # inpainting: RePaint takes per step, per stage; None: 1
 
 
-def _per_stage(values: Sequence | None, n: int, name: str) -> list:
+def _per_stage(values: Sequence | None, n: int, name: str, checkpoints: int | None = None) -> list:
+  """One value per stage sampled (n): one value for all, n values, or (with --stop_at) one per
+  checkpoint, the first n taken, so a cascade's command previews its first stages unchanged."""
   if values is None:
     return [None] * n
   values = list(values)
   if len(values) == 1:
     return values * n
+  if checkpoints is not None and len(values) == checkpoints >= n:
+    return values[:n]
   if len(values) != n:
-    raise SampleError(f'--{name} has {len(values)} values for {n} stages; give 1 or {n}.')
+    also = f' (or {checkpoints}, one per checkpoint)' if checkpoints and checkpoints != n else ''
+    raise SampleError(f'--{name} has {len(values)} values for {n} stages; give 1 or {n}{also}.')
   return values
 
 
@@ -132,6 +140,13 @@ def parse_checkpoint(spec: str) -> tuple[str, int | None]:
 
 def validate(req: SampleRequest) -> None:
   """Everything checkable before loading anything."""
+  if req.training_prompts < 0:
+    raise SampleError(f'--training_prompts must be >= 0, got {req.training_prompts}.')
+  if not 0 <= req.seed < SEEDS:
+    raise SampleError(
+      f'--seed must be in [0, {SEEDS}) (a JAX key takes 32 bits: a larger seed would give the '
+      f'images of a smaller one), got {req.seed}.'
+    )
   if not req.prompts and req.training_prompts < 1:
     raise SampleError(
       'No prompt given: pass --prompt "a red apple" (repeatable), --prompts_file or '
@@ -389,6 +404,15 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
         '--strength 1 runs every step from pure noise: the init image is not used (plain '
         'sampling); pass --strength below 1 to start from it.'
       )
+    elif req.strength is not None and req.mask is None and first.options.start == 0:
+      steps = first.options.steps
+      log.warning(
+        '--strength %g of %d steps rounds to all %d steps, from pure noise: the init image is '
+        'not used (plain sampling); pass a lower --strength or more --steps.',
+        req.strength,
+        steps,
+        steps,
+      )
   for prev, nxt in zip(stages, stages[1:], strict=False):
     if not stage.is_super_resolution(nxt.config):
       raise SampleError(
@@ -586,6 +610,25 @@ def _describe_devices(where: dict) -> str:
   return f'{n} {where.get("backend")} device{"" if n == 1 else "s"}'
 
 
+def _remove_earlier_outputs(req: SampleRequest, paths, batches) -> None:
+  """--overwrite: remove the files this request will write (this process's batches; the grid on
+  process 0) before the first batch, so that a run stopped midway leaves only its own images
+  and its advice, the same command with --skip_existing instead, resumes it (the earlier
+  images of unfinished batches would otherwise hold other settings, which --skip_existing
+  refuses)."""
+  removed = 0
+  mine = [b for b in range(len(batches)) if b % jax.process_count() == jax.process_index()]
+  files = [p for b in mine for i in batches[b] for p in paths[i]]
+  if jax.process_index() == 0:
+    files.append(pathlib.Path(req.out) / 'grid.png')
+  for path in files:
+    if path.exists():
+      path.unlink()
+      removed += 1
+  if removed:
+    log.info('--overwrite: removed %d earlier files of this request before sampling.', removed)
+
+
 def _write_json(path: pathlib.Path, data: dict) -> None:
   tmp = path.with_name(f'.{path.name}.tmp')
   tmp.write_text(json.dumps(data, indent=2))
@@ -602,28 +645,28 @@ def run(req: SampleRequest) -> list[pathlib.Path]:
   """Sample, write PNGs + sidecars batch by batch, then the grid; returns every PNG path of
   the last stage (made now or, with skip_existing, already there).
 
-  On a SampleError (or an interrupt) before any file was written, an output folder made by
-  this call is removed again: nothing is left behind that was not there.
+  On any error or interrupt before a file was written, an output folder made by this call is
+  removed again: nothing is left behind that was not there.
   """
   validate(req)
   out = pathlib.Path(req.out)
   made_out = not out.exists()
   try:
     return _run(req)
-  except (SampleError, KeyboardInterrupt):
+  except BaseException:
     if made_out and out.is_dir() and not any(out.iterdir()):
-      out.rmdir()
+      out.rmdir()  # a folder this run made and wrote nothing into
     raise
 
 
 def _run(req: SampleRequest) -> list[pathlib.Path]:
   prepare_output(req)
   n_stages = req.stop_at or len(req.checkpoints)
-  samplers_ = _per_stage(req.samplers, n_stages, 'sampler')
-  steps_ = _per_stage(req.steps, n_stages, 'steps')
-  grids_ = _per_stage(req.grids, n_stages, 'grid')
-  guidance_ = _per_stage(req.guidance, n_stages, 'guidance')
-  resample_ = _per_stage(req.resample, n_stages, 'resample')
+  samplers_ = _per_stage(req.samplers, n_stages, 'sampler', len(req.checkpoints))
+  steps_ = _per_stage(req.steps, n_stages, 'steps', len(req.checkpoints))
+  grids_ = _per_stage(req.grids, n_stages, 'grid', len(req.checkpoints))
+  guidance_ = _per_stage(req.guidance, n_stages, 'guidance', len(req.checkpoints))
+  resample_ = _per_stage(req.resample, n_stages, 'resample', len(req.checkpoints))
   devices = cascade.BatchDevices()
   stages = []
   for i, workdir in enumerate(req.checkpoints[:n_stages]):
@@ -648,9 +691,14 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   if req.training_prompts:
     from imagen_jax.data import pipeline
 
-    req.prompts = list(req.prompts) + pipeline.sample_captions(
-      stages[0].config, req.training_prompts
-    )
+    try:
+      captions = pipeline.sample_captions(stages[0].config, req.training_prompts)
+    except (ValueError, OSError) as e:  # the base run's data is not readable here
+      raise SampleError(
+        f"--training_prompts reads the base stage's training data, which is not available here "
+        f'({" ".join(str(e).split())}); pass --prompt or --prompts_file instead.'
+      ) from e
+    req.prompts = list(req.prompts) + captions
     prepare_output(req)
 
   paths, all_jobs = output_paths(req), jobs(req)
@@ -671,6 +719,8 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   # Host memory: the distinct prompts' embeddings (bfloat16) plus one batch of images.
   if not all(complete):
     text_embs, text_mask = _encode_per_stage(list(req.prompts), stages)
+  if req.overwrite:
+    _remove_earlier_outputs(req, paths, batches)
 
   timings = [0.0] * len(stages)
   compiles = [compile_events.Compiles() for _ in stages]  # of each stage's sampler

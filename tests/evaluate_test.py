@@ -105,6 +105,14 @@ def test_prompt_set_is_class_balanced_half_heldout():
 
 
 @pytest.mark.unit
+def test_a_seed_a_jax_key_cannot_hold_is_refused(tmp_path):
+  for seed in (-1, 2**32):
+    req = runner.EvalRequest(checkpoints=str(tmp_path), seed=seed)
+    with pytest.raises(scoring.EvalError, match=r'--seed must be in \[0, 4294967296\)'):
+      runner.validate(req)
+
+
+@pytest.mark.unit
 def test_only_labelled_base_stages_are_evaluated():
   runner.check_labelled_base(_digits_config(), 'run')
   with pytest.raises(scoring.EvalError, match='super-resolution stage.*base run'):

@@ -249,12 +249,14 @@ def test_two_stage_cascade(runs):
     runs,
     '--prompt=a red apple',
     f'--checkpoints={runs["base"]},{runs["sr"]}',
-    '--steps=2',
+    '--steps=2,3',  # one value per checkpoint: the first taken, as the whole cascade's command
     '--stop_at=1',
     f'--out={out1}',
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert np.asarray(Image.open(pngs(out1)[0])).shape == (16, 16, 3)
+  side = json.loads(pngs(out1)[0].with_suffix('.json').read_text())
+  assert [s['steps'] for s in side['stages']] == [2]
 
 
 def test_overlong_prompt_is_truncated_with_a_warning(runs):
@@ -283,6 +285,9 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     (['--prompt=x', '--num_images=1001'], 'more than --max_images=1000; pass --max_images=1001'),
     (['--prompt=x', '--prompt=y', '--num_images=3', '--max_images=5'], 'pass --max_images=6'),
     (['--prompt=x', '--overwrite', '--skip_existing'], 'exclude each other'),
+    (['--prompt=x', '--seed=4294967296'], '--seed must be in [0, 4294967296)'),
+    (['--prompt=x', '--seed=-1'], '--seed must be in [0, 4294967296)'),
+    (['--prompt=x', '--training_prompts=-3'], '--training_prompts must be >= 0, got -3'),
   ],
 )
 def test_bad_arguments(runs, args, message):
@@ -291,6 +296,44 @@ def test_bad_arguments(runs, args, message):
   assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
   assert len(error_lines(proc.stderr)) == 1 and 'Traceback' not in proc.stderr
   assert not out.exists()  # refused before anything was written
+
+
+def test_prompts_file_encodings(runs, tmp_path):
+  bom = tmp_path / 'bom.txt'
+  bom.write_bytes('\ufeffa red apple\n\nblue sky\n'.encode())  # Notepad's UTF-8 with BOM
+  out = tmp_path / 'out'
+  proc = sample(
+    runs, f'--prompts_file={bom}', f'--checkpoints={runs["base"]}', '--steps=2', f'--out={out}'
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  prompts = sorted(json.loads(p.with_suffix('.json').read_text())['prompt'] for p in pngs(out))
+  assert prompts == ['a red apple', 'blue sky']  # the mark is not part of the first prompt
+  latin = tmp_path / 'latin.txt'
+  latin.write_bytes('caf\u00e9\n'.encode('latin-1'))
+  for path, message in [
+    (latin, f'--prompts_file {latin} is not UTF-8 text'),
+    (tmp_path, f'--prompts_file {tmp_path} is a folder'),
+    (tmp_path / 'none.txt', f'--prompts_file {tmp_path / "none.txt"} does not exist'),
+  ]:
+    proc = sample(runs, f'--prompts_file={path}', f'--checkpoints={runs["base"]}')
+    assert proc.returncode == 2 and len(error_lines(proc.stderr)) == 1, proc.stderr[-2000:]
+    assert error_lines(proc.stderr)[0].startswith(f'error: {message}')
+
+
+def test_overwrite_removes_the_earlier_files_of_the_request_first(tmp_path):
+  # So that a run stopped midway leaves no earlier images among its own, and the advice (the
+  # same command with --skip_existing) resumes it instead of meeting other settings.
+  from imagen_jax import sample_lib
+
+  req = sample_lib.SampleRequest(prompts=['a'], checkpoints=['x'], out=str(tmp_path))
+  paths = [(tmp_path / f'{i}.png', tmp_path / f'{i}.json') for i in range(3)]
+  for pair in paths:
+    for p in pair:
+      p.write_text('earlier run')
+  (tmp_path / 'grid.png').write_text('earlier grid')
+  (tmp_path / 'other.png').write_text('not this request')
+  sample_lib._remove_earlier_outputs(req, paths, [range(0, 2), range(2, 3)])
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['other.png']
 
 
 def error_lines(stderr):

@@ -173,6 +173,12 @@ def validate(req: EvalRequest) -> None:
   scoring.check_num(req.num)
   if req.batch_size < 1:
     raise EvalError(f'--batch_size must be a positive integer, got {req.batch_size}.')
+  from imagen_jax import sample_lib
+
+  if not 0 <= req.seed < sample_lib.SEEDS:
+    raise EvalError(
+      f'--seed must be in [0, {sample_lib.SEEDS}) (a JAX key takes 32 bits), got {req.seed}.'
+    )
   if req.steps is not None and req.steps < 1:
     raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
   if req.guidance is not None and req.guidance < 0:
