@@ -140,7 +140,7 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   cli.keep_freed_host_buffers()
-  from imagen_jax import checkpoints, sample_lib
+  from imagen_jax import checkpoints, multihost, sample_lib
 
   prompts = list(FLAGS.prompt)
   if FLAGS.prompts_file:
@@ -189,6 +189,9 @@ def main(argv):
   except sample_lib.SampleError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except multihost.PeersLostError as e:  # --distributed: a peer process failed
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
   except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through _stop
     instead = ' instead of --overwrite' if FLAGS.overwrite else ''
     print(

@@ -57,7 +57,7 @@ def main(argv):
   if FLAGS.distributed:
     cli.initialize_distributed()
   cli.enable_compilation_cache()
-  from imagen_jax import checkpoints, train_lib
+  from imagen_jax import checkpoints, multihost, train_lib
 
   checkpoints.quiet_orbax_noise()
   try:
@@ -65,6 +65,7 @@ def main(argv):
   except (
     train_lib.TrainingError,
     checkpoints.CheckpointError,
+    multihost.PeersLostError,
     ValueError,
     FileNotFoundError,
   ) as e:

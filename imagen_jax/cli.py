@@ -173,7 +173,13 @@ def initialize_distributed() -> None:
   """jax.distributed.initialize from the flags; one line instead of a hang or a traceback."""
   import jax
 
+  from imagen_jax import multihost
+
   FLAGS = flags.FLAGS
+  try:
+    multihost.barrier_timeout_s()  # a bad setting is refused now, not at the first barrier
+  except ValueError as e:
+    fail(str(e))
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU runs; no-op elsewhere
   if FLAGS.coordinator_address and FLAGS.process_id:  # not process 0, which hosts the service
     _wait_for_coordinator(FLAGS.coordinator_address, FLAGS.coordinator_timeout)

@@ -15,8 +15,32 @@ import numpy as np
 _barrier_count = itertools.count()  # every process passes the same barriers in the same order
 
 
-def barrier(name: str, timeout_s: int = 3600) -> None:
-  """Wait until every process reaches `name` (no-op with one process).
+BARRIER_TIMEOUT_SETTING = 'IMAGEN_JAX_BARRIER_TIMEOUT_S'
+DEFAULT_BARRIER_TIMEOUT_S = 3600  # the slowest legitimate wait: a peer compiling or encoding
+
+
+class PeersLostError(RuntimeError):
+  """Another process did not reach a barrier in time (it failed, hangs, or was stopped)."""
+
+
+def barrier_timeout_s() -> int:
+  """IMAGEN_JAX_BARRIER_TIMEOUT_S (seconds), default one hour; ValueError for a bad value."""
+  raw = os.environ.get(BARRIER_TIMEOUT_SETTING, '').strip()
+  if not raw:
+    return DEFAULT_BARRIER_TIMEOUT_S
+  try:
+    value = int(raw)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise ValueError(f'{BARRIER_TIMEOUT_SETTING}={raw!r}: use a whole number of seconds >= 1.')
+  return value
+
+
+def barrier(name: str, timeout_s: int | None = None) -> None:
+  """Wait until every process reaches `name` (no-op with one process), at most `timeout_s`
+  (default `barrier_timeout_s()`); PeersLostError, one line naming the barrier, when a peer
+  does not come (before: XLA's DEADLINE_EXCEEDED traceback).
 
   Through the distributed runtime's own barrier, not a device collective: on CPU, gloo gives up
   on a collective whose peers arrive more than 30 s apart, which a skew in compile or encode
@@ -26,8 +50,17 @@ def barrier(name: str, timeout_s: int = 3600) -> None:
     return
   from jax._src import distributed  # the public multihost_utils barrier is a collective
 
+  timeout_s = barrier_timeout_s() if timeout_s is None else timeout_s
   unique = f'{name}#{next(_barrier_count)}'  # a barrier id is used once
-  distributed.global_state.client.wait_at_barrier(unique, timeout_s * 1000)
+  try:
+    distributed.global_state.client.wait_at_barrier(unique, timeout_s * 1000)
+  except Exception as e:  # noqa: BLE001 - the runtime's error types are not public
+    text = ' '.join(str(e).split())[:300]
+    raise PeersLostError(
+      f'Process {jax.process_index()} of {jax.process_count()} waited at {name!r} and not every '
+      f'process came within {timeout_s} s ({text}): another process failed, hangs or was '
+      f'stopped; its log says why. {BARRIER_TIMEOUT_SETTING} sets the wait.'
+    ) from e
 
 
 def compiled_together(jitted: Callable, name: str) -> Callable:

@@ -260,7 +260,8 @@ def _run_cli() -> None:
       resolve_cache_dir(config, workdir_flag.value)
     try:
       cache = precompute(config)
-    except (ValueError, FileNotFoundError) as e:  # DataError, CacheError, T5CheckpointError
+    except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:  # DataError, CacheError,
+      # T5CheckpointError; a peer that never reached a barrier
       cli.fail(str(e), code=1)
     if jax.process_index() == 0:
       print(cache.path)

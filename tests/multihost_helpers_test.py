@@ -43,3 +43,31 @@ def test_compiled_together_compiles_and_waits_once_per_argument_signature(monkey
   np.testing.assert_array_equal(run({'a': k})['a'], 2 * k)
   np.testing.assert_array_equal(run({'a': ohwi})['a'], 2 * k)
   assert len(lowered) == 7
+
+
+def test_a_peer_that_never_reaches_a_barrier_is_one_clear_error(monkeypatch):
+  from jax._src import distributed
+
+  waits = []
+
+  class Client:  # the distributed runtime's client, as a barrier timeout leaves it
+    def wait_at_barrier(self, name, timeout_ms):
+      waits.append((name, timeout_ms))
+      raise RuntimeError('DEADLINE_EXCEEDED: Barrier timed out. Id: x.\n  (details)')
+
+  monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(distributed.global_state, 'client', Client())
+  monkeypatch.setenv(multihost.BARRIER_TIMEOUT_SETTING, '7')
+  with pytest.raises(multihost.PeersLostError) as raised:
+    multihost.barrier('imagen_jax:test')
+  assert waits[0][0].startswith('imagen_jax:test#') and waits[0][1] == 7000
+  message = str(raised.value)
+  assert message.startswith("Process 0 of 2 waited at 'imagen_jax:test' and not every process")
+  assert 'within 7 s (DEADLINE_EXCEEDED: Barrier timed out. Id: x. (details))' in message
+  assert message.endswith('IMAGEN_JAX_BARRIER_TIMEOUT_S sets the wait.')
+  for bad in ('0', 'soon'):
+    monkeypatch.setenv(multihost.BARRIER_TIMEOUT_SETTING, bad)
+    with pytest.raises(ValueError, match='use a whole number of seconds >= 1'):
+      multihost.barrier_timeout_s()
+  monkeypatch.delenv(multihost.BARRIER_TIMEOUT_SETTING)
+  assert multihost.barrier_timeout_s() == 3600
