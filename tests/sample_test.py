@@ -906,3 +906,25 @@ def test_processes_sharing_an_output_folder_do_not_remove_each_others_probe(tmp_
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0 and out.strip() == 'ok', err[-2000:]
   assert list((tmp_path / 'out').iterdir()) == []  # no probe left behind
+
+
+def test_training_prompts_without_the_training_data_is_one_sample_error(
+  runs, tmp_path, monkeypatch
+):
+  # --training_prompts reads the base run's dataset; where it is not available here (another
+  # machine, a moved folder), the request fails as a SampleError, not a DataError traceback,
+  # and the output folder it made is removed again.
+  from imagen_jax import sample_lib
+  from imagen_jax.data import pipeline, sources
+
+  def unavailable(config, n, **kwargs):
+    raise sources.DataError('Image folder /data/gone does not exist.')
+
+  monkeypatch.setattr(pipeline, 'sample_captions', unavailable)
+  out = tmp_path / 'out'
+  req = sample_lib.SampleRequest(
+    prompts=[], checkpoints=[str(runs['base'])], out=str(out), training_prompts=2
+  )
+  with pytest.raises(sample_lib.SampleError, match=r"--training_prompts reads the base stage's "):
+    sample_lib.run(req)
+  assert not out.exists()
