@@ -1312,10 +1312,14 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh, sourc
     return _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
   from imagen_jax.data import pipeline
 
+  from imagen_jax.evaluate import sr as sr_eval
+
   prompts = list(config.train.sample_prompts) or pipeline.sample_captions(
     config, config.train.num_sample_prompts, source=source
   )
-  text_embs, text_mask = text_cache.lookup(prompts)
+  # train.sample_prompts need not be training captions: those the cache lacks are encoded here,
+  # with the run's encoder, as training saw its captions (then the encoder is freed).
+  text_embs, text_mask = sr_eval.text_for(prompts, config, text_cache)
   sample_fn = cascade.make_stage_sampler(
     config, graphdef, cascade.SamplingOptions.from_config(config)
   )

@@ -388,3 +388,19 @@ def test_a_folder_dataset_is_listed_once_per_start(shared, tmp_path):
   )
   assert proc.stderr.count('skipping no_caption.png') == 1, proc.stderr[-3000:]
   assert (tmp_path / 'run' / 'samples' / 'step_00000001.png').exists()
+
+
+def test_grid_prompts_that_are_no_training_caption_are_encoded(shared, tmp_path):
+  # train.sample_prompts outside the dataset: encoded with the run's encoder at start (the cache
+  # holds only training captions); before, a CaptionNotCachedError traceback.
+  proc = run(
+    shared,
+    tmp_path / 'run',
+    "--config.train.sample_prompts=('a prompt that is no caption', 'nor is this one')",
+    '--config.train.num_steps=1',
+    '--config.train.sample_every=1',
+    '--config.sample.steps=2',
+    *CONSTANT_LR,
+  )
+  assert 'Traceback' not in proc.stderr
+  assert (tmp_path / 'run' / 'samples' / 'step_00000001.png').exists()
