@@ -1311,7 +1311,6 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh, sourc
   if stage.is_super_resolution(config):
     return _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh)
   from imagen_jax.data import pipeline
-
   from imagen_jax.evaluate import sr as sr_eval
 
   prompts = list(config.train.sample_prompts) or pipeline.sample_captions(
