@@ -290,6 +290,8 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   assert result['rows']['generated']['n'] == 20
   # 10 rows (classes) x 8 columns (4 seen, 4 held-out) of 16 px tiles with 2 px padding.
   assert Image.open(grid).size == (8 * 18 + 2, 10 * 18 + 2)
+  assert result['grid_png'] == str(grid) and result['grid'] == 'auto'  # the sampler's spacing
+  assert 'fd_matched' not in result['rows']['generated']  # 20 test images: already equal n
   # --out exists now: refused, file untouched.
   before = out.read_bytes()
   proc = evaluate(tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}')
@@ -385,3 +387,25 @@ def test_train_eval_fn_compiles_once_and_is_deterministic(tiny_run, monkeypatch)
   assert set(first) == set(scoring.SCALARS) | {'num_nonfinite'}
   assert all(isinstance(v, float) for v in first.values())
   assert 0.0 <= first['adherence'] <= 1.0 and first['fd'] >= 0.0
+
+
+@pytest.mark.unit
+def test_fd_at_the_floor_rows_n_and_class_mix(judge):
+  # --num 500 against the 359 test images: FD shrinks as n grows, so the generated row's FD is
+  # also given at the real row's n and class mix (here with train images standing in).
+  reference = scoring.Reference.build(judge)
+  train, train_labels = digits.load_split('train', 16)
+  keep = np.concatenate([np.flatnonzero(train_labels == c)[:50] for c in range(10)])
+  images, prompted = digits.to_float(train[keep]), train_labels[keep]
+  real = scoring.calibration_sets(16, num=500)['real_test']
+  got = scoring.fd_at_matched_n(images, prompted, real[1], reference=reference)
+  assert got['n_matched'] == len(real[0]) == 359
+  subset = np.concatenate(
+    [np.flatnonzero(prompted == c)[: int(np.sum(real[1] == c))] for c in range(10)]
+  )
+  _, features = judge.predict(images[np.sort(subset)])
+  want = metrics.frechet_distance(features, reference.features)
+  assert got['fd_matched'] == pytest.approx(want, rel=1e-6)
+  full = metrics.frechet_distance(judge.predict(images)[1], reference.features)
+  assert got['fd_matched'] > full  # fewer images, larger FD
+  assert scoring.fd_at_matched_n(images[:100], prompted[:100], real[1], reference=reference) == {}

@@ -113,6 +113,13 @@ def main(argv) -> None:
   )
   print(scoring.format_table(result['rows']))
   print(f'per class (generated): {scoring.format_per_class(result["rows"]["generated"])}')
+  generated, real = result['rows']['generated'], result['rows'].get('real_test')
+  if 'fd_matched' in generated and real:
+    print(
+      f"FD at the real_test row's n and class mix ({generated['n_matched']} generated images): "
+      f'{generated["fd_matched"]:.2f}, {generated["fd_matched"] / real["fd"]:.1f}x the '
+      f'real-vs-real floor {real["fd"]:.2f}.'
+    )
   print(
     f'judge: real test accuracy {result["judge_test_accuracy"]:.4f} ({result["judge"]}). '
     f'FD, precision/recall (k={result["k"]}) in judge feature space against the '

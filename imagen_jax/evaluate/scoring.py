@@ -130,6 +130,28 @@ def score(
   }
 
 
+def fd_at_matched_n(
+  images: np.ndarray, prompted: np.ndarray, real_labels: np.ndarray, *, reference: Reference
+) -> dict:
+  """FD of the generated images subsampled to the real_test row's size and class mix (the first
+  images prompted with each class, as many as real_test holds of it): FD shrinks as n grows,
+  so the generated row at --num 500 against the floor's 359 test images flatters the ratio.
+  {'fd_matched': FD, 'n_matched': n}; {} when a class has too few generated images."""
+  prompted = np.asarray(prompted)
+  keep = []
+  for c in range(digits.NUM_CLASSES):
+    want = int(np.sum(np.asarray(real_labels) == c))
+    have = np.flatnonzero(prompted == c)
+    if len(have) < want:
+      return {}
+    keep.extend(have[:want].tolist())
+  _, features = reference.judge.predict(images[np.asarray(sorted(keep))])
+  return {
+    'fd_matched': metrics.frechet_distance(features, reference.features),
+    'n_matched': len(keep),
+  }
+
+
 def alternate_heldout(labels: np.ndarray) -> np.ndarray:
   """[N] bool: every other item of each class (by rank within the class) flagged held-out,
   as in `prompt_set`, so the seen / held-out columns of calibration rows are class-balanced."""
