@@ -110,6 +110,10 @@ def test_a_seed_a_jax_key_cannot_hold_is_refused(tmp_path):
     req = runner.EvalRequest(checkpoints=str(tmp_path), seed=seed)
     with pytest.raises(scoring.EvalError, match=r'--seed must be in \[0, 4294967296\)'):
       runner.validate(req)
+  # --out and --grid on one file: the evaluation would run, then fail to write or replace one.
+  same = runner.EvalRequest(checkpoints=str(tmp_path), out='a/../x.out', grid='x.out')
+  with pytest.raises(scoring.EvalError, match='--out and --grid name the same file'):
+    runner.validate(same)
 
 
 @pytest.mark.unit
@@ -182,6 +186,25 @@ def test_judge_is_cached_deterministic_and_checked(judge, tmp_path):
     judge_lib.load_judge(bad)
   with pytest.raises(judge_lib.JudgeError, match='does not exist'):
     judge_lib.load_judge(tmp_path / 'missing.npz')
+  # Files a user may pass as --judge by mistake: one JudgeError each, no traceback.
+  npy = tmp_path / 'array.npy'
+  np.save(npy, np.zeros(3))
+  meta_list = tmp_path / 'meta_list.npz'
+  np.savez(meta_list, meta=np.asarray('[1, 2]'))
+  no_resolution = tmp_path / 'no_resolution.npz'
+  with np.load(judge.path) as data:
+    fields = {k: data[k] for k in data.files}
+  meta = json.loads(str(fields['meta']))
+  del meta['resolution']
+  np.savez(no_resolution, **{**fields, 'meta': np.asarray(json.dumps(meta))})
+  for path in (npy, meta_list, no_resolution):
+    with pytest.raises(judge_lib.JudgeError, match='is unreadable .*omit --judge'):
+      judge_lib.load_judge(path)
+  other_shapes = tmp_path / 'other_shapes.npz'
+  first = next(k for k in fields if k != 'meta')
+  np.savez(other_shapes, **{**fields, first: np.zeros((2, 2), np.float32)})
+  with pytest.raises(judge_lib.JudgeError, match='holds layers of other shapes'):
+    judge_lib.load_judge(other_shapes)
 
 
 @pytest.mark.unit

@@ -243,28 +243,39 @@ def load_judge(path: str | os.PathLike) -> Judge:
   if not path.is_file():
     raise JudgeError(f'Judge file {path} does not exist; omit --judge to train and cache one.')
   try:
-    with np.load(path, allow_pickle=False) as data:
+    data = np.load(path, allow_pickle=False)
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a .npy file: one array, no fields
+      raise ValueError('not an .npz archive of a judge')
+    with data:
       meta = json.loads(str(data['meta']))
+      if not isinstance(meta, dict):
+        raise ValueError('its meta field is not a JSON object')
       params: Params = {}
       for key in data.files:
         if key != 'meta':
           layer, name = key.split('/')
           params.setdefault(layer, {})[name] = np.asarray(data[key], np.float32)
-  except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+      resolution, test_accuracy = int(meta['resolution']), float(meta['test_accuracy'])
+  except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
     raise JudgeError(
-      f'Judge file {path} is unreadable ({type(e).__name__}: {e}); delete it, or omit --judge '
-      'to train and cache a new one.'
+      f'Judge file {path} is unreadable ({type(e).__name__}: {e}); pass a judge file that '
+      'evaluate.py saved, or omit --judge to train and cache one.'
     ) from e
-  expected = jax.tree.map(np.shape, init_params(jax.random.key(0)))
-  if meta.get('judge_version') != JUDGE_VERSION or jax.tree.map(np.shape, params) != expected:
+  if meta.get('judge_version') != JUDGE_VERSION:
     raise JudgeError(
       f'Judge file {path} was made by another judge version ({meta.get("judge_version")}, '
-      f'this code: {JUDGE_VERSION}); delete it, or omit --judge to train a new one.'
+      f'this code: {JUDGE_VERSION}); omit --judge to train a new one.'
+    )
+  expected = jax.tree.map(np.shape, init_params(jax.random.key(0)))
+  if jax.tree.map(np.shape, params) != expected:
+    raise JudgeError(
+      f"Judge file {path} holds layers of other shapes than this judge version's; it is not a "
+      'judge evaluate.py saved. Omit --judge to train a new one.'
     )
   return Judge(
     params=params,
-    resolution=int(meta['resolution']),
-    test_accuracy=float(meta['test_accuracy']),
+    resolution=resolution,
+    test_accuracy=test_accuracy,
     meta=meta,
     path=str(path),
   )

@@ -179,6 +179,11 @@ def validate(req: EvalRequest) -> None:
     raise EvalError(
       f'--seed must be in [0, {sample_lib.SEEDS}) (a JAX key takes 32 bits), got {req.seed}.'
     )
+  if req.out and req.grid and pathlib.Path(req.out).resolve() == pathlib.Path(req.grid).resolve():
+    raise EvalError(
+      f'--out and --grid name the same file ({req.out}); pass a .json for --out and a .png for '
+      '--grid.'
+    )
   if req.steps is not None and req.steps < 1:
     raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
   if req.guidance is not None and req.guidance < 0:
