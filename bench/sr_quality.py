@@ -136,6 +136,9 @@ def write_grid(arrays: dict, path: str, *, scale: int = 1) -> None:
 
 def main(argv) -> None:
   del argv
+  for name in ('num', 'batch_size'):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f'--{name} must be a positive integer, got {getattr(FLAGS, name)}.')
   overrides = {
     'sampler': FLAGS.sampler,
     'steps': FLAGS.steps,
@@ -144,14 +147,18 @@ def main(argv) -> None:
     'guidance': FLAGS.guidance,
     'thresholding': FLAGS.thresholding,
   }
-  out, arrays = evaluate(
-    FLAGS.checkpoints,
-    num=FLAGS.num,
-    batch_size=FLAGS.batch_size,
-    seed=FLAGS.seed,
-    overrides={k: v for k, v in overrides.items() if v is not None},
-    grid_rows=FLAGS.grid_rows if FLAGS.grid else 0,
-  )
+  try:
+    out, arrays = evaluate(
+      FLAGS.checkpoints,
+      num=FLAGS.num,
+      batch_size=FLAGS.batch_size,
+      seed=FLAGS.seed,
+      overrides={k: v for k, v in overrides.items() if v is not None},
+      grid_rows=FLAGS.grid_rows if FLAGS.grid else 0,
+    )
+  except ValueError as e:  # SampleError, DataError: a bad run folder, step or setting
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
   if FLAGS.grid:
     write_grid(arrays, FLAGS.grid, scale=FLAGS.grid_scale)
   print(json.dumps(out))

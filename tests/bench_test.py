@@ -209,6 +209,24 @@ def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
 
 
 @pytest.mark.smoke
+def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
+  for args, message in [
+    ([f'--checkpoints={tmp_path / "none"}'], f'error: No checkpoint to load: {tmp_path / "none"}'),
+    ([f'--checkpoints={tmp_path}', '--num=0'], '--num must be a positive integer, got 0.'),
+  ]:
+    proc = subprocess.run(
+      [sys.executable, 'bench/sr_quality.py', *args],
+      cwd=REPO_ROOT,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+
+
+@pytest.mark.smoke
 def test_bench_cpu_conv_reports_cores_per_shape():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   run = functools.partial(
