@@ -121,6 +121,10 @@ def test_only_labelled_base_stages_are_evaluated():
   runner.check_labelled_base(_digits_config(), 'run')
   with pytest.raises(scoring.EvalError, match='super-resolution stage.*base run'):
     runner.check_labelled_base(sr256.get_config('tiny'), 'run')
+  on_test = _digits_config()
+  on_test.data.split = 'test'
+  with pytest.raises(scoring.EvalError, match="trained on the digits 'test' split"):
+    runner.check_labelled_base(on_test, 'run')
   with pytest.raises(scoring.EvalError, match="'openmoji', which has no class labels"):
     runner.check_labelled_base(base64.get_config('tiny'), 'run')
 

@@ -71,6 +71,13 @@ def check_labelled_base(config: ml_collections.ConfigDict, where: str) -> None:
       f"{where} was trained on data.source='{config.data.source}', which has no class labels; "
       'the evaluation needs a labelled dataset: train with --config.data.source=digits.'
     )
+  split = str(config.data.get('split', 'train'))
+  if split != 'train':
+    raise EvalError(
+      f"{where} was trained on the digits '{split}' split; the evaluation scores against the "
+      'test split as unseen images (its real_test row) and the train split as the reference: '
+      'train on --config.data.split=train.'
+    )
 
 
 def encode_prompts(
@@ -357,7 +364,7 @@ def run(req: EvalRequest) -> dict:
     'batch_size': req.batch_size,
     'params': 'ema' if req.use_ema else 'raw',
     **{k: v for k, v in dataclasses.asdict(st.options).items() if k != 'aug_level'},
-    'judge': judge.path,
+    'judge': os.path.abspath(judge.path) if judge.path else judge.path,
     'judge_test_accuracy': judge.test_accuracy,
     'k': req.k,
     'reference': f'digits train split ({len(reference.features)} images)',
