@@ -74,14 +74,20 @@ def compiled_together(jitted: Callable, name: str) -> Callable:
   compiled: dict[Any, Any] = {}
 
   def run(*args):
-    leaves, treedef = jax.tree.flatten(args)
-    key = (treedef, tuple(_signature(x) for x in leaves))
+    key = argument_signature(args)
     if key not in compiled:
       compiled[key] = jitted.lower(*args).compile()
       barrier(name)
     return jax.block_until_ready(compiled[key](*args))
 
   return run
+
+
+def argument_signature(args: Any) -> tuple:
+  """What a compiled program is specific to in a tree of arguments: its structure (None leaves
+  included), and each array's shape, dtype, sharding and memory layout."""
+  leaves, treedef = jax.tree.flatten(args)
+  return (treedef, tuple(_signature(x) for x in leaves))
 
 
 def _signature(x: Any) -> tuple:

@@ -832,8 +832,7 @@ class _CompiledSamplers:
     self.programs = {}  # (stage index, split, argument signature) -> compiled sampler
 
   def get(self, s: int, st: cascade.Stage, sample_fn, args: tuple, split: bool):
-    signature = tuple(None if a is None else (a.shape, str(a.dtype)) for a in args[1:])
-    key = (s, split, signature)
+    key = (s, split, multihost.argument_signature(args[1:]))  # the params are the stage's
     if key not in self.programs:
       program = sample_fn.lower(*args).compile()
       devices = self.devices.devices if split else self.devices.devices[:1]

@@ -932,6 +932,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
   text_cache = precompute.open_or_build_cache(
     config, build_if_missing=config.text.auto_precompute, source=source
   )
+  dataset_fingerprint = _dataset_fingerprint(text_cache)  # saved with the data position
   if text_cache.dim != config.model.text_dim:
     raise ValueError(
       f'The text encoder {config.text.encoder} gives {text_cache.dim}-wide embeddings but '
@@ -983,7 +984,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
         resumed, state, data_state = _restore_for_resume(
           config, manager, abstract, state_sh, workdir_path, newest=kept[0]
         )
-        restore_data_state(data_iter, data_state, config, _dataset_fingerprint(text_cache))
+        restore_data_state(data_iter, data_state, config, dataset_fingerprint)
       except BaseException:
         manager.close()  # lets orbax's async machinery shut down quietly before the exit
         if hasattr(data_iter, 'close'):
@@ -1021,7 +1022,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       ),
       eval_fn=eval_fn,
       workdir_path=workdir_path,
-      dataset_fingerprint=_dataset_fingerprint(text_cache),
+      dataset_fingerprint=dataset_fingerprint,
     )
     return loop.run(state, start, num_steps)
 
