@@ -258,10 +258,10 @@ def _run_cli() -> None:
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
+    # One line for DataError, CacheError, T5CheckpointError and a peer that never came.
     try:
       cache = precompute(config)
-    except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:  # DataError, CacheError,
-      # T5CheckpointError; a peer that never reached a barrier
+    except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:
       cli.fail(str(e), code=1)
     if jax.process_index() == 0:
       print(cache.path)
