@@ -200,6 +200,58 @@ def test_tfds_array_record_data_source(tmp_path):
     assert record['caption'] == f'grey level {grey}'
 
 
+@pytest.mark.smoke
+def test_tfds_image_feature_is_listed_without_decoding(tmp_path, monkeypatch):
+  tfds = pytest.importorskip('tensorflow_datasets')
+  from PIL import Image
+
+  # An Image feature given PNG files stores their bytes as they are (no TensorFlow needed).
+  pngs = []
+  for i in range(3):
+    pngs.append(tmp_path / f'{i}.png')
+    Image.fromarray(np.full((8 + i, 12, 3), i * 60, np.uint8)).save(pngs[-1])
+
+  class TinyPngsForTest(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    VERSION = tfds.core.Version('1.0.0')
+    code_path = None
+
+    def _info(self):
+      features = {
+        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
+        'text': tfds.features.Text(),
+      }
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i, png in enumerate(pngs):
+        yield i, {'image': str(png), 'text': f'grey level {i * 60} rows {8 + i}'}
+
+  data_dir = str(tmp_path / 'tfds')
+  TinyPngsForTest(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  decoded = []
+  original = tfds.features.Image.decode_example_np
+  monkeypatch.setattr(
+    tfds.features.Image,
+    'decode_example_np',
+    lambda self, *a, **k: decoded.append(1) or original(self, *a, **k),
+  )
+  config = _data_config(source='tfds', path='tiny_pngs_for_test')
+  config.data_dir = data_dir
+  source = sources.build_source(config)
+  assert not decoded  # listing read the sizes from the PNG headers
+  rows = [int(c.split()[-1]) for c in source.captions()]
+  np.testing.assert_array_equal(source.image_sizes(), [[12, r] for r in rows])
+  for i in range(len(source)):  # the training reads still get decoded images
+    image = np.asarray(preprocess.decode_image(source[i]['image']))
+    assert image.shape == (rows[i], 12, 3)
+    assert source[i]['caption'] == f'grey level {int(image[0, 0, 0])} rows {rows[i]}'
+  assert decoded
+
+
 @pytest.mark.unit
 def test_hf_and_tfds_load_failures_are_data_errors(tmp_path):
   with pytest.raises(DataError, match='needs --config.data.path'):

@@ -400,10 +400,11 @@ class TfdsSource(_RowSource):
       ) from e
 
     row_sizes: list[tuple[int, int] | None] = []
+    listing = self._undecoded_images(tfds)
 
     def captions():
-      for i in range(len(self._ds)):
-        record = self._ds[i]
+      for i in range(len(listing)):
+        record = listing[i]
         if i == 0:
           missing = [c for c in (image_column, caption_column) if c not in record]
           if missing:
@@ -417,8 +418,29 @@ class TfdsSource(_RowSource):
     self._index_rows(captions())
     self._sizes = sizes_lib.as_array([row_sizes[i] for i in self._indices])
 
+  def _undecoded_images(self, tfds: Any) -> Any:
+    """The split with its encoded images left as bytes, for listing; else the split itself.
+
+    Listing reads every record; decoding each image there (tens of ms for a large JPEG) made
+    every start of a big dataset take minutes. An `Image` feature's bytes give the size from
+    their header; other image features (a plain Tensor) are read as they are.
+    """
+    features = getattr(getattr(self._ds, 'dataset_info', None), 'features', None)
+    try:
+      if not isinstance(features[self.image_column], tfds.features.Image):
+        return self._ds
+      return tfds.data_source(
+        self.tfds_name,
+        split=self.split,
+        data_dir=self.data_dir,
+        download=False,
+        decoders={self.image_column: tfds.decode.SkipDecoding()},
+      )
+    except Exception:  # noqa: BLE001 - no feature info or no skip: list the decoded records.
+      return self._ds
+
   def image_sizes(self) -> np.ndarray:
-    """Width/height features, else the decoded image's shape, seen while listing."""
+    """Width/height features, else the image's size (its header's or its shape), from listing."""
     return self._sizes
 
   def fingerprint(self) -> str:
