@@ -205,6 +205,69 @@ def test_pytorch_bin_only_error(tmp_path):
 
 
 @pytest.mark.unit
+def test_hub_repo_without_safetensors_names_pull_requests_that_have_them(
+  tmp_path, tiny_folders, monkeypatch
+):
+  import fnmatch
+  import shutil
+  import types
+
+  import huggingface_hub
+
+  # main holds PyTorch weights only; PR 2 is a safetensors conversion, PR 3 a README edit.
+  main = tmp_path / 'main'
+  main.mkdir()
+  shutil.copy(tiny_folders[0] / 'single' / 'config.json', main)
+  (main / 'pytorch_model.bin').write_bytes(b'torch pickle')
+  branches = {None: main, 'refs/pr/2': tiny_folders[0] / 'single', 'refs/pr/3': main}
+
+  def snapshot_download(repo_id, *, revision=None, allow_patterns=()):
+    local = tmp_path / 'cache' / str(revision).replace('/', '_')
+    local.mkdir(parents=True, exist_ok=True)
+    for f in branches[revision].iterdir():
+      if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+        shutil.copy(f, local / f.name)
+    return str(local)
+
+  def list_repo_files(repo_id, *, revision=None):
+    return sorted(f.name for f in branches[revision].iterdir())
+
+  def list_repo_refs(repo_id, *, include_pull_requests=False):
+    assert include_pull_requests
+    prs = [types.SimpleNamespace(ref=f'refs/pr/{n}') for n in (2, 3)]
+    return types.SimpleNamespace(branches=[], pull_requests=prs)
+
+  def get_discussion_details(repo_id, number):
+    assert number == 2
+    return types.SimpleNamespace(title='Adding safetensors', author='SFconvertbot', status='open')
+
+  for name, fake in [
+    ('snapshot_download', snapshot_download),
+    ('list_repo_files', list_repo_files),
+    ('list_repo_refs', list_repo_refs),
+    ('get_discussion_details', get_discussion_details),
+  ]:
+    monkeypatch.setattr(huggingface_hub, name, fake)
+  with pytest.raises(t5.T5CheckpointError, match='no safetensors') as info:
+    encoder_lib.load_text_encoder('someorg/t5-pt-only', max_length=8)
+  message = str(info.value)
+  assert "refs/pr/2 ('Adding safetensors' by SFconvertbot, open) has safetensors" in message
+  assert 'someorg/t5-pt-only/discussions/2' in message and 'refs/pr/3' not in message
+  # The ref it names loads (it is not used unasked).
+  encoder = encoder_lib.load_text_encoder('someorg/t5-pt-only', max_length=8, revision='refs/pr/2')
+  assert encoder.dim == 16
+
+  # A Hub that cannot list its refs still gives the plain message.
+  def offline(*args, **kwargs):
+    raise OSError('network is unreachable')
+
+  monkeypatch.setattr(huggingface_hub, 'list_repo_refs', offline)
+  with pytest.raises(t5.T5CheckpointError, match='no safetensors') as info:
+    encoder_lib.load_text_encoder('someorg/t5-pt-only', max_length=8)
+  assert 'has safetensors' not in str(info.value)
+
+
+@pytest.mark.unit
 def test_non_t5_config_error(tmp_path):
   transformers.GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
   save_file({'wte.weight': np.zeros((4, 8), np.float32)}, str(tmp_path / 'model.safetensors'))

@@ -414,8 +414,55 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> pathlib.Path:
       remote = huggingface_hub.list_repo_files(repo_id, revision=revision)
     except Exception:  # listing is only for the error message
       remote = []
-    raise T5CheckpointError(_no_safetensors_message(repo_id, remote))
+    message = _no_safetensors_message(repo_id, remote)
+    offers = _safetensors_pull_requests(huggingface_hub, repo_id)
+    if offers:
+      message += (
+        f' On the Hub, {"; ".join(offers)}: to use those weights (a pull request, not the '
+        "repo's own branch: check its author on the page named first), pass its ref as "
+        '--config.text.revision.'
+      )
+    raise T5CheckpointError(message)
   return folder
+
+
+_MAX_PULL_REQUESTS_LISTED = 8
+
+
+def _safetensors_pull_requests(hub: Any, repo_id: str) -> list[str]:
+  """The repo's newest pull-request refs that hold safetensors weights, each described.
+
+  Some repos (google/t5-v1_1-xxl among them, reported in January 2026) keep safetensors only in
+  an unmerged conversion pull request. They are named for the user to choose, never used
+  unasked. Best effort: any Hub error gives an empty list.
+  """
+  try:
+    refs = hub.list_repo_refs(repo_id, include_pull_requests=True).pull_requests or []
+  except Exception:  # noqa: BLE001 - only for the error message
+    return []
+  numbered = []
+  for ref in refs:
+    number = ref.ref.rsplit('/', 1)[-1]
+    if ref.ref.startswith('refs/pr/') and number.isdigit():
+      numbered.append((int(number), ref.ref))
+  offers = []
+  for number, ref in sorted(numbered, reverse=True)[:_MAX_PULL_REQUESTS_LISTED]:
+    try:
+      files = hub.list_repo_files(repo_id, revision=ref)
+    except Exception:  # noqa: BLE001
+      continue
+    if not any(f.endswith('.safetensors') for f in files):
+      continue
+    about = ''
+    try:
+      details = hub.get_discussion_details(repo_id, number)
+      about = f' ({details.title!r} by {details.author}, {details.status})'
+    except Exception:  # noqa: BLE001 - the ref alone is still worth naming
+      pass
+    offers.append(
+      f'{ref}{about} has safetensors (https://huggingface.co/{repo_id}/discussions/{number})'
+    )
+  return offers
 
 
 def _is_encoder_tensor(name: str) -> bool:
