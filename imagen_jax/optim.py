@@ -8,7 +8,7 @@ micro-steps (calls to `update`) and builds the schedule over `num_steps // k` up
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +53,34 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+class _ScheduledDecayState(NamedTuple):
+  count: jax.Array
+
+
+def _scheduled_weight_decay(
+  weight_decay: float, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+  """updates - schedule(step) * weight_decay * params on matrices and kernels (AdamW's
+  decoupled decay), for optimizers whose own decay ignores the learning rate."""
+
+  def init(params: Any) -> _ScheduledDecayState:
+    del params
+    return _ScheduledDecayState(count=jnp.zeros([], jnp.int32))
+
+  def update(updates: Any, state: _ScheduledDecayState, params: Any = None):
+    if params is None:
+      raise ValueError('weight decay needs the params passed to update().')
+    rate = weight_decay * schedule(state.count)
+
+    def decay(u, p, on):
+      return u - (rate * p).astype(u.dtype) if on else u
+
+    updates = jax.tree.map(decay, updates, params, _decay_mask(params))
+    return updates, _ScheduledDecayState(count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm(grad_clip) -> adamw | adafactor, wrapped in optax.MultiSteps when
   grad_accum_steps > 1."""
@@ -80,9 +108,11 @@ def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransform
       multiply_by_parameter_scale=False,  # lr means the same as for Adam
       clipping_threshold=1.0,
       momentum=_field(optim_config, 'adafactor_momentum', None),
-      weight_decay_rate=weight_decay if weight_decay > 0 else None,
-      weight_decay_mask=_decay_mask,
     )
+    if weight_decay > 0:
+      # Not optax's weight_decay_rate: that decay is added after the learning rate, so 0.1
+      # took 10 % of the weights each step. Scaled by the schedule, as AdamW's is.
+      opt = optax.chain(opt, _scheduled_weight_decay(weight_decay, schedule))
   else:
     raise ValueError(f'Unknown optim.optimizer {name!r}; use one of {_OPTIMIZERS}.')
   clip = float(optim_config.grad_clip)

@@ -116,6 +116,26 @@ def test_adamw_weight_decay_skips_vectors():
   np.testing.assert_array_equal(updates['bias'], 0.0)
 
 
+def test_adafactor_weight_decay_is_scaled_by_the_learning_rate():
+  # AdamW's decoupled decay: lr * weight_decay * p per step (optax's adafactor weight_decay_rate
+  # alone ignores the lr: 0.1 would take 10 % of the weights every step).
+  params = {**_params(), 'bias': jnp.ones((512,))}
+  zero_grads = jax.tree.map(jnp.zeros_like, params)
+  config = _config(
+    optimizer='adafactor', weight_decay=0.1, warmup_steps=2, schedule='constant', grad_clip=0.0
+  )
+  tx = optim.make_optimizer(config, 10)
+  state = tx.init(params)
+  schedule = optim.make_lr_schedule(config, 10)
+  for step in range(3):  # through the warm-up: the decay follows the schedule
+    updates, state = tx.update(zero_grads, state, params)
+    # f32 product of three factors: <= 2 ulp; 1e-5 leaves ~80x.
+    expected = -float(schedule(step)) * 0.1 * params['kernel']
+    np.testing.assert_allclose(updates['kernel'], expected, rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(updates['bias'], 0.0)
+  assert float(schedule(2)) == pytest.approx(1e-3)
+
+
 def test_multisteps_accumulates_gradients():
   params = {'w': jnp.zeros((4,))}
   tx = optim.make_optimizer(
