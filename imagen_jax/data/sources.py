@@ -311,7 +311,7 @@ class HFSource(_RowSource):
     if not path:
       raise DataError(
         "data.source='hf' needs --config.data.path (a hub name such as "
-        "'lambdalabs/pokemon-blip-captions', a local data folder or a save_to_disk folder)."
+        "'lambdalabs/naruto-blip-captions', a local data folder or a save_to_disk folder)."
       )
     self.name = f'hf:{path}[{split}]'
     self.path, self.split = path, split
