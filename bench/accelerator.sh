@@ -6,15 +6,17 @@
 #   PY=python3 DEADLINE=540 bash bench/accelerator.sh /tmp/bench 0
 #
 # DEADLINE (seconds from the start, default 3000) bounds the whole set: a point gets at most
-# its own limit and what is left of the deadline; one that runs out or fails prints a line with
-# "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
+# its own limit and what is left of the deadline, and is skipped (an "error" line saying so)
+# when less than its minimum is left (base64's compile alone takes 84-153 s on an H100); one
+# that runs out or fails prints a line with "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
 # deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each point are traced
 # and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the
 # same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
 # second start's (reload, no compile; its "compile" and "sample_compile" read "loaded from the
 # persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the
 # other ways of fixing the gradients' layout before the optimizer (optim.settle_gradients), to
-# compare with one call: POINTS="4 8 9". Every point times train.py's step (bench/unet.py
+# compare with one call: POINTS="4 8 9" (point 8's row-major gradients with the row-major state
+# they were made for). Every point times train.py's step (bench/unet.py
 # --step train: EMA, gradient norm); point 10 is point 4 with --step=bare, the step of the
 # earlier H100/H200 rows, so POINTS="4 10" shows what the EMA costs. Every point stores the state
 # as training does (bench/unet.py --state_layout=auto: on GPU the conv kernels, their EMA and
@@ -35,39 +37,46 @@ cache=${CACHE:-/tmp/imagen_jax_bench_cache}
 mkdir -p "$out"
 start=$SECONDS
 
+# Each point: its time limit, the least time worth starting it with (seconds), its flags.
 points=(
-  "300 --preset=small64 --batch=32 --compilation_cache=$cache"
-  "120 --preset=small64 --batch=32 --compilation_cache=$cache"
-  "300 --preset=small64 --batch=128"
-  "420 --preset=base64 --batch=16 --remat=block"
-  "420 --preset=base64 --batch=16 --remat=none"
-  "420 --preset=base64 --batch=64 --remat=block"
-  "420 --preset=base64 --batch=64 --remat=none"
-  "420 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
-  "420 --preset=base64 --batch=16 --remat=none --grad_layout=row_major"
-  "420 --preset=base64 --batch=16 --remat=none --grad_layout=none"
-  "420 --preset=base64 --batch=16 --remat=none --step=bare"
-  "420 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=default"
-  "420 --preset=base64 --batch=16 --remat=none --state_layout=default"
-  "420 --preset=base64 --batch=16 --remat=none --step=bare --grad_layout=none"
+  "300 60 --preset=small64 --batch=32 --compilation_cache=$cache"
+  "120 30 --preset=small64 --batch=32 --compilation_cache=$cache"
+  "300 60 --preset=small64 --batch=128"
+  "420 180 --preset=base64 --batch=16 --remat=block"
+  "420 180 --preset=base64 --batch=16 --remat=none"
+  "420 220 --preset=base64 --batch=64 --remat=block"
+  "420 220 --preset=base64 --batch=64 --remat=none"
+  "420 180 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
+  "420 180 --preset=base64 --batch=16 --remat=none --grad_layout=row_major --state_layout=default"
+  "420 180 --preset=base64 --batch=16 --remat=none --grad_layout=none"
+  "420 180 --preset=base64 --batch=16 --remat=none --step=bare"
+  "420 180 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=default"
+  "420 180 --preset=base64 --batch=16 --remat=none --state_layout=default"
+  "420 180 --preset=base64 --batch=16 --remat=none --step=bare --grad_layout=none"
 )
-order=${POINTS:-$(seq "$first" $((${#points[@]} - 1)))}
+last=$((${#points[@]} - 1))
+if ! [[ "$first" =~ ^[0-9]+$ ]] || [ "$first" -gt "$last" ]; then
+  echo "accelerator.sh: FIRST_POINT '$first' does not exist; give a number 0-$last." >&2
+  exit 2
+fi
+order=${POINTS:-$(seq -s ' ' "$first" "$last")}
 for i in $order; do
-  if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -ge ${#points[@]} ]; then
-    echo "accelerator.sh: point '$i' in POINTS/FIRST_POINT does not exist; give numbers 0-$((${#points[@]} - 1))." >&2
+  if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -gt "$last" ]; then
+    echo "accelerator.sh: point '$i' in POINTS does not exist; give numbers 0-$last." >&2
     exit 2
   fi
 done
-case " $order " in *" 0 "*) [ "$cache" != / ] && rm -rf "$cache" ;; esac
+case " $(echo $order) " in *" 0 "*) [ "$cache" != / ] && rm -rf "$cache" ;; esac
 
 for i in $order; do
-  read -r limit args <<<"${points[$i]}"
+  read -r limit least args <<<"${points[$i]}"
   trace=()
   case " ${TRACE_POINTS:-} " in *" $i "*) rm -rf "$out/trace.d" && trace=(--trace_dir="$out/trace.d") ;; esac
   left=$((deadline - (SECONDS - start)))
-  if [ "$left" -lt 60 ]; then
-    echo "# deadline: stopped before point $i" >&2
-    break
+  if [ "$left" -lt "$least" ]; then
+    echo "# deadline: ${left}s left, point $i needs ${least}s: skipped" >&2
+    echo "{\"point\": $i, \"args\": \"$args\", \"error\": \"skipped: ${left}s left of DEADLINE, the point needs ${least}s\"}" | tee -a "$out/unet.jsonl"
+    continue
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   echo "# $(date +%T) point $i (limit ${limit}s): $args" >&2

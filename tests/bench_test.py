@@ -278,11 +278,11 @@ def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failu
   out = tmp_path / 'out'
   env = {**os.environ, 'PY': str(fake), 'CACHE': str(tmp_path / 'cache'), 'DEADLINE': '600'}
 
-  def run(points):
+  def run(points, *args, **more_env):
     return subprocess.run(
-      ['bash', 'bench/accelerator.sh', str(out)],
+      ['bash', 'bench/accelerator.sh', str(out), *args],
       cwd=REPO_ROOT,
-      env={**env, 'POINTS': points},
+      env={**env, 'POINTS': points, **more_env} if points else {**env, **more_env},
       capture_output=True,
       text=True,
       timeout=120,
@@ -297,5 +297,21 @@ def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failu
   assert 'bad' in (out / 'errors.log').read_text()
   proc = run('1 14')
   assert proc.returncode == 2
-  assert "point '14' in POINTS/FIRST_POINT does not exist; give numbers 0-13" in proc.stderr
+  assert "point '14' in POINTS does not exist; give numbers 0-13" in proc.stderr
+  for first in ('14', 'x'):
+    proc = run(None, first)
+    assert proc.returncode == 2 and f"FIRST_POINT '{first}' does not exist" in proc.stderr
   assert len((out / 'unet.jsonl').read_text().splitlines()) == 2  # nothing ran
+  # The whole set from point 0 starts with a fresh compilation cache; with 100 s left, the
+  # small64 points run and each base64 point (which needs 180 s or more) is skipped, one line
+  # each, instead of being started to run out.
+  (tmp_path / 'cache').mkdir()
+  (tmp_path / 'cache' / 'stale_entry').write_text('x')
+  (out / 'unet.jsonl').unlink()
+  proc = run(None, '0', DEADLINE='100')
+  assert proc.returncode == 0, proc.stderr
+  assert not (tmp_path / 'cache').exists()
+  lines = [json.loads(ln) for ln in (out / 'unet.jsonl').read_text().splitlines()]
+  assert len(lines) == 14 and lines[0] == lines[1] == {'img_per_s': 1.0}
+  assert all(ln['error'].startswith('skipped: ') for ln in lines[3:]), lines[3:]
+  assert [ln['point'] for ln in lines[3:]] == list(range(3, 14))
