@@ -20,10 +20,14 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
-from imagen_jax import host_memory
-from imagen_jax.models import cpu_conv
+# This checkout's package first (an installed one may be another checkout's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from imagen_jax import host_memory  # noqa: E402
+from imagen_jax.models import cpu_conv  # noqa: E402
 
 SMALL64 = '64x64x64,64x128x64,64x64x128,32x128x128,32x256x128,16x256x256'
 

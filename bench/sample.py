@@ -9,15 +9,20 @@ measures one device. `devices` and `split` say which ran. Prints one JSON line.
 """
 
 import json
+import os
 import statistics
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-from absl import app, flags
-from ml_collections import config_flags
+# This checkout's package first (an installed one may be another checkout's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagen_jax import cascade, cpu_devices, host_memory, stage
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from imagen_jax import cascade, cpu_devices, host_memory, stage  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
@@ -29,6 +34,9 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
 
 
 def main(_):
+  for name in ('batch', 'steps', 'repeats'):
+    if getattr(FLAGS, name) < 1:
+      raise app.UsageError(f'--{name} must be at least 1, got {getattr(FLAGS, name)}.')
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
   # As sample.py: two CPU devices for an even batch, where two copies of the params fit.

@@ -33,7 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument(
     '--host_devices', type=int, default=0, help='CPU only: fake N devices (a data-axis mesh)'
   )
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.steps < 1 or args.batch < 1:
+    parser.error(f'--steps and --batch must be at least 1, got {args.steps} and {args.batch}.')
+  return args
 
 
 def main(argv=None) -> None:

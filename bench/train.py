@@ -1,6 +1,8 @@
 """End-to-end training speed of a config: data pipeline + train step, median step seconds.
 
   python bench/train.py --config=configs/base64.py:small --config.train.batch_size=4
+  # (:small encodes its captions with google/t5-v1_1-base from the Hub on first use;
+  # :demo's offline t5-tiny-random runs anywhere)
   # Memory of a full-size stage without allocating it (abstract state and batch, compile only):
   python bench/train.py --config=configs/sr1024.py --memory_only --batch_per_device=8
 
@@ -29,15 +31,20 @@ e.g. sr1024's 256 px crops with 64 px low-res crops). The JSON line gives XLA's
 
 import json
 import math
+import os
 import statistics
+import sys
 import time
 
-import jax
-import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
+# This checkout's package first (an installed one may be another checkout's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagen_jax import (
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from imagen_jax import (  # noqa: E402
   cpu_devices,
   device_memory,
   host_memory,
@@ -47,8 +54,8 @@ from imagen_jax import (
   stage,
   train_lib,
 )
-from imagen_jax import flops as flops_lib
-from imagen_jax.data import pipeline
+from imagen_jax import flops as flops_lib  # noqa: E402
+from imagen_jax.data import pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
@@ -114,6 +121,8 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
 
 
 def main(_):
+  if FLAGS.steps < 1:
+    raise app.UsageError(f'--steps must be at least 1, got {FLAGS.steps}.')
   host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
   if FLAGS.memory_only:

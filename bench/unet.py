@@ -141,6 +141,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   bad = [r for r in args.remats if r not in REMAT_CHOICES]
   if bad:
     p.error(f'--remat {args.remat!r}: choose from {", ".join(REMAT_CHOICES)} (comma list).')
+  if args.steps < 1 or min(args.batches) < 1:
+    p.error(f'--steps and --batch must be at least 1, got {args.steps} and {args.batch}.')
   return args
 
 
