@@ -4,7 +4,8 @@ train_lib logs the train step's figures when it compiles, and warns, with the fi
 do not fit, before the first step runs:
 
 - GPU/TPU: the program's whole footprint per device (arguments + outputs + temporaries, less
-  the donated buffers its outputs reuse) against the allocator's limit
+  the donated buffers its outputs reuse), or what the device already holds plus what the run
+  allocates, whichever is larger, against the allocator's limit
   (`memory_stats()['bytes_limit']`); past it XLA fails the step with RESOURCE_EXHAUSTED.
 - CPU: the state is already in host memory when the step compiles, so what still has to fit
   is every local device's outputs and temporaries (less the reused buffers), against
@@ -86,14 +87,22 @@ def size_text(n: int) -> str:
   return f'{n / 1e9:.1f} GB' if n >= 1e9 else f'{n / 1e6:.0f} MB'
 
 
+def _stats(device: Any) -> dict:
+  try:
+    return device.memory_stats() or {}
+  except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
+    return {}
+
+
 def device_limit(device: Any) -> int | None:
   """The allocator's limit of a GPU/TPU device (None where it reports none)."""
-  try:
-    stats = device.memory_stats() or {}
-  except Exception:  # noqa: BLE001 - some backends do not implement memory_stats
-    return None
-  limit = stats.get('bytes_limit')
+  limit = _stats(device).get('bytes_limit')
   return int(limit) if limit else None
+
+
+def device_in_use(device: Any) -> int:
+  """Bytes the allocator holds now on a GPU/TPU device (0 where it reports none)."""
+  return int(_stats(device).get('bytes_in_use') or 0)
 
 
 def check(
@@ -104,10 +113,11 @@ def check(
   fixes: str,
   available: int | None = None,
   limit: int | None = None,
+  in_use: int | None = None,
 ) -> tuple[int, str] | None:
   """(logging level, line) about `what` on this process's `devices`; WARNING with `fixes` when
   it does not fit (see the module docstring); None when the backend gives no analysis.
-  available / limit override the host's and the device's figures (tests)."""
+  available / limit / in_use override the host's and the device's figures (tests)."""
   if mem is None or not devices:
     return None
   arguments, outputs, donated, temporaries = map(
@@ -133,8 +143,15 @@ def check(
   if limit is None:
     return logging.INFO, f'{figures}.'
   kind = devices[0].device_kind
-  line = f'{figures}; {size_text(mem.total)} in all of the {size_text(limit)} of a {kind}'
-  if mem.total > limit:
+  # Buffers already on the device (the arguments, when they are live, and anything else held:
+  # another stage's params, the other copy of a state) count too; abstract arguments are not
+  # there yet, hence the larger of the two.
+  in_use = device_in_use(devices[0]) if in_use is None else in_use
+  need = max(mem.total, in_use + mem.allocated_by_run)
+  line = f'{figures}; {size_text(need)} in all of the {size_text(limit)} of a {kind}'
+  if need > mem.total:
+    line += f' (with the {size_text(in_use)} already in use on it)'
+  if need > limit:
     return logging.WARNING, f'{line}: it will run out of device memory. {fixes}'
   return logging.INFO, f'{line}.'
 

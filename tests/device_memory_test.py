@@ -80,6 +80,12 @@ def test_an_accelerator_compares_the_whole_footprint_with_its_limit():
   level, line = device_memory.check(mem, [gpu], what='Step', fixes=FIXES, limit=60 * 10**9)
   assert level == logging.WARNING
   assert line.endswith(': it will run out of device memory. Lower train.batch_size.')
+  # Other buffers already on the device (e.g. the other stages' params while one samples) count:
+  # 30 GB in use beyond the 30 GB of live arguments, plus the 40 GB the run allocates.
+  held = FakeGpu({'bytes_limit': 79 * 10**9, 'bytes_in_use': 60 * 10**9})
+  level, line = device_memory.check(mem, [held], what='Step', fixes=FIXES)
+  assert level == logging.WARNING
+  assert '100.0 GB in all of the 79.0 GB of a NVIDIA H100 80GB HBM3 (with the 60.0 GB' in line
   for stats in ({}, None, RuntimeError('no stats')):  # no limit known: the figures alone
     level, line = device_memory.check(mem, [FakeGpu(stats)], what='Step', fixes=FIXES)
     assert level == logging.INFO and line.endswith('of temporaries.')
