@@ -182,7 +182,8 @@ def unet_flops(
 # GPU rows match when every listed word appears in jax's `device_kind` (lower case); the first
 # matching row wins, so the more specific rows come first. L4 and the TPUs match the exact
 # string (an 'L40S' is no L4). An unlisted device gets None (MFU left out), never a guess.
-_GPU_PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float], ...] = (
+_GPU_PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
+  (('gb200',), None),  # a Grace Blackwell GPU is not an HGX B200 (another clock and power): unlisted
   (('h100', 'pcie'), 756e12),
   (('h100', 'nvl'), 835e12),
   (('h100',), 989e12),  # 'NVIDIA H100 80GB HBM3' (SXM)
@@ -212,7 +213,7 @@ def peak_flops(device_kind: str) -> float | None:
     return None
   for words, flops in _GPU_PEAK_BF16_FLOPS:
     if all(w in kind for w in words):
-      return flops
+      return flops  # None for a row that only keeps a device from matching a later one
   return None
 
 

@@ -116,6 +116,7 @@ def test_base64_count_is_the_issue_figure():
     ('TPU v5p', 459e12),
     ('TPU v6 lite', 918e12),
     ('NVIDIA L40S', None),
+    ('NVIDIA GB200', None),  # not the B200 row
     ('NVIDIA GeForce RTX 4090', None),
     ('TPU v3', None),
     ('cpu', None),
