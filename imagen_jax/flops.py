@@ -183,7 +183,7 @@ def unet_flops(
 # matching row wins, so the more specific rows come first. L4 and the TPUs match the exact
 # string (an 'L40S' is no L4). An unlisted device gets None (MFU left out), never a guess.
 _GPU_PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
-  (('gb200',), None),  # a Grace Blackwell GPU is not an HGX B200 (another clock and power): unlisted
+  (('gb200',), None),  # a Grace Blackwell GPU is not an HGX B200 (other clocks): unlisted
   (('h100', 'pcie'), 756e12),
   (('h100', 'nvl'), 835e12),
   (('h100',), 989e12),  # 'NVIDIA H100 80GB HBM3' (SXM)
