@@ -257,8 +257,26 @@ class BatchDevices:
       return sample_fn, params, jnp.asarray
     rows = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec('batch'))
     if id(sample_fn) not in self._split:
-      self._split[id(sample_fn)] = (sample_fn, jax.jit(sample_fn, out_shardings=rows))
+      split_fn = _OnMesh(jax.jit(sample_fn, out_shardings=rows), self.mesh)
+      self._split[id(sample_fn)] = (sample_fn, split_fn)
     return self._split[id(sample_fn)][1], params, lambda x: jax.device_put(x, rows)
+
+
+class _OnMesh:
+  """A jitted function traced (called or lowered) inside `jax.set_mesh(mesh)`, so that what
+  must be partitioned by hand sees the devices it runs on: the TPU splash attention kernel,
+  which XLA cannot split over devices by itself, then runs in a shard_map over the batch."""
+
+  def __init__(self, fn: Callable, mesh: jax.sharding.Mesh):
+    self.fn, self.mesh = fn, mesh
+
+  def __call__(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn(*args)
+
+  def lower(self, *args):
+    with jax.set_mesh(self.mesh):
+      return self.fn.lower(*args)
 
 
 def run_cascade(

@@ -233,6 +233,20 @@ def test_batch_devices_split_what_they_divide_and_put_the_rest_on_the_first():
   assert out.sharding.spec == P('batch') and len(out.sharding.device_set) == 2
   np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)  # the same noise, by index
   assert devices.place(sample_fn, params, split=True)[0] is fn  # compiled once per sampler
+  # The split sampler is traced under its devices' mesh, called or lowered ahead (sample.py),
+  # so that the TPU splash attention runs in a shard_map (XLA cannot partition its kernel).
+  seen = []
+
+  def probe(params, x, rng):
+    seen.append(dict(jax.sharding.get_abstract_mesh().shape))
+    return sample_fn(params, x, rng)
+
+  probe_fn, placed, put = devices.place(probe, params, split=True)
+  compiled = probe_fn.lower(placed, put(x), rng).compile()
+  np.testing.assert_allclose(np.asarray(compiled(placed, put(x), rng)), want, rtol=1e-6)
+  called = devices.place(lambda *a: probe(*a), params, split=True)[0]  # traced by its call
+  called(placed, put(x), rng)
+  assert seen == [{'batch': 2}, {'batch': 2}]
   fn, placed, put = devices.place(sample_fn, params, split=False)
   assert placed['w'].devices() == {jax.devices()[0]}  # the first device's replica
   out = fn(placed, put(x[:5]), rng)

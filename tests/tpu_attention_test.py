@@ -121,6 +121,29 @@ def test_splash_under_a_mesh_shards_the_batch():
   np.testing.assert_allclose(np.asarray(out), np.asarray(_xla(q, k, v, lengths)), atol=1e-5, rtol=0)
 
 
+def test_splash_lowers_for_a_tpu_under_a_mesh_whatever_the_batch():
+  """XLA cannot partition a Mosaic kernel: lowered for a TPU (jax.export, no TPU needed) over
+  two devices, the kernel must sit in a shard_map, for a batch the devices divide and for one
+  they do not (each device then runs the whole batch); outside a mesh the lowering refuses."""
+  mesh = jax.make_mesh((2,), ('data',), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+  rows = NamedSharding(mesh, PartitionSpec('data'))
+  fn = jax.jit(lambda *a: tpu_attention.splash_attention(*a, interpret=False))
+
+  def spec(b, sharding=None):
+    qkv = jax.ShapeDtypeStruct((b, 128, 2, 64), jnp.bfloat16, sharding=sharding)
+    return (qkv, qkv, qkv, jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sharding))
+
+  def lowered(*args):
+    return jax.export.export(fn, platforms=['tpu'])(*args).mlir_module()
+
+  with jax.set_mesh(mesh):
+    for args in (spec(2, rows), spec(3)):
+      module = lowered(*args)
+      assert 'tpu_custom_call' in module and 'sdy.manual_computation' in module, args[0].shape
+  with pytest.raises(NotImplementedError, match='cannot be automatically partitioned'):
+    lowered(*spec(2, rows))
+
+
 def test_splash_refuses_what_it_does_not_take():
   q, k, v = _qkv(1, 64, 150)
   with pytest.raises(tpu_attention.SplashUnsupportedError, match='64 queries'):

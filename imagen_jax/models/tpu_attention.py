@@ -120,18 +120,23 @@ def _local_splash(q, k, v, kv_lengths, *, interpret: bool) -> jax.Array:
   return out.transpose(0, 2, 1, 3)[:, :t, :, :d]
 
 
-def _batch_axes(batch: int) -> tuple[str, ...]:
-  """Axes of the active mesh to split the batch over inside `shard_map`: all axes of size > 1
-  that are not already manual (inside a shard_map) when their product divides the batch; ()
-  for no mesh, one device, or an indivisible batch (the kernel then sees the whole batch)."""
+def _mesh_axes() -> tuple[str, ...]:
+  """The active mesh's axes of size > 1 that are not already manual (inside a shard_map); ()
+  for no mesh or one device."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return ()
-  axes = tuple(
+  return tuple(
     name
     for name, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
     if mesh.shape[name] > 1 and kind != AxisType.Manual
   )
+
+
+def _batch_axes(batch: int) -> tuple[str, ...]:
+  """`_mesh_axes()` when their devices divide the batch (it is split over them), else ()."""
+  axes = _mesh_axes()
+  mesh = jax.sharding.get_abstract_mesh()
   if not axes or batch % math.prod(mesh.shape[a] for a in axes):
     return ()
   return axes
@@ -162,10 +167,11 @@ def splash_attention(
     kv_lengths = jnp.full((b,), k.shape[1], jnp.int32)
   kv_lengths = kv_lengths.astype(jnp.int32)
   run = lambda *args: _local_splash(*args, interpret=interpret)
-  axes = _batch_axes(b)
-  if axes:
-    spec = PartitionSpec(axes)
-    # Each device runs the kernel on its slice of the batch; check_vma off since the Pallas
-    # call does not annotate how its outputs vary over the mesh axes.
+  if _mesh_axes():
+    # XLA cannot partition a Mosaic kernel over several devices (lowering refuses it), so under
+    # a mesh it always runs in a shard_map: each device on its slice of the batch, or, for a
+    # batch the devices do not divide, on the whole batch. check_vma off since the Pallas call
+    # does not annotate how its outputs vary over the mesh axes.
+    spec = PartitionSpec(_batch_axes(b) or None)
     run = jax.shard_map(run, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
   return run(q, k, v, kv_lengths)
