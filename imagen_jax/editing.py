@@ -87,7 +87,8 @@ def load_image(path: str | pathlib.Path) -> Image.Image:
     raise EditError(
       f'--init_image {path} has an alpha channel (mode {mode}): transparent pixels have no colour '
       'to keep; flatten it onto a background first (e.g. `convert in.png -background white '
-      '-flatten out.png`), or, to repaint the transparent part, pass its alpha as --mask.'
+      '-flatten out.png`), or, to repaint the transparent part, flatten it and pass its inverted '
+      'alpha as --mask (white = repaint: `convert in.png -alpha extract -negate mask.png`).'
     )
   if mode in _GREY_MODES or (mode == 'P' and _palette_is_grey(image)):
     raise EditError(

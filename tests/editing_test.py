@@ -365,6 +365,14 @@ def test_load_image_refuses_grey_transparent_and_broken_files(tmp_path):
   for name, (image, message) in cases.items():
     with pytest.raises(editing.EditError, match=re.escape(message)):
       editing.load_image(save(tmp_path, name, image))
+  # The transparent image's advice, followed: its inverted alpha as the mask repaints the
+  # transparent part (the left half here), not the opaque one.
+  rgba = np.dstack([rgb, np.where(np.arange(8) < 4, 0, 255).astype(np.uint8)[None].repeat(8, 0)])
+  with pytest.raises(editing.EditError, match='inverted alpha') as info:
+    editing.load_image(save(tmp_path, 'half.png', Image.fromarray(rgba)))
+  assert '-alpha extract -negate' in str(info.value)
+  mask = editing.load_mask(save(tmp_path, 'm.png', Image.fromarray(255 - rgba[..., 3])), (8, 8), '')
+  assert mask[:, :4].all() and not mask[:, 4:].any()
   (tmp_path / 'text.png').write_text('not an image')
   with pytest.raises(editing.EditError, match='cannot be decoded'):
     editing.load_image(tmp_path / 'text.png')

@@ -284,6 +284,10 @@ def test_config_errors_are_clear():
     dataclasses.replace(PRESETS['tiny'], num_groups=5)
   with pytest.raises(ValueError, match='attn_levels'):
     dataclasses.replace(PRESETS['tiny'], attn_levels=(4,))
+  levels = len(PRESETS['tiny'].channel_mults)
+  for blocks in (0, (0,) + (1,) * (levels - 1)):  # was an AssertionError inside the U-Net
+    with pytest.raises(ValueError, match='at least 1 on every level'):
+      dataclasses.replace(PRESETS['tiny'], num_res_blocks=blocks)
 
 
 def test_preset_param_counts_from_abstract_shapes():

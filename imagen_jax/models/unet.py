@@ -67,6 +67,13 @@ class UNetConfig:
         f'num_res_blocks {self.num_res_blocks} must be an int or have one entry per level '
         f'({levels} levels from channel_mults {self.channel_mults})'
       )
+    else:
+      blocks = self.num_res_blocks
+      if any(n < 1 for n in (blocks if isinstance(blocks, tuple) else (blocks,))):
+        problems.append(
+          f'num_res_blocks {blocks} must be at least 1 on every level (a level brings its skip '
+          'back to its width in its up blocks)'
+        )
     for name in ('attn_levels', 'cross_attn_levels'):
       bad = [i for i in getattr(self, name) if not 0 <= i < levels]
       if bad:
