@@ -80,7 +80,9 @@ def _from_blocks(x: jax.Array) -> jax.Array:
 
 def _forward(q, k, v, mask, n):
   """(output [B, T, H, D], residuals): scaled query blocks, heads-major k/v [B, H, S, D], the
-  blocks' outputs and their log-sum-exp [n, B, H, T / n]."""
+  blocks' outputs and their log-sum-exp [n, B, H, T / n] as (peak, log of the shifted sum): kept
+  apart, since for a row with no key (length 0: every logit float32's lowest, uniform weights)
+  peak + log(S) rounds back to the peak and the backward would see weights of 1, not 1/S."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   q_blocks = _to_blocks(q * jnp.asarray(scale, q.dtype), n)
   kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
@@ -91,7 +93,7 @@ def _forward(q, k, v, mask, n):
     p = jnp.exp(logits - peak)
     total = jnp.sum(p, axis=-1, keepdims=True)  # >= 1
     out = jnp.einsum('bhts,bhsd->bhtd', p.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
-    return (out / total).astype(q.dtype), (peak + jnp.log(total))[..., 0]
+    return (out / total).astype(q.dtype), (peak[..., 0], jnp.log(total)[..., 0])
 
   out_blocks, lse = jax.lax.map(block, q_blocks)
   return _from_blocks(out_blocks), (q_blocks, kh, vh, mask, out_blocks, lse)
@@ -114,10 +116,13 @@ def _attention_bwd(n, residuals, d_out):
 
   def block(carry, xs):
     dk, dv = carry
-    qb, db, lse_b, row = xs
-    p = jnp.exp(_logits(qb, kh, mask) - lse_b[..., None])  # the forward's probabilities
+    qb, db, (peak, log_total), row = xs
+    # The forward's probabilities.
+    p = jnp.exp((_logits(qb, kh, mask) - peak[..., None]) - log_total[..., None])
     dv = dv + jnp.einsum('bhts,bhtd->bhsd', p, db)
-    ds = p * (jnp.einsum('bhtd,bhsd->bhts', db, v32) - row[..., None])
+    # A row with no key has constant logits: its weights depend on neither q nor k.
+    live = (peak > jnp.finfo(jnp.float32).min).astype(jnp.float32)[..., None]
+    ds = p * (jnp.einsum('bhtd,bhsd->bhts', db, v32) - row[..., None]) * live
     dq = jnp.einsum('bhts,bhsd->bhtd', ds, k32) * scale
     dk = dk + jnp.einsum('bhts,bhtd->bhsd', ds, qb.astype(jnp.float32))  # qb holds the scale
     return (dk, dv), dq
