@@ -261,10 +261,11 @@ def sampler_inputs(mesh: Mesh, *arrays: np.ndarray) -> list[jax.Array]:
 
 
 def bytes_per_device(tree: Any, shardings: Any) -> int:
-  """Bytes each device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings`."""
+  """Bytes each device holds for `tree` (arrays or ShapeDtypeStructs) under `shardings` (or a
+  `state_formats` tree)."""
   total = 0
   leaves = jax.tree.leaves(tree)
-  shs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  shs = jax.tree.leaves(plain_shardings(shardings), is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
   for leaf, sh in zip(leaves, shs, strict=True):
     shard_shape = sh.shard_shape(leaf.shape)
     total += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize

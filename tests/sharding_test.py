@@ -131,8 +131,11 @@ def test_bytes_per_device(tiny):
   _, _, state = tiny
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 8})
   full = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-  per_device = sharding.bytes_per_device(state, sharding.state_shardings(state, mesh))
+  shardings = sharding.state_shardings(state, mesh)
+  per_device = sharding.bytes_per_device(state, shardings)
   assert full / 8 < per_device < full
+  formats = sharding.state_formats(shardings, state, 'conv_ohwi')  # the layout keeps the bytes
+  assert sharding.bytes_per_device(state, formats) == per_device
   assert (
     sharding.bytes_per_device(
       state, sharding.state_shardings(state, sharding.make_mesh({'data': 8, 'fsdp': 1}))
