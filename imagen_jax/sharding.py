@@ -265,7 +265,8 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
   `state_formats` tree)."""
   total = 0
   leaves = jax.tree.leaves(tree)
-  shs = jax.tree.leaves(plain_shardings(shardings), is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  is_sharding = lambda s: isinstance(s, jax.sharding.Sharding)
+  shs = jax.tree.leaves(plain_shardings(shardings), is_leaf=is_sharding)
   for leaf, sh in zip(leaves, shs, strict=True):
     shard_shape = sh.shard_shape(leaf.shape)
     total += math.prod(shard_shape) * np.dtype(leaf.dtype).itemsize
