@@ -2,6 +2,11 @@
 
 import os
 
+# Not the developer's own settings of these (a CPU device count, a compilation cache): the tests
+# and their subprocesses set their own.
+for _name in list(os.environ):
+  if _name.startswith(('IMAGEN_JAX_', 'JAX_NUM_CPU_DEVICES', 'JAX_COMPILATION_CACHE_DIR')):
+    del os.environ[_name]
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 if os.environ['JAX_PLATFORMS'] != 'cpu':
   # On a GPU (JAX_PLATFORMS=cuda) float32 matmuls default to TF32 (~1e-3 relative), which the
@@ -60,9 +65,12 @@ def with_cpu_devices(env: dict[str, str], n: int) -> dict[str, str]:
 def with_address_space_limit(cmd: list[str], gib: int) -> list[str]:
   """`cmd` ([python, script, args...]) run under an address-space limit of `gib` GiB (RLIMIT_AS,
   as `ulimit -v` sets it): XLA:CPU's allocations past it fail with RESOURCE_EXHAUSTED, as a
-  GPU's do past its memory. A tiny train.py or sample.py run peaks at about 1.2 GB of it."""
+  GPU's do past its memory. A tiny train.py or sample.py run peaks at about 1.2 GB of it on two
+  cores; the child is kept to two cores, since XLA sizes its thread pools by the cores it may use
+  and each thread's stack counts against the limit (about 60 MB per core)."""
   code = (
-    'import resource, runpy, sys\n'
+    'import os, resource, runpy, sys\n'
+    'os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])\n'
     f'resource.setrlimit(resource.RLIMIT_AS, ({gib} << 30, {gib} << 30))\n'
     'sys.argv = sys.argv[1:]\n'
     "runpy.run_path(sys.argv[0], run_name='__main__')\n"

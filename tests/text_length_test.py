@@ -143,10 +143,11 @@ def test_prefetch_order_state_and_close(size):
     for k in range(1, 6):
       assert int(next(it)['on_device'][0]) == k - 1  # order kept, transfer applied
       assert it.get_state() == {'i': k}  # the position of the last batch consumed
-    time.sleep(0.2)
-    assert host.produced <= 5 + size  # never more than `size` read ahead
-    if size:
-      assert host.produced == 5 + size
+    deadline = time.time() + 10  # the thread fills its `size` slots (polled: a busy CI is slow)
+    while size and host.produced < 5 + size and time.time() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.1)  # and reads no further
+    assert host.produced == 5 + size  # never more than `size` read ahead
     # set_state drops what was read ahead and goes on from the state given.
     it.set_state({'i': 2})
     assert [int(next(it)['on_device'][0]) for _ in range(3)] == [2, 3, 4]
@@ -165,9 +166,11 @@ class _Stuck(_Counter):
   def __init__(self):
     super().__init__()
     self.release = threading.Event()
+    self.stalled = threading.Event()  # set once the reader is inside the stalled read
 
   def __next__(self):
     if self.i == 1:
+      self.stalled.set()
       self.release.wait()
     return super().__next__()
 
@@ -178,7 +181,7 @@ def test_prefetch_close_does_not_hang_on_a_stalled_read(caplog):
   it = prefetch.DevicePrefetch(host, transfer=lambda b: b, size=2)
   try:
     assert int(next(it)['i'][0]) == 0
-    time.sleep(0.1)  # the thread is now inside the stalled read
+    assert host.stalled.wait(10)  # the thread is now inside the stalled read
     t0 = time.perf_counter()
     with caplog.at_level(logging.WARNING, logger=prefetch.log.name):
       it.close(timeout=0.3)
