@@ -418,9 +418,8 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> pathlib.Path:
     offers = _safetensors_pull_requests(huggingface_hub, repo_id)
     if offers:
       message += (
-        f' On the Hub, {"; ".join(offers)}: to use those weights (a pull request, not the '
-        "repo's own branch: check its author on the page named first), pass its ref as "
-        '--config.text.revision.'
+        f" On the Hub, {'; '.join(offers)}. These are pull requests, not the repo owner's "
+        'branch: check who made one on its page, then pass its ref as --config.text.revision.'
       )
     raise T5CheckpointError(message)
   return folder
