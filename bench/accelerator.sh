@@ -5,27 +5,26 @@
 #   bash bench/accelerator.sh [OUT_DIR] [FIRST_POINT]
 #   PY=python3 DEADLINE=540 bash bench/accelerator.sh /tmp/bench 0
 #
-# DEADLINE (seconds from the start, default 3000) bounds the whole set: a point gets at most
-# its own limit and what is left of the deadline, and is skipped (an "error" line saying so)
-# when less than its minimum is left (base64's compile alone takes 84-153 s on an H100); one
-# that runs out or fails prints a line with "error" and the set goes on. FIRST_POINT skips the points before it (to continue a set that a
-# deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each point are traced
-# and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1 are the
-# same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
+# DEADLINE (seconds from the start, default 3000) bounds the whole set: a point gets at most its own
+# limit and what is left of the deadline, and is skipped (an "error" line saying so) when less than
+# its minimum is left (base64's compile alone takes 84-153 s on an H100); one that runs out or fails
+# prints a line with "error" and the set goes on. FIRST_POINT skips the points before it (to
+# continue a set that a deadline cut short). PROFILE_STEPS (default 3; 0 = off) more steps of each
+# point are traced and summarised by kind of op and by phase ("profile" in its line). Points 0 and 1
+# are the same small64 point with a fresh persistent compilation cache: point 1's compile_s is a
 # second start's (reload, no compile; its "compile" and "sample_compile" read "loaded from the
-# persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the
-# other ways of fixing the gradients' layout before the optimizer (optim.settle_gradients), to
-# compare with one call: POINTS="4 8 9" (point 8's row-major gradients with the row-major state
-# they were made for). Every point times train.py's step (bench/unet.py
-# --step train: EMA, gradient norm); point 10 is point 4 with --step=bare, the step of the
-# earlier H100/H200 rows, so POINTS="4 10" shows what the EMA costs. Every point stores the state
-# as training does (bench/unet.py --state_layout=auto: on GPU the conv kernels, their EMA and
-# moments [O, kh, kw, I], as cuDNN takes them); points 11 and 12 are points 10 and 4 with the
-# row-major state of the rows before 2026-11-27 (--state_layout=default), point 13 is point 10
-# without the gradient barrier. SAMPLE_STEPS (default: as --steps; 0 = none) sets the timed
-# guided sampling steps of every point. POINTS (a space-separated list of point numbers) runs
-# those points in that order instead; TRACE_POINTS (same form)
-# keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
+# persistent compilation cache", point 0's "compiled"). Points 8 and 9 repeat point 4 with the other
+# ways of fixing the gradients' layout before the optimizer (optim.settle_gradients), to compare
+# with one call: POINTS="4 8 9" (point 8's row-major gradients with the row-major state they were
+# made for). Every point times train.py's step (bench/unet.py --step train: EMA, gradient norm);
+# point 10 is point 4 with --step=bare, the step of the earlier H100/H200 rows, so POINTS="4 10"
+# shows what the EMA costs. Every point stores the state as training does (bench/unet.py
+# --state_layout=auto: on GPU the conv kernels, their EMA and moments [O, kh, kw, I], as cuDNN takes
+# them); points 11 and 12 are points 10 and 4 with the row-major state of the rows before 2026-11-27
+# (--state_layout=default), point 13 is point 10 without the gradient barrier. SAMPLE_STEPS
+# (default: as --steps; 0 = none) sets the timed guided sampling steps of every point. POINTS (a
+# space-separated list of point numbers) runs those points in that order instead; TRACE_POINTS (same
+# form) keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
 # OUT_DIR/hlo_<n>.txt.gz.
 set -u
 cd "$(dirname "$0")/.."
@@ -42,17 +41,17 @@ points=(
   "300 60 --preset=small64 --batch=32 --compilation_cache=$cache"
   "120 30 --preset=small64 --batch=32 --compilation_cache=$cache"
   "300 60 --preset=small64 --batch=128"
-  "420 180 --preset=base64 --batch=16 --remat=block"
-  "420 180 --preset=base64 --batch=16 --remat=none"
+  "420 150 --preset=base64 --batch=16 --remat=block"
+  "420 150 --preset=base64 --batch=16 --remat=none"
   "420 220 --preset=base64 --batch=64 --remat=block"
   "420 220 --preset=base64 --batch=64 --remat=none"
   "420 180 --preset=sr256 --resolution=256 --batch=4 --remat=block --optimizer=adafactor"
-  "420 180 --preset=base64 --batch=16 --remat=none --grad_layout=row_major --state_layout=default"
-  "420 180 --preset=base64 --batch=16 --remat=none --grad_layout=none"
-  "420 180 --preset=base64 --batch=16 --remat=none --step=bare"
-  "420 180 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=default"
-  "420 180 --preset=base64 --batch=16 --remat=none --state_layout=default"
-  "420 180 --preset=base64 --batch=16 --remat=none --step=bare --grad_layout=none"
+  "420 150 --preset=base64 --batch=16 --remat=none --grad_layout=row_major --state_layout=default"
+  "420 150 --preset=base64 --batch=16 --remat=none --grad_layout=none"
+  "420 150 --preset=base64 --batch=16 --remat=none --step=bare"
+  "420 150 --preset=base64 --batch=16 --remat=none --step=bare --state_layout=default"
+  "420 150 --preset=base64 --batch=16 --remat=none --state_layout=default"
+  "420 150 --preset=base64 --batch=16 --remat=none --step=bare --grad_layout=none"
 )
 last=$((${#points[@]} - 1))
 if ! [[ "$first" =~ ^[0-9]+$ ]] || [ "$first" -gt "$last" ]; then

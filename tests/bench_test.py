@@ -303,7 +303,7 @@ def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failu
     assert proc.returncode == 2 and f"FIRST_POINT '{first}' does not exist" in proc.stderr
   assert len((out / 'unet.jsonl').read_text().splitlines()) == 2  # nothing ran
   # The whole set from point 0 starts with a fresh compilation cache; with 100 s left, the
-  # small64 points run and each base64 point (which needs 180 s or more) is skipped, one line
+  # small64 points run and each base64 point (which needs 150 s or more) is skipped, one line
   # each, instead of being started to run out.
   (tmp_path / 'cache').mkdir()
   (tmp_path / 'cache' / 'stale_entry').write_text('x')
