@@ -159,21 +159,20 @@ def test_hf_imagefolder_offline(tmp_path, monkeypatch):
   assert greens == [0, 100, 200]
 
 
-@pytest.mark.smoke
-def test_tfds_array_record_data_source(tmp_path):
-  tfds = pytest.importorskip('tensorflow_datasets')
+def _prepare_tfds(tmp_path, class_name: str, image_feature, examples: list[dict]) -> str:
+  """Prepares a tfds dataset of `examples` ('image' with `image_feature`, 'text') as array_record
+  files under tmp_path/tfds, without TensorFlow; the dataset is named after `class_name` in
+  snake_case. Returns the data_dir."""
+  import types
 
-  # Tensor/Text features serialise without TensorFlow, so a tiny array_record dataset can
-  # be prepared offline here; the source then reads it back through tfds.data_source.
-  class TinyCaptionsForTest(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    VERSION = tfds.core.Version('1.0.0')
-    code_path = None  # no checksums file; avoids tfds' optional importlib_resources lookup
+  import tensorflow_datasets as tfds
+
+  def body(ns):
+    ns['VERSION'] = tfds.core.Version('1.0.0')
+    ns['code_path'] = None  # no checksums file; avoids tfds' optional importlib_resources lookup
 
     def _info(self):
-      features = {
-        'image': tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8),
-        'text': tfds.features.Text(),
-      }
+      features = {'image': image_feature, 'text': tfds.features.Text()}
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
@@ -181,12 +180,36 @@ def test_tfds_array_record_data_source(tmp_path):
       return {'train': self._generate_examples()}
 
     def _generate_examples(self):
-      for i in range(4):
-        caption = '' if i == 2 else f'grey level {i * 50}'
-        yield i, {'image': np.full((8, 8, 3), i * 50, np.uint8), 'text': caption}
+      yield from enumerate(examples)
 
+    ns.update(
+      _info=_info, _split_generators=_split_generators, _generate_examples=_generate_examples
+    )
+
+  builder = types.new_class(
+    class_name, (tfds.core.GeneratorBasedBuilder,), {'skip_registration': True}, body
+  )
   data_dir = str(tmp_path / 'tfds')
-  TinyCaptionsForTest(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  builder(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+@pytest.mark.smoke
+def test_tfds_array_record_data_source(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  # Tensor/Text features serialise without TensorFlow, so a tiny array_record dataset can
+  # be prepared offline here; the source then reads it back through tfds.data_source.
+  examples = [
+    {
+      'image': np.full((8, 8, 3), i * 50, np.uint8),
+      'text': '' if i == 2 else f'grey level {i * 50}',
+    }
+    for i in range(4)
+  ]
+  data_dir = _prepare_tfds(
+    tmp_path, 'TinyCaptionsForTest', tfds.features.Tensor(shape=(8, 8, 3), dtype=np.uint8), examples
+  )
   config = _data_config(source='tfds', path='tiny_captions_for_test', max_skip_fraction=0.5)
   config.data_dir = data_dir
   source = sources.build_source(config)
@@ -211,27 +234,11 @@ def test_tfds_image_feature_is_listed_without_decoding(tmp_path, monkeypatch):
     pngs.append(tmp_path / f'{i}.png')
     Image.fromarray(np.full((8 + i, 12, 3), i * 60, np.uint8)).save(pngs[-1])
 
-  class TinyPngsForTest(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    VERSION = tfds.core.Version('1.0.0')
-    code_path = None
-
-    def _info(self):
-      features = {
-        'image': tfds.features.Image(shape=(None, None, 3), encoding_format='png'),
-        'text': tfds.features.Text(),
-      }
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager
-      return {'train': self._generate_examples()}
-
-    def _generate_examples(self):
-      for i, png in enumerate(pngs):
-        yield i, {'image': str(png), 'text': f'grey level {i * 60} rows {8 + i}'}
-
-  data_dir = str(tmp_path / 'tfds')
-  TinyPngsForTest(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  examples = [
+    {'image': str(png), 'text': f'grey level {i * 60} rows {8 + i}'} for i, png in enumerate(pngs)
+  ]
+  image = tfds.features.Image(shape=(None, None, 3), encoding_format='png')
+  data_dir = _prepare_tfds(tmp_path, 'TinyPngsForTest', image, examples)
   decoded = []
   original = tfds.features.Image.decode_example_np
   monkeypatch.setattr(
