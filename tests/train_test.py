@@ -145,17 +145,22 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   assert f'stopped at step {stopped_at} (SIGTERM)' in stdout + stderr
   assert 'resume with the same command' in stdout + stderr
 
-  # Resume (num_steps changed back to 6; with a constant schedule that changes nothing else).
-  proc = run(shared, workdir, '--config.train.num_steps=6', *CONSTANT_LR)
+  # Resume to 6 steps (num_steps changed back; with a constant schedule that changes nothing
+  # else), or to 2 past the stop where a fast machine ran past step 5 before the signal landed:
+  # then a second uninterrupted run of that length is the reference, so the check never skips.
+  total = max(6, stopped_at + 2)
+  proc = run(shared, workdir, f'--config.train.num_steps={total}', *CONSTANT_LR)
   # The uninterrupted run compiled this step into the suite's cache: a second start loads it.
   assert 'Train step loaded from the persistent compilation cache in' in proc.stderr
-  resumed = losses(workdir)
-  reference = losses(uninterrupted)
-  if stopped_at < 6:
-    # Exact by construction: same machine, same device count, same compiled step, restored
-    # bytes and RNG; XLA:CPU is deterministic run to run (on GPU this needs
-    # --xla_gpu_deterministic_ops).
-    assert [resumed[s] for s in range(1, 7)] == [reference[s] for s in range(1, 7)]
+  assert f'Resumed from step {stopped_at}' in proc.stdout + proc.stderr
+  if total > 6:
+    uninterrupted = shared['root'] / f'uninterrupted_{total}'
+    run(shared, uninterrupted, f'--config.train.num_steps={total}', *CONSTANT_LR)
+  resumed, reference = losses(workdir), losses(uninterrupted)
+  assert sorted(resumed) == list(range(1, total + 1))
+  # Exact by construction: same machine, same device count, same compiled step, restored bytes
+  # and RNG; XLA:CPU is deterministic run to run (on GPU this needs --xla_gpu_deterministic_ops).
+  assert [resumed[s] for s in range(1, total + 1)] == [reference[s] for s in range(1, total + 1)]
 
 
 def test_resume_on_a_different_device_count(shared, uninterrupted):
