@@ -30,7 +30,7 @@ set -u
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/imagen_jax_bench}
 first=${2:-0}
-py=${PY:-python3}
+read -ra py <<<"${PY:-python3}"  # a command: words split on spaces (e.g. "python3 -X dev")
 deadline=${DEADLINE:-3000}
 cache=${CACHE:-/tmp/imagen_jax_bench_cache}
 mkdir -p "$out"
@@ -80,7 +80,7 @@ for i in $order; do
   [ "$limit" -gt "$left" ] && limit=$left
   echo "# $(date +%T) point $i (limit ${limit}s): $args" >&2
   # shellcheck disable=SC2086  # args is a word list by design
-  timeout "$limit" "$py" bench/unet.py --dtype=bfloat16 --steps=10 \
+  timeout "$limit" "${py[@]}" bench/unet.py --dtype=bfloat16 --steps=10 \
     --profile_steps="${PROFILE_STEPS:-3}" --sample_steps="${SAMPLE_STEPS:--1}" "${trace[@]}" $args \
     >"$out/point.out" 2>"$out/point.err"
   rc=$?
