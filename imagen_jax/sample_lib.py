@@ -155,6 +155,19 @@ def validate(req: SampleRequest) -> None:
   for i, p in enumerate(req.prompts):
     if not p or not p.strip():
       raise SampleError(f'Prompt {i} is empty or whitespace; every prompt needs text.')
+    try:
+      p.encode('utf-8')
+    except UnicodeEncodeError as e:  # bytes that were not UTF-8 reach argv as surrogates
+      raise SampleError(
+        f'Prompt {i} ({p!r}) is not UTF-8 text ({e.reason} at character {e.start}); pass it as '
+        "UTF-8 (check the terminal's or the script's encoding, e.g. LANG=C.UTF-8)."
+      ) from e
+  for spec in req.checkpoints:
+    if not spec.strip():
+      raise SampleError(
+        f'--checkpoints {",".join(req.checkpoints)!r} has an empty entry; pass run folders '
+        'separated by single commas: --checkpoints runs/base64,runs/sr256.'
+      )
   if not req.checkpoints:
     raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
   for spec in req.checkpoints:
@@ -319,6 +332,12 @@ def prepare_output(req: SampleRequest) -> None:
         'replace them, --skip_existing to keep them and make only the missing ones (same '
         'seed and settings), or choose another --out.'
       )
+  elif req.skip_existing and (out / 'grid.png').exists():
+    if not any(side.exists() for _, side in output_paths(req)):
+      raise SampleError(
+        f"--skip_existing: {out} holds a grid.png but none of this request's images, so the "
+        "grid is another request's; choose another --out, or pass --overwrite to replace it."
+      )
 
 
 def restore_stage(
@@ -423,6 +442,19 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
         f'{nxt.workdir} upsamples {nxt.config.data.lowres_resolution} px images but the stage '
         f'before it ({prev.workdir}) makes {prev.config.data.resolution} px.'
       )
+  for st in stages:
+    if stage.is_super_resolution(st.config):
+      d = st.config.diffusion
+      low, high = float(d.get('aug_level_min', 0.0)), float(d.aug_level_max)
+      if not low <= st.options.aug_level <= high:
+        log.warning(
+          '%s trained with low-res augmentation levels in [%g, %g]; sampling at aug_level %g is '
+          'outside what it has seen (pass --aug_level in that range).',
+          st.workdir,
+          low,
+          high,
+          st.options.aug_level,
+        )
 
 
 def _encoder_key(config) -> tuple[str, int, str, int, str]:
@@ -649,13 +681,15 @@ def run(req: SampleRequest) -> list[pathlib.Path]:
   removed again: nothing is left behind that was not there.
   """
   validate(req)
-  out = pathlib.Path(req.out)
-  made_out = not out.exists()
+  out = pathlib.Path(req.out).absolute()
+  made = [p for p in (out, *out.parents) if not p.exists()]  # the folders this run will make
   try:
     return _run(req)
   except BaseException:
-    if made_out and out.is_dir() and not any(out.iterdir()):
-      out.rmdir()  # a folder this run made and wrote nothing into
+    for folder in made:  # innermost first: those this run made and wrote nothing into
+      if not folder.is_dir() or any(folder.iterdir()):
+        break
+      folder.rmdir()
     raise
 
 
@@ -784,7 +818,9 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
     written = 0
     for row, i in enumerate(batch):
       png, side = paths[i]
-      if not (req.skip_existing and png.exists()):
+      # Kept only with its sidecar: a PNG without one may be another run's (stopped between
+      # the two writes), made with other settings.
+      if not (req.skip_existing and png.exists() and side.exists()):
         images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
         written += 1
       if not (req.skip_existing and side.exists()):

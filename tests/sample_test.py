@@ -288,6 +288,9 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     (['--prompt=x', '--seed=4294967296'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--seed=-1'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--training_prompts=-3'], '--training_prompts must be >= 0, got -3'),
+    # Bytes that are not UTF-8 (a Latin-1 terminal) reach argv as surrogates: one line, not a
+    # traceback from the tokenizer after the checkpoints loaded.
+    (['--prompt=caf\udce9'], "Prompt 0 ('caf\\udce9') is not UTF-8 text"),
   ],
 )
 def test_bad_arguments(runs, args, message):
@@ -354,6 +357,15 @@ def test_missing_and_incomplete_checkpoints(runs, tmp_path):
   proc = sample(runs, '--prompt=x', f'--checkpoints={incomplete}', f'--out={tmp_path / "o"}')
   assert proc.returncode != 0
   assert 'no finished checkpoint' in proc.stderr and '5.orbax-checkpoint-tmp-1' in proc.stderr
+  # An empty entry (a trailing comma) was read as the current folder.
+  proc = sample(runs, '--prompt=x', f'--checkpoints={runs["base"]},', f'--out={tmp_path / "o"}')
+  assert proc.returncode == 2 and 'has an empty entry' in proc.stderr, proc.stderr[-2000:]
+  # A step that is not kept fails after the output folder was made: every folder the run made
+  # (here three deep) is removed again.
+  deep = tmp_path / 'deep' / 'a' / 'b'
+  proc = sample(runs, '--prompt=x', f'--checkpoints={runs["base"]}@99', f'--out={deep}')
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert not (tmp_path / 'deep').exists()
 
 
 def test_unwritable_output_and_no_overwrite(runs, tmp_path):
@@ -536,6 +548,28 @@ def test_streaming_kill_then_skip_existing_equals_uninterrupted(runs, tmp_path):
   assert 'sampled' not in proc.stderr and 'Text encoder' not in proc.stderr, proc.stderr[-3000:]
   assert file_ids(p for p in killed.iterdir() if p.name != 'grid.png') == everything
   assert_same_files(killed, whole)
+
+  # A PNG without its sidecar (a run stopped between the two writes, perhaps with other
+  # settings) is not kept: it is made again, with its sidecar.
+  (killed / f'{stems[2]}.json').unlink()
+  (killed / f'{stems[2]}.png').write_bytes((killed / f'{stems[0]}.png').read_bytes())
+  proc = sample(runs, *args, f'--out={killed}', '--skip_existing')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'batch 2/2: sampled 1 images, wrote 1.' in proc.stderr
+  assert_same_files(killed, whole)
+
+  # Another request's folder (its grid.png, none of this request's images): refused, since
+  # --skip_existing would replace that grid with this request's.
+  everything = file_ids(killed.iterdir())
+  proc = sample(
+    runs,
+    *[a for a in args if a != '--prompt=a red apple'],
+    '--prompt=a bird',
+    f'--out={killed}',
+    '--skip_existing',
+  )
+  assert proc.returncode == 2 and "holds a grid.png but none of this request's" in proc.stderr
+  assert file_ids(killed.iterdir()) == everything
 
   # Other settings than the existing files record: refused, nothing touched.
   everything = file_ids(killed.iterdir())
