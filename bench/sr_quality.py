@@ -159,9 +159,13 @@ def main(argv) -> None:
   except ValueError as e:  # SampleError, DataError: a bad run folder, step or setting
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
+  print(json.dumps(out), flush=True)  # first: a grid that cannot be written keeps the result
   if FLAGS.grid:
-    write_grid(arrays, FLAGS.grid, scale=FLAGS.grid_scale)
-  print(json.dumps(out))
+    try:
+      write_grid(arrays, FLAGS.grid, scale=FLAGS.grid_scale)
+    except OSError as e:
+      print(f'error: cannot write --grid {FLAGS.grid}: {e.strerror or e}.', file=sys.stderr)
+      sys.exit(2)
 
 
 if __name__ == '__main__':

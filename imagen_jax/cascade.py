@@ -125,6 +125,12 @@ def make_stage_sampler(
     if is_sr:
       if lowres is None:
         raise ValueError('A super-resolution stage needs the previous stage images (lowres).')
+      want = int(config.data.lowres_resolution)
+      if lowres.shape[1:] != (want, want, 3):
+        raise ValueError(
+          f'This super-resolution stage upsamples [B, {want}, {want}, 3] images; the lowres '
+          f'given is {list(lowres.shape)}.'
+        )
       up = stage.upsample_lowres(lowres, resolution=resolution)
       lowres_aug, aug_level = guidance.noise_condition_aug(
         lowres=up,

@@ -610,8 +610,24 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       bounds = f'[{low:g}, {high:g}]' if closed else f'[{low:g}, {high:g})'
       raise ValueError(f'optim.{name}={value}: use a value in {bounds} ({example}).')
   stage.schedule(config)  # each of these raises naming the allowed values
+  drop = float(config.diffusion.cond_drop_prob)
+  if not 0.0 <= drop <= 1.0:
+    raise ValueError(
+      f'diffusion.cond_drop_prob={drop}: use a probability in [0, 1] (e.g. 0.1, what '
+      'classifier-free guidance needs).'
+    )
   if stage.is_super_resolution(config):
     stage.aug_schedule(config)
+    low, high = (
+      float(config.diffusion.get('aug_level_min', 0.0)),
+      float(config.diffusion.aug_level_max),
+    )
+    if not 0.0 <= low <= high <= 1.0:  # also refuses NaN
+      raise ValueError(
+        f'diffusion.aug_level_min={low}, aug_level_max={high}: training draws the low-res '
+        'augmentation level uniformly between them; use 0 <= aug_level_min <= aug_level_max <= 1 '
+        '(e.g. 0 and 0.3).'
+      )
   zeros = np.zeros(1, np.float32)
   gaussian.target_for(objective=config.diffusion.objective, x=zeros, eps=zeros, logsnr=zeros)
   losses.loss_weight(

@@ -6,6 +6,7 @@ reference (scipy.ndimage's Gaussian filter, cropped to the 'valid' window positi
 structural_similarity(gaussian_weights=True, use_sample_covariance=False) computes it).
 """
 
+import functools
 import json
 import subprocess
 import sys
@@ -193,9 +194,9 @@ def test_openmoji_heldout_examples_follow_the_training_subset_and_are_fixed(shar
 # ---- an SR training run with periodic grids ----
 
 
-@pytest.mark.smoke
-@pytest.mark.xdist_group('train')
-def test_sr_training_logs_grid_and_metrics_of_heldout_images(shared):
+@pytest.fixture(scope='module')
+def sr_tiny(shared):
+  """A 2-step tiny SR run with an in-training grid at step 2: (workdir, train.py's process)."""
   workdir = shared['root'] / 'sr_tiny'
   cmd = [
     sys.executable,
@@ -212,6 +213,13 @@ def test_sr_training_logs_grid_and_metrics_of_heldout_images(shared):
     cmd, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=900
   )
   assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc
+
+
+@pytest.mark.smoke
+@pytest.mark.xdist_group('train')
+def test_sr_training_logs_grid_and_metrics_of_heldout_images(shared, sr_tiny):
+  workdir, proc = sr_tiny
   assert 'In-training sample grid at step 2: ' in proc.stderr  # with its compile's origin
   png = workdir / 'samples' / 'step_00000002.png'
   grid = np.asarray(Image.open(png))
@@ -233,3 +241,26 @@ def test_sr_training_logs_grid_and_metrics_of_heldout_images(shared):
   assert row['sr/psnr_bicubic'] == pytest.approx(want, abs=1e-3)
   # The grid's last column is the real image, the second the bicubic upsampling.
   np.testing.assert_array_equal(grid[2 : 2 + 32, 2 + 3 * 34 : 2 + 3 * 34 + 32], heldout.images[0])
+
+
+@pytest.mark.smoke
+@pytest.mark.xdist_group('train')
+def test_sr_quality_bench_prints_its_line_before_the_grid(sr_tiny, tmp_path):
+  # bench/sr_quality.py on the tiny run: one JSON line, then the comparison grid; a grid path
+  # that cannot be written is one error line and exit 2, with the result line already printed.
+  workdir, _ = sr_tiny
+  args = [sys.executable, 'bench/sr_quality.py', f'--checkpoints={workdir}', '--num=2', '--steps=1']
+  run = functools.partial(
+    subprocess.run, cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=600
+  )
+  proc = run([*args, f'--grid={tmp_path / "grid.png"}'])
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert line['resolution'] == '8->32' and np.isfinite(line['gain_db']) and line['heldout']
+  assert Image.open(tmp_path / 'grid.png').size[0] > 4 * 32
+  bad = tmp_path / 'a_file'
+  bad.write_text('x')
+  proc = run([*args, f'--grid={bad / "grid.png"}'])
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert f'error: cannot write --grid {bad / "grid.png"}' in proc.stderr
+  assert json.loads(proc.stdout.strip().splitlines()[-1]).keys() == line.keys()

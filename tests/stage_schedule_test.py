@@ -4,7 +4,9 @@ import importlib.util
 import pathlib
 import subprocess
 import sys
+import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,3 +125,63 @@ def test_print_grids_tool_prints_one_line_per_stage():
   assert out[0].startswith('stage=sr256 resolution=32 schedule=cosine sampler=dpmpp_2m grid=quad')
   assert 'aug_level=0.2 aug_alpha=0.819' in out[0]
   assert len(out[1].split()) == 1 + 5  # 'logsnrs:' and the 4-step grid's 5 values
+
+
+def test_sr_sampler_refuses_a_lowres_of_another_size():
+  # run_cascade / make_stage_sampler users (the notebook, the API) passing the wrong low-res size
+  # used to get an image upsampled from it anyway; the check runs while tracing, before the model.
+  config = sr256.get_config('tiny')
+  want = config.data.lowres_resolution
+  graphdef, params = stage.abstract_model(config)
+  sample_fn = cascade.make_stage_sampler(config, graphdef, cascade.SamplingOptions(steps=1))
+  embs = jax.ShapeDtypeStruct((1, 4, config.model.text_dim), jnp.float32)
+  mask = jax.ShapeDtypeStruct((1, 4), jnp.bool_)
+  key = jax.random.key(0)
+  for size in (want // 2, want * 2):
+    lowres = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    with pytest.raises(ValueError, match=rf'upsamples \[B, {want}, {want}, 3\] images; the lowres'):
+      jax.eval_shape(sample_fn, params, embs, mask, key, lowres)
+  lowres = jax.ShapeDtypeStruct((1, want, want, 3), jnp.float32)
+  res = config.data.resolution
+  assert jax.eval_shape(sample_fn, params, embs, mask, key, lowres).shape == (1, res, res, 3)
+
+
+@pytest.mark.parametrize('low,high', [(0.3, 0.1), (0.0, -0.5), (0.0, 1.5), (float('nan'), 0.3)])
+def test_training_refuses_an_aug_level_range_it_cannot_draw_from(low, high):
+  # training_aug_levels(min 0.3, max 0.1) drew a constant 0.3; max -0.5 drew zeros, silently.
+  from imagen_jax import train_lib
+
+  config = sr256.get_config('tiny')
+  config.diffusion.aug_level_min, config.diffusion.aug_level_max = low, high
+  with pytest.raises(ValueError, match=r'use 0 <= aug_level_min <= aug_level_max <= 1'):
+    train_lib.check_settings(config)
+  config.diffusion.aug_level_min, config.diffusion.aug_level_max = 0.0, 0.3
+  train_lib.check_settings(config)
+  config.diffusion.cond_drop_prob = 1.5
+  with pytest.raises(ValueError, match=r'diffusion.cond_drop_prob=1.5: use a probability'):
+    train_lib.check_settings(config)
+
+
+def test_sampling_outside_the_trained_aug_range_warns(caplog):
+  from imagen_jax import sample_lib
+
+  base, sr = base64.get_config('tiny'), sr256.get_config('tiny')
+  sr.data.lowres_resolution = base.data.resolution
+  high = sr.diffusion.aug_level_max
+
+  def chain(level):
+    caplog.clear()
+    stages = [
+      types.SimpleNamespace(
+        config=c, workdir=name, options=cascade.SamplingOptions(aug_level=level)
+      )
+      for c, name in ((base, 'runs/base'), (sr, 'runs/sr'))
+    ]
+    sample_lib.check_chain(stages)
+    return [r.getMessage() for r in caplog.records if r.levelname == 'WARNING']
+
+  assert chain(high) == []
+  assert chain(min(1.0, high + 0.3)) == [
+    f'runs/sr trained with low-res augmentation levels in [0, {high:g}]; sampling at aug_level '
+    f'{min(1.0, high + 0.3):g} is outside what it has seen (pass --aug_level in that range).'
+  ]
