@@ -26,6 +26,8 @@ worker processes; an `EmbeddingCache` pickles as (path, manifest) and reopens la
 
 from __future__ import annotations
 
+import collections
+import errno
 import hashlib
 import json
 import logging
@@ -33,6 +35,7 @@ import math
 import os
 import pathlib
 import re
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -49,6 +52,7 @@ FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 DONE_SUFFIX = '.done.json'  # per-shard marker of a build in progress
 PRECOMPUTE_HINT = 'python -m imagen_jax.precompute --config=<your config>'
+OPEN_SHARDS = 64  # shards' embeddings kept memory-mapped at once, per reader (LRU)
 _KEY_FIELDS = ('encoder', 'max_length', 'dataset_fingerprint')
 
 
@@ -159,7 +163,9 @@ class EmbeddingCache:
   def __init__(self, path: str | os.PathLike, manifest: dict):
     self.path = pathlib.Path(path)
     self.manifest = manifest
-    self._loaded = None  # (embs mmaps, offsets, sorted hashes, shard ids, rows), lazily
+    self._loaded = None  # (offsets, sorted hashes, shard ids, rows), lazily
+    self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()  # mmaps
+    self._open_lock = threading.Lock()
     self._longest = None  # tokens of the longest caption, lazily
     self.build_report: dict[str, Any] | None = None  # encoding speed, when just built
 
@@ -246,7 +252,7 @@ class EmbeddingCache:
   def longest_caption(self) -> int:
     """Tokens of the longest cached caption (0 for an empty cache); read from the offsets."""
     if self._longest is None:
-      _, offsets, *_ = self._load()
+      offsets, *_ = self._load()
       self._longest = max((int(np.diff(o).max()) for o in offsets if len(o) > 1), default=0)
     return self._longest
 
@@ -271,27 +277,24 @@ class EmbeddingCache:
   # -- lookups
 
   def _load(self):
+    """(offsets per shard, sorted caption hashes, their shard ids, their rows), read once. The
+    embeddings themselves are mapped per shard when first read (`_shard_embs`)."""
     if self._loaded is not None:
       return self._loaded
-    embs, offsets, hashes, shard_ids, rows = [], [], [], [], []
+    offsets, hashes, shard_ids, rows = [], [], [], []
     for i, shard in enumerate(self.manifest['shards']):
       files = shard['files']
       try:
-        embs.append(np.load(self.path / files['embs'], mmap_mode='r'))
         offsets.append(np.load(self.path / files['offsets']))
         shard_hashes = np.load(self.path / files['hashes'])
       except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
-        raise CacheError(
-          f'Embedding cache {str(self.path)!r} is damaged ({e}); delete it and rebuild with '
-          f'`{PRECOMPUTE_HINT}`.'
-        ) from e
+        raise self._read_error(e) from e
       hashes.append(shard_hashes)
       shard_ids.append(np.full(len(shard_hashes), i, np.int32))
       rows.append(np.arange(len(shard_hashes), dtype=np.int32))
     hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
     order = np.argsort(hashes, kind='stable')
     self._loaded = (
-      embs,
       offsets,
       hashes[order],
       np.concatenate(shard_ids)[order] if shard_ids else np.zeros(0, np.int32),
@@ -299,8 +302,38 @@ class EmbeddingCache:
     )
     return self._loaded
 
+  def _shard_embs(self, shard: int) -> np.ndarray:
+    """Shard `shard`'s [T, D] embeddings, memory-mapped. At most OPEN_SHARDS stay mapped (each
+    map holds a file descriptor: a cache of more shards than `ulimit -n` could not be read when
+    every shard stayed open); an evicted map closes once no returned view uses it."""
+    with self._open_lock:  # data loading may read from several threads
+      embs = self._open.get(shard)
+      if embs is not None:
+        self._open.move_to_end(shard)
+        return embs
+      try:
+        name = self.manifest['shards'][shard]['files']['embs']
+        embs = np.load(self.path / name, mmap_mode='r')
+      except (OSError, ValueError, EOFError) as e:
+        raise self._read_error(e) from e
+      self._open[shard] = embs
+      if len(self._open) > OPEN_SHARDS:
+        self._open.popitem(last=False)
+      return embs
+
+  def _read_error(self, e: Exception) -> CacheError:
+    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+      return CacheError(
+        f'Embedding cache {str(self.path)!r} cannot be read: this process has too many open '
+        f'files ({e}); raise the limit (`ulimit -n 65536`) and rerun. The cache is not damaged.'
+      )
+    return CacheError(
+      f'Embedding cache {str(self.path)!r} is damaged ({e}); delete it and rebuild with '
+      f'`{PRECOMPUTE_HINT}`.'
+    )
+
   def _locate(self, caption: str) -> tuple[int, int] | None:
-    _, _, hashes, shard_ids, rows = self._load()
+    _, hashes, shard_ids, rows = self._load()
     h = caption_hashes([caption])[0]
     i = int(np.searchsorted(hashes, h))
     if i < len(hashes) and hashes[i] == h:
@@ -315,10 +348,10 @@ class EmbeddingCache:
     where = self._locate(caption)
     if where is None:
       raise CaptionNotCachedError(caption, self.path)
-    embs, offsets, *_ = self._load()
+    offsets, *_ = self._load()
     shard, row = where
     start, stop = offsets[shard][row], offsets[shard][row + 1]
-    return embs[shard][start:stop].view(ml_dtypes.bfloat16)
+    return self._shard_embs(shard)[start:stop].view(ml_dtypes.bfloat16)
 
   def lookup(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """text_embs [B, max_length, D] float32 zero-padded, text_mask [B, max_length] bool."""
@@ -365,9 +398,11 @@ def _encode_shard(
     embs, mask = encoder.encode(batch)  # [B, L, D] f32, [B, L] bool
     for i in range(n):
       length = int(mask[i].sum())
-      pieces.append(embs[i, :length])
+      # A bfloat16 copy now: a view would keep the whole padded float32 batch alive until the
+      # shard is done (shard_size x max_length x D x 4 bytes: 8 GiB for T5-XXL's defaults).
+      pieces.append(np.asarray(embs[i, :length]).astype(ml_dtypes.bfloat16))
       lengths.append(length)
-  tokens = np.concatenate(pieces).astype(ml_dtypes.bfloat16).view(np.uint16)
+  tokens = np.concatenate(pieces).view(np.uint16)
   offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
   return tokens, offsets
 
