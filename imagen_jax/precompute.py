@@ -167,6 +167,14 @@ def precompute(
     procs.count,
     config.text.cache_dir,
   )
+  cache_dir = pathlib.Path(config.text.cache_dir)
+  try:  # before the encoder loads (minutes for T5-XXL)
+    multihost.check_writable(cache_dir)
+  except OSError as e:
+    raise cache_lib.CacheError(
+      f'Cannot write the embedding cache folder {str(cache_dir)!r} ({e.strerror or e}); pass a '
+      'writable --config.text.cache_dir.'
+    ) from e
   encoder = encoder_lib.load_text_encoder(
     config.text.encoder,
     max_length=config.text.max_length,
@@ -174,17 +182,23 @@ def precompute(
     mesh=mesh,
     revision=config.text.get('revision') or None,
   )
-  cache = cache_lib.build_cache(
-    config.text.cache_dir,
-    captions,
-    encoder,
-    dataset_fingerprint=fingerprint,
-    shard_size=int(config.text.get('cache_shard_size', 4096)),
-    batch_size=_batch_size(config, mesh),
-    progress=progress and procs.index == 0,
-    processes=procs,
-    encoder_id=encoder_id(config),
-  )
+  try:
+    cache = cache_lib.build_cache(
+      config.text.cache_dir,
+      captions,
+      encoder,
+      dataset_fingerprint=fingerprint,
+      shard_size=int(config.text.get('cache_shard_size', 4096)),
+      batch_size=_batch_size(config, mesh),
+      progress=progress and procs.index == 0,
+      processes=procs,
+      encoder_id=encoder_id(config),
+    )
+  except OSError as e:  # a full or failing disk: what was finished is kept, the rest redone
+    raise cache_lib.CacheError(
+      f'Writing the embedding cache in {str(cache_dir)!r} failed ({e.strerror or e}); the shards '
+      'finished so far are kept. Free space or fix the folder, then rerun: the build resumes.'
+    ) from e
   log.info('Embedding cache ready: %s %s', cache.path, cache.stats())
   return cache
 

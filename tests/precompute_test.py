@@ -1,6 +1,7 @@
 """Precompute: captions of an image folder -> embedding cache, in-process (8 fake devices,
 sharded encoder) and through the CLI with a config override."""
 
+import errno
 import json
 import logging
 import os
@@ -129,6 +130,41 @@ def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path, 
   assert np.abs(np.asarray(first.get('a cat'), np.float32) - want).max() > 0.5  # the old model's
 
 
+@pytest.mark.unit
+def test_storage_errors_are_one_cache_error_and_the_build_resumes(images, tmp_path, monkeypatch):
+  # An unwritable cache folder is found before the encoder loads (minutes for T5-XXL); a disk
+  # that fills up mid-build is a CacheError saying the finished shards are kept, not a traceback,
+  # and the rerun resumes from them.
+  (tmp_path / 'a_file').write_text('x')
+  config = make_config(images, tmp_path / 'a_file' / 'cache')
+
+  def no_encoder(*args, **kwargs):
+    raise AssertionError('the encoder was loaded before the cache folder was checked')
+
+  with monkeypatch.context() as m:
+    m.setattr(encoder_lib, 'load_text_encoder', no_encoder)
+    with pytest.raises(cache_lib.CacheError, match='Cannot write the embedding cache folder'):
+      precompute.precompute(config)
+
+  config = make_config(images, tmp_path / 'cache')
+  config.text.cache_shard_size = 2  # 4 captions: 2 shards
+  save = cache_lib._atomic_save
+  calls = []
+
+  def fills_up(path, array):
+    calls.append(path.name)
+    if len(calls) > 3:  # the first shard's three files fit
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    save(path, array)
+
+  with monkeypatch.context() as m:
+    m.setattr(cache_lib, '_atomic_save', fills_up)
+    with pytest.raises(cache_lib.CacheError, match=r'failed \(No space left on device\); the sh'):
+      precompute.precompute(config)
+  cache = precompute.precompute(config)
+  assert cache.num_captions == 4 and cache.build_report['captions'] == 2  # the second shard only
+
+
 _CONFIG_FILE = textwrap.dedent(
   """
   import ml_collections
@@ -160,6 +196,9 @@ def test_precompute_cli(images, tmp_path):
       'imagen_jax.precompute',
       f'--config={config_file}',
       '--config.text.max_length=12',
+      # A relative cache_dir is under --workdir, as train.py takes it (the errors' hint).
+      '--config.text.cache_dir=cache',
+      f'--workdir={tmp_path}',
     ],
     cwd=REPO_ROOT,
     env=env,

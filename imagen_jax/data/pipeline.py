@@ -47,12 +47,12 @@ import numpy as np
 
 from imagen_jax.data import preprocess, sizes
 from imagen_jax.data.sources import DataError, Source, build_source
+from imagen_jax.text.cache import PRECOMPUTE_HINT
 
 log = logging.getLogger(__name__)
 
 MIN_SEEN_FOR_SKIP_CHECK = 100
 _MAX_LOGGED_SKIPS = 50
-_PRECOMPUTE_HINT = 'python -m imagen_jax.precompute --config=<the same config file>'
 
 
 class _ProcessRecord(grain.transforms.RandomMap):
@@ -159,12 +159,12 @@ def lookup_text(
     except KeyError as e:
       raise DataError(
         f'Caption {caption!r} is not in the text-embedding cache ({e}). The cache must be '
-        f'built for this dataset and text encoder: run `{_PRECOMPUTE_HINT}`.'
+        f'built for this dataset and text encoder: run `{PRECOMPUTE_HINT}`.'
       ) from e
     if embs.ndim != 2 or embs.shape[1] != dim:
       raise DataError(
         f'Cached embedding for {caption!r} has shape {embs.shape}, expected [n, {dim}]; '
-        f'the cache is stale or corrupt: delete it and run `{_PRECOMPUTE_HINT}`.'
+        f'the cache is stale or corrupt: delete it and run `{PRECOMPUTE_HINT}`.'
       )
     pieces.append(embs[:length])
   counts = np.array([len(e) for e in pieces], np.int64)  # [B]
@@ -580,7 +580,7 @@ def make_dataset(
   """
   data = config.data
   if text_cache is None:
-    raise DataError(f'make_dataset needs the text-embedding cache; run `{_PRECOMPUTE_HINT}`.')
+    raise DataError(f'make_dataset needs the text-embedding cache; run `{PRECOMPUTE_HINT}`.')
   if not 0 <= process_index < process_count:
     raise DataError(f'process_index={process_index} not in [0, process_count={process_count}).')
   batch_size = per_host_batch_size(config, process_count)

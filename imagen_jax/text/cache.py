@@ -51,7 +51,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = 'manifest.json'
 DONE_SUFFIX = '.done.json'  # per-shard marker of a build in progress
-PRECOMPUTE_HINT = 'python -m imagen_jax.precompute --config=<your config>'
+# The build command for a run (its relative text.cache_dir is under its --workdir).
+PRECOMPUTE_HINT = (
+  "python -m imagen_jax.precompute --config=<the run's config> --workdir=<the run's --workdir>"
+)
 OPEN_SHARDS = 64  # shards' embeddings kept memory-mapped at once, per reader (LRU)
 _KEY_FIELDS = ('encoder', 'max_length', 'dataset_fingerprint')
 
