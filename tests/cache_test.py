@@ -15,7 +15,7 @@ import pytest
 
 from imagen_jax.text import cache as cache_lib
 from imagen_jax.text import encoder as encoder_lib
-from tests.conftest import logged_output, start_logged
+from tests.conftest import finish, logged_output, start_logged
 
 MAX_LENGTH = 16
 CAPTIONS = [f'caption number {i} ' + 'ab' * (i % 5) for i in range(22)]
@@ -230,7 +230,7 @@ _CHILD = textwrap.dedent(
       self.max_length = inner.max_length
 
     def encode(self, captions):
-      time.sleep(0.4)
+      time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0.4)
       return self.inner.encode(captions)
 
   captions = [l for l in open(sys.argv[2], encoding='utf-8').read().split('\\n') if l]
@@ -293,6 +293,40 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   for name in shard_files:
     assert (resumed.path / name).read_bytes() == (clean.path / name).read_bytes(), name
   assert resumed.manifest == clean.manifest
+
+
+@pytest.mark.smoke
+def test_a_second_build_of_the_same_cache_waits_for_the_first(tmp_path, tiny_encoder):
+  # Two jobs building one cache (two stages started together on one dataset): the second used to
+  # delete the first one's unfinished files, which then failed ('incomplete after the build' or a
+  # KeyError). Now the second waits for the build lock and finds the cache complete.
+  (tmp_path / 'captions.txt').write_text('\n'.join(CAPTIONS), encoding='utf-8')
+  root = tmp_path / 'shared'
+  key = cache_lib.cache_key('t5-tiny-random', 16, 'fp')
+  cmd = [sys.executable, '-c', _CHILD, str(root), str(tmp_path / 'captions.txt')]
+  # 1.5 s per batch: the first build takes ~18 s, so it still runs when the second has loaded.
+  first = start_logged([*cmd, '1.5'], tmp_path / 'logs', env=dict(os.environ))
+  deadline = time.time() + 120
+  while time.time() < deadline and not list((root / key).glob('shard-*' + cache_lib.DONE_SUFFIX)):
+    assert first.poll() is None, logged_output(first)[1][-2000:]
+    time.sleep(0.05)
+  second = start_logged(cmd, tmp_path / 'logs', env=dict(os.environ))
+  results = finish([first, second], timeout=300)
+  for rc, out, err in results:
+    assert rc == 0 and 'FINISHED' in out, err[-2000:]
+  assert 'is being built by another process: waiting for it' in results[1][2]
+  clean = cache_lib.build_cache(
+    str(tmp_path / 'clean'),
+    CAPTIONS,
+    tiny_encoder,
+    dataset_fingerprint='fp',
+    shard_size=4,
+    batch_size=2,
+  )
+  built = json.loads((root / key / cache_lib.MANIFEST).read_text())
+  assert built == clean.manifest and built['complete']
+  for name in (n for n in os.listdir(clean.path) if n.startswith('shard-')):
+    assert (root / key / name).read_bytes() == (clean.path / name).read_bytes(), name
 
 
 @pytest.mark.unit

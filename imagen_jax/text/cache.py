@@ -27,6 +27,7 @@ worker processes; an `EmbeddingCache` pickles as (path, manifest) and reopens la
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import hashlib
 import json
@@ -650,101 +651,123 @@ def build_cache(
       'and config (and the same number of local devices).'
     )
   chief = processes.index == 0
-  if chief:
-    _prepare(path, header, digest)
-  processes.barrier('embedding_cache_prepared')
-  manifest = _read_manifest(path)
-  _agree(
-    processes,
-    None
-    if manifest is not None
-    else (
-      f'Process {processes.index} does not see the manifest that process 0 wrote in '
-      f'{str(path)!r}: text.cache_dir must be on storage that every host shares.'
-    ),
-  )
-  if manifest.get('complete'):
+  # One build of a cache at a time: another job building the same one (two stages started
+  # together on one dataset) would delete this one's unfinished files; it waits, then finds the
+  # cache complete.
+  with _build_lock(path) if chief else contextlib.nullcontext():
     if chief:
-      log.info('Embedding cache %s is complete (%d captions).', path, len(unique))
-    return EmbeddingCache(path, manifest)
-
-  done = {s['index']: s for s in manifest['shards']}
-  mine = shard_assignment(num_shards, list(done), processes.index, processes.count)
-  my_captions = [c for i in mine for c in unique[i * shard_size : (i + 1) * shard_size]]
-  devices = _num_devices(encoder)
-  counts = processes.allgather([_count_tokens(encoder, my_captions), len(my_captions)])
-  if chief:
-    todo_tokens = [t for t, _ in counts]
-    tokens = (
+      _prepare(path, header, digest)
+    processes.barrier('embedding_cache_prepared')
+    manifest = _read_manifest(path)
+    _agree(
+      processes,
       None
-      if None in todo_tokens
-      else sum(todo_tokens) + sum(s['num_tokens'] for s in done.values())
+      if manifest is not None
+      else (
+        f'Process {processes.index} does not see the manifest that process 0 wrote in '
+        f'{str(path)!r}: text.cache_dir must be on storage that every host shares.'
+      ),
     )
-    size = 'unknown' if tokens is None else _gib(tokens * encoder.dim * 2)
-    _say(
-      f'Embedding cache {path}: {len(unique)} captions ({len(captions) - len(unique)} '
-      f'duplicates dropped), {tokens if tokens is not None else "?"} tokens, about {size} on '
-      f'disk (tokens x dim {encoder.dim} x 2 bytes, bfloat16). {len(done)} of {num_shards} '
-      f'shards already done; encoding {sum(n for _, n in counts)} captions on '
-      f'{processes.count} process(es) x {devices} device(s).',
-      progress,
-    )
+    if manifest.get('complete'):
+      if chief:
+        log.info('Embedding cache %s is complete (%d captions).', path, len(unique))
+      return EmbeddingCache(path, manifest)
 
-  try:
-    from tqdm.auto import tqdm
+    done = {s['index']: s for s in manifest['shards']}
+    mine = shard_assignment(num_shards, list(done), processes.index, processes.count)
+    my_captions = [c for i in mine for c in unique[i * shard_size : (i + 1) * shard_size]]
+    devices = _num_devices(encoder)
+    counts = processes.allgather([_count_tokens(encoder, my_captions), len(my_captions)])
+    if chief:
+      todo_tokens = [t for t, _ in counts]
+      tokens = (
+        None
+        if None in todo_tokens
+        else sum(todo_tokens) + sum(s['num_tokens'] for s in done.values())
+      )
+      size = 'unknown' if tokens is None else _gib(tokens * encoder.dim * 2)
+      _say(
+        f'Embedding cache {path}: {len(unique)} captions ({len(captions) - len(unique)} '
+        f'duplicates dropped), {tokens if tokens is not None else "?"} tokens, about {size} on '
+        f'disk (tokens x dim {encoder.dim} x 2 bytes, bfloat16). {len(done)} of {num_shards} '
+        f'shards already done; encoding {sum(n for _, n in counts)} captions on '
+        f'{processes.count} process(es) x {devices} device(s).',
+        progress,
+      )
 
-    bar = tqdm(
-      total=len(my_captions), unit='caption', desc='Encoding captions', disable=not progress
-    )
-  except ImportError:  # tqdm is a requirement; keep building without a bar if it is absent
-    bar = None
-  started = time.perf_counter()
-  for index in mine:
-    shard_captions = unique[index * shard_size : (index + 1) * shard_size]
-    tokens, offsets = _encode_shard(shard_captions, encoder, batch_size)
-    files = _shard_files(index)
-    _atomic_save(path / files['embs'], tokens)
-    _atomic_save(path / files['offsets'], offsets)
-    _atomic_save(path / files['hashes'], hashes[index * shard_size : (index + 1) * shard_size])
-    entry = {
-      'index': index,
-      'num_captions': len(shard_captions),
-      'num_tokens': int(offsets[-1]),
-      'files': files,
-    }
-    _atomic_write_json(_marker_path(path, index), {'header_digest': digest, 'shard': entry})
+    try:
+      from tqdm.auto import tqdm
+
+      bar = tqdm(
+        total=len(my_captions), unit='caption', desc='Encoding captions', disable=not progress
+      )
+    except ImportError:  # tqdm is a requirement; keep building without a bar if it is absent
+      bar = None
+    started = time.perf_counter()
+    for index in mine:
+      shard_captions = unique[index * shard_size : (index + 1) * shard_size]
+      tokens, offsets = _encode_shard(shard_captions, encoder, batch_size)
+      files = _shard_files(index)
+      _atomic_save(path / files['embs'], tokens)
+      _atomic_save(path / files['offsets'], offsets)
+      _atomic_save(path / files['hashes'], hashes[index * shard_size : (index + 1) * shard_size])
+      entry = {
+        'index': index,
+        'num_captions': len(shard_captions),
+        'num_tokens': int(offsets[-1]),
+        'files': files,
+      }
+      _atomic_write_json(_marker_path(path, index), {'header_digest': digest, 'shard': entry})
+      if bar is not None:
+        bar.update(len(shard_captions))
     if bar is not None:
-      bar.update(len(shard_captions))
-  if bar is not None:
-    bar.close()
-  seconds = time.perf_counter() - started
+      bar.close()
+    seconds = time.perf_counter() - started
 
-  truncated = getattr(getattr(encoder, 'tokenizer', None), 'num_truncated', 0)
-  if truncated:
-    log.warning(
-      '%d captions were longer than max_length=%d tokens and were truncated.',
-      truncated,
-      encoder.max_length,
+    truncated = getattr(getattr(encoder, 'tokenizer', None), 'num_truncated', 0)
+    if truncated:
+      log.warning(
+        '%d captions were longer than max_length=%d tokens and were truncated.',
+        truncated,
+        encoder.max_length,
+      )
+    speeds = processes.allgather(
+      {'captions': len(my_captions), 'seconds': seconds, 'devices': devices}
     )
-  speeds = processes.allgather(
-    {'captions': len(my_captions), 'seconds': seconds, 'devices': devices}
-  )
-  _agree(processes, _finish(path, header, digest, len(unique)) if chief else None)
-  cache = EmbeddingCache(path, _read_manifest(path))
-  cache.build_report = _speed_report(speeds)
-  stats = cache.stats()
-  if chief:
-    _say(
-      f'Embedding cache {path}: {len(unique)} captions, '
-      f'{stats["tokens_per_caption"]:.1f} tokens/caption, '
-      f'{stats["bytes_per_caption"] / 1024:.1f} KiB/caption, {_gib(stats["total_bytes"])}. '
-      f'This run encoded {cache.build_report["captions"]} captions in '
-      f'{cache.build_report["seconds"]:.1f} s: '
-      f'{cache.build_report["captions_per_s_per_device"]:.1f} captions/s per device '
-      f'({cache.build_report["devices"]} device(s), compilation included).',
-      progress,
-    )
-  return cache
+    _agree(processes, _finish(path, header, digest, len(unique)) if chief else None)
+    cache = EmbeddingCache(path, _read_manifest(path))
+    cache.build_report = _speed_report(speeds)
+    stats = cache.stats()
+    if chief:
+      _say(
+        f'Embedding cache {path}: {len(unique)} captions, '
+        f'{stats["tokens_per_caption"]:.1f} tokens/caption, '
+        f'{stats["bytes_per_caption"] / 1024:.1f} KiB/caption, {_gib(stats["total_bytes"])}. '
+        f'This run encoded {cache.build_report["captions"]} captions in '
+        f'{cache.build_report["seconds"]:.1f} s: '
+        f'{cache.build_report["captions_per_s_per_device"]:.1f} captions/s per device '
+        f'({cache.build_report["devices"]} device(s), compilation included).',
+        progress,
+      )
+    return cache
+
+
+@contextlib.contextmanager
+def _build_lock(path: pathlib.Path):
+  """Hold an exclusive lock on `path/.build.lock` (flock: released when the process dies)."""
+  import fcntl
+
+  path.mkdir(parents=True, exist_ok=True)
+  with open(path / '.build.lock', 'a') as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log.warning('Embedding cache %s is being built by another process: waiting for it.', path)
+      fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _num_devices(encoder: TextEncoder) -> int:
