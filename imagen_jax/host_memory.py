@@ -132,15 +132,39 @@ def available_bytes(root: str = '/') -> int | None:
   system = _meminfo_available(os.path.join(root, 'proc/meminfo'))
   if system is not None:
     found.append(system)
-  for limit_file, usage_file in (
-    ('sys/fs/cgroup/memory.max', 'sys/fs/cgroup/memory.current'),  # v2
-    ('sys/fs/cgroup/memory/memory.limit_in_bytes', 'sys/fs/cgroup/memory/memory.usage_in_bytes'),
-  ):
-    limit = _read_int(os.path.join(root, limit_file))
-    usage = _read_int(os.path.join(root, usage_file))
+  for folder, limit_file, usage_file in _cgroup_memory_files(root):
+    limit = _read_int(os.path.join(folder, limit_file))
+    usage = _read_int(os.path.join(folder, usage_file))
     if limit is not None and usage is not None and limit < 2**60:  # v1 writes ~2**63 for none
       found.append(max(0, limit - usage))
   return min(found) if found else None
+
+
+def _cgroup_memory_files(root: str) -> list[tuple[str, str, str]]:
+  """(folder, limit file, usage file) of this process's memory cgroup and each group above it,
+  v2 and v1. Inside a container the process's group reads as the mount's root; a SLURM job or a
+  `systemd-run -p MemoryMax=` unit has its own group below it, whose limit is the one that
+  counts (the smallest up the tree does)."""
+  v2, v1 = '/', '/'
+  try:
+    with open(os.path.join(root, 'proc/self/cgroup')) as f:
+      for line in f:
+        _, controllers, group = line.rstrip('\n').split(':', 2)
+        if controllers == '':
+          v2 = group
+        elif 'memory' in controllers.split(','):
+          v1 = group
+  except (OSError, ValueError):
+    pass
+  files = []
+  for mount, group, limit, usage in (
+    ('sys/fs/cgroup', v2, 'memory.max', 'memory.current'),
+    ('sys/fs/cgroup/memory', v1, 'memory.limit_in_bytes', 'memory.usage_in_bytes'),
+  ):
+    parts = [p for p in group.split('/') if p and p != '..']
+    for depth in range(len(parts), -1, -1):  # the process's own group first, then its parents
+      files.append((os.path.join(root, mount, *parts[:depth]), limit, usage))
+  return files
 
 
 def backend_started() -> bool:

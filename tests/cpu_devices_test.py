@@ -161,6 +161,18 @@ def test_available_memory_is_the_least_of_the_system_and_the_cgroup(tmp_path):
   write('sys/fs/cgroup/memory/memory.limit_in_bytes', str(2**63 - 4096))  # v1 without a limit
   write('sys/fs/cgroup/memory/memory.usage_in_bytes', '1000')
   assert host_memory.available_bytes(str(tmp_path)) == 3_000_000_000
+  # The process's own group (a SLURM job, a systemd unit) below the root: its limit counts. The
+  # root's limit was all that was read before: 3 GB here instead of the job's 1 GB.
+  write('proc/self/cgroup', '0::/slurm/job_1\n')
+  write('sys/fs/cgroup/slurm/job_1/memory.max', '2000000000\n')
+  write('sys/fs/cgroup/slurm/job_1/memory.current', '1000000000\n')
+  assert host_memory.available_bytes(str(tmp_path)) == 1_000_000_000
+  write('proc/self/cgroup', '4:memory:/job_2\n0::/\n')  # v1's memory controller
+  write('sys/fs/cgroup/memory/job_2/memory.limit_in_bytes', '1500000000\n')
+  write('sys/fs/cgroup/memory/job_2/memory.usage_in_bytes', '1000000000\n')
+  assert host_memory.available_bytes(str(tmp_path)) == 500_000_000
+  write('proc/self/cgroup', '0::/docker/abc\n')  # a group the mount does not show: its root's
+  assert host_memory.available_bytes(str(tmp_path)) == 3_000_000_000
   assert host_memory.available_bytes() > 0  # this machine's own
   # An address-space limit (`ulimit -v`) leaves what the process has not mapped yet.
   probe = (
