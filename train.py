@@ -72,6 +72,8 @@ def main(argv):
     cli.fail(str(e), code=1)
   except KeyboardInterrupt:
     cli.fail(train_lib.interrupted_message(FLAGS.workdir), code=130)
+  except OSError as e:  # a full disk or a bad path for metrics, grids, logs
+    cli.fail(train_lib.write_failed_message(FLAGS.workdir, e), code=1)
   except Exception as e:
     from imagen_jax import device_memory
 

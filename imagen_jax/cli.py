@@ -6,6 +6,7 @@ ill-typed override) is one line on stderr and exit code 2, never a traceback.
 
 import importlib.util
 import logging
+import os
 import pathlib
 import sys
 from collections.abc import Callable, Sequence
@@ -16,9 +17,33 @@ EXIT_USAGE = 2
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
-  """Print `error: message` on stderr and exit with `code`."""
+  """Print `error: message` on stderr and exit with `code`.
+
+  In a run of several JAX processes this process exits at once (os._exit): a normal exit waits
+  in JAX's shutdown barrier for peers that, when only this process failed, are blocked in the
+  next collective, so every process hung 300 s and then aborted with a C++ stack dump. The
+  peers now end at JAX's heartbeat timeout, when they see this process gone."""
   print(f'error: {message}', file=sys.stderr)
+  if _distributed_processes() > 1:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
   sys.exit(code)
+
+
+def _distributed_processes() -> int:
+  """Processes of this jax.distributed run (1 when it was not initialised)."""
+  if 'jax' not in sys.modules:
+    return 1
+  try:
+    from jax._src import distributed
+  except ImportError:
+    return 1
+  state = getattr(distributed, 'global_state', None)
+  if state is None or getattr(state, 'client', None) is None:
+    return 1
+  return int(getattr(state, 'num_processes', None) or 1)
 
 
 def _config_flag_values(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:

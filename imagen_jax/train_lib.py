@@ -482,6 +482,16 @@ def out_of_memory_message(workdir: str, xla_message: str) -> str:
   )
 
 
+def write_failed_message(workdir: str, error: OSError) -> str:
+  """train.py's line for an output that could not be written (metrics, a sample grid, logs)."""
+  where = f' {error.filename}' if error.filename else ''
+  why = error.strerror or ' '.join(str(error).split())[:300]
+  return (
+    f'Cannot write{where} ({why}); the run stopped. Free space or fix the path, then '
+    f'{_resumes_from(workdir)}.'
+  )
+
+
 def interrupted_message(workdir: str) -> str:
   """train.py's line for a run stopped at once by a second Ctrl-C."""
   return f'Stopped at once by a second Ctrl-C, without saving; {_resumes_from(workdir)}.'

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, finish, free_port, start_logged
+from tests.conftest import REPO_ROOT, finish, free_port, logged_output, start_logged
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -154,6 +154,41 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(shared):
   assert finished_steps(workdir) == [stopped[0]]
   run(shared, workdir, f'--config.train.num_steps={stopped[0] + 1}', *CONSTANT_LR, devices=4)
   assert max(losses(workdir)) == stopped[0] + 1
+
+
+def test_a_process_failing_alone_exits_at_once_with_its_line(shared, tmp_path):
+  # Process 0 alone cannot write its sample grid (samples/ is a file). It used to wait in JAX's
+  # shutdown barrier for process 1, which waits in the next step's collective: both hung 300 s,
+  # then aborted with a C++ stack dump. Now it prints its line and exits; process 1 ends at
+  # JAX's heartbeat timeout (100 s, not waited for here).
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'samples').write_text('a file where the grids go')
+  procs = start_two(
+    shared,
+    workdir,
+    '--config.train.num_steps=100000',
+    '--config.train.sample_every=2',
+    '--config.sample.steps=2',
+    *CONSTANT_LR,
+  )
+  deadline, failed_at = time.time() + 600, None
+  try:
+    while time.time() < deadline and procs[0].poll() is None:
+      if failed_at is None and 'error: ' in logged_output(procs[0])[1]:
+        failed_at = time.time()
+      time.sleep(0.1)
+    ended_at = time.time()
+    rc, (_, err) = procs[0].poll(), logged_output(procs[0])
+  finally:
+    procs[1].kill()
+    finish(procs, timeout=60)
+  assert rc == 1, err[-3000:]
+  errors = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'Traceback' not in err, err[-3000:]
+  assert errors[0].startswith(f'error: Cannot write {workdir / "samples"}'), errors[0]
+  assert 'resume' in errors[0]
+  assert ended_at - (failed_at or ended_at) < 30  # not JAX's 300 s shutdown barrier
 
 
 def test_coordinator_that_never_comes_up(shared, tmp_path):
