@@ -1235,7 +1235,9 @@ class _Loop:
             window_start, window_steps, window_flops = time.perf_counter(), 0, []
           progress.update(1)
 
-          if stop.should_stop(step):
+          # At the last step a stop signal ends the run as it would end anyway (save, grid and
+          # evaluation of step num_steps, exit 0), not as a stopped run to resume (exit 75).
+          if step < num_steps and stop.should_stop(step):
             if pending is not None:
               self.check(*pending)
             self.save(state, step, force=True)

@@ -163,6 +163,29 @@ def test_sigterm_saves_and_resume_is_bitwise_identical(shared, uninterrupted):
   assert [resumed[s] for s in range(1, total + 1)] == [reference[s] for s in range(1, total + 1)]
 
 
+def test_a_stop_signal_during_the_last_step_ends_the_run_as_done(shared):
+  # SIGTERM while the only step compiles (no compilation cache: seconds) used to exit 75,
+  # "resume with the same command", for a run with nothing left to train, and skipped the
+  # last step's grid and evaluation. The run now ends as it would: step 1 saved, exit 0.
+  workdir = shared['root'] / 'last_step'
+  proc = start_logged(
+    train_cmd(shared, workdir, '--config.train.num_steps=1', '--compilation_cache=', *CONSTANT_LR),
+    shared['root'] / 'logs',
+    cwd=REPO_ROOT,
+    env=env_for(shared),
+  )
+  deadline = time.time() + 600
+  while time.time() < deadline and 'train base64' not in logged_output(proc)[1]:  # the loop
+    assert proc.poll() is None, logged_output(proc)[1][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  stdout, stderr = logged_output(proc)
+  assert proc.returncode == 0, stderr[-3000:]
+  assert 'SIGTERM received' in stderr and 'done: step 1, loss' in stdout
+  assert finished_steps(workdir) == [1]
+
+
 def test_resume_on_a_different_device_count(shared, uninterrupted):
   workdir = shared['root'] / 'reshard'
   run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
