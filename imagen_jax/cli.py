@@ -103,7 +103,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if any(a.startswith('--config') for a in argv[1:]) and 'config' in str(e):
       fail(explain_config_error(argv[1:], e))
     fail(f'{e}. Pass --helpshort to see the flags.')
-  except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+  except Exception as e:  # noqa: BLE001 - a config file's own errors (SyntaxError, NameError, ...)
     fail(explain_config_error(argv[1:], e))
   return rest
 
@@ -205,6 +205,19 @@ def initialize_distributed() -> None:
     multihost.barrier_timeout_s()  # a bad setting is refused now, not at the first barrier
   except ValueError as e:
     fail(str(e))
+  if FLAGS.coordinator_address:
+    host, _, port = FLAGS.coordinator_address.rpartition(':')
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+      fail(
+        f'--coordinator_address={FLAGS.coordinator_address!r} is not HOST:PORT; pass e.g. '
+        "--coordinator_address=10.0.0.1:1234 (process 0's address and a free port)."
+      )
+  if FLAGS.num_processes is not None and FLAGS.process_id is not None:
+    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+      fail(
+        f'--process_id={FLAGS.process_id} is not in [0, --num_processes={FLAGS.num_processes}); '
+        'give each process a distinct id from 0.'
+      )
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU runs; no-op elsewhere
   if FLAGS.coordinator_address and FLAGS.process_id:  # not process 0, which hosts the service
     _wait_for_coordinator(FLAGS.coordinator_address, FLAGS.coordinator_timeout)

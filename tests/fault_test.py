@@ -240,6 +240,43 @@ def test_bad_config_flags_are_one_line(tmp_path, flags_, expected):
   assert not (tmp_path / 'run').exists()
 
 
+@pytest.mark.parametrize(
+  'source, expected',
+  [
+    ('def get_config(:\n', 'mine.py: invalid syntax (mine.py, line 1)'),
+    ('def get_config():\n  return undefined_name\n', "name 'undefined_name' is not defined"),
+    ('def get_config():\n  raise RuntimeError("boom")\n', 'mine.py: boom'),
+    ('import no_such_module_here\n', 'no_such_module_here'),
+  ],
+)
+def test_a_config_file_that_fails_is_one_line(tmp_path, source, expected):
+  # Errors of the user's own config file used to escape as an absl traceback (exit 1).
+  (tmp_path / 'mine.py').write_text(source)
+  proc = cli(['train.py', f'--config={tmp_path / "mine.py"}', f'--workdir={tmp_path / "run"}'])
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+  'flags_, expected',
+  [
+    (['--coordinator_address=127.0.0.1', '--process_id=0'], "'127.0.0.1' is not HOST:PORT"),
+    (['--coordinator_address=127.0.0.1:x', '--process_id=1'], "'127.0.0.1:x' is not HOST:PORT"),
+    (['--coordinator_address=127.0.0.1:1234', '--process_id=2'], '--process_id=2 is not in [0,'),
+  ],
+)
+def test_bad_distributed_flags_are_one_line_at_once(tmp_path, flags_, expected):
+  # No port: an IndexError inside JAX (process 0), or 300 s of 'no coordinator answered'.
+  proc = cli(
+    ['train.py', '--config=configs/base64.py:tiny', f'--workdir={tmp_path / "run"}']
+    + ['--distributed', '--num_processes=2', *flags_]
+  )
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  errors = error_lines(proc.stderr)
+  assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+
+
 def test_workdir_that_is_a_file(tmp_path):
   target = tmp_path / 'file'
   target.write_text('keep me')
