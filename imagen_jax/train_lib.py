@@ -264,6 +264,8 @@ class StopSignal:
   the same step together; Ctrl-C is turned into a SIGTERM for the same path.
   """
 
+  first_signal_seen = False  # by any StopSignal of this process (for train.py's message)
+
   def __init__(self, coordinated: bool = False):
     self.coordinated = coordinated
     self.received: str | None = None
@@ -283,6 +285,7 @@ class StopSignal:
       # a save in progress is finished by the loop's clean-up, and a partial one never counts.
       raise KeyboardInterrupt
     self.received = signal.Signals(signum).name
+    StopSignal.first_signal_seen = True
     log.warning(
       '%s received: saving a checkpoint at the current step, then exiting%s.',
       self.received,
@@ -493,8 +496,10 @@ def write_failed_message(workdir: str, error: OSError) -> str:
 
 
 def interrupted_message(workdir: str) -> str:
-  """train.py's line for a run stopped at once by a second Ctrl-C."""
-  return f'Stopped at once by a second Ctrl-C, without saving; {_resumes_from(workdir)}.'
+  """train.py's line for a run stopped at once by Ctrl-C: a second one in the training loop, or
+  the first one outside it (setup, the cache build, the restore), where nothing is saved."""
+  how = 'a second Ctrl-C' if StopSignal.first_signal_seen else 'Ctrl-C outside the training loop'
+  return f'Stopped at once by {how}, without saving; {_resumes_from(workdir)}.'
 
 
 class CompiledSteps:

@@ -52,9 +52,15 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard
   assert purges == [1, 41]  # events of steps the new run logs again are dropped
 
 
-def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog):
+def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog, monkeypatch):
   import os
   import signal
+
+  # A first Ctrl-C outside the loop (setup, the cache build) is not called a second one.
+  monkeypatch.setattr(train_lib.StopSignal, 'first_signal_seen', False)
+  assert train_lib.interrupted_message(str(tmp_path)).startswith(
+    'Stopped at once by Ctrl-C outside the training loop, without saving; no checkpoint'
+  )
 
   with train_lib.StopSignal() as stop:
     os.kill(os.getpid(), signal.SIGINT)  # the first: save at the current step, then exit
