@@ -183,7 +183,7 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
     try:
       with socket.create_connection((host.strip('[]'), int(port)), timeout=2):
         return
-    except (OSError, ValueError) as e:
+    except OSError as e:  # the address's form was checked by initialize_distributed
       if time.monotonic() > deadline:
         fail(
           f'--distributed: no coordinator answered at {address} within {timeout} s '

@@ -162,15 +162,14 @@ def validate(req: SampleRequest) -> None:
         f'Prompt {i} ({p!r}) is not UTF-8 text ({e.reason} at character {e.start}); pass it as '
         "UTF-8 (check the terminal's or the script's encoding, e.g. LANG=C.UTF-8)."
       ) from e
+  if not req.checkpoints:
+    raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
   for spec in req.checkpoints:
     if not spec.strip():
       raise SampleError(
         f'--checkpoints {",".join(req.checkpoints)!r} has an empty entry; pass run folders '
         'separated by single commas: --checkpoints runs/base64,runs/sr256.'
       )
-  if not req.checkpoints:
-    raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
-  for spec in req.checkpoints:
     run_dir = pathlib.Path(parse_checkpoint(spec)[0])
     if not run_dir.exists():
       raise SampleError(
