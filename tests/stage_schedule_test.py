@@ -127,6 +127,29 @@ def test_print_grids_tool_prints_one_line_per_stage():
   assert len(out[1].split()) == 1 + 5  # 'logsnrs:' and the 4-step grid's 5 values
 
 
+def test_print_grids_tool_parses_overrides_by_field_type_and_refuses_bad_ones_in_one_line():
+  tool = _print_grids()
+  # bool('false') is True: an override of a bool field used to turn it on whatever it said.
+  assert tool.parse_value(True, 'false') is False and tool.parse_value(False, 'True') is True
+  assert tool.parse_value(4, '7') == 7 and tool.parse_value(0.2, '0.5') == 0.5
+  assert tool.parse_value((1, 2), '(3, 4)') == (3, 4) and tool.parse_value('quad', 'k') == 'k'
+  with pytest.raises(ValueError, match='expected true or false'):
+    tool.parse_value(True, 'maybe')
+  for args, message in (
+    (['configs/nope.py'], 'no such config file configs/nope.py'),
+    (['configs/sr256.py:tiny', '--config.sample.nope=1'], "sample has no field 'nope'"),
+  ):
+    run = subprocess.run(
+      [sys.executable, 'tools/print_grids.py', *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      env={'PYTHONPATH': str(ROOT), 'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'},
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.count('\n') == 1 and message in run.stderr, run.stderr
+
+
 def test_sr_sampler_refuses_a_lowres_of_another_size():
   # run_cascade / make_stage_sampler users (the notebook, the API) passing the wrong low-res size
   # used to get an image upsampled from it anyway; the check runs while tracing, before the model.

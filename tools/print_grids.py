@@ -10,6 +10,7 @@ stages the sampling augmentation level with the alpha it keeps of the low-res im
 (--config.x=y) apply to every config given.
 """
 
+import ast
 import importlib.util
 import math
 import pathlib
@@ -19,10 +20,25 @@ import jax
 
 jax.config.update('jax_platforms', 'cpu')
 
-from imagen_jax import cascade, stage  # noqa: E402
+from imagen_jax import cascade, cli, stage  # noqa: E402
 from imagen_jax.diffusion import gaussian  # noqa: E402
 
 DEFAULT_CONFIGS = ('configs/base64.py', 'configs/sr256.py', 'configs/sr1024.py')
+
+
+def parse_value(current, text: str):
+  """An override's text as its field's type ('false' -> False, where bool('false') is True)."""
+  if isinstance(current, bool):
+    if text.lower() in ('true', '1'):
+      return True
+    if text.lower() in ('false', '0'):
+      return False
+    raise ValueError(f'expected true or false, got {text!r}')
+  if current is None or isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    return type(current)(ast.literal_eval(text))
+  return type(current)(text)
 
 
 def load_config(spec: str, overrides: list[str]):
@@ -38,7 +54,7 @@ def load_config(spec: str, overrides: list[str]):
     node = config
     for name in parents:
       node = node[name]
-    node[leaf] = type(node[leaf])(value)
+    node[leaf] = parse_value(node[leaf], value)
   return config
 
 
@@ -72,7 +88,10 @@ def main(argv: list[str]) -> None:
   overrides = [a for a in argv if a.startswith('--config.')]
   specs = [a for a in argv if not a.startswith('--')] or list(DEFAULT_CONFIGS)
   for spec in specs:
-    config = load_config(spec, overrides)
+    try:
+      config = load_config(spec, overrides)
+    except Exception as e:  # noqa: BLE001 - a missing file, a bad field or value: one line
+      cli.fail(cli.explain_config_error([f'--config={spec}', *overrides], e))
     row = describe(config)
     grid = row.pop('logsnrs')
     print(' '.join(f'{k}={v}' for k, v in row.items()))
