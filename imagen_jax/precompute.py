@@ -143,7 +143,8 @@ def _source(config: ml_collections.ConfigDict):
 def precompute(
   config: ml_collections.ConfigDict, *, progress: bool = True, source=None
 ) -> cache_lib.EmbeddingCache:
-  """Encodes every caption of `config.data` into the cache (resuming a partial build).
+  """Encodes every caption of `config.data` into the cache (resuming a partial build), or
+  links a complete cache of the same captions built under another dataset fingerprint.
 
   With several JAX processes, every process must call this (see `open_or_build_cache`).
   `source`: the data source of `config.data` when the caller already built it (listing a large
@@ -175,6 +176,30 @@ def precompute(
       f'Cannot write the embedding cache folder {str(cache_dir)!r} ({e.strerror or e}); pass a '
       'writable --config.text.cache_dir.'
     ) from e
+  # The same captions cached under another fingerprint (images touched, moved or copied): reuse.
+  adopted = None
+  if procs.index == 0:
+    try:
+      adopted = cache_lib.adopt_matching_cache(
+        config.text.cache_dir,
+        captions,
+        encoder_id=encoder_id(config),
+        max_length=config.text.max_length,
+        dataset_fingerprint=fingerprint,
+      )
+    except OSError as e:
+      raise cache_lib.CacheError(
+        f'Linking an existing embedding cache of these captions in {str(cache_dir)!r} failed '
+        f'({e.strerror or e}); free space or fix the folder, then rerun.'
+      ) from e
+  adopted_path = procs.allgather(None if adopted is None else str(adopted.path))[0]
+  if adopted_path is not None:
+    return adopted or cache_lib.EmbeddingCache.open(
+      config.text.cache_dir,
+      encoder_name=encoder_id(config),
+      max_length=config.text.max_length,
+      dataset_fingerprint=fingerprint,
+    )
   encoder = encoder_lib.load_text_encoder(
     config.text.encoder,
     max_length=config.text.max_length,

@@ -131,6 +131,51 @@ def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path, 
 
 
 @pytest.mark.unit
+def test_touched_or_moved_images_reuse_the_cache_of_the_same_captions(
+  tmp_path, monkeypatch, caplog
+):
+  # A folder's fingerprint covers its path and mtimes: touching or moving the images used to
+  # re-encode every caption (hours of T5-XXL) into a new cache of the same bytes.
+  images = tmp_path / 'images'
+  write_image_folder(images)
+  config = make_config(images, tmp_path / 'cache')
+  config.mesh.fsdp = 1
+  first = precompute.open_or_build_cache(config, build_if_missing=True)
+  for png in images.glob('*.png'):
+    os.utime(png, ns=(1, 1))
+  with pytest.raises(cache_lib.CacheError, match='No embedding cache'):
+    precompute.open_or_build_cache(config, build_if_missing=False)
+  # A partial build under the new key (killed earlier) is replaced, its stray files removed.
+  new_path = first.path.parent / cache_lib.cache_key(
+    precompute.encoder_id(config), 16, precompute._source(config).fingerprint()
+  )
+  new_path.mkdir()
+  (new_path / 'shard-00007.embs.npy').write_bytes(b'junk')
+
+  def no_encoder(*args, **kwargs):
+    raise AssertionError('the encoder was loaded although the captions are cached')
+
+  monkeypatch.setattr(encoder_lib, 'load_text_encoder', no_encoder)
+  with caplog.at_level(logging.WARNING):
+    second = precompute.open_or_build_cache(config, build_if_missing=True)
+  assert second.path == new_path and 'instead of encoding them again' in caplog.text
+  assert not (new_path / 'shard-00007.embs.npy').exists()
+  again = precompute.open_or_build_cache(config, build_if_missing=False)
+  assert again.path == new_path and again.manifest['complete']
+  for name in ('embs', 'offsets', 'hashes'):
+    old_file = first.path / f'shard-00000.{name}.npy'
+    assert (new_path / old_file.name).stat().st_ino == old_file.stat().st_ino  # hard links
+  np.testing.assert_array_equal(again.lookup(CAPTIONS)[0], first.lookup(CAPTIONS)[0])
+  assert precompute.open_or_build_cache(config, build_if_missing=False).path == new_path
+
+  # Other captions are encoded, not matched to the old cache.
+  with open(images / 'metadata.jsonl', 'a', encoding='utf-8') as f:
+    f.write(json.dumps({'file_name': 'img0.png', 'text': 'a new caption'}) + '\n')
+  with pytest.raises(AssertionError, match='the encoder was loaded'):
+    precompute.open_or_build_cache(config, build_if_missing=True)
+
+
+@pytest.mark.unit
 def test_storage_errors_are_one_cache_error_and_the_build_resumes(images, tmp_path, monkeypatch):
   # An unwritable cache folder is found before the encoder loads (minutes for T5-XXL); a disk
   # that fills up mid-build is a CacheError saying the finished shards are kept, not a traceback,

@@ -20,6 +20,9 @@ yet done, and because a shard's content depends only on its captions, the encode
 batch size, a killed-then-resumed or multi-process build writes byte-identical files to an
 uninterrupted single-process one.
 
+A complete cache of the same captions, encoder and max_length under another dataset fingerprint
+(the images touched, moved or copied) is reused by hard links (`adopt_matching_cache`).
+
 Readers memory-map the shards (`np.load(mmap_mode='r')`), so lookups are cheap in data-loader
 worker processes; an `EmbeddingCache` pickles as (path, manifest) and reopens lazily.
 """
@@ -36,6 +39,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -750,6 +754,84 @@ def build_cache(
         progress,
       )
     return cache
+
+
+def adopt_matching_cache(
+  root: str,
+  captions: Sequence[str],
+  *,
+  encoder_id: str,
+  max_length: int,
+  dataset_fingerprint: str,
+) -> EmbeddingCache | None:
+  """A complete cache in `root` of these very captions, encoder and max_length, built for
+  another dataset fingerprint, made this fingerprint's cache; None when `root` has none.
+
+  A folder dataset's fingerprint covers its path and every file's mtime, so touching, moving or
+  copying the images changes the key although the embeddings (they depend only on the captions)
+  do not: re-encoding them (hours of T5-XXL for millions of captions) would rebuild the same
+  bytes. The matching cache's shard files are hard-linked (copied where links fail) under the
+  new key, next to a manifest that names the new fingerprint; the old cache stays as it was.
+  A partial build under the new key is replaced. Call it on process 0 only.
+  """
+  unique = sorted(set(captions))
+  if not unique:
+    return None
+  digest = _captions_digest(unique)
+  root = pathlib.Path(root)
+  path = root / cache_key(encoder_id, max_length, dataset_fingerprint)
+  if not root.is_dir():
+    return None
+  for source in sorted(root.iterdir()):
+    if source == path or not source.is_dir():
+      continue
+    try:
+      manifest = json.loads((source / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+      continue
+    same = (
+      manifest.get('complete') is True
+      and manifest.get('format_version') == FORMAT_VERSION
+      and manifest.get('encoder') == str(encoder_id)
+      and manifest.get('max_length') == int(max_length)
+      and manifest.get('captions_digest') == digest
+      and manifest.get('num_captions') == len(unique)
+      and manifest.get('dtype') == 'bfloat16'
+    )
+    if not same or not all(
+      _shard_is_intact(source, s, manifest['dim']) for s in manifest.get('shards', [])
+    ):
+      continue
+    with _build_lock(path):
+      keep = set()
+      for shard in manifest['shards']:
+        for name in shard['files'].values():
+          tmp = path / f'{name}.tmp-{os.getpid()}'
+          tmp.unlink(missing_ok=True)
+          try:
+            os.link(source / name, tmp)
+          except OSError:  # a file system without hard links: copy
+            shutil.copyfile(source / name, tmp)
+          os.replace(tmp, path / name)
+          keep.add(name)
+      for stale in path.glob('shard-*'):  # a partial build's shards and markers
+        if stale.name not in keep:
+          stale.unlink(missing_ok=True)
+      adopted = {**manifest, 'dataset_fingerprint': str(dataset_fingerprint)}
+      _atomic_write_json(path / MANIFEST, adopted)
+    log.warning(
+      'Embedding cache %s holds these %d captions for encoder %r (max_length %d), built for '
+      'another dataset fingerprint (the images were touched, moved or copied): linked its %d '
+      'shards into %s instead of encoding them again.',
+      source,
+      len(unique),
+      encoder_id,
+      max_length,
+      len(manifest['shards']),
+      path,
+    )
+    return EmbeddingCache(path, adopted)
+  return None
 
 
 @contextlib.contextmanager
