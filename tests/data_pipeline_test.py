@@ -317,6 +317,35 @@ def test_one_bad_file_in_a_larger_dataset_does_not_abort(tmp_path):
 
 
 @pytest.mark.unit
+def test_a_read_that_fails_in_the_source_is_a_named_skip(tmp_path, monkeypatch, caplog):
+  # tfds and HF decode rows themselves: a corrupt row raised out of the reader, outside the
+  # image skip handling, and ended the run with a bare traceback whatever max_skip_fraction.
+  config = _config(_solid_folder(tmp_path / 'solid', n=12))
+  config.data.max_skip_fraction = 0.2
+  source = sources.build_source(config.data)
+  read = type(source).__getitem__
+
+  def failing_read(self, index):
+    if index == 5:
+      raise OSError('image file is truncated')
+    return read(self, index)
+
+  monkeypatch.setattr(type(source), '__getitem__', failing_read)
+  cache = FakeEmbeddingCache(source.captions())
+  it = pipeline.make_iterator(config, text_cache=cache, source=source)
+  with caplog.at_level(logging.WARNING):
+    ids = [i for batch in _take(it, 6) for i in _ids(batch)]
+  assert it.num_skipped >= 1 and 5 not in ids and set(ids) == set(range(12)) - {5}
+  assert '#5: cannot read it (OSError: image file is truncated)' in caplog.text
+  # Configuration errors still raise.
+  monkeypatch.setattr(
+    type(source), '__getitem__', lambda self, i: (_ for _ in ()).throw(DataError('bad column'))
+  )
+  with pytest.raises(DataError, match='bad column'):
+    _take(pipeline.make_iterator(config, text_cache=cache, source=source), 1)
+
+
+@pytest.mark.unit
 def test_caption_missing_from_cache_says_how_to_fix(tmp_path):
   config = _config(_solid_folder(tmp_path / 'solid'))
   source = sources.build_source(config.data)

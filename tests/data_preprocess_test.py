@@ -205,6 +205,57 @@ def test_small_images_skip_or_upsample():
   assert out.shape == (8, 8, 3) and low.shape == (4, 4, 3)
 
 
+def test_upsampling_a_thin_strip_resamples_only_the_window_it_keeps(monkeypatch):
+  # A 2x900 strip at res 1024 used to be scaled whole to 1024x460800 (1.4 GB of RGB) to keep a
+  # 1024x1024 window of it; several loader workers doing that ran out of memory.
+  sizes = []
+  resize = Image.Image.resize
+
+  def recording_resize(self, size, *args, **kwargs):
+    sizes.append(tuple(size))
+    return resize(self, size, *args, **kwargs)
+
+  monkeypatch.setattr(Image.Image, 'resize', recording_resize)
+  strip = Image.new('RGB', (2, 900), (10, 200, 30))
+  for random_crop in (False, True):
+    options = PreprocessOptions(1024, small_images='upsample', random_crop=random_crop)
+    out, _ = preprocess.preprocess_image(strip, options, np.random.default_rng(0))
+    assert out.shape == (1024, 1024, 3) and (out == (10, 200, 30)).all()
+  assert sizes and max(w * h for w, h in sizes) <= 4 * 1024 * 1024, sizes
+  monkeypatch.undo()
+
+  # The window equals the same window of the whole scaled image (Pillow's box filter stops at
+  # the box, so a margin is resampled and cropped off), up to one level of float box rounding.
+  rng = np.random.default_rng(0)
+  for width, height in ((5, 7), (12, 9), (3, 20), (30, 4)):
+    image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+    whole = preprocess._resize_shorter_side(image, 16)
+    for random_crop in (False, True):
+      options = PreprocessOptions(16, small_images='upsample', random_crop=random_crop)
+      got, _ = preprocess.preprocess_image(image, options, np.random.default_rng(1))
+      draws = np.random.default_rng(1)
+      if random_crop:
+        left = int(draws.integers(0, whole.width - 15))
+        top = int(draws.integers(0, whole.height - 15))
+      else:
+        left, top = (whole.width - 16) // 2, (whole.height - 16) // 2
+      want = np.asarray(whole.crop((left, top, left + 16, top + 16)), np.int16)
+      assert np.abs(got.astype(np.int16) - want).max() <= 1, (width, height, random_crop)
+
+
+def test_empty_and_boolean_arrays():
+  # A [0, W, 3] array (an HF / tfds row) divided by zero inside the worker and stopped the run.
+  empty = np.zeros((0, 5, 3), np.uint8)
+  with pytest.raises(SkipExample, match='smaller than resolution'):
+    preprocess.load_and_preprocess(empty, PreprocessOptions(8))
+  with pytest.raises(SkipExample, match='no pixels'):
+    preprocess.load_and_preprocess(empty, PreprocessOptions(8, small_images='upsample'))
+  mask = np.zeros((8, 8), bool)
+  mask[:4] = True
+  out, _ = preprocess.load_and_preprocess(mask, PreprocessOptions(8))
+  assert out[:4].min() == 255 and out[4:].max() == 0  # True is white, not 1 of 255
+
+
 def test_to_float_range_and_bad_options():
   x = preprocess.to_float(np.array([0, 128, 255], np.uint8))
   assert x.dtype == np.float32

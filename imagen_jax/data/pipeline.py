@@ -17,7 +17,8 @@ JSON-serialisable dict) restores the exact position: a resumed run sees exactly 
 batches it would have seen, also after a change of `data.num_workers` (grain's states of
 threads and of worker processes differ in shape; `set_state` converts between them).
 
-Skipped examples (unreadable, truncated, empty, non-image or decompression-bomb files)
+Skipped examples (unreadable, truncated, empty, non-image or decompression-bomb files, and
+rows the source itself fails to read, such as a corrupt record a dataset library decodes)
 travel as markers from the workers to the main process, where they are logged (naming the
 file), counted and dropped. So the counts are exact and global for this host, however many
 workers there are, and they are part of the iterator state. Rule: once `min(100, epoch
@@ -62,6 +63,8 @@ class _ProcessRecord(grain.transforms.RandomMap):
     self.options = options
 
   def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    if 'skip' in record:  # the source could not read it (`_GuardedReads`)
+      return record
     try:
       image, lowres = preprocess.load_and_preprocess(record['image'], self.options, rng)
     except preprocess.ImageTooSmall as e:
@@ -542,6 +545,27 @@ class _Subset:
     return self._source[int(self._indices[k])]
 
 
+class _GuardedReads:
+  """`source[i]`, with a read that fails (a corrupt row a dataset library decodes itself, a
+  storage error) turned into a skip record that names the example, like an undecodable image:
+  counted against `data.max_skip_fraction` instead of ending the run with a bare traceback.
+  DataError (a configuration problem) and MemoryError still raise."""
+
+  def __init__(self, source: Any, name: str):
+    self._source, self._name = source, name
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> dict:
+    try:
+      return self._source[index]
+    except (DataError, MemoryError):
+      raise
+    except Exception as e:  # noqa: BLE001 - any failure of one read is that example's skip
+      return {'skip': f'cannot read it ({type(e).__name__}: {e})', 'id': f'{self._name} #{index}'}
+
+
 def drop_small_images(source: Source, options: preprocess.PreprocessOptions) -> Any:
   """`source` without the images it knows to be too small (`small_images='skip'`); logs the
   counts. DataError when none is left."""
@@ -594,7 +618,8 @@ def make_dataset(
       f'{source.name} has {len(examples)} usable examples: fewer than the {process_count} hosts.'
     )
   epoch_length = max(1, len(examples) // process_count)  # this host's share of an epoch
-  ds = grain.MapDataset.source(examples).seed(seed).shuffle().repeat(None)
+  ds = grain.MapDataset.source(_GuardedReads(examples, source.name)).seed(seed).shuffle()
+  ds = ds.repeat(None)
   ds = ds.random_map(_ProcessRecord(options))  # RNG from the global index: same on any host count
   if process_count > 1:
     ds = grain.MapDataset.source(

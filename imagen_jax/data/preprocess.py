@@ -34,6 +34,7 @@ processes); `to_float` maps them to float32 in [-1, 1].
 
 import dataclasses
 import io
+import math
 import os
 from typing import Any
 
@@ -141,13 +142,15 @@ def _open(data: Any) -> Image.Image:
 
 
 def _image_from_array(array: np.ndarray) -> Image.Image:
-  """[H, W], [H, W, 1|3|4] arrays (uint8, uint16 or float in [0, 1]) to a Pillow image."""
+  """[H, W], [H, W, 1|3|4] arrays (uint8, uint16, bool or float in [0, 1]) to a Pillow image."""
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
     raise SkipExample(f'image array has unsupported shape {array.shape}')
   if array.dtype == np.uint8:
     pass
+  elif array.dtype == np.bool_:  # a mask image: True is white
+    array = array.astype(np.uint8) * np.uint8(255)
   elif array.dtype == np.uint16:
     array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
   elif np.issubdtype(array.dtype, np.floating):
@@ -250,6 +253,33 @@ def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize(new_size, _RESAMPLE, reducing_gap=3.0)
 
 
+def _upsampled_window(image: Image.Image, res: int, rng: np.random.Generator | None) -> Image.Image:
+  """The [res, res] window of `image` scaled up so its shorter side is `res`: a random window
+  with `rng`, else the centre one.
+
+  Only the window is resampled (Pillow's `box`), not the whole scaled image: a 2x900 strip at
+  res 1024 would otherwise become 1024x460800 (1.4 GB of RGB) to keep 1024x1024 of it. The
+  offsets are drawn on the scaled image's grid, as for a full resize then a crop.
+  """
+  width, height = image.size
+  scale = res / min(width, height)
+  scaled_w, scaled_h = max(res, round(width * scale)), max(res, round(height * scale))
+  if rng is not None:
+    left = int(rng.integers(0, scaled_w - res + 1))
+    top = int(rng.integers(0, scaled_h - res + 1))
+  else:
+    left, top = (scaled_w - res) // 2, (scaled_h - res) // 2
+  sx, sy = width / scaled_w, height / scaled_h  # scaled pixels -> source pixels
+  # Pillow's filter does not reach past the box, so resample a margin of the filter's support
+  # (2 source pixels for bicubic) around the window and crop it off: the window's pixels then
+  # match the full resize's.
+  mx, my = math.ceil(2 / sx) + 1, math.ceil(2 / sy) + 1
+  x0, y0 = max(left - mx, 0), max(top - my, 0)
+  x1, y1 = min(left + res + mx, scaled_w), min(top + res + my, scaled_h)
+  window = image.resize((x1 - x0, y1 - y0), _RESAMPLE, box=(x0 * sx, y0 * sy, x1 * sx, y1 * sy))
+  return _crop(window, res, left - x0, top - y0)
+
+
 def _crop(image: Image.Image, size: int, left: int, top: int) -> Image.Image:
   return image.crop((left, top, left + size, top + size))
 
@@ -265,22 +295,25 @@ def preprocess_image(
   """
   res = options.resolution
   short = min(image.size)
+  if short == 0:
+    raise SkipExample(f'image {image.width}x{image.height} has no pixels')
+  if options.random_crop and rng is None:
+    raise ValueError('random_crop needs the per-example rng.')
   if short < res:
     if options.small_images == 'skip':
       raise ImageTooSmall(too_small_message(image.width, image.height, res))
-    image = _resize_shorter_side(image, res)
-  if options.random_crop:
-    if rng is None:
-      raise ValueError('random_crop needs the per-example rng.')
-    if min(image.size) > 2 * res:
-      image = _resize_shorter_side(image, 2 * res)
-    left = int(rng.integers(0, image.width - res + 1))
-    top = int(rng.integers(0, image.height - res + 1))
+    frame = _upsampled_window(image, res, rng if options.random_crop else None)
   else:
-    image = _resize_shorter_side(image, res)
-    left = (image.width - res) // 2
-    top = (image.height - res) // 2
-  frame = _crop(image, res, left, top)  # [R, R]
+    if options.random_crop:
+      if short > 2 * res:
+        image = _resize_shorter_side(image, 2 * res)
+      left = int(rng.integers(0, image.width - res + 1))
+      top = int(rng.integers(0, image.height - res + 1))
+    else:
+      image = _resize_shorter_side(image, res)
+      left = (image.width - res) // 2
+      top = (image.height - res) // 2
+    frame = _crop(image, res, left, top)  # [R, R]
   low = options.lowres_resolution
   lowres = frame.resize((low, low), _RESAMPLE) if low > 0 else None  # [r, r]
   if options.crops:
