@@ -1,5 +1,6 @@
 """Sources: image folders (imagefolder metadata / sidecar captions), HF datasets, tfds."""
 
+import io
 import json
 import logging
 
@@ -94,6 +95,55 @@ def test_metadata_text_encodings(tmp_path):
 
 
 @pytest.mark.unit
+def test_metadata_jsonl_non_string_file_name_is_skipped(tmp_path):
+  for i in range(3):
+    _image(tmp_path / f'{i}.png', (i * 40, 0, 0))
+  rows = [json.dumps({'file_name': f'{i}.png', 'text': f'c{i}'}) for i in range(3)]
+  rows += [json.dumps({'file_name': 7, 'text': 'x'}), json.dumps({'file_name': ['0.png']})]
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(rows))
+  source = sources.build_source(_data_config(path=str(tmp_path)))  # raised TypeError
+  assert source.captions() == ['c0', 'c1', 'c2']
+  assert [i for i, _ in source.skipped] == ['metadata.jsonl:4', 'metadata.jsonl:5']
+  assert all('is not a file name string' in r for _, r in source.skipped)
+
+
+@pytest.mark.unit
+def test_malformed_metadata_csv_is_one_clear_error(tmp_path):
+  for i in range(3):
+    _image(tmp_path / f'{i}.png', (i * 40, 0, 0))
+  # One unclosed quote swallowed every later row without a word; now it is one clear error.
+  (tmp_path / 'metadata.csv').write_text('file_name,text\n0.png,"c0\n1.png,c1\n2.png,c2\n')
+  with pytest.raises(DataError, match=r'metadata.csv is not valid CSV at line 4 .*unclosed'):
+    sources.build_source(_data_config(path=str(tmp_path)))
+  # A field over csv's size limit was a csv.Error traceback.
+  long_row = '1.png,"' + 'x' * 200_000 + '"'
+  (tmp_path / 'metadata.csv').write_text(f'file_name,text\n0.png,c0\n{long_row}\n2.png,c2\n')
+  with pytest.raises(DataError, match=r'not valid CSV at line 3 \(field larger than field limit'):
+    sources.build_source(_data_config(path=str(tmp_path)))
+
+
+@pytest.mark.unit
+def test_folder_split_folders_follow_data_split(tmp_path):
+  for split, n in [('train', 3), ('test', 2)]:
+    (tmp_path / split).mkdir()
+    with open(tmp_path / split / 'metadata.jsonl', 'w') as f:
+      for i in range(n):
+        _image(tmp_path / split / f'{i}.png')
+        f.write(json.dumps({'file_name': f'{i}.png', 'text': f'{split} {i}'}) + '\n')
+  train = sources.build_source(_data_config(path=str(tmp_path), split='train'))
+  assert train.captions() == ['train 0', 'train 1', 'train 2']  # rglob mixed the test split in
+  assert train.name == f'folder:{tmp_path.resolve() / "train"}' and train[0]['id'] == '0.png'
+  test = sources.build_source(_data_config(path=str(tmp_path), split='test'))
+  assert test.captions() == ['test 0', 'test 1']
+  assert test.fingerprint() != train.fingerprint()
+  with pytest.raises(DataError, match=r"split folders \['test', 'train'\], none named 'val'"):
+    sources.build_source(_data_config(path=str(tmp_path), split='val'))
+  # Pointing data.path at a split folder reads it whatever data.split says.
+  direct = sources.build_source(_data_config(path=str(tmp_path / 'test'), split='val'))
+  assert direct.captions() == test.captions()
+
+
+@pytest.mark.unit
 def test_folder_errors_are_clear(tmp_path):
   with pytest.raises(DataError, match='does not exist'):
     sources.build_source(_data_config(path=str(tmp_path / 'nope')))
@@ -138,6 +188,34 @@ def test_hf_save_to_disk_dataset(tmp_path):
   config.caption_column = 'text'
   with pytest.raises(DataError, match=r"no column\(s\) \['text'\]"):
     sources.build_source(config)
+
+
+@pytest.mark.smoke
+def test_hf_reads_decode_only_the_image_column(tmp_path):
+  datasets = pytest.importorskip('datasets')
+
+  def png(grey: int) -> dict:
+    buf = io.BytesIO()
+    Image.new('RGB', (8, 8), (grey, grey, grey)).save(buf, format='PNG')
+    return {'bytes': buf.getvalue(), 'path': None}
+
+  broken = {'bytes': png(1)['bytes'][:40], 'path': None}
+  image = datasets.Image()
+  features = {'image': image, 'conditioning_image': image, 'text': datasets.Value('string')}
+  ds = datasets.Dataset.from_dict(
+    {
+      'image': [png(i * 50) for i in range(3)],
+      'conditioning_image': [png(1), broken, png(1)],  # an unused column, broken in row 1
+      'text': ['a', 'b', 'c'],
+    },
+    features=datasets.Features(features),
+  )
+  ds.save_to_disk(str(tmp_path / 'saved'))
+  source = sources.build_source(_data_config(source='hf', path=str(tmp_path / 'saved')))
+  for i in range(3):  # row 1 raised: reading a row decoded every image column
+    record = source[i]
+    assert isinstance(record['image'], dict) and record['image']['bytes']
+    assert np.asarray(preprocess.decode_image(record['image']))[0, 0, 0] == i * 50
 
 
 @pytest.mark.smoke
@@ -252,11 +330,34 @@ def test_tfds_image_feature_is_listed_without_decoding(tmp_path, monkeypatch):
   assert not decoded  # listing read the sizes from the PNG headers
   rows = [int(c.split()[-1]) for c in source.captions()]
   np.testing.assert_array_equal(source.image_sizes(), [[12, r] for r in rows])
-  for i in range(len(source)):  # the training reads still get decoded images
+  for i in range(len(source)):  # reads get the encoded bytes too: preprocess decodes them
+    assert isinstance(source[i]['image'], bytes)
     image = np.asarray(preprocess.decode_image(source[i]['image']))
     assert image.shape == (rows[i], 12, 3)
     assert source[i]['caption'] == f'grey level {int(image[0, 0, 0])} rows {rows[i]}'
-  assert decoded
+  assert not decoded
+
+
+@pytest.mark.smoke
+def test_tfds_corrupt_image_is_skipped_by_preprocess_not_raised_by_reads(tmp_path):
+  tfds = pytest.importorskip('tensorflow_datasets')
+
+  pngs = []
+  for i in range(3):
+    pngs.append(tmp_path / f'{i}.png')
+    Image.fromarray(np.full((8, 12, 3), i * 60, np.uint8)).save(pngs[-1])
+  pngs[1].write_bytes(pngs[1].read_bytes()[:-20])  # header intact, pixel data cut
+  examples = [{'image': str(png), 'text': f'grey {i}'} for i, png in enumerate(pngs)]
+  image = tfds.features.Image(shape=(None, None, 3), encoding_format='png')
+  config = _data_config(source='tfds', path='tiny_corrupt_pngs_for_test')
+  config.data_dir = _prepare_tfds(tmp_path, 'TinyCorruptPngsForTest', image, examples)
+  source = sources.build_source(config)
+  assert len(source) == 3
+  record = source[1]  # a decoding read raised OSError here, outside the pipeline's skips
+  assert isinstance(record['image'], bytes)
+  with pytest.raises(preprocess.SkipExample):
+    preprocess.decode_image(record['image'])
+  assert np.asarray(preprocess.decode_image(source[2]['image']))[0, 0, 0] == 120
 
 
 @pytest.mark.unit

@@ -167,6 +167,24 @@ def test_missing_and_empty_shard_lists(shards, tmp_path):
 
 
 @pytest.mark.unit
+def test_unopenable_tar_and_folder_matched_by_a_glob(shards, tmp_path):
+  # A tar that cannot be opened is skipped; its members were then read anyway (and raised).
+  (tmp_path / 'folder.tar').mkdir()
+  index = webdataset.index_tar(tmp_path / 'folder.tar')
+  assert index['keys'] == [] and 'unreadable tar (IsADirectoryError' in index['skipped'][0][1]
+  # A glob keeps files only: a folder named like a shard is no shard.
+  (shards / '00003.tar').mkdir()
+  source = sources.build_source(_config(f'{shards}/*.tar').data)
+  assert len(source) == 12 and not source.skipped
+  # An index of a tar that could not be opened (no permission, I/O) is not saved: after the fix
+  # (chmod leaves the mtime) the shard must be read, not found empty in the saved index.
+  index_dir = tmp_path / 'index'
+  saved = webdataset._cached_index(tmp_path / 'folder.tar', 'text', str(index_dir))
+  assert saved['keys'] == [] and 'transient' not in saved
+  assert not index_dir.exists() or not list(index_dir.glob('*.json'))
+
+
+@pytest.mark.unit
 def test_index_dir_is_written_and_reused(shards, tmp_path, monkeypatch):
   index_dir = tmp_path / 'index'
   first = sources.build_source(_config(shards, index_dir=str(index_dir)).data)
@@ -271,5 +289,13 @@ def test_array_record_source(tmp_path):
     source=source,
   )
   assert next(it)['image'].shape == (4, 8, 8, 3)
+  # A caption feature with an empty bytes_list is no caption (it raised IndexError).
+  _write_array_record(
+    root / 'train.array_record-00001-of-00002',
+    good[3:] + [webdataset.example_bytes({'image': _image_bytes(9), 'text': []})],
+  )
+  source = sources.build_source(_config(root, source='arrayrecord', max_skip_fraction=0.5).data)
+  assert len(source) == 5
+  assert source.skipped[-1] == ('record 6', "no or empty caption feature 'text'")
   with pytest.raises(DataError, match='matches no array_record file'):
     sources.build_source(_config(tmp_path / 'none', source='arrayrecord').data)

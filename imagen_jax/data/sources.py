@@ -5,7 +5,8 @@
 * 'openmoji': the embedded default dataset, rendered once (see `openmoji.py`).
 * 'folder':   a local folder, either in the Hugging Face `imagefolder` convention
               (`metadata.jsonl` / `metadata.csv` with `file_name` and the caption column)
-              or image files with sidecar captions (`cat.png` + `cat.txt`), recursive.
+              or image files with sidecar captions (`cat.png` + `cat.txt`), recursive; with
+              split folders (`train/`, `test/`, ...) at its top, the one named `data.split`.
 * 'hf':       `datasets.load_dataset(path, split=...)` (hub name or local script/data
               folder) or a folder written by `Dataset.save_to_disk`.
 * 'tfds':     `tfds.data_source(path, split=...)` (array_record; no TensorFlow needed).
@@ -41,6 +42,10 @@ IMAGE_EXTENSIONS = frozenset(
   {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif'}
 )
 _METADATA_FILES = ('metadata.jsonl', 'metadata.csv')
+# Folder names that make a folder dataset's top level a set of splits (Hugging Face imagefolder).
+_SPLIT_FOLDERS = frozenset(
+  'train training test testing validation valid val dev eval evaluation'.split()
+)
 _MAX_LOGGED_SKIPS = 50
 SOURCE_KINDS = ('openmoji', 'folder', 'hf', 'tfds', 'digits', 'webdataset', 'arrayrecord')
 
@@ -121,12 +126,23 @@ class Source:
 
 
 class FolderSource(Source):
-  """Images in a local folder with `metadata.jsonl`/`metadata.csv` or sidecar `.txt` captions."""
+  """Images in a local folder with `metadata.jsonl`/`metadata.csv` or sidecar `.txt` captions.
 
-  def __init__(self, path: str | os.PathLike, *, caption_column: str = 'text', max_examples=0):
+  A folder whose top level holds split folders (`train/`, `test/`, `validation/`, ...: the
+  imagefolder layout) is read from its folder named `split`; without one, a DataError names
+  the split folders found.
+  """
+
+  def __init__(
+    self,
+    path: str | os.PathLike,
+    *,
+    split: str = 'train',
+    caption_column: str = 'text',
+    max_examples=0,
+  ):
     super().__init__()
     self.root = pathlib.Path(path).expanduser().resolve()
-    self.name = f'folder:{self.root}'
     self.caption_column = caption_column
     self.max_examples = int(max_examples)
     self._meta_sizes: dict[str, tuple[int, int]] = {}  # from metadata width/height fields
@@ -136,6 +152,8 @@ class FolderSource(Source):
         f'Image folder {self.root} does not exist or is not a directory; set '
         '--config.data.path to a folder of images with metadata.jsonl or .txt captions.'
       )
+    self.root = self._split_root(self.root, split)
+    self.name = f'folder:{self.root}'
     metadata_files = sorted(
       p for name in _METADATA_FILES for p in self.root.rglob(name) if p.is_file()
     )
@@ -155,12 +173,31 @@ class FolderSource(Source):
     self._captions = [c for _, c in pairs]
     self._fingerprint = self._listing_fingerprint()
 
+  @staticmethod
+  def _split_root(root: pathlib.Path, split: str) -> pathlib.Path:
+    """`root/split` when root's top level holds split folders (else root itself)."""
+    splits = sorted(
+      p.name for p in root.iterdir() if p.name.lower() in _SPLIT_FOLDERS and p.is_dir()
+    )
+    if not splits:
+      return root
+    if split in splits:
+      return root / split
+    raise DataError(
+      f'Image folder {root} holds the split folders {splits}, none named {split!r} '
+      '(data.split); set --config.data.split to one of them or point --config.data.path '
+      'at the split folder to read.'
+    )
+
   def _list_from_metadata(self, metadata_files: Sequence[pathlib.Path]) -> list:
     pairs = []
     for meta in metadata_files:
       for line_no, row in self._read_metadata(meta):
         rel_meta = f'{meta.relative_to(self.root)}:{line_no}'
         file_name = row.get('file_name')
+        if file_name is not None and (not isinstance(file_name, str) or '\0' in file_name):
+          self._skip(rel_meta, f"'file_name' {file_name!r:.80} is not a file name string")
+          continue
         if not file_name:
           self._skip(rel_meta, "no 'file_name' field")
           continue
@@ -184,7 +221,9 @@ class FolderSource(Source):
 
   def _read_metadata(self, meta: pathlib.Path):
     """(line number, row) of a metadata.csv / metadata.jsonl, read as UTF-8 with or without a
-    byte-order mark (Excel's 'CSV UTF-8' writes one); other encodings are a DataError."""
+    byte-order mark (Excel's 'CSV UTF-8' writes one); other encodings are a DataError, and so
+    is malformed CSV (an unclosed quote, a field over csv's size limit): read leniently, one
+    unclosed quote would swallow every later row without a word."""
     try:
       yield from self._metadata_rows(meta)
     except UnicodeDecodeError as e:
@@ -195,7 +234,16 @@ class FolderSource(Source):
   def _metadata_rows(self, meta: pathlib.Path):
     if meta.suffix == '.csv':
       with open(meta, newline='', encoding='utf-8-sig') as f:
-        yield from enumerate(csv.DictReader(f), start=2)
+        reader = csv.DictReader(f, strict=True)
+        try:
+          yield from enumerate(reader, start=2)
+        except csv.Error as e:
+          raise DataError(
+            f'{meta} is not valid CSV at line {reader.reader.line_num} ({e}). Fix that row or '
+            'one above it (an unclosed quote runs on to the end of the file; a field holding a '
+            'comma, a quote or a line break goes in double quotes, its quotes doubled; a field '
+            f'has at most {csv.field_size_limit()} characters), or write metadata.jsonl instead.'
+          ) from e
       return
     with open(meta, encoding='utf-8-sig') as f:
       for line_no, line in enumerate(f, start=1):
@@ -262,11 +310,16 @@ def _is_saved_dataset_dir(path: pathlib.Path) -> bool:
 
 
 class _RowSource(Source):
-  """A source over an indexable dataset of rows (HF datasets, tfds): rows with a caption."""
+  """A source over an indexable dataset of rows (HF datasets, tfds): rows with a caption.
+
+  Records are read from `self._rows`, whose image column is left encoded (bytes, HF image
+  dicts): the image is decoded in preprocess, where a broken one is skipped and counted.
+  """
 
   split: str
   image_column: str
   max_examples: int
+  _rows: Any
 
   def _index_rows(self, captions: Iterable[Any]) -> None:
     """Keep the rows whose caption is usable, up to max_examples; captions in row order."""
@@ -285,7 +338,7 @@ class _RowSource(Source):
 
   def __getitem__(self, index: int) -> dict:
     index = self._check_index(index)
-    row = self._ds[self._indices[index]]
+    row = self._rows[self._indices[index]]
     return {
       'image': row[self.image_column],
       'caption': self._captions[index],
@@ -347,6 +400,9 @@ class HFSource(_RowSource):
       # Keep encoded bytes: decoding happens (robustly) in preprocess, in grain workers.
       ds = ds.cast_column(image_column, datasets.Image(decode=False))
     self._ds = ds
+    # Reads decode nothing else: another image column (a broken 'conditioning_image') is not
+    # decoded (nor its failure raised) for every training example.
+    self._rows = ds.select_columns([image_column])
     self._fp = getattr(ds, '_fingerprint', '')
     self._index_rows(ds[caption_column])
     self._size_columns = sizes_lib.size_columns(ds.column_names)
@@ -400,7 +456,7 @@ class TfdsSource(_RowSource):
       ) from e
 
     row_sizes: list[tuple[int, int] | None] = []
-    listing = self._undecoded_images(tfds)
+    self._rows = listing = self._undecoded_images(tfds)
 
     def captions():
       for i in range(len(listing)):
@@ -419,22 +475,30 @@ class TfdsSource(_RowSource):
     self._sizes = sizes_lib.as_array([row_sizes[i] for i in self._indices])
 
   def _undecoded_images(self, tfds: Any) -> Any:
-    """The split with its encoded images left as bytes, for listing; else the split itself.
+    """The split with its encoded images (every `Image` feature) left as bytes, for listing and
+    reads; else the split itself.
 
     Listing reads every record; decoding each image there (tens of ms for a large JPEG) made
     every start of a big dataset take minutes. An `Image` feature's bytes give the size from
-    their header; other image features (a plain Tensor) are read as they are.
+    their header; other image features (a plain Tensor) are read as they are. Reads get the
+    bytes too: preprocess decodes them, skipping (and counting) a corrupt image instead of
+    raising out of the pipeline.
     """
     features = getattr(getattr(self._ds, 'dataset_info', None), 'features', None)
     try:
-      if not isinstance(features[self.image_column], tfds.features.Image):
+      skip = {
+        name: tfds.decode.SkipDecoding()
+        for name, feature in features.items()
+        if isinstance(feature, tfds.features.Image)
+      }
+      if not skip:
         return self._ds
       return tfds.data_source(
         self.tfds_name,
         split=self.split,
         data_dir=self.data_dir,
         download=False,
-        decoders={self.image_column: tfds.decode.SkipDecoding()},
+        decoders=skip,
       )
     except Exception:  # noqa: BLE001 - no feature info or no skip: list the decoded records.
       return self._ds
@@ -506,7 +570,10 @@ def build_source(data_config) -> Source:
     if not data_config.path:
       raise DataError("data.source='folder' needs --config.data.path=/path/to/images.")
     source = FolderSource(
-      data_config.path, caption_column=data_config.caption_column, max_examples=max_examples
+      data_config.path,
+      split=data_config.split,
+      caption_column=data_config.caption_column,
+      max_examples=max_examples,
     )
   elif kind == 'hf':
     source = HFSource(

@@ -81,7 +81,7 @@ def list_shards(spec: str, match: Callable[[str], bool]) -> tuple[list[pathlib.P
   """(shard files in order, names of explicitly listed files that do not exist).
 
   `spec` is a folder (its files whose name satisfies `match`, sorted, recursively), a brace
-  pattern, a glob, or both (`shards/{000..009}*.tar`).
+  pattern, a glob, or both (`shards/{000..009}*.tar`); a glob keeps the files it matches.
   """
   spec = str(spec).strip()
   if not spec:
@@ -93,7 +93,8 @@ def list_shards(spec: str, match: Callable[[str], bool]) -> tuple[list[pathlib.P
   files, missing = [], []
   for name in expand_braces(os.path.expanduser(spec)):
     if glob.has_magic(name):
-      files.extend(pathlib.Path(p) for p in sorted(glob.glob(name, recursive=True)))
+      matches = sorted(glob.glob(name, recursive=True))
+      files.extend(pathlib.Path(p) for p in matches if os.path.isfile(p))  # no folders
     elif pathlib.Path(name).is_file():
       files.append(pathlib.Path(name))
     else:
@@ -133,6 +134,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
   groups: dict[str, dict[str, tarfile.TarInfo]] = {}
   file_size = path.stat().st_size
   truncated = ''
+  transient = False  # could not open it (permissions, I/O): not to be cached
   try:
     with tarfile.open(path, mode='r:') as tar:
       try:
@@ -157,6 +159,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
   except (tarfile.TarError, OSError, EOFError) as e:
     skipped.append((name, f'unreadable tar ({type(e).__name__}: {e})'))
     groups = {}
+    transient = isinstance(e, OSError)
   if truncated:
     skipped.append(
       (name, f'{truncated}: kept the {max(len(groups) - 1, 0)} keys before the damage')
@@ -167,6 +170,20 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       skipped.append((f'{name}/{last}', f'cut off by the {truncated}'))
 
   keys, offsets, sizes, captions, widths, heights = [], [], [], [], [], []
+  index = {
+    'version': INDEX_VERSION,
+    'keys': keys,
+    'offsets': offsets,
+    'sizes': sizes,
+    'captions': captions,
+    'widths': widths,
+    'heights': heights,
+    'skipped': skipped,
+  }  # the lists are filled below
+  if not groups:  # nothing to read (the tar may not even open: a folder, no permission)
+    if transient:
+      index['transient'] = True
+    return index
   with open(path, 'rb') as f:
 
     def read(info: tarfile.TarInfo) -> bytes | None:
@@ -216,16 +233,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       captions.append(caption)
       widths.append(width)
       heights.append(height)
-  return {
-    'version': INDEX_VERSION,
-    'keys': keys,
-    'offsets': offsets,
-    'sizes': sizes,
-    'captions': captions,
-    'widths': widths,
-    'heights': heights,
-    'skipped': skipped,
-  }
+  return index
 
 
 def _index_file(index_dir: pathlib.Path, path: pathlib.Path, caption_column: str) -> pathlib.Path:
@@ -248,6 +256,8 @@ def _cached_index(path: pathlib.Path, caption_column: str, index_dir: str) -> di
   except (OSError, json.JSONDecodeError):
     pass
   index = index_tar(path, caption_column)
+  if index.pop('transient', False):  # a permission fix (no new mtime) must be seen next time
+    return index
   folder.mkdir(parents=True, exist_ok=True)
   tmp = file.with_name(f'{file.name}.tmp-{os.getpid()}')
   tmp.write_text(json.dumps(index, ensure_ascii=False), encoding='utf-8')
@@ -477,7 +487,7 @@ class ArrayRecordSource(Source):
         self._skip(f'record {i}', f'no bytes feature {image_column!r} (features: '
                    f'{sorted(features)}); set --config.data.image_column')  # fmt: skip
         continue
-      caption = _clean_caption(features.get(caption_column, [b''])[0])
+      caption = _clean_caption((features.get(caption_column) or [b''])[0])  # [] if no value
       if not caption:
         self._skip(f'record {i}', f'no or empty caption feature {caption_column!r}')
         continue
