@@ -6,6 +6,7 @@ end-to-end runs share one persistent XLA compilation cache, so each program comp
 """
 
 import json
+import logging
 import pathlib
 import re
 import subprocess
@@ -212,6 +213,24 @@ def test_judge_is_cached_deterministic_and_checked(judge, tmp_path):
 
 
 @pytest.mark.unit
+def test_a_named_judge_of_other_settings_is_used_with_a_warning(judge, tmp_path, caplog):
+  # --judge FILE of another data version / seed / settings was used silently: its scores are not
+  # comparable with the cached judge's.
+  from imagen_jax.evaluate import runner
+
+  with np.load(judge.path) as data:
+    fields = {k: data[k] for k in data.files}
+  meta = {**json.loads(str(fields['meta'])), 'fingerprint': '0000stale0000000'}
+  stale = tmp_path / 'stale.npz'
+  np.savez(stale, **{**fields, 'meta': np.asarray(json.dumps(meta))})
+  for path, warned in ((judge.path, False), (stale, True)):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      runner._load_judge(runner.EvalRequest(checkpoints='run', judge=str(path)), 16)
+    assert ('was trained on other data or settings' in caplog.text) is warned, caplog.text
+
+
+@pytest.mark.unit
 def test_calibration_rows_score_as_expected(judge):
   reference = scoring.Reference.build(judge)
   rows = {
@@ -234,6 +253,12 @@ def test_calibration_rows_score_as_expected(judge):
   assert real['fd'] < means['fd'] < noise['fd']
   assert real['precision'] > 0.7 and real['recall'] > 0.7
   assert means['recall'] < 0.05  # 10 distinct images: no diversity
+  # At small num, num/10 <= k copies per class gave each copy a k-NN ball spanning the classes
+  # (recall 0.96); the row keeps k + 1 copies per class.
+  small = scoring.calibration_sets(16, num=20, k=3)['class_means']
+  assert len(small[0]) == 40 and np.bincount(small[1]).tolist() == [4] * 10
+  row = scoring.score(small[0], prompted=small[1], heldout=small[2], reference=reference, k=3)
+  assert row['recall'] < 0.05 and row['adherence'] == 1.0
   assert noise['precision'] == 0.0 and noise['nn_train'] > 3 * real['nn_train']
   assert real['border'] == 0.0 and means['border'] == 0.0
   # Uniform in [0, 1]: mean 1/2, standard error 0.29 / sqrt(500 * 112 * 3) ~ 0.001 << 0.02.
@@ -295,8 +320,7 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   proc = evaluate(
     tiny_run,
     f'--checkpoints={tiny_run["digits"]}',
-    '--num=20',
-    '--batch_size=10',
+    '--num=20',  # the default --batch_size 50 is clamped to 20: no padding rows sampled
     f'--out={out}',
     f'--grid={grid}',
   )
@@ -306,6 +330,9 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   assert any(line.startswith('generated ') for line in lines)
   assert result == json.loads(out.read_text())
   assert result['step'] == 2 and result['num'] == 20 and result['resolution'] == 16
+  assert result['batch_size'] == 20 and 'Sampled 20 images in ' in proc.stderr
+  assert re.search(r'Sampled 20 images in [0-9.]+ s, batches of 20,', proc.stderr)
+  assert result['judge_fingerprint'] == judge_lib.fingerprint(16, 0)
   assert result['judge_test_accuracy'] == pytest.approx(judge.test_accuracy)
   assert set(result['rows']) == set(scoring.ROWS)
   for name, row in result['rows'].items():
@@ -380,9 +407,10 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
     assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
   # Out of memory (XLA's RESOURCE_EXHAUSTED, injected by a 4 GiB address-space limit, under
-  # which the sampler's temporaries for a batch of 32768 do not fit): one line too.
+  # which the sampler's temporaries for a batch of 32760 do not fit): one line too. The batch
+  # is clamped to --num (a larger one sampled padding rows: 200M of them was a numpy traceback).
   cmd = [sys.executable, 'evaluate.py', f'--judge_dir={tiny_run["judge_dir"]}']
-  cmd += [f'--checkpoints={run_dir}', '--num=20', '--batch_size=32768']
+  cmd += [f'--checkpoints={run_dir}', '--num=32760', '--batch_size=200000000']
   proc = subprocess.run(
     with_address_space_limit([*cmd, f'--out={tmp_path / "eval.json"}'], 4),
     cwd=REPO_ROOT,
@@ -394,7 +422,7 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert error.startswith('error: Out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ')
-  assert error.endswith('): lower --batch_size (now 32768).'), error
+  assert error.endswith('): lower --batch_size (now 32760).'), error
   assert not list(tmp_path.iterdir())  # nothing written
   # A run on a dataset without labels (the default OpenMoji data): refused from its config.
   openmoji_run = tiny_run['train']('openmoji')

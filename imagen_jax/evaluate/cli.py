@@ -102,7 +102,8 @@ def main(argv) -> None:
     if xla_message is None:
       raise
     print(
-      f'error: Out of memory ({xla_message}): lower --batch_size (now {FLAGS.batch_size}).',
+      f'error: Out of memory ({xla_message}): lower --batch_size '
+      f'(now {min(FLAGS.batch_size, FLAGS.num)}).',
       file=sys.stderr,
     )
     sys.exit(2)

@@ -273,6 +273,17 @@ def _load_judge(req: EvalRequest, resolution: int) -> judge_lib.Judge:
       f'--judge {req.judge} scores {judge.resolution} px images but the stage makes '
       f'{resolution} px; omit --judge to use (or train) the {resolution} px judge.'
     )
+  seed = judge.meta.get('seed', 0)
+  want = judge_lib.fingerprint(resolution, seed if isinstance(seed, int) else 0)
+  if judge.meta.get('fingerprint') != want:
+    log.warning(
+      '--judge %s was trained on other data or settings than this code trains its judge with '
+      '(fingerprint %s, this code: %s): its scores are not comparable with runs scored by the '
+      'cached judge. Omit --judge to use (or train) the current one.',
+      req.judge,
+      judge.meta.get('fingerprint'),
+      want,
+    )
   return judge
 
 
@@ -282,6 +293,7 @@ def run(req: EvalRequest) -> dict:
 
   start = time.perf_counter()
   validate(req)
+  batch_size = min(req.batch_size, req.num)  # a larger batch would only sample padding rows
   config, step = _saved_config(req.checkpoints)
   check_labelled_base(config, req.checkpoints)
   overrides = dict(
@@ -313,7 +325,7 @@ def run(req: EvalRequest) -> dict:
     text_embs,
     text_mask,
     seed=req.seed,
-    batch_size=req.batch_size,
+    batch_size=batch_size,
     devices=devices,
     compiles=compiles,
   )
@@ -322,8 +334,8 @@ def run(req: EvalRequest) -> dict:
     'Sampled %d images in %.1f s, batches of %d%s, compile included (the sampler %s).',
     len(images),
     sampling_seconds,
-    req.batch_size,
-    devices.describe(devices.splits(req.batch_size)),
+    batch_size,
+    devices.describe(devices.splits(batch_size)),
     compiles.summary(),
   )
   images, num_nonfinite = _finite(images)
@@ -341,7 +353,7 @@ def run(req: EvalRequest) -> dict:
   }
   rows['generated']['num_nonfinite'] = num_nonfinite
   if req.calibration:
-    calibration = scoring.calibration_sets(resolution, num=req.num, seed=req.seed)
+    calibration = scoring.calibration_sets(resolution, num=req.num, seed=req.seed, k=req.k)
     for name, (cal_images, prompted, heldout) in calibration.items():
       rows[name] = scoring.score(
         cal_images, prompted=prompted, heldout=heldout, reference=reference, k=req.k
@@ -361,10 +373,11 @@ def run(req: EvalRequest) -> dict:
     'text_encoder': config.text.encoder,
     'num': req.num,
     'seed': req.seed,
-    'batch_size': req.batch_size,
+    'batch_size': batch_size,
     'params': 'ema' if req.use_ema else 'raw',
     **{k: v for k, v in dataclasses.asdict(st.options).items() if k != 'aug_level'},
     'judge': os.path.abspath(judge.path) if judge.path else judge.path,
+    'judge_fingerprint': judge.meta.get('fingerprint'),
     'judge_test_accuracy': judge.test_accuracy,
     'k': req.k,
     'reference': f'digits train split ({len(reference.features)} images)',
