@@ -10,6 +10,11 @@ seen prompt adherence against the judge's accuracy on real test images, predicte
 entropy, judge-space FD against the real-vs-real floor (the `real_test` calibration row),
 precision/recall, the wall times, and whether the issue's target is met (held-out adherence
 >= 0.8 x judge accuracy, entropy > 3.0 bits, FD <= 5 x floor, training <= 20 minutes).
+
+When WORKDIR already holds a checkpoint, train.py resumes from it and the time of the earlier
+training is not known: train_seconds is then null, `resumed` is true and the training-time
+condition is left out of target_met (train a fresh WORKDIR to check it). A bad --num is refused
+before training; a step that fails ends this program with its exit status.
 """
 
 import json
@@ -37,14 +42,31 @@ TRAIN_LIMIT_S = 20 * 60
 
 
 def _run(cmd: list[str]) -> float:
+  """Wall seconds of one step; when it fails, one error line and exit with its status."""
   env = {**os.environ, 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
   start = time.perf_counter()
-  subprocess.run(cmd, check=True, env=env, stdout=sys.stderr)
+  code = subprocess.run(cmd, check=False, env=env, stdout=sys.stderr).returncode
+  if code:
+    print(
+      f'error: {cmd[1]} failed with exit status {code} (its messages are above).', file=sys.stderr
+    )
+    sys.exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
   return time.perf_counter() - start
 
 
-def summarise(result: dict, train_s: float | None, eval_s: float | None) -> dict:
-  """The key numbers of an evaluate.py result (and the wall times) as one flat dict."""
+def _has_checkpoint(workdir: pathlib.Path) -> bool:
+  """Whether the run folder holds a saved step, which train.py resumes from."""
+  from imagen_jax import checkpoints
+
+  root = checkpoints.checkpoint_dir(workdir)
+  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+
+
+def summarise(
+  result: dict, train_s: float | None, eval_s: float | None, resumed: bool | None = None
+) -> dict:
+  """The key numbers of an evaluate.py result (and the wall times) as one flat dict. train_s is
+  None where unknown (a resumed run, or --reuse): the time condition is then left out."""
   gen, real = result['rows']['generated'], result['rows'].get('real_test')
   judge_acc = float(result['judge_test_accuracy'])
   floor = float(real['fd']) if real else None
@@ -72,6 +94,7 @@ def summarise(result: dict, train_s: float | None, eval_s: float | None) -> dict
     'recall': round(gen['recall'], 4),
     'nn_train': round(gen['nn_train'], 4),
     'train_seconds': None if train_s is None else round(train_s, 1),
+    'resumed': resumed,
     'eval_seconds': None if eval_s is None else round(eval_s, 1),
     'sampling_seconds': result.get('sampling_seconds'),
   }
@@ -114,10 +137,20 @@ def main(argv) -> None:
   del argv
   workdir = pathlib.Path(FLAGS.workdir)
   eval_json = workdir / 'eval.json'
-  train_s = eval_s = None
+  train_s = eval_s = resumed = None
   if not (FLAGS.reuse and eval_json.exists()):
+    from imagen_jax.evaluate import scoring
+
+    try:
+      scoring.check_num(FLAGS.num)  # evaluate.py's own check, before the training
+    except scoring.EvalError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
     python = sys.executable
+    resumed = _has_checkpoint(workdir)
     train_s = _run([python, 'train.py', f'--config={FLAGS.config}', f'--workdir={workdir}'])
+    if resumed:
+      train_s = None  # only the last part of the training was timed
     eval_s = _run(
       [
         python,
@@ -131,7 +164,7 @@ def main(argv) -> None:
   result = json.loads(eval_json.read_text())
   if FLAGS.grid:
     write_grid(str(workdir), FLAGS.grid)
-  print(json.dumps(summarise(result, train_s, eval_s), sort_keys=True))
+  print(json.dumps(summarise(result, train_s, eval_s, resumed), sort_keys=True))
 
 
 if __name__ == '__main__':

@@ -10,17 +10,22 @@ training subset in the catalog, never trained on), samples each from its low-res
 the run's sampling settings (or the flags' overrides), and prints ONE JSON line:
 
   psnr_model, psnr_bicubic, gain_db  mean PSNR (dB, [0, 1] images) of the output and of bicubic
-                                     upsampling against the real image, and their difference
+                                     upsampling against the real image, and their difference;
+                                     each image's PSNR is capped at psnr_cap_db (~54.15 dB: MSE
+                                     floored at (0.5/255)^2), so a flat or exact one stays finite
   ssim_model, ssim_bicubic           mean Gaussian-window SSIM (Wang et al. 2004)
   consistency_psnr                   the output downsampled back against the input (the
                                      real image's own value, consistency_psnr_real, is the ceiling)
   num_images, steps, sampler, grid, aug_level, guidance, step, seconds (sampling + scoring),
   heldout (True when the images were never trained on), gate_met (gain_db >= 1.5)
 
+A value that is not finite (a model whose output holds NaN) is written as null.
+
 --grid also writes a PNG: one row per image, input (nearest) | bicubic | output | real.
 """
 
 import json
+import math
 import pathlib
 import sys
 import time
@@ -45,6 +50,13 @@ flags.DEFINE_integer('grid_scale', 2, 'Nearest-neighbour magnification of the --
 GATE_DB = 1.5
 
 
+def _not_sr(run: str, stage_name) -> str:
+  return (
+    f'{run} is a {stage_name} run, not a super-resolution stage: give --checkpoints an SR run '
+    '(e.g. one trained with configs/sr256.py).'
+  )
+
+
 def evaluate(
   run: str,
   *,
@@ -59,13 +71,20 @@ def evaluate(
   import jax.numpy as jnp
   import numpy as np
 
-  from imagen_jax import sample_lib, stage
+  from imagen_jax import checkpoints, sample_lib, stage
   from imagen_jax.data import preprocess
   from imagen_jax.evaluate import sr
 
+  saved = checkpoints.peek_config(run)  # the saved config, read before the (long) restore
+  try:
+    not_sr = saved is not None and not stage.is_super_resolution(saved)
+  except (AttributeError, KeyError, TypeError, ValueError):  # unverified: the restore checks it
+    not_sr = False
+  if not_sr:
+    raise ValueError(_not_sr(run, saved.get('stage')))
   st = sample_lib.restore_stage(run, overrides or {}, True)
   if not stage.is_super_resolution(st.config):
-    raise app.UsageError(f'{run} is a {st.config.stage} run, not a super-resolution stage.')
+    raise ValueError(_not_sr(run, st.config.stage))
   start = time.perf_counter()
   heldout = sr.heldout_examples(st.config, num)
   text_embs, text_mask = sr.text_for(heldout.captions, st.config)
@@ -96,6 +115,7 @@ def evaluate(
   opts = st.options
   out = {
     'psnr_model': round(summary['psnr'], 3),
+    'psnr_cap_db': round(sr.PSNR_CAP_DB, 2),
     'psnr_bicubic': round(summary['psnr_bicubic'], 3),
     'gain_db': round(summary['gain_db'], 3),
     'ssim_model': round(summary['ssim'], 4),
@@ -136,9 +156,12 @@ def write_grid(arrays: dict, path: str, *, scale: int = 1) -> None:
 
 def main(argv) -> None:
   del argv
-  for name in ('num', 'batch_size'):
+  for name in ('num', 'batch_size', 'grid_rows', 'grid_scale'):
     if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f'--{name} must be a positive integer, got {getattr(FLAGS, name)}.')
+      print(
+        f'error: --{name} must be a positive integer, got {getattr(FLAGS, name)}.', file=sys.stderr
+      )
+      sys.exit(2)
   overrides = {
     'sampler': FLAGS.sampler,
     'steps': FLAGS.steps,
@@ -159,7 +182,8 @@ def main(argv) -> None:
   except ValueError as e:  # SampleError, DataError: a bad run folder, step or setting
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
-  print(json.dumps(out), flush=True)  # first: a grid that cannot be written keeps the result
+  out = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+  print(json.dumps(out, allow_nan=False), flush=True)  # first: a grid write error keeps the line
   if FLAGS.grid:
     try:
       write_grid(arrays, FLAGS.grid, scale=FLAGS.grid_scale)

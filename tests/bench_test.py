@@ -210,9 +210,19 @@ def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
 
 @pytest.mark.smoke
 def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
+  # A base-stage run is refused from its saved config, before any restore (this one has no
+  # params to restore), instead of after a full restore with the whole flag help.
+  base = tmp_path / 'base'
+  (base / 'checkpoints' / '4' / 'config').mkdir(parents=True)
+  saved = {'stage': 'base64', 'data': {'resolution': 64, 'lowres_resolution': 0}}
+  (base / 'checkpoints' / '4' / 'config' / 'metadata').write_text(json.dumps(saved))
   for args, message in [
     ([f'--checkpoints={tmp_path / "none"}'], f'error: No checkpoint to load: {tmp_path / "none"}'),
-    ([f'--checkpoints={tmp_path}', '--num=0'], '--num must be a positive integer, got 0.'),
+    ([f'--checkpoints={tmp_path}', '--num=0'], 'error: --num must be a positive integer, got 0.'),
+    ([f'--checkpoints={tmp_path}', '--grid_rows=0'], 'error: --grid_rows must be a positive'),
+    ([f'--checkpoints={tmp_path}', '--grid_rows=-1'], '--grid_rows must be a positive integer'),
+    ([f'--checkpoints={tmp_path}', '--grid_scale=0'], 'error: --grid_scale must be a positive'),
+    ([f'--checkpoints={base}@4'], f'error: {base}@4 is a base64 run, not a super-resolution'),
   ]:
     proc = subprocess.run(
       [sys.executable, 'bench/sr_quality.py', *args],
@@ -222,8 +232,86 @@ def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
       text=True,
       timeout=300,
     )
-    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]  # no flag help
     assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+
+
+# An evaluate.py result (its --out JSON) that meets the digits target.
+_EVAL_RESULT = {
+  'step': 1500,
+  'num': 20,
+  'sampler': 'dpmpp_2m',
+  'steps': 32,
+  'guidance': 1.5,
+  'judge_test_accuracy': 0.99,
+  'sampling_seconds': 1.0,
+  'rows': {
+    'generated': {
+      'adherence': 0.9,
+      'adherence_seen': 0.95,
+      'adherence_heldout': 0.85,
+      'entropy_bits': 3.3,
+      'fd': 10.0,
+      'precision': 0.8,
+      'recall': 0.8,
+      'nn_train': 0.3,
+    },
+    'real_test': {'fd': 5.0},
+  },
+}
+
+
+@pytest.mark.smoke
+def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_traceback(tmp_path):
+  # bench/quality.py with stand-ins for train.py (exits FAKE_TRAIN_EXIT, leaves a mark) and
+  # evaluate.py (writes the result above), in a folder of their own.
+  (tmp_path / 'train.py').write_text(
+    'import os, pathlib, sys\n'
+    "pathlib.Path('trained').touch()\n"
+    "sys.exit(int(os.environ.get('FAKE_TRAIN_EXIT', '0')))\n"
+  )
+  (tmp_path / 'evaluate.py').write_text(
+    'import pathlib, sys\n'
+    "out = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--out='))\n"
+    "pathlib.Path(out).write_text(pathlib.Path('result.json').read_text())\n"
+  )
+  (tmp_path / 'result.json').write_text(json.dumps(_EVAL_RESULT))
+
+  def run(workdir, *args, train_exit=0):
+    (tmp_path / 'trained').unlink(missing_ok=True)
+    return subprocess.run(
+      [sys.executable, str(REPO_ROOT / 'bench/quality.py'), f'--workdir={workdir}', *args],
+      cwd=tmp_path,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'FAKE_TRAIN_EXIT': str(train_exit)},
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+
+  fresh = tmp_path / 'fresh'
+  fresh.mkdir()
+  proc = run(fresh, '--num=20')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = json.loads(proc.stdout.splitlines()[-1])
+  assert line['resumed'] is False and 0 <= line['train_seconds'] < 60 and line['target_met']
+  # A run folder with a checkpoint: train.py resumes it, so the time of its call is not the
+  # training time; it is not reported, and the time condition is left out of target_met.
+  (fresh / 'checkpoints' / '4').mkdir(parents=True)
+  proc = run(fresh, '--num=20')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = json.loads(proc.stdout.splitlines()[-1])
+  assert line['resumed'] is True and line['train_seconds'] is None and line['target_met']
+  # A bad --num is evaluate.py's error line before any training.
+  proc = run(tmp_path / 'other', '--num=15')
+  assert proc.returncode == 2 and not (tmp_path / 'trained').exists(), proc.stderr[-2000:]
+  assert proc.stderr.startswith('error: --num must be a multiple of the 10 classes')
+  assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip()
+  # A failing step ends the bench with its exit status and one line, not a traceback.
+  proc = run(tmp_path / 'other', '--num=20', train_exit=3)
+  assert proc.returncode == 3 and (tmp_path / 'trained').exists() and not proc.stdout.strip()
+  assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert 'error: train.py failed with exit status 3' in proc.stderr
 
 
 @pytest.mark.smoke

@@ -37,14 +37,45 @@ def _photo_like(rng, shape):
 
 
 @pytest.mark.unit
-def test_psnr_identical_is_inf_and_known_mse_gives_known_db():
+def test_psnr_identical_is_the_cap_and_known_mse_gives_known_db():
   a = np.full((2, 8, 8, 3), 0.5, np.float32)
-  assert np.all(np.isinf(np.asarray(sr.psnr(a, a))))
+  # MSE floored at (0.5 / 255)^2: identical images score 20 log10(510) dB, not +inf.
+  assert sr.PSNR_CAP_DB == pytest.approx(20 * np.log10(510))
+  np.testing.assert_allclose(np.asarray(sr.psnr(a, a)), sr.PSNR_CAP_DB, atol=1e-3)
   # MSE 0.01 -> 10 log10(1 / 0.01) = 20 dB; MSE 0.0001 -> 40 dB.
   b = a + np.array([0.1, 0.01], np.float32)[:, None, None, None]
   np.testing.assert_allclose(np.asarray(sr.psnr(a, b)), [20.0, 40.0], atol=1e-3)
   # data_range scales the peak: images in [0, 255], MSE 25.5^2 -> 20 dB.
   np.testing.assert_allclose(np.asarray(sr.psnr(a * 255, b * 255, data_range=255.0))[0], 20.0)
+  np.testing.assert_allclose(
+    np.asarray(sr.psnr(a * 255, a * 255, data_range=255.0)), sr.PSNR_CAP_DB, atol=1e-3
+  )
+
+
+@pytest.mark.unit
+def test_a_flat_or_exactly_reproduced_image_keeps_every_mean_finite_and_json_valid():
+  # One flat white image among ordinary ones, reproduced exactly by the model and by bicubic:
+  # its PSNRs are the cap, not +inf (an inf mean, a NaN gain, `Infinity` in the JSON line), and
+  # a near-flat image's consistency PSNR (float32 noise only) is the cap too, not ~150 dB.
+  rng = np.random.default_rng(0)
+  real = np.clip(rng.normal(0, 0.5, (4, 16, 16, 3)), -1, 1).astype(np.float32)
+  real[0] = 1.0
+  low = np.asarray(sr.downsample(jnp.asarray(real), 8))
+  low = np.round((low + 1) * 127.5) / 127.5 - 1  # the uint8 round trip of the pipeline
+  bicubic = np.asarray(stage.upsample_lowres(jnp.asarray(low), resolution=16))
+  output = np.clip(bicubic + 0.01 * rng.normal(size=bicubic.shape), -1, 1).astype(np.float32)
+  output[0] = 1.0
+  metrics = jax.device_get(sr.score(output=output, bicubic=bicubic, real=real, lowres=low))
+  for k in sr.METRICS:
+    assert np.all(np.isfinite(metrics[k])), (k, metrics[k])
+    if 'psnr' in k:
+      assert np.all(metrics[k] <= sr.PSNR_CAP_DB + 1e-3), (k, metrics[k])
+  assert metrics['psnr'][0] == pytest.approx(sr.PSNR_CAP_DB, abs=1e-3)
+  assert metrics['consistency_psnr'][0] == pytest.approx(sr.PSNR_CAP_DB, abs=1e-3)
+  summary = sr.summarise(metrics)
+  assert all(np.isfinite(v) for v in summary.values()), summary
+  assert summary['gain_db'] == pytest.approx(summary['psnr'] - summary['psnr_bicubic'])
+  json.dumps(summary, allow_nan=False)
 
 
 # ---- SSIM ----
@@ -139,10 +170,12 @@ def test_score_and_summary_of_a_perfect_output():
   bicubic = np.asarray(stage.upsample_lowres(jnp.asarray(lowres), resolution=32))
   metrics = jax.device_get(sr.score(output=real, bicubic=bicubic, real=real, lowres=lowres))
   assert set(metrics) == set(sr.METRICS)
-  assert np.all(np.isinf(metrics['psnr'])) and np.allclose(metrics['ssim'], 1.0, atol=1e-5)
+  np.testing.assert_allclose(metrics['psnr'], sr.PSNR_CAP_DB, atol=1e-3)
+  assert np.allclose(metrics['ssim'], 1.0, atol=1e-5)
   assert np.all(metrics['psnr_bicubic'] < 40) and np.all(metrics['ssim_bicubic'] < 1)
   summary = sr.summarise(metrics)
-  assert summary['gain_db'] == np.inf
+  gain = sr.PSNR_CAP_DB - float(np.mean(metrics['psnr_bicubic']))
+  assert summary['gain_db'] == pytest.approx(gain, abs=1e-3)
   assert summary['psnr_bicubic'] == pytest.approx(float(np.mean(metrics['psnr_bicubic'])))
 
 
@@ -257,6 +290,7 @@ def test_sr_quality_bench_prints_its_line_before_the_grid(sr_tiny, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = json.loads(proc.stdout.strip().splitlines()[-1])
   assert line['resolution'] == '8->32' and np.isfinite(line['gain_db']) and line['heldout']
+  assert line['psnr_cap_db'] == round(sr.PSNR_CAP_DB, 2) >= line['psnr_model']
   assert Image.open(tmp_path / 'grid.png').size[0] > 4 * 32
   bad = tmp_path / 'a_file'
   bad.write_text('x')

@@ -1,6 +1,7 @@
 """Super-resolution quality: PSNR, SSIM, consistency with the input, held-out examples, grids.
 
-  psnr(a, b)                  per-image PSNR of [0, 1] images, 10 log10(1 / MSE) dB
+  psnr(a, b)                  per-image PSNR of [0, 1] images, 10 log10(1 / MSE) dB, capped at
+                              PSNR_CAP_DB (~54.15 dB: MSE floored at (0.5 / 255)^2)
   ssim(a, b)                  per-image Gaussian-window SSIM (Wang et al. 2004)
   consistency_psnr(x, low)    PSNR of x downsampled back to the input's size, against the input
   heldout_examples(config, n) fixed (high-res, low-res, caption) examples the stage did not train on
@@ -29,6 +30,13 @@ SSIM_SIGMA = 1.5
 SSIM_K1 = 0.01
 SSIM_K2 = 0.03
 
+# PSNR's MSE floor, as a fraction of data_range^2: an RMS error of half an 8-bit level (an output
+# that rounds to the reference's 8-bit image has at most this MSE). Caps every per-image PSNR at
+# PSNR_CAP_DB = 20 log10(510) ~ 54.15 dB, so a flat or exactly reproduced image scores the cap,
+# not +inf (an inf mean, a NaN gain) or ~150 dB (float32 noise that would dominate a mean).
+MSE_FLOOR = (0.5 / 255.0) ** 2
+PSNR_CAP_DB = float(10.0 * np.log10(1.0 / MSE_FLOOR))
+
 
 def to_unit(x: jnp.ndarray) -> jnp.ndarray:
   """Images in [-1, 1] (the model's range) -> [0, 1]."""
@@ -36,15 +44,16 @@ def to_unit(x: jnp.ndarray) -> jnp.ndarray:
 
 
 def psnr(a: jnp.ndarray, b: jnp.ndarray, *, data_range: float = 1.0) -> jnp.ndarray:
-  """PSNR = 10 log10(data_range^2 / MSE), MSE over each image's pixels and channels.
+  """PSNR = 10 log10(data_range^2 / max(MSE, MSE_FLOOR data_range^2)), MSE over each image's
+  pixels and channels: at most PSNR_CAP_DB (~54.15 dB), which identical images score.
 
-  a, b: [B, H, W, C]; returns [B] in dB, +inf where an image pair is identical.
+  a, b: [B, H, W, C]; returns [B] in dB (NaN where an image holds NaN).
   """
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   if a.shape != b.shape:
     raise ValueError(f'psnr needs equal shapes, got {a.shape} and {b.shape}.')
   mse = jnp.mean(jnp.square(a - b), axis=tuple(range(1, a.ndim)))
-  return jnp.where(mse > 0, 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, 1e-30)), jnp.inf)
+  return 10.0 * jnp.log10(data_range**2 / jnp.maximum(mse, MSE_FLOOR * data_range**2))
 
 
 def gaussian_window(size: int = SSIM_WINDOW, sigma: float = SSIM_SIGMA) -> np.ndarray:
@@ -332,7 +341,8 @@ def make_sr_eval_fn(config: ml_collections.ConfigDict, graphdef, options: cascad
 
 
 def summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
-  """Means over images of the per-image metrics, plus gain_db = psnr - psnr_bicubic."""
+  """Means over images of the per-image metrics, plus gain_db = psnr - psnr_bicubic (finite for
+  finite images: every PSNR is capped at PSNR_CAP_DB)."""
   out = {k: float(np.mean(np.asarray(v, np.float64))) for k, v in metrics.items()}
   out['gain_db'] = out['psnr'] - out['psnr_bicubic']
   return out
