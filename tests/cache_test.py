@@ -432,7 +432,9 @@ def test_build_prints_size_estimate_and_speed(tmp_path, tiny_encoder, capsys):
     str(tmp_path), CAPTIONS[:6], tiny_encoder, dataset_fingerprint='fp', shard_size=4,
     batch_size=2, progress=True,
   )  # fmt: skip
-  out = capsys.readouterr().out
+  captured = capsys.readouterr()
+  out = captured.err
+  assert captured.out == ''  # stdout stays a bench script's one JSON line
   stats = cache.stats()
   assert f'6 captions (0 duplicates dropped), {stats["num_tokens"]} tokens' in out
   assert f'{stats["num_tokens"] * 32 * 2 / 2**20:.2f} MiB on disk (tokens x dim 32 x 2 bytes' in out

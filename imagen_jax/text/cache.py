@@ -40,6 +40,7 @@ import os
 import pathlib
 import re
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -581,9 +582,11 @@ def _finish(path: pathlib.Path, header: dict, digest: str, num_captions: int) ->
 
 
 def _say(message: str, progress: bool) -> None:
+  """Logged, and with `progress` printed to stderr (with the bar): a bench script's stdout
+  stays its one JSON line."""
   log.info('%s', message)
   if progress:
-    print(message, flush=True)
+    print(message, file=sys.stderr, flush=True)
 
 
 def build_cache(
