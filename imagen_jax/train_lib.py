@@ -12,6 +12,7 @@ step (`device_prefetch`); checkpoints hold the data position of the last batch c
 
 import dataclasses
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ import os
 import pathlib
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -643,6 +645,13 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         'augmentation level uniformly between them; use 0 <= aug_level_min <= aug_level_max <= 1 '
         '(e.g. 0 and 0.3).'
       )
+  # Process 0 logs to W&B: without the package it failed only after the text cache was built
+  # (hours of T5-XXL on a large dataset) and the state was set up.
+  if config.train.get('wandb') and jax.process_index() == 0 and not _importable('wandb'):
+    raise ValueError(
+      'train.wandb=True needs Weights & Biases: `pip install wandb` (or run with '
+      '--config.train.wandb=False).'
+    )
   zeros = np.zeros(1, np.float32)
   gaussian.target_for(objective=config.diffusion.objective, x=zeros, eps=zeros, logsnr=zeros)
   losses.loss_weight(
@@ -651,6 +660,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     weighting=config.diffusion.loss_weighting,
     min_snr_gamma=float(config.diffusion.min_snr_gamma),
   )
+
+
+def _importable(module: str) -> bool:
+  return module in sys.modules or importlib.util.find_spec(module) is not None
 
 
 def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:

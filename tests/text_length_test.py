@@ -328,3 +328,23 @@ def test_settings_that_cannot_train_are_named(field, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     train_lib.check_settings(config)
+
+
+def test_wandb_without_the_package_is_refused_before_the_run_starts(monkeypatch):
+  # It failed in MetricWriter, after the text cache was built and the state set up.
+  import importlib.util
+  import sys
+
+  config = base64.get_config('tiny')
+  config.train.wandb = True
+  monkeypatch.delitem(sys.modules, 'wandb', raising=False)
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    'find_spec',
+    lambda name, *a: None if name == 'wandb' else real_find_spec(name, *a),
+  )
+  with pytest.raises(ValueError, match=r'train.wandb=True needs Weights & Biases: `pip install'):
+    train_lib.check_settings(config)
+  config.train.wandb = False
+  train_lib.check_settings(config)
