@@ -645,6 +645,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         'augmentation level uniformly between them; use 0 <= aug_level_min <= aug_level_max <= 1 '
         '(e.g. 0 and 0.3).'
       )
+  if int(config.train.get('eval_every', 0)) > 0:  # it failed after the text cache was built
+    from imagen_jax.evaluate import runner
+
+    runner.check_train_eval(config)
   # Process 0 logs to W&B: without the package it failed only after the text cache was built
   # (hours of T5-XXL on a large dataset) and the state was set up.
   if config.train.get('wandb') and jax.process_index() == 0 and not _importable('wandb'):

@@ -144,10 +144,19 @@ def test_make_train_eval_fn_off_and_refusals(tmp_path):
   config.data.source = 'openmoji'
   with pytest.raises(scoring.EvalError, match='no class labels'):
     runner.make_train_eval_fn(config, None, tmp_path)
+  # train.py refuses both before the run starts (they failed after the text cache was built).
+  from imagen_jax import train_lib
+
+  with pytest.raises(scoring.EvalError, match='no class labels'):
+    train_lib.check_settings(config)
   config.data.source = 'digits'
   config.train.eval_num = 15
   with pytest.raises(scoring.EvalError, match='eval_num'):
     runner.make_train_eval_fn(config, None, tmp_path)
+  with pytest.raises(scoring.EvalError, match='config.train.eval_num: eval_num must be'):
+    train_lib.check_settings(config)
+  config.train.eval_num = 20
+  train_lib.check_settings(config)
 
 
 @pytest.mark.unit

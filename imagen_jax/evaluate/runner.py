@@ -410,6 +410,18 @@ def train_eval_batch_size(config: ml_collections.ConfigDict) -> int:
   return max(1, min(int(config.train.get('eval_num', 40)), int(config.train.batch_size)))
 
 
+def check_train_eval(config: ml_collections.ConfigDict) -> None:
+  """EvalError when `train.eval_every` > 0 but the run cannot be evaluated (no labels, an SR
+  stage, a bad train.eval_num): train.py checks it before the run starts."""
+  if int(config.train.get('eval_every', 0)) <= 0:
+    return
+  check_labelled_base(config, 'train.eval_every > 0: this run')
+  try:
+    scoring.check_num(int(config.train.get('eval_num', 40)))
+  except EvalError as e:
+    raise EvalError(f'config.train.eval_num: {e}'.replace('--num', 'eval_num')) from e
+
+
 def make_train_eval_fn(
   config: ml_collections.ConfigDict,
   graphdef,
@@ -435,12 +447,8 @@ def make_train_eval_fn(
   """
   if int(config.train.get('eval_every', 0)) <= 0:
     return None
-  check_labelled_base(config, 'train.eval_every > 0: this run')
-  num = int(config.train.get('eval_num', 40))
-  try:
-    prompts = scoring.prompt_set(num)
-  except EvalError as e:
-    raise EvalError(f'config.train.eval_num: {e}'.replace('--num', 'eval_num')) from e
+  check_train_eval(config)
+  prompts = scoring.prompt_set(int(config.train.get('eval_num', 40)))
   judge_dir = pathlib.Path(config.train.get('eval_judge_dir', 'cache/judge')).expanduser()
   if not judge_dir.is_absolute():
     judge_dir = pathlib.Path(workdir) / judge_dir
