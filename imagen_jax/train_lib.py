@@ -576,6 +576,7 @@ _COUNTS = {
   'data.max_examples': (0, ' (0: all)'),
   'data.num_workers': (0, ' (0: read in the main process)'),
   'data.prefetch': (0, ' (0: no read-ahead)'),
+  'text.max_length': (2, ' (a token and EOS)'),
 }
 
 
@@ -609,6 +610,17 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= skip <= 1.0:
     raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
+  stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
+  grid_prompts = config.train.get('num_sample_prompts', 1)
+  if config.train.sample_every and not config.train.get('sample_prompts') and (
+    isinstance(grid_prompts, bool) or not isinstance(grid_prompts, numbers.Integral)
+    or grid_prompts < 1
+  ):  # fmt: skip
+    raise ValueError(
+      f'train.num_sample_prompts={grid_prompts!r}: the sample grids (every train.sample_every '
+      'steps) need at least 1 prompt; use a whole number >= 1, or train.sample_every=0 for no '
+      'grids.'
+    )
   layout = config.train.get('state_layout', 'auto')
   if layout not in sharding.STATE_LAYOUTS:
     raise ValueError(

@@ -318,6 +318,13 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('data.num_workers', -1, 'data.num_workers=-1: use a whole number >= 0'),
     ('data.max_skip_fraction', 2.0, r'data.max_skip_fraction=2.0: use a fraction in \[0, 1\]'),
     ('data.crop_size', 100, r'data.crop_size must be in \[0, resolution=16\]'),
+    # These failed only after the text cache was built: a zero width trained zero-size layers
+    # until the first checkpoint refused them, or divided by zero.
+    ('model.dim', 0, r'Invalid UNetConfig: dim=0: sizes must be whole numbers >= 1'),
+    ('model.num_heads', 0, 'Invalid UNetConfig: num_heads=0'),
+    ('model.num_groups', 0, 'Invalid UNetConfig: num_groups=0'),
+    ('model.channel_mults', (1, 0), r'Invalid UNetConfig: channel_mults=\(1, 0\)'),
+    ('text.max_length', 1, r'text.max_length=1: use a whole number >= 2 \(a token and EOS\)'),
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
   ],
 )
@@ -348,3 +355,14 @@ def test_wandb_without_the_package_is_refused_before_the_run_starts(monkeypatch)
     train_lib.check_settings(config)
   config.train.wandb = False
   train_lib.check_settings(config)
+
+
+def test_a_sample_grid_without_prompts_is_refused():
+  config = base64.get_config('tiny')
+  config.train.num_sample_prompts = 0
+  train_lib.check_settings(config)  # no grids (sample_every=0): not used
+  config.train.sample_every = 2
+  with pytest.raises(ValueError, match='train.num_sample_prompts=0: the sample grids'):
+    train_lib.check_settings(config)
+  config.train.sample_prompts = ('a red square',)
+  train_lib.check_settings(config)  # the given prompts are used
