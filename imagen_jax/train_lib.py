@@ -668,6 +668,28 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       'train.wandb=True needs Weights & Biases: `pip install wandb` (or run with '
       '--config.train.wandb=False).'
     )
+  diff = config.diffusion
+  if diff.loss_weighting == 'min_snr' and not float(diff.min_snr_gamma) > 0:  # also NaN
+    raise ValueError(
+      f'diffusion.min_snr_gamma={diff.min_snr_gamma}: min-SNR weighting min(snr, gamma) needs '
+      'gamma > 0 (5 in Hang et al. 2023); a negative one trained on negative weights.'
+    )
+  if not float(diff.logsnr_min) < float(diff.logsnr_max):
+    raise ValueError(
+      f'diffusion.logsnr_min={diff.logsnr_min}, logsnr_max={diff.logsnr_max}: the schedule '
+      'clips log-SNR to [logsnr_min, logsnr_max]; use logsnr_min < logsnr_max (e.g. -20, 20).'
+    )
+  if diff.schedule == 'shifted_cosine' and not float(diff.shift_base) >= 1:
+    raise ValueError(
+      f'diffusion.shift_base={diff.shift_base}: the shifted cosine shifts log-SNR by '
+      '2 log(shift_base / resolution); use the base resolution it is shifted from (e.g. 64).'
+    )
+  if bool(config.model.lowres_cond) != stage.is_super_resolution(config):
+    raise ValueError(
+      f'model.lowres_cond={config.model.lowres_cond} but data.lowres_resolution='
+      f'{config.data.lowres_resolution}: a super-resolution stage (lowres_resolution > 0) needs '
+      'model.lowres_cond=True, a base stage False.'
+    )
   zeros = np.zeros(1, np.float32)
   gaussian.target_for(objective=config.diffusion.objective, x=zeros, eps=zeros, logsnr=zeros)
   losses.loss_weight(

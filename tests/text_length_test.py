@@ -325,6 +325,10 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('model.num_groups', 0, 'Invalid UNetConfig: num_groups=0'),
     ('model.channel_mults', (1, 0), r'Invalid UNetConfig: channel_mults=\(1, 0\)'),
     ('text.max_length', 1, r'text.max_length=1: use a whole number >= 2 \(a token and EOS\)'),
+    # Trained silently on nonsense (negative loss weights), or failed at the first step.
+    ('diffusion.min_snr_gamma', -1.0, r'diffusion.min_snr_gamma=-1.0: min-SNR weighting'),
+    ('diffusion.logsnr_min', 30.0, 'use logsnr_min < logsnr_max'),
+    ('model.lowres_cond', True, r'a super-resolution stage \(lowres_resolution > 0\) needs'),
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
   ],
 )
@@ -366,3 +370,23 @@ def test_a_sample_grid_without_prompts_is_refused():
     train_lib.check_settings(config)
   config.train.sample_prompts = ('a red square',)
   train_lib.check_settings(config)  # the given prompts are used
+
+
+def test_every_shipped_config_passes_the_start_checks_and_a_shifted_cosine_needs_its_base():
+  import importlib
+
+  for name, variants in (
+    ('base64', ('', 'small', 'demo', 'tiny')),
+    ('sr256', ('', 'demo', 'tiny')),
+    ('sr1024', ('', 'demo', 'tiny')),
+    ('digits', ('', 'tiny')),
+  ):
+    module = importlib.import_module(f'configs.{name}')
+    for variant in variants:
+      train_lib.check_settings(module.get_config(variant))
+  config = base64.get_config('tiny')
+  config.diffusion.schedule = 'shifted_cosine'
+  train_lib.check_settings(config)
+  config.diffusion.shift_base = 0
+  with pytest.raises(ValueError, match='diffusion.shift_base=0: the shifted cosine'):
+    train_lib.check_settings(config)
