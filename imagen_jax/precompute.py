@@ -298,8 +298,8 @@ def _run_cli() -> None:
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
     # One line for DataError, CacheError, T5CheckpointError and a peer that never came.
-    try:
-      cache = precompute(config)
+    try:  # a complete cache is opened, not rebuilt (no encoder load, no write)
+      cache = open_or_build_cache(config, build_if_missing=True)
     except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:
       cli.fail(str(e), code=1)
     if jax.process_index() == 0:

@@ -2,6 +2,7 @@
 sharded encoder) and through the CLI with a config override."""
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -167,6 +168,15 @@ def test_touched_or_moved_images_reuse_the_cache_of_the_same_captions(
     assert (new_path / old_file.name).stat().st_ino == old_file.stat().st_ino  # hard links
   np.testing.assert_array_equal(again.lookup(CAPTIONS)[0], first.lookup(CAPTIONS)[0])
   assert precompute.open_or_build_cache(config, build_if_missing=False).path == new_path
+  # Run again (the precompute CLI), the complete cache under the new key is not linked again.
+  fingerprint = precompute._source(config).fingerprint()
+  assert not cache_lib.adopt_matching_cache(
+    str(tmp_path / 'cache'),
+    CAPTIONS,
+    encoder_id=precompute.encoder_id(config),
+    max_length=16,
+    dataset_fingerprint=fingerprint,
+  )
 
   # Other captions are encoded, not matched to the old cache.
   with open(images / 'metadata.jsonl', 'a', encoding='utf-8') as f:
@@ -234,25 +244,26 @@ def test_precompute_cli(images, tmp_path):
   config_file = tmp_path / 'tiny_config.py'
   config_file.write_text(_CONFIG_FILE.format(cache_dir=str(cache_dir), images=str(images)))
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  result = subprocess.run(
-    [
-      sys.executable,
-      '-m',
-      'imagen_jax.precompute',
-      f'--config={config_file}',
-      '--config.text.max_length=12',
-      # A relative cache_dir is under --workdir, as train.py takes it (the errors' hint).
-      '--config.text.cache_dir=cache',
-      f'--workdir={tmp_path}',
-    ],
-    cwd=REPO_ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
+  command = [
+    sys.executable,
+    '-m',
+    'imagen_jax.precompute',
+    f'--config={config_file}',
+    '--config.text.max_length=12',
+    # A relative cache_dir is under --workdir, as train.py takes it (the errors' hint).
+    '--config.text.cache_dir=cache',
+    f'--workdir={tmp_path}',
+  ]
+  run = functools.partial(
+    subprocess.run, command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
   )
+  result = run()
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'UNTRAINED' in result.stderr
+  assert 'UNTRAINED' in result.stderr  # t5-tiny-random's warning: the encoder was loaded
+  # Run again, it finds the cache complete without loading the encoder (minutes for T5-XXL).
+  again = run()
+  assert again.returncode == 0 and again.stdout == result.stdout, again.stderr[-3000:]
+  assert 'UNTRAINED' not in again.stderr
   config = make_config(images, cache_dir)
   config.text.max_length = 12
   cache = precompute.open_or_build_cache(config, build_if_missing=False)

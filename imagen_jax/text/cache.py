@@ -785,6 +785,11 @@ def adopt_matching_cache(
   path = root / cache_key(encoder_id, max_length, dataset_fingerprint)
   if not root.is_dir():
     return None
+  try:
+    if (_read_manifest(path) or {}).get('complete'):
+      return None  # already this fingerprint's cache (the precompute CLI run again)
+  except CacheError:
+    pass  # an unreadable manifest: replaced below when a match is found
   for source in sorted(root.iterdir()):
     if source == path or not source.is_dir():
       continue
