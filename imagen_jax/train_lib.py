@@ -684,9 +684,9 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       f'diffusion.shift_base={diff.shift_base}: the shifted cosine shifts log-SNR by '
       '2 log(shift_base / resolution); use the base resolution it is shifted from (e.g. 64).'
     )
-  if bool(config.model.lowres_cond) != stage.is_super_resolution(config):
+  if bool(config.model.get('lowres_cond', False)) != stage.is_super_resolution(config):
     raise ValueError(
-      f'model.lowres_cond={config.model.lowres_cond} but data.lowres_resolution='
+      f'model.lowres_cond={config.model.get("lowres_cond", False)} but data.lowres_resolution='
       f'{config.data.lowres_resolution}: a super-resolution stage (lowres_resolution > 0) needs '
       'model.lowres_cond=True, a base stage False.'
     )
