@@ -26,6 +26,8 @@ import time
 
 from absl import app, flags
 
+from imagen_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/quality', 'Run folder (created, or resumed when present).')
 flags.DEFINE_string('config', 'configs/digits.py', 'Recipe config.')
@@ -47,10 +49,11 @@ def _run(cmd: list[str]) -> float:
   start = time.perf_counter()
   code = subprocess.run(cmd, check=False, env=env, stdout=sys.stderr).returncode
   if code:
-    print(
-      f'error: {cmd[1]} failed with exit status {code} (its messages are above).', file=sys.stderr
+    # Killed by signal N: exit 128 + N, as a shell says.
+    cli.fail(
+      f'{cmd[1]} failed with exit status {code} (its messages are above).',
+      code if code > 0 else 128 - code,
     )
-    sys.exit(code if code > 0 else 128 - code)  # killed by signal N: 128 + N, as a shell says
   return time.perf_counter() - start
 
 
@@ -144,8 +147,7 @@ def main(argv) -> None:
     try:
       scoring.check_num(FLAGS.num)  # evaluate.py's own check, before the training
     except scoring.EvalError as e:
-      print(f'error: {e}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(str(e))
     python = sys.executable
     resumed = _has_checkpoint(workdir)
     train_s = _run([python, 'train.py', f'--config={FLAGS.config}', f'--workdir={workdir}'])

@@ -32,6 +32,8 @@ import time
 
 from absl import app, flags
 
+from imagen_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'SR run folder (RUN or RUN@STEP).', required=True)
 flags.DEFINE_integer('num', 64, 'Held-out images to score.')
@@ -158,10 +160,7 @@ def main(argv) -> None:
   del argv
   for name in ('num', 'batch_size', 'grid_rows', 'grid_scale'):
     if getattr(FLAGS, name) < 1:
-      print(
-        f'error: --{name} must be a positive integer, got {getattr(FLAGS, name)}.', file=sys.stderr
-      )
-      sys.exit(2)
+      cli.fail(f'--{name} must be a positive integer, got {getattr(FLAGS, name)}.')
   overrides = {
     'sampler': FLAGS.sampler,
     'steps': FLAGS.steps,
@@ -180,16 +179,14 @@ def main(argv) -> None:
       grid_rows=FLAGS.grid_rows if FLAGS.grid else 0,
     )
   except ValueError as e:  # SampleError, DataError: a bad run folder, step or setting
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(' '.join(str(e).split()))
   out = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
   print(json.dumps(out, allow_nan=False), flush=True)  # first: a grid write error keeps the line
   if FLAGS.grid:
     try:
       write_grid(arrays, FLAGS.grid, scale=FLAGS.grid_scale)
     except OSError as e:
-      print(f'error: cannot write --grid {FLAGS.grid}: {e.strerror or e}.', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f'cannot write --grid {FLAGS.grid}: {e.strerror or e}.')
 
 
 if __name__ == '__main__':
