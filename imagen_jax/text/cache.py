@@ -43,7 +43,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ml_dtypes
@@ -149,6 +149,20 @@ def _read_manifest(path: pathlib.Path) -> dict | None:
     ) from e
 
 
+def _caches(root: pathlib.Path) -> Iterator[tuple[pathlib.Path, dict]]:
+  """(folder, manifest) of each folder under `root` whose manifest reads as a JSON object, by
+  name; the others are skipped."""
+  if not root.is_dir():
+    return
+  for sub in sorted(root.iterdir()):
+    try:
+      manifest = json.loads((sub / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+      continue
+    if isinstance(manifest, dict):
+      yield sub, manifest
+
+
 def _describe(encoder: str, max_length: int, fingerprint: str) -> str:
   return f'encoder={encoder!r}, max_length={max_length}, dataset fingerprint={fingerprint!r}'
 
@@ -220,14 +234,9 @@ class EmbeddingCache:
   @staticmethod
   def _missing_message(root: pathlib.Path, path: pathlib.Path, wanted: dict) -> str:
     message = f'No embedding cache for {_describe(**_renamed(wanted))} at {str(path)!r}.'
-    others = []
-    if root.is_dir():
-      for sub in sorted(root.iterdir()):
-        try:
-          m = json.loads((sub / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-          continue
-        others.append((len(_differences(m, wanted)), sub, _differences(m, wanted)))
+    others = [
+      (len(_differences(m, wanted)), sub, _differences(m, wanted)) for sub, m in _caches(root)
+    ]
     if others:
       _, sub, diffs = min(others, key=lambda o: o[0])
       message += f' The closest cache there, {str(sub)!r}, is stale for this config: ' + (
@@ -783,19 +792,13 @@ def adopt_matching_cache(
   digest = _captions_digest(unique)
   root = pathlib.Path(root)
   path = root / cache_key(encoder_id, max_length, dataset_fingerprint)
-  if not root.is_dir():
-    return None
   try:
     if (_read_manifest(path) or {}).get('complete'):
       return None  # already this fingerprint's cache (the precompute CLI run again)
   except CacheError:
     pass  # an unreadable manifest: replaced below when a match is found
-  for source in sorted(root.iterdir()):
-    if source == path or not source.is_dir():
-      continue
-    try:
-      manifest = json.loads((source / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+  for source, manifest in _caches(root):
+    if source == path:
       continue
     same = (
       manifest.get('complete') is True
