@@ -244,10 +244,15 @@ def decode_image(data: Any, *, draft_size: int = 0, min_size: int = 0) -> Image.
     raise SkipExample(f'cannot convert image mode {image.mode} to RGB ({e})') from e
 
 
-def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+def _scaled_size(image: Image.Image, size: int) -> tuple[int, int]:
+  """(width, height) of `image` scaled so that its shorter side is `size`."""
   width, height = image.size
   scale = size / min(width, height)
-  new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+  return max(size, round(width * scale)), max(size, round(height * scale))
+
+
+def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  new_size = _scaled_size(image, size)
   if new_size == image.size:
     return image
   return image.resize(new_size, _RESAMPLE, reducing_gap=3.0)
@@ -262,8 +267,7 @@ def _upsampled_window(image: Image.Image, res: int, rng: np.random.Generator | N
   offsets are drawn on the scaled image's grid, as for a full resize then a crop.
   """
   width, height = image.size
-  scale = res / min(width, height)
-  scaled_w, scaled_h = max(res, round(width * scale)), max(res, round(height * scale))
+  scaled_w, scaled_h = _scaled_size(image, res)
   if rng is not None:
     left = int(rng.integers(0, scaled_w - res + 1))
     top = int(rng.integers(0, scaled_h - res + 1))
