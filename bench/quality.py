@@ -114,11 +114,10 @@ def summarise(
 def write_grid(workdir: str, path: str, *, seen: int = 4, per_heldout: int = 2) -> None:
   """Samples of the run's EMA params with its sampler settings: row c shows class c under
   `seen` seen templates, then each held-out template `per_heldout` times; 4x nearest upscale."""
-  import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from imagen_jax import images, sample_lib
+  from imagen_jax import cascade, images, sample_lib
   from imagen_jax.data import digits
 
   templates = list(digits.SEEN_TEMPLATES[:seen])
@@ -126,9 +125,8 @@ def write_grid(workdir: str, path: str, *, seen: int = 4, per_heldout: int = 2) 
   prompts = [digits.caption(c, t) for c in range(digits.NUM_CLASSES) for t in templates]
   stage = sample_lib.restore_stage(workdir, {}, True)
   text_embs, text_mask = sample_lib.encode_text(prompts, stage.config)
-  out = stage.sample_fn(
-    stage.params, jnp.asarray(text_embs), jnp.asarray(text_mask), jax.random.key(0)
-  )
+  keys = cascade.image_keys(0, range(len(prompts)))  # image i's noise, as in evaluate.py
+  out = stage.sample_fn(stage.params, *map(jnp.asarray, (text_embs, text_mask, keys)))
   grid = images.make_grid(images.to_uint8(np.asarray(out)), columns=len(templates), pad=1)
   grid = grid.repeat(4, axis=0).repeat(4, axis=1)
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'SR run folder (RUN or RUN@STEP).', required=True)
 flags.DEFINE_integer('num', 64, 'Held-out images to score.')
 flags.DEFINE_integer('batch_size', 16, 'Images sampled per call.')
-flags.DEFINE_integer('seed', 0, 'Noise seed (batch b draws from fold_in(key(seed), b)).')
+flags.DEFINE_integer(
+  'seed', 0, 'Noise seed (image i draws from fold_in(fold_in(key(seed), i), 0)).'
+)
 flags.DEFINE_string('sampler', None, "Override the run's sample.sampler.")
 flags.DEFINE_integer('steps', None, "Override the run's sample.steps.")
 flags.DEFINE_string('sample_grid', None, "Override the run's sample.grid (logsnr spacing).")
@@ -73,7 +75,7 @@ def evaluate(
   import jax.numpy as jnp
   import numpy as np
 
-  from imagen_jax import checkpoints, sample_lib, stage
+  from imagen_jax import cascade, checkpoints, sample_lib, stage
   from imagen_jax.data import preprocess
   from imagen_jax.evaluate import sr
 
@@ -95,15 +97,15 @@ def evaluate(
   per_image: dict[str, list] = {}
   kept = {'lowres': [], 'bicubic': [], 'output': [], 'real': []}
   n = len(heldout.captions)
-  for b, lo in enumerate(range(0, n, batch_size)):
+  for lo in range(0, n, batch_size):
     hi = min(n, lo + batch_size)
     pad = batch_size - (hi - lo)  # one compiled shape: the last batch is padded, then cut
     args = [
       jnp.asarray(np.concatenate([a[lo:hi]] + [a[hi - 1 : hi]] * pad))
       for a in (text_embs, text_mask, lowres, real)
     ]
-    rng = jax.random.fold_in(jax.random.key(seed), b)
-    output, bicubic, metrics = jax.device_get(eval_fn(st.params, *args[:2], rng, *args[2:]))
+    keys = jnp.asarray(cascade.image_keys(seed, range(lo, lo + batch_size)))  # image i's noise
+    output, bicubic, metrics = jax.device_get(eval_fn(st.params, *args[:2], keys, *args[2:]))
     for k, v in metrics.items():
       per_image.setdefault(k, []).extend(np.asarray(v)[: hi - lo].tolist())
     if lo < grid_rows:

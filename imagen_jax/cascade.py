@@ -100,6 +100,9 @@ def make_stage_sampler(
   """A jitted fn(params, text_embs [B,L,D], text_mask [B,L], rng, lowres=None, x_init=None,
   mask=None) -> [B,H,W,3].
 
+  `rng`: one PRNG key for the batch, or per-image keys (`image_keys`), from which each image
+  draws all of its noise (the SR stage's augmentation included), whatever batch it is in.
+
   Images come out in [-1, 1] (with thresholding). SR stages take `lowres` [B, h, w, 3] from the
   previous stage; it is upsampled and noise-augmented to `options.aug_level`.
 
@@ -120,7 +123,7 @@ def make_stage_sampler(
     batch = text_embs.shape[0]
     shape = (batch, resolution, resolution, 3)
     check_edit_inputs(options, shape, x_init=x_init, mask=mask)
-    aug_rng, sample_rng = jax.random.split(rng)
+    aug_rng, sample_rng = samplers.split(rng)
     lowres_aug = aug_level = None
     if is_sr:
       if lowres is None:
@@ -135,7 +138,7 @@ def make_stage_sampler(
       lowres_aug, aug_level = guidance.noise_condition_aug(
         lowres=up,
         aug_level=options.aug_level,
-        noise=jax.random.normal(aug_rng, up.shape),
+        noise=samplers.normal(aug_rng, up.shape),
         schedule=aug_schedule,
       )
     model_fn = stage.make_model_fn(
@@ -172,6 +175,16 @@ def make_stage_sampler(
     return jnp.clip(images, -1.0, 1.0)
 
   return sample_fn
+
+
+def image_keys(seed: int, indices: Sequence[int], stage: int = 0) -> np.ndarray:
+  """Per-image key data [B, 2] uint32 for the images numbered `indices` of a request, on cascade
+  stage `stage` (0: the first): image i draws its noise from fold_in(fold_in(key(seed), i),
+  stage), so it is the same image whatever the batch size and whichever batch holds it.
+  sample.py, evaluate.py and the in-training sample grids and evaluations all number their images
+  from 0 in their output order."""
+  keys = samplers.image_keys(jax.random.key(seed), np.asarray(indices))
+  return np.asarray(jax.random.key_data(samplers.fold_in(keys, stage)))
 
 
 def check_edit_inputs(
@@ -305,7 +318,7 @@ def run_cascade(
   if len(edits) != len(stages):
     raise ValueError(f'{len(edits)} stage edits for {len(stages)} stages.')
   for i, (st, edit) in enumerate(zip(stages, edits, strict=True)):
-    stage_rng = jax.random.fold_in(rng, i)
+    stage_rng = samplers.fold_in(rng, i)
     edit = edit or StageEdit()
     lowres = st.sample_fn(
       st.params, text_embs[i], text_mask[i], stage_rng, lowres, edit.x_init, edit.mask

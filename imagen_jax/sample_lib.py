@@ -19,14 +19,19 @@ its memory per device logged, with a warning when it will not fit (`_CompiledSam
 Prompts are encoded as training saw them: the config's encoder, max_length and text.dtype, the
 precompute batch shape, rounded to the cache's bfloat16 (see `encode_text`).
 
-Resuming: batch b always draws its noise from fold_in(key(seed), b) and always holds the same
-images (fixed by the prompt order, --num_images and --batch_size), so a rerun with the same
-settings and `skip_existing=True` skips every batch whose files all exist (no compute), and
-recomputes a partly-present batch, writing only its missing files: the result is bitwise the
-same as one uninterrupted run (on the same devices). The existing sidecars must record the same
-settings, or the run is refused; where they record other devices (`sampled_on`) a warning says
-that the new images match an uninterrupted run only to float rounding. `overwrite` (replace
-everything) and `skip_existing` (keep what is there) exclude each other.
+Noise: image i (its number in the output order, `noise_index` in its sidecar) draws all of its
+noise on stage s from fold_in(fold_in(key(seed), i), s) (`cascade.image_keys`), so it is the
+same image whatever --batch_size and whichever batch holds it, up to the float rounding of a
+network run at another batch size (bitwise at the same one).
+
+Resuming: a rerun with the same settings and `skip_existing=True` skips every batch whose files
+all exist (no compute), and recomputes a partly-present batch, writing only its missing files:
+the result is bitwise the same as one uninterrupted run (on the same devices, at the same
+--batch_size). The existing sidecars must record the same settings, or the run is refused; where
+they record other devices or another batch size (`sampled_on`), as after an out-of-memory error
+and a lower --batch_size, a warning says that the new images match an uninterrupted run only to
+float rounding. `overwrite` (replace everything) and `skip_existing` (keep what is there)
+exclude each other.
 
 Devices (`cascade.BatchDevices`): a batch that this process's devices divide is split over them
 (sample.py asks for two CPU devices when its first batch is even, imagen_jax.cpu_devices), any
@@ -530,11 +535,15 @@ def encode_prompts(prompts: list[str], stages: Sequence[cascade.Stage]) -> tuple
   return [e.astype(np.float32) for e in text_embs], text_mask
 
 
-PER_IMAGE_FIELDS = ('prompt', 'image_index', 'init_image')  # sidecar fields that vary by image
-# Where the images were sampled: {'backend': 'cpu', 'devices': 2} (this process's devices; a
-# batch they do not divide ran on the first). It moves float rounding only, so --skip_existing
-# warns about a different one instead of refusing.
+# sidecar fields that vary by image
+PER_IMAGE_FIELDS = ('prompt', 'image_index', 'noise_index', 'init_image')
+# How the images were sampled: {'backend': 'cpu', 'devices': 2, 'batch_size': 8} (this process's
+# devices; a batch they do not divide ran on the first). It moves float rounding only, so
+# --skip_existing warns about a different one instead of refusing.
 SAMPLED_ON = 'sampled_on'
+# The noise of image i: fold_in(fold_in(key(seed), i), stage) (cascade.image_keys). Sidecars
+# without it are from before 2026-11, when a batch's noise came from the batch's number.
+NOISE = 'per_image: fold_in(fold_in(key(seed), noise_index), stage)'
 
 
 def _edit_settings(req: SampleRequest) -> dict:
@@ -554,7 +563,7 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
   """Everything that decides the images (the sidecar minus the per-image fields), as JSON."""
   settings = {
     'seed': req.seed,
-    'batch_size': req.batch_size,
+    'noise': NOISE,
     'num_images': req.num_images,
     'all_prompts': list(req.prompts),
     'stages': [
@@ -599,8 +608,8 @@ def _check_existing_sidecars(
   sampled_on: dict,
 ) -> None:
   """--skip_existing: the sidecars already there must record these settings; a warning when they
-  were sampled on other devices (the new images then match an uninterrupted run's only to float
-  rounding)."""
+  were sampled on other devices or in batches of another size (the new images then match an
+  uninterrupted run's only to float rounding)."""
   elsewhere = set()
   for _, side in paths:
     if not side.exists():
@@ -618,6 +627,12 @@ def _check_existing_sidecars(
     if isinstance(where, dict) and where != sampled_on:  # absent in older sidecars
       elsewhere.add(_describe_devices(where))
     recorded = {k: v for k, v in recorded.items() if k not in PER_IMAGE_FIELDS}
+    if 'noise' not in recorded:
+      raise SampleError(
+        f'--skip_existing: {side} was made by an older imagen-jax, whose noise depended on the '
+        'batch size, so its images cannot be completed; choose another --out, or pass '
+        '--overwrite.'
+      )
     if recorded != settings:
       diffs = _differences(recorded, settings)
       raise SampleError(
@@ -638,7 +653,8 @@ def _check_existing_sidecars(
 
 def _describe_devices(where: dict) -> str:
   n = where.get('devices')
-  return f'{n} {where.get("backend")} device{"" if n == 1 else "s"}'
+  text = f'{n} {where.get("backend")} device{"" if n == 1 else "s"}'
+  return text + (f' in batches of {where["batch_size"]}' if 'batch_size' in where else '')
 
 
 def _remove_earlier_outputs(req: SampleRequest, paths, batches) -> None:
@@ -736,7 +752,11 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
 
   paths, all_jobs = output_paths(req), jobs(req)
   settings = _settings(req, stages)
-  sampled_on = {'backend': jax.default_backend(), 'devices': len(devices.devices)}
+  sampled_on = {
+    'backend': jax.default_backend(),
+    'devices': len(devices.devices),
+    'batch_size': req.batch_size,
+  }
   if req.skip_existing:
     _check_existing_sidecars(req, paths, settings, sampled_on)
 
@@ -767,7 +787,6 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       log.info('batch %d/%d: all %d images exist; skipped.', b + 1, num_batches, len(batch))
       continue
     prompt_rows = np.asarray([all_jobs[i].prompt for i in batch])
-    rng = jax.random.fold_in(jax.random.key(req.seed), b)
     lowres, stage_edits = None, [(None, None)] * len(stages)
     if edit is not None:
       lowres, stage_edits = edit.arrays([all_jobs[i].init for i in batch])
@@ -780,7 +799,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         params,
         put(text_embs[s][prompt_rows].astype(np.float32)),  # [B, L, D]
         put(text_mask[s][prompt_rows]),  # [B, L]
-        jax.random.fold_in(rng, s),
+        put(cascade.image_keys(req.seed, batch, s)),  # [B, 2]: image i's noise
         None if lowres is None else put(lowres),
         None if x_init is None else put(x_init),
         None if mask is None else put(mask),
@@ -795,8 +814,9 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         if xla_message is None:
           raise
         kept = (
-          f'{made} images from earlier batches were written; the same command with '
-          '--skip_existing makes only the missing ones.'
+          f'{made} images from earlier batches were written; the same command with a lower '
+          '--batch_size and --skip_existing makes only the missing ones (with the noise each '
+          'would have had).'
           if made
           else 'No image was written.'
         )
@@ -823,7 +843,11 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
         written += 1
       if not (req.skip_existing and side.exists()):
-        sidecar = {'prompt': req.prompts[prompt_rows[row]], 'image_index': all_jobs[i].k}
+        sidecar = {
+          'prompt': req.prompts[prompt_rows[row]],
+          'image_index': all_jobs[i].k,
+          'noise_index': i,
+        }
         if edit is not None:
           sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
         _write_json(side, {**sidecar, **settings, SAMPLED_ON: sampled_on})

@@ -1410,13 +1410,15 @@ def _make_sample_grid_fn(config, graphdef, text_cache, workdir_path, mesh, sourc
 
   out_dir = workdir_path / 'samples'
   everywhere = sharding.replicated(mesh)
-  text_embs, text_mask = sharding.sampler_inputs(mesh, text_embs, text_mask)
+  # image i's noise as sample.py and evaluate.py draw it (cascade.image_keys)
+  keys = cascade.image_keys(int(config.seed), range(len(prompts)))
+  inputs = sharding.sampler_inputs(mesh, text_embs, text_mask, keys)
   sample_replicated = multihost.compiled_together(
     jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:sample_grid_compiled'
   )
 
   def grid_fn(ema_params, step):
-    out = sample_replicated(ema_params, text_embs, text_mask, jax.random.key(config.seed))
+    out = sample_replicated(ema_params, *inputs)
     grid = images.make_grid(images.to_uint8(np.asarray(out)))
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)
@@ -1448,7 +1450,8 @@ def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   lowres = preprocess.to_float(heldout.lowres)  # [N, r, r, 3]
   real = preprocess.to_float(heldout.images)  # [N, R, R, 3]
   everywhere = sharding.replicated(mesh)
-  inputs = sharding.sampler_inputs(mesh, text_embs, text_mask, lowres, real)
+  keys = cascade.image_keys(int(config.seed), range(len(heldout.captions)))
+  inputs = sharding.sampler_inputs(mesh, text_embs, text_mask, keys, lowres, real)
   eval_fn = sr_eval.make_sr_eval_fn(config, graphdef, cascade.SamplingOptions.from_config(config))
   eval_replicated = multihost.compiled_together(
     jax.jit(eval_fn, out_shardings=everywhere), 'imagen_jax:sr_grid_compiled'
@@ -1456,9 +1459,7 @@ def _make_sr_grid_fn(config, graphdef, text_cache, workdir_path, mesh):
   out_dir = workdir_path / 'samples'
 
   def grid_fn(ema_params, step):
-    text_embs, text_mask, lowres_in, real_in = inputs
-    args = (ema_params, text_embs, text_mask, jax.random.key(config.seed), lowres_in, real_in)
-    output, bicubic, metrics = jax.device_get(eval_replicated(*args))
+    output, bicubic, metrics = jax.device_get(eval_replicated(ema_params, *inputs))
     grid = sr_eval.comparison_grid(lowres=lowres, bicubic=bicubic, output=output, real=real)
     if jax.process_index() == 0:
       out_dir.mkdir(exist_ok=True)

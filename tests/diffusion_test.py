@@ -476,6 +476,36 @@ def test_samplers_deterministic_given_key():
   assert not np.allclose(a, np.asarray(c))  # another key: O(1) apart
 
 
+@pytest.mark.parametrize('name', samplers.SAMPLERS)
+def test_per_image_keys_make_each_image_independent_of_its_batch(name):
+  """With per-image keys image b draws all of its noise from its own key: the start, every
+  stochastic step (ddpm; ddim at eta 1), and inpainting's projections and RePaint renoising. So
+  an image is the same alone, in a batch, and at another place in the batch (the denoiser here
+  works row by row, as a U-Net does; only float rounding could differ, none is seen)."""
+  logsnrs = schedules.logsnr_grid(schedules.get_schedule('cosine'), steps=6)
+  x_known = jnp.asarray([[0.5, -0.5], [1.0, 0.0], [-1.0, 0.5], [0.0, 0.25]])
+  mask = jnp.asarray([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])  # 1 = generate
+
+  def run(rows, rng):
+    known, m = x_known[np.asarray(rows)], mask[np.asarray(rows)]
+    project = samplers.known_region_projection(x_known=known, mask=m, logsnrs=logsnrs)
+    kw = dict(denoise_fn=mixture_denoiser, logsnrs=logsnrs, shape=(len(rows), 2), rng=rng)
+    kw.update(eta=1.0, start=1, x_init=known, project=project, resample=2)
+    return np.asarray(jax.jit(functools.partial(samplers.sample, name, **kw))())
+
+  keys = samplers.image_keys(jax.random.key(11), np.arange(4))
+  batch = run([0, 1, 2, 3], keys)
+  np.testing.assert_allclose(run([2], keys[2:3]), batch[2:3], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(run([3, 1], keys[np.array([3, 1])]), batch[[3, 1]], rtol=0, atol=1e-6)
+  # The raw key data (what sample.py passes) is the same keys.
+  np.testing.assert_array_equal(run([0, 1, 2, 3], jax.random.key_data(keys)), batch)
+  # One key for the batch: image 2 depends on the batch it is in.
+  one_key = jax.random.key(11)
+  assert np.abs(run([2], one_key)[0] - run([0, 1, 2, 3], one_key)[2]).max() > 0.01
+  with pytest.raises(ValueError, match='3 per-image keys for a batch of 4 images'):
+    samplers.normal(keys[:3], (4, 2))
+
+
 def test_ddim_eta_one_is_stochastic_and_correct():
   logsnrs = schedules.logsnr_grid(schedules.get_schedule('cosine'), steps=200)
   x = samplers.sample_ddim(

@@ -76,6 +76,8 @@ def pngs(folder):
 
 
 def test_base_stage_outputs_and_sidecars(runs):
+  from imagen_jax import sample_lib
+
   out = runs['root'] / 'out_base'
   proc = sample(
     runs,
@@ -97,7 +99,8 @@ def test_base_stage_outputs_and_sidecars(runs):
   assert side['prompt'] == 'a red apple' and side['seed'] == 0
   assert side['stages'][0]['steps'] == 3 and side['stages'][0]['step'] == 4  # the latest
   assert side['stages'][0]['sampler'] == 'dpmpp_2m'
-  assert side['sampled_on'] == {'backend': 'cpu', 'devices': 1}
+  assert side['sampled_on'] == {'backend': 'cpu', 'devices': 1, 'batch_size': 8}
+  assert side['noise'] == sample_lib.NOISE and side['noise_index'] == 0
   for noise in ('Sharding info not provided', 'read only', 'read_only', 'Traceback'):
     assert noise not in proc.stderr, proc.stderr[-3000:]
   # The sampler was compiled ahead of its run: its memory is logged before the batch runs.
@@ -148,8 +151,8 @@ def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
     diff = np.abs(np.asarray(Image.open(a), np.int16) - np.asarray(Image.open(b), np.int16))
     assert diff.max() <= 3 and diff.mean() < 0.25, (a.name, diff.max(), diff.mean())
     side_a, side_b = (json.loads(p.with_suffix('.json').read_text()) for p in (a, b))
-    assert side_a.pop('sampled_on') == {'backend': 'cpu', 'devices': 1}
-    assert side_b.pop('sampled_on') == {'backend': 'cpu', 'devices': 2}
+    assert side_a.pop('sampled_on') == {'backend': 'cpu', 'devices': 1, 'batch_size': 4}
+    assert side_b.pop('sampled_on') == {'backend': 'cpu', 'devices': 2, 'batch_size': 4}
     assert side_a == side_b
   # A resume on one device of images sampled on two: made, with a warning that the new image
   # matches an uninterrupted run only to float rounding.
@@ -158,10 +161,41 @@ def test_two_cpu_devices_split_even_batches_and_match_one_device(runs):
   proc = sample(runs, *args, f'--out={two}', '--skip_existing')
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (
-    f'--skip_existing: images in {two} were sampled on 2 cpu devices, this run samples on 1 cpu '
-    'device: the images it adds match an uninterrupted run only to float rounding'
+    f'--skip_existing: images in {two} were sampled on 2 cpu devices in batches of 4, this run '
+    'samples on 1 cpu device in batches of 4: the images it adds match an uninterrupted run only '
+    'to float rounding'
   ) in ' '.join(proc.stderr.split()), proc.stderr[-3000:]
   assert last.exists() and last.with_suffix('.json').exists()
+
+
+def test_an_image_does_not_depend_on_the_batch_size(runs):
+  # Image i draws its noise from fold_in(fold_in(key(seed), i), stage): sampled in batches of 4,
+  # images 1 and 3 are removed, then remade one per batch (--batch_size=1 --skip_existing, as
+  # after an out-of-memory error), with ddpm's fresh noise at every step. They come back the same
+  # up to the float rounding of a batch of 1 (before, the batch size was a setting that
+  # --skip_existing refused to change, and a batch's noise came from the batch's number).
+  args = ['--prompt=a red apple', '--prompt=a bird', '--num_images=2', '--steps=3']
+  args += [f'--checkpoints={runs["base"]}', '--sampler=ddpm']
+  out = runs['root'] / 'batch_size'
+  assert sample(runs, *args, '--batch_size=4', f'--out={out}').returncode == 0
+  files = pngs(out)
+  first = {p.name: np.asarray(Image.open(p), np.int16) for p in files}
+  noise_index = [json.loads(p.with_suffix('.json').read_text())['noise_index'] for p in files]
+  assert noise_index == [0, 1, 2, 3]
+  for gone in (files[1], files[3]):
+    gone.unlink()
+  proc = sample(runs, *args, '--batch_size=1', '--skip_existing', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (
+    f'images in {out} were sampled on 1 cpu device in batches of 4, this run samples on 1 cpu '
+    'device in batches of 1: the images it adds match an uninterrupted run only to float rounding'
+  ) in ' '.join(proc.stderr.split()), proc.stderr[-3000:]
+  assert 'batch 1/4: all 1 images exist; skipped.' in proc.stderr
+  assert 'batch 2/4: sampled 1 images, wrote 1.' in proc.stderr
+  assert [p.name for p in pngs(out)] == list(first)
+  for p in pngs(out):
+    diff = np.abs(np.asarray(Image.open(p), np.int16) - first[p.name])
+    assert diff.max() <= 3 and diff.mean() < 0.25, (p.name, diff.max(), diff.mean())
 
 
 _ESTIMATES = """
@@ -596,8 +630,8 @@ def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   from imagen_jax import sample_lib
 
   req = sample_lib.SampleRequest(prompts=['a'], checkpoints=['unused'], out=str(tmp_path))
-  settings = {'seed': 0, 'stages': [{'step': 4}]}
-  here = {'backend': 'cpu', 'devices': 1}
+  settings = {'seed': 0, 'noise': sample_lib.NOISE, 'stages': [{'step': 4}]}
+  here = {'backend': 'cpu', 'devices': 1, 'batch_size': 8}
   paths = [(tmp_path / f'{i}.png', tmp_path / f'{i}.json') for i in range(4)]
 
   def write(i, text):
@@ -608,11 +642,17 @@ def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   with caplog.at_level('WARNING'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)
   assert 'sampled on' not in caplog.text
-  two = {'backend': 'cpu', 'devices': 2}
+  two = {'backend': 'cpu', 'devices': 2}  # before the batch size was recorded here
   write(2, json.dumps({'prompt': 'a', 'image_index': 2, **settings, 'sampled_on': two}))
   with caplog.at_level('WARNING'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)
-  assert 'were sampled on 2 cpu devices, this run samples on 1 cpu device' in caplog.text
+  assert 'were sampled on 2 cpu devices, this run samples on 1 cpu device in batches of 8' in (
+    caplog.text
+  )
+  older = {k: v for k, v in settings.items() if k != 'noise'}
+  write(3, json.dumps({'prompt': 'a', 'image_index': 3, **older, 'batch_size': 8}))
+  with pytest.raises(sample_lib.SampleError, match=r'3.json was made by an older imagen-jax'):
+    sample_lib._check_existing_sidecars(req, paths, settings, here)
   write(3, json.dumps({'prompt': 'a', 'image_index': 3, **settings, 'seed': 1}))
   with pytest.raises(sample_lib.SampleError, match=r'3.json was made with other settings \(seed'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)

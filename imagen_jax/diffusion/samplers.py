@@ -1,5 +1,11 @@
 """Samplers over a denoiser, each one `lax.fori_loop`, deterministic given a PRNG key.
 
+`rng` is one key for the batch, or one key per image (a key array [B], or its raw threefry key
+data uint32 [B, 2]: `image_keys`). With per-image keys, image b's noise (the start, every
+stochastic step, inpainting's projections and renoising) is drawn from rng[b] alone, so an
+image does not depend on the batch it is sampled in: the same key gives the same image, up to
+the float rounding of a network run at another batch size.
+
 Every sampler takes `denoise_fn(z [B, ...], logsnr [B]) -> x0 estimate` (guidance and
 thresholding live inside it, see guidance.make_denoise_fn) and a grid `logsnrs` [N + 1],
 increasing from pure noise (logsnrs[0]) to clean (logsnrs[N]); N is the number of steps.
@@ -46,9 +52,49 @@ def _full(logsnr: jnp.ndarray, batch: int) -> jnp.ndarray:
   return jnp.full((batch,), logsnr, jnp.float32)
 
 
+def image_keys(key: jax.Array, indices) -> jax.Array:
+  """Per-image keys [B]: fold_in(key, i) for each image number i in `indices` (a key array, or
+  one key's raw data)."""
+  key = as_keys(key)
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(indices, jnp.uint32))
+
+
+def as_keys(rng: jax.Array) -> jax.Array:
+  """A typed key array: `rng` itself, or its raw threefry key data ([..., 2] uint32) wrapped."""
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    return rng
+  return jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
+
+
+def _each(fn: Callable[[jax.Array], Any], rng: jax.Array) -> Any:
+  """fn(rng) for one key, fn mapped over the keys for per-image keys [B]."""
+  return fn(rng) if rng.ndim == 0 else jax.vmap(fn)(rng)
+
+
+def split(rng: jax.Array, num: int = 2) -> tuple[jax.Array, ...]:
+  """jax.random.split for one key or per-image keys (each split alone): `num` keys like rng."""
+  keys = _each(lambda k: jax.random.split(k, num), as_keys(rng))  # [num] or [B, num]
+  return tuple(keys[..., j] for j in range(num))
+
+
+def fold_in(rng: jax.Array, data) -> jax.Array:
+  """jax.random.fold_in for one key or per-image keys (each key folded alone)."""
+  return _each(lambda k: jax.random.fold_in(k, data), as_keys(rng))
+
+
+def normal(rng: jax.Array, shape: tuple[int, ...]) -> jnp.ndarray:
+  """float32 standard normal noise [B, ...]: from one key, or row b from rng[b] alone."""
+  rng = as_keys(rng)
+  if rng.ndim == 0:
+    return jax.random.normal(rng, shape, jnp.float32)
+  if rng.shape != shape[:1]:
+    raise ValueError(f'{rng.shape[0]} per-image keys for a batch of {shape[0]} images.')
+  return jax.vmap(lambda k: jax.random.normal(k, shape[1:], jnp.float32))(rng)
+
+
 def _init(rng: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jnp.ndarray]:
-  rng, init_rng = jax.random.split(rng)
-  return rng, jax.random.normal(init_rng, shape, jnp.float32)
+  rng, init_rng = split(rng)
+  return rng, normal(init_rng, shape)
 
 
 def start_index(steps: int, strength: float) -> int:
@@ -84,7 +130,7 @@ def known_region_projection(
   repaint = mask > 0.5
 
   def project(z, k, rng):
-    noise = jax.random.normal(rng, z.shape, jnp.float32)
+    noise = normal(rng, z.shape)
     known = gaussian.q_sample(x=x_known, logsnr=_full(logsnrs[k], z.shape[0]), noise=noise)
     known = jnp.where(k == steps, x_known.astype(jnp.float32), known)
     return jnp.where(repaint, z, known)
@@ -129,17 +175,17 @@ def _run(
 
   def plain_body(i, carry):
     state, history, rng = carry
-    rng, step_rng = jax.random.split(rng)
+    rng, step_rng = split(rng)
     state, history = step(i, state, history, step_rng)
     return state, history, rng
 
   def edit_body(i, carry):
     state_t, history_t, rng = carry
-    rng, step_rng = jax.random.split(rng)
+    rng, step_rng = split(rng)
 
     def take(j, take_carry):
       state_in = take_carry[0]
-      take_rng, project_rng, back_rng = jax.random.split(jax.random.fold_in(step_rng, j), 3)
+      take_rng, project_rng, back_rng = split(fold_in(step_rng, j), 3)
       history_in = (
         history_t if resample == 1 else jax.lax.cond(j == 0, lambda h: h, forget, history_t)
       )
@@ -148,7 +194,7 @@ def _run(
         state_s = from_z(project(to_z(state_s, i + 1), i + 1, project_rng), i + 1)
       if resample == 1:
         return state_in, state_s, history_s
-      noise = jax.random.normal(back_rng, shape, jnp.float32)
+      noise = normal(back_rng, shape)
       z_t = renoise(
         z_s=to_z(state_s, i + 1), logsnr_s=logsnrs[i + 1], logsnr_t=logsnrs[i], noise=noise
       )
@@ -189,7 +235,7 @@ def sample_ddim(
     eps = gaussian.eps_from_x(z=z, x=x, logsnr=logsnr_t)
     alpha_s, sigma_s = gaussian.alpha_sigma(logsnrs[i + 1])
     c2 = eta**2 * -jnp.expm1(logsnrs[i] - logsnrs[i + 1]) * sigma_s**2
-    noise = jax.random.normal(step_rng, shape, jnp.float32)
+    noise = normal(step_rng, shape)
     z = alpha_s * x + jnp.sqrt(jnp.maximum(sigma_s**2 - c2, 0.0)) * eps + jnp.sqrt(c2) * noise
     return z, history
 
@@ -214,7 +260,7 @@ def sample_ancestral(
     logsnr_t, logsnr_s = _full(logsnrs[i], batch), _full(logsnrs[i + 1], batch)
     x = denoise_fn(z, logsnr_t)
     mean, var = gaussian.posterior(z_t=z, x=x, logsnr_t=logsnr_t, logsnr_s=logsnr_s)
-    noise = jax.random.normal(step_rng, shape, jnp.float32)
+    noise = normal(step_rng, shape)
     noise_scale = jnp.where(i == steps - 1, 0.0, 1.0)
     return mean + noise_scale * jnp.sqrt(var) * noise, history
 

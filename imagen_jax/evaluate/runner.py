@@ -6,8 +6,10 @@
 The stage is rebuilt from its checkpoint's saved config (EMA params by default) and samples
 with its own sampler settings unless overridden. Prompts are embedded exactly as training saw
 them (`encode_prompts`: bit-identical to the embedding cache built on the same devices).
-Batch b draws its noise from fold_in(fold_in(key(seed), b), 0), as `sample.py` does for the
-base stage, so `sample.py` with the same prompts, seed and batch size gives the same images.
+Image i draws its noise from fold_in(fold_in(key(seed), i), 0) (`cascade.image_keys`), as
+`sample.py` does for the base stage, so the images do not depend on --batch_size (up to the float
+rounding of the network at another batch size), and `sample.py` with the same prompts and seed
+gives the same images.
 Every input is checked before any compute, and nothing is written unless `out` is given
 (never over an existing file without `overwrite`).
 """
@@ -138,10 +140,10 @@ def generate(
   if devices is not None:
     sample_fn, params, put = devices.place(sample_fn, params, devices.splits(batch_size))
   out = []
-  for b, start in enumerate(range(0, n, batch_size)):
+  for start in range(0, n, batch_size):
     rows = np.arange(start, start + batch_size).clip(max=n - 1)
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), 0)
-    args = (params, put(text_embs[rows]), put(text_mask[rows]), rng)
+    keys = cascade.image_keys(seed, range(start, start + batch_size))  # padding: its own keys
+    args = (params, put(text_embs[rows]), put(text_mask[rows]), put(keys))
     with compile_events.counting() as made:  # the sampler's own compile
       images = sample_fn(*args)
     if compiles is not None:
@@ -160,9 +162,8 @@ def _mesh_sampler(sample_fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
     jax.jit(sample_fn, out_shardings=everywhere), 'imagen_jax:eval_sampler_compiled'
   )
 
-  def sample(params, text_embs, text_mask, rng):
-    text_embs, text_mask = sharding.sampler_inputs(mesh, text_embs, text_mask)
-    return run(params, text_embs, text_mask, rng)
+  def sample(params, text_embs, text_mask, keys):
+    return run(params, *sharding.sampler_inputs(mesh, text_embs, text_mask, keys))
 
   return sample
 
