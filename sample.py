@@ -61,7 +61,9 @@ flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
 cli.define_distributed_flags()
 cli.define_compilation_cache_flag()
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same images on one backend.')
-flags.DEFINE_integer('batch_size', 8, 'Images per batch.')
+flags.DEFINE_integer(
+  'batch_size', 8, 'Images per batch (memory and speed; each image keeps its own noise).'
+)
 flags.DEFINE_list('sampler', None, 'ddpm | ddim | dpmpp_2m | heun, per stage (default: config).')
 flags.DEFINE_list('steps', None, 'Sampling steps per stage (default: config, 25).')
 flags.DEFINE_list(

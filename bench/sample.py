@@ -60,14 +60,16 @@ def main(_):
   if stage.is_super_resolution(config):
     r = int(config.data.lowres_resolution)
     lowres = put(jax.random.uniform(jax.random.key(2), (b, r, r, 3), minval=-1, maxval=1))
-  args = (params, text_embs, text_mask, jax.random.key(3), lowres)
+  # Per-image keys, as sample.py passes them (image i's noise: cascade.image_keys).
+  keys = [put(cascade.image_keys(seed, range(b))) for seed in range(FLAGS.repeats + 1)]
+  args = (params, text_embs, text_mask, keys[0], lowres)
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
   times = []
   for i in range(FLAGS.repeats):
     t0 = time.perf_counter()
-    compiled(*args[:3], jax.random.key(10 + i), lowres).block_until_ready()
+    compiled(*args[:3], keys[i + 1], lowres).block_until_ready()
     times.append(time.perf_counter() - t0)
   batch_s = statistics.median(times)
   evals = FLAGS.steps * (2 if FLAGS.sampler == 'heun' else 1) * (1 if FLAGS.guidance == 1 else 2)

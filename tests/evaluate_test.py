@@ -506,6 +506,12 @@ def test_fd_at_the_floor_rows_n_and_class_mix(judge):
   _, features = judge.predict(images[np.sort(subset)])
   want = metrics.frechet_distance(features, reference.features)
   assert got['fd_matched'] == pytest.approx(want, rel=1e-6)
+  precision, recall = metrics.precision_recall(real=reference.features, fake=features, k=3)
+  assert (got['precision_matched'], got['recall_matched']) == (precision, recall)
+  full_recall = metrics.precision_recall(
+    real=reference.features, fake=judge.predict(images)[1], k=3
+  )[1]
+  assert got['recall_matched'] < full_recall  # fewer images cover less of the reference
   full = metrics.frechet_distance(judge.predict(images)[1], reference.features)
   assert got['fd_matched'] > full  # fewer images, larger FD
   assert scoring.fd_at_matched_n(images[:100], prompted[:100], real[1], reference=reference) == {}

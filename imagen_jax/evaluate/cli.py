@@ -20,7 +20,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@STEP).')
 flags.DEFINE_integer('num', 500, 'Generated images: a multiple of the 10 classes, >= 20.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
-flags.DEFINE_integer('batch_size', 50, 'Images per sampling batch.')
+flags.DEFINE_integer(
+  'batch_size', 50, 'Images per sampling batch (memory and speed; the images stay the same).'
+)
 flags.DEFINE_string('sampler', None, 'ddpm | ddim | dpmpp_2m | heun (default: the run config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: the run config).')
 flags.DEFINE_float('guidance', None, 'Classifier-free guidance scale, 1 = none (default: config).')
@@ -117,9 +119,11 @@ def main(argv) -> None:
   generated, real = result['rows']['generated'], result['rows'].get('real_test')
   if 'fd_matched' in generated and real:
     print(
-      f"FD at the real_test row's n and class mix ({generated['n_matched']} generated images): "
-      f'{generated["fd_matched"]:.2f}, {generated["fd_matched"] / real["fd"]:.1f}x the '
-      f'real-vs-real floor {real["fd"]:.2f}.'
+      f"At the real_test row's n and class mix ({generated['n_matched']} generated images): "
+      f'FD {generated["fd_matched"]:.2f}, {generated["fd_matched"] / real["fd"]:.1f}x the '
+      f'real-vs-real floor {real["fd"]:.2f}; precision {generated["precision_matched"]:.3f}, '
+      f'recall {generated["recall_matched"]:.3f} (real_test: {real["precision"]:.3f}, '
+      f'{real["recall"]:.3f}).'
     )
   print(
     f'judge: real test accuracy {result["judge_test_accuracy"]:.4f} ({result["judge"]}). '

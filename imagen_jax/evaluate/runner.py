@@ -363,7 +363,7 @@ def run(req: EvalRequest) -> dict:
     if real['n'] < len(images):  # FD shrinks as n grows: the floor's n, for a fair ratio
       rows['generated'].update(
         scoring.fd_at_matched_n(
-          images, prompts.labels, calibration['real_test'][1], reference=reference
+          images, prompts.labels, calibration['real_test'][1], reference=reference, k=req.k
         )
       )
   result = {

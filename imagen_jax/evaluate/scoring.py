@@ -131,12 +131,19 @@ def score(
 
 
 def fd_at_matched_n(
-  images: np.ndarray, prompted: np.ndarray, real_labels: np.ndarray, *, reference: Reference
+  images: np.ndarray,
+  prompted: np.ndarray,
+  real_labels: np.ndarray,
+  *,
+  reference: Reference,
+  k: int = 3,
 ) -> dict:
-  """FD of the generated images subsampled to the real_test row's size and class mix (the first
-  images prompted with each class, as many as real_test holds of it): FD shrinks as n grows,
-  so the generated row at --num 500 against the floor's 359 test images flatters the ratio.
-  {'fd_matched': FD, 'n_matched': n}; {} when a class has too few generated images."""
+  """FD, precision and recall of the generated images subsampled to the real_test row's size
+  and class mix (the first images prompted with each class, as many as real_test holds of it):
+  FD shrinks as n grows, so the generated row at --num 500 against the floor's 359 test images
+  flatters the ratio, and recall (the reference inside the generated set's k-NN balls) grows
+  with n. {'fd_matched', 'precision_matched', 'recall_matched', 'n_matched'}; {} when a class
+  has too few generated images."""
   prompted = np.asarray(prompted)
   keep = []
   for c in range(digits.NUM_CLASSES):
@@ -146,8 +153,11 @@ def fd_at_matched_n(
       return {}
     keep.extend(have[:want].tolist())
   _, features = reference.judge.predict(images[np.asarray(sorted(keep))])
+  precision, recall = metrics.precision_recall(real=reference.features, fake=features, k=k)
   return {
     'fd_matched': metrics.frechet_distance(features, reference.features),
+    'precision_matched': precision,
+    'recall_matched': recall,
     'n_matched': len(keep),
   }
 
