@@ -642,7 +642,7 @@ def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   with caplog.at_level('WARNING'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)
   assert 'sampled on' not in caplog.text
-  two = {'backend': 'cpu', 'devices': 2}  # before the batch size was recorded here
+  two = {'backend': 'cpu', 'devices': 2}  # no batch_size: described by its devices alone
   write(2, json.dumps({'prompt': 'a', 'image_index': 2, **settings, 'sampled_on': two}))
   with caplog.at_level('WARNING'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)
