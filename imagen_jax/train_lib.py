@@ -593,6 +593,11 @@ _OPTIM_RANGES = {
 }
 
 
+def _is_count(value: Any, lowest: int) -> bool:
+  """Whether `value` is a whole number (a bool is not one) >= lowest."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lowest
+
+
 def check_settings(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first training-loop, data or loss setting that cannot train (or
   would be quietly read as another), before the workdir is written: a zero log_every or
@@ -604,7 +609,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   for field, (lowest, zero) in _COUNTS.items():
     section, name = field.split('.')
     value = config[section].get(name)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lowest:
+    if not _is_count(value, lowest):
       raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
   skip = float(config.data.max_skip_fraction)
   if not 0.0 <= skip <= 1.0:
@@ -612,10 +617,11 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
   stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
   grid_prompts = config.train.get('num_sample_prompts', 1)
-  if config.train.sample_every and not config.train.get('sample_prompts') and (
-    isinstance(grid_prompts, bool) or not isinstance(grid_prompts, numbers.Integral)
-    or grid_prompts < 1
-  ):  # fmt: skip
+  if (
+    config.train.sample_every
+    and not config.train.get('sample_prompts')
+    and not _is_count(grid_prompts, 1)
+  ):
     raise ValueError(
       f'train.num_sample_prompts={grid_prompts!r}: the sample grids (every train.sample_every '
       'steps) need at least 1 prompt; use a whole number >= 1, or train.sample_every=0 for no '

@@ -58,16 +58,13 @@ class UNetConfig:
   pool_heads: int = 8  # heads of the text attention pooling (must divide cond_dim)
 
   def __post_init__(self):
+    def is_size(value) -> bool:  # a whole number >= 1 (a bool is not one)
+      return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
     sizes = ('dim', 'num_heads', 'head_dim', 'cond_dim', 'text_dim', 'num_groups')
     sizes += ('image_channels', 'pool_heads')
-    not_positive = [
-      f'{name}={getattr(self, name)!r}'
-      for name in sizes
-      if isinstance(getattr(self, name), bool)
-      or not isinstance(getattr(self, name), int)
-      or getattr(self, name) < 1
-    ]
-    if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in self.channel_mults):
+    not_positive = [f'{n}={getattr(self, n)!r}' for n in sizes if not is_size(getattr(self, n))]
+    if not all(is_size(m) for m in self.channel_mults):
       not_positive.append(f'channel_mults={self.channel_mults!r}')
     if not_positive:  # a zero width trained zero-size layers (or divided by zero) silently
       raise ValueError(
