@@ -61,8 +61,7 @@ def _has_checkpoint(workdir: pathlib.Path) -> bool:
   """Whether the run folder holds a saved step, which train.py resumes from."""
   from imagen_jax import checkpoints
 
-  root = checkpoints.checkpoint_dir(workdir)
-  return root.is_dir() and any(p.name.isdigit() for p in root.iterdir())
+  return bool(checkpoints.step_numbers(checkpoints.checkpoint_dir(workdir)))
 
 
 def summarise(

@@ -125,6 +125,16 @@ def step_dir(workdir: str | os.PathLike, step: int) -> pathlib.Path:
   return checkpoint_dir(workdir) / str(step)
 
 
+def step_numbers(directory: str | os.PathLike) -> list[int]:
+  """The steps saved in a checkpoint folder (WORKDIR/checkpoints), ascending: orbax names a
+  finished step's folder by its number alone (one being written carries a temporary suffix);
+  [] where the folder is missing."""
+  try:
+    return sorted(int(p.name) for p in pathlib.Path(directory).iterdir() if p.name.isdigit())
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+
+
 def make_manager(
   workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True, read_only: bool = False
 ) -> ocp.CheckpointManager:
@@ -658,10 +668,10 @@ def peek_config(spec: str) -> ml_collections.ConfigDict | None:
   try:
     workdir, step = parse_run(spec)
     root = checkpoint_dir(workdir)
-    steps = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if step is None else [step]
+    steps = step_numbers(root) if step is None else [step]
   except (CheckpointError, OSError):
     return None
-  for s in sorted(steps, reverse=True):  # orbax names a finished step by its number alone
+  for s in reversed(steps):
     try:
       raw = json.loads((root / str(s) / 'config' / 'metadata').read_text())
     except (OSError, ValueError):

@@ -1370,10 +1370,7 @@ def _non_finite(what: str, step: int) -> TrainingError:
 
 def _save_failed(manager, step: int, error: BaseException | str) -> TrainingError:
   """'Saving step N failed (why); the kept checkpoints are intact; what to do.'"""
-  directory = pathlib.Path(manager.directory)
-  kept = sorted(
-    int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.name != str(step)
-  )
+  kept = [s for s in checkpoints.step_numbers(manager.directory) if s != step]
   if isinstance(error, OSError) and error.strerror:
     why = error.strerror
   else:

@@ -163,6 +163,17 @@ def test_parse_run():
       checkpoints.parse_run(bad)
 
 
+def test_step_numbers_are_the_finished_step_folders(tmp_path):
+  # A step being written carries orbax's temporary suffix; only number-named folders are saved.
+  root = tmp_path / 'checkpoints'
+  for name in ('10', '3', '12.orbax-checkpoint-tmp-1732', 'descriptor'):
+    (root / name).mkdir(parents=True)
+  (root / '7.txt').write_text('')
+  assert checkpoints.step_numbers(root) == [3, 10]
+  assert checkpoints.step_numbers(tmp_path / 'missing') == []
+  assert checkpoints.step_numbers(root / '7.txt') == []
+
+
 def test_a_home_relative_workdir_is_the_one_train_py_wrote(tmp_path, monkeypatch):
   # A quoted --workdir='~/run' reaches the program unexpanded; train.py expands it, and so must
   # every reader of that folder (sample.py, the out-of-memory message's checkpoint lookup).
