@@ -61,10 +61,13 @@ def _batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
 
 
 def resolve_cache_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """Make a relative `text.cache_dir` relative to the run folder `workdir` (in place)."""
+  """Make a relative `text.cache_dir` relative to the run folder `workdir`, and '~' the home
+  folder (in place). A quoted or `--flag=~/x` path reaches the program unexpanded; kept so, the
+  cache went to a folder named '~' under the current directory."""
   cache_dir = pathlib.Path(config.text.cache_dir).expanduser()
   if not cache_dir.is_absolute():
-    config.text.cache_dir = str(pathlib.Path(workdir).expanduser().absolute() / cache_dir)
+    cache_dir = pathlib.Path(workdir).expanduser().absolute() / cache_dir
+  config.text.cache_dir = str(cache_dir)
 
 
 class JaxProcesses:
@@ -168,7 +171,7 @@ def precompute(
     procs.count,
     config.text.cache_dir,
   )
-  cache_dir = pathlib.Path(config.text.cache_dir)
+  cache_dir = pathlib.Path(config.text.cache_dir).expanduser()
   try:  # before the encoder loads (minutes for T5-XXL)
     multihost.check_writable(cache_dir)
   except OSError as e:

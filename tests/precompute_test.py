@@ -93,6 +93,28 @@ def test_precompute_and_open_or_build(images, tmp_path):
 
 
 @pytest.mark.unit
+def test_a_home_relative_cache_dir_is_the_home_folder(images, tmp_path, monkeypatch):
+  # `--config.text.cache_dir=~/emb` reaches the program unexpanded (bash expands '~' only at a
+  # word's start or in NAME=~ assignments). It built the cache in a folder named '~' under the
+  # current directory, and the saved config named a path that another directory cannot find.
+  home, cwd = tmp_path / 'home', tmp_path / 'cwd'
+  home.mkdir()
+  cwd.mkdir()
+  monkeypatch.setenv('HOME', str(home))
+  monkeypatch.chdir(cwd)
+  config = make_config(images, '~/emb')
+  config.mesh.fsdp = 1
+  cache = precompute.open_or_build_cache(config, build_if_missing=True)  # precompute, no workdir
+  assert cache.path.parent == home / 'emb'
+  assert not (cwd / '~').exists()
+  precompute.resolve_cache_dir(config, tmp_path / 'run')  # train.py: what its checkpoints save
+  assert config.text.cache_dir == str(home / 'emb')
+  config.text.cache_dir = 'emb'
+  precompute.resolve_cache_dir(config, '~/run')
+  assert config.text.cache_dir == str(home / 'run' / 'emb')
+
+
+@pytest.mark.unit
 def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path, caplog):
   from imagen_jax.text import t5
   from tests import t5_test

@@ -202,7 +202,7 @@ class EmbeddingCache:
       'max_length': int(max_length),
       'dataset_fingerprint': str(dataset_fingerprint),
     }
-    root = pathlib.Path(root)
+    root = pathlib.Path(root).expanduser()
     path = root / cache_key(encoder_name, max_length, dataset_fingerprint)
     manifest = _read_manifest(path)
     if manifest is None:
@@ -642,7 +642,9 @@ def build_cache(
     raise CacheError('Two different captions share a 64-bit hash; rename one of them.')
 
   encoder_id = encoder_id or encoder.name
-  path = pathlib.Path(root) / cache_key(encoder_id, encoder.max_length, dataset_fingerprint)
+  path = pathlib.Path(root).expanduser() / cache_key(
+    encoder_id, encoder.max_length, dataset_fingerprint
+  )
   num_shards = math.ceil(len(unique) / shard_size)
   header = {
     'format_version': FORMAT_VERSION,
@@ -790,7 +792,7 @@ def adopt_matching_cache(
   if not unique:
     return None
   digest = _captions_digest(unique)
-  root = pathlib.Path(root)
+  root = pathlib.Path(root).expanduser()
   path = root / cache_key(encoder_id, max_length, dataset_fingerprint)
   try:
     if (_read_manifest(path) or {}).get('complete'):
