@@ -518,12 +518,18 @@ def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
 def _encode_per_stage(
   prompts: list[str], stages: Sequence[cascade.Stage]
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-  """Per-stage (text_embs [P, L, D] bfloat16, text_mask [P, L]); each encoder loaded once."""
+  """Per-stage (text_embs [P, L, D] bfloat16, text_mask [P, L]); each encoder loaded once.
+  Every stage's saved T5 folder fingerprint is checked, not only the first stage's of a key:
+  two stages may have trained on other checkpoints in the same folder."""
+  from imagen_jax import precompute
+
   by_key = {}
   for st in stages:
     key = _encoder_key(st.config)
     if key not in by_key:
-      by_key[key] = encode_text(list(prompts), st.config)
+      by_key[key] = encode_text(list(prompts), st.config)  # checks this stage's fingerprint
+    else:
+      precompute.check_encoder_unchanged(st.config)
   embs = [by_key[_encoder_key(st.config)] for st in stages]
   return [e for e, _ in embs], [m for _, m in embs]
 

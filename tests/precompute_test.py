@@ -154,6 +154,39 @@ def test_other_weights_in_the_same_folder_get_their_own_cache(images, tmp_path, 
 
 
 @pytest.mark.unit
+def test_sampling_checks_every_stages_t5_fingerprint(images, tmp_path, caplog):
+  # Two stages that name the same T5 folder but trained while it held other checkpoints share
+  # one encoding; the folder's checkpoint was checked only against the first stage's, so a
+  # stale second stage was conditioned on another model's embeddings without a word.
+  import types
+
+  from imagen_jax import sample_lib
+  from imagen_jax.text import t5
+  from tests import t5_test
+
+  folder = tmp_path / 't5'
+  t5_test.write_hf_folder(folder, sharded=False)
+
+  def stage(fingerprint):
+    config = make_config(images, tmp_path / 'cache')
+    config.text.encoder = str(folder)
+    config.text.encoder_fingerprint = fingerprint
+    config.mesh.fsdp = 1
+    return types.SimpleNamespace(config=config)
+
+  current, stale = stage(t5.folder_fingerprint(str(folder))), stage('0123456789ab')
+  for order in ([current, stale], [stale, current]):
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+      sample_lib._encode_per_stage(['a cat'], order)
+    assert caplog.text.count('holds another checkpoint') == 1, (order, caplog.text)
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    sample_lib._encode_per_stage(['a cat'], [current, current])
+  assert 'another checkpoint' not in caplog.text
+
+
+@pytest.mark.unit
 def test_touched_or_moved_images_reuse_the_cache_of_the_same_captions(
   tmp_path, monkeypatch, caplog
 ):
