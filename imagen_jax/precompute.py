@@ -60,6 +60,20 @@ def _batch_size(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | Non
   return math.ceil(batch / devices) * devices
 
 
+TEXT_DTYPES = ('bfloat16', 'float32')
+
+
+def check_text_dtype(config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the fix when `text.dtype` is not one the T5 encoder runs in (a typo such
+  as 'bf16' failed as a TypeError in the encoder, after the dataset was listed)."""
+  dtype = config.text.get('dtype', 'bfloat16')
+  if dtype not in TEXT_DTYPES:
+    raise ValueError(
+      f'text.dtype={dtype!r}: the T5 encoder runs in bfloat16 or float32; pass '
+      '--config.text.dtype=bfloat16 (the default) or float32.'
+    )
+
+
 def resolve_cache_dir(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
   """Make a relative `text.cache_dir` relative to the run folder `workdir`, and '~' the home
   folder (in place). A quoted or `--flag=~/x` path reaches the program unexpanded; kept so, the
@@ -155,6 +169,7 @@ def precompute(
   """
   from imagen_jax.text import encoder as encoder_lib
 
+  check_text_dtype(config)  # before the dataset is listed
   source = _source(config) if source is None else source
   captions = list(source.captions())
   fingerprint = source.fingerprint()
@@ -242,6 +257,7 @@ def open_or_build_cache(
   share. Raises CacheError (naming the fix, the same on every process) when it is missing,
   stale or incomplete and `build_if_missing` is False. `source`: as `precompute`'s.
   """
+  check_text_dtype(config)  # before the dataset is listed
   source = _source(config) if source is None else source
   procs = processes()
   try:

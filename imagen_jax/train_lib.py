@@ -604,6 +604,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   checkpoint_every used to end a started run with a ZeroDivisionError, a zero batch with a
   traceback, an unknown loss weighting at the first step's compile, a bad crop size after the
   text cache was built; a negative num_steps 'finished' at step 0."""
+  from imagen_jax import precompute
   from imagen_jax.data import preprocess
 
   for field, (lowest, zero) in _COUNTS.items():
@@ -615,6 +616,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= skip <= 1.0:
     raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
+  precompute.check_text_dtype(config)
   stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
   grid_prompts = config.train.get('num_sample_prompts', 1)
   if (

@@ -349,6 +349,19 @@ def test_precompute_cli(images, tmp_path):
 
 
 @pytest.mark.unit
+def test_an_unknown_text_dtype_is_named_before_the_dataset_is_listed(tmp_path):
+  # 'bf16' failed as a TypeError inside the encoder, after a (possibly long) dataset listing.
+  config = make_config(tmp_path / 'no_such_folder', tmp_path / 'cache')
+  config.text.dtype = 'bf16'
+  for build in (False, True):
+    with pytest.raises(ValueError, match=r"text.dtype='bf16': .* pass --config.text.dtype="):
+      precompute.open_or_build_cache(config, build_if_missing=build)
+  config.text.dtype = 'float32'  # a valid dtype gets as far as the missing data folder
+  with pytest.raises(ValueError, match='no_such_folder does not exist'):
+    precompute.open_or_build_cache(config, build_if_missing=False)
+
+
+@pytest.mark.unit
 def test_encoder_dtype_keeps_caches_apart(images, tmp_path):
   # Embeddings computed in float32 differ from bfloat16-computed ones: a run must never read
   # the other's cache from a shared cache_dir.
