@@ -522,12 +522,20 @@ def _encode_per_stage(
   Every stage's saved T5 folder fingerprint is checked, not only the first stage's of a key:
   two stages may have trained on other checkpoints in the same folder."""
   from imagen_jax import precompute
+  from imagen_jax.text import t5
 
   by_key = {}
   for st in stages:
     key = _encoder_key(st.config)
     if key not in by_key:
-      by_key[key] = encode_text(list(prompts), st.config)  # checks this stage's fingerprint
+      try:  # a moved T5 folder, or a Hub name offline: one line, not a traceback
+        by_key[key] = encode_text(list(prompts), st.config)  # checks this stage's fingerprint
+      except t5.T5CheckpointError as e:
+        raise SampleError(
+          f'{st.workdir} was trained with the text encoder {st.config.text.encoder!r} (its saved '
+          f'config.text.encoder), which cannot be loaded: {e} The model needs the encoder it '
+          'trained with.'
+        ) from e
     else:
       precompute.check_encoder_unchanged(st.config)
   embs = [by_key[_encoder_key(st.config)] for st in stages]

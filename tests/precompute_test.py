@@ -187,6 +187,25 @@ def test_sampling_checks_every_stages_t5_fingerprint(images, tmp_path, caplog):
 
 
 @pytest.mark.unit
+def test_a_run_whose_t5_folder_is_gone_is_one_message_in_sample_and_evaluate(images, tmp_path):
+  # sample.py and evaluate.py ended with a T5CheckpointError traceback (exit 1) after the
+  # U-Nets were restored; SampleError and EvalError are their one-line, exit-2 errors.
+  import types
+
+  from imagen_jax import sample_lib
+  from imagen_jax.evaluate import runner
+
+  config = make_config(images, tmp_path / 'cache')
+  config.text.encoder = str(tmp_path / 'moved_t5')
+  config.mesh.fsdp = 1
+  stage = types.SimpleNamespace(config=config, workdir='runs/base')
+  with pytest.raises(sample_lib.SampleError, match=r'^runs/base was trained with the text enc'):
+    sample_lib.encode_prompts(['a cat'], [stage])
+  with pytest.raises(runner.EvalError, match=r"moved_t5' does not exist. Pass an existing"):
+    runner.encode_prompts(config, ['a cat'])
+
+
+@pytest.mark.unit
 def test_touched_or_moved_images_reuse_the_cache_of_the_same_captions(
   tmp_path, monkeypatch, caplog
 ):
