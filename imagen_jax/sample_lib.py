@@ -317,8 +317,10 @@ def output_paths(req: SampleRequest) -> list[tuple[pathlib.Path, pathlib.Path]]:
   return paths
 
 
-def prepare_output(req: SampleRequest) -> None:
-  """Create and test-write the output folder; refuse to overwrite unless asked."""
+def prepare_output(req: SampleRequest, *, all_prompts: bool = True) -> None:
+  """Create and test-write the output folder; refuse to overwrite unless asked. `all_prompts`
+  False: the training captions are not in req.prompts yet, so a grid.png is not judged by them
+  (a folder made by --training_prompts alone read as another request's)."""
   out = pathlib.Path(req.out)
   try:
     multihost.check_writable(out)  # processes may share --out (sample.py --distributed)
@@ -336,7 +338,7 @@ def prepare_output(req: SampleRequest) -> None:
         'replace them, --skip_existing to keep them and make only the missing ones (same '
         'seed and settings), or choose another --out.'
       )
-  elif req.skip_existing and (out / 'grid.png').exists():
+  elif req.skip_existing and all_prompts and (out / 'grid.png').exists():
     if not any(side.exists() for _, side in output_paths(req)):
       raise SampleError(
         f"--skip_existing: {out} holds a grid.png but none of this request's images, so the "
@@ -723,7 +725,7 @@ def run(req: SampleRequest) -> list[pathlib.Path]:
 
 
 def _run(req: SampleRequest) -> list[pathlib.Path]:
-  prepare_output(req)
+  prepare_output(req, all_prompts=not req.training_prompts)  # again once the captions are read
   n_stages = req.stop_at or len(req.checkpoints)
   samplers_ = _per_stage(req.samplers, n_stages, 'sampler', len(req.checkpoints))
   steps_ = _per_stage(req.steps, n_stages, 'steps', len(req.checkpoints))

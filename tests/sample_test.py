@@ -198,6 +198,22 @@ def test_an_image_does_not_depend_on_the_batch_size(runs):
     assert diff.max() <= 3 and diff.mean() < 0.25, (p.name, diff.max(), diff.mean())
 
 
+def test_a_training_prompts_folder_is_completed_with_skip_existing(runs):
+  # The grid check ran before the training captions joined the request: a folder made by
+  # --training_prompts alone held "a grid.png but none of this request's images" and the resume
+  # the README describes was refused.
+  args = ['--training_prompts=2', '--steps=2', f'--checkpoints={runs["base"]}']
+  out = runs['root'] / 'training_prompts_resume'
+  assert sample(runs, *args, f'--out={out}').returncode == 0
+  files = pngs(out)
+  assert len(files) == 2 and (out / 'grid.png').exists()
+  files[1].unlink()
+  proc = sample(runs, *args, '--skip_existing', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'sampled 2 images, wrote 1.' in proc.stderr, proc.stderr[-3000:]
+  assert pngs(out) == files
+
+
 _ESTIMATES = """
 import json, sys
 from configs import base64
