@@ -44,7 +44,8 @@ class EditError(ValueError):
 
 
 def find_images(specs: Sequence[str]) -> list[pathlib.Path]:
-  """Image files from files and folders (a folder: its image files by name, not recursive)."""
+  """Image files from files and folders (a folder: its image files by name, not recursive; in a
+  folder of sample.py's output, whose images have JSON sidecars, its grid.png is left out)."""
   paths = []
   for spec in specs:
     path = pathlib.Path(spec)
@@ -52,6 +53,10 @@ def find_images(specs: Sequence[str]) -> list[pathlib.Path]:
       found = sorted(
         p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
       )
+      grid = path / 'grid.png'
+      if grid in found and any(p.with_suffix('.json').is_file() for p in found if p != grid):
+        log.info('--init_image %s: leaving out grid.png (the grid of sample.py output).', path)
+        found.remove(grid)
       if not found:
         raise EditError(
           f'--init_image {path}: the folder holds no image files ({", ".join(IMAGE_SUFFIXES)}).'
@@ -79,18 +84,20 @@ def _decode(path: pathlib.Path, flag: str) -> Image.Image:
 
 
 def load_image(path: str | pathlib.Path) -> Image.Image:
-  """An init image as RGB; EditError for undecodable, greyscale or transparent images."""
+  """An init image as RGB; EditError for undecodable, greyscale or transparent images (an alpha
+  channel that is opaque everywhere, as screenshots often carry, is dropped)."""
   path = pathlib.Path(path)
   image = _decode(path, '--init_image')
   mode = image.mode
-  if mode in _ALPHA_MODES or (mode == 'P' and 'transparency' in image.info):
+  has_alpha = mode in _ALPHA_MODES or (mode == 'P' and 'transparency' in image.info)
+  if has_alpha and image.convert('RGBA').getchannel('A').getextrema()[0] < 255:
     raise EditError(
-      f'--init_image {path} has an alpha channel (mode {mode}): transparent pixels have no colour '
-      'to keep; flatten it onto a background first (e.g. `convert in.png -background white '
+      f'--init_image {path} has transparent pixels (alpha channel, mode {mode}): they have no '
+      'colour to keep; flatten it onto a background first (e.g. `convert in.png -background white '
       '-flatten out.png`), or, to repaint the transparent part, flatten it and pass its inverted '
       'alpha as --mask (white = repaint: `convert in.png -alpha extract -negate mask.png`).'
     )
-  if mode in _GREY_MODES or (mode == 'P' and _palette_is_grey(image)):
+  if mode in _GREY_MODES or mode in ('LA', 'La') or (mode == 'P' and _palette_is_grey(image)):
     raise EditError(
       f'--init_image {path} is a greyscale image (mode {mode}); the stages make RGB images: '
       'convert it to RGB first (e.g. `convert in.png -type TrueColor out.png`).'

@@ -350,17 +350,38 @@ def test_fit_mask_repaints_every_pixel_that_touches_the_hole():
   np.testing.assert_array_equal(editing.fit_mask(repaint, 64)[..., 0], repaint.astype(np.float32))
 
 
+def test_a_folder_of_sample_output_is_read_without_its_grid(tmp_path):
+  # Upscaling an earlier run's output folder took its grid.png as one more photo.
+  rgb = np.full((8, 8, 3), 100, np.uint8)
+  out, own = tmp_path / 'samples', tmp_path / 'photos'
+  out.mkdir()
+  own.mkdir()
+  for folder in (out, own):
+    save(folder, 'a.png', rgb)
+    save(folder, 'grid.png', rgb)
+  (out / 'a.json').write_text('{}')  # sample.py's sidecar
+  assert editing.find_images([str(out)]) == [out / 'a.png']
+  assert editing.find_images([str(own)]) == [own / 'a.png', own / 'grid.png']  # a user's own
+  assert editing.find_images([str(out / 'grid.png')]) == [out / 'grid.png']  # named: taken
+
+
 def test_load_image_refuses_grey_transparent_and_broken_files(tmp_path):
   rgb = np.full((8, 8, 3), 100, np.uint8)
   ok = editing.load_image(save(tmp_path, 'ok.png', rgb))
   assert ok.mode == 'RGB' and ok.size == (8, 8)
   palette = Image.fromarray(np.stack([rgb[..., 0], rgb[..., 1] * 2, rgb[..., 2]], -1)).convert('P')
   assert editing.load_image(save(tmp_path, 'pal.png', palette)).mode == 'RGB'
+  # An alpha channel opaque everywhere (screenshots) carries nothing: the image is its RGB.
+  opaque = editing.load_image(
+    save(tmp_path, 'opaque.png', np.dstack([rgb, np.full((8, 8), 255, np.uint8)]))
+  )
+  assert opaque.mode == 'RGB'
+  np.testing.assert_array_equal(np.asarray(opaque), rgb)
   cases = {
     'grey.png': (Image.fromarray(rgb[..., 0]), 'greyscale image (mode L)'),
     'grey16.png': (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), 'greyscale'),
-    'rgba.png': (Image.fromarray(np.dstack([rgb, np.full((8, 8), 255, np.uint8)])), 'alpha'),
-    'la.png': (Image.fromarray(rgb[..., 0]).convert('LA'), 'alpha channel (mode LA)'),
+    'rgba.png': (Image.fromarray(np.dstack([rgb, np.eye(8, dtype=np.uint8) * 255])), 'alpha'),
+    'la.png': (Image.fromarray(rgb[..., 0]).convert('LA'), 'greyscale image (mode LA)'),
   }
   for name, (image, message) in cases.items():
     with pytest.raises(editing.EditError, match=re.escape(message)):

@@ -921,7 +921,7 @@ def test_image_to_image_and_inpainting(runs, tmp_path):
 EDIT_CASES = {
   'undecodable': (['--init_image={bad}'], 'cannot be decoded as an image'),
   'grey': (['--init_image={grey}', '--strength=0.5'], 'is a greyscale image (mode L)'),
-  'rgba': (['--init_image={rgba}', '--strength=0.5'], 'has an alpha channel (mode RGBA)'),
+  'rgba': (['--init_image={rgba}', '--strength=0.5'], 'has transparent pixels (alpha channel'),
   'mask_size': (['--init_image={init}', '--mask={small_mask}'], "a mask must have its image's"),
   'mask_black': (['--init_image={init}', '--mask={black}'], 'is all black: nothing to repaint'),
   'mask_white': (['--init_image={init}', '--mask={white}'], 'is all white: nothing of the image'),
@@ -940,7 +940,7 @@ def test_bad_edit_inputs(runs, tmp_path, case):
   files = {
     'init': write_image(tmp_path / 'init.png', rgb),
     'grey': write_image(tmp_path / 'grey.png', rgb[..., 0]),
-    'rgba': write_image(tmp_path / 'rgba.png', np.dstack([rgb, np.full((20, 20), 255)])),
+    'rgba': write_image(tmp_path / 'rgba.png', np.dstack([rgb, np.eye(20) * 255])),
     'small_mask': write_image(tmp_path / 'small_mask.png', np.full((10, 10), 255)),
     'black': write_image(tmp_path / 'black.png', np.zeros((20, 20))),
     'white': write_image(tmp_path / 'white.png', np.full((20, 20), 255)),
