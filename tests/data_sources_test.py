@@ -95,6 +95,64 @@ def test_metadata_text_encodings(tmp_path):
 
 
 @pytest.mark.unit
+def test_folder_listing_of_real_world_trees(tmp_path):
+  # Each of these failed or silently changed the dataset: a non-UTF-8 file name (a traceback
+  # from the fingerprint), a symlinked subfolder (left out), a macOS zip's __MACOSX/._x files
+  # (listed as pairs with binary captions), a caption file with a byte-order mark (a caption
+  # that no prompt matches) or in UTF-16 (a caption of NULs).
+  root = tmp_path / 'data'
+  root.mkdir()
+  _image(root / 'a.png')
+  (root / 'a.txt').write_bytes('﻿a red car'.encode())  # 'UTF-8 with BOM'
+  latin = bytes(root) + b'/caf\xe9.png'  # a Latin-1 name: not UTF-8
+  _image(latin.decode('utf-8', 'surrogateescape'))
+  with open(latin[:-4] + b'.txt', 'wb') as f:
+    f.write(b'a cafe')
+  _image(root / 'wide.png')
+  (root / 'wide.txt').write_bytes('a blue car'.encode('utf-16'))
+  elsewhere = tmp_path / 'part'
+  elsewhere.mkdir()
+  _image(elsewhere / 'b.png')
+  (elsewhere / 'b.txt').write_text('a green car')
+  (root / 'linked').symlink_to(elsewhere)
+  (elsewhere / 'loop').symlink_to(root)  # a link loop ends: each real folder is walked once
+  for hidden in (root / '__MACOSX', root / '.git'):
+    hidden.mkdir()
+    _image(hidden / 'a.png')
+    (hidden / 'a.txt').write_bytes(b'\x00\x05\x16\x07Mac OS X')
+  _image(root / '._a.png')
+  (root / '._a.txt').write_bytes(b'\x00\x05\x16\x07Mac OS X')
+  source = sources.build_source(_data_config(path=str(root)))
+  assert [source[i]['id'] for i in range(len(source))] == ['a.png', 'caf\udce9.png', 'linked/b.png']
+  assert source.captions() == ['a red car', 'a cafe', 'a green car']
+  assert source.skipped == [
+    ('wide.png', 'caption file wide.txt is not UTF-8 text; save it as UTF-8')
+  ]
+  assert source.fingerprint() == sources.build_source(_data_config(path=str(root))).fingerprint()
+  assert preprocess.decode_image(source[1]['image']).size == (8, 8)
+
+
+@pytest.mark.unit
+def test_an_image_in_several_metadata_files_is_listed_once(tmp_path):
+  # Each metadata file's rows were all listed: an image named by a top-level file and by its
+  # subfolder's own was two examples. The nearest file wins, as in Hugging Face's imagefolder;
+  # rows of one file that repeat an image (several captions) are kept.
+  (tmp_path / 'sub').mkdir()
+  _image(tmp_path / 'sub' / 'a.png')
+  _image(tmp_path / 'b.png')
+  top = [{'file_name': 'sub/a.png', 'text': 'far'}, {'file_name': 'b.png', 'text': 'b'}]
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in top))
+  near = [{'file_name': 'a.png', 'text': 'near'}, {'file_name': 'a.png', 'text': 'near too'}]
+  (tmp_path / 'sub' / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in near))
+  source = sources.build_source(_data_config(path=str(tmp_path)))
+  assert sorted(source.captions()) == ['b', 'near', 'near too']
+  assert [rel for rel, _ in source.skipped] == ['sub/a.png']
+  (tmp_path / 'metadata.csv').write_text('file_name,text\nb.png,b\n')
+  with pytest.raises(DataError, match=r'holds both metadata.jsonl and metadata.csv: .* Keep one'):
+    sources.build_source(_data_config(path=str(tmp_path)))
+
+
+@pytest.mark.unit
 def test_metadata_jsonl_non_string_file_name_is_skipped(tmp_path):
   for i in range(3):
     _image(tmp_path / f'{i}.png', (i * 40, 0, 0))

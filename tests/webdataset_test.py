@@ -199,6 +199,30 @@ def test_index_dir_is_written_and_reused(shards, tmp_path, monkeypatch):
 
 
 @pytest.mark.unit
+def test_member_names_and_caption_encodings_from_other_systems(tmp_path):
+  # A Latin-1 member name failed the listing with a UnicodeEncodeError (fingerprint, index);
+  # a .txt with a byte-order mark kept it in the caption, and a UTF-16 one became NULs.
+  root = tmp_path / 'enc'
+  root.mkdir()
+  with tarfile.open(root / '00000.tar', 'w', format=tarfile.GNU_FORMAT, encoding='latin-1') as t:
+    for key, caption in [('caf\xe9', b'a cafe'), ('bom', '\ufeffa red car'.encode())]:
+      _add(t, f'{key}.png', _image_bytes(1))
+      _add(t, f'{key}.txt', caption)
+    _add(t, 'wide.png', _image_bytes(2))
+    _add(t, 'wide.txt', 'a blue car'.encode('utf-16'))
+  index_dir = tmp_path / 'index'
+  config = _config(root, max_skip_fraction=0.5, index_dir=str(index_dir)).data
+  for _ in range(2):  # listed, then read back from the saved index
+    source = sources.build_source(config)
+    assert source.captions() == ['a cafe', 'a red car']
+    assert [source[i]['id'] for i in range(2)] == ['00000.tar/caf\udce9', '00000.tar/bom']
+    assert dict(source.skipped) == {
+      '00000.tar/wide': 'caption (.txt) is not UTF-8 text; write it as UTF-8'
+    }
+  assert len(list(index_dir.glob('*.json'))) == 1
+
+
+@pytest.mark.unit
 def test_pipeline_per_process_slices_and_exact_resume(shards):
   config = _config(shards)
   config.train.batch_size = 4

@@ -56,7 +56,35 @@ class DataError(ValueError):
 
 def _hash(payload: Any) -> str:
   text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
-  return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+  # surrogateescape: a file name that is not UTF-8 (a Latin-1 name from an old zip) reaches
+  # Python as lone surrogates, which strict UTF-8 refuses (the whole listing failed).
+  return hashlib.sha256(text.encode('utf-8', 'surrogateescape')).hexdigest()[:16]
+
+
+def walk_files(root: pathlib.Path) -> list[pathlib.Path]:
+  """Every file under `root`, sorted. Symlinked folders are followed (Path.rglob left them out
+  without a word), each real folder once, so a link loop ends; hidden files and folders
+  ('.name') and macOS's __MACOSX folders are left out: a macOS zip unpacked elsewhere holds
+  '__MACOSX/._a.png' metadata next to every image, which is not one."""
+  files, seen = [], set()
+  for folder, subfolders, names in os.walk(root, followlinks=True):
+    stat = os.stat(folder)
+    if (stat.st_dev, stat.st_ino) in seen:
+      subfolders[:] = []
+      continue
+    seen.add((stat.st_dev, stat.st_ino))
+    subfolders[:] = [d for d in subfolders if not d.startswith('.') and d != '__MACOSX']
+    files += [pathlib.Path(folder, n) for n in names if not n.startswith('.')]
+  return sorted(files)
+
+
+def read_caption_file(data: bytes) -> str | None:
+  """A caption file's text: UTF-8, with or without a byte-order mark; None when it is not UTF-8
+  (a UTF-16 'Unicode' file read leniently became a caption of NULs and replacement marks)."""
+  try:
+    return data.decode('utf-8-sig')
+  except UnicodeDecodeError:
+    return None
 
 
 def _clean_caption(caption: Any) -> str:
@@ -154,13 +182,12 @@ class FolderSource(Source):
       )
     self.root = self._split_root(self.root, split)
     self.name = f'folder:{self.root}'
-    metadata_files = sorted(
-      p for name in _METADATA_FILES for p in self.root.rglob(name) if p.is_file()
-    )
+    files = walk_files(self.root)
+    metadata_files = [p for p in files if p.name in _METADATA_FILES and p.is_file()]
     if metadata_files:
       pairs = self._list_from_metadata(metadata_files)
     else:
-      pairs = self._list_from_sidecars()
+      pairs = self._list_from_sidecars(files)
     if self.max_examples > 0:
       pairs = pairs[: self.max_examples]
     if not pairs:
@@ -190,7 +217,17 @@ class FolderSource(Source):
     )
 
   def _list_from_metadata(self, metadata_files: Sequence[pathlib.Path]) -> list:
-    pairs = []
+    """Rows of every metadata file; an image listed by metadata files in several folders takes
+    its rows from the nearest one (as Hugging Face's imagefolder), not from all of them (each
+    listing was another copy of the image in every epoch)."""
+    folders = [m.parent for m in metadata_files]
+    both = sorted({f for f in folders if folders.count(f) > 1})
+    if both:
+      raise DataError(
+        f'{both[0]} holds both metadata.jsonl and metadata.csv: every image they both list would '
+        'be seen twice per epoch. Keep one of them.'
+      )
+    rows, nearest = [], {}  # nearest: image -> depth of the deepest metadata folder listing it
     for meta in metadata_files:
       for line_no, row in self._read_metadata(meta):
         rel_meta = f'{meta.relative_to(self.root)}:{line_no}'
@@ -213,10 +250,17 @@ class FolderSource(Source):
         if not caption:
           self._skip(rel, f'empty caption in {rel_meta}')
           continue
-        size = sizes_lib.size_from_fields(row)
-        if size is not None:
-          self._meta_sizes[rel] = size
-        pairs.append((rel, caption))
+        depth = len(meta.parent.parts)
+        nearest[rel] = max(depth, nearest.get(rel, depth))
+        rows.append((rel, caption, depth, rel_meta, sizes_lib.size_from_fields(row)))
+    pairs = []
+    for rel, caption, depth, rel_meta, size in rows:
+      if depth < nearest[rel]:
+        self._skip(rel, f'also listed in a nearer metadata file; its row in {rel_meta} is unused')
+        continue
+      if size is not None:
+        self._meta_sizes[rel] = size
+      pairs.append((rel, caption))
     return sorted(pairs)
 
   def _read_metadata(self, meta: pathlib.Path):
@@ -259,9 +303,9 @@ class FolderSource(Source):
         else:
           self._skip(f'{meta.relative_to(self.root)}:{line_no}', 'line is not a JSON object')
 
-  def _list_from_sidecars(self) -> list:
+  def _list_from_sidecars(self, files: Sequence[pathlib.Path]) -> list:
     pairs = []
-    for path in sorted(self.root.rglob('*')):
+    for path in files:
       if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
         continue
       rel = str(path.relative_to(self.root))
@@ -269,7 +313,11 @@ class FolderSource(Source):
       if not sidecar.is_file():
         self._skip(rel, f'no caption file {sidecar.name}')
         continue
-      caption = _clean_caption(sidecar.read_text(encoding='utf-8', errors='replace'))
+      text = read_caption_file(sidecar.read_bytes())
+      if text is None:
+        self._skip(rel, f'caption file {sidecar.name} is not UTF-8 text; save it as UTF-8')
+        continue
+      caption = _clean_caption(text)
       if not caption:
         self._skip(rel, f'empty caption file {sidecar.name}')
         continue

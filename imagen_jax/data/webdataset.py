@@ -43,7 +43,14 @@ from typing import Any
 import numpy as np
 
 from imagen_jax.data import sizes as sizes_lib
-from imagen_jax.data.sources import DataError, Source, _clean_caption, _hash
+from imagen_jax.data.sources import (
+  DataError,
+  Source,
+  _clean_caption,
+  _hash,
+  read_caption_file,
+  walk_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,7 @@ def list_shards(spec: str, match: Callable[[str], bool]) -> tuple[list[pathlib.P
     return [], []
   root = pathlib.Path(spec).expanduser()
   if root.is_dir():
-    files = sorted(p for p in root.rglob('*') if p.is_file() and match(p.name))
+    files = [p for p in walk_files(root) if p.is_file() and match(p.name)]
     return files, []
   files, missing = [], []
   for name in expand_braces(os.path.expanduser(spec)):
@@ -216,7 +223,11 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
         if data is None:
           skipped.append((item_id, 'caption cut off (truncated tar)'))
           continue
-        caption = _clean_caption(data.decode('utf-8', errors='replace'))
+        text = read_caption_file(data)
+        if text is None:
+          skipped.append((item_id, 'caption (.txt) is not UTF-8 text; write it as UTF-8'))
+          continue
+        caption = _clean_caption(text)
       elif 'json' in members:
         if meta is not None:
           caption = _clean_caption(meta.get(caption_column, meta.get('caption')))
@@ -260,7 +271,7 @@ def _cached_index(path: pathlib.Path, caption_column: str, index_dir: str) -> di
     return index
   folder.mkdir(parents=True, exist_ok=True)
   tmp = file.with_name(f'{file.name}.tmp-{os.getpid()}')
-  tmp.write_text(json.dumps(index, ensure_ascii=False), encoding='utf-8')
+  tmp.write_text(json.dumps(index), encoding='utf-8')  # ASCII: names may hold lone surrogates
   os.replace(tmp, file)
   return index
 
