@@ -1,7 +1,7 @@
 """Text-to-image quality of a trained base stage on the labelled digits benchmark.
 
   python evaluate.py --checkpoints runs/digits --num 500
-  python evaluate.py --checkpoints runs/digits@2000 --sampler ddpm --steps 64 --out eval.json
+  python evaluate.py --checkpoints runs/digits@1000 --sampler ddpm --steps 64 --out eval.json
 
 Samples class-balanced prompts (half seen, half held-out caption templates), scores them with a
 judge classifier trained on the real train digits, and prints prompt adherence, predicted-class

@@ -2,7 +2,7 @@
 
   python bench/sr_quality.py --checkpoints runs/sr_demo                 # the gate (make cascade)
   python bench/sr_quality.py --checkpoints runs/sr_demo --grid docs/sr_grid.png
-  python bench/sr_quality.py --checkpoints runs/sr_demo@2000 --aug_level 0.1 --sampler heun
+  python bench/sr_quality.py --checkpoints runs/sr_demo@1000 --aug_level 0.1 --sampler heun
 
 Restores the run's EMA params (RUN or RUN@STEP), takes --num fixed held-out examples
 (imagen_jax.evaluate.sr.heldout_examples: for the OpenMoji demo, the emoji that follow the

@@ -1,7 +1,7 @@
 """Command line of the evaluation (absl flags only; the logic is in runner.py).
 
   python evaluate.py --checkpoints runs/digits --num 500
-  python -m imagen_jax.evaluate --checkpoints runs/digits@2000 --sampler ddpm --steps 64 \
+  python -m imagen_jax.evaluate --checkpoints runs/digits@1000 --sampler ddpm --steps 64 \
       --guidance 3 --out eval.json
 
 Prints the table (generated images beside the calibration rows) and, last, ONE JSON line with
