@@ -224,6 +224,24 @@ def test_openmoji_heldout_examples_follow_the_training_subset_and_are_fixed(shar
   np.testing.assert_array_equal(first.lowres[0], np.asarray(want))
 
 
+@pytest.mark.unit
+def test_training_examples_for_sr_evaluation_span_the_whole_source(tmp_path, caplog):
+  # A folder (no held-out split): the examples were the first `num` usable of 4 * num evenly
+  # spaced candidates, so all from the first quarter of the source.
+  for i in range(40):
+    Image.new('RGB', (32, 32), (6 * i, 0, 0)).save(tmp_path / f'{i:02d}.png')
+    (tmp_path / f'{i:02d}.txt').write_text(f'image {i:02d}')
+  (tmp_path / '39.png').write_bytes(b'not an image')  # unusable: a stand-in takes its place
+  config = sr256.get_config('tiny')
+  config.data.source, config.data.path = 'folder', str(tmp_path)
+  config.data.max_skip_fraction, config.data.max_examples = 0.5, 0
+  held = sr.heldout_examples(config, 4)
+  assert not held.heldout and 'training examples' in held.origin
+  assert held.captions == ['image 00', 'image 13', 'image 26', 'image 03']
+  assert sr._spaced_order(40, 4)[:4] == [0, 13, 26, 39]
+  assert sorted(sr._spaced_order(5, 4)) == [0, 1, 2, 3, 4]
+
+
 # ---- an SR training run with periodic grids ----
 
 

@@ -231,6 +231,16 @@ def _other_split(config, num: int):
   return None
 
 
+def _spaced_order(size: int, num: int) -> list[int]:
+  """Indices to try, in order: `num` evenly spaced over [0, size), then 3 * num more evenly
+  spaced ones as stand-ins for unusable examples. (Trying 4 * num spaced indices in order took
+  the first `num` usable of them: the first quarter of the source.)"""
+  first = [int(i) for i in np.unique(np.linspace(0, size - 1, min(size, num)).round())]
+  more = np.unique(np.linspace(0, size - 1, min(size, 4 * num)).round())
+  taken = set(first)
+  return first + [int(i) for i in more if int(i) not in taken]
+
+
 def heldout_examples(config: ml_collections.ConfigDict, num: int) -> HeldOut:
   """`num` fixed examples for SR evaluation, preprocessed exactly like training examples.
 
@@ -259,8 +269,8 @@ def heldout_examples(config: ml_collections.ConfigDict, num: int) -> HeldOut:
   heldout = found is not None
   if found is None:
     source = sources.build_source(config.data)
-    spaced = np.unique(np.linspace(0, len(source) - 1, min(len(source), 4 * num)).round())
-    records = ((int(i), r['image'], r['caption']) for i in spaced for r in [source[int(i)]])
+    order = _spaced_order(len(source), num)
+    records = ((i, r['image'], r['caption']) for i in order for r in [source[i]])
     found = records, f'{source.name} (training examples: no held-out data for this source)'
     log.warning(
       'SR evaluation uses %d fixed TRAINING examples of %s: the source has no held-out split.',
