@@ -211,7 +211,11 @@ def test_judge_is_cached_deterministic_and_checked(judge, tmp_path):
   meta = json.loads(str(fields['meta']))
   del meta['resolution']
   np.savez(no_resolution, **{**fields, 'meta': np.asarray(json.dumps(meta))})
-  for path in (npy, meta_list, no_resolution):
+  truncated, empty = tmp_path / 'truncated.npz', tmp_path / 'empty.npz'
+  whole = pathlib.Path(judge.path).read_bytes()
+  truncated.write_bytes(whole[: len(whole) // 2])  # BadZipFile
+  empty.write_bytes(b'')  # EOFError
+  for path in (npy, meta_list, no_resolution, truncated, empty):
     with pytest.raises(judge_lib.JudgeError, match='is unreadable .*omit --judge'):
       judge_lib.load_judge(path)
   other_shapes = tmp_path / 'other_shapes.npz'

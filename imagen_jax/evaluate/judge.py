@@ -26,6 +26,7 @@ import os
 import pathlib
 import time
 import uuid
+import zipfile
 from typing import Any
 
 import jax
@@ -256,7 +257,8 @@ def load_judge(path: str | os.PathLike) -> Judge:
           layer, name = key.split('/')
           params.setdefault(layer, {})[name] = np.asarray(data[key], np.float32)
       resolution, test_accuracy = int(meta['resolution']), float(meta['test_accuracy'])
-  except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+  # zipfile.BadZipFile: a truncated file (a copy cut short); EOFError: an empty one.
+  except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as e:
     raise JudgeError(
       f'Judge file {path} is unreadable ({type(e).__name__}: {e}); pass a judge file that '
       'evaluate.py saved, or omit --judge to train and cache one.'
