@@ -64,6 +64,16 @@ def _has_checkpoint(workdir: pathlib.Path) -> bool:
   return bool(checkpoints.step_numbers(checkpoints.checkpoint_dir(workdir)))
 
 
+def _matched_ratio(gen: dict, real: dict | None, floor: float | None) -> float | None:
+  if not floor:
+    return None
+  if 'fd_matched' in gen:
+    return round(gen['fd_matched'] / floor, 2)
+  if real is not None and gen['n'] <= real['n']:
+    return round(gen['fd'] / floor, 2)
+  return None
+
+
 def summarise(
   result: dict, train_s: float | None, eval_s: float | None, resumed: bool | None = None
 ) -> dict:
@@ -88,10 +98,10 @@ def summarise(
     'fd_floor_real_test': None if floor is None else round(floor, 3),
     'fd_over_floor': None if not floor else round(gen['fd'] / floor, 2),
     # FD shrinks as n grows: at the floor's n and class mix (evaluate.py's fd_matched), where
-    # --num exceeds the test split; else the plain ratio, already at equal n.
-    'fd_matched_over_floor': None
-    if not floor
-    else round(gen.get('fd_matched', gen['fd']) / floor, 2),
+    # --num exceeds the test split; else the plain ratio (FD at n <= the floor's reads high).
+    # None where neither holds (an eval.json from before fd_matched, or a class mix that no
+    # subset matches): the larger set's plain FD would flatter the model.
+    'fd_matched_over_floor': _matched_ratio(gen, real, floor),
     'precision': round(gen['precision'], 4),
     'recall': round(gen['recall'], 4),
     'nn_train': round(gen['nn_train'], 4),
@@ -138,6 +148,8 @@ def main(argv) -> None:
   workdir = pathlib.Path(FLAGS.workdir)
   eval_json = workdir / 'eval.json'
   train_s = eval_s = resumed = None
+  if FLAGS.grid and pathlib.Path(FLAGS.grid).is_dir():  # before hours of training
+    cli.fail(f'--grid {FLAGS.grid} is a folder; pass a PNG path, e.g. {FLAGS.grid}/grid.png.')
   if not (FLAGS.reuse and eval_json.exists()):
     from imagen_jax.evaluate import scoring
 
@@ -161,9 +173,12 @@ def main(argv) -> None:
       ]
     )
   result = json.loads(eval_json.read_text())
+  print(json.dumps(summarise(result, train_s, eval_s, resumed), sort_keys=True), flush=True)
   if FLAGS.grid:
-    write_grid(str(workdir), FLAGS.grid)
-  print(json.dumps(summarise(result, train_s, eval_s, resumed), sort_keys=True))
+    try:
+      write_grid(str(workdir), FLAGS.grid)
+    except OSError as e:
+      cli.fail(f'--grid {FLAGS.grid}: cannot write it ({e.strerror or e}); pass a PNG path.')
 
 
 if __name__ == '__main__':

@@ -163,6 +163,12 @@ def main(argv) -> None:
   for name in ('num', 'batch_size', 'grid_rows', 'grid_scale'):
     if getattr(FLAGS, name) < 1:
       cli.fail(f'--{name} must be a positive integer, got {getattr(FLAGS, name)}.')
+  from imagen_jax import sample_lib
+
+  if not 0 <= FLAGS.seed < sample_lib.SEEDS:  # seed s and s + 2**32 drew the same noise
+    cli.fail(
+      f'--seed must be in [0, {sample_lib.SEEDS}) (a JAX key takes 32 bits), got {FLAGS.seed}.'
+    )
   overrides = {
     'sampler': FLAGS.sampler,
     'steps': FLAGS.steps,

@@ -222,6 +222,8 @@ def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
     ([f'--checkpoints={tmp_path}', '--grid_rows=0'], 'error: --grid_rows must be a positive'),
     ([f'--checkpoints={tmp_path}', '--grid_rows=-1'], '--grid_rows must be a positive integer'),
     ([f'--checkpoints={tmp_path}', '--grid_scale=0'], 'error: --grid_scale must be a positive'),
+    ([f'--checkpoints={tmp_path}', f'--seed={2**32}'], 'error: --seed must be in [0, 4294967296)'),
+    ([f'--checkpoints={tmp_path}', '--seed=-1'], 'error: --seed must be in [0, 4294967296)'),
     ([f'--checkpoints={base}@4'], f'error: {base}@4 is a base64 run, not a super-resolution'),
   ]:
     proc = subprocess.run(
@@ -256,8 +258,9 @@ _EVAL_RESULT = {
       'precision': 0.8,
       'recall': 0.8,
       'nn_train': 0.3,
+      'n': 20,
     },
-    'real_test': {'fd': 5.0},
+    'real_test': {'fd': 5.0, 'n': 359},
   },
 }
 
@@ -312,6 +315,25 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
   assert proc.returncode == 3 and (tmp_path / 'trained').exists() and not proc.stdout.strip()
   assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert 'error: train.py failed with exit status 3' in proc.stderr
+  # A --grid that is a folder is refused before the training, not after it.
+  proc = run(tmp_path / 'other', '--num=20', f'--grid={tmp_path}')
+  assert proc.returncode == 2 and not (tmp_path / 'trained').exists(), proc.stderr[-2000:]
+  assert proc.stderr.startswith(f'error: --grid {tmp_path} is a folder; pass a PNG path')
+  # More samples than the floor's 359 test images and no fd_matched (an eval.json from before
+  # it): the FD ratio at n 500 would flatter the model, so it is absent and the target unmet
+  # (it read the plain ratio under the matched name).
+  reused = tmp_path / 'reused'
+  reused.mkdir()
+  for matched, want in ((None, None), (7.5, 1.5)):
+    generated = {**_EVAL_RESULT['rows']['generated'], 'n': 500}
+    if matched is not None:
+      generated['fd_matched'] = matched
+    rows = {**_EVAL_RESULT['rows'], 'generated': generated}
+    (reused / 'eval.json').write_text(json.dumps({**_EVAL_RESULT, 'num': 500, 'rows': rows}))
+    proc = run(reused, '--reuse')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.splitlines()[-1])
+    assert line['fd_matched_over_floor'] == want and line['target_met'] is (want is not None)
 
 
 @pytest.mark.smoke
