@@ -612,6 +612,9 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     value = config[section].get(name)
     if not _is_count(value, lowest):
       raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
+  seed = config.get('seed', 0)
+  if not _is_count(seed, 0) or seed >= 2**32:  # a JAX key takes 32 bits: s + 2**32 trained as s
+    raise ValueError(f'seed={seed!r}: use a whole number in [0, 2**32).')
   skip = float(config.data.max_skip_fraction)
   if not 0.0 <= skip <= 1.0:
     raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')

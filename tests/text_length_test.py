@@ -342,6 +342,17 @@ def test_settings_that_cannot_train_are_named(field, value, message):
     train_lib.check_settings(config)
 
 
+def test_a_seed_a_jax_key_cannot_hold_is_refused():
+  # jax.random.key keeps 32 bits: seed 2**32 + k trained exactly as seed k.
+  config = base64.get_config('tiny')
+  for seed in (2**32, -1):
+    config.seed = seed
+    with pytest.raises(ValueError, match=r'seed=.*: use a whole number in \[0, 2\*\*32\)'):
+      train_lib.check_settings(config)
+  config.seed = 2**32 - 1
+  train_lib.check_settings(config)
+
+
 def test_wandb_without_the_package_is_refused_before_the_run_starts(monkeypatch):
   # It failed in MetricWriter, after the text cache was built and the state set up.
   import importlib.util
