@@ -463,8 +463,9 @@ def memory_fixes() -> str:
     return 'Lower train.batch_size (XLA:CPU keeps remat from lowering its peak).'
   return (
     'Lower train.batch_size, set model.remat=True, split the state over more devices '
-    '(mesh.fsdp), or use optim.optimizer=adafactor (on GPU, JAX takes 75% of the memory '
-    'unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).'
+    '(mesh.fsdp), or use optim.optimizer=adafactor in a fresh --workdir (its state does not '
+    "resume from adam's; on GPU, JAX takes 75% of the memory unless "
+    'XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise).'
   )
 
 
@@ -725,12 +726,21 @@ def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
     )
 
 
+# Model fields that change how the step computes, not the parameters: a resume may change them
+# (model.remat is the out-of-memory advice on accelerators). They are reported as changed.
+_MODEL_FIELDS_NOT_PARAMS = ('remat', 'dtype', 'dropout')
+
+
 def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
-  """Refuse a resume whose model or stage differs from the checkpoint's; returns the other
-  differing fields ('field: saved -> now')."""
+  """Refuse a resume whose model or stage differs from the checkpoint's in what defines the
+  parameters; returns every differing field ('field: saved -> now')."""
+
+  def params_defining(model: ml_collections.ConfigDict) -> dict:
+    return {k: v for k, v in model.to_dict().items() if k not in _MODEL_FIELDS_NOT_PARAMS}
+
   model_diff = checkpoints.config_differences(
-    {'stage': saved.get('stage'), 'model': saved.model.to_dict()},
-    {'stage': config.stage, 'model': config.model.to_dict()},
+    {'stage': saved.get('stage'), 'model': params_defining(saved.model)},
+    {'stage': config.stage, 'model': params_defining(config.model)},
   )
   if model_diff:
     raise TrainingError(

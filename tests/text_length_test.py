@@ -342,6 +342,19 @@ def test_settings_that_cannot_train_are_named(field, value, message):
     train_lib.check_settings(config)
 
 
+def test_a_resume_may_change_how_the_model_computes_but_not_its_parameters():
+  # model.remat (the out-of-memory advice on accelerators), dtype and dropout leave the
+  # parameters as they are: a resume with them changed was refused as 'a different model'.
+  saved = base64.get_config('tiny')
+  config = base64.get_config('tiny')
+  config.model.remat, config.model.dtype, config.model.dropout = True, 'bfloat16', 0.1
+  changed = train_lib._resume_check(saved, config)
+  assert {c.split(':')[0] for c in changed} == {'model.remat', 'model.dtype', 'model.dropout'}
+  config.model.dim = saved.model.dim * 2
+  with pytest.raises(train_lib.TrainingError, match=r'different model(.|\n)*model.dim: '):
+    train_lib._resume_check(saved, config)
+
+
 def test_a_seed_a_jax_key_cannot_hold_is_refused():
   # jax.random.key keeps 32 bits: seed 2**32 + k trained exactly as seed k.
   config = base64.get_config('tiny')
