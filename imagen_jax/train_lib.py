@@ -19,6 +19,7 @@ import math
 import numbers
 import os
 import pathlib
+import re
 import shutil
 import signal
 import sys
@@ -757,9 +758,25 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
 
 def _prepare_workdir(workdir: str) -> pathlib.Path:
   """The absolute run folder, created if needed; TrainingError when it cannot hold a run."""
+  if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', str(workdir)):  # it became a local 'gs:/...' folder
+    raise TrainingError(
+      f'--workdir {workdir} is a URL; train.py writes to a local or mounted folder: mount the '
+      'bucket (e.g. gcsfuse) and pass its path.'
+    )
   path = pathlib.Path(workdir).expanduser().absolute()
+  odd = sorted(set('[]\\') & set(str(path)))
+  if odd:  # orbax (tensorstore) writes such checkpoints but cannot read them back
+    raise TrainingError(
+      f'--workdir {path} holds {" ".join(odd)}: checkpoints saved under such a path cannot be '
+      'restored. Pass a folder path without [ ] or \\.'
+    )
   if path.exists() and not path.is_dir():
     raise TrainingError(f'--workdir {path} is a file, not a folder; pass a folder path.')
+  if checkpoints.step_numbers(path):  # a fresh run would start inside the orbax folder
+    raise TrainingError(
+      f'--workdir {path} holds checkpoint steps {checkpoints.step_numbers(path)}: it is a '
+      f"run's checkpoints folder. Pass the run folder, {path.parent}."
+    )
   try:
     multihost.check_writable(path)
   except OSError as e:

@@ -400,3 +400,25 @@ def test_step_flops_from_the_batch_shapes():
   config.model.remat = True
   remat = train_lib.step_flops(config, batch)
   assert remat.model == got.model and remat.hardware > remat.model
+
+
+def test_workdirs_that_cannot_hold_a_run_are_refused_before_it_starts(tmp_path, monkeypatch):
+  # Each of these trained: a URL became a local 'gs:/...' folder and failed at the first save;
+  # '[' or '\' in the path saved checkpoints that orbax could not read back ('damaged' on every
+  # resume); a run's checkpoints folder got a fresh run inside it.
+  from imagen_jax import train_lib
+
+  monkeypatch.chdir(tmp_path)  # where a URL's 'gs:' folder went
+  run = tmp_path / 'run'
+  (run / 'checkpoints' / '4').mkdir(parents=True)
+  for workdir, message in [
+    ('gs://bucket/runs/base64', r'is a URL; .* mount the bucket'),
+    (str(tmp_path / 'sweep[lr=1e-3]'), r'holds \[ \]: checkpoints saved under such a path'),
+    (str(tmp_path / 'a\\b'), r'holds \\: checkpoints saved'),
+    (str(run / 'checkpoints'), rf'holds checkpoint steps \[4\]: .* Pass the run folder, {run}\.'),
+  ]:
+    with pytest.raises(train_lib.TrainingError, match=message):
+      train_lib._prepare_workdir(workdir)
+  assert not (tmp_path / 'sweep[lr=1e-3]').exists()
+  assert train_lib._prepare_workdir(str(run)) == run  # the run folder itself is fine
+  assert train_lib._prepare_workdir(str(tmp_path / 'sweep=lr,1e-3')).is_dir()
