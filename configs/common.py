@@ -31,7 +31,7 @@ def get_common(
   c.seed = 0
 
   c.model = model_config(preset)
-  c.model_preset = preset
+  c.model_preset = preset  # a label: config.model defines the network (train.py's log compares)
 
   # Diffusion (imagen_jax.diffusion): continuous time, log-SNR schedules.
   c.diffusion = ml_collections.ConfigDict()

@@ -756,6 +756,25 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
 # ------------------------------------------------------------------------------- loop
 
 
+def model_description(config: ml_collections.ConfigDict) -> str:
+  """'preset P', or 'preset P with model.F, ... changed': config.model defines the network, and
+  config.model_preset is only its label (an overridden label named another network)."""
+  from imagen_jax.models import unet
+
+  preset = config.get('model_preset')
+  if preset not in unet.PRESETS:
+    return f'model_preset {preset!r} is no preset; config.model defines the network'
+  skip = {f'model.{f}' for f in _MODEL_FIELDS_NOT_PARAMS}
+  changed = [
+    d.split(':')[0]
+    for d in checkpoints.config_differences(
+      dataclasses.asdict(unet.PRESETS[preset]), config.model, 'model.'
+    )
+  ]
+  changed = [f for f in changed if f not in skip]
+  return f'preset {preset}' + (f' with {", ".join(changed)} changed' if changed else '')
+
+
 def _prepare_workdir(workdir: str) -> pathlib.Path:
   """The absolute run folder, created if needed; TrainingError when it cannot hold a run."""
   if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', str(workdir)):  # it became a local 'gs:/...' folder
@@ -1075,7 +1094,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
   with jax.set_mesh(mesh):
     graphdef, abstract, state_sh, init = abstract_train_state(config, tx, mesh)
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract['params']))
-    log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, config.model_preset)
+    log.info('U-Net: %.2fM parameters (%s).', n_params / 1e6, model_description(config))
     # Before any state exists: grid prompts missing from the cache (given sample_prompts, SR
     # held-out captions) are encoded here, and the text encoder is freed again before the U-Net
     # state is allocated, so training never holds T5 and the train state at once.

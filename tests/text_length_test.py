@@ -355,6 +355,18 @@ def test_a_resume_may_change_how_the_model_computes_but_not_its_parameters():
     train_lib._resume_check(saved, config)
 
 
+def test_the_logged_model_names_what_differs_from_its_preset_label():
+  # --config.model_preset=base64 left the tiny network in place and logged '(base64)'.
+  config = base64.get_config('tiny')
+  assert train_lib.model_description(config) == 'preset tiny'
+  config.model.remat = True  # how it computes, not what it is
+  assert train_lib.model_description(config) == 'preset tiny'
+  config.model_preset = 'base64'
+  assert train_lib.model_description(config).startswith('preset base64 with model.attn_levels, ')
+  config.model_preset = 'nope'
+  assert 'is no preset; config.model defines the network' in train_lib.model_description(config)
+
+
 def test_a_seed_a_jax_key_cannot_hold_is_refused():
   # jax.random.key keeps 32 bits: seed 2**32 + k trained exactly as seed k.
   config = base64.get_config('tiny')
