@@ -47,13 +47,20 @@ def _distributed_processes() -> int:
 
 
 def _config_flag_values(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
-  """(--config value, [(dotted field, value) of --config.<field>=... overrides])."""
+  """(--config value, [(dotted field, value) of --config.<field>=... overrides]); absl's
+  space-separated form (`--config PATH`, `--config.field VALUE`) is read as well."""
   spec, overrides = None, []
-  for arg in argv:
-    if arg.startswith('--config='):
+  args = list(argv)
+  for i, arg in enumerate(args):
+    following = args[i + 1] if i + 1 < len(args) else ''
+    if arg == '--config':
+      spec = following or None
+    elif arg.startswith('--config='):
       spec = arg.split('=', 1)[1]
     elif arg.startswith('--config.'):
-      field, _, value = arg[len('--config.') :].partition('=')
+      field, equals, value = arg[len('--config.') :].partition('=')
+      if not equals and not following.startswith('--'):
+        value = following
       overrides.append((field, value))
   return spec, overrides
 

@@ -229,6 +229,9 @@ def cli(args, cwd=REPO_ROOT, **kwargs):
     (['--config=configs/base64.py:nonsense'], "Unknown variant 'nonsense'"),
     (['--config=configs/base64.py:tiny', '--config.model.nonexistent=1'], "no field 'nonexistent'"),
     (['--config=configs/base64.py:tiny', '--config.model.dim=abc'], 'invalid literal'),
+    # absl's space-separated form read as a missing --config, with a traceback in the line
+    (['--config', 'configs/base64.py:nonsense'], "Unknown variant 'nonsense'"),
+    (['--config', 'configs/base64.py:tiny', '--config.model.nope', '1'], "no field 'nope'"),
   ],
 )
 def test_bad_config_flags_are_one_line(tmp_path, flags_, expected):
@@ -237,6 +240,7 @@ def test_bad_config_flags_are_one_line(tmp_path, flags_, expected):
   assert 'Traceback' not in proc.stderr
   errors = error_lines(proc.stderr)
   assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in errors[0] and 'is required' not in errors[0]
   assert not (tmp_path / 'run').exists()
 
 
