@@ -614,6 +614,13 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     value = config[section].get(name)
     if not _is_count(value, lowest):
       raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
+  accum, num_steps = config.optim.get('grad_accum_steps', 1), config.train.num_steps
+  if _is_count(accum, 1) and accum > num_steps:  # the run ended with the params it started with
+    raise ValueError(
+      f'optim.grad_accum_steps={accum} > train.num_steps={num_steps}: num_steps counts '
+      'micro-batches, so no update would be applied; raise train.num_steps (to a multiple of '
+      'grad_accum_steps) or lower grad_accum_steps.'
+    )
   seed = config.get('seed', 0)
   if not _is_count(seed, 0) or seed >= 2**32:  # a JAX key takes 32 bits: s + 2**32 trained as s
     raise ValueError(f'seed={seed!r}: use a whole number in [0, 2**32).')

@@ -331,6 +331,7 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('model.lowres_cond', True, r'a super-resolution stage \(lowres_resolution > 0\) needs'),
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
     ('text.dtype', 'bf16', r"text.dtype='bf16': the T5 encoder runs in bfloat16 or float32"),
+    ('optim.grad_accum_steps', 10**6, r'grad_accum_steps=1000000 > train.num_steps=.* no update'),
   ],
 )
 def test_settings_that_cannot_train_are_named(field, value, message):
