@@ -146,6 +146,29 @@ def check_encoder_unchanged(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def load_encoder(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None):
+  """The text encoder `config.text` names (encoder, max_length, dtype, Hub revision) on `mesh`."""
+  from imagen_jax.text import encoder as encoder_lib
+
+  return encoder_lib.load_text_encoder(
+    config.text.encoder,
+    max_length=int(config.text.max_length),
+    dtype=config.text.get('dtype', 'bfloat16'),
+    mesh=mesh,
+    revision=config.text.get('revision') or None,
+  )
+
+
+def unloadable_encoder(config: ml_collections.ConfigDict, error: Exception) -> str:
+  """'was trained with the text encoder E ..., which cannot be loaded: why': the end of
+  sample.py's and evaluate.py's line when a restored run's T5 (its folder moved, a Hub name
+  offline) raises T5CheckpointError."""
+  return (
+    f'was trained with the text encoder {config.text.encoder!r} (its saved config.text.encoder), '
+    f'which cannot be loaded: {error} The model needs the encoder it trained with.'
+  )
+
+
 def processes() -> cache_lib.Processes:
   """The processes that build a cache together: all JAX processes, or this one alone."""
   return JaxProcesses() if jax.process_count() > 1 else cache_lib.SingleProcess()
@@ -167,7 +190,6 @@ def precompute(
   `source`: the data source of `config.data` when the caller already built it (listing a large
   dataset takes time).
   """
-  from imagen_jax.text import encoder as encoder_lib
 
   check_text_dtype(config)  # before the dataset is listed
   source = _source(config) if source is None else source
@@ -218,13 +240,7 @@ def precompute(
       max_length=config.text.max_length,
       dataset_fingerprint=fingerprint,
     )
-  encoder = encoder_lib.load_text_encoder(
-    config.text.encoder,
-    max_length=config.text.max_length,
-    dtype=config.text.get('dtype', 'bfloat16'),
-    mesh=mesh,
-    revision=config.text.get('revision') or None,
-  )
+  encoder = load_encoder(config, mesh)
   try:
     cache = cache_lib.build_cache(
       config.text.cache_dir,

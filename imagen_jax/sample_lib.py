@@ -488,20 +488,13 @@ def encode_text(prompts: list[str], config) -> tuple[np.ndarray, np.ndarray]:
   """
   from imagen_jax import precompute
   from imagen_jax.text import cache as cache_lib
-  from imagen_jax.text import encoder as encoder_lib
 
-  name, max_length, dtype, _, revision = _encoder_key(config)
+  max_length = int(config.text.max_length)
   if not prompts:
     return np.zeros((0, max_length, 0), CACHE_EMBEDDING_DTYPE), np.zeros((0, max_length), bool)
   precompute.check_encoder_unchanged(config)
   mesh = precompute.make_encoder_mesh(config)
-  enc = encoder_lib.load_text_encoder(
-    name,
-    max_length=max_length,
-    dtype=dtype,
-    mesh=mesh,
-    revision=revision or None,
-  )
+  enc = precompute.load_encoder(config, mesh)
   tokens, offsets = cache_lib._encode_shard(
     prompts, enc, precompute._batch_size(config, mesh)
   )  # [T, D] bfloat16 bits of the real tokens, [P + 1]
@@ -533,11 +526,7 @@ def _encode_per_stage(
       try:  # a moved T5 folder, or a Hub name offline: one line, not a traceback
         by_key[key] = encode_text(list(prompts), st.config)  # checks this stage's fingerprint
       except t5.T5CheckpointError as e:
-        raise SampleError(
-          f'{st.workdir} was trained with the text encoder {st.config.text.encoder!r} (its saved '
-          f'config.text.encoder), which cannot be loaded: {e} The model needs the encoder it '
-          'trained with.'
-        ) from e
+        raise SampleError(f'{st.workdir} {precompute.unloadable_encoder(st.config, e)}') from e
     else:
       precompute.check_encoder_unchanged(st.config)
   embs = [by_key[_encoder_key(st.config)] for st in stages]

@@ -739,16 +739,18 @@ def _check_batch_size(config: ml_collections.ConfigDict, mesh) -> None:
 _MODEL_FIELDS_NOT_PARAMS = ('remat', 'dtype', 'dropout')
 
 
+def _params_defining(model: ml_collections.ConfigDict | dict) -> dict:
+  """The model fields that define the parameters (without _MODEL_FIELDS_NOT_PARAMS)."""
+  fields = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else model
+  return {k: v for k, v in fields.items() if k not in _MODEL_FIELDS_NOT_PARAMS}
+
+
 def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
   """Refuse a resume whose model or stage differs from the checkpoint's in what defines the
   parameters; returns every differing field ('field: saved -> now')."""
-
-  def params_defining(model: ml_collections.ConfigDict) -> dict:
-    return {k: v for k, v in model.to_dict().items() if k not in _MODEL_FIELDS_NOT_PARAMS}
-
   model_diff = checkpoints.config_differences(
-    {'stage': saved.get('stage'), 'model': params_defining(saved.model)},
-    {'stage': config.stage, 'model': params_defining(config.model)},
+    {'stage': saved.get('stage'), 'model': _params_defining(saved.model)},
+    {'stage': config.stage, 'model': _params_defining(config.model)},
   )
   if model_diff:
     raise TrainingError(
@@ -771,14 +773,14 @@ def model_description(config: ml_collections.ConfigDict) -> str:
   preset = config.get('model_preset')
   if preset not in unet.PRESETS:
     return f'model_preset {preset!r} is no preset; config.model defines the network'
-  skip = {f'model.{f}' for f in _MODEL_FIELDS_NOT_PARAMS}
   changed = [
     d.split(':')[0]
     for d in checkpoints.config_differences(
-      dataclasses.asdict(unet.PRESETS[preset]), config.model, 'model.'
+      _params_defining(dataclasses.asdict(unet.PRESETS[preset])),
+      _params_defining(config.model),
+      'model.',
     )
   ]
-  changed = [f for f in changed if f not in skip]
   return f'preset {preset}' + (f' with {", ".join(changed)} changed' if changed else '')
 
 
@@ -798,10 +800,11 @@ def _prepare_workdir(workdir: str) -> pathlib.Path:
     )
   if path.exists() and not path.is_dir():
     raise TrainingError(f'--workdir {path} is a file, not a folder; pass a folder path.')
-  if checkpoints.step_numbers(path):  # a fresh run would start inside the orbax folder
+  steps = checkpoints.step_numbers(path)
+  if steps:  # a fresh run would start inside the orbax folder
     raise TrainingError(
-      f'--workdir {path} holds checkpoint steps {checkpoints.step_numbers(path)}: it is a '
-      f"run's checkpoints folder. Pass the run folder, {path.parent}."
+      f"--workdir {path} holds checkpoint steps {steps}: it is a run's checkpoints folder. "
+      f'Pass the run folder, {path.parent}.'
     )
   try:
     multihost.check_writable(path)

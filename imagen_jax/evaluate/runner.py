@@ -91,7 +91,6 @@ def encode_prompts(
   (text.precompute_batch_size rounded to the device count, padded with ''), then rounded to the
   cache's bfloat16. (bfloat16 results move by a few ulp with the batch shape or sharding.)"""
   from imagen_jax import precompute
-  from imagen_jax.text import encoder as encoder_lib
   from imagen_jax.text import t5
 
   precompute.check_encoder_unchanged(config)
@@ -102,19 +101,9 @@ def encode_prompts(
   )
   with jax.set_mesh(local):
     try:
-      encoder = encoder_lib.load_text_encoder(
-        config.text.encoder,
-        max_length=int(config.text.max_length),
-        dtype=config.text.get('dtype', 'bfloat16'),
-        mesh=mesh,
-        revision=config.text.get('revision') or None,
-      )
+      encoder = precompute.load_encoder(config, mesh)
     except t5.T5CheckpointError as e:  # a moved T5 folder, or a Hub name offline
-      raise EvalError(
-        f'The run was trained with the text encoder {config.text.encoder!r} (its saved '
-        f'config.text.encoder), which cannot be loaded: {e} The model needs the encoder it '
-        'trained with.'
-      ) from e
+      raise EvalError(f'The run {precompute.unloadable_encoder(config, e)}') from e
     devices = 1 if mesh is None else mesh.devices.size
     batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices
     text_embs, text_mask = [], []
