@@ -322,8 +322,15 @@ def _does_not_load(
 
 
 def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
-  """The step's checksums item; None for checkpoints written before checksums existed."""
-  if not (pathlib.Path(manager.directory) / str(step) / 'checksums').exists():
+  """The step's checksums item; None for checkpoints written before checksums existed (whose
+  orbax metadata lists no checksums item). A step that was saved with checksums and has lost
+  them is damaged: CheckpointError, so that the previous step is used."""
+  folder = pathlib.Path(manager.directory) / str(step)
+  if not (folder / 'checksums').exists():
+    if _saved_with_checksums(folder):
+      raise CheckpointError(
+        f'{_where(manager, step)}: its checksums item is missing (the step was saved with one).'
+      )
     log.warning(
       '%s has no checksums (written by an older version): restored unverified.',
       _where(manager, step),
@@ -334,6 +341,16 @@ def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
   if not isinstance(stored, dict) or stored.get('version') != CHECKSUM_VERSION:
     raise CheckpointError(f'{_where(manager, step)}: unreadable checksums item.')
   return stored
+
+
+def _saved_with_checksums(folder: pathlib.Path) -> bool:
+  """Whether orbax's metadata of a step folder lists a checksums item (True where the metadata is
+  unreadable too: a step is only taken for an older version's when its metadata says so)."""
+  try:
+    handlers = json.loads((folder / '_CHECKPOINT_METADATA').read_text())['item_handlers']
+  except (OSError, ValueError, KeyError, TypeError):
+    return True
+  return not isinstance(handlers, dict) or 'checksums' in handlers
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
@@ -484,14 +501,18 @@ def _agree(manager, step: int, error, fatal, failures: list[str]) -> list[str]:
 
 
 def restore_with_fallback(
-  manager: ocp.CheckpointManager, *, step: int | None, restore_fn: Callable[[int], Loaded]
+  manager: ocp.CheckpointManager,
+  *,
+  step: int | None,
+  restore_fn: Callable[[int], Loaded],
+  ask_with: str = '',
 ) -> tuple[int, Any, list[str]]:
   """(step, its loaded and verified value, failures) for the newest usable step.
 
   With step=None, tries the kept steps newest first; restore_fn(step) or its `Loaded.verify`
   raising CheckpointError marks a step unusable (logged with its step and path) and the previous
   one is tried. With a step, only that one. CheckpointError listing every failure when none is
-  usable.
+  usable (ask_with: how the caller's user asks for a step, for its advice).
 
   With several processes, they agree on the outcome after the load and again after the verify
   (`agreed_failures`): a step that failed on any process is passed over by all, so they never
@@ -499,20 +520,36 @@ def restore_with_fallback(
   load. restore_fn reads only this process's files: the managers of `make_manager(read_only=
   True)` end a restore in no cross-process barrier.
   """
-  failures = []
+  failures, tried = [], []
   candidates = candidate_steps(manager, step)
-  for s in candidates:
-    loaded, error, fatal = _attempt(lambda s=s: restore_fn(s))
-    failed = _agree(manager, s, error, fatal, failures)
-    if not failed:
-      _, error, fatal = _attempt(loaded.verify)
+  for _ in range(_RELISTS + 1):
+    for s in candidates:
+      tried.append(s)
+      loaded, error, fatal = _attempt(lambda s=s: restore_fn(s))
       failed = _agree(manager, s, error, fatal, failures)
       if not failed:
-        return s, loaded.value, failures
-    failures.extend(failed)
-    if step is None and s != candidates[-1]:
-      log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
-  if not candidates:
+        _, error, fatal = _attempt(loaded.verify)
+        failed = _agree(manager, s, error, fatal, failures)
+        if not failed:
+          return s, loaded.value, failures
+      failures.extend(failed)
+      if step is None and s != candidates[-1]:
+        log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
+    if step is not None:
+      break
+    # A training run still saving into this folder deletes its older steps (keep_checkpoints)
+    # while they are read here: the steps it saved meanwhile are tried too.
+    manager.reload()
+    candidates = [s for s in kept_steps(manager) if s not in tried]
+    if not candidates:
+      break
+    log.warning(
+      'Trying the checkpoint steps saved into %s while the older ones were read (is a training '
+      'run still saving into it?): %s.',
+      manager.directory,
+      candidates,
+    )
+  if not tried:
     raise CheckpointError(f'No checkpoint to load: {describe_folder(manager.directory.parent)}.')
   others = sorted(set(manager.all_steps()) - {step}) if step is not None else []
   if others:  # the step asked for is damaged; others are kept
@@ -520,13 +557,27 @@ def restore_with_fallback(
       f'Checkpoint step {step}, the one asked for, is not usable:\n  '
       + '\n  '.join(failures)
       + f'\nAsk for another kept step ({", ".join(map(str, others))}), or for none to use the '
-      'newest usable one.'
+      f'newest usable one{ask_with}.'
+    )
+  if _removed(manager, tried):
+    raise CheckpointError(
+      f'The checkpoints of {manager.directory} were removed while being read (steps '
+      f'{_removed(manager, tried)}): a training run still saving into it keeps only its newest '
+      'steps. Run again, or raise --config.train.keep_checkpoints of the training run.'
     )
   raise CheckpointError(
     'No usable checkpoint in '
     f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nRestore the folder from a backup, '
     'or train into a fresh --workdir.'
   )
+
+
+_RELISTS = 3  # times the kept steps are listed again when the ones tried were removed meanwhile
+
+
+def _removed(manager: ocp.CheckpointManager, steps: list[int]) -> list[int]:
+  """Those of steps whose folder no longer exists."""
+  return [s for s in steps if not (pathlib.Path(manager.directory) / str(s)).exists()]
 
 
 @dataclasses.dataclass
@@ -539,16 +590,29 @@ class RestoredParams:
 
 def parse_run(spec: str) -> tuple[str, int | None]:
   """'runs/base64' -> ('runs/base64', None); 'runs/base64@1200' -> ('runs/base64', 1200); a
-  leading '~' expanded."""
+  leading '~' expanded. A run folder whose own name holds '@' (train.py takes
+  --workdir=runs/lr@3e-4) is that run; CheckpointError where a spec names both a run folder and
+  a step of another run."""
   spec = str(spec)
+  literal = os.path.expanduser(spec)
   if '@' not in spec:
-    return os.path.expanduser(spec), None
+    return literal, None
   path, _, step = spec.rpartition('@')
+  is_run = checkpoint_dir(literal).is_dir()
   if not re.fullmatch(r'\d+', step) or not path:
+    if is_run:
+      return literal, None
     raise CheckpointError(
       f"'{spec}': a checkpoint is RUN or RUN@STEP with STEP a kept step number, e.g. "
       'runs/base64@2000.'
     )
+  if is_run and checkpoint_dir(os.path.expanduser(path)).is_dir():
+    raise CheckpointError(
+      f"'{spec}' names both the run folder {literal} and step {step} of the run {path}. Rename "
+      'one of the two folders.'
+    )
+  if is_run:
+    return literal, None
   return os.path.expanduser(path), int(step)
 
 

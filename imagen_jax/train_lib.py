@@ -873,7 +873,10 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
       return checkpoints.Loaded((loaded.value, changed), loaded.verify)
 
     step, ((state, data_state), changed), failures = checkpoints.restore_with_fallback(
-      reader, step=requested, restore_fn=restore_one
+      reader,
+      step=requested,
+      restore_fn=restore_one,
+      ask_with=' (--config.train.resume_step=N, or 0 for none)',
     )
     state = sharding.relayout(state, state_sh)  # the train step's layouts (state_layout)
   except checkpoints.CheckpointError as e:
@@ -894,11 +897,38 @@ def _restore_for_resume(config, manager, abstract, state_sh, workdir_path, *, ne
   return step, state, data_state
 
 
+# Settings that change how a run is logged, saved, sampled, fed or laid out, not what it trains
+# (a field, or a group ending in '.'): a resume run again with other values is the same resume.
+_NOT_TRAINING = (
+  'train.num_steps',
+  'train.log_every',
+  'train.checkpoint_every',
+  'train.keep_checkpoints',
+  'train.sample_every',
+  'train.num_sample_prompts',
+  'train.sample_prompts',
+  'train.eval_every',
+  'train.eval_num',
+  'train.eval_judge_dir',
+  'train.wandb',
+  'train.wandb_mode',
+  'train.wandb_project',
+  'train.state_layout',
+  'data.num_workers',
+  'data.prefetch',
+  'data.device_prefetch',
+  'model.remat',
+  'mesh.',
+  'sample.',
+)
+
+
 def _same_resume(manager, step: int, config: ml_collections.ConfigDict) -> bool:
   """Whether checkpoint `step` was written by a run of this same resume: started with the same
-  train.resume_step and the same settings, train.num_steps aside (a run extended after a stop).
-  A go-back with other settings (the advice after a NaN: the same step, a lower optim.lr) is a
-  new attempt, not a continuation."""
+  train.resume_step and the same settings of what it trains (`_NOT_TRAINING` aside: e.g. a run
+  extended after a stop, or run again with other logging or data workers). A go-back with other
+  settings (the advice after a NaN: the same step, a lower optim.lr) is a new attempt, not a
+  continuation."""
   try:
     saved = checkpoints.restore_config(manager, step)
     if int(saved.train.get('resume_step', 0)) != int(config.train.resume_step):
@@ -906,7 +936,10 @@ def _same_resume(manager, step: int, config: ml_collections.ConfigDict) -> bool:
     differences = checkpoints.config_differences(saved, config)
   except (checkpoints.CheckpointError, AttributeError, KeyError, TypeError, ValueError):
     return False
-  return all(d.startswith('train.num_steps:') for d in differences)
+  fields = [d.split(':', 1)[0] for d in differences]
+  return all(
+    any(f == g or (g.endswith('.') and f.startswith(g)) for g in _NOT_TRAINING) for f in fields
+  )
 
 
 def _check_same_config(config: ml_collections.ConfigDict) -> None:

@@ -3,6 +3,7 @@ refused, restores fall back to the previous good step, RUN@STEP parsing."""
 
 import asyncio
 import gc
+import json
 import logging
 import shutil
 import unittest.mock
@@ -305,3 +306,71 @@ def test_a_damaged_step_asked_for_names_the_other_kept_steps(tmp_path):
     'Checkpoint step 4, the one asked for, is not usable:\n  checkpoint step 4: 1 array differs.'
     '\nAsk for another kept step (2, 6), or for none to use the newest usable one.'
   )
+
+
+def test_steps_removed_while_read_give_way_to_the_ones_saved_meanwhile(two_steps):
+  """sample.py on a run still training with keep_checkpoints=1: the trainer saves a newer step
+  and deletes the one being read. The new step is used; no 'restore from a backup' advice."""
+  workdir, writer = two_steps
+  reader = checkpoints.make_manager(workdir, read_only=True)
+  target = abstract(state_at(1))
+  saved_meanwhile = []
+
+  def restore_fn(step):
+    if not saved_meanwhile:  # the trainer saves step 3 and deletes 1 and 2 during this read
+      checkpoints.save(writer, 3, state=state_at(3), data_state={'pos': 3}, config=CONFIG)
+      writer.wait_until_finished()
+      saved_meanwhile.append(3)
+      for old in (1, 2):
+        shutil.rmtree(checkpoints.step_dir(workdir, old))
+    return checkpoints.load(reader, step, abstract_state=target)
+
+  step, (state, data), failures = checkpoints.restore_with_fallback(
+    reader, step=None, restore_fn=restore_fn
+  )
+  assert step == 3 and data == {'pos': 3} and int(state['step']) == 3
+  assert [f.split(' (')[0] for f in failures] == ['checkpoint step 2', 'checkpoint step 1']
+
+  # Removed with nothing saved since: the message says so, not that the folder is damaged.
+  def remove_all(step):
+    shutil.rmtree(checkpoints.step_dir(workdir, 3))
+    return checkpoints.load(reader, step, abstract_state=target)
+
+  reader.reload()
+  with pytest.raises(checkpoints.CheckpointError) as raised:
+    checkpoints.restore_with_fallback(reader, step=None, restore_fn=remove_all)
+  assert 'removed while being read (steps [3])' in str(raised.value)
+  assert 'backup' not in str(raised.value)
+  reader.close()
+
+
+def test_a_step_that_lost_its_checksums_is_not_used_unverified(two_steps, caplog):
+  workdir, manager = two_steps
+  target = abstract(state_at(2))
+  shutil.rmtree(checkpoints.step_dir(workdir, 2) / 'checksums')  # then a bit may rot unseen
+  step, _, failures = checkpoints.restore_with_fallback(
+    manager, step=None, restore_fn=lambda s: checkpoints.load(manager, s, abstract_state=target)
+  )
+  assert step == 1 and 'checksums item is missing' in failures[0]
+  # A step saved before checksums existed (its orbax metadata lists no such item) still loads,
+  # unverified, with a warning.
+  meta_file = checkpoints.step_dir(workdir, 2) / '_CHECKPOINT_METADATA'
+  meta = json.loads(meta_file.read_text())
+  del meta['item_handlers']['checksums']
+  meta_file.write_text(json.dumps(meta))
+  with caplog.at_level(logging.WARNING):
+    state, _ = checkpoints.restore(manager, 2, abstract_state=target)
+  assert int(state['step']) == 2 and 'restored unverified' in caplog.text
+
+
+def test_a_run_folder_named_with_an_at_sign(tmp_path):
+  # train.py takes --workdir=runs/lr@3e-4 and runs/exp@2: sample.py must read them as runs.
+  for run in ('lr@3e-4', 'exp@2', 'exp', 'only@5'):
+    if run != 'only@5':
+      (tmp_path / run / 'checkpoints').mkdir(parents=True)
+  assert checkpoints.parse_run(f'{tmp_path}/lr@3e-4') == (f'{tmp_path}/lr@3e-4', None)
+  assert checkpoints.parse_run(f'{tmp_path}/only@5') == (f'{tmp_path}/only', 5)
+  with pytest.raises(checkpoints.CheckpointError, match='names both the run folder'):
+    checkpoints.parse_run(f'{tmp_path}/exp@2')
+  shutil.rmtree(tmp_path / 'exp')
+  assert checkpoints.parse_run(f'{tmp_path}/exp@2') == (f'{tmp_path}/exp@2', None)

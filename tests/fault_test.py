@@ -118,9 +118,16 @@ def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
   assert (workdir / 'checkpoints_set_aside' / '4').is_dir()
   assert finished_steps(workdir) == [2, 4]
   assert losses(workdir)[4] == losses(pristine)[4]
-  # The same command again (e.g. after a SIGTERM) continues; it does not go back to step 2.
+  # The same command again (e.g. after a SIGTERM) continues; it does not go back to step 2, also
+  # where it logs or checkpoints at other intervals (what it trains is the same).
   proc = run(
-    shared, workdir, '--config.train.num_steps=6', '--config.train.resume_step=2', *CONSTANT_LR
+    shared,
+    workdir,
+    '--config.train.num_steps=6',
+    '--config.train.resume_step=2',
+    '--config.train.log_every=2',
+    '--config.train.keep_checkpoints=4',
+    *CONSTANT_LR,
   )
   assert 'Already resumed from step 2' in proc.stderr
   assert finished_steps(workdir) == [2, 4, 6]
