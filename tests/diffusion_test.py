@@ -58,6 +58,22 @@ def test_shifted_cosine_is_cosine_plus_shift():
   )
 
 
+def test_the_clean_end_of_the_cosine_is_its_logsnr_max_at_any_shift():
+  # The float32 u - u0 at t = 0 was 4e-10, not 0: an unclipped logsnr of 24.5, which the sr1024
+  # shift (-5.55) moved to 18.9, below logsnr_max = 20 (17.5 at 2048 px).
+  for resolution in (64, 256, 1024, 2048):
+    end = schedules.logsnr_shifted_cosine(jnp.zeros(1), resolution=resolution)
+    assert float(end[0]) == 20.0, resolution
+  # Near t = 0, against the float64 formula: the direct u - u0 keeps the small-t values exact.
+  t = np.array([1e-6, 1e-4, 1e-3, 0.04])
+  u = np.pi / 2 * (t + 0.008) / 1.008
+  alpha_bar = np.cos(u) ** 2 / np.cos(np.pi / 2 * 0.008 / 1.008) ** 2
+  expected = np.log(alpha_bar / (1 - alpha_bar))
+  got = schedules.logsnr_cosine(t, logsnr_min=-jnp.inf, logsnr_max=jnp.inf)
+  # f32 logs of values up to 17: a few ulp (~2e-6 each); the cancelling form was 7e-3 off at 1e-6.
+  np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
 def test_unknown_schedule_names_choices():
   with pytest.raises(ValueError, match='cosine'):
     schedules.get_schedule('quadratic')

@@ -328,7 +328,8 @@ def sample_heun(
 
   y = z / alpha, s = sigma / alpha = exp(-logsnr / 2); dy/ds = (y - D(y; s)) / s with
   D(y; s) = denoise(alpha y, logsnr). Euler predictor, trapezoidal corrector. The last step is
-  Euler only (as EDM does toward s = 0), and so is the first: from pure noise s falls from
+  Euler only (as EDM's, which goes to s = 0; this one ends at the grid's last s, 0.002 on the
+  karras grid, like every sampler here), and so is the first: from pure noise s falls from
   exp(-logsnr_min / 2) (~2e4) by orders of magnitude, where the corrector would amplify the
   denoiser's change by ds / s; an Euler step in this form is exactly a DDIM step, exact in
   that regime. 2N - 2 network calls for N >= 2 steps. `edit`: module docstring.
