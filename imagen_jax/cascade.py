@@ -56,6 +56,8 @@ class SamplingOptions:
       )
     if not (self.dynamic_max == 0.0 or self.dynamic_max >= 1.0):  # also refuses NaN
       raise ValueError(f'dynamic_max must be 0 (no clamp) or >= 1, got {self.dynamic_max}.')
+    if self.dynamic_max == math.inf:  # no clamp, recorded as 0 (JSON has no infinity)
+      object.__setattr__(self, 'dynamic_max', 0.0)
     if not 0.0 <= self.aug_level <= 1.0:
       raise ValueError(f'aug_level must be in [0, 1], got {self.aug_level}.')
     if not 0.0 < self.strength <= 1.0:  # also refuses NaN

@@ -582,6 +582,12 @@ _COUNTS = {
 }
 
 
+# |log-SNR| allowed for the schedule's clipping bounds: past about 87 (103 with subnormals)
+# sigmoid(-|logsnr|) underflows float32, so alpha or sigma is 0 and x0 = (z - sigma eps) / alpha
+# is NaN; 50 leaves alpha >= 1e-11.
+LOGSNR_BOUND = 50.0
+
+
 # optim fields: (lowest, highest, highest allowed, example). A negative min_lr_ratio made the
 # cosine schedule's end negative (gradient ascent late in training); a negative grad_clip
 # turned clipping off; b2 >= 1 never forgets a gradient.
@@ -694,10 +700,12 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       f'diffusion.min_snr_gamma={diff.min_snr_gamma}: min-SNR weighting min(snr, gamma) needs '
       'gamma > 0 (5 in Hang et al. 2023); a negative one trained on negative weights.'
     )
-  if not float(diff.logsnr_min) < float(diff.logsnr_max):
+  if not -LOGSNR_BOUND <= float(diff.logsnr_min) < float(diff.logsnr_max) <= LOGSNR_BOUND:
     raise ValueError(
       f'diffusion.logsnr_min={diff.logsnr_min}, logsnr_max={diff.logsnr_max}: the schedule '
-      'clips log-SNR to [logsnr_min, logsnr_max]; use logsnr_min < logsnr_max (e.g. -20, 20).'
+      'clips log-SNR to [logsnr_min, logsnr_max]; use logsnr_min < logsnr_max within '
+      f'[-{LOGSNR_BOUND:g}, {LOGSNR_BOUND:g}] (e.g. -20, 20): past them alpha or sigma '
+      'underflows float32 and the samples are NaN.'
     )
   if diff.schedule == 'shifted_cosine' and not float(diff.shift_base) >= 1:
     raise ValueError(

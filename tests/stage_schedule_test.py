@@ -110,7 +110,9 @@ def test_sampling_options_refuse_values_that_would_sample_silently_wrong(field, 
   # images and be blamed on the checkpoint by the NaN check.
   with pytest.raises(ValueError, match=message):
     cascade.SamplingOptions(**{field: value})
-  cascade.SamplingOptions(dynamic_percentile=1.0, dynamic_max=float('inf'), guidance=0.0)
+  options = cascade.SamplingOptions(dynamic_percentile=1.0, dynamic_max=float('inf'), guidance=0)
+  # No clamp, as 0 says: the sidecar JSON records 0 (json.dumps wrote 'Infinity', not JSON).
+  assert options.dynamic_max == 0.0
 
 
 def test_print_grids_tool_prints_one_line_per_stage():

@@ -322,12 +322,17 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     # until the first checkpoint refused them, or divided by zero.
     ('model.dim', 0, r'Invalid UNetConfig: dim=0: sizes must be whole numbers >= 1'),
     ('model.num_heads', 0, 'Invalid UNetConfig: num_heads=0'),
+    ('model.dim', 15, 'Invalid UNetConfig: dim=15 must be even'),  # failed at the first step
     ('model.num_groups', 0, 'Invalid UNetConfig: num_groups=0'),
     ('model.channel_mults', (1, 0), r'Invalid UNetConfig: channel_mults=\(1, 0\)'),
     ('text.max_length', 1, r'text.max_length=1: use a whole number >= 2 \(a token and EOS\)'),
     # Trained silently on nonsense (negative loss weights), or failed at the first step.
     ('diffusion.min_snr_gamma', -1.0, r'diffusion.min_snr_gamma=-1.0: min-SNR weighting'),
     ('diffusion.logsnr_min', 30.0, 'use logsnr_min < logsnr_max'),
+    # alpha underflows float32 at the noisy end: every sample was NaN.
+    ('diffusion.logsnr_min', -float('inf'), r'within \[-50, 50\]'),
+    ('diffusion.logsnr_min', -120.0, r'within \[-50, 50\]'),
+    ('diffusion.logsnr_max', float('nan'), r'within \[-50, 50\]'),
     ('model.lowres_cond', True, r'a super-resolution stage \(lowres_resolution > 0\) needs'),
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
     ('text.dtype', 'bf16', r"text.dtype='bf16': the T5 encoder runs in bfloat16 or float32"),

@@ -90,6 +90,8 @@ class UNetConfig:
       bad = [i for i in getattr(self, name) if not 0 <= i < levels]
       if bad:
         problems.append(f'{name} {getattr(self, name)} has levels {bad} outside [0, {levels})')
+    if self.dim % 2:  # the log-SNR embedding's sinusoids: dim / 2 frequencies
+      problems.append(f'dim={self.dim} must be even (the log-SNR embedding has dim / 2 sinusoids)')
     for mult in self.channel_mults:
       if (self.dim * mult) % self.num_groups:
         problems.append(
