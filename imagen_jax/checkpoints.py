@@ -520,29 +520,36 @@ def restore_with_fallback(
   load. restore_fn reads only this process's files: the managers of `make_manager(read_only=
   True)` end a restore in no cross-process barrier.
   """
-  failures, tried = [], []
+  failed_steps, tried = {}, []  # step -> why it failed
+
+  def failures() -> list[str]:
+    return [message for messages in failed_steps.values() for message in messages]
+
   candidates = candidate_steps(manager, step)
   for _ in range(_RELISTS + 1):
     for s in candidates:
       tried.append(s)
       loaded, error, fatal = _attempt(lambda s=s: restore_fn(s))
-      failed = _agree(manager, s, error, fatal, failures)
+      failed = _agree(manager, s, error, fatal, failures())
       if not failed:
         _, error, fatal = _attempt(loaded.verify)
-        failed = _agree(manager, s, error, fatal, failures)
+        failed = _agree(manager, s, error, fatal, failures())
         if not failed:
-          return s, loaded.value, failures
-      failures.extend(failed)
+          return s, loaded.value, failures()
+      failed_steps[s] = failed
       if step is None and s != candidates[-1]:
         log.error('%s Falling back to the previous kept checkpoint.', ' '.join(failed))
     if step is not None:
       break
     # A training run still saving into this folder deletes its older steps (keep_checkpoints)
-    # while they are read here: the steps it saved meanwhile are tried too.
+    # while they are read here: the steps it saved meanwhile are tried too, and the removed
+    # steps' failures are no damage to report.
     manager.reload()
     candidates = [s for s in kept_steps(manager) if s not in tried]
     if not candidates:
       break
+    for s in _removed(manager, tried):
+      failed_steps.pop(s, None)
     log.warning(
       'Trying the checkpoint steps saved into %s while the older ones were read (is a training '
       'run still saving into it?): %s.',
@@ -555,7 +562,7 @@ def restore_with_fallback(
   if others:  # the step asked for is damaged; others are kept
     raise CheckpointError(
       f'Checkpoint step {step}, the one asked for, is not usable:\n  '
-      + '\n  '.join(failures)
+      + '\n  '.join(failures())
       + f'\nAsk for another kept step ({", ".join(map(str, others))}), or for none to use the '
       f'newest usable one{ask_with}.'
     )
@@ -567,7 +574,7 @@ def restore_with_fallback(
     )
   raise CheckpointError(
     'No usable checkpoint in '
-    f'{manager.directory}:\n  ' + '\n  '.join(failures) + '\nRestore the folder from a backup, '
+    f'{manager.directory}:\n  ' + '\n  '.join(failures()) + '\nRestore the folder from a backup, '
     'or train into a fresh --workdir.'
   )
 

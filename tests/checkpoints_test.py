@@ -329,7 +329,7 @@ def test_steps_removed_while_read_give_way_to_the_ones_saved_meanwhile(two_steps
     reader, step=None, restore_fn=restore_fn
   )
   assert step == 3 and data == {'pos': 3} and int(state['step']) == 3
-  assert [f.split(' (')[0] for f in failures] == ['checkpoint step 2', 'checkpoint step 1']
+  assert failures == []  # removed steps are not damage ("newer checkpoints could not be used")
 
   # Removed with nothing saved since: the message says so, not that the folder is damaged.
   def remove_all(step):
