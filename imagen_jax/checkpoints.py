@@ -80,19 +80,42 @@ class _DropOrbaxOrphanTaskErrors(logging.Filter):
     return True
 
 
+UNFINISHED_SAVE = '.orbax-checkpoint-tmp'  # orbax's folder of a save not yet committed
+
+
+class _DropUnfinishedSaveErrors(logging.Filter):
+  """Errors that orbax's save threads log with a traceback each (5 or more, and asyncio's
+  "exception was never retrieved" for their sibling writes) when a write into a save's
+  unfinished folder fails, e.g. the disk filled up: the save's failure reaches the caller's
+  wait or next save, and train.py reports it in one line (which checkpoints are intact, what to
+  do); the unfinished folder never becomes a checkpoint."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    text = str(record.msg) + ' '.join(map(str, record.args or ()))
+    if record.exc_info and record.exc_info[1] is not None:
+      text += str(record.exc_info[1])
+    return UNFINISHED_SAVE not in text
+
+
 def quiet_orbax_noise() -> None:
   """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the noise a
   damaged checkpoint leaves after it fails to load, which the restore functions here already
   report in one line: the "RuntimeError: Event loop is closed" tracebacks that tensorstore read
   callbacks print (as unraisable exceptions, ~100 of them), and asyncio's "Task/Future exception
-  was never retrieved" for the sibling reads (`_DropOrbaxOrphanTaskErrors`). Every other log
-  record and exception is kept."""
+  was never retrieved" for the sibling reads (`_DropOrbaxOrphanTaskErrors`); and the tracebacks
+  of a save whose writes failed, which train.py reports in one line (`_DropUnfinishedSaveErrors`).
+  Every other log record and exception is kept."""
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
   asyncio_logger = logging.getLogger('asyncio')
   if not any(isinstance(f, _DropOrbaxOrphanTaskErrors) for f in asyncio_logger.filters):
     asyncio_logger.addFilter(_DropOrbaxOrphanTaskErrors())
+  for logger in (absl_logger, asyncio_logger):
+    if not any(isinstance(f, _DropUnfinishedSaveErrors) for f in logger.filters):
+      logger.addFilter(_DropUnfinishedSaveErrors())
   previous = sys.unraisablehook
   if getattr(previous, 'drops_closed_loop_callbacks', False):
     return

@@ -373,6 +373,24 @@ def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
     config = checkpoints.restore_config(checkpoints.make_manager(workdir, read_only=True), kept[-1])
     assert config.stage == 'base64'
 
+  # Bytes to spare but few inodes: the free-space check before each save passes and a write
+  # inside orbax's save threads fails (as when another process fills the disk meanwhile). Each
+  # thread logged its traceback (5, and asyncio's unretrieved futures): one line now.
+  with tmpfs(shared['root'] / 'few_inodes', 'size=64m,nr_inodes=60') as mount:
+    workdir = mount / 'run'
+    proc = run(
+      shared,
+      workdir,
+      '--config.train.num_steps=12',
+      '--config.train.checkpoint_every=2',
+      *CONSTANT_LR,
+      check=False,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = error_lines(proc.stderr)
+    assert errors and 'No space left on device' in errors[0], proc.stderr[-3000:]
+    assert 'Traceback' not in proc.stderr and 'never retrieved' not in proc.stderr
+
 
 def test_a_workdir_in_use_by_another_run_is_refused_untouched(shared, pristine):
   # Another train.py holds the workdir (here: this test holds its lock). A second start must not
