@@ -52,6 +52,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p.error(f'--steps={args.steps}: use a multiple of 6 (three parts, a checkpoint every 2).')
   if args.layout not in ('auto', 'conv_ohwi'):
     p.error(f"--layout={args.layout}: use 'auto' or 'conv_ohwi' (the other is 'default').")
+  # train.py runs in the repository: paths given from elsewhere are made absolute here (a
+  # relative --workdir had its old runs removed here and trained into the repository).
+  args.workdir = pathlib.Path(args.workdir).expanduser().absolute()
+  config_file, sep, variant = args.config.partition(':')
+  if pathlib.Path(config_file).expanduser().is_file():
+    args.config = str(pathlib.Path(config_file).expanduser().absolute()) + sep + variant
+  for d in (args.workdir / 'straight', args.workdir / 'switched'):
+    if d.exists() and not (d / 'metrics.jsonl').exists() and not (d / 'checkpoints').exists():
+      p.error(f'{d} exists and is not a run of this script; pass another --workdir.')
   return args, passthrough
 
 
@@ -82,7 +91,7 @@ def _losses(workdir: pathlib.Path) -> dict[int, float]:
 def main(argv=None) -> dict:
   args, passthrough = parse_args(argv)
   start = time.perf_counter()
-  root = pathlib.Path(args.workdir)
+  root = args.workdir
   straight, switched = root / 'straight', root / 'switched'
   for d in (straight, switched):
     if d.exists():

@@ -72,7 +72,9 @@ def main(_):
     compiled(*args[:3], keys[i + 1], lowres).block_until_ready()
     times.append(time.perf_counter() - t0)
   batch_s = statistics.median(times)
-  evals = FLAGS.steps * (2 if FLAGS.sampler == 'heun' else 1) * (1 if FLAGS.guidance == 1 else 2)
+  # Heun: 2N - 2 network calls for N >= 2 steps (Euler first and last steps), 1 for N = 1.
+  calls = max(2 * FLAGS.steps - 2, 1) if FLAGS.sampler == 'heun' else FLAGS.steps
+  evals = calls * (1 if FLAGS.guidance == 1 else 2)
   print(
     json.dumps(
       {

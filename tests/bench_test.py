@@ -425,3 +425,28 @@ def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failu
   assert len(lines) == 14 and lines[0] == lines[1] == {'img_per_s': 1.0}
   assert all(ln['error'].startswith('skipped: ') for ln in lines[3:]), lines[3:]
   assert [ln['point'] for ln in lines[3:]] == list(range(3, 14))
+
+
+def test_layout_resume_paths_are_the_callers_and_other_folders_are_kept(tmp_path, monkeypatch):
+  # train.py runs in the repository: a relative --workdir removed the caller's lr/straight (with
+  # whatever it held) and then trained into the repository's lr/.
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    'layout_resume', REPO_ROOT / 'bench' / 'layout_resume.py'
+  )
+  layout_resume = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(layout_resume)
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'configs').mkdir()
+  (tmp_path / 'configs' / 'mine.py').write_text('')
+  args, _ = layout_resume.parse_args(['--workdir', 'lr', '--config', 'configs/mine.py:tiny'])
+  assert args.workdir == tmp_path / 'lr'
+  assert args.config == f'{tmp_path / "configs" / "mine.py"}:tiny'
+  args, _ = layout_resume.parse_args([])  # the repository's own config stays as given
+  assert args.config == 'configs/base64.py:tiny'
+  (tmp_path / 'lr' / 'straight').mkdir(parents=True)
+  (tmp_path / 'lr' / 'straight' / 'keep.txt').write_text('mine')
+  with pytest.raises(SystemExit):
+    layout_resume.parse_args(['--workdir', 'lr'])
+  assert (tmp_path / 'lr' / 'straight' / 'keep.txt').read_text() == 'mine'
