@@ -589,10 +589,11 @@ def restore_with_fallback(
       + f'\nAsk for another kept step ({", ".join(map(str, others))}), or for none to use the '
       f'newest usable one{ask_with}.'
     )
-  if _removed(manager, tried):
+  removed = _removed(manager, tried)
+  if removed:
     raise CheckpointError(
       f'The checkpoints of {manager.directory} were removed while being read (steps '
-      f'{_removed(manager, tried)}): a training run still saving into it keeps only its newest '
+      f'{removed}): a training run still saving into it keeps only its newest '
       'steps. Run again, or raise --config.train.keep_checkpoints of the training run.'
     )
   raise CheckpointError(

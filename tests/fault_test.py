@@ -349,22 +349,30 @@ def test_read_only_workdir(shared, pristine):
     assert finished_steps(workdir) == [2, 4]
 
 
+def fill_the_disk(shared, workdir) -> str:
+  """A 12-step run saving every 2 steps into workdir, on a disk too small for it: its one error
+  line (exit 1, no traceback, none of asyncio's unretrieved-future reports)."""
+  proc = run(
+    shared,
+    workdir,
+    '--config.train.num_steps=12',
+    '--config.train.checkpoint_every=2',
+    *CONSTANT_LR,
+    check=False,
+  )
+  assert proc.returncode == 1, proc.stderr[-2000:]
+  errors = error_lines(proc.stderr)
+  assert errors, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr and 'never retrieved' not in proc.stderr
+  return errors[0]
+
+
 def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
   # Room for about one checkpoint of the tiny model (1.3-2.8 MB each): a later save runs out.
   with tmpfs(shared['root'] / 'full', 'size=3m') as mount:
     workdir = mount / 'run'
-    proc = run(
-      shared,
-      workdir,
-      '--config.train.num_steps=12',
-      '--config.train.checkpoint_every=2',
-      *CONSTANT_LR,
-      check=False,
-    )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = error_lines(proc.stderr)
-    assert errors and 'failed' in errors[0] and 'are intact' in errors[0], proc.stderr[-3000:]
-    assert 'Traceback' not in proc.stderr
+    error = fill_the_disk(shared, workdir)
+    assert 'failed' in error and 'are intact' in error, error
     kept = finished_steps(workdir)
     assert kept, 'no checkpoint survived'
     # The newest finished checkpoint restores and verifies.
@@ -377,19 +385,8 @@ def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
   # inside orbax's save threads fails (as when another process fills the disk meanwhile). Each
   # thread logged its traceback (5, and asyncio's unretrieved futures): one line now.
   with tmpfs(shared['root'] / 'few_inodes', 'size=64m,nr_inodes=60') as mount:
-    workdir = mount / 'run'
-    proc = run(
-      shared,
-      workdir,
-      '--config.train.num_steps=12',
-      '--config.train.checkpoint_every=2',
-      *CONSTANT_LR,
-      check=False,
-    )
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = error_lines(proc.stderr)
-    assert errors and 'No space left on device' in errors[0], proc.stderr[-3000:]
-    assert 'Traceback' not in proc.stderr and 'never retrieved' not in proc.stderr
+    error = fill_the_disk(shared, mount / 'run')
+    assert 'No space left on device' in error, error
 
 
 def test_a_workdir_in_use_by_another_run_is_refused_untouched(shared, pristine):
