@@ -173,6 +173,10 @@ def make_manager(
     save_interval_steps=0 if read_only else 1,
     create=not read_only,
     enable_async_checkpointing=async_save,
+    # A step's folders are made before save() returns: made in orbax's background threads, a
+    # failed mkdir (disk out of space or inodes) left the sibling writes waiting for its signal
+    # until their timeout (minutes), and then each logged a traceback.
+    async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
     cleanup_tmp_directories=not read_only,
     read_only=read_only,
     multiprocessing_options=local if read_only else ocp.options.MultiprocessingOptions(),

@@ -1368,6 +1368,7 @@ class _Loop:
       dynamic_ncols=True,
     )
     step = start
+    finished = False
     try:
       with StopSignal(coordinated=jax.process_count() > 1) as stop:
         while step < num_steps:
@@ -1442,16 +1443,23 @@ class _Loop:
             last_scalars = {**last_scalars, **{f'eval/{k}': v for k, v in results.items()}}
           window_start += time.perf_counter() - side_work
         self.wait_for_saves(self.last_save)
+      finished = True
     finally:
       progress.close()
+      close_error = None
       try:
         self.manager.wait_until_finished()
-      except Exception:  # noqa: BLE001 - already reported by the save that failed
-        log.error('A checkpoint save failed while shutting down (reported above).')
-      self.manager.close()
+        self.manager.close()  # waits too (a failed metadata write raises here)
+      except Exception as e:  # noqa: BLE001
+        if finished:
+          close_error = e
+        else:  # the failure that stopped the run was reported by the save that failed
+          log.error('A checkpoint save failed while shutting down (reported above).')
       self.writer.close()
       if hasattr(self.data_iter, 'close'):
         self.data_iter.close()
+    if close_error is not None:
+      raise _save_failed(self.manager, self.last_save, close_error) from close_error
     last_scalars['step'] = step
     return last_scalars
 

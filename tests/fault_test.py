@@ -389,6 +389,65 @@ def test_full_disk_keeps_the_last_good_checkpoint(shared, pristine):
     assert 'No space left on device' in error, error
 
 
+# Saves of a small state into tmpfs folders of N inodes, N = 24..86: each runs out of inodes at
+# another point of a save (a step or item folder, a metadata file, an array chunk).
+_SAVE_UNTIL_FULL = """
+import subprocess, sys, time
+import jax.numpy as jnp, ml_collections
+from imagen_jax import checkpoints
+checkpoints.quiet_orbax_noise()
+root = sys.argv[1]
+state = {'w': jnp.ones((64, 64)), 'b': jnp.zeros((64,))}
+config = ml_collections.ConfigDict()
+for n in range(24, 87, 2):
+  mount = f'{root}/{n}'
+  subprocess.run(['mkdir', '-p', mount], check=True)
+  options = f'size=64m,nr_inodes={n}'
+  subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', mount], check=True)
+  manager, start, failed = checkpoints.make_manager(f'{mount}/run', keep=2), time.time(), None
+  for step in range(1, 20):
+    try:
+      manager.wait_until_finished()
+      manager.check_for_errors()
+      checkpoints.save(manager, step, state=state, data_state={}, config=config)
+    except Exception:
+      failed = step
+      break
+  try:
+    manager.wait_until_finished()
+    manager.close()
+  except Exception:
+    pass
+  print(n, failed, round(time.time() - start, 1), flush=True)
+  subprocess.run(['umount', '-l', mount], check=True)
+"""
+
+
+def test_a_save_that_cannot_make_its_folders_fails_at_once(shared):
+  # Orbax made a step's folders in a background thread: when that mkdir failed (no inodes or
+  # bytes left), the sibling writes waited for its signal until their timeout (5-20 minutes, the
+  # process could not exit) and then each logged a traceback. The folders are made in save() now.
+  with tmpfs(shared['root'] / 'can_mount', 'size=1m'):
+    pass  # skips where a tmpfs cannot be mounted
+  try:  # about 5 s
+    proc = subprocess.run(
+      [sys.executable, '-c', _SAVE_UNTIL_FULL, str(shared['root'] / 'inode_sweep')],
+      cwd=REPO_ROOT,
+      env=env_for(shared),
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+  except subprocess.TimeoutExpired as e:
+    raise AssertionError(f'the saves hung after running out of inodes: {e.stdout}') from None
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [line.split() for line in proc.stdout.splitlines()]
+  assert len(rows) == 32, proc.stdout
+  for n, failed, seconds in rows:
+    assert failed != 'None' and float(seconds) < 30, (n, failed, seconds)
+  assert 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_workdir_in_use_by_another_run_is_refused_untouched(shared, pristine):
   # Another train.py holds the workdir (here: this test holds its lock). A second start must not
   # clean its checkpoint in progress, rewrite its metrics or save over its steps.
