@@ -10,7 +10,11 @@ training image, beside the same metrics for calibration rows (real test images, 
 labels, class means, noise); last, one JSON line. Same as `python -m imagen_jax.evaluate`.
 """
 
+from absl import flags
+
 from imagen_jax.evaluate import cli
+
+flags.adopt_module_key_flags(cli)  # --helpshort lists its flags
 
 if __name__ == '__main__':
   cli.run()

@@ -41,7 +41,7 @@ import pathlib
 import signal
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from imagen_jax import cli
 
@@ -60,6 +60,7 @@ flags.DEFINE_integer('num_images', 1, 'Images per prompt.')
 # --distributed: every process samples every n-th batch on its own devices (same files as one).
 cli.define_distributed_flags()
 cli.define_compilation_cache_flag()
+flags.adopt_module_key_flags(cli)  # --helpshort lists them too
 flags.DEFINE_integer('seed', 0, 'Random seed; the same seed gives the same images on one backend.')
 flags.DEFINE_integer(
   'batch_size', 8, 'Images per batch (memory and speed; each image keeps its own noise).'
@@ -138,7 +139,10 @@ def _read_prompts_file(name: str) -> list[str]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(
+      f'Unexpected arguments: {argv[1:]}; quote a prompt that has spaces, e.g. '
+      '--prompt "a red apple".'
+    )
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
   cli.keep_freed_host_buffers()

@@ -31,6 +31,7 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, logs, sample grids.')
 cli.define_distributed_flags()
 cli.define_compilation_cache_flag()
+flags.adopt_module_key_flags(cli)  # --helpshort lists them too
 flags.mark_flags_as_required(['config', 'workdir'])
 
 

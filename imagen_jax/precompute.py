@@ -302,7 +302,7 @@ def open_or_build_cache(
 
 
 def _run_cli() -> None:
-  from absl import app, flags
+  from absl import flags
   from ml_collections import config_flags
 
   from imagen_jax import cli
@@ -320,12 +320,13 @@ def _run_cli() -> None:
   # --distributed: run the same command on every host; each encodes its share of the captions
   # (text.cache_dir on shared storage).
   cli.define_distributed_flags()
+  flags.adopt_module_key_flags(cli)  # --helpshort lists them too
 
   def main(argv) -> None:
     if len(argv) > 1:
-      raise app.UsageError(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
+      cli.fail(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
-      raise app.UsageError('--config is required, e.g. --config=configs/base64.py.')
+      cli.fail('--config is required, e.g. --config=configs/base64.py.')
     cli.keep_freed_host_buffers()
     if flags.FLAGS.distributed:
       cli.initialize_distributed()

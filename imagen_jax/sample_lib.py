@@ -167,6 +167,8 @@ def validate(req: SampleRequest) -> None:
         f'Prompt {i} ({p!r}) is not UTF-8 text ({e.reason} at character {e.start}); pass it as '
         "UTF-8 (check the terminal's or the script's encoding, e.g. LANG=C.UTF-8)."
       ) from e
+  if not str(req.out).strip():  # '' would write into the current folder
+    raise SampleError('--out is empty; pass the output folder, e.g. --out samples.')
   if not req.checkpoints:
     raise SampleError('No checkpoints: pass --checkpoints runs/base64[,runs/sr256[,runs/sr1024]].')
   for spec in req.checkpoints:

@@ -351,6 +351,20 @@ def test_bad_arguments(runs, args, message):
   assert not out.exists()  # refused before anything was written
 
 
+def test_an_empty_out_is_refused_not_the_current_folder(runs, tmp_path):
+  script = str(REPO_ROOT / 'sample.py')
+  proc = subprocess.run(
+    [sys.executable, script, '--prompt=x', '--out=', '--steps=2', f'--checkpoints={runs["base"]}'],
+    cwd=tmp_path,
+    env=runs['env'],
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode != 0 and '--out is empty' in proc.stderr, proc.stderr[-2000:]
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_prompts_file_encodings(runs, tmp_path):
   bom = tmp_path / 'bom.txt'
   bom.write_bytes('\ufeffa red apple\n\nblue sky\n'.encode())  # Notepad's UTF-8 with BOM
