@@ -613,7 +613,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   traceback, an unknown loss weighting at the first step's compile, a bad crop size after the
   text cache was built; a negative num_steps 'finished' at step 0."""
   from imagen_jax import precompute
-  from imagen_jax.data import preprocess
+  from imagen_jax.data import preprocess, sources
 
   for field, (lowest, zero) in _COUNTS.items():
     section, name = field.split('.')
@@ -633,6 +633,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   skip = float(config.data.max_skip_fraction)
   if not 0.0 <= skip <= 1.0:
     raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
+  sources.check_source_kind(config.data)
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
   precompute.check_text_dtype(config)
   stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
@@ -792,8 +793,11 @@ def model_description(config: ml_collections.ConfigDict) -> str:
   return f'preset {preset}' + (f' with {", ".join(changed)} changed' if changed else '')
 
 
-def _prepare_workdir(workdir: str) -> pathlib.Path:
-  """The absolute run folder, created if needed; TrainingError when it cannot hold a run."""
+def _prepare_workdir(workdir: str, resume_step: int = 0) -> pathlib.Path:
+  """The absolute run folder, created if needed; TrainingError when it cannot hold a run, or
+  when `resume_step` is set and it holds no checkpoint (a mistyped --workdir: refused before the
+  folder is made. With several processes the check after the run lock refuses it, on every
+  process alike)."""
   if re.match(r'[A-Za-z][A-Za-z0-9+.-]*://', str(workdir)):  # it became a local 'gs:/...' folder
     raise TrainingError(
       f'--workdir {workdir} is a URL; train.py writes to a local or mounted folder: mount the '
@@ -813,6 +817,15 @@ def _prepare_workdir(workdir: str) -> pathlib.Path:
     raise TrainingError(
       f"--workdir {path} holds checkpoint steps {steps}: it is a run's checkpoints folder. "
       f'Pass the run folder, {path.parent}.'
+    )
+  if (
+    resume_step
+    and jax.process_count() == 1
+    and not checkpoints.step_numbers(checkpoints.checkpoint_dir(path))
+  ):
+    raise TrainingError(
+      f'train.resume_step={resume_step} but {checkpoints.describe_folder(path)}: check --workdir '
+      '(nothing was written).'
     )
   try:
     multihost.check_writable(path)
@@ -1078,7 +1091,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   device_prefetch_size(config)
   cascade.SamplingOptions.from_config(config)  # saved with every checkpoint, used by sample.py
   precompute.record_encoder_fingerprint(config)  # saved too; sample.py compares it
-  workdir_path = _prepare_workdir(workdir)
+  workdir_path = _prepare_workdir(workdir, resume_step=int(config.train.get('resume_step', 0)))
   lock = _lock_workdir(workdir_path)
   try:
     return _train(config, workdir_path, tx)

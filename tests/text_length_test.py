@@ -337,6 +337,9 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
     ('text.dtype', 'bf16', r"text.dtype='bf16': the T5 encoder runs in bfloat16 or float32"),
     ('optim.grad_accum_steps', 10**6, r'grad_accum_steps=1000000 > train.num_steps=.* no update'),
+    # Both were refused only once the workdir was made and locked.
+    ('data.source', 'flder', r"Unknown data.source 'flder'; choose one of"),
+    ('data.source', 'folder', r"data.source='folder' needs --config.data.path"),
   ],
 )
 def test_settings_that_cannot_train_are_named(field, value, message):

@@ -420,5 +420,12 @@ def test_workdirs_that_cannot_hold_a_run_are_refused_before_it_starts(tmp_path, 
     with pytest.raises(train_lib.TrainingError, match=message):
       train_lib._prepare_workdir(workdir)
   assert not (tmp_path / 'sweep[lr=1e-3]').exists()
+  # train.resume_step=N with a mistyped --workdir: refused before the folder (and, in train.py,
+  # the text cache) is made.
+  for missing in (tmp_path / 'rnu', tmp_path / 'sweep=lr,1e-3'):
+    with pytest.raises(train_lib.TrainingError, match=r'resume_step=4 but .*: check --workdir'):
+      train_lib._prepare_workdir(str(missing), resume_step=4)
+    assert not missing.exists()
+  assert train_lib._prepare_workdir(str(run), resume_step=4) == run
   assert train_lib._prepare_workdir(str(run)) == run  # the run folder itself is fine
   assert train_lib._prepare_workdir(str(tmp_path / 'sweep=lr,1e-3')).is_dir()

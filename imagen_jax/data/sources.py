@@ -602,8 +602,28 @@ def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:
     )
 
 
+_NEEDS_PATH = {
+  'folder': '/path/to/images',
+  'hf': "a hub name such as 'lambdalabs/naruto-blip-captions', or a local folder",
+  'tfds': 'a tfds dataset name',
+  'webdataset': "a folder of shards, or a pattern such as 'shards/{00000..00099}.tar'",
+  'arrayrecord': 'a folder of .array_record shards, or a glob',
+}
+
+
+def check_source_kind(data_config) -> None:
+  """DataError for an unknown `data.source`, or one that needs `data.path` without it: checked
+  before a run writes anything (the sources raise the same when built)."""
+  kind = data_config.source
+  if kind not in SOURCE_KINDS:
+    raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
+  if kind in _NEEDS_PATH and not data_config.get('path', ''):
+    raise DataError(f"data.source='{kind}' needs --config.data.path: {_NEEDS_PATH[kind]}.")
+
+
 def build_source(data_config) -> Source:
   """The source named by `data_config.source`, limited to `max_examples` (> 0)."""
+  check_source_kind(data_config)
   kind = data_config.source
   max_examples = int(data_config.get('max_examples', 0))
   if kind == 'openmoji':
@@ -615,8 +635,6 @@ def build_source(data_config) -> Source:
 
     source = digits.load_source(data_config)
   elif kind == 'folder':
-    if not data_config.path:
-      raise DataError("data.source='folder' needs --config.data.path=/path/to/images.")
     source = FolderSource(
       data_config.path,
       split=data_config.split,
@@ -640,29 +658,23 @@ def build_source(data_config) -> Source:
       caption_column=data_config.caption_column,
       max_examples=max_examples,
     )
-  elif kind in ('webdataset', 'arrayrecord'):
+  elif kind == 'webdataset':
     from imagen_jax.data import webdataset
 
-    if not data_config.path:
-      raise DataError(
-        f"data.source='{kind}' needs --config.data.path: a folder of shards, a brace pattern "
-        "such as 'shards/{00000..00099}.tar' or a glob."
-      )
-    if kind == 'webdataset':
-      source = webdataset.WebDatasetSource(
-        data_config.path,
-        caption_column=data_config.caption_column,
-        max_examples=max_examples,
-        index_dir=data_config.get('index_dir', '') or '',
-      )
-    else:
-      source = webdataset.ArrayRecordSource(
-        data_config.path,
-        image_column=data_config.image_column,
-        caption_column=data_config.caption_column,
-        max_examples=max_examples,
-      )
-  else:
-    raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
+    source = webdataset.WebDatasetSource(
+      data_config.path,
+      caption_column=data_config.caption_column,
+      max_examples=max_examples,
+      index_dir=data_config.get('index_dir', '') or '',
+    )
+  else:  # 'arrayrecord', the last of SOURCE_KINDS (check_source_kind refused any other)
+    from imagen_jax.data import webdataset
+
+    source = webdataset.ArrayRecordSource(
+      data_config.path,
+      image_column=data_config.image_column,
+      caption_column=data_config.caption_column,
+      max_examples=max_examples,
+    )
   check_skip_fraction(source, float(data_config.get('max_skip_fraction', 0.01)))
   return source
