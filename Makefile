@@ -40,7 +40,28 @@ if bad:
 endef
 export CHECK_LOCK
 
+# Before the venv is (re)made: $(PYTHON) must be >= 3.11, and a venv left by another Python (a
+# first try with an older python3) is removed, since `venv` over it keeps its old interpreter.
+define CHECK_PYTHON
+import os, shutil, subprocess, sys
+if sys.version_info < (3, 11):
+    sys.exit(f"imagen-jax needs Python >= 3.11; {sys.executable} is {sys.version.split()[0]}: "
+             "run `make PYTHON=python3.11` (or a newer one)")
+venv_python = os.path.join(sys.argv[1], "bin", "python")
+if os.path.exists(sys.argv[1]):
+    try:
+        found = subprocess.run([venv_python, "-c", "import sys; print(sys.version_info[:3])"],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    except OSError:
+        found = ""
+    if found != str(tuple(sys.version_info[:3])):
+        print(f"{sys.argv[1]} was made by another Python ({found or 'none'}): making it again")
+        shutil.rmtree(sys.argv[1])
+endef
+export CHECK_PYTHON
+
 $(STAMP): $(LOCK) requirements.txt requirements-test.txt pyproject.toml
+	@$(PYTHON) -c "$$CHECK_PYTHON" $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
 	$(PY) -m pip install -q $(REQUIREMENTS)
