@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Callable, Sequence
 
@@ -109,7 +110,9 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   except flags.Error as e:
     if any(a.startswith('--config') for a in argv[1:]) and 'config' in str(e):
       fail(explain_config_error(argv[1:], e))
-    fail(f'{e}. Pass --helpshort to see the flags.')
+    message = str(e).rstrip('.')
+    missing = re.fullmatch(r'flag --(\w+)=None: Flag --\1 must have a value other than None', message)
+    fail(f'{f"--{missing[1]} is required" if missing else message}. Pass --helpshort to see the flags.')
   except Exception as e:  # noqa: BLE001 - a config file's own errors (SyntaxError, NameError, ...)
     fail(explain_config_error(argv[1:], e))
   return rest

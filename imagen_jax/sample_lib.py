@@ -131,7 +131,8 @@ def _per_stage(values: Sequence | None, n: int, name: str, checkpoints: int | No
     return values[:n]
   if len(values) != n:
     also = f' (or {checkpoints}, one per checkpoint)' if checkpoints and checkpoints != n else ''
-    raise SampleError(f'--{name} has {len(values)} values for {n} stages; give 1 or {n}{also}.')
+    stages, give = ('1 stage', '1') if n == 1 else (f'{n} stages', f'1 or {n}')
+    raise SampleError(f'--{name} has {len(values)} values for {stages}; give {give}{also}.')
   return values
 
 

@@ -46,6 +46,9 @@ def test_helpshort_lists_the_flags_of_the_entry_point(entry, flags):
   [
     (['sample.py', '--prompt', 'a', 'red', 'apple'], 'quote a prompt that has spaces'),
     (['-m', 'imagen_jax.precompute'], '--config is required'),
+    # absl's own text read 'flag --config=None: Flag --config must have a value other than None..'
+    (['train.py', '--workdir=x'], 'error: --config is required. Pass --helpshort'),
+    (['train.py', '--config=configs/base64.py'], 'error: --workdir is required. Pass --helpshort'),
     (['-m', 'imagen_jax.precompute', '--config=configs/base64.py', 'x'], 'Unexpected arguments'),
   ],
 )

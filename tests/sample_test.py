@@ -351,6 +351,20 @@ def test_bad_arguments(runs, args, message):
   assert not out.exists()  # refused before anything was written
 
 
+def test_per_stage_values_say_how_many_to_give():
+  from imagen_jax import sample_lib
+
+  assert sample_lib._per_stage(['3'], 2, 'steps') == ['3', '3']
+  assert sample_lib._per_stage(['3', '4'], 1, 'steps', checkpoints=2) == ['3']  # --stop_at=1
+  for values, n, checkpoints, message in [
+    (['3', '4'], 1, None, '2 values for 1 stage; give 1.'),  # read 'for 1 stages; give 1 or 1'
+    (['3', '4', '5'], 2, None, '3 values for 2 stages; give 1 or 2.'),
+    (['3', '4', '5'], 1, 2, 'give 1 (or 2, one per checkpoint).'),
+  ]:
+    with pytest.raises(sample_lib.SampleError, match=re.escape(message)):
+      sample_lib._per_stage(values, n, 'steps', checkpoints=checkpoints)
+
+
 def test_an_empty_out_is_refused_not_the_current_folder(runs, tmp_path):
   script = str(REPO_ROOT / 'sample.py')
   proc = subprocess.run(
