@@ -111,8 +111,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if any(a.startswith('--config') for a in argv[1:]) and 'config' in str(e):
       fail(explain_config_error(argv[1:], e))
     message = str(e).rstrip('.')
-    missing = re.fullmatch(r'flag --(\w+)=None: Flag --\1 must have a value other than None', message)
-    fail(f'{f"--{missing[1]} is required" if missing else message}. Pass --helpshort to see the flags.')
+    required = r'flag --(\w+)=None: Flag --\1 must have a value other than None'
+    if missing := re.fullmatch(required, message):
+      message = f'--{missing[1]} is required'
+    fail(f'{message}. Pass --helpshort to see the flags.')
   except Exception as e:  # noqa: BLE001 - a config file's own errors (SyntaxError, NameError, ...)
     fail(explain_config_error(argv[1:], e))
   return rest
