@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -143,7 +144,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f'--remat {args.remat!r}: choose from {", ".join(REMAT_CHOICES)} (comma list).')
   if args.steps < 1 or min(args.batches) < 1:
     p.error(f'--steps and --batch must be at least 1, got {args.steps} and {args.batch}.')
+  for name, lowest in [
+    ('resolution', 1),
+    ('text_len', 1),
+    ('mesh_fsdp', 1),
+    ('fake_cpu_devices', 0),
+    ('profile_steps', 0),
+    ('sample_steps', -1),
+  ]:
+    if getattr(args, name) < lowest:
+      p.error(f'--{name} must be at least {lowest}, got {getattr(args, name)}.')
   return args
+
+
+def _child_error(proc: subprocess.CompletedProcess) -> str:
+  """The line that says why a sweep point's process failed: its `error:` line or the exception
+  (not JAX's note on filtered frames that follows a traceback), else its last lines."""
+  lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+  notes = ('For simplicity, JAX has removed', 'Set JAX_TRACEBACK_FILTERING', '----')
+  lines = [ln for ln in lines if not ln.startswith(notes)]
+  errors = [ln for ln in lines if re.match(r'(error:|[\w.]*(Error|Exception)\b)', ln)]
+  return (errors[-1] if errors else ' | '.join(lines[-3:]))[-600:] or f'exit {proc.returncode}'
 
 
 def sweep(args) -> list[dict]:
@@ -160,7 +181,6 @@ def sweep(args) -> list[dict]:
     f'--fake_cpu_devices={args.fake_cpu_devices}',
     f'--compilation_cache={args.compilation_cache}',
     f'--profile_steps={args.profile_steps}',
-    f'--trace_dir={args.trace_dir}',
     f'--grad_layout={args.grad_layout}',
     f'--state_layout={args.state_layout}',
     f'--sample_steps={args.sample_steps}',
@@ -170,18 +190,15 @@ def sweep(args) -> list[dict]:
     for batch in args.batches:
       cmd = [sys.executable, os.path.abspath(__file__), *keep, f'--batch={batch}']
       cmd.append(f'--remat={remat}')
+      if args.trace_dir:  # each point's trace and HLO in a folder of its own
+        cmd.append(f'--trace_dir={os.path.join(args.trace_dir, f"b{batch}_{remat}")}')
       proc = subprocess.run(cmd, capture_output=True, text=True)
       lines = [ln for ln in proc.stdout.splitlines() if ln.startswith('{')]
       if proc.returncode == 0 and lines:
         result = json.loads(lines[-1])
       else:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        result = {
-          'preset': args.preset,
-          'batch': batch,
-          'remat': remat,
-          'error': ' | '.join(tail)[-600:] or f'exit code {proc.returncode}',
-        }
+        result = {'preset': args.preset, 'batch': batch, 'remat': remat}
+        result['error'] = _child_error(proc)
       print(json.dumps(result), flush=True)
       results.append(result)
   return results
@@ -190,7 +207,10 @@ def sweep(args) -> list[dict]:
 def main(argv=None) -> dict | list[dict]:
   args = parse_args(argv)
   if len(args.batches) * len(args.remats) > 1:
-    return sweep(args)
+    results = sweep(args)
+    if all('error' in r for r in results):
+      raise SystemExit(f'error: every point of the sweep failed; the first: {results[0]["error"]}')
+    return results
   args.batch, args.remat = args.batches[0], args.remats[0] == 'block'
   if args.fake_cpu_devices > 0:
     flag = f'--xla_force_host_platform_device_count={args.fake_cpu_devices}'
@@ -233,7 +253,16 @@ def main(argv=None) -> dict | list[dict]:
       f'Unknown --state_layout {args.state_layout!r}; choose from {list(sharding.STATE_LAYOUTS)}.'
     )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
-  mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
+  factor = 2 ** (config.num_levels - 1)
+  if args.resolution % factor or (config.lowres_cond and args.resolution < 4):
+    raise SystemExit(
+      f'error: --resolution {args.resolution} must be a multiple of {factor} for the '
+      f'{config.num_levels} levels of {args.preset}.'
+    )
+  try:
+    mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
+  except ValueError as e:
+    raise SystemExit(f'error: --mesh_fsdp {args.mesh_fsdp}: {e}') from e
   if args.batch % mesh.size:
     raise SystemExit(f'--batch {args.batch} must be divisible by the {mesh.size} devices.')
   # The project's optimizer defaults (configs/common.py); only the bench's choices differ.

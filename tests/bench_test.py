@@ -195,10 +195,28 @@ def test_bench_sample_splits_an_even_batch_over_two_cpu_devices():
 @pytest.mark.smoke
 def test_bench_sweep_reports_each_failing_point_and_goes_on():
   proc = _bench('--preset=nope', '--batch=2,4', '--remat=none')
-  assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith('{')]
   assert [ln['batch'] for ln in lines] == [2, 4]
   assert all("Unknown --preset 'nope'" in ln['error'] for ln in lines)
+  # It exited 0 when no point ran.
+  assert proc.returncode == 1 and 'every point of the sweep failed' in proc.stderr, proc.stderr
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize(
+  'args,message',
+  [
+    (['--text_len=0'], '--text_len must be at least 1, got 0'),
+    (['--resolution=0'], '--resolution must be at least 1, got 0'),
+    # These ended in a traceback once the model was traced (or the mesh made).
+    (['--resolution=18'], '--resolution 18 must be a multiple of 4 for the 3 levels of small64'),
+    (['--mesh_fsdp=3'], '--mesh_fsdp 3: Mesh data=-1 x fsdp=3 does not divide'),
+  ],
+)
+def test_bench_unet_bad_arguments_are_one_line(args, message):
+  proc = _bench('--preset=small64', '--batch=2', *args)
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
 
 
 @pytest.mark.smoke
