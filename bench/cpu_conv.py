@@ -26,7 +26,7 @@ import time
 # This checkout's package first (an installed one may be another checkout's).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from imagen_jax import host_memory  # noqa: E402
+from imagen_jax import cli  # noqa: E402
 from imagen_jax.models import cpu_conv  # noqa: E402
 
 SMALL64 = '64x64x64,64x128x64,64x64x128,32x128x128,32x256x128,16x256x256'
@@ -80,7 +80,9 @@ def main(argv=None) -> dict:
     assert all(len(s) == 3 and min(s) > 0 for s in shapes)
   except (ValueError, AssertionError):
     p.error(f'--shapes {args.shapes!r}: give HxCinxCout triples, e.g. 64x64x64,32x128x128.')
-  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  if args.batch < 1 or args.calls < 1:
+    p.error(f'--batch and --calls must be at least 1, got {args.batch} and {args.calls}.')
+  host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
 
   import jax
   import jax.numpy as jnp

@@ -7,7 +7,7 @@ Prints ONE JSON line on stdout. The text cache is an in-memory stand-in with the
 T5-XXL embeddings (L=128, D=4096, bfloat16, ~12 tokens per caption), so the per-batch
 padding/conversion cost is realistic while no T5 has to run. Worker start-up is excluded
 (the clock starts after `--warmup` batches). Rendering the dataset, when it is not cached
-yet, is timed separately (`render_s`).
+yet, is timed separately (`build_source_s`).
 """
 
 import argparse
@@ -74,6 +74,10 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--cache_dir', default=str(REPO_ROOT / 'cache' / 'openmoji'))
   args = parser.parse_args()
+  if min(args.resolutions) < 1 or args.batch_size < 1 or args.batches < 1:
+    parser.error('--resolutions, --batch_size and --batches must be at least 1.')
+  if min(args.workers) < 0 or args.warmup < 0:
+    parser.error('--workers and --warmup must be at least 0.')
   logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
   from imagen_jax.data import pipeline, sources

@@ -22,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from imagen_jax import cascade, cpu_devices, host_memory, stage  # noqa: E402
+from imagen_jax import cascade, cli, stage  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', 'configs/base64.py:small', 'Stage config.')
@@ -36,19 +36,24 @@ flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
 def main(_):
   for name in ('batch', 'steps', 'repeats'):
     if getattr(FLAGS, name) < 1:
-      raise app.UsageError(f'--{name} must be at least 1, got {getattr(FLAGS, name)}.')
-  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+      cli.fail(f'--{name} must be at least 1, got {getattr(FLAGS, name)}.')
+  host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
+  try:
+    options = cascade.SamplingOptions.from_config(
+      config, sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance
+    )
+  except ValueError as e:  # an unknown sampler, a negative guidance
+    cli.fail(str(e))
   # As sample.py: two CPU devices for an even batch, where two copies of the params fit.
-  cpu_devices.configure(FLAGS.batch, None, copy_bytes=lambda: stage.params_bytes(config))
+  cli.split_cpu_devices(
+    FLAGS.batch, None, distributed=False, copy_bytes=lambda: stage.params_bytes(config)
+  )
   devices = cascade.BatchDevices()
   split = devices.splits(FLAGS.batch)
   graphdef, _ = stage.abstract_model(config)
   params = jax.jit(lambda k: stage.init_params(config, k), out_shardings=devices.params_sharding)(
     jax.random.key(0)
-  )
-  options = cascade.SamplingOptions.from_config(
-    config, sampler=FLAGS.sampler, steps=FLAGS.steps, guidance=FLAGS.guidance
   )
   fn, params, put = devices.place(
     cascade.make_stage_sampler(config, graphdef, options), params, split

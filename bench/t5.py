@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch < 1:
     parser.error(f'--steps and --batch must be at least 1, got {args.steps} and {args.batch}.')
+  if args.max_length < 1 or args.host_devices < 0:
+    parser.error(
+      f'--max_length must be at least 1 and --host_devices at least 0, got {args.max_length} '
+      f'and {args.host_devices}.'
+    )
   return args
 
 

@@ -45,9 +45,9 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from imagen_jax import (  # noqa: E402
+  cli,
   cpu_devices,
   device_memory,
-  host_memory,
   optim,
   precompute,
   sharding,
@@ -122,8 +122,8 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
 
 def main(_):
   if FLAGS.steps < 1:
-    raise app.UsageError(f'--steps must be at least 1, got {FLAGS.steps}.')
-  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+    cli.fail(f'--steps must be at least 1, got {FLAGS.steps}.')
+  host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
   if FLAGS.memory_only:
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))

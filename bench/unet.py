@@ -218,9 +218,9 @@ def main(argv=None) -> dict | list[dict]:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # This checkout's package first (an installed one may be another checkout's).
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from imagen_jax import cpu_devices, host_memory
+  from imagen_jax import cli, cpu_devices
 
-  host_malloc = host_memory.keep_freed_buffers()  # before JAX's CPU client starts its threads
+  host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   if args.fake_cpu_devices <= 0:  # as train.py: two devices on a CPU of two or more cores
     try:
       cpu_devices.configure(args.batch, {'data': -1, 'fsdp': args.mesh_fsdp})

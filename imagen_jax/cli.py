@@ -125,13 +125,14 @@ def run(main: Callable[[list[str]], None]) -> None:
   app.run(main, flags_parser=parse_flags)
 
 
-def keep_freed_host_buffers() -> None:
-  """`host_memory.keep_freed_buffers()` for an entry point: a bad IMAGEN_JAX_HOST_MALLOC is
-  one line and exit code 2. Call it before JAX's CPU client starts its threads."""
+def keep_freed_host_buffers() -> str:
+  """`host_memory.keep_freed_buffers()` for an entry point (its status: 'on' or why not): a bad
+  IMAGEN_JAX_HOST_MALLOC is one line and exit code 2. Call it before JAX's CPU client starts its
+  threads."""
   from imagen_jax import host_memory
 
   try:
-    host_memory.keep_freed_buffers()
+    return host_memory.keep_freed_buffers()
   except ValueError as e:
     fail(str(e))
 

@@ -220,6 +220,39 @@ def test_bench_unet_bad_arguments_are_one_line(args, message):
 
 
 @pytest.mark.smoke
+@pytest.mark.parametrize(
+  'cmd,message',
+  [
+    (['bench/sample.py', '--sampler=bogus'], "sampler must be one of ('ddpm'"),
+    (['bench/sample.py', '--guidance=-1'], 'guidance must be a finite number >= 0'),
+    (['bench/cpu_conv.py', '--calls=0'], '--batch and --calls must be at least 1'),
+    (['bench/data.py', '--batches=0'], '--batch_size and --batches must be at least 1'),
+    (['bench/t5.py', '--max_length=0'], '--max_length must be at least 1'),
+    (['tools/print_grids.py', 'configs/base64.py', '--config.sample.steps=0'], 'steps must be'),
+    (['tools/print_grids.py', '--al'], "Unknown flags ['--al']"),
+  ]
+  + [  # a bad IMAGEN_JAX_HOST_MALLOC
+    ([script], "IMAGEN_JAX_HOST_MALLOC='bogus' is not a setting")
+    for script in ('bench/sample.py', 'bench/unet.py', 'bench/cpu_conv.py', 'bench/train.py')
+  ],
+)
+def test_bench_scripts_bad_input_is_one_line(cmd, message):
+  # Each ended in a traceback (or, for counts of 0, ran and printed nonsense).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  proc = subprocess.run(
+    [sys.executable, *cmd],
+    cwd=REPO_ROOT,
+    env={**env, 'JAX_PLATFORMS': 'cpu', 'IMAGEN_JAX_HOST_MALLOC': 'bogus' if len(cmd) == 1 else ''},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+
+
+@pytest.mark.smoke
 def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
   proc = _bench('--preset=small64', '--grad_layout=sideways')
   assert proc.returncode != 0 and not proc.stdout.strip()

@@ -85,6 +85,9 @@ def describe(config) -> dict:
 
 def main(argv: list[str]) -> None:
   show_all = '--all' in argv
+  unknown = [a for a in argv if a.startswith('--') and a != '--all' and '--config.' not in a]
+  if unknown:
+    cli.fail(f'Unknown flags {unknown}: give config files, --config.<field>=value and --all.')
   overrides = [a for a in argv if a.startswith('--config.')]
   specs = [a for a in argv if not a.startswith('--')] or list(DEFAULT_CONFIGS)
   for spec in specs:
@@ -92,7 +95,10 @@ def main(argv: list[str]) -> None:
       config = load_config(spec, overrides)
     except Exception as e:  # noqa: BLE001 - a missing file, a bad field or value: one line
       cli.fail(cli.explain_config_error([f'--config={spec}', *overrides], e))
-    row = describe(config)
+    try:
+      row = describe(config)
+    except ValueError as e:  # a sampling setting (sample.grid, sample.steps, ...) out of range
+      cli.fail(f'{spec}: {e}')
     grid = row.pop('logsnrs')
     print(' '.join(f'{k}={v}' for k, v in row.items()))
     if show_all:
