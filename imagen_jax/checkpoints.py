@@ -348,6 +348,9 @@ def _does_not_load(
   return CheckpointError(f'{_where(manager, step)}{what} does not load ({_one_line(e)}).')
 
 
+_warned_unverified: set[str] = set()  # step folders restored without checksums
+
+
 def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
   """The step's checksums item; None for checkpoints written before checksums existed (whose
   orbax metadata lists no checksums item). A step that was saved with checksums and has lost
@@ -358,10 +361,12 @@ def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
       raise CheckpointError(
         f'{_where(manager, step)}: its checksums item is missing (the step was saved with one).'
       )
-    log.warning(
-      '%s has no checksums (written by an older version): restored unverified.',
-      _where(manager, step),
-    )
+    if str(folder) not in _warned_unverified:  # once, not for its config and again its state
+      _warned_unverified.add(str(folder))
+      log.warning(
+        '%s has no checksums (written by an older version): restored unverified.',
+        _where(manager, step),
+      )
     return None
   restored = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
   stored = restored['checksums']
