@@ -473,9 +473,17 @@ def candidate_steps(manager: ocp.CheckpointManager, step: int | None) -> list[in
   if step is None:
     return kept
   if step not in kept:
+    aside_root = pathlib.Path(manager.directory).parent / SET_ASIDE_DIR
+    aside = sorted(aside_root.glob(f'{step}')) + sorted(aside_root.glob(f'{step}.*'))
+    where = (
+      f' A resume to an earlier step set step {step} aside, to {", ".join(map(str, aside))}; '
+      f'move it back into {manager.directory} to use it.'
+      if aside
+      else ''
+    )
     raise CheckpointError(
       f'Step {step} is not a kept checkpoint in {manager.directory}; kept steps: '
-      f'{sorted(kept) or "none"}.'
+      f'{sorted(kept) or "none"}.{where}'
     )
   return [step]
 

@@ -376,3 +376,18 @@ def test_a_run_folder_named_with_an_at_sign(tmp_path):
     checkpoints.parse_run(f'{tmp_path}/exp@2')
   shutil.rmtree(tmp_path / 'exp')
   assert checkpoints.parse_run(f'{tmp_path}/exp@2') == (f'{tmp_path}/exp@2', None)
+
+
+def test_a_step_set_aside_by_a_resume_is_pointed_to(two_steps):
+  # 'run@2' for a step that a resume to step 1 moved to checkpoints_set_aside/ said only that
+  # it is not kept.
+  workdir, manager = two_steps
+  checkpoints.set_aside_newer(workdir, 1, manager)
+  with pytest.raises(checkpoints.CheckpointError) as raised:
+    checkpoints.candidate_steps(manager, 2)
+  aside = workdir.absolute() / checkpoints.SET_ASIDE_DIR / '2'
+  assert 'kept steps: [1]' in str(raised.value)
+  assert f'set step 2 aside, to {aside}; move it back into' in str(raised.value)
+  with pytest.raises(checkpoints.CheckpointError) as raised:
+    checkpoints.candidate_steps(manager, 3)
+  assert 'A resume' not in str(raised.value)
