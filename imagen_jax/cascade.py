@@ -96,6 +96,24 @@ class SamplingOptions:
     return cls(**fields)
 
 
+def unused_thresholding_flags(
+  thresholding: str | None, dynamic_percentile: float | None, dynamic_max: float | None
+) -> str | None:
+  """Why --dynamic_percentile / --dynamic_max would be ignored (given with --thresholding static
+  or none, which never read them), or None."""
+  given = [
+    name
+    for name, value in (('dynamic_percentile', dynamic_percentile), ('dynamic_max', dynamic_max))
+    if value is not None
+  ]
+  if given and thresholding in ('static', 'none'):
+    return (
+      f'--{" and --".join(given)} set but --thresholding {thresholding} does not use them; pass '
+      '--thresholding dynamic, or drop them.'
+    )
+  return None
+
+
 def make_stage_sampler(
   config: ml_collections.ConfigDict, graphdef: nnx.GraphDef, options: SamplingOptions
 ) -> Callable[..., jax.Array]:

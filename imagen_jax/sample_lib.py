@@ -168,6 +168,11 @@ def validate(req: SampleRequest) -> None:
         f'Prompt {i} ({p!r}) is not UTF-8 text ({e.reason} at character {e.start}); pass it as '
         "UTF-8 (check the terminal's or the script's encoding, e.g. LANG=C.UTF-8)."
       ) from e
+  unused = cascade.unused_thresholding_flags(
+    req.thresholding, req.dynamic_percentile, req.dynamic_max
+  )
+  if unused:
+    raise SampleError(unused)
   if not str(req.out).strip():  # '' would write into the current folder
     raise SampleError('--out is empty; pass the output folder, e.g. --out samples.')
   if not req.checkpoints:

@@ -431,6 +431,11 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
     'does not exist': [f'--checkpoints={tmp_path / "nope"}'],
     'multiple of the 10 classes': [f'--checkpoints={run_dir}', '--num=25'],
     '--judge': [f'--checkpoints={run_dir}', '--num=20', f'--judge={tmp_path / "j.npz"}'],
+    '--thresholding static does not use them': [
+      f'--checkpoints={run_dir}',
+      '--thresholding=static',
+      '--dynamic_max=2',
+    ],
   }
   for expected, args in cases.items():
     proc = evaluate(tiny_run, *args, module=expected == '--judge')

@@ -338,6 +338,11 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     (['--prompt=x', '--seed=4294967296'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--seed=-1'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--training_prompts=-3'], '--training_prompts must be >= 0, got -3'),
+    # Both were ignored without a word.
+    (
+      ['--prompt=x', '--thresholding=none', '--dynamic_percentile=0.9'],
+      '--dynamic_percentile set but --thresholding none does not use them',
+    ),
     # Bytes that are not UTF-8 (a Latin-1 terminal) reach argv as surrogates: one line, not a
     # traceback from the tokenizer after the checkpoints loaded.
     (['--prompt=caf\udce9'], "Prompt 0 ('caf\\udce9') is not UTF-8 text"),

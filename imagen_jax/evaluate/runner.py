@@ -193,6 +193,13 @@ def validate(req: EvalRequest) -> None:
     raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
   if req.guidance is not None and req.guidance < 0:
     raise EvalError(f'--guidance must be >= 0 (1 means no guidance), got {req.guidance}.')
+  from imagen_jax import cascade
+
+  unused = cascade.unused_thresholding_flags(
+    req.thresholding, req.dynamic_percentile, req.dynamic_max
+  )
+  if unused:
+    raise EvalError(unused)
   if not 1 <= req.k < min(req.num, 100):
     raise EvalError(f'--k must be in [1, min(--num, 100)), got {req.k}; 3 is the usual value.')
   from imagen_jax import checkpoints
