@@ -122,5 +122,7 @@ def check_writable(folder: pathlib.Path) -> None:
   each other's probe."""
   folder.mkdir(parents=True, exist_ok=True)
   probe = folder / f'.write_test.{socket.gethostname()}.{os.getpid()}'
-  probe.write_text('ok')
-  probe.unlink()
+  try:
+    probe.write_text('ok')
+  finally:  # also a probe created on a full disk, whose write then failed
+    probe.unlink(missing_ok=True)

@@ -42,7 +42,7 @@ class RunLock:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
       holder = os.pread(fd, 500, 0).decode('utf-8', 'replace').strip() or 'unknown'
-      os.close(fd)
+      os.close(fd)  # held by another run, or (below) a filesystem that cannot lock
       if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
         return (
           f'{self.path.parent} is in use by another training run ({holder}): two runs in one '

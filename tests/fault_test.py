@@ -526,3 +526,13 @@ def test_grid_prompts_that_are_no_training_caption_are_encoded(shared, tmp_path)
   )
   assert 'Traceback' not in proc.stderr
   assert (tmp_path / 'run' / 'samples' / 'step_00000001.png').exists()
+
+
+def test_the_write_probe_of_a_full_disk_is_not_left_behind(tmp_path):
+  from imagen_jax import multihost
+
+  with tmpfs(tmp_path / 'full', 'size=4k') as mount:
+    (mount / 'fill').write_bytes(b'x' * 4096)  # the one page: a new file is made, its write fails
+    with pytest.raises(OSError):
+      multihost.check_writable(mount)
+    assert [p.name for p in mount.iterdir()] == ['fill']
