@@ -1460,14 +1460,15 @@ class _Loop:
     finally:
       progress.close()
       close_error = None
-      try:
-        self.manager.wait_until_finished()
-        self.manager.close()  # waits too (a failed metadata write raises here)
-      except Exception as e:  # noqa: BLE001
-        if finished:
-          close_error = e
-        else:  # the failure that stopped the run was reported by the save that failed
-          log.error('A checkpoint save failed while shutting down (reported above).')
+      for finish in (self.manager.wait_until_finished, self.manager.close):  # close waits too
+        try:
+          finish()
+        except Exception as e:  # noqa: BLE001 - e.g. a failed metadata write of the last save
+          close_error = close_error or e
+      if close_error is not None and not finished:  # the run's own error is the one raised
+        why = ' '.join(str(close_error).split())[:300]
+        log.error('A checkpoint save failed while shutting down (%s).', why)
+        close_error = None
       self.writer.close()
       if hasattr(self.data_iter, 'close'):
         self.data_iter.close()
