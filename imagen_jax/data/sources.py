@@ -409,11 +409,7 @@ class HFSource(_RowSource):
     super().__init__()
     import datasets  # heavy import, only when used
 
-    if not path:
-      raise DataError(
-        "data.source='hf' needs --config.data.path (a hub name such as "
-        "'lambdalabs/naruto-blip-captions', a local data folder or a save_to_disk folder)."
-      )
+    _require_path('hf', path)
     self.name = f'hf:{path}[{split}]'
     self.path, self.split = path, split
     self.image_column, self.caption_column = image_column, caption_column
@@ -484,8 +480,7 @@ class TfdsSource(_RowSource):
     max_examples: int = 0,
   ):
     super().__init__()
-    if not name:
-      raise DataError("data.source='tfds' needs --config.data.path set to a tfds dataset name.")
+    _require_path('tfds', name)
     self.name = f'tfds:{name}[{split}]'
     self.tfds_name, self.split, self.data_dir = name, split, data_dir
     self.image_column, self.caption_column = image_column, caption_column
@@ -604,7 +599,8 @@ def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:
 
 _NEEDS_PATH = {
   'folder': '/path/to/images',
-  'hf': "a hub name such as 'lambdalabs/naruto-blip-captions', or a local folder",
+  'hf': "a hub name such as 'lambdalabs/naruto-blip-captions', a local data folder or a "
+  'save_to_disk folder',
   'tfds': 'a tfds dataset name',
   'webdataset': "a folder of shards, or a pattern such as 'shards/{00000..00099}.tar'",
   'arrayrecord': 'a folder of .array_record shards, or a glob',
@@ -617,7 +613,13 @@ def check_source_kind(data_config) -> None:
   kind = data_config.source
   if kind not in SOURCE_KINDS:
     raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
-  if kind in _NEEDS_PATH and not data_config.get('path', ''):
+  if kind in _NEEDS_PATH:
+    _require_path(kind, data_config.get('path', ''))
+
+
+def _require_path(kind: str, path: str | None) -> None:
+  """DataError for a source that needs `data.path` (`_NEEDS_PATH`) given none."""
+  if not path:
     raise DataError(f"data.source='{kind}' needs --config.data.path: {_NEEDS_PATH[kind]}.")
 
 
