@@ -105,16 +105,21 @@ def test_summarize_a_real_trace(tmp_path):
     op_profile.summarize(tmp_path / 'empty', compiled.as_text(), steps=1)
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess:
+def _script(*cmd: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
+  """python cmd... in the repository, on the CPU backend, with env_vars set."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not 8
   return subprocess.run(
-    [sys.executable, 'bench/unet.py', *args],
+    [sys.executable, *cmd],
     cwd=REPO_ROOT,
-    env={**env, 'JAX_PLATFORMS': 'cpu'},
+    env={**env, 'JAX_PLATFORMS': 'cpu', **env_vars},
     capture_output=True,
     text=True,
-    timeout=600,
+    timeout=timeout,
   )
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+  return _script('bench/unet.py', *args)
 
 
 @pytest.mark.smoke
@@ -238,15 +243,7 @@ def test_bench_unet_bad_arguments_are_one_line(args, message):
 )
 def test_bench_scripts_bad_input_is_one_line(cmd, message):
   # Each ended in a traceback (or, for counts of 0, ran and printed nonsense).
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  proc = subprocess.run(
-    [sys.executable, *cmd],
-    cwd=REPO_ROOT,
-    env={**env, 'JAX_PLATFORMS': 'cpu', 'IMAGEN_JAX_HOST_MALLOC': 'bogus' if len(cmd) == 1 else ''},
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  proc = _script(*cmd, timeout=300, IMAGEN_JAX_HOST_MALLOC='bogus' if len(cmd) == 1 else '')
   errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
   assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
