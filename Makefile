@@ -106,7 +106,7 @@ cascade: $(STAMP)
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) sample.py --checkpoints=$(DEMO_DIR),$(SR_DEMO_DIR) \
 	  --training_prompts=16 --out=$(SR_DEMO_DIR)/cascade_64px --overwrite
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) bench/sr_quality.py --checkpoints=$(SR_DEMO_DIR) \
-	  --grid=$(SR_DEMO_DIR)/sr_grid.png
+	  --grid=$(SR_DEMO_DIR)/sr_grid.png --overwrite
 	@echo "Cascade samples: $(SR_DEMO_DIR)/cascade_32px/grid.png (base) -> $(SR_DEMO_DIR)/cascade_64px/grid.png (SR)"
 	@echo "Held-out SR grid (input | bicubic | output | real): $(SR_DEMO_DIR)/sr_grid.png"
 

@@ -13,8 +13,9 @@ precision/recall, the wall times, and whether the issue's target is met (held-ou
 
 When WORKDIR already holds a checkpoint, train.py resumes from it and the time of the earlier
 training is not known: train_seconds is then null, `resumed` is true and the training-time
-condition is left out of target_met (train a fresh WORKDIR to check it). A bad --num is refused
-before training; a step that fails ends this program with its exit status.
+condition is left out of target_met (train a fresh WORKDIR to check it). A bad --num, and a
+--grid path that is a folder or an existing file without --overwrite, are refused before
+training; a step that fails ends this program with its exit status.
 """
 
 import json
@@ -39,6 +40,7 @@ flags.DEFINE_string(
   'Also write a sample grid PNG here: one row per class, '
   'seen then held-out prompt templates (e.g. docs/digits_samples.png).',
 )
+flags.DEFINE_bool('overwrite', False, 'Replace an existing --grid PNG.')
 
 TRAIN_LIMIT_S = 20 * 60
 
@@ -148,8 +150,8 @@ def main(argv) -> None:
   workdir = pathlib.Path(FLAGS.workdir)
   eval_json = workdir / 'eval.json'
   train_s = eval_s = resumed = None
-  if FLAGS.grid and pathlib.Path(FLAGS.grid).is_dir():  # before hours of training
-    cli.fail(f'--grid {FLAGS.grid} is a folder; pass a PNG path, e.g. {FLAGS.grid}/grid.png.')
+  if FLAGS.grid:  # before hours of training
+    cli.check_output_png('--grid', FLAGS.grid, FLAGS.overwrite)
   if not (FLAGS.reuse and eval_json.exists()):
     from imagen_jax.evaluate import scoring
 

@@ -21,7 +21,8 @@ the run's sampling settings (or the flags' overrides), and prints ONE JSON line:
 
 A value that is not finite (a model whose output holds NaN) is written as null.
 
---grid also writes a PNG: one row per image, input (nearest) | bicubic | output | real.
+--grid also writes a PNG: one row per image, input (nearest) | bicubic | output | real. An
+existing file there is refused before the sampling unless --overwrite is given.
 """
 
 import json
@@ -50,6 +51,7 @@ flags.DEFINE_string('thresholding', None, "Override the run's sample.thresholdin
 flags.DEFINE_string('grid', None, 'Also write the comparison grid PNG here.')
 flags.DEFINE_integer('grid_rows', 8, 'Images (rows) in the --grid PNG.')
 flags.DEFINE_integer('grid_scale', 2, 'Nearest-neighbour magnification of the --grid PNG.')
+flags.DEFINE_bool('overwrite', False, 'Replace an existing --grid PNG.')
 
 GATE_DB = 1.5
 
@@ -163,6 +165,8 @@ def main(argv) -> None:
   for name in ('num', 'batch_size', 'grid_rows', 'grid_scale'):
     if getattr(FLAGS, name) < 1:
       cli.fail(f'--{name} must be a positive integer, got {getattr(FLAGS, name)}.')
+  if FLAGS.grid:  # before the sampling
+    cli.check_output_png('--grid', FLAGS.grid, FLAGS.overwrite)
   from imagen_jax import sample_lib
 
   if not 0 <= FLAGS.seed < sample_lib.SEEDS:  # seed s and s + 2**32 drew the same noise

@@ -33,6 +33,15 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
   sys.exit(code)
 
 
+def check_output_png(flag: str, path: str, overwrite: bool) -> None:
+  """Refuse (one line, exit 2) an output PNG path that is a folder, or that exists without
+  --overwrite; called before the work that would end in writing it."""
+  if pathlib.Path(path).is_dir():
+    fail(f'{flag} {path} is a folder; pass a PNG path, e.g. {path}/grid.png.')
+  if pathlib.Path(path).exists() and not overwrite:
+    fail(f'{flag} {path} exists; pass --overwrite to replace it, or give another path.')
+
+
 def _distributed_processes() -> int:
   """Processes of this jax.distributed run (1 when it was not initialised)."""
   if 'jax' not in sys.modules:

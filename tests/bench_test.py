@@ -264,6 +264,8 @@ def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
   (base / 'checkpoints' / '4' / 'config').mkdir(parents=True)
   saved = {'stage': 'base64', 'data': {'resolution': 64, 'lowres_resolution': 0}}
   (base / 'checkpoints' / '4' / 'config' / 'metadata').write_text(json.dumps(saved))
+  old_grid = tmp_path / 'grid.png'
+  old_grid.write_bytes(b'an earlier grid')
   for args, message in [
     ([f'--checkpoints={tmp_path / "none"}'], f'error: No checkpoint to load: {tmp_path / "none"}'),
     ([f'--checkpoints={tmp_path}', '--num=0'], 'error: --num must be a positive integer, got 0.'),
@@ -273,6 +275,9 @@ def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
     ([f'--checkpoints={tmp_path}', f'--seed={2**32}'], 'error: --seed must be in [0, 4294967296)'),
     ([f'--checkpoints={tmp_path}', '--seed=-1'], 'error: --seed must be in [0, 4294967296)'),
     ([f'--checkpoints={base}@4'], f'error: {base}@4 is a base64 run, not a super-resolution'),
+    # An output that exists is refused before the sampling, unless --overwrite.
+    ([f'--checkpoints={base}@4', f'--grid={old_grid}'], f'error: --grid {old_grid} exists;'),
+    ([f'--checkpoints={base}@4', f'--grid={tmp_path}'], f'error: --grid {tmp_path} is a folder'),
   ]:
     proc = subprocess.run(
       [sys.executable, 'bench/sr_quality.py', *args],
@@ -285,6 +290,7 @@ def test_bench_sr_quality_bad_input_is_one_line(tmp_path):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]  # no flag help
     assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+  assert old_grid.read_bytes() == b'an earlier grid'
 
 
 # An evaluate.py result (its --out JSON) that meets the digits target.
@@ -367,6 +373,12 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
   proc = run(tmp_path / 'other', '--num=20', f'--grid={tmp_path}')
   assert proc.returncode == 2 and not (tmp_path / 'trained').exists(), proc.stderr[-2000:]
   assert proc.stderr.startswith(f'error: --grid {tmp_path} is a folder; pass a PNG path')
+  # So is an existing --grid file without --overwrite, which is left as it was.
+  (tmp_path / 'grid.png').write_bytes(b'an earlier grid')
+  proc = run(tmp_path / 'other', '--num=20', f'--grid={tmp_path / "grid.png"}')
+  assert proc.returncode == 2 and not (tmp_path / 'trained').exists(), proc.stderr[-2000:]
+  assert proc.stderr.startswith(f'error: --grid {tmp_path / "grid.png"} exists; pass --overwrite')
+  assert (tmp_path / 'grid.png').read_bytes() == b'an earlier grid'
   # More samples than the floor's 359 test images and no fd_matched (an eval.json from before
   # it): the FD ratio at n 500 would flatter the model, so it is absent and the target unmet
   # (it read the plain ratio under the matched name).
