@@ -91,18 +91,42 @@ def test_logsnr_grid_spans_the_schedule_and_increases(spacing):
   schedule = schedules.get_schedule('cosine', logsnr_min=-15.0, logsnr_max=12.0)
   grid = np.asarray(schedules.logsnr_grid(schedule, steps=25, spacing=spacing))
   assert grid.shape == (26,)
-  # Endpoints are the schedule's own values (karras: clipped below at sigma 80, logsnr -8.76);
-  # f32 exp/log round trip ~1e-6 relative at |15|.
+  # The first point is the schedule's noise end (karras: clipped below at sigma 80, logsnr
+  # -8.76; f32 exp/log round trip ~1e-6 relative at |15|); the last is the clean image.
   first = schedules.KARRAS_LOGSNR_MIN if spacing == 'karras' else -15.0
-  np.testing.assert_allclose(grid[[0, -1]], [first, 12.0], atol=1e-4)
+  np.testing.assert_allclose(grid[0], first, atol=1e-4)
+  assert grid[-1] == np.inf and np.all(np.isfinite(grid[:-1])) and grid[-2] < 12.0
   assert np.all(np.diff(grid) > 0), spacing
+
+
+@pytest.mark.parametrize('schedule_name', ['linear', 'cosine'])
+@pytest.mark.parametrize('spacing', schedules.SPACINGS)
+@pytest.mark.parametrize('name', samplers.SAMPLERS)
+def test_every_sampler_ends_at_the_clean_image(name, spacing, schedule_name):
+  """The grid's last point is sigma 0, so a denoiser that knows the image exactly (data: one
+  point) gets it back exactly: the last step returns the x0 estimate. Ending at schedule(0)
+  instead left sigma_N times the predicted noise in it: up to 0.035 here with the linear
+  schedule (sigma 0.01, 1.3 grey levels per unit noise), 1.6e-4 with the cosine (sigma 4.5e-5)."""
+  x_star = jnp.asarray([[0.3, -0.7, 0.99, -1.0]])
+  grid = schedules.logsnr_grid(schedules.get_schedule(schedule_name), steps=7, spacing=spacing)
+  x = samplers.sample(
+    name,
+    denoise_fn=lambda z, logsnr: jnp.broadcast_to(x_star, z.shape),
+    logsnrs=grid,
+    shape=(5, 4),
+    rng=jax.random.key(0),
+    eta=1.0,  # DDIM's stochastic form too
+  )
+  # Heun's Euler step y + (0 - s) (y - D) / s rounds: 9e-8 measured.
+  np.testing.assert_allclose(np.asarray(x), np.broadcast_to(x_star, (5, 4)), rtol=0, atol=1e-6)
 
 
 def test_logsnr_spacing_is_uniform_in_logsnr():
   schedule = schedules.get_schedule('cosine', logsnr_min=-15.0, logsnr_max=12.0)
   grid = np.asarray(schedules.logsnr_grid(schedule, steps=27, spacing='logsnr'))
   # f32 affine interpolation of values <= 15: a few ulp; a non-uniform grid is off by >= 1e-1.
-  np.testing.assert_allclose(np.diff(grid), 1.0, atol=1e-5)
+  # The last point, the clean end, is +inf (not spaced).
+  np.testing.assert_allclose(np.diff(grid[:-1]), 1.0, atol=1e-5)
 
 
 def test_default_spacing_per_sampler():
@@ -119,8 +143,9 @@ def test_dpmpp_2m_survives_equal_consecutive_logsnrs():
   """
   schedule = schedules.get_schedule('cosine')
   grid = schedules.logsnr_grid(schedule, steps=20)
-  # Two equal pairs: one in the middle (h = 0, then h_prev = 0) and one at the clean end.
-  repeated = jnp.concatenate([grid[:10], grid[9:10], grid[10:], grid[-1:]])
+  # Two equal pairs: one in the middle (h = 0, then h_prev = 0) and one at the last call
+  # before the clean end (a schedule clipped at logsnr_max).
+  repeated = jnp.concatenate([grid[:10], grid[9:10], grid[10:-1], grid[-2:]])
   kw = dict(denoise_fn=mixture_denoiser, shape=(4000, 2), rng=jax.random.key(3))
   x = np.asarray(samplers.sample_dpmpp_2m(logsnrs=repeated, **kw))
   assert np.all(np.isfinite(x))
@@ -139,12 +164,13 @@ def test_logsnr_grid_spacings():
   schedule = schedules.get_schedule('cosine')
   t = jnp.linspace(1.0, 0.0, 26)
   time = schedules.logsnr_grid(schedule, steps=25, spacing='time')
-  np.testing.assert_array_equal(time, schedule(t))
+  np.testing.assert_array_equal(time[:-1], schedule(t)[:-1])
   quad = schedules.logsnr_grid(schedule, steps=25, spacing='quad')
-  np.testing.assert_array_equal(quad, schedule(t**2))
+  np.testing.assert_array_equal(quad[:-1], schedule(t**2)[:-1])
+  assert time[-1] == quad[-1] == np.inf
   # Karras: s = exp(-logsnr / 2) is uniform in s^(1/7) between the endpoints.
   karras = np.asarray(schedules.logsnr_grid(schedule, steps=25, spacing='karras'), np.float64)
-  root = np.exp(-karras / 14.0)
+  root = np.exp(-karras[:-1] / 14.0)
   np.testing.assert_allclose(np.diff(root), np.diff(root).mean(), rtol=1e-3)
   # The point of both non-uniform grids: the last network call sees far less noise than the
   # time-uniform cosine grid's (logsnr ~5.2 at 25 steps).
@@ -549,9 +575,9 @@ def test_samplers_with_guidance_and_thresholding_stay_in_range():
       name, denoise_fn=denoise, logsnrs=logsnrs, shape=(8, 4), rng=jax.random.key(0)
     )
     x = np.asarray(x)
-    # Slack for f32 rounding and residual noise at the last step; without thresholding, CFG 3
-    # on targets +-0.9 overshoots 1 by far more.
-    assert np.all(np.abs(x) <= 1.0 + 1e-3), name
+    # The last step returns the thresholded x0 estimate (slack: f32 rounding); without
+    # thresholding, CFG 3 on targets +-0.9 overshoots 1 by far more.
+    assert np.all(np.abs(x) <= 1.0 + 1e-6), name
     assert np.all(x > 0.9), name  # guidance pushes toward the conditional mode and beyond
 
 

@@ -8,8 +8,10 @@ the float rounding of a network run at another batch size.
 
 Every sampler takes `denoise_fn(z [B, ...], logsnr [B]) -> x0 estimate` (guidance and
 thresholding live inside it, see guidance.make_denoise_fn) and a grid `logsnrs` [N + 1],
-increasing from pure noise (logsnrs[0]) to clean (logsnrs[N]); N is the number of steps.
-The sampler returns the sample at logsnrs[N].
+increasing from pure noise (logsnrs[0]) to clean (logsnrs[N]); N is the number of steps, and
+the network is called at logsnrs[0..N-1] only. The sampler returns the sample at logsnrs[N]:
+with schedules.logsnr_grid that is +inf (sigma 0), where every sampler's last step returns its
+last x0 estimate; a finite logsnrs[N] (a grid made by hand) keeps that much noise.
 
 Editing (image-to-image, inpainting) uses three optional arguments, the same for every sampler;
 without them each sampler is exactly the plain loop:
@@ -283,7 +285,8 @@ def sample_dpmpp_2m(
     D_i = (1 + 1 / (2 r_i)) x_i - 1 / (2 r_i) x_{i-1},  r_i = h_{i-1} / h_i   (later steps)
     z_{i+1} = (sigma_{i+1} / sigma_i) z_i - alpha_{i+1} expm1(-h_i) D_i
   The final step is first order when lower_order_final (stabler at few steps), and so is any step
-  where h_i or h_{i-1} is 0 (equal consecutive log-SNRs, e.g. a grid clipped at logsnr_max).
+  where h_i or h_{i-1} is 0 (equal consecutive log-SNRs, e.g. a grid clipped at logsnr_max) or
+  h_i is infinite (the step to the clean end, +inf: it returns D_i = x_i).
   The first step (at `start` for image-to-image) is first order; `edit`: module docstring.
   """
   steps, batch = logsnrs.shape[0] - 1, shape[0]
@@ -297,6 +300,7 @@ def sample_dpmpp_2m(
     # Two equal consecutive log-SNRs (a grid clipped at logsnr_min/max) make h or h_prev 0 and
     # r 0 or inf: such a step is first order (a zero-length one leaves z unchanged).
     first_order = ~has_prev | (lower_order_final & (i == steps - 1)) | (h <= 0) | (h_prev <= 0)
+    first_order = first_order | jnp.isinf(h)
     half_inv_r = jnp.where(first_order, 0.0, 0.5 * h / jnp.where(first_order, 1.0, h_prev))
     d = jnp.where(first_order, x, (1.0 + half_inv_r) * x - half_inv_r * x_prev)
     _, sigma_t = gaussian.alpha_sigma(logsnrs[i])
@@ -328,11 +332,11 @@ def sample_heun(
 
   y = z / alpha, s = sigma / alpha = exp(-logsnr / 2); dy/ds = (y - D(y; s)) / s with
   D(y; s) = denoise(alpha y, logsnr). Euler predictor, trapezoidal corrector. The last step is
-  Euler only (as EDM's, which goes to s = 0; this one ends at the grid's last s, 0.002 on the
-  karras grid, like every sampler here), and so is the first: from pure noise s falls from
-  exp(-logsnr_min / 2) (~2e4) by orders of magnitude, where the corrector would amplify the
-  denoiser's change by ds / s; an Euler step in this form is exactly a DDIM step, exact in
-  that regime. 2N - 2 network calls for N >= 2 steps. `edit`: module docstring.
+  Euler only (as EDM's; to s = 0 it returns D, on schedules.logsnr_grid's clean end), and so is
+  the first: from pure noise s falls from exp(-logsnr_min / 2) (~2e4) by orders of magnitude,
+  where the corrector would amplify the denoiser's change by ds / s; an Euler step in this form
+  is exactly a DDIM step, exact in that regime. 2N - 2 network calls for N >= 2 steps.
+  `edit`: module docstring.
   """
   steps, batch = logsnrs.shape[0] - 1, shape[0]
   s_grid = jnp.exp(-logsnrs / 2.0)

@@ -103,13 +103,20 @@ KARRAS_LOGSNR_MAX = -2.0 * math.log(0.002)
 def logsnr_grid(
   schedule: Schedule, *, steps: int, spacing: str = 'quad', rho: float = 7.0
 ) -> jnp.ndarray:
-  """Sampling grid [steps + 1], increasing from schedule(1) (noise) to schedule(0) (clean).
+  """Sampling grid [steps + 1], increasing from schedule(1) (noise) to +inf (the clean image).
+
+  The network is called at the first `steps` points; the last one is the clean end, sigma 0
+  (logsnr +inf), so every sampler's last step returns its last x0 estimate as the image, as
+  EDM's grid ends at sigma 0 and DDIM's at alpha 1. It used to be schedule(0), and the image
+  kept that point's noise: sigma 0.01 of the predicted noise (1.3 grey levels) with the
+  `linear` schedule, 4.5e-5 with the cosine's logsnr_max of 20.
 
   The grid is a sampling choice, separate from the training schedule: the model is conditioned
-  on log-SNR, so any increasing grid inside the trained range works. An ODE sampler's last step
-  returns its last x0 estimate as the image, with that estimate's error (amplified by guidance)
-  scaled by the noise s = sigma / alpha = exp(-logsnr / 2) at that call, so the grid decides how
-  much of it shows. With the unshifted cosine and 25 steps:
+  on log-SNR, so any increasing grid inside the trained range works. The last x0 estimate
+  carries its error (amplified by guidance) scaled by the noise s = sigma / alpha =
+  exp(-logsnr / 2) at that call, so the spacing decides how much of it shows. Each spacing
+  gives steps + 1 points from schedule(1) to schedule(0), the last of which is then replaced by
+  +inf. With the unshifted cosine and 25 steps:
   'quad' (DDIM's quadratic spacing, the default): logsnr at t_i = (1 - i / steps)^2. Uniform
     near the noise end, crowded near the clean end: last call at logsnr ~9.6 (s ~0.008).
   'time': logsnr at t = 1, 1 - 1/steps, ..., 0: last call at logsnr ~5.2 (s ~0.07), which
@@ -122,12 +129,17 @@ def logsnr_grid(
   """
   if steps < 1:
     raise ValueError(f'steps must be >= 1, got {steps}.')
+  if spacing not in SPACINGS:
+    raise ValueError(f"Unknown grid spacing '{spacing}'; choose one of {', '.join(SPACINGS)}.")
+  return _spaced(schedule, steps, spacing, rho).at[-1].set(jnp.inf)
+
+
+def _spaced(schedule: Schedule, steps: int, spacing: str, rho: float) -> jnp.ndarray:
+  """`steps + 1` points of the spacing from schedule(1) to schedule(0) (karras: clipped)."""
   if spacing == 'quad':
     return schedule(jnp.square(jnp.linspace(1.0, 0.0, steps + 1)))
   if spacing == 'time':
     return schedule(jnp.linspace(1.0, 0.0, steps + 1))
-  if spacing not in SPACINGS:
-    raise ValueError(f"Unknown grid spacing '{spacing}'; choose one of {', '.join(SPACINGS)}.")
   ends = schedule(jnp.asarray([1.0, 0.0]))
   frac = jnp.linspace(0.0, 1.0, steps + 1)
   if spacing == 'logsnr':
