@@ -471,11 +471,15 @@ def memory_fixes() -> str:
 
 
 def _resumes_from(workdir: str) -> str:
-  """'the newest checkpoint in W is step N: the same command resumes from it', or that there
-  is none."""
+  """'the same command resumes from the newest checkpoint in W that verifies (the newest is
+  step N)', or that there is none. Not 'from step N': the newest is not read here (that takes
+  as long as a restore), and when it is damaged the resume passes over it."""
   try:
     step = checkpoints.latest_finished_step(workdir)
-    return f'the newest checkpoint in {workdir} is step {step}: the same command resumes from it'
+    return (
+      f'the same command resumes from the newest checkpoint in {workdir} that verifies (the '
+      f'newest is step {step})'
+    )
   except checkpoints.CheckpointError:
     return 'no checkpoint was saved yet: the same command starts afresh'
 

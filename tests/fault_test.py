@@ -200,7 +200,9 @@ def test_out_of_memory_is_one_line_with_the_fixes_and_keeps_the_checkpoints(shar
   (line,) = error_lines(proc.stderr)
   assert line.startswith('error: Out of memory (RESOURCE_EXHAUSTED: Out of memory allocating ')
   assert 'Lower train.batch_size' in line and 'Traceback' not in proc.stderr
-  assert f'the newest checkpoint in {workdir} is step 4: the same command resumes from it' in line
+  assert (
+    f'resumes from the newest checkpoint in {workdir} that verifies (the newest is step 4)' in line
+  )
   assert finished_steps(workdir) == [2, 4]
   assert losses(workdir) == losses(pristine)  # nothing of the failed step was logged
 
