@@ -78,6 +78,13 @@ def test_sixteen_bit_int_and_float_greyscale():
   np.testing.assert_array_equal(
     np.asarray(preprocess.decode_image(_encode(i16)))[0, :, 0], [0, 128, 255]
   )
+  # tRNS in a 16-bit greyscale PNG: the one 16-bit value it names is transparent (white), and
+  # the 8-bit grey it rescales to (1000 / 257 -> 4) is not.
+  i16 = Image.fromarray(np.array([[0, 1000, 1028, 65535]], np.uint16))
+  np.testing.assert_array_equal(
+    np.asarray(preprocess.decode_image(_encode(i16, transparency=1000)))[0, :, 0],
+    [0, 255, 4, 255],
+  )
   i32 = Image.fromarray(np.array([[0, 1000, 65535]], np.int32), 'I')
   np.testing.assert_array_equal(np.asarray(preprocess.decode_image(i32))[0, :, 0], [0, 4, 255])
   f32 = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), 'F')

@@ -187,7 +187,15 @@ def _high_bit_depth_to_l(image: Image.Image) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
   """Any Pillow mode to 8-bit RGB; transparency is composited onto white."""
   if image.mode.startswith('I;16') or image.mode in ('I', 'F'):
+    # A 16-bit greyscale PNG's tRNS names one 16-bit value as transparent: find it before the
+    # rescale to 8 bit, which drops the info (its pixels came out grey instead of white).
+    key = image.info.get('transparency')
+    transparent = np.asarray(image) == key if isinstance(key, int) else None
     image = _high_bit_depth_to_l(image)
+    if transparent is not None and transparent.any():
+      grey = np.asarray(image).copy()
+      grey[transparent] = _WHITE[0]
+      image = Image.fromarray(grey, mode='L')
   has_alpha = image.mode in ('RGBA', 'RGBa', 'LA', 'La', 'PA') or 'transparency' in image.info
   if has_alpha:
     rgba = image.convert('RGBA')
