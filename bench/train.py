@@ -46,7 +46,6 @@ from ml_collections import config_flags  # noqa: E402
 
 from imagen_jax import (  # noqa: E402
   cli,
-  cpu_devices,
   device_memory,
   optim,
   precompute,
@@ -128,12 +127,13 @@ def main(_):
   if FLAGS.memory_only:
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
     return
-  try:  # as train.py: two data-parallel devices on a CPU of two or more cores
-    cpu_devices.configure(
-      config.train.batch_size, config.mesh, copy_bytes=lambda: train_lib.replicated_bytes(config)
-    )
-  except ValueError as e:
-    raise SystemExit(f'error: {e}') from e
+  # As train.py: two data-parallel devices on a CPU of two or more cores.
+  cli.split_cpu_devices(
+    config.train.batch_size,
+    config.mesh,
+    distributed=False,
+    copy_bytes=lambda: train_lib.replicated_bytes(config),
+  )
   mesh = sharding.make_mesh(config.mesh)
   cache = precompute.open_or_build_cache(config, build_if_missing=True)
   it = pipeline.make_iterator(config, text_cache=cache)

@@ -250,6 +250,16 @@ def test_bench_scripts_bad_input_is_one_line(cmd, message):
 
 
 @pytest.mark.smoke
+def test_bench_train_bad_cpu_device_count_is_one_line_exit_2():
+  # As train.py (cli.split_cpu_devices): a count the batch cannot take is a usage error.
+  proc = _script('bench/train.py', '--config=configs/base64.py:demo', IMAGEN_JAX_CPU_DEVICES='3')
+  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
+  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+  assert 'IMAGEN_JAX_CPU_DEVICES=3: train.batch_size=16 is not divisible by 3' in errors[0]
+  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+
+
+@pytest.mark.smoke
 def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
   proc = _bench('--preset=small64', '--grad_layout=sideways')
   assert proc.returncode != 0 and not proc.stdout.strip()
