@@ -87,7 +87,7 @@ class _DropUnfinishedSaveErrors(logging.Filter):
   """Errors that orbax's save threads log with a traceback each (5 or more, and asyncio's
   "exception was never retrieved" for their sibling writes) when a write into a save's
   unfinished folder fails, e.g. the disk filled up: the save's failure reaches the caller's
-  wait or next save, and train.py reports it in one line (which checkpoints are intact, what to
+  wait or next save, and train.py reports it in one line (which checkpoints are kept, what to
   do); the unfinished folder never becomes a checkpoint."""
 
   def filter(self, record: logging.LogRecord) -> bool:

@@ -1497,7 +1497,9 @@ def _non_finite(what: str, step: int) -> TrainingError:
 
 
 def _save_failed(manager, step: int, error: BaseException | str) -> TrainingError:
-  """'Saving step N failed (why); the kept checkpoints are intact; what to do.'"""
+  """'Saving step N failed (why); the kept checkpoints are untouched; what to do.'
+
+  The kept checkpoints are not read here (that could take minutes); the resume verifies them."""
   kept = [s for s in checkpoints.step_numbers(manager.directory) if s != step]
   if isinstance(error, OSError) and error.strerror:
     why = error.strerror
@@ -1508,9 +1510,10 @@ def _save_failed(manager, step: int, error: BaseException | str) -> TrainingErro
     why = why[:300]
   return TrainingError(
     f'Saving checkpoint step {step} to {manager.directory} failed ({why}). '
-    f'The kept checkpoints {kept or "(none)"} are intact'
+    f'The kept checkpoints {kept or "(none)"} are untouched'
     + (f' (latest: step {kept[-1]})' if kept else '')
-    + '; free disk space or fix permissions, then resume with the same command.'
+    + '; free disk space or fix permissions, then resume with the same command'
+    + (' (it resumes from the newest kept checkpoint that verifies).' if kept else '.')
   )
 
 
