@@ -1182,7 +1182,8 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
         if hasattr(data_iter, 'close'):
           data_iter.close()
         raise TrainingError(
-          f'train.resume_step={config.train.resume_step} but {workdir_path} holds no checkpoint.'
+          f'train.resume_step={config.train.resume_step} but '
+          f'{checkpoints.describe_folder(workdir_path)}: check --workdir.'
         )
       _truncate_metrics(workdir_path, 0)  # rows of a run stopped before its first checkpoint
       state = init()

@@ -223,6 +223,19 @@ def test_processes_with_different_configs_are_refused(shared, tmp_path):
   assert not (tmp_path / 'run' / 'checkpoints').exists()
 
 
+def test_resume_step_with_no_checkpoint_is_refused_on_both_processes(shared, reference, tmp_path):
+  del reference  # its run built the data both processes read
+  # One process refuses before it makes the folder; several check after the run lock, on every
+  # process alike, with the same line.
+  results = finish(start_two(shared, tmp_path / 'run', '--config.train.resume_step=4'), timeout=300)
+  for rc, _, err in results:
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert rc == 1 and len(errors) == 1 and 'Traceback' not in err, err[-2000:]
+    assert 'train.resume_step=4 but ' in errors[0], errors[0]
+    assert 'holds no finished checkpoint' in errors[0], errors[0]
+    assert errors[0].endswith('check --workdir.'), errors[0]
+
+
 def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp_path):
   # Each process samples every other batch on its own two devices (a batch of 2 split over
   # them, the last one, of 1 image, on the first); the files equal one process's.
