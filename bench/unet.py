@@ -218,14 +218,11 @@ def main(argv=None) -> dict | list[dict]:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   # This checkout's package first (an installed one may be another checkout's).
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from imagen_jax import cli, cpu_devices
+  from imagen_jax import cli
 
   host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   if args.fake_cpu_devices <= 0:  # as train.py: two devices on a CPU of two or more cores
-    try:
-      cpu_devices.configure(args.batch, {'data': -1, 'fsdp': args.mesh_fsdp})
-    except ValueError as e:
-      raise SystemExit(f'error: {e}') from e
+    cli.split_cpu_devices(args.batch, {'data': -1, 'fsdp': args.mesh_fsdp}, distributed=False)
 
   import dataclasses
 
@@ -243,28 +240,28 @@ def main(argv=None) -> dict | list[dict]:
   from imagen_jax.models import layers, unet
 
   if args.preset not in unet.PRESETS:
-    raise SystemExit(f'Unknown --preset {args.preset!r}; choose from {sorted(unet.PRESETS)}.')
+    cli.fail(f'Unknown --preset {args.preset!r}; choose from {sorted(unet.PRESETS)}.')
   if args.grad_layout not in optim.GRADIENT_LAYOUTS:
-    raise SystemExit(
+    cli.fail(
       f'Unknown --grad_layout {args.grad_layout!r}; choose from {list(optim.GRADIENT_LAYOUTS)}.'
     )
   if args.state_layout not in sharding.STATE_LAYOUTS:
-    raise SystemExit(
+    cli.fail(
       f'Unknown --state_layout {args.state_layout!r}; choose from {list(sharding.STATE_LAYOUTS)}.'
     )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
   factor = 2 ** (config.num_levels - 1)
   if args.resolution % factor or (config.lowres_cond and args.resolution < 4):
-    raise SystemExit(
-      f'error: --resolution {args.resolution} must be a multiple of {factor} for the '
+    cli.fail(
+      f'--resolution {args.resolution} must be a multiple of {factor} for the '
       f'{config.num_levels} levels of {args.preset}.'
     )
   try:
     mesh = sharding.make_mesh({'data': -1, 'fsdp': args.mesh_fsdp})
   except ValueError as e:
-    raise SystemExit(f'error: --mesh_fsdp {args.mesh_fsdp}: {e}') from e
+    cli.fail(f'--mesh_fsdp {args.mesh_fsdp}: {e}')
   if args.batch % mesh.size:
-    raise SystemExit(f'--batch {args.batch} must be divisible by the {mesh.size} devices.')
+    cli.fail(f'--batch {args.batch} must be divisible by the {mesh.size} devices.')
   # The project's optimizer defaults (configs/common.py); only the bench's choices differ.
   optim_config = common.get_common(
     stage='bench', preset=args.preset, resolution=args.resolution

@@ -216,11 +216,15 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
     # These ended in a traceback once the model was traced (or the mesh made).
     (['--resolution=18'], '--resolution 18 must be a multiple of 4 for the 3 levels of small64'),
     (['--mesh_fsdp=3'], '--mesh_fsdp 3: Mesh data=-1 x fsdp=3 does not divide'),
+    # Checked once jax is imported: they exited 1, without the usage errors' code 2.
+    (['--preset=nope'], "Unknown --preset 'nope'; choose from"),
+    (['--state_layout=sideways'], "Unknown --state_layout 'sideways'; choose from"),
   ],
 )
 def test_bench_unet_bad_arguments_are_one_line(args, message):
   proc = _bench('--preset=small64', '--batch=2', *args)
-  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
 
 
@@ -250,19 +254,26 @@ def test_bench_scripts_bad_input_is_one_line(cmd, message):
 
 
 @pytest.mark.smoke
-def test_bench_train_bad_cpu_device_count_is_one_line_exit_2():
+@pytest.mark.parametrize(
+  'cmd,message',
+  [
+    (['bench/train.py', '--config=configs/base64.py:demo'], 'train.batch_size=16 is not divisible'),
+    (['bench/unet.py', '--preset=tiny', '--batch=4'], 'train.batch_size=4 is not divisible'),
+  ],
+)
+def test_bench_bad_cpu_device_count_is_one_line_exit_2(cmd, message):
   # As train.py (cli.split_cpu_devices): a count the batch cannot take is a usage error.
-  proc = _script('bench/train.py', '--config=configs/base64.py:demo', IMAGEN_JAX_CPU_DEVICES='3')
+  proc = _script(*cmd, IMAGEN_JAX_CPU_DEVICES='3')
   errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
   assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert 'IMAGEN_JAX_CPU_DEVICES=3: train.batch_size=16 is not divisible by 3' in errors[0]
+  assert f'IMAGEN_JAX_CPU_DEVICES=3: {message} by 3' in errors[0], errors[0]
   assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
 
 
 @pytest.mark.smoke
 def test_bench_refuses_an_unknown_gradient_layout_naming_the_choices():
   proc = _bench('--preset=small64', '--grad_layout=sideways')
-  assert proc.returncode != 0 and not proc.stdout.strip()
+  assert proc.returncode == 2 and not proc.stdout.strip()
   assert "Unknown --grad_layout 'sideways'" in proc.stderr and "'row_major'" in proc.stderr
 
 
