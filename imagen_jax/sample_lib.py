@@ -557,6 +557,11 @@ SAMPLED_ON = 'sampled_on'
 # The noise of image i: fold_in(fold_in(key(seed), i), stage) (cascade.image_keys). Sidecars
 # without it are from before 2026-11, when a batch's noise came from the batch's number.
 NOISE = 'per_image: fold_in(fold_in(key(seed), noise_index), stage)'
+# Where each stage's sampling grid ends (`schedules.logsnr_grid`). Sidecars without it are from
+# before 2026-11-29, when the last step stopped at the schedule's end (log-SNR 20 on the cosine,
+# 9.2 on 'linear') and kept that much of the predicted noise: their images differ from this
+# version's by about a level in a few pixels (cosine), so --skip_existing warns, not refuses.
+GRID_END = 'clean image (log-SNR +inf)'
 
 
 def _edit_settings(req: SampleRequest) -> dict:
@@ -577,6 +582,7 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
   settings = {
     'seed': req.seed,
     'noise': NOISE,
+    'grid_end': GRID_END,
     'num_images': req.num_images,
     'all_prompts': list(req.prompts),
     'stages': [
@@ -623,7 +629,7 @@ def _check_existing_sidecars(
   """--skip_existing: the sidecars already there must record these settings; a warning when they
   were sampled on other devices or in batches of another size (the new images then match an
   uninterrupted run's only to float rounding)."""
-  elsewhere = set()
+  elsewhere, older_grid_end = set(), 0
   for _, side in paths:
     if not side.exists():
       continue
@@ -646,6 +652,9 @@ def _check_existing_sidecars(
         'batch size, so its images cannot be completed; choose another --out, or pass '
         '--overwrite.'
       )
+    if 'grid_end' not in recorded and 'grid_end' in settings:
+      older_grid_end += 1
+      recorded['grid_end'] = settings['grid_end']
     if recorded != settings:
       diffs = _differences(recorded, settings)
       raise SampleError(
@@ -653,6 +662,15 @@ def _check_existing_sidecars(
         'rerun with the same seed and settings, choose another --out, or pass --overwrite.'
       )
 
+  if older_grid_end:
+    log.warning(
+      '--skip_existing: %d image(s) in %s were sampled before 2026-11-29, when the last step '
+      "stopped short of the clean image (at the schedule's end): they differ from the images this "
+      'run adds by about a level in a few pixels (more on the linear schedule); --overwrite '
+      'makes them all again.',
+      older_grid_end,
+      req.out,
+    )
   if elsewhere:
     log.warning(
       '--skip_existing: images in %s were sampled on %s, this run samples on %s: the images it '

@@ -101,6 +101,7 @@ def test_base_stage_outputs_and_sidecars(runs):
   assert side['stages'][0]['sampler'] == 'dpmpp_2m'
   assert side['sampled_on'] == {'backend': 'cpu', 'devices': 1, 'batch_size': 8}
   assert side['noise'] == sample_lib.NOISE and side['noise_index'] == 0
+  assert side['grid_end'] == sample_lib.GRID_END
   for noise in ('Sharding info not provided', 'read only', 'read_only', 'Traceback'):
     assert noise not in proc.stderr, proc.stderr[-3000:]
   # The sampler was compiled ahead of its run: its memory is logged before the batch runs.
@@ -679,7 +680,8 @@ def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   from imagen_jax import sample_lib
 
   req = sample_lib.SampleRequest(prompts=['a'], checkpoints=['unused'], out=str(tmp_path))
-  settings = {'seed': 0, 'noise': sample_lib.NOISE, 'stages': [{'step': 4}]}
+  settings = {'seed': 0, 'noise': sample_lib.NOISE, 'grid_end': sample_lib.GRID_END}
+  settings['stages'] = [{'step': 4}]
   here = {'backend': 'cpu', 'devices': 1, 'batch_size': 8}
   paths = [(tmp_path / f'{i}.png', tmp_path / f'{i}.json') for i in range(4)]
 
@@ -705,6 +707,13 @@ def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   write(3, json.dumps({'prompt': 'a', 'image_index': 3, **settings, 'seed': 1}))
   with pytest.raises(sample_lib.SampleError, match=r'3.json was made with other settings \(seed'):
     sample_lib._check_existing_sidecars(req, paths, settings, here)
+  # Sampled before the grid ended at the clean image: kept, with a warning naming how many.
+  before_grid_end = {k: v for k, v in settings.items() if k != 'grid_end'}
+  write(3, json.dumps({'prompt': 'a', 'image_index': 3, **before_grid_end, 'sampled_on': here}))
+  caplog.clear()
+  with caplog.at_level('WARNING'):
+    sample_lib._check_existing_sidecars(req, paths, settings, here)
+  assert '1 image(s) in' in caplog.text and 'before 2026-11-29' in caplog.text, caplog.text
   for bad in ('[1, 2]', '{"prompt": '):
     write(3, bad)
     with pytest.raises(sample_lib.SampleError, match=r'3.json is unreadable .*delete it'):
