@@ -1509,12 +1509,19 @@ def _save_failed(manager, step: int, error: BaseException | str) -> TrainingErro
     if 'No space left on device' in why:
       why = 'No space left on device'
     why = why[:300]
+  if kept:
+    then = (
+      f'The kept checkpoints {kept} are untouched (latest: step {kept[-1]}); free disk space or '
+      'fix permissions, then resume with the same command (it resumes from the newest kept '
+      'checkpoint that verifies).'
+    )
+  else:
+    then = (
+      'No earlier checkpoint is kept; free disk space or fix permissions, then run the same '
+      'command again (it starts from step 0).'
+    )
   return TrainingError(
-    f'Saving checkpoint step {step} to {manager.directory} failed ({why}). '
-    f'The kept checkpoints {kept or "(none)"} are untouched'
-    + (f' (latest: step {kept[-1]})' if kept else '')
-    + '; free disk space or fix permissions, then resume with the same command'
-    + (' (it resumes from the newest kept checkpoint that verifies).' if kept else '.')
+    f'Saving checkpoint step {step} to {manager.directory} failed ({why}). {then}'
   )
 
 

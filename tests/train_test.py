@@ -429,3 +429,21 @@ def test_workdirs_that_cannot_hold_a_run_are_refused_before_it_starts(tmp_path, 
   assert train_lib._prepare_workdir(str(run), resume_step=4) == run
   assert train_lib._prepare_workdir(str(run)) == run  # the run folder itself is fine
   assert train_lib._prepare_workdir(str(tmp_path / 'sweep=lr,1e-3')).is_dir()
+
+
+def test_a_failed_save_names_the_kept_checkpoints_or_says_there_are_none(tmp_path):
+  from types import SimpleNamespace
+
+  from imagen_jax import train_lib
+
+  manager = SimpleNamespace(directory=tmp_path)
+  full = OSError(28, 'No space left on device')
+  line = str(train_lib._save_failed(manager, 2, full))
+  assert line.startswith(f'Saving checkpoint step 2 to {tmp_path} failed (No space left on')
+  # It read "The kept checkpoints (none) are intact; ... resume with the same command".
+  assert 'No earlier checkpoint is kept' in line and 'starts from step 0' in line, line
+  for name in ('2', '4', '6', '8.orbax-checkpoint-tmp-1'):  # 6 failed; 8 never finished
+    (tmp_path / name).mkdir()
+  line = str(train_lib._save_failed(manager, 6, full))
+  assert 'The kept checkpoints [2, 4] are untouched (latest: step 4)' in line, line
+  assert 'newest kept checkpoint that verifies' in line, line
