@@ -29,6 +29,8 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +130,35 @@ def quiet_orbax_noise() -> None:
 
   hook.drops_closed_loop_callbacks = True
   sys.unraisablehook = hook
+
+
+def _orbax_write_threads() -> list[threading.Thread]:
+  """The threads of orbax's background commits (its `_SignalingThread`s) alive now; [] where
+  this orbax has no such class."""
+  try:
+    from orbax.checkpoint._src.futures import future as orbax_future
+  except ImportError:
+    return []
+  kind = getattr(orbax_future, '_SignalingThread', None)
+  if not isinstance(kind, type):
+    return []
+  me = threading.current_thread()
+  return [t for t in threading.enumerate() if isinstance(t, kind) and t is not me and t.is_alive()]
+
+
+def wait_for_background_writes(timeout: float = 30.0) -> list[str]:
+  """Wait (up to `timeout` seconds in all) for orbax's background commit threads to end; returns
+  the names of those still running.
+
+  After a failed save orbax's wait returns at the first failed write while its sibling writes go
+  on in their threads. A process that then exits reached interpreter shutdown with them still
+  writing, and each printed a traceback ("cannot schedule new futures after interpreter
+  shutdown"); their own failures, into the save's unfinished folder, are dropped from the log
+  (`_DropUnfinishedSaveErrors`)."""
+  deadline = time.monotonic() + timeout
+  for thread in _orbax_write_threads():
+    threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))  # not orbax's: it raises
+  return [t.name for t in _orbax_write_threads()]
 
 
 class CheckpointError(ValueError):

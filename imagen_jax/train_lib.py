@@ -1470,6 +1470,9 @@ class _Loop:
           finish()
         except Exception as e:  # noqa: BLE001 - e.g. a failed metadata write of the last save
           close_error = close_error or e
+      still_writing = checkpoints.wait_for_background_writes()  # a failed save's other writes
+      if still_writing:
+        log.warning('Checkpoint writes still running at exit: %s.', ', '.join(still_writing))
       if close_error is not None and not finished:  # the run's own error is the one raised
         why = ' '.join(str(close_error).split())[:300]
         log.error('A checkpoint save failed while shutting down (%s).', why)

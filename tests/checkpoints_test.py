@@ -391,3 +391,23 @@ def test_a_step_set_aside_by_a_resume_is_pointed_to(two_steps):
   with pytest.raises(checkpoints.CheckpointError) as raised:
     checkpoints.candidate_steps(manager, 3)
   assert 'A resume' not in str(raised.value)
+
+
+def test_background_writes_still_running_are_waited_for():
+  # After a failed save orbax's wait returns at the first failed write while sibling writes go on
+  # in their commit threads; train.py then exited with them still writing, and one printed
+  # "cannot schedule new futures after interpreter shutdown" with its traceback (seen in a full
+  # test run, in fault_test's few-inodes case). The run's clean-up now waits for them.
+  from orbax.checkpoint._src.futures import future as orbax_future
+
+  async def write(seconds):
+    await asyncio.sleep(seconds)
+
+  orbax_future.CommitFuture(write(0.5), name='a sibling write')
+  assert [t.name for t in checkpoints._orbax_write_threads()] == ['a sibling write']
+  assert checkpoints.wait_for_background_writes() == []
+  assert checkpoints._orbax_write_threads() == []
+  # A bounded wait: one still running is named.
+  orbax_future.CommitFuture(write(2.0), name='a slow write')
+  assert checkpoints.wait_for_background_writes(timeout=0.1) == ['a slow write']
+  assert checkpoints.wait_for_background_writes() == []
