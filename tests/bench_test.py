@@ -122,6 +122,13 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
   return _script('bench/unet.py', *args)
 
 
+def _assert_one_usage_error(proc: subprocess.CompletedProcess, message: str) -> None:
+  """Exit 2, one `error:` line holding message, no traceback and nothing on stdout."""
+  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
+  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+
+
 @pytest.mark.smoke
 def test_bench_unet_prints_one_json_line_with_a_profile(tmp_path):
   proc = _bench(
@@ -222,10 +229,7 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
   ],
 )
 def test_bench_unet_bad_arguments_are_one_line(args, message):
-  proc = _bench('--preset=small64', '--batch=2', *args)
-  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
-  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+  _assert_one_usage_error(_bench('--preset=small64', '--batch=2', *args), message)
 
 
 @pytest.mark.smoke
@@ -248,9 +252,7 @@ def test_bench_unet_bad_arguments_are_one_line(args, message):
 def test_bench_scripts_bad_input_is_one_line(cmd, message):
   # Each ended in a traceback (or, for counts of 0, ran and printed nonsense).
   proc = _script(*cmd, timeout=300, IMAGEN_JAX_HOST_MALLOC='bogus' if len(cmd) == 1 else '')
-  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
-  assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+  _assert_one_usage_error(proc, message)
 
 
 @pytest.mark.smoke
@@ -264,10 +266,7 @@ def test_bench_scripts_bad_input_is_one_line(cmd, message):
 def test_bench_bad_cpu_device_count_is_one_line_exit_2(cmd, message):
   # As train.py (cli.split_cpu_devices): a count the batch cannot take is a usage error.
   proc = _script(*cmd, IMAGEN_JAX_CPU_DEVICES='3')
-  errors = [ln for ln in proc.stderr.splitlines() if 'error:' in ln]
-  assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
-  assert f'IMAGEN_JAX_CPU_DEVICES=3: {message} by 3' in errors[0], errors[0]
-  assert 'Traceback' not in proc.stderr and not proc.stdout.strip()
+  _assert_one_usage_error(proc, f'IMAGEN_JAX_CPU_DEVICES=3: {message} by 3')
 
 
 @pytest.mark.smoke
