@@ -652,9 +652,9 @@ def _check_existing_sidecars(
         'batch size, so its images cannot be completed; choose another --out, or pass '
         '--overwrite.'
       )
-    if 'grid_end' not in recorded and 'grid_end' in settings:
+    if 'grid_end' not in recorded:
       older_grid_end += 1
-      recorded['grid_end'] = settings['grid_end']
+      recorded['grid_end'] = GRID_END
     if recorded != settings:
       diffs = _differences(recorded, settings)
       raise SampleError(

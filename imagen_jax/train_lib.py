@@ -797,6 +797,14 @@ def model_description(config: ml_collections.ConfigDict) -> str:
   return f'preset {preset}' + (f' with {", ".join(changed)} changed' if changed else '')
 
 
+def _nothing_to_resume(resume_step: int, workdir: pathlib.Path) -> str:
+  """'train.resume_step=N but <what the folder holds>: check --workdir', the same line whether
+  one process refuses it early or several after the run lock."""
+  return (
+    f'train.resume_step={resume_step} but {checkpoints.describe_folder(workdir)}: check --workdir'
+  )
+
+
 def _prepare_workdir(workdir: str, resume_step: int = 0) -> pathlib.Path:
   """The absolute run folder, created if needed; TrainingError when it cannot hold a run, or
   when `resume_step` is set and it holds no checkpoint (a mistyped --workdir: refused before the
@@ -827,10 +835,7 @@ def _prepare_workdir(workdir: str, resume_step: int = 0) -> pathlib.Path:
     and jax.process_count() == 1
     and not checkpoints.step_numbers(checkpoints.checkpoint_dir(path))
   ):
-    raise TrainingError(
-      f'train.resume_step={resume_step} but {checkpoints.describe_folder(path)}: check --workdir '
-      '(nothing was written).'
-    )
+    raise TrainingError(_nothing_to_resume(resume_step, path) + ' (nothing was written).')
   try:
     multihost.check_writable(path)
   except OSError as e:
@@ -1181,10 +1186,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
         manager.close()
         if hasattr(data_iter, 'close'):
           data_iter.close()
-        raise TrainingError(
-          f'train.resume_step={config.train.resume_step} but '
-          f'{checkpoints.describe_folder(workdir_path)}: check --workdir.'
-        )
+        raise TrainingError(_nothing_to_resume(config.train.resume_step, workdir_path) + '.')
       _truncate_metrics(workdir_path, 0)  # rows of a run stopped before its first checkpoint
       state = init()
     else:
