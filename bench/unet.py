@@ -8,9 +8,10 @@ training step is, by default (`--step train`), the one train.py runs:
 stage's diffusion loss with min-SNR weighting and text dropout, noise-conditioning
 augmentation of a 4x smaller low-res image for an SR preset, gradient clipping, the
 optimizer and the EMA; the loop checks its loss and gradient norm). `--step bare` times only
-the v-prediction MSE and the optimizer update, the step of the H100 rows in README measured
-before `--step` existed; the two differ by the EMA (the logged gradient norm is the one
-gradient clipping computes, merged by XLA; cost: `--profile_steps`, phase 'optimizer').
+the v-prediction MSE and the optimizer update, the step of the H100 rows in
+docs/performance.md measured before `--step` existed; the two differ by the EMA (the logged
+gradient norm is the one gradient clipping computes, merged by XLA; cost: `--profile_steps`,
+phase 'optimizer').
 
   # Speed on this machine (CPU) or a GPU/TPU:
   python bench/unet.py --preset small64 --batch 4 --resolution 64 --dtype float32
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default='train',
     choices=STEPS,
     help="'train': the step train.py runs (train_lib.make_train_step: EMA, gradient norm, ...); "
-    "'bare': the loss and the optimizer update only (the README's earlier H100 rows)",
+    "'bare': the loss and the optimizer update only (the earlier H100 rows in docs/performance.md)",
   )
   p.add_argument('--mesh_fsdp', type=int, default=1, help='fsdp axis size; data = the rest')
   p.add_argument('--steps', type=int, default=5, help='timed steps (after one warm-up)')

@@ -11,7 +11,7 @@ Variants by argument (never by copying the file):
         quadratic grid, guidance 1.5, static thresholding.
   tiny  the same recipe for a handful of steps (tests, CI).
 
-What mattered (measured, see README "Does it learn?"): min-SNR weighting starves the low-SNR
+What mattered (measured, see docs/quality.md): min-SNR weighting starves the low-SNR
 steps where the prompt decides the class (x0-space weight min(snr, 5) ~ 0 there), so the model
 learnt the images and ignored the text; the plain v loss (x0-space weight 1 + snr) learns the
 prompt. Dynamic thresholding lifts the black background to grey; static clipping does not.
@@ -35,7 +35,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
   c.diffusion.loss_weighting = 'none'
 
   c.train.batch_size = 32
-  c.train.num_steps = 1500  # 2,500: held-out adherence 0.752, 4,500: 0.700 (README)
+  c.train.num_steps = 1500  # 2,500: held-out adherence 0.752, 4,500: 0.700 (docs/quality.md)
   c.train.log_every = 50
   c.train.checkpoint_every = 500
   c.train.sample_every = 0
@@ -45,7 +45,7 @@ def get_config(arg: str = '') -> 'ml_collections.ConfigDict':  # noqa: F821
 
   c.sample.sampler = 'dpmpp_2m'
   c.sample.steps = 25
-  c.sample.guidance = 1.5  # 3.0: held-out adherence +0.03, FD x2.5 (README)
+  c.sample.guidance = 1.5  # 3.0: held-out adherence +0.03, FD x2.5 (docs/quality.md)
   c.sample.thresholding = 'static'
   if variant == 'tiny':
     c.data.max_examples = 40

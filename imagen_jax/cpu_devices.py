@@ -8,7 +8,7 @@ With two host devices (`jax_num_cpu_devices=2`) the train step runs as two data-
 programs, one per half of the batch, whose operations overlap on the same thread pool; the
 gradient all-reduce between them is a copy in memory.
 
-Measured on the 2-core AMD EPYC (README, Speed): small64 at batch 4, 64 px, text length 32,
+Measured on the 2-core AMD EPYC (docs/performance.md): small64 at batch 4, 64 px, text length 32,
 `bench/unet.py --fake_cpu_devices 1` then `2`, four interleaved pairs, every pair faster with
 two: train step median 1.555 -> 1.424 s, guided sampling step 1.03 -> 0.83 s. The CPU demo's
 config (`bench/train.py --config=configs/base64.py:demo`, batch 16 at 32 px): 0.285 -> 0.24 s.

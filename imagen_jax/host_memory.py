@@ -20,7 +20,7 @@ other value is refused with a ValueError).
 The price is resident memory: a freed block that a small, longer-lived allocation has split no
 longer fits the next step's temporaries, which then take a new block, so the heap can hold one
 to a few step-sized blocks (small64: 1.9 GB growing once to 2.6 GB in 300 steps, against
-2.0-2.1 GB with glibc's defaults; README, Speed).
+2.0-2.1 GB with glibc's defaults; docs/performance.md, "Host memory on CPU").
 """
 
 import ctypes
