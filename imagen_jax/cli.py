@@ -147,12 +147,18 @@ def keep_freed_host_buffers() -> str:
 
 
 def split_cpu_devices(
-  batch_size: int, mesh, *, distributed: bool, copy_bytes: Callable[[], int | None] | None = None
+  batch_size: int,
+  mesh,
+  *,
+  distributed: bool,
+  copy_bytes: Callable[[], int | None] | None = None,
+  batch_name: str = 'train.batch_size',
 ) -> None:
   """`cpu_devices.configure` for an entry point (two data-parallel devices on a CPU of two or
   more cores, see its docstring; train.py passes its batch size and mesh, sample.py its first
   batch and mesh=None; copy_bytes: what each device would hold a copy of): a bad
-  IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one line and exit code 2. Call
+  IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one line and exit code 2 (naming
+  the batch as batch_name, the setting it came from). Call
   it before JAX's backend starts. A copy_bytes that fails counts as unknown: the config's own
   errors are reported where it is used."""
   from imagen_jax import cpu_devices
@@ -166,7 +172,11 @@ def split_cpu_devices(
 
   try:
     cpu_devices.configure(
-      batch_size, mesh, distributed=distributed, copy_bytes=copy_bytes and estimate
+      batch_size,
+      mesh,
+      distributed=distributed,
+      copy_bytes=copy_bytes and estimate,
+      batch_name=batch_name,
     )
   except ValueError as e:
     fail(str(e))

@@ -88,15 +88,16 @@ def _count_set_elsewhere(environ: Mapping[str, str]) -> str | None:
   return None
 
 
-def _unfit(n: int, batch_size: int, mesh: Any) -> str | None:
+def _unfit(n: int, batch_size: int, mesh: Any, batch_name: str = 'train.batch_size') -> str | None:
   """Why a train config cannot run on n devices (None when it can); mesh None: sampling, whose
-  first batch of `batch_size` images n devices would split."""
+  first batch of `batch_size` images n devices would split. batch_name: the setting the batch
+  size came from, for the message."""
   if mesh is None:
     if batch_size % n:
       return f'a first batch of {batch_size} images does not split over {n} devices'
     return None
   if batch_size % n:
-    return f'train.batch_size={batch_size} is not divisible by {n}'
+    return f'{batch_name}={batch_size} is not divisible by {n}'
   from imagen_jax import sharding
 
   sizes = sharding.mesh_sizes(mesh)  # ValueError for sizes no mesh can have (fsdp=0)
@@ -148,6 +149,7 @@ def choose(
   cores: int | None = None,
   copy_bytes: Callable[[], int | None] | None = None,
   available: int | None = None,
+  batch_name: str = 'train.batch_size',
 ) -> tuple[int | None, str]:
   """(number of CPU devices to configure, or None to leave JAX's default; the reason).
 
@@ -159,7 +161,8 @@ def choose(
   copy_bytes() gives the bytes each device holds a copy of (None: unknown, not checked); it is
   called only when everything else allows two devices (or an explicit count above one, which
   is taken, the reason then saying that the copies do not fit). available: the memory free for
-  the process (default `host_memory.available_bytes()`).
+  the process (default `host_memory.available_bytes()`). batch_name: the setting that gave
+  batch_size, as messages name it (bench/unet.py: '--batch').
 
   ValueError for a bad IMAGEN_JAX_CPU_DEVICES, a count the config cannot use, or a count asked
   for after JAX's backend started."""
@@ -181,7 +184,7 @@ def choose(
     elsewhere = _count_set_elsewhere(environ)
     if elsewhere:
       raise ValueError(f'{SETTING}={n} and {elsewhere}: set the CPU device count in one place.')
-    unfit = None if mesh is None else _unfit(n, batch_size, mesh)  # sampling takes any count
+    unfit = None if mesh is None else _unfit(n, batch_size, mesh, batch_name)  # sampling: any
     if unfit:
       raise ValueError(
         f'{SETTING}={n}: {unfit}; choose a count that divides the batch and fits the mesh.'
@@ -203,7 +206,7 @@ def choose(
   cores = _usable_cores() if cores is None else cores
   if cores < AUTO_DEVICES:
     return None, f'{cores} usable core(s)'
-  unfit = _unfit(AUTO_DEVICES, batch_size, mesh)
+  unfit = _unfit(AUTO_DEVICES, batch_size, mesh, batch_name)
   if unfit:
     return None, unfit
   too_big = _memory_short(_replicas(AUTO_DEVICES, mesh), copy_bytes, available)
@@ -219,11 +222,17 @@ def configure(
   distributed: bool = False,
   environ: Mapping[str, str] | None = None,
   copy_bytes: Callable[[], int | None] | None = None,
+  batch_name: str = 'train.batch_size',
 ) -> int | None:
   """Apply `choose` (see the module docstring) before JAX's backend starts; returns the count
   set (None: JAX's default). ValueError as `choose`."""
   n, reason = choose(
-    batch_size, mesh, distributed=distributed, environ=environ, copy_bytes=copy_bytes
+    batch_size,
+    mesh,
+    distributed=distributed,
+    environ=environ,
+    copy_bytes=copy_bytes,
+    batch_name=batch_name,
   )
   if n is None:
     level = logging.INFO if reason.startswith(_MEMORY) else logging.DEBUG  # worth knowing

@@ -260,7 +260,7 @@ def test_bench_scripts_bad_input_is_one_line(cmd, message):
   'cmd,message',
   [
     (['bench/train.py', '--config=configs/base64.py:demo'], 'train.batch_size=16 is not divisible'),
-    (['bench/unet.py', '--preset=tiny', '--batch=4'], 'train.batch_size=4 is not divisible'),
+    (['bench/unet.py', '--preset=tiny', '--batch=4'], '--batch=4 is not divisible'),
   ],
 )
 def test_bench_bad_cpu_device_count_is_one_line_exit_2(cmd, message):

@@ -132,7 +132,7 @@ def test_a_failing_estimate_counts_as_unknown(monkeypatch):
 
   seen = {}
 
-  def configure(batch_size, mesh, *, distributed, copy_bytes):
+  def configure(batch_size, mesh, *, distributed, copy_bytes, batch_name):
     seen['bytes'] = copy_bytes()
 
   monkeypatch.setattr(cpu_devices, 'configure', configure)
@@ -199,8 +199,19 @@ def test_an_explicit_count_is_used_or_refused_with_the_fix(monkeypatch):
   for bad in ('two', '0', '-1'):
     with pytest.raises(ValueError, match=r"IMAGEN_JAX_CPU_DEVICES='.*' is not a setting.*auto"):
       cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': bad})
-  with pytest.raises(ValueError, match='batch_size=6 is not divisible by 4; choose a count'):
+  with pytest.raises(ValueError, match='^IMAGEN_JAX_CPU_DEVICES=4: train.batch_size=6 is not div'):
     cpu_devices.choose(6, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '4'})
+  # A batch from another setting is named as that setting (bench/unet.py's --batch).
+  with pytest.raises(
+    ValueError, match='^IMAGEN_JAX_CPU_DEVICES=4: --batch=6 is not divisible by 4'
+  ):
+    cpu_devices.choose(
+      6, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '4'}, batch_name='--batch'
+    )
+  assert cpu_devices.choose(3, MESH, environ=CPU, cores=2, batch_name='--batch') == (
+    None,
+    '--batch=3 is not divisible by 2',
+  )
   with pytest.raises(ValueError, match='set the CPU device count in one place'):
     env = {
       **CPU,
