@@ -376,6 +376,10 @@ def step_flops(config: ml_collections.ConfigDict, batch: dict) -> StepFlops:
   )
 
 
+# The x-axis of every W&B chart: the training step (see MetricWriter).
+WANDB_STEP = 'train/step'
+
+
 class MetricWriter:
   """metrics.jsonl (always), TensorBoard event files, and optionally Weights & Biases."""
 
@@ -406,19 +410,25 @@ class MetricWriter:
           '(or run with --config.train.wandb=False).'
         ) from e
       # One W&B run per workdir: its id is kept there, so a resumed run logs into the same one.
+      # The first start lets W&B choose the id (its id helpers move between releases).
       id_file = workdir / 'wandb_run_id'
       run_id = id_file.read_text().strip() if id_file.exists() else ''
-      if not run_id:
-        run_id = wandb.util.generate_id()
-        id_file.write_text(run_id + '\n')
       self.wandb = wandb.init(
         project=config.train.wandb_project,
         mode=config.train.wandb_mode,
         dir=str(workdir),
         config=json.loads(config.to_json_best_effort()),
-        id=run_id,
+        id=run_id or None,
         resume='allow',
       )
+      if not run_id:
+        id_file.write_text(self.wandb.id + '\n')
+      # Charts use the training step as their x-axis, not W&B's own step (one per log call),
+      # so that a run resumed from an older checkpoint logs its re-run steps again: W&B drops
+      # a log whose `step=` is below the run's largest, which after a resume is the last step
+      # the earlier process logged.
+      self.wandb.define_metric(WANDB_STEP)
+      self.wandb.define_metric('*', step_metric=WANDB_STEP, step_sync=True)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -428,7 +438,7 @@ class MetricWriter:
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
     if self.wandb is not None:
-      self.wandb.log(scalars, step=step)
+      self.wandb.log({WANDB_STEP: step, **scalars})
 
   def image(self, step: int, name: str, grid: np.ndarray) -> None:
     if self.enabled:
@@ -436,7 +446,7 @@ class MetricWriter:
       if self.wandb is not None:
         import wandb
 
-        self.wandb.log({name: wandb.Image(grid)}, step=step)
+        self.wandb.log({WANDB_STEP: step, name: wandb.Image(grid)})
 
   def close(self) -> None:
     if self.enabled:

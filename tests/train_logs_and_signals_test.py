@@ -3,6 +3,7 @@
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from configs import base64
@@ -14,23 +15,32 @@ pytestmark = pytest.mark.unit
 def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard_steps(
   tmp_path, monkeypatch
 ):
-  inits, purges = [], []
+  # A stand-in for wandb (not installed here) with the calls MetricWriter makes. Checked against
+  # wandb 0.31.0 in offline mode: it has no wandb.util.generate_id (so the stand-in has none), and
+  # a resumed run's records keep re-run steps when the step is a logged metric, not `step=`.
+  inits, purges, logs, metrics = [], [], [], []
   ids = iter(['first1', 'second2'])
   fake = types.ModuleType('wandb')
-  fake.util = types.SimpleNamespace(generate_id=lambda: next(ids))
 
   class Run:
-    def log(self, *args, **kwargs):
-      pass
+    def __init__(self, run_id):
+      self.id = run_id
+
+    def define_metric(self, name, **kwargs):
+      metrics.append((name, kwargs))
+
+    def log(self, data, **kwargs):
+      logs.append((data, kwargs))
 
     def finish(self):
       pass
 
   def init(**kwargs):
     inits.append(kwargs)
-    return Run()
+    return Run(kwargs['id'] or next(ids))
 
   fake.init = init
+  fake.Image = lambda array: 'image'
   monkeypatch.setitem(sys.modules, 'wandb', fake)
   import tensorboardX
 
@@ -43,13 +53,28 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard
   monkeypatch.setattr(tensorboardX, 'SummaryWriter', writer)
   config = base64.get_config('tiny')
   config.train.wandb = True
-  for start in (0, 40):  # a fresh start, then a resume from step 40
+  for start in (0, 40, 20):  # a fresh start, a resume from step 40, then from an older step 20
     w = train_lib.MetricWriter(tmp_path, config, enabled=True, start_step=start)
     w.write(start + 1, {'loss': 0.5})
+    w.image(start + 1, 'samples', np.zeros((4, 4, 3), np.uint8))
     w.close()
-  assert [i['id'] for i in inits] == ['first1', 'first1'] and inits[0]['resume'] == 'allow'
+  assert [i['id'] for i in inits] == [None, 'first1', 'first1']
+  assert {i['resume'] for i in inits} == {'allow'}
   assert (tmp_path / 'wandb_run_id').read_text() == 'first1\n'
-  assert purges == [1, 41]  # events of steps the new run logs again are dropped
+  assert purges == [1, 41, 21]  # events of steps the new run logs again are dropped
+  # Every chart's x-axis is the training step, logged as a metric: W&B would drop a `step=`
+  # below the run's largest (step 21 after step 41).
+  assert (
+    metrics == [('train/step', {}), ('*', {'step_metric': 'train/step', 'step_sync': True})] * 3
+  )
+  assert [(d.get('train/step'), sorted(d), k) for d, k in logs] == [
+    (1, ['loss', 'train/step'], {}),
+    (1, ['samples', 'train/step'], {}),
+    (41, ['loss', 'train/step'], {}),
+    (41, ['samples', 'train/step'], {}),
+    (21, ['loss', 'train/step'], {}),
+    (21, ['samples', 'train/step'], {}),
+  ]
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog, monkeypatch):
