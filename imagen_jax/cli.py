@@ -158,9 +158,9 @@ def split_cpu_devices(
   more cores, see its docstring; train.py passes its batch size and mesh, sample.py its first
   batch and mesh=None; copy_bytes: what each device would hold a copy of): a bad
   IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one line and exit code 2 (naming
-  the batch as batch_name, the setting it came from). Call
-  it before JAX's backend starts. A copy_bytes that fails counts as unknown: the config's own
-  errors are reported where it is used."""
+  the batch as batch_name, the setting it came from). Call it before JAX's backend starts. A
+  copy_bytes that fails counts as unknown: the config's own errors are reported where it is
+  used."""
   from imagen_jax import cpu_devices
 
   def estimate() -> int | None:

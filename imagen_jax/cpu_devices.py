@@ -88,7 +88,7 @@ def _count_set_elsewhere(environ: Mapping[str, str]) -> str | None:
   return None
 
 
-def _unfit(n: int, batch_size: int, mesh: Any, batch_name: str = 'train.batch_size') -> str | None:
+def _unfit(n: int, batch_size: int, mesh: Any, batch_name: str) -> str | None:
   """Why a train config cannot run on n devices (None when it can); mesh None: sampling, whose
   first batch of `batch_size` images n devices would split. batch_name: the setting the batch
   size came from, for the message."""
