@@ -1,11 +1,15 @@
 """Helpers for runs over several JAX processes (`jax.distributed.initialize`d); with one
 process each is a no-op or trivial."""
 
+import atexit
 import itertools
 import json
 import os
 import pathlib
 import socket
+import sys
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +21,14 @@ _barrier_count = itertools.count()  # every process passes the same barriers in 
 
 BARRIER_TIMEOUT_SETTING = 'IMAGEN_JAX_BARRIER_TIMEOUT_S'
 DEFAULT_BARRIER_TIMEOUT_S = 3600  # the slowest legitimate wait: a peer compiling or encoding
+
+
+# A process that fails alone (cli.fail) puts its line here; every other process watches for it
+# (`watch_for_failures`) and ends with that line, rather than waiting in its next collective for
+# a peer that is gone until JAX's heartbeat timeout aborts it (100 s, rc -6, no reason given).
+FAILURE_KEY = 'imagen_jax/failure'
+_DONE_PREFIX = 'imagen_jax/failure_done/'  # a process ending after a failure: its last use
+ENDING = threading.Lock()  # held by whichever thread ends this process: one error line
 
 
 class PeersLostError(RuntimeError):
@@ -126,3 +138,95 @@ def check_writable(folder: pathlib.Path) -> None:
     probe.write_text('ok')
   finally:  # also a probe created on a full disk, whose write then failed
     probe.unlink(missing_ok=True)
+
+
+def _runtime() -> tuple[Any, int, int] | None:
+  """(coordination client, this process, process count) of a jax.distributed run of several
+  processes, else None. Reads jax.distributed's state, so the backend is not started."""
+  from jax._src import distributed
+
+  state = distributed.global_state
+  if state.client is None or (state.num_processes or 1) < 2:
+    return None
+  return state.client, int(state.process_id), int(state.num_processes)
+
+
+def announce_failure(message: str, code: int) -> None:
+  """Tell the other processes that this one ends with `message` and exit code `code` (the first
+  process to fail is the one they report). Best effort: a store that is gone leaves the peers
+  to JAX's heartbeat timeout, as before. Called by `cli.fail`, which then ends the process
+  (holding ENDING, so a failure that a peer announces at the same moment prints no second
+  line)."""
+  runtime = _runtime()
+  if runtime is None:
+    return
+  client, me, count = runtime
+  try:
+    value = json.dumps({'process': me, 'code': code, 'message': message})
+    try:
+      client.key_value_set(FAILURE_KEY, value)
+    except Exception:  # noqa: BLE001 - another process failed first; its line is the one shown
+      pass
+  except Exception:  # noqa: BLE001 - the store is gone: nothing more to tell
+    pass
+  _leave(client, me, count)
+
+
+def _leave(client: Any, me: int, count: int, wait_s: float = 5.0) -> None:
+  """The last use of the store by a process that ends after a failure. Process 0 hosts the
+  store, and when it ends JAX aborts every process still connected (rc -6, its own message):
+  so it waits, at most `wait_s`, until each process has said it is done with the store."""
+  try:
+    client.key_value_set(_DONE_PREFIX + str(me), '1')
+    if me != 0:
+      return
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and len(client.key_value_dir_get(_DONE_PREFIX)) < count:
+      time.sleep(0.05)
+    time.sleep(0.2)  # a peer's last step after its key: os._exit
+  except Exception:  # noqa: BLE001 - the store is gone: nothing more to wait for
+    pass
+
+
+def watch_for_failures(poll_ms: int = 1000) -> None:
+  """Start a daemon thread that ends this process as soon as another one announces a failure
+  (`announce_failure`): `error: Process P of N failed, so this one stops too: <its line>` on
+  stderr and the same exit code. The main thread may be blocked in a collective that the
+  failed process will never join. No-op with one process; stopped at a normal exit before JAX
+  shuts the distributed runtime down."""
+  runtime = _runtime()
+  if runtime is None:
+    return
+  client, me, count = runtime
+  stop = threading.Event()
+
+  def watch() -> None:
+    while not stop.is_set():
+      try:
+        value = client.blocking_key_value_get(FAILURE_KEY, poll_ms)
+      except Exception as e:  # noqa: BLE001 - the runtime's error types are not public
+        if 'DEADLINE_EXCEEDED' in str(e):
+          continue  # no failure yet
+        return  # the store is gone (a normal shutdown, or process 0 ended): JAX reports that
+      failure = json.loads(value)
+      if failure['process'] == me:
+        return  # this process's own failure: cli.fail ends it
+      ENDING.acquire()  # blocks for good if this process is already failing on its own
+      print(
+        f'error: Process {failure["process"]} of {count} failed, so this one stops too: '
+        f'{failure["message"]}',
+        file=sys.stderr,
+      )
+      sys.stdout.flush()
+      sys.stderr.flush()
+      _leave(client, me, count)
+      os._exit(int(failure['code']))
+
+  thread = threading.Thread(target=watch, name='imagen_jax-failure-watch', daemon=True)
+  thread.start()
+
+  def finish() -> None:  # registered after JAX's own exit handler, so it runs before it
+    stop.set()
+    thread.join(timeout=poll_ms / 1000 + 5)
+
+  atexit.register(finish)

@@ -156,11 +156,13 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(shared):
   assert max(losses(workdir)) == stopped[0] + 1
 
 
-def test_a_process_failing_alone_exits_at_once_with_its_line(shared, tmp_path):
+def test_a_process_failing_alone_exits_at_once_with_its_line(shared, reference, tmp_path):
+  del reference  # its run built the data both processes read
   # Process 0 alone cannot write its sample grid (samples/ is a file). It used to wait in JAX's
   # shutdown barrier for process 1, which waits in the next step's collective: both hung 300 s,
-  # then aborted with a C++ stack dump. Now it prints its line and exits; process 1 ends at
-  # JAX's heartbeat timeout (100 s, not waited for here).
+  # then aborted with a C++ stack dump. Then process 0 exited with its line and process 1 still
+  # ended at JAX's heartbeat timeout (100 s, rc -6, no reason). Now process 1 ends with the line
+  # too, within seconds.
   workdir = tmp_path / 'run'
   workdir.mkdir()
   (workdir / 'samples').write_text('a file where the grids go')
@@ -172,23 +174,31 @@ def test_a_process_failing_alone_exits_at_once_with_its_line(shared, tmp_path):
     '--config.sample.steps=2',
     *CONSTANT_LR,
   )
-  deadline, failed_at = time.time() + 600, None
+  deadline, failed_at, ended_at = time.time() + 600, None, [None, None]
   try:
-    while time.time() < deadline and procs[0].poll() is None:
+    while time.time() < deadline and None in ended_at:
       if failed_at is None and 'error: ' in logged_output(procs[0])[1]:
         failed_at = time.time()
+      for i, proc in enumerate(procs):
+        if ended_at[i] is None and proc.poll() is not None:
+          ended_at[i] = time.time()
       time.sleep(0.1)
-    ended_at = time.time()
-    rc, (_, err) = procs[0].poll(), logged_output(procs[0])
+    results = [(proc.poll(), logged_output(proc)[1]) for proc in procs]
   finally:
-    procs[1].kill()
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
     finish(procs, timeout=60)
-  assert rc == 1, err[-3000:]
-  errors = [line for line in err.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and 'Traceback' not in err, err[-3000:]
-  assert errors[0].startswith(f'error: Cannot write {workdir / "samples"}'), errors[0]
-  assert 'resume' in errors[0]
-  assert ended_at - (failed_at or ended_at) < 30  # not JAX's 300 s shutdown barrier
+  for i, (rc, err) in enumerate(results):
+    assert rc == 1, f'process {i} ({rc}): {err[-3000:]}'
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1 and 'Traceback' not in err, err[-3000:]
+    # not JAX's 300 s shutdown barrier (process 0) nor its 100 s heartbeat timeout (process 1)
+    assert ended_at[i] - (failed_at or ended_at[i]) < 30, (i, ended_at[i] - failed_at)
+  own, told = (line for (_, err) in results for line in err.splitlines() if 'error: ' in line)
+  assert own.startswith(f'error: Cannot write {workdir / "samples"}'), own
+  assert 'resume' in own
+  assert told == own.replace('error: ', 'error: Process 0 of 2 failed, so this one stops too: ', 1)
 
 
 def test_coordinator_that_never_comes_up(shared, tmp_path):
