@@ -10,6 +10,7 @@ import os
 import pathlib
 import re
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -136,8 +137,26 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """app.run(main) with `parse_flags`."""
-  app.run(main, flags_parser=parse_flags)
+  """app.run(main) with `parse_flags`. In a run of several processes, an unexpected exception
+  (a bug: the expected errors are `fail` lines already) prints its traceback and then ends like
+  `fail`, so that the other processes stop at once with its line: otherwise this process
+  would wait in JAX's shutdown barrier, and the others in their next collective, until JAX
+  aborts them all."""
+
+  def main_or_fail(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except Exception as e:
+      if _distributed_processes() == 1:
+        raise
+      from jax._src import distributed
+
+      traceback.print_exc()
+      text = ' '.join(str(e).split())[:300]
+      where = f"process {distributed.global_state.process_id}'s log, before this line"
+      fail(f'{type(e).__name__}: {text} (unexpected; its traceback is in {where})', code=1)
+
+  app.run(main_or_fail, flags_parser=parse_flags)
 
 
 def keep_freed_host_buffers() -> str:

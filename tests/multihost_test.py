@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, finish, free_port, logged_output, start_logged
+from tests.conftest import REPO_ROOT, cli_env, finish, free_port, logged_output, start_logged
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -199,6 +199,67 @@ def test_a_process_failing_alone_exits_at_once_with_its_line(shared, reference, 
   assert own.startswith(f'error: Cannot write {workdir / "samples"}'), own
   assert 'resume' in own
   assert told == own.replace('error: ', 'error: Process 0 of 2 failed, so this one stops too: ', 1)
+
+
+# An entry point whose process 1 raises an unexpected exception (a stand-in for a bug) while the
+# others wait in a collective that it will never join.
+FAULTY_ENTRY_POINT = """
+import numpy as np
+from imagen_jax import cli
+
+cli.define_distributed_flags()
+
+
+def main(argv):
+  cli.initialize_distributed()
+  import jax
+  from jax.experimental import multihost_utils
+
+  if jax.process_index() == 1:
+    raise RuntimeError('injected fault')
+  multihost_utils.process_allgather(np.zeros(1))
+  print('the collective returned')
+
+
+cli.run(main)
+"""
+
+
+def test_an_unexpected_exception_in_one_of_three_processes_ends_all_with_its_line(tmp_path):
+  # Before, the failing process printed its traceback and waited in JAX's shutdown barrier;
+  # the others waited in the collective; all aborted after 100 s or more (rc -6, no reason).
+  script = tmp_path / 'faulty.py'
+  script.write_text(FAULTY_ENTRY_POINT)
+  port, count = free_port(), 3
+  started = time.time()
+  procs = [
+    start_logged(
+      [sys.executable, str(script), '--distributed', f'--coordinator_address=127.0.0.1:{port}']
+      + [f'--num_processes={count}', f'--process_id={i}', '--coordinator_timeout=120'],
+      tmp_path / 'logs',
+      cwd=REPO_ROOT,
+      env={**cli_env(devices=1), 'PYTHONPATH': str(REPO_ROOT)},
+    )
+    for i in range(count)
+  ]
+  results = finish(procs, timeout=90)
+  elapsed = time.time() - started
+  own = (
+    'error: RuntimeError: injected fault (unexpected; its traceback is in '
+    "process 1's log, before this line)"
+  )
+  for i, (rc, out, err) in enumerate(results):
+    errors = [line for line in err.splitlines() if line.startswith('error: ')]
+    assert rc == 1 and errors, f'process {i} ({rc}): {err[-3000:]}'
+    assert 'the collective returned' not in out
+    if i == 1:
+      assert "raise RuntimeError('injected fault')" in err  # the traceback, then the line
+      assert errors == [own], err[-3000:]
+    else:
+      assert 'Traceback' not in err, err[-3000:]
+      told = own.replace('error: ', 'error: Process 1 of 3 failed, so this one stops too: ', 1)
+      assert errors == [told], err[-3000:]
+  assert elapsed < 60, elapsed  # start-up included; JAX's heartbeat timeout alone is 100 s
 
 
 def test_coordinator_that_never_comes_up(shared, tmp_path):
