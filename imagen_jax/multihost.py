@@ -162,13 +162,9 @@ def announce_failure(message: str, code: int) -> None:
     return
   client, me, count = runtime
   try:
-    value = json.dumps({'process': me, 'code': code, 'message': message})
-    try:
-      client.key_value_set(FAILURE_KEY, value)
-    except Exception:  # noqa: BLE001 - another process failed first; its line is the one shown
-      pass
-  except Exception:  # noqa: BLE001 - the store is gone: nothing more to tell
-    pass
+    client.key_value_set(FAILURE_KEY, json.dumps({'process': me, 'code': code, 'message': message}))
+  except Exception:  # noqa: BLE001 - another process failed first (its line is the one shown),
+    pass  # or the store is gone
   _leave(client, me, count)
 
 
