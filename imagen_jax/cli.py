@@ -26,7 +26,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
   next collective, so every process hung 300 s and then aborted with a C++ stack dump. The
   line goes to the peers too (`multihost.announce_failure`), which end with it within about a
   second rather than at JAX's heartbeat timeout (100 s, rc -6)."""
-  if _distributed_processes() > 1:
+  if _distributed_runtime() is not None:
     from imagen_jax import multihost
 
     multihost.ENDING.acquire()  # never released; a peer's failure seen now prints no 2nd line
@@ -49,18 +49,14 @@ def check_output_png(flag: str, path: str, overwrite: bool) -> None:
     fail(f'{flag} {path} exists; pass --overwrite to replace it, or give another path.')
 
 
-def _distributed_processes() -> int:
-  """Processes of this jax.distributed run (1 when it was not initialised)."""
+def _distributed_runtime():
+  """`multihost.distributed_runtime()` (client, this process, count) of a run of several
+  processes, else None; without importing jax where nothing has (then there is no such run)."""
   if 'jax' not in sys.modules:
-    return 1
-  try:
-    from jax._src import distributed
-  except ImportError:
-    return 1
-  state = getattr(distributed, 'global_state', None)
-  if state is None or getattr(state, 'client', None) is None:
-    return 1
-  return int(getattr(state, 'num_processes', None) or 1)
+    return None
+  from imagen_jax import multihost
+
+  return multihost.distributed_runtime()
 
 
 def _config_flag_values(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str]]]:
@@ -147,13 +143,12 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except Exception as e:
-      if _distributed_processes() == 1:
+      runtime = _distributed_runtime()
+      if runtime is None:
         raise
-      from jax._src import distributed
-
       traceback.print_exc()
       text = ' '.join(str(e).split())[:300]
-      where = f"process {distributed.global_state.process_id}'s log, before this line"
+      where = f"process {runtime[1]}'s log, before this line"
       fail(f'{type(e).__name__}: {text} (unexpected; its traceback is in {where})', code=1)
 
   app.run(main_or_fail, flags_parser=parse_flags)

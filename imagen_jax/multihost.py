@@ -140,7 +140,7 @@ def check_writable(folder: pathlib.Path) -> None:
     probe.unlink(missing_ok=True)
 
 
-def _runtime() -> tuple[Any, int, int] | None:
+def distributed_runtime() -> tuple[Any, int, int] | None:
   """(coordination client, this process, process count) of a jax.distributed run of several
   processes, else None. Reads jax.distributed's state, so the backend is not started."""
   from jax._src import distributed
@@ -157,7 +157,7 @@ def announce_failure(message: str, code: int) -> None:
   to JAX's heartbeat timeout, as before. Called by `cli.fail`, which then ends the process
   (holding ENDING, so a failure that a peer announces at the same moment prints no second
   line)."""
-  runtime = _runtime()
+  runtime = distributed_runtime()
   if runtime is None:
     return
   client, me, count = runtime
@@ -190,7 +190,7 @@ def watch_for_failures(poll_ms: int = 1000) -> None:
   stderr and the same exit code. The main thread may be blocked in a collective that the
   failed process will never join. No-op with one process; stopped at a normal exit before JAX
   shuts the distributed runtime down."""
-  runtime = _runtime()
+  runtime = distributed_runtime()
   if runtime is None:
     return
   client, me, count = runtime
