@@ -137,7 +137,7 @@ def get_common(
   c.train.state_layout = 'auto'
   c.train.wandb = False
   c.train.wandb_project = 'imagen-jax'
-  c.train.wandb_mode = 'online'  # 'online' | 'offline'
+  c.train.wandb_mode = 'online'  # 'online' | 'offline' | 'disabled'
 
   # Device mesh: sizes per axis; -1 takes the remaining devices.
   c.mesh = ml_collections.ConfigDict()

@@ -378,6 +378,7 @@ def step_flops(config: ml_collections.ConfigDict, batch: dict) -> StepFlops:
 
 # The x-axis of every W&B chart: the training step (see MetricWriter).
 WANDB_STEP = 'train/step'
+WANDB_MODES = ('online', 'offline', 'disabled')  # train.wandb_mode
 
 
 class MetricWriter:
@@ -413,14 +414,24 @@ class MetricWriter:
       # The first start lets W&B choose the id (its id helpers move between releases).
       id_file = workdir / 'wandb_run_id'
       run_id = id_file.read_text().strip() if id_file.exists() else ''
-      self.wandb = wandb.init(
-        project=config.train.wandb_project,
-        mode=config.train.wandb_mode,
-        dir=str(workdir),
-        config=json.loads(config.to_json_best_effort()),
-        id=run_id or None,
-        resume='allow',
-      )
+      try:
+        self.wandb = wandb.init(
+          project=config.train.wandb_project,
+          mode=config.train.wandb_mode,
+          dir=str(workdir),
+          config=json.loads(config.to_json_best_effort()),
+          id=run_id or None,
+          resume='allow',
+        )
+      except Exception as e:  # noqa: BLE001 - wandb's error types (no login, no network, ...)
+        self.jsonl.close()
+        self.tb.close()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TrainingError(
+          f'Weights & Biases did not start ({first}); nothing was trained. Log in with `wandb '
+          'login`, or run with --config.train.wandb_mode=offline (sync later with `wandb sync`) '
+          'or --config.train.wandb=False.'
+        ) from e
       if not run_id:
         id_file.write_text(self.wandb.id + '\n')
       # Charts use the training step as their x-axis, not W&B's own step (one per log call),
@@ -704,6 +715,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     runner.check_train_eval(config)
   # Process 0 logs to W&B: without the package it failed only after the text cache was built
   # (hours of T5-XXL on a large dataset) and the state was set up.
+  if config.train.get('wandb') and config.train.wandb_mode not in WANDB_MODES:
+    raise ValueError(
+      f'train.wandb_mode={config.train.wandb_mode!r}: use one of {", ".join(WANDB_MODES)}.'
+    )
   if config.train.get('wandb') and jax.process_index() == 0 and not _importable('wandb'):
     raise ValueError(
       'train.wandb=True needs Weights & Biases: `pip install wandb` (or run with '
@@ -1184,18 +1199,21 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
     sample_grid = _make_sample_grid_fn(
       config, graphdef, text_cache, workdir_path, mesh, source=source
     )
+
+    def close_inputs() -> None:
+      """Before an error that ends the run ahead of the loop (which closes them itself)."""
+      manager.close()  # lets orbax's async machinery shut down quietly before the exit
+      if hasattr(data_iter, 'close'):
+        data_iter.close()  # worker processes (data.num_workers > 0)
+
     try:
       kept = checkpoints.kept_steps(manager)  # the same on every process, or an error
     except checkpoints.CheckpointError as e:
-      manager.close()
-      if hasattr(data_iter, 'close'):
-        data_iter.close()
+      close_inputs()
       raise TrainingError(str(e)) from e
     if not kept:
       if int(config.train.get('resume_step', 0)):
-        manager.close()
-        if hasattr(data_iter, 'close'):
-          data_iter.close()
+        close_inputs()
         raise TrainingError(_nothing_to_resume(config.train.resume_step, workdir_path) + '.')
       _truncate_metrics(workdir_path, 0)  # rows of a run stopped before its first checkpoint
       state = init()
@@ -1206,9 +1224,7 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
         )
         restore_data_state(data_iter, data_state, config, dataset_fingerprint)
       except BaseException:
-        manager.close()  # lets orbax's async machinery shut down quietly before the exit
-        if hasattr(data_iter, 'close'):
-          data_iter.close()  # worker processes (data.num_workers > 0)
+        close_inputs()
         raise
       _truncate_metrics(workdir_path, resumed)
       log.info('Resumed from step %d in %s.', resumed, workdir_path)
@@ -1222,7 +1238,11 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       out_shardings=(state_sh, metric_sh),
       donate_argnums=(0,),
     )
-    writer = MetricWriter(workdir_path, config, enabled=is_chief, start_step=start)
+    try:
+      writer = MetricWriter(workdir_path, config, enabled=is_chief, start_step=start)
+    except TrainingError:  # W&B did not start
+      close_inputs()
+      raise
     eval_fn = _make_eval_fn(config, graphdef, workdir_path, mesh)
     loop = _Loop(
       config=config,

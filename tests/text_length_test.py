@@ -407,6 +407,18 @@ def test_wandb_without_the_package_is_refused_before_the_run_starts(monkeypatch)
   train_lib.check_settings(config)
 
 
+def test_an_unknown_wandb_mode_is_refused_before_the_run_starts():
+  # W&B refused it in MetricWriter (a multi-line pydantic error), after the text cache was built.
+  config = base64.get_config('tiny')
+  config.train.wandb = True
+  config.train.wandb_mode = 'ofline'
+  with pytest.raises(ValueError) as e:
+    train_lib.check_settings(config)
+  assert str(e.value) == "train.wandb_mode='ofline': use one of online, offline, disabled."
+  config.train.wandb = False  # not used: not checked
+  train_lib.check_settings(config)
+
+
 def test_a_sample_grid_without_prompts_is_refused():
   config = base64.get_config('tiny')
   config.train.num_sample_prompts = 0

@@ -77,6 +77,29 @@ def test_a_resumed_run_logs_into_the_same_wandb_run_and_purges_later_tensorboard
   ]
 
 
+def test_wandb_that_does_not_start_is_one_line_naming_the_fixes(tmp_path, monkeypatch):
+  # wandb 0.31.0 online without a login raises its UsageError, which train.py let through as a
+  # traceback.
+  fake = types.ModuleType('wandb')
+
+  def init(**kwargs):
+    raise RuntimeError('No API key configured. Use `wandb login` to log in.\nmore detail')
+
+  fake.init = init
+  monkeypatch.setitem(sys.modules, 'wandb', fake)
+  config = base64.get_config('tiny')
+  config.train.wandb = True
+  with pytest.raises(train_lib.TrainingError) as e:
+    train_lib.MetricWriter(tmp_path, config, enabled=True)
+  assert str(e.value) == (
+    'Weights & Biases did not start (No API key configured. Use `wandb login` to log in.); '
+    'nothing was trained. Log in with `wandb login`, or run with '
+    '--config.train.wandb_mode=offline (sync later with `wandb sync`) or '
+    '--config.train.wandb=False.'
+  )
+  assert not (tmp_path / 'wandb_run_id').exists()
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog, monkeypatch):
   import os
   import signal
