@@ -713,8 +713,8 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     from imagen_jax.evaluate import runner
 
     runner.check_train_eval(config)
-  # Process 0 logs to W&B: without the package it failed only after the text cache was built
-  # (hours of T5-XXL on a large dataset) and the state was set up.
+  # Process 0 logs to W&B: a bad mode or a missing package failed only after the text cache was
+  # built (hours of T5-XXL on a large dataset) and the state was set up.
   if config.train.get('wandb') and config.train.wandb_mode not in WANDB_MODES:
     raise ValueError(
       f'train.wandb_mode={config.train.wandb_mode!r}: use one of {", ".join(WANDB_MODES)}.'
