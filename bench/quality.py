@@ -3,6 +3,7 @@
   python bench/quality.py                              # train runs/quality, evaluate, report
   python bench/quality.py --reuse                      # read runs/quality/eval.json if present
   python bench/quality.py --workdir=/tmp/q --config=configs/digits.py:tiny --num=20
+  python bench/quality.py --seeds=0,1,2,3 --workdir=runs/seeds  # the spread over training seeds
 
 Runs `train.py --config=configs/digits.py` and `evaluate.py` as subprocesses (the same commands
 as `make quality`), timing each, then prints ONE JSON line: the generated row's held-out and
@@ -16,6 +17,13 @@ training is not known: train_seconds is then null, `resumed` is true and the tra
 condition is left out of target_met (train a fresh WORKDIR to check it). A bad --num, and a
 --grid path that is a folder or an existing file without --overwrite, are refused before
 training; a step that fails ends this program with its exit status.
+
+One training run is one draw: the same recipe trained from another seed can land far from it
+(docs/quality.md, "Training seeds"). `--seeds=0,1,2,3` trains and evaluates the recipe once per
+seed (`--config.seed=S` in WORKDIR/seed_S) and prints one line with every seed's numbers under
+`per_seed`, their mean, worst and spread, and `target_met_seeds` (how many met the target);
+`target_met` is then true only when every seed met it. Judge a change to the recipe by that line,
+not by one seed.
 """
 
 import json
@@ -41,6 +49,12 @@ flags.DEFINE_string(
   'seen then held-out prompt templates (e.g. docs/digits_samples.png).',
 )
 flags.DEFINE_bool('overwrite', False, 'Replace an existing --grid PNG.')
+flags.DEFINE_list(
+  'seeds',
+  [],
+  'Training seeds, e.g. 0,1,2,3: one run per seed in WORKDIR/seed_S, one line with the '
+  "spread (default: one run with the config's seed, in WORKDIR).",
+)
 
 TRAIN_LIMIT_S = 20 * 60
 
@@ -145,23 +159,56 @@ def write_grid(workdir: str, path: str, *, seen: int = 4, per_heldout: int = 2) 
   print(f'grid: {path} (rows: classes 0-9; columns: {templates})', file=sys.stderr)
 
 
-def main(argv) -> None:
-  del argv
-  workdir = pathlib.Path(FLAGS.workdir)
+def parse_seeds(values: list[str]) -> list[int]:
+  """--seeds as distinct whole numbers >= 0, or one line naming the bad value (exit 2)."""
+  seeds = []
+  for value in values:
+    if not value.strip().isdigit():
+      cli.fail(f'--seeds: {value!r} is not a whole number >= 0; pass e.g. --seeds=0,1,2,3.')
+    seeds.append(int(value))
+  if len(set(seeds)) != len(seeds):
+    cli.fail(f'--seeds {",".join(values)} names a seed twice; each seed is one training run.')
+  return seeds
+
+
+def spread(summaries: dict[int, dict]) -> dict:
+  """One line for several training seeds: each seed's summary under `per_seed` (by seed), and
+  the mean, worst and range of the numbers the target is judged on. `target_met` holds only
+  when every seed met the target; `target_met_seeds` counts those that did."""
+  out: dict = {'seeds': sorted(summaries), 'per_seed': {str(s): summaries[s] for s in summaries}}
+  # (key, which end is worst): adherence is better high, FD better low.
+  for key, worst in (
+    ('adherence_heldout', min),
+    ('heldout_over_judge', min),
+    ('adherence_seen', min),
+    ('entropy_bits', min),
+    ('fd_matched_over_floor', max),
+    ('precision', min),
+    ('recall', min),
+  ):
+    values = [summaries[s][key] for s in summaries]
+    if any(v is None for v in values):  # a ratio absent for some seed: no mean that hides it
+      out[f'{key}_mean'] = out[f'{key}_worst'] = out[f'{key}_range'] = None
+      continue
+    out[f'{key}_mean'] = round(sum(values) / len(values), 4)
+    out[f'{key}_worst'] = worst(values)
+    out[f'{key}_range'] = round(max(values) - min(values), 4)
+  out['target_met_seeds'] = sum(summaries[s]['target_met'] for s in summaries)
+  out['target_met'] = out['target_met_seeds'] == len(summaries)
+  return out
+
+
+def train_and_evaluate(workdir: pathlib.Path, seed: int | None) -> dict:
+  """train.py then evaluate.py on `workdir` (or its eval.json with --reuse); the summary."""
   eval_json = workdir / 'eval.json'
   train_s = eval_s = resumed = None
-  if FLAGS.grid:  # before hours of training
-    cli.check_output_png('--grid', FLAGS.grid, FLAGS.overwrite)
   if not (FLAGS.reuse and eval_json.exists()):
-    from imagen_jax.evaluate import scoring
-
-    try:
-      scoring.check_num(FLAGS.num)  # evaluate.py's own check, before the training
-    except scoring.EvalError as e:
-      cli.fail(str(e))
     python = sys.executable
     resumed = _has_checkpoint(workdir)
-    train_s = _run([python, 'train.py', f'--config={FLAGS.config}', f'--workdir={workdir}'])
+    seed_flag = [] if seed is None else [f'--config.seed={seed}']
+    train_s = _run(
+      [python, 'train.py', f'--config={FLAGS.config}', f'--workdir={workdir}', *seed_flag]
+    )
     if resumed:
       train_s = None  # only the last part of the training was timed
     eval_s = _run(
@@ -175,7 +222,32 @@ def main(argv) -> None:
       ]
     )
   result = json.loads(eval_json.read_text())
-  print(json.dumps(summarise(result, train_s, eval_s, resumed), sort_keys=True), flush=True)
+  return summarise(result, train_s, eval_s, resumed)
+
+
+def main(argv) -> None:
+  del argv
+  workdir = pathlib.Path(FLAGS.workdir)
+  seeds = parse_seeds(FLAGS.seeds)
+  if FLAGS.grid:  # before hours of training
+    if len(seeds) > 1:
+      cli.fail(
+        f'--grid shows one run, not {len(seeds)}; pass it with one seed or none '
+        f'(e.g. --reuse --workdir={workdir / f"seed_{seeds[0]}"}).'
+      )
+    cli.check_output_png('--grid', FLAGS.grid, FLAGS.overwrite)
+  from imagen_jax.evaluate import scoring
+
+  try:
+    scoring.check_num(FLAGS.num)  # evaluate.py's own check, before the training
+  except scoring.EvalError as e:
+    cli.fail(str(e))
+  if len(seeds) > 1:
+    summaries = {s: train_and_evaluate(workdir / f'seed_{s}', s) for s in seeds}
+    print(json.dumps(spread(summaries), sort_keys=True), flush=True)
+    return
+  summary = train_and_evaluate(workdir, seeds[0] if seeds else None)
+  print(json.dumps(summary, sort_keys=True), flush=True)
   if FLAGS.grid:
     try:
       write_grid(str(workdir), FLAGS.grid)

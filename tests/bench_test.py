@@ -339,19 +339,25 @@ _EVAL_RESULT = {
 }
 
 
-@pytest.mark.smoke
-def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_traceback(tmp_path):
-  # bench/quality.py with stand-ins for train.py (exits FAKE_TRAIN_EXIT, leaves a mark) and
-  # evaluate.py (writes the result above), in a folder of their own.
+def _quality_bench(tmp_path):
+  """bench/quality.py run in `tmp_path` with stand-ins for train.py (makes its workdir, exits
+  FAKE_TRAIN_EXIT, leaves a mark, appends its arguments to train_calls) and evaluate.py (writes the result above;
+  for a run folder named seed_1 a held-out adherence of 0.6, below the target)."""
   (tmp_path / 'train.py').write_text(
     'import os, pathlib, sys\n'
     "pathlib.Path('trained').touch()\n"
+    "workdir = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--workdir='))\n"
+    'pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)\n'
+    "with open('train_calls', 'a') as f: f.write(' '.join(sys.argv[1:]) + '\\n')\n"
     "sys.exit(int(os.environ.get('FAKE_TRAIN_EXIT', '0')))\n"
   )
   (tmp_path / 'evaluate.py').write_text(
-    'import pathlib, sys\n'
-    "out = next(a.split('=', 1)[1] for a in sys.argv if a.startswith('--out='))\n"
-    "pathlib.Path(out).write_text(pathlib.Path('result.json').read_text())\n"
+    'import json, pathlib, sys\n'
+    "arg = lambda name: next(a.split('=', 1)[1] for a in sys.argv if a.startswith(name + '='))\n"
+    "result = json.loads(pathlib.Path('result.json').read_text())\n"
+    "if arg('--checkpoints').endswith('seed_1'):\n"
+    "  result['rows']['generated']['adherence_heldout'] = 0.6\n"
+    "pathlib.Path(arg('--out')).write_text(json.dumps(result))\n"
   )
   (tmp_path / 'result.json').write_text(json.dumps(_EVAL_RESULT))
 
@@ -366,6 +372,12 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
       timeout=300,
     )
 
+  return run
+
+
+@pytest.mark.smoke
+def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_traceback(tmp_path):
+  run = _quality_bench(tmp_path)
   fresh = tmp_path / 'fresh'
   fresh.mkdir()
   proc = run(fresh, '--num=20')
@@ -414,6 +426,43 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = json.loads(proc.stdout.splitlines()[-1])
     assert line['fd_matched_over_floor'] == want and line['target_met'] is (want is not None)
+
+
+@pytest.mark.smoke
+def test_bench_quality_over_training_seeds_reports_every_seed_and_the_worst(tmp_path):
+  run = _quality_bench(tmp_path)
+  proc = run(tmp_path / 'runs', '--num=20', '--seeds=0,1,2')
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  line = json.loads(proc.stdout.splitlines()[-1])
+  # One training per seed, each in its own folder with its seed passed to train.py.
+  calls = (tmp_path / 'train_calls').read_text().splitlines()
+  assert calls == [
+    f'--config=configs/digits.py --workdir={tmp_path / "runs" / f"seed_{s}"} --config.seed={s}'
+    for s in (0, 1, 2)
+  ]
+  assert line['seeds'] == [0, 1, 2] and sorted(line['per_seed']) == ['0', '1', '2']
+  assert [line['per_seed'][s]['adherence_heldout'] for s in '012'] == [0.85, 0.6, 0.85]
+  assert line['adherence_heldout_mean'] == round((0.85 + 0.6 + 0.85) / 3, 4)
+  assert line['adherence_heldout_worst'] == 0.6 and line['adherence_heldout_range'] == 0.25
+  assert line['fd_matched_over_floor_worst'] == 2.0  # FD 10 over the floor 5 at n 20 < 359
+  # Seed 1 misses the target, so the recipe does not meet it, though two seeds of three do.
+  assert not line['per_seed']['1']['target_met'] and line['per_seed']['0']['target_met']
+  assert line['target_met_seeds'] == 2 and line['target_met'] is False
+  # --reuse reads every seed's eval.json and trains nothing.
+  (tmp_path / 'train_calls').unlink()
+  proc = run(tmp_path / 'runs', '--num=20', '--seeds=0,1,2', '--reuse')
+  assert proc.returncode == 0 and not (tmp_path / 'train_calls').exists(), proc.stderr[-2000:]
+  assert json.loads(proc.stdout.splitlines()[-1])['adherence_heldout_worst'] == 0.6
+  # Bad seeds and a grid of several runs are one line each, before any training.
+  for args, message in (
+    (['--seeds=0,x'], "error: --seeds: 'x' is not a whole number >= 0"),
+    (['--seeds=1,1'], 'error: --seeds 1,1 names a seed twice'),
+    (['--seeds=0,1', f'--grid={tmp_path / "g.png"}'], 'error: --grid shows one run'),
+  ):
+    proc = run(tmp_path / 'bad', '--num=20', *args)
+    assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip()
+    assert not (tmp_path / 'train_calls').exists() and not (tmp_path / 'bad').exists()
 
 
 @pytest.mark.smoke
