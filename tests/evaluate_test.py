@@ -244,6 +244,43 @@ def test_a_named_judge_of_other_settings_is_used_with_a_warning(judge, tmp_path,
 
 
 @pytest.mark.unit
+def test_per_template_adherence_shows_the_misread_phrasing(judge):
+  # prompt_set records each prompt's template, in the caption it fills.
+  prompts = scoring.prompt_set(40)
+  assert len(prompts.templates) == 40
+  triples = zip(prompts.prompts, prompts.labels, prompts.templates, strict=True)
+  for prompt, label, template in triples:
+    assert prompt == digits.caption(label, template)
+  # Real test images under two templates; under the second the "prompts" name a wrong class
+  # (the label plus one), as a model that misreads that phrasing would draw.
+  images, labels = digits.load_split('test', 16)
+  images = digits.to_float(images)
+  first, second = digits.SEEN_TEMPLATES[0], digits.HELDOUT_TEMPLATES[0]
+  templates = tuple(second if i % 3 == 0 else first for i in range(len(labels)))
+  of_second = np.array([t == second for t in templates])
+  prompted = np.where(of_second, (labels + 1) % 10, labels)
+  reference = scoring.Reference.build(judge)
+  row = scoring.score(
+    images, prompted=prompted, heldout=of_second, reference=reference, templates=templates
+  )
+  predicted, _ = judge.predict(images)
+  assert list(row['per_template']) == [second, first]  # in the order first seen
+  assert row['per_template'][first] == np.mean(predicted[~of_second] == labels[~of_second])
+  assert row['per_template'][first] > 0.95 and row['per_template'][second] < 0.05
+  assert row['per_template'][second] == row['adherence_heldout']
+  line = scoring.format_per_template(row)
+  assert line.startswith(f"'{second}' (held out) {row['per_template'][second]:.2f}  '{first}' ")
+  # Calibration rows have no templates, and a count that does not match is refused.
+  assert 'per_template' not in scoring.score(
+    images, prompted=labels, heldout=of_second, reference=reference
+  )
+  with pytest.raises(ValueError, match='2 templates for 359 prompts'):
+    scoring.score(
+      images, prompted=labels, heldout=of_second, reference=reference, templates=(first, second)
+    )
+
+
+@pytest.mark.unit
 def test_calibration_rows_score_as_expected(judge):
   reference = scoring.Reference.build(judge)
   rows = {

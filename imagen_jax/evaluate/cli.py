@@ -116,6 +116,7 @@ def main(argv) -> None:
   )
   print(scoring.format_table(result['rows']))
   print(f'per class (generated): {scoring.format_per_class(result["rows"]["generated"])}')
+  print(f'per template (generated): {scoring.format_per_template(result["rows"]["generated"])}')
   generated, real = result['rows']['generated'], result['rows'].get('real_test')
   if 'fd_matched' in generated and real:
     print(

@@ -353,7 +353,12 @@ def run(req: EvalRequest) -> dict:
   reference = scoring.Reference.build(judge)
   rows = {
     'generated': scoring.score(
-      images, prompted=prompts.labels, heldout=prompts.heldout, reference=reference, k=req.k
+      images,
+      prompted=prompts.labels,
+      heldout=prompts.heldout,
+      reference=reference,
+      k=req.k,
+      templates=prompts.templates,
     )
   }
   rows['generated']['num_nonfinite'] = num_nonfinite

@@ -54,6 +54,7 @@ class PromptSet:
   prompts: tuple[str, ...]
   labels: np.ndarray  # [N] int: the class each prompt names
   heldout: np.ndarray  # [N] bool: the prompt uses a held-out template
+  templates: tuple[str, ...] = ()  # [N] the caption template of each prompt
 
 
 def check_num(num: int) -> None:
@@ -75,11 +76,14 @@ def prompt_set(num: int) -> PromptSet:
   labels = i % digits.NUM_CLASSES
   rounds = i // digits.NUM_CLASSES
   heldout = rounds % 2 == 1
-  prompts = []
+  prompts, templates = [], []
   for label, r, held in zip(labels, rounds, heldout, strict=True):
     group = digits.HELDOUT_TEMPLATES if held else digits.SEEN_TEMPLATES
-    prompts.append(digits.caption(int(label), group[(r // 2) % len(group)]))
-  return PromptSet(prompts=tuple(prompts), labels=labels, heldout=heldout)
+    templates.append(group[(r // 2) % len(group)])
+    prompts.append(digits.caption(int(label), templates[-1]))
+  return PromptSet(
+    prompts=tuple(prompts), labels=labels, heldout=heldout, templates=tuple(templates)
+  )
 
 
 @dataclasses.dataclass
@@ -105,13 +109,16 @@ def score(
   heldout: np.ndarray,
   reference: Reference,
   k: int = 3,
+  templates: tuple[str, ...] = (),
 ) -> dict:
-  """One row: images [N, R, R, 3] in [-1, 1] whose prompts named classes `prompted` [N]."""
+  """One row: images [N, R, R, 3] in [-1, 1] whose prompts named classes `prompted` [N]. With
+  each prompt's caption template (`templates` [N]), also `per_template`: {template: adherence}
+  in the order the templates first appear, which shows which phrasing a model misreads."""
   predicted, features = reference.judge.predict(images)
   prompted, heldout = np.asarray(prompted), np.asarray(heldout, bool)
   precision, recall = metrics.precision_recall(real=reference.features, fake=features, k=k)
   nearest = metrics.nearest_distance(samples=images, reference=reference.pixels)
-  return {
+  row = {
     'n': len(images),
     'adherence': metrics.adherence(predicted=predicted, prompted=prompted),
     'adherence_seen': metrics.adherence(predicted=predicted[~heldout], prompted=prompted[~heldout]),
@@ -128,6 +135,15 @@ def score(
       predicted=predicted, prompted=prompted, num_classes=digits.NUM_CLASSES
     ),
   }
+  if templates:
+    if len(templates) != len(prompted):
+      raise ValueError(f'{len(templates)} templates for {len(prompted)} prompts.')
+    of = np.asarray(templates)
+    row['per_template'] = {
+      t: metrics.adherence(predicted=predicted[of == t], prompted=prompted[of == t])
+      for t in dict.fromkeys(templates)
+    }
+  return row
 
 
 def fd_at_matched_n(
@@ -230,3 +246,12 @@ def format_table(rows: dict[str, dict]) -> str:
 
 def format_per_class(row: dict) -> str:
   return '  '.join(f'{digits.CLASS_NAMES[c]} {a:.2f}' for c, a in enumerate(row['per_class']))
+
+
+def format_per_template(row: dict) -> str:
+  """Each template's adherence on one line, held-out ones marked ('' without per_template)."""
+  held = set(digits.HELDOUT_TEMPLATES)
+  return '  '.join(
+    f"'{t}'{' (held out)' if t in held else ''} {a:.2f}"
+    for t, a in row.get('per_template', {}).items()
+  )
