@@ -126,6 +126,8 @@ def summarise(
     'eval_seconds': None if eval_s is None else round(eval_s, 1),
     'sampling_seconds': result.get('sampling_seconds'),
   }
+  if 'per_template' in gen:  # which phrasing the model misreads (eval.json since 2026-11-29)
+    out['per_template'] = {t: round(a, 4) for t, a in gen['per_template'].items()}
   out['target_met'] = bool(
     out['heldout_over_judge'] >= 0.8
     and out['entropy_bits'] > 3.0

@@ -333,6 +333,7 @@ _EVAL_RESULT = {
       'recall': 0.8,
       'nn_train': 0.3,
       'n': 20,
+      'per_template': {'digit {numeral}': 0.95},
     },
     'real_test': {'fd': 5.0, 'n': 359},
   },
@@ -341,8 +342,9 @@ _EVAL_RESULT = {
 
 def _quality_bench(tmp_path):
   """bench/quality.py run in `tmp_path` with stand-ins for train.py (makes its workdir, exits
-  FAKE_TRAIN_EXIT, leaves a mark, appends its arguments to train_calls) and evaluate.py (writes the result above;
-  for a run folder named seed_1 a held-out adherence of 0.6, below the target)."""
+  FAKE_TRAIN_EXIT, leaves a mark, appends its arguments to train_calls) and evaluate.py (writes
+  the result above; for a run folder named seed_1 a held-out adherence of 0.6, below the
+  target)."""
   (tmp_path / 'train.py').write_text(
     'import os, pathlib, sys\n'
     "pathlib.Path('trained').touch()\n"
@@ -384,6 +386,7 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
   assert proc.returncode == 0, proc.stderr[-2000:]
   line = json.loads(proc.stdout.splitlines()[-1])
   assert line['resumed'] is False and 0 <= line['train_seconds'] < 60 and line['target_met']
+  assert line['per_template'] == {'digit {numeral}': 0.95}
   # A run folder with a checkpoint: train.py resumes it, so the time of its call is not the
   # training time; it is not reported, and the time condition is left out of target_met.
   (fresh / 'checkpoints' / '4').mkdir(parents=True)
@@ -417,7 +420,9 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
   reused = tmp_path / 'reused'
   reused.mkdir()
   for matched, want in ((None, None), (7.5, 1.5)):
+    # An eval.json from before per-template adherence: the line has none.
     generated = {**_EVAL_RESULT['rows']['generated'], 'n': 500}
+    del generated['per_template']
     if matched is not None:
       generated['fd_matched'] = matched
     rows = {**_EVAL_RESULT['rows'], 'generated': generated}
@@ -426,6 +431,7 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = json.loads(proc.stdout.splitlines()[-1])
     assert line['fd_matched_over_floor'] == want and line['target_met'] is (want is not None)
+    assert 'per_template' not in line
 
 
 @pytest.mark.smoke
@@ -442,6 +448,7 @@ def test_bench_quality_over_training_seeds_reports_every_seed_and_the_worst(tmp_
   ]
   assert line['seeds'] == [0, 1, 2] and sorted(line['per_seed']) == ['0', '1', '2']
   assert [line['per_seed'][s]['adherence_heldout'] for s in '012'] == [0.85, 0.6, 0.85]
+  assert line['per_seed']['0']['per_template'] == {'digit {numeral}': 0.95}
   assert line['adherence_heldout_mean'] == round((0.85 + 0.6 + 0.85) / 3, 4)
   assert line['adherence_heldout_worst'] == 0.6 and line['adherence_heldout_range'] == 0.25
   assert line['fd_matched_over_floor_worst'] == 2.0  # FD 10 over the floor 5 at n 20 < 359
