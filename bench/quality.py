@@ -5,18 +5,18 @@
   python bench/quality.py --workdir=/tmp/q --config=configs/digits.py:tiny --num=20
   python bench/quality.py --seeds=0,1,2,3 --workdir=runs/seeds  # the spread over training seeds
 
-Runs `train.py --config=configs/digits.py` and `evaluate.py` as subprocesses (the same commands
-as `make quality`), timing each, then prints ONE JSON line: the generated row's held-out and
-seen prompt adherence against the judge's accuracy on real test images, predicted-class
-entropy, judge-space FD against the real-vs-real floor (the `real_test` calibration row),
-precision/recall, the wall times, and whether the issue's target is met (held-out adherence
->= 0.8 x judge accuracy, entropy > 3.0 bits, FD <= 5 x floor, training <= 20 minutes).
+Runs `train.py --config=configs/digits.py` and `evaluate.py` as subprocesses (the same commands as
+`make quality`), timing each, then prints ONE JSON line: the generated row's held-out and seen
+prompt adherence against the judge's accuracy on real test images, predicted-class entropy,
+judge-space FD against the real-vs-real floor (the `real_test` calibration row), precision/recall,
+the adherence per caption template, the wall times, and whether the issue's target is met (held-out
+adherence >= 0.8 x judge accuracy, entropy > 3.0 bits, FD <= 5 x floor, training <= 20 minutes).
 
 When WORKDIR already holds a checkpoint, train.py resumes from it and the time of the earlier
-training is not known: train_seconds is then null, `resumed` is true and the training-time
-condition is left out of target_met (train a fresh WORKDIR to check it). A bad --num, and a
---grid path that is a folder or an existing file without --overwrite, are refused before
-training; a step that fails ends this program with its exit status.
+training is not known: train_seconds is then null, `resumed` is true and the training-time condition
+is left out of target_met (train a fresh WORKDIR to check it). A bad --num or --seeds, a --grid path
+that is a folder or an existing file without --overwrite, and a --grid with several seeds are
+refused before training; a step that fails ends this program with its exit status.
 
 One training run is one draw: the same recipe trained from another seed can land far from it
 (docs/quality.md, "Training seeds"). `--seeds=0,1,2,3` trains and evaluates the recipe once per
