@@ -115,7 +115,12 @@ def _numbers(values, kind, name):
 
 
 def _stop(signum, frame):
-  """SIGTERM: stop like Ctrl-C (the batch in progress is dropped, finished ones are on disk)."""
+  """SIGTERM: stop like Ctrl-C (the batch in progress is dropped, finished ones are on disk).
+  Recorded as well as raised: a raise inside a garbage-collection callback is dropped by Python,
+  and the batch loop then stops at its next check (`sample_lib.request_stop`)."""
+  from imagen_jax import sample_lib
+
+  sample_lib.request_stop(signal.Signals(signum).name)
   raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -190,6 +195,7 @@ def main(argv):
   cli.enable_compilation_cache()
   checkpoints.quiet_orbax_noise()
   signal.signal(signal.SIGTERM, _stop)
+  signal.signal(signal.SIGINT, _stop)  # Ctrl-C's KeyboardInterrupt can be dropped the same way
   try:
     written = sample_lib.run(req)
   except sample_lib.SampleError as e:

@@ -76,6 +76,26 @@ from imagen_jax import (
 
 log = logging.getLogger(__name__)
 
+# A stop signal sample.py's handler has seen (its name), or None. The handler also raises
+# KeyboardInterrupt at once, but Python drops an exception raised while it runs a garbage-collection
+# callback (jax's `_xla_gc_callback` runs during compiles): "Exception ignored in ...", and the run
+# went on to its end with rc 0. The batch loop therefore checks this too.
+_stop_requested: str | None = None
+
+
+def request_stop(signal_name: str) -> None:
+  """Record a stop signal: the batch loop raises KeyboardInterrupt(signal_name) at its next check
+  (before writing the batch in progress, or before the next one) if the handler's own raise was
+  lost."""
+  global _stop_requested
+  _stop_requested = signal_name
+
+
+def _stop_if_requested() -> None:
+  if _stop_requested is not None:
+    raise KeyboardInterrupt(_stop_requested)
+
+
 DEFAULT_MAX_IMAGES = 1000  # refuse bigger requests unless --max_images says otherwise
 GRID_MAX_IMAGES = 64  # grid.png shows at most this many images (the first ones)
 # Dtype the embedding cache stores (text/cache.py `_encode_shard`): training saw the encoder's
@@ -811,6 +831,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
   compiled = _CompiledSamplers(devices, req.batch_size)
   made = skipped = 0
   for b, batch in enumerate(batches):
+    _stop_if_requested()
     if b % jax.process_count() != jax.process_index():
       continue  # another process's batch (several processes split the batches round-robin)
     if complete[b]:
@@ -857,6 +878,7 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
         ) from e
       timings[s] += time.perf_counter() - t0
       compiles[s].add(programs)
+    _stop_if_requested()  # a stop whose KeyboardInterrupt was lost: this batch is dropped
     out = np.asarray(lowres)  # [B, H, W, 3]
     if not np.all(np.isfinite(out)):
       raise SampleError(
