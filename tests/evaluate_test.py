@@ -106,6 +106,40 @@ def test_prompt_set_is_class_balanced_half_heldout():
 
 
 @pytest.mark.unit
+def test_prompt_set_of_given_templates_and_its_refusals():
+  # --template: round r of 10 prompts uses templates[r % 3]; a template the training captions
+  # use counts as seen, any other as held out.
+  templates = ('an image of the {word}', 'digit {numeral}', 'the number {word}')
+  prompts = scoring.prompt_set(60, templates)
+  assert prompts.templates == tuple(t for t in templates * 2 for _ in range(10))
+  assert prompts.labels.tolist() == list(range(10)) * 6
+  assert prompts.heldout.tolist() == [t != 'digit {numeral}' for t in prompts.templates]
+  assert prompts.prompts[:2] == ('an image of the zero', 'an image of the one')
+  assert prompts.prompts[13] == 'digit 3' and prompts.prompts[29] == 'the number nine'
+  refused = {
+    'is given twice': (('{word}', 'x {numeral}', '{word}'), 60),
+    "must name the class with {word} ('seven')": (('a photo of a cat',), 20),
+    'use no other field': (('a {colour} {word}',), 20),
+    'write a literal brace': (('a {word',), 20),
+    'must be a multiple of 30 with 3 --template': (templates, 40),
+    'multiple of the 10 classes': (templates, 25),
+  }
+  for expected, (given, num) in refused.items():
+    with pytest.raises(scoring.EvalError, match=re.escape(expected)):
+      scoring.prompt_set(num, given)
+  # The table shows '-' where a row has no prompt of a kind; the template line marks held out.
+  row = {
+    **dict.fromkeys(scoring.SCALARS, 0.5),
+    'n': 20,
+    'adherence_seen': float('nan'),
+    'per_template': {'digit {numeral}': 1.0, 'the {word}': 0.25},
+  }
+  (_, line) = scoring.format_table({'generated': row}).splitlines()
+  assert line.split()[:5] == ['generated', '20', '0.500', '-', '0.500']
+  assert scoring.format_per_template(row) == "'digit {numeral}' 1.00  'the {word}' (held out) 0.25"
+
+
+@pytest.mark.unit
 def test_a_seed_a_jax_key_cannot_hold_is_refused(tmp_path):
   for seed in (-1, 2**32):
     req = runner.EvalRequest(checkpoints=str(tmp_path), seed=seed)
@@ -401,6 +435,32 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   proc = evaluate(tiny_run, f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}')
   assert proc.returncode == 2 and 'pass --overwrite' in proc.stderr
   assert out.read_bytes() == before
+
+
+@pytest.mark.smoke
+def test_evaluate_cli_probes_given_templates(tiny_run, tmp_path):
+  out = tmp_path / 'probe.json'
+  templates = ['the {word}', 'digit {numeral}']  # the second is a training caption's template
+  args = [f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}', '--calibration=false']
+  proc = evaluate(tiny_run, *args, *(f'--template={t}' for t in templates))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result == json.loads(out.read_text()) and result['templates'] == templates
+  generated = result['rows']['generated']
+  assert sorted(generated['per_template']) == sorted(templates)  # 10 prompts each, one a class
+  assert generated['adherence_heldout'] == generated['per_template']['the {word}']
+  assert generated['adherence_seen'] == generated['per_template']['digit {numeral}']
+  assert 'Prompts from 2 --template, not the benchmark' in proc.stdout
+  assert "'the {word}' (held out) " in proc.stdout
+  # A prompt longer than the run's text.max_length (16 byte tokens here) would lose its end,
+  # maybe the class word: refused with one line, nothing written.
+  out.unlink()
+  proc = evaluate(tiny_run, *args, '--template=an image of the number {word}')
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert "'an image of the number three' is 29 tokens" in error, error  # the longest prompt
+  assert 'text.max_length=16' in error and 'shorten its --template' in error
+  assert not out.exists()
 
 
 def test_evaluate_on_two_cpu_devices_matches_one(tiny_run, tmp_path):

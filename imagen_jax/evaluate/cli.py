@@ -3,6 +3,8 @@
   python evaluate.py --checkpoints runs/digits --num 500
   python -m imagen_jax.evaluate --checkpoints runs/digits@1000 --sampler ddpm --steps 64 \
       --guidance 3 --out eval.json
+  python evaluate.py --checkpoints runs/digits --num 400 \
+      --template 'an image of the number {word}' --template 'an image of the {word}'
 
 Prints the table (generated images beside the calibration rows) and, last, ONE JSON line with
 everything. Bad input: one line on stderr starting with 'error:', exit status 2.
@@ -41,6 +43,14 @@ flags.DEFINE_bool('calibration', True, 'Also score the calibration rows.')
 flags.DEFINE_string('out', None, 'Also write the result to this JSON file.')
 flags.DEFINE_string('grid', None, 'Also save a PNG of samples: a row per class, seen | held-out.')
 flags.DEFINE_bool('overwrite', False, 'Replace existing --out / --grid files.')
+flags.DEFINE_multi_string(
+  'template',
+  None,
+  "Probe your own caption phrasing instead of the benchmark's templates (repeatable): "
+  "{word} ('seven') and/or {numeral} ('7') name the class, e.g. 'an image of the {word}'. "
+  'Each template gets --num / (number of templates) prompts; one no training caption uses '
+  'counts as held out.',
+)
 common_cli.define_compilation_cache_flag()
 
 
@@ -91,6 +101,7 @@ def main(argv) -> None:
     out=FLAGS.out,
     grid=FLAGS.grid,
     overwrite=FLAGS.overwrite,
+    templates=tuple(FLAGS.template or ()),
   )
   try:
     result = runner.run(req)
@@ -114,6 +125,11 @@ def main(argv) -> None:
     f'{result["sampler"]} {result["steps"]} steps, guidance {result["guidance"]}, '
     f'{result["sampling_seconds"]:.1f} s sampling, {result["seconds"]:.1f} s total'
   )
+  if result['templates']:
+    print(
+      f"Prompts from {len(result['templates'])} --template, not the benchmark's templates: "
+      'compare adherence with runs probed by the same templates.'
+    )
   print(scoring.format_table(result['rows']))
   print(f'per class (generated): {scoring.format_per_class(result["rows"]["generated"])}')
   print(f'per template (generated): {scoring.format_per_template(result["rows"]["generated"])}')

@@ -59,6 +59,8 @@ class EvalRequest:
   out: str | None = None  # JSON file for the result
   grid: str | None = None  # PNG of generated samples: one row per class, seen then held-out
   overwrite: bool = False
+  # Caption templates to probe instead of the benchmark's seen/held-out ones (scoring.prompt_set)
+  templates: tuple[str, ...] = ()
 
 
 def check_labelled_base(config: ml_collections.ConfigDict, where: str) -> None:
@@ -83,13 +85,15 @@ def check_labelled_base(config: ml_collections.ConfigDict, where: str) -> None:
 
 
 def encode_prompts(
-  config: ml_collections.ConfigDict, prompts: list[str]
+  config: ml_collections.ConfigDict, prompts: list[str], *, whole: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
   """text_embs [P, L, D] float32 (zeros at padding), text_mask [P, L] bool, bit-identical to
   what training looks up in the cache that imagen_jax.precompute builds on the same devices:
   the run's encoder, max_length and compute dtype, the same device mesh and batch shape
   (text.precompute_batch_size rounded to the device count, padded with ''), then rounded to the
-  cache's bfloat16. (bfloat16 results move by a few ulp with the batch shape or sharding.)"""
+  cache's bfloat16. (bfloat16 results move by a few ulp with the batch shape or sharding.)
+  `whole`: EvalError if a prompt is longer than the run's text.max_length tokens (cut, it could
+  lose the word that names the class), as user-given --template prompts can be."""
   from imagen_jax import precompute
   from imagen_jax.text import t5
 
@@ -104,6 +108,8 @@ def encode_prompts(
       encoder = precompute.load_encoder(config, mesh)
     except t5.T5CheckpointError as e:  # a moved T5 folder, or a Hub name offline
       raise EvalError(f'The run {precompute.unloadable_encoder(config, e)}') from e
+    if whole:
+      _check_whole(encoder.tokenizer, prompts)
     devices = 1 if mesh is None else mesh.devices.size
     batch = -(-int(config.text.get('precompute_batch_size', 64)) // devices) * devices
     text_embs, text_mask = [], []
@@ -115,6 +121,18 @@ def encode_prompts(
   embs = np.concatenate(text_embs).astype(CACHE_EMBEDDING_DTYPE).astype(np.float32)
   mask = np.concatenate(text_mask)
   return np.where(mask[..., None], embs, 0.0).astype(np.float32), mask
+
+
+def _check_whole(tokenizer, prompts: list[str]) -> None:
+  """EvalError naming the longest prompt when one has more than tokenizer.max_length tokens."""
+  ids = tokenizer.hf_tokenizer(list(prompts), truncation=False)['input_ids']
+  longest = max(range(len(prompts)), key=lambda i: len(ids[i]))
+  if len(ids[longest]) > tokenizer.max_length:
+    raise EvalError(
+      f'The prompt {prompts[longest]!r} is {len(ids[longest])} tokens ({tokenizer.name}), longer '
+      f"than the run's text.max_length={tokenizer.max_length}, so its end would be cut: shorten "
+      'its --template.'
+    )
 
 
 def generate(
@@ -175,7 +193,7 @@ def _finite(images: np.ndarray) -> tuple[np.ndarray, int]:
 
 def validate(req: EvalRequest) -> None:
   """Everything checkable without loading a model."""
-  scoring.check_num(req.num)
+  scoring.prompt_set(req.num, req.templates)  # --num and any --template
   if req.batch_size < 1:
     raise EvalError(f'--batch_size must be a positive integer, got {req.batch_size}.')
   from imagen_jax import sample_lib
@@ -320,8 +338,8 @@ def run(req: EvalRequest) -> dict:
     st = sample_lib.restore_stage(req.checkpoints, overrides, req.use_ema, devices.params_sharding)
   except ValueError as e:  # SampleError, bad sampler options
     raise EvalError(str(e)) from e
-  prompts = scoring.prompt_set(req.num)
-  text_embs, text_mask = encode_prompts(st.config, list(prompts.prompts))
+  prompts = scoring.prompt_set(req.num, req.templates)
+  text_embs, text_mask = encode_prompts(st.config, list(prompts.prompts), whole=bool(req.templates))
   t0 = time.perf_counter()
   compiles = compile_events.Compiles()
   images = generate(
@@ -382,6 +400,7 @@ def run(req: EvalRequest) -> dict:
     'resolution': resolution,
     'text_encoder': config.text.encoder,
     'num': req.num,
+    'templates': list(req.templates) or None,  # None: the benchmark's seen/held-out templates
     'seed': req.seed,
     'batch_size': batch_size,
     'params': 'ema' if req.use_ema else 'raw',

@@ -23,6 +23,7 @@ grey level in [0, 1] of the R // 8-pixel frame, exactly 0 in every real image.
 """
 
 import dataclasses
+import string
 
 import numpy as np
 
@@ -68,22 +69,56 @@ def check_num(num: int) -> None:
     )
 
 
-def prompt_set(num: int) -> PromptSet:
-  """Class-balanced prompts: prompt i names class i % 10; rounds r = i // 10 alternate seen
-  (even r) and held-out (odd r) templates, cycling through each group's templates."""
+def check_templates(templates: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+  """`templates` as a tuple when each names the class with '{word}' ('seven') and/or
+  '{numeral}' ('7') and no other field, and none repeats; EvalError naming the first bad one."""
+  templates = tuple(templates)
+  for i, t in enumerate(templates):
+    if t in templates[:i]:
+      raise EvalError(f'--template {t!r} is given twice; give each template once.')
+    try:
+      fields = {name for _, name, _, _ in string.Formatter().parse(t) if name is not None}
+    except ValueError as e:
+      raise EvalError(f'--template {t!r}: {e}; write a literal brace as {{{{ or }}}}.') from e
+    if not fields or fields - {'word', 'numeral'}:
+      raise EvalError(
+        f"--template {t!r} must name the class with {{word}} ('seven') or {{numeral}} ('7') "
+        f"and use no other field, e.g. 'an image of the number {{word}}'."
+      )
+  return templates
+
+
+def prompt_set(num: int, templates: tuple[str, ...] = ()) -> PromptSet:
+  """Class-balanced prompts: prompt i names class i % 10.
+
+  Default (the benchmark): rounds r = i // 10 alternate seen (even r) and held-out (odd r)
+  templates, cycling through each group's templates. With `templates` (a probe of the user's
+  own phrasings), round r uses templates[r % len(templates)], so every template gets num /
+  len(templates) prompts, num / (10 len(templates)) per class; a template counts as seen
+  when training captions use it (digits.SEEN_TEMPLATES), else as held-out."""
   check_num(num)
   i = np.arange(num)
   labels = i % digits.NUM_CLASSES
   rounds = i // digits.NUM_CLASSES
-  heldout = rounds % 2 == 1
-  prompts, templates = [], []
-  for label, r, held in zip(labels, rounds, heldout, strict=True):
-    group = digits.HELDOUT_TEMPLATES if held else digits.SEEN_TEMPLATES
-    templates.append(group[(r // 2) % len(group)])
-    prompts.append(digits.caption(int(label), templates[-1]))
-  return PromptSet(
-    prompts=tuple(prompts), labels=labels, heldout=heldout, templates=tuple(templates)
-  )
+  if templates:
+    templates = check_templates(templates)
+    group = digits.NUM_CLASSES * len(templates)
+    if num % group:
+      raise EvalError(
+        f'--num must be a multiple of {group} with {len(templates)} --template (each template '
+        f'names every class equally often), got {num}; e.g. '
+        f'--num {max(2, round(num / group)) * group}.'
+      )
+    chosen = tuple(templates[r % len(templates)] for r in rounds)
+    heldout = np.array([t not in digits.SEEN_TEMPLATES for t in chosen], bool)
+  else:
+    heldout = rounds % 2 == 1
+    groups = (digits.SEEN_TEMPLATES, digits.HELDOUT_TEMPLATES)
+    chosen = tuple(
+      groups[int(h)][(r // 2) % len(groups[int(h)])] for r, h in zip(rounds, heldout, strict=True)
+    )
+  prompts = tuple(digits.caption(int(label), t) for label, t in zip(labels, chosen, strict=True))
+  return PromptSet(prompts=prompts, labels=labels, heldout=heldout, templates=chosen)
 
 
 @dataclasses.dataclass
@@ -236,9 +271,13 @@ def format_table(rows: dict[str, dict]) -> str:
   head += ('border',)
   lines = ['{:<16}{:>5}{:>8}{:>8}{:>8}{:>8}{:>9}{:>7}{:>7}{:>9}{:>8}'.format(*head)]
   for name, r in rows.items():
+    seen, held = (
+      f'{v:>8.3f}' if np.isfinite(v) else f'{"-":>8}'  # '-': no prompt of that kind
+      for v in (r['adherence_seen'], r['adherence_heldout'])
+    )
     lines.append(
-      f'{name:<16}{r["n"]:>5}{r["adherence"]:>8.3f}{r["adherence_seen"]:>8.3f}'
-      f'{r["adherence_heldout"]:>8.3f}{r["entropy_bits"]:>8.2f}{r["fd"]:>9.2f}'
+      f'{name:<16}{r["n"]:>5}{r["adherence"]:>8.3f}{seen}{held}'
+      f'{r["entropy_bits"]:>8.2f}{r["fd"]:>9.2f}'
       f'{r["precision"]:>7.3f}{r["recall"]:>7.3f}{r["nn_train"]:>9.4f}{r["border"]:>8.3f}'
     )
   return '\n'.join(lines)
@@ -249,9 +288,10 @@ def format_per_class(row: dict) -> str:
 
 
 def format_per_template(row: dict) -> str:
-  """Each template's adherence on one line, held-out ones marked ('' without per_template)."""
-  held = set(digits.HELDOUT_TEMPLATES)
+  """Each template's adherence on one line, held-out ones (those no training caption uses)
+  marked ('' without per_template)."""
+  seen = set(digits.SEEN_TEMPLATES)
   return '  '.join(
-    f"'{t}'{' (held out)' if t in held else ''} {a:.2f}"
+    f"'{t}'{'' if t in seen else ' (held out)'} {a:.2f}"
     for t, a in row.get('per_template', {}).items()
   )
