@@ -439,23 +439,30 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
 
 @pytest.mark.smoke
 def test_evaluate_cli_probes_given_templates(tiny_run, tmp_path):
-  out = tmp_path / 'probe.json'
-  templates = ['the {word}', 'digit {numeral}']  # the second is a training caption's template
-  args = [f'--checkpoints={tiny_run["digits"]}', '--num=20', f'--out={out}', '--calibration=false']
-  proc = evaluate(tiny_run, *args, *(f'--template={t}' for t in templates))
+  out, grid = tmp_path / 'probe.json', tmp_path / 'probe.png'
+  templates = ['the {word}', 'digit {numeral}', 'a {numeral}']  # 'digit {numeral}' is seen
+  args = [f'--checkpoints={tiny_run["digits"]}', f'--out={out}', '--calibration=false']
+  proc = evaluate(
+    tiny_run, *args, '--num=30', f'--grid={grid}', *(f'--template={t}' for t in templates)
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result == json.loads(out.read_text()) and result['templates'] == templates
   generated = result['rows']['generated']
   assert sorted(generated['per_template']) == sorted(templates)  # 10 prompts each, one a class
-  assert generated['adherence_heldout'] == generated['per_template']['the {word}']
-  assert generated['adherence_seen'] == generated['per_template']['digit {numeral}']
-  assert 'Prompts from 2 --template, not the benchmark' in proc.stdout
+  per = generated['per_template']
+  assert generated['adherence_heldout'] == pytest.approx(
+    (per['the {word}'] + per['a {numeral}']) / 2
+  )
+  assert generated['adherence_seen'] == per['digit {numeral}']
+  assert 'Prompts from 3 --template, not the benchmark' in proc.stdout
+  # The grid: a row per class, a group of 4 columns per template (not seen | held-out).
+  assert Image.open(grid).size == (12 * 18 + 2, 10 * 18 + 2)
   assert "'the {word}' (held out) " in proc.stdout
   # A prompt longer than the run's text.max_length (16 byte tokens here) would lose its end,
   # maybe the class word: refused with one line, nothing written.
   out.unlink()
-  proc = evaluate(tiny_run, *args, '--template=an image of the number {word}')
+  proc = evaluate(tiny_run, *args, '--num=20', '--template=an image of the number {word}')
   assert proc.returncode == 2, proc.stderr[-2000:]
   (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert "'an image of the number three' is 29 tokens" in error, error  # the longest prompt

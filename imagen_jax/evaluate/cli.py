@@ -41,7 +41,12 @@ flags.DEFINE_string('judge_dir', 'cache/judge', 'Where judges are cached (traine
 flags.DEFINE_integer('k', 3, 'Neighbours of the precision/recall k-NN manifolds.')
 flags.DEFINE_bool('calibration', True, 'Also score the calibration rows.')
 flags.DEFINE_string('out', None, 'Also write the result to this JSON file.')
-flags.DEFINE_string('grid', None, 'Also save a PNG of samples: a row per class, seen | held-out.')
+flags.DEFINE_string(
+  'grid',
+  None,
+  'Also save a PNG of samples: a row per class, seen | held-out (with --template: a column '
+  'group per template).',
+)
 flags.DEFINE_bool('overwrite', False, 'Replace existing --out / --grid files.')
 flags.DEFINE_multi_string(
   'template',

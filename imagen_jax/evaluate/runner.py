@@ -247,19 +247,27 @@ def _check_output(flag: str, path: pathlib.Path, *, overwrite: bool) -> None:
     raise EvalError(f'{flag} {path}: cannot write to the folder {path.parent}.')
 
 
-def class_grid(images: np.ndarray, prompts: scoring.PromptSet, *, per_group: int = 4) -> np.ndarray:
+def class_grid(
+  images: np.ndarray, prompts: scoring.PromptSet, *, per_group: int = 4, by_template: bool = False
+) -> np.ndarray:
   """uint8 grid of generated images [N, R, R, 3]: row c holds up to `per_group` samples of
-  class c from seen-template prompts, then up to `per_group` from held-out ones."""
+  class c from seen-template prompts, then up to `per_group` from held-out ones; `by_template`
+  (given --template), up to `per_group` of each template instead, in the given order."""
   from imagen_jax import images as images_lib
 
+  if by_template:
+    groups = [np.asarray(prompts.templates) == t for t in dict.fromkeys(prompts.templates)]
+  else:
+    groups = [~prompts.heldout, prompts.heldout]
   rows = []
   for c in range(digits.NUM_CLASSES):
-    for held in (False, True):
-      idx = np.flatnonzero((prompts.labels == c) & (prompts.heldout == held))[:per_group]
+    for group in groups:
+      idx = np.flatnonzero((prompts.labels == c) & group)[:per_group]
       tiles = np.full((per_group, *images.shape[1:]), 1.0, np.float32)  # white: no sample
       tiles[: len(idx)] = images[idx]
       rows.append(tiles)
-  return images_lib.make_grid(images_lib.to_uint8(np.concatenate(rows)), columns=2 * per_group)
+  columns = len(groups) * per_group
+  return images_lib.make_grid(images_lib.to_uint8(np.concatenate(rows)), columns=columns)
 
 
 def _saved_config(spec: str) -> tuple[ml_collections.ConfigDict, int]:
@@ -417,7 +425,8 @@ def run(req: EvalRequest) -> dict:
   if req.grid:
     from imagen_jax import images as images_lib
 
-    images_lib.save_png(class_grid(images, prompts), req.grid, overwrite=req.overwrite)
+    grid = class_grid(images, prompts, by_template=bool(req.templates))
+    images_lib.save_png(grid, req.grid, overwrite=req.overwrite)
     result['grid_png'] = os.path.abspath(req.grid)  # 'grid' is the sampler's log-SNR spacing
   if req.out:
     write_json(result, req.out, overwrite=req.overwrite)
