@@ -131,7 +131,7 @@ def test_prompt_set_of_given_templates_and_its_refusals():
   row = {
     **dict.fromkeys(scoring.SCALARS, 0.5),
     'n': 20,
-    'adherence_seen': float('nan'),
+    'adherence_seen': None,
     'per_template': {'digit {numeral}': 1.0, 'the {word}': 0.25},
   }
   (_, line) = scoring.format_table({'generated': row}).splitlines()
@@ -308,6 +308,12 @@ def test_per_template_adherence_shows_the_misread_phrasing(judge):
   assert 'per_template' not in scoring.score(
     images, prompted=labels, heldout=of_second, reference=reference
   )
+  # No seen prompt (a --template probe of new phrasings): null in the JSON, not NaN.
+  all_held = scoring.score(
+    images, prompted=labels, heldout=np.ones(len(labels), bool), reference=reference
+  )
+  assert all_held['adherence_seen'] is None
+  assert all_held['adherence_heldout'] == all_held['adherence']
   with pytest.raises(ValueError, match='2 templates for 359 prompts'):
     scoring.score(
       images, prompted=labels, heldout=of_second, reference=reference, templates=(first, second)

@@ -156,10 +156,9 @@ def score(
   row = {
     'n': len(images),
     'adherence': metrics.adherence(predicted=predicted, prompted=prompted),
-    'adherence_seen': metrics.adherence(predicted=predicted[~heldout], prompted=prompted[~heldout]),
-    'adherence_heldout': metrics.adherence(
-      predicted=predicted[heldout], prompted=prompted[heldout]
-    ),
+    # None where no prompt is of that kind (a --template probe of held-out phrasings only)
+    'adherence_seen': _adherence_of(predicted, prompted, ~heldout),
+    'adherence_heldout': _adherence_of(predicted, prompted, heldout),
     'entropy_bits': metrics.class_entropy_bits(predicted=predicted, num_classes=digits.NUM_CLASSES),
     'fd': metrics.frechet_distance(features, reference.features),
     'precision': precision,
@@ -179,6 +178,12 @@ def score(
       for t in dict.fromkeys(templates)
     }
   return row
+
+
+def _adherence_of(predicted: np.ndarray, prompted: np.ndarray, which: np.ndarray) -> float | None:
+  if not which.any():
+    return None
+  return metrics.adherence(predicted=predicted[which], prompted=prompted[which])
 
 
 def fd_at_matched_n(
@@ -272,7 +277,7 @@ def format_table(rows: dict[str, dict]) -> str:
   lines = ['{:<16}{:>5}{:>8}{:>8}{:>8}{:>8}{:>9}{:>7}{:>7}{:>9}{:>8}'.format(*head)]
   for name, r in rows.items():
     seen, held = (
-      f'{v:>8.3f}' if np.isfinite(v) else f'{"-":>8}'  # '-': no prompt of that kind
+      f'{"-":>8}' if v is None else f'{v:>8.3f}'  # '-': no prompt of that kind
       for v in (r['adherence_seen'], r['adherence_heldout'])
     )
     lines.append(
