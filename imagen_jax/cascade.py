@@ -96,22 +96,42 @@ class SamplingOptions:
     return cls(**fields)
 
 
+def _dynamic_flags(dynamic_percentile: float | None, dynamic_max: float | None) -> list[str]:
+  return [
+    name
+    for name, value in (('dynamic_percentile', dynamic_percentile), ('dynamic_max', dynamic_max))
+    if value is not None
+  ]
+
+
 def unused_thresholding_flags(
   thresholding: str | None, dynamic_percentile: float | None, dynamic_max: float | None
 ) -> str | None:
   """Why --dynamic_percentile / --dynamic_max would be ignored (given with --thresholding static
   or none, which never read them), or None."""
-  given = [
-    name
-    for name, value in (('dynamic_percentile', dynamic_percentile), ('dynamic_max', dynamic_max))
-    if value is not None
-  ]
+  given = _dynamic_flags(dynamic_percentile, dynamic_max)
   if given and thresholding in ('static', 'none'):
     return (
       f'--{" and --".join(given)} set but --thresholding {thresholding} does not use them; pass '
       '--thresholding dynamic, or drop them.'
     )
   return None
+
+
+def dynamic_flags_unused_by(
+  stages: Sequence[tuple[str, str]], dynamic_percentile: float | None, dynamic_max: float | None
+) -> str | None:
+  """Why --dynamic_percentile / --dynamic_max would be ignored by every stage sampled, given as
+  (run folder, the thresholding it samples with: its config's sample.thresholding without
+  --thresholding), or None."""
+  given = _dynamic_flags(dynamic_percentile, dynamic_max)
+  if not given or any(thresholding == 'dynamic' for _, thresholding in stages):
+    return None
+  runs = ', '.join(f'{where} samples with {thresholding}' for where, thresholding in stages)
+  return (
+    f'--{" and --".join(given)} set but no stage uses dynamic thresholding ({runs}: its '
+    "config's sample.thresholding); pass --thresholding dynamic, or drop them."
+  )
 
 
 def make_stage_sampler(

@@ -476,6 +476,22 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
         f'{nxt.workdir} upsamples {nxt.config.data.lowres_resolution} px images but the stage '
         f'before it ({prev.workdir}) makes {prev.config.data.resolution} px.'
       )
+  # Flags no stage reads. Not with --stop_at short of the last checkpoint: the whole cascade's
+  # command is then taken as it is, for stages it does not sample.
+  if req is not None and len(stages) == len(req.checkpoints):
+    unused = cascade.dynamic_flags_unused_by(
+      [(str(st.workdir), st.options.thresholding) for st in stages],
+      req.dynamic_percentile,
+      req.dynamic_max,
+    )
+    if unused:
+      raise SampleError(unused)
+    if req.aug_level is not None and not any(stage.is_super_resolution(st.config) for st in stages):
+      raise SampleError(
+        f'--aug_level {req.aug_level:g} sets the noise-conditioning level of super-resolution '
+        f'stages, but none is sampled ({", ".join(str(st.workdir) for st in stages)}); drop '
+        '--aug_level, or list an SR run after the base run in --checkpoints.'
+      )
   for st in stages:
     if stage.is_super_resolution(st.config):
       d = st.config.diffusion

@@ -171,6 +171,25 @@ def _digits_config():
 
 
 @pytest.mark.unit
+def test_dynamic_flags_the_runs_own_thresholding_ignores_are_refused(tmp_path, monkeypatch):
+  """--dynamic_max on a run whose config samples with static thresholding (the digits recipe)
+  was accepted and read by nothing; now refused before the judge or the params load."""
+  config = _digits_config()
+  config.sample.thresholding = 'static'
+  monkeypatch.setattr(runner, '_saved_config', lambda spec: (config, 2))
+  monkeypatch.setattr(runner, '_load_judge', lambda *a: pytest.fail('loaded the judge'))
+  req = runner.EvalRequest(checkpoints=str(tmp_path), num=20, dynamic_max=2.0)
+  with pytest.raises(
+    scoring.EvalError,
+    match=re.escape(
+      f'--dynamic_max set but no stage uses dynamic thresholding ({tmp_path} samples with '
+      "static: its config's sample.thresholding); pass --thresholding dynamic, or drop them."
+    ),
+  ):
+    runner.run(req)
+
+
+@pytest.mark.unit
 def test_make_train_eval_fn_off_and_refusals(tmp_path):
   config = _digits_config()
   assert runner.make_train_eval_fn(config, None, tmp_path) is None  # eval_every = 0

@@ -2,6 +2,7 @@
 
 import importlib.util
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -212,3 +213,48 @@ def test_sampling_outside_the_trained_aug_range_warns(caplog):
     f'runs/sr trained with low-res augmentation levels in [0, {high:g}]; sampling at aug_level '
     f'{min(1.0, high + 0.3):g} is outside what it has seen (pass --aug_level in that range).'
   ]
+
+
+def test_flags_that_no_sampled_stage_reads_are_refused():
+  """--dynamic_percentile / --dynamic_max where every stage's config samples with static (or no)
+  thresholding, and --aug_level with no SR stage, were kept in the sidecars and read by
+  nothing."""
+  from imagen_jax import sample_lib
+
+  base, sr = base64.get_config('tiny'), sr256.get_config('tiny')
+  sr.data.lowres_resolution = base.data.resolution
+
+  def chain(thresholdings, stop_at=None, **flags):
+    configs = ((base, 'runs/base'), (sr, 'runs/sr'))[: len(thresholdings)]
+    stages = [
+      types.SimpleNamespace(config=c, workdir=name, options=cascade.SamplingOptions(thresholding=t))
+      for (c, name), t in zip(configs, thresholdings, strict=True)
+    ]
+    checkpoints = [name for _, name in configs] + (['runs/sr'] if stop_at else [])
+    req = sample_lib.SampleRequest(
+      prompts=['x'], checkpoints=checkpoints, out='unused', stop_at=stop_at, **flags
+    )
+    sample_lib.check_chain(stages, req)
+
+  with pytest.raises(
+    sample_lib.SampleError,
+    match=re.escape(
+      '--dynamic_percentile and --dynamic_max set but no stage uses dynamic thresholding '
+      "(runs/base samples with static, runs/sr samples with none: its config's "
+      'sample.thresholding); pass --thresholding dynamic, or drop them.'
+    ),
+  ):
+    chain(['static', 'none'], dynamic_percentile=0.9, dynamic_max=2.0)
+  chain(['static', 'dynamic'], dynamic_percentile=0.9)  # read by the SR stage
+  chain(['static', 'static'])
+  with pytest.raises(
+    sample_lib.SampleError,
+    match=re.escape(
+      '--aug_level 0.3 sets the noise-conditioning level of super-resolution stages, but none '
+      'is sampled (runs/base); drop --aug_level'
+    ),
+  ):
+    chain(['dynamic'], aug_level=0.3)
+  chain(['dynamic', 'dynamic'], aug_level=0.3)
+  # The whole cascade's command with --stop_at=1: the flags are for the stages it leaves out.
+  chain(['static'], stop_at=1, aug_level=0.3, dynamic_percentile=0.9)

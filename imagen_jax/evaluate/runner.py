@@ -336,9 +336,14 @@ def run(req: EvalRequest) -> dict:
     dynamic_max=req.dynamic_max,
   )
   try:
-    cascade.SamplingOptions.from_config(config, **overrides)  # bad settings fail before compute
+    options = cascade.SamplingOptions.from_config(config, **overrides)  # fail before compute
   except ValueError as e:
     raise EvalError(str(e)) from e
+  unused = cascade.dynamic_flags_unused_by(
+    [(req.checkpoints, options.thresholding)], req.dynamic_percentile, req.dynamic_max
+  )
+  if unused:
+    raise EvalError(unused)
   resolution = int(config.data.resolution)
   judge = _load_judge(req, resolution)
   devices = cascade.BatchDevices()
