@@ -132,6 +132,33 @@ def test_bad_bytes_are_skip_examples(name, payload):
     preprocess.decode_image(payload)
 
 
+def _tiff_with_a_strip_offset_past_2_63() -> bytes:
+  """A TIFF whose StripOffsets tag is an 8-byte LONG8 holding 2**64 - 1: Pillow's seek to it
+  raises OverflowError (an error type the decoder's skip list lacked; a fuzzer found it)."""
+  data = bytearray(_encode(Image.new('RGB', (16, 12)), 'TIFF'))
+  assert data[:4] == b'II*\x00'
+  ifd = struct.unpack_from('<I', data, 4)[0]
+  far = len(data)
+  data += b'\xff' * 8
+  for i in range(struct.unpack_from('<H', data, ifd)[0]):
+    entry = ifd + 2 + 12 * i
+    if struct.unpack_from('<H', data, entry)[0] == 273:  # StripOffsets
+      struct.pack_into('<HHII', data, entry, 273, 16, 1, far)  # type 16: LONG8, one, at `far`
+  return bytes(data)
+
+
+def test_any_error_a_damaged_file_raises_in_its_decoder_is_a_skip(tmp_path):
+  # It escaped as OverflowError from bytes (webdataset, HF, ArrayRecord rows): the pipeline
+  # re-raised it, naming no file, and every resume met the same example again.
+  data = _tiff_with_a_strip_offset_past_2_63()
+  with pytest.raises(SkipExample, match=r'cannot decode image \(OverflowError: '):
+    preprocess.load_and_preprocess(data, PreprocessOptions(resolution=8))
+  path = tmp_path / 'bad.tif'
+  path.write_bytes(data)
+  with pytest.raises(SkipExample, match='cannot decode image'):
+    preprocess.load_and_preprocess(str(path), PreprocessOptions(resolution=8))
+
+
 def test_truncated_jpeg_and_zero_byte_file(tmp_path):
   rng = np.random.default_rng(0)
   data = _encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)), 'JPEG')
