@@ -21,11 +21,16 @@ Skipped examples (unreadable, truncated, empty, non-image or decompression-bomb 
 rows the source itself fails to read, such as a corrupt record a dataset library decodes)
 travel as markers from the workers to the main process, where they are logged (naming the
 file), counted and dropped. So the counts are exact and global for this host, however many
-workers there are, and they are part of the iterator state. Rule: once `min(100, epoch
-length)` examples that are not too small have been seen (or a whole epoch), the run aborts
-with `DataError` whenever skipped / (seen - too small) > `data.max_skip_fraction`. One bad
-file in the first few examples of a larger dataset therefore does not abort; a dataset that
-stays mostly bad does.
+workers there are, and they are part of the iterator state. Rule (`data.max_skip_fraction`
+f): an unreadable file stays unreadable, so each epoch holds the same bad files, and the run
+aborts with `DataError` as soon as more were skipped than f of the epochs begun can hold (a
+dataset with more than f bad files stops within its first epoch, one that is all bad after
+about f of it), and at the end of each epoch when skipped / (seen - too small) > f. A dataset
+with at most f bad files is never stopped, however the shuffle orders them: a running fraction
+(the rule before 2026-11-29) stopped half the seeds of a dataset with 0.5 % bad files when a
+few came first. With several processes each checks its own share: the bound counts the global
+epochs its elements come from, and at the end of its epoch the fraction is its share's, which
+can be above the dataset's when that is close to f.
 
 Too-small images (shorter side below `data.resolution`, `data.small_images='skip'`) are not
 bad data: most of a web dataset is smaller than 1024 px. Those whose size the source knows
@@ -52,7 +57,6 @@ from imagen_jax.text.cache import PRECOMPUTE_HINT
 
 log = logging.getLogger(__name__)
 
-MIN_SEEN_FOR_SKIP_CHECK = 100
 _MAX_LOGGED_SKIPS = 50
 
 
@@ -232,10 +236,22 @@ class _BatchIterator(grain.DatasetIterator):
         f'{self.num_skipped} unreadable. Use larger images, or keep small ones with '
         '--config.data.small_images=upsample.'
       )
+    # A file that cannot be read stays unreadable, so every epoch holds the same bad files,
+    # however the shuffle orders them. More skips than max_skip_fraction of every epoch begun
+    # can hold proves the fraction is above it (a running fraction also stopped runs whose
+    # shuffle put a few of their < 1 % bad files first). At the end of this process's epoch the
+    # fraction is exact on one process; with several it is that of this process's share.
+    begun = spec.examples_in_epochs_begun(self.num_seen)
+    allowed = spec.max_skip_fraction * begun
     usable = self.num_seen - self.num_small  # not too small: decodable or broken
-    if usable <= 0 or (
-      usable < min(MIN_SEEN_FOR_SKIP_CHECK, spec.epoch_length) and not whole_epoch
-    ):
+    if self.num_skipped > allowed:
+      raise DataError(
+        f'{spec.source_name}: {self.num_skipped} of the first {self.num_seen} examples read were '
+        f'unusable: more than data.max_skip_fraction={spec.max_skip_fraction} of the {begun} '
+        f'examples in the epoch(s) they belong to ({allowed:g}); the warnings above name the '
+        'files. Fix or remove them, or raise --config.data.max_skip_fraction.'
+      )
+    if self.num_seen % spec.epoch_length or usable <= 0:
       return
     fraction = self.num_skipped / usable
     if fraction > spec.max_skip_fraction:
@@ -320,13 +336,17 @@ class _BatchIterDataset(grain.IterDataset):
     source_name: str,
     min_side: int,
     text_length_mode: str = 'run',
+    num_examples: int | None = None,
+    process_count: int = 1,
   ):
     super().__init__(parent)
     self.text_length_mode = text_length_mode  # 'batch' | 'run' (text_length_mode())
     self.batch_size = batch_size
     self.text_cache = text_cache
     self.has_lowres = has_lowres
-    self.epoch_length = epoch_length
+    self.epoch_length = epoch_length  # this process's share of an epoch
+    self.num_examples = epoch_length if num_examples is None else num_examples  # all processes'
+    self.process_count = process_count
     self.max_skip_fraction = max_skip_fraction
     self.source_name = source_name
     self.min_side = min_side  # too-small threshold (data.resolution)
@@ -334,6 +354,16 @@ class _BatchIterDataset(grain.IterDataset):
 
   def __iter__(self) -> _BatchIterator:
     return _BatchIterator(self._parent.__iter__(), self)
+
+  def examples_in_epochs_begun(self, num_seen: int) -> int:
+    """Examples in the whole epochs that this process's first `num_seen` stream elements come
+    from: the global stream's epochs up to its last element read (`_ProcessBlocks`: blocks of
+    batch_size, one per process in turn)."""
+    if self.process_count == 1:
+      last = num_seen
+    else:
+      last = -(-num_seen // self.batch_size) * self.process_count * self.batch_size
+    return -(-last // self.num_examples) * self.num_examples
 
   def __str__(self) -> str:
     return f'ImagenBatchIterDataset(batch_size={self.batch_size})'
@@ -657,6 +687,8 @@ def make_dataset(
     source_name=source.name,
     min_side=options.resolution,
     text_length_mode=length_mode,
+    num_examples=len(examples),
+    process_count=process_count,
   )
 
 
