@@ -146,10 +146,69 @@ def test_an_image_in_several_metadata_files_is_listed_once(tmp_path):
   (tmp_path / 'sub' / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in near))
   source = sources.build_source(_data_config(path=str(tmp_path)))
   assert sorted(source.captions()) == ['b', 'near', 'near too']
-  assert [rel for rel, _ in source.skipped] == ['sub/a.png']
+  assert source.skipped == []  # the far row is the layout's, not bad data (it was a skip)
   (tmp_path / 'metadata.csv').write_text('file_name,text\nb.png,b\n')
   with pytest.raises(DataError, match=r'holds both metadata.jsonl and metadata.csv: .* Keep one'):
     sources.build_source(_data_config(path=str(tmp_path)))
+
+
+@pytest.mark.unit
+def test_the_skip_fraction_counts_only_bad_rows_of_the_whole_listing(tmp_path, caplog):
+  """Three listings that stopped a run with little or no bad data, and two silent losses."""
+  strict = {'max_skip_fraction': 0.01}
+  # (1) A top-level metadata file and each subfolder's own, listing the same 100 images: the
+  # 100 unused far rows counted as skipped, 50 % > 1 %.
+  nested = tmp_path / 'nested'
+  (nested / 'sub').mkdir(parents=True)
+  rows = []
+  for i in range(100):
+    _image(nested / 'sub' / f'{i}.png')
+    rows.append({'file_name': f'sub/{i}.png', 'text': f'far {i}'})
+  (nested / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+  near = [{'file_name': f'{i}.png', 'text': f'near {i}'} for i in range(100)]
+  (nested / 'sub' / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in near))
+  with caplog.at_level(logging.INFO, logger='imagen_jax.data.sources'):
+    source = sources.build_source(data_config(path=str(nested), **strict))
+  assert len(source) == 100 and source.skipped == [] and source.captions()[0] == 'near 0'
+  assert '100 rows list an image that a nearer metadata file also lists' in caplog.text
+  # (2) max_examples keeps the first usable pairs, but the skips came from the whole listing:
+  # 1 missing caption of 200 (0.5 %) read as 1 of 21 (4.8 %).
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  for i in range(200):
+    _image(flat / f'{i:03d}.png')
+    if i != 150:
+      (flat / f'{i:03d}.txt').write_text(f'red {i}')
+  source = sources.build_source(data_config(path=str(flat), max_examples=20, **strict))
+  assert len(source) == 20 and len(source.skipped) == 1 and source.num_listed() == 200
+  # (3) pandas writes a missing caption as the bare NaN, which json.loads reads as a float: it
+  # was the caption 'nan'.
+  nan = tmp_path / 'nan'
+  nan.mkdir()
+  for name in ('a', 'b'):
+    _image(nan / f'{name}.png')
+  (nan / 'metadata.jsonl').write_text(
+    '{"file_name": "a.png", "text": "a red car"}\n{"file_name": "b.png", "text": NaN}\n'
+  )
+  source = sources.build_source(_data_config(path=str(nan)))
+  assert source.captions() == ['a red car']
+  assert source.skipped == [('b.png', 'empty caption in metadata.jsonl:2')]
+  # (4) Sidecar pairs beside a metadata file anywhere in the tree were left out without a word.
+  mixed = tmp_path / 'mixed'
+  (mixed / 'extra').mkdir(parents=True)
+  for i in range(5):
+    _image(mixed / f'{i}.png')
+    (mixed / f'{i}.txt').write_text(f'sidecar {i}')
+  _image(mixed / 'extra' / 'x.png')
+  (mixed / 'extra' / 'metadata.jsonl').write_text('{"file_name": "x.png", "text": "listed"}\n')
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.data.sources'):
+    source = sources.build_source(_data_config(path=str(mixed)))
+  assert source.captions() == ['listed']
+  assert (
+    '5 images are listed in no metadata file (extra/metadata.jsonl) and are left out, e.g. '
+    '0.png; with metadata files .txt captions are not read' in caplog.text
+  )
 
 
 @pytest.mark.unit

@@ -132,6 +132,10 @@ def test_bad_members_are_skipped_and_counted(tmp_path):
   assert 'truncated tar' in reasons['00001.tar/000000012']
   assert reasons['00001.tar'].startswith('truncated tar (no end-of-archive marker): kept the 2')
   assert len(source.skipped) == 5
+  # max_examples keeps the first usable pairs; the skips are counted against the whole listing
+  # of the shards read (they were against the kept pairs: 3 of 3 + 3 here).
+  source = sources.build_source(_config(root, max_skip_fraction=0.9, max_examples=3).data)
+  assert len(source) == 3 and len(source.skipped) == 3 and source.num_listed() == 7
 
   # The undecodable image is dropped and counted by the pipeline, like any bad file.
   it = pipeline.make_iterator(

@@ -27,6 +27,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
@@ -93,8 +94,8 @@ def _clean_caption(caption: Any) -> str:
     caption = next((c for c in caption if isinstance(c, str) and c.strip()), '')
   if isinstance(caption, bytes):
     caption = caption.decode('utf-8', errors='replace')
-  if caption is None:
-    return ''
+  if caption is None or (isinstance(caption, float) and math.isnan(caption)):
+    return ''  # NaN: pandas' missing value, which json.dumps writes as the bare NaN
   caption = str(caption)
   try:
     caption.encode('utf-8')
@@ -118,6 +119,11 @@ class Source:
 
   def __len__(self) -> int:
     return len(self._captions)
+
+  def num_listed(self) -> int:
+    """Items listed: the usable ones and the skipped ones, before `max_examples` kept the first
+    usable ones (the skipped list covers the whole listing, so the count must too)."""
+    return len(self) + len(self.skipped)
 
   def __getitem__(self, index: int) -> dict:
     raise NotImplementedError
@@ -185,9 +191,11 @@ class FolderSource(Source):
     files = walk_files(self.root)
     metadata_files = [p for p in files if p.name in _METADATA_FILES and p.is_file()]
     if metadata_files:
-      pairs = self._list_from_metadata(metadata_files)
+      pairs, named = self._list_from_metadata(metadata_files)
+      self._warn_unlisted(files, metadata_files, named)
     else:
       pairs = self._list_from_sidecars(files)
+    self._num_listed = len(pairs) + len(self.skipped)
     if self.max_examples > 0:
       pairs = pairs[: self.max_examples]
     if not pairs:
@@ -199,6 +207,9 @@ class FolderSource(Source):
     self._files = [p for p, _ in pairs]
     self._captions = [c for _, c in pairs]
     self._fingerprint = self._listing_fingerprint()
+
+  def num_listed(self) -> int:
+    return self._num_listed
 
   @staticmethod
   def _split_root(root: pathlib.Path, split: str) -> pathlib.Path:
@@ -216,10 +227,11 @@ class FolderSource(Source):
       'at the split folder to read.'
     )
 
-  def _list_from_metadata(self, metadata_files: Sequence[pathlib.Path]) -> list:
-    """Rows of every metadata file; an image listed by metadata files in several folders takes
-    its rows from the nearest one (as Hugging Face's imagefolder), not from all of them (each
-    listing was another copy of the image in every epoch)."""
+  def _list_from_metadata(self, metadata_files: Sequence[pathlib.Path]) -> tuple[list, set]:
+    """(pairs, every image a row names) of every metadata file; an image listed by metadata
+    files in several folders takes its rows from the nearest one (as Hugging Face's
+    imagefolder), not from all of them (each listing was another copy of the image in every
+    epoch)."""
     folders = [m.parent for m in metadata_files]
     both = sorted({f for f in folders if folders.count(f) > 1})
     if both:
@@ -228,6 +240,7 @@ class FolderSource(Source):
         'be seen twice per epoch. Keep one of them.'
       )
     rows, nearest = [], {}  # nearest: image -> depth of the deepest metadata folder listing it
+    named = set()
     for meta in metadata_files:
       for line_no, row in self._read_metadata(meta):
         rel_meta = f'{meta.relative_to(self.root)}:{line_no}'
@@ -240,6 +253,7 @@ class FolderSource(Source):
           continue
         image_path = (meta.parent / file_name).resolve()
         rel = os.path.relpath(image_path, self.root)
+        named.add(rel)
         if not image_path.is_file():
           self._skip(rel, f'listed in {rel_meta} but the file does not exist')
           continue
@@ -253,15 +267,48 @@ class FolderSource(Source):
         depth = len(meta.parent.parts)
         nearest[rel] = max(depth, nearest.get(rel, depth))
         rows.append((rel, caption, depth, rel_meta, sizes_lib.size_from_fields(row)))
-    pairs = []
+    pairs, superseded = [], []
     for rel, caption, depth, rel_meta, size in rows:
-      if depth < nearest[rel]:
-        self._skip(rel, f'also listed in a nearer metadata file; its row in {rel_meta} is unused')
+      if depth < nearest[rel]:  # the layout README describes, not bad data: not a skip
+        superseded.append(f'{rel} ({rel_meta})')
         continue
       if size is not None:
         self._meta_sizes[rel] = size
       pairs.append((rel, caption))
-    return sorted(pairs)
+    if superseded:
+      log.info(
+        '%s: %d rows list an image that a nearer metadata file also lists; the nearer rows are '
+        'used (first unused: %s).',
+        self.name,
+        len(superseded),
+        superseded[0],
+      )
+    return sorted(pairs), named
+
+  def _warn_unlisted(
+    self, files: Sequence[pathlib.Path], metadata_files: Sequence[pathlib.Path], named: set[str]
+  ) -> None:
+    """One warning for the images no metadata file names: with metadata files, sidecar
+    captions are not read, so a folder mixing both layouts lost its sidecar pairs silently."""
+    unlisted = [
+      rel
+      for path in files
+      if path.suffix.lower() in IMAGE_EXTENSIONS
+      and (rel := os.path.relpath(path.resolve(), self.root)) not in named
+      and path.is_file()
+    ]
+    if unlisted:
+      metas = ', '.join(str(m.relative_to(self.root)) for m in metadata_files[:3])
+      log.warning(
+        '%s: %d images are listed in no metadata file (%s%s) and are left out, e.g. %s; with '
+        'metadata files .txt captions are not read: list these images in a metadata file, '
+        'or move them to a folder of their own.',
+        self.name,
+        len(unlisted),
+        metas,
+        ', ...' if len(metadata_files) > 3 else '',
+        unlisted[0],
+      )
 
   def _read_metadata(self, meta: pathlib.Path):
     """(line number, row) of a metadata.csv / metadata.jsonl, read as UTF-8 with or without a
@@ -586,7 +633,7 @@ def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:
 
   The listing is complete here, so the whole dataset is the denominator (no minimum count).
   """
-  total = len(source) + len(source.skipped)
+  total = source.num_listed()
   if total and len(source.skipped) / total > max_skip_fraction:
     examples = '; '.join(f'{i}: {r}' for i, r in source.skipped[:5])
     raise DataError(

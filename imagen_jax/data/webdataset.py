@@ -303,10 +303,12 @@ class WebDatasetSource(Source):
         pool.map(lambda p: _cached_index(p, caption_column, index_dir), shards)
       )  # shard order kept
     shard_ids, offsets, sizes, dims, self._keys, listing = [], [], [], [], [], []
+    usable_listed = 0  # in the shards read, before max_examples cut the last one's keys
     for i, (path, index) in enumerate(zip(shards, indexes, strict=True)):
       for item_id, reason in index['skipped']:
         self._skip(item_id, reason)
       n = len(index['keys'])
+      usable_listed += n
       if self.max_examples > 0:
         n = min(n, self.max_examples - len(self._captions))
       shard_ids.append(np.full(n, i, np.int32))
@@ -318,6 +320,7 @@ class WebDatasetSource(Source):
       listing.append([path.name, path.stat().st_size, n])
       if 0 < self.max_examples <= len(self._captions):
         break
+    self._num_listed = usable_listed + len(self.skipped)
     if not self._captions:
       raise DataError(
         f'No usable (image, caption) pair in {len(shards)} tar shard(s) of {self.spec!r} '
@@ -352,6 +355,9 @@ class WebDatasetSource(Source):
       log.warning('%s: cannot read %s: %s', self.name, self._keys[index], e)
       data = b''
     return {'image': data, 'caption': self._captions[index], 'id': self._keys[index]}
+
+  def num_listed(self) -> int:
+    return self._num_listed
 
   def fingerprint(self) -> str:
     return self._fingerprint
