@@ -154,7 +154,10 @@ def update_state(
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     applied = opt_state.mini_step == 0 if accumulating else True
-    decay = jnp.where(applied, optim.ema_decay(state['step'], optim_config), 1.0)
+    # The EMA warm-up counts optimizer updates, as the lr schedule does (micro-steps left a
+    # k-fold slower warm-up: 13 % of the random init in the EMA after 1,000 updates at k = 32).
+    updates_before = state['step'] // int(optim_config.grad_accum_steps)
+    decay = jnp.where(applied, optim.ema_decay(updates_before, optim_config), 1.0)
     ema_params = optim.ema_update(state['ema_params'], params, decay)
   new_state = {
     'step': state['step'] + 1,

@@ -217,6 +217,39 @@ def test_settle_gradients_refuses_an_unknown_way():
   assert optim.gradient_layout('auto') == ('barrier' if jax.default_backend() == 'gpu' else 'none')
 
 
+@pytest.mark.parametrize('accum', [2, 4])
+def test_an_accumulating_run_keeps_the_ema_of_the_same_updates(accum):
+  """k micro-steps of the same gradient make one update equal to one plain step's; the EMA
+  must be equal too. Its warm-up counted micro-steps: decay (1 + kj) / (10 + kj) at update j,
+  so the random init kept a larger share of the EMA."""
+  from imagen_jax import train_lib
+
+  params = {'kernel': jnp.full((4, 8), 0.1), 'bias': jnp.zeros((8,))}
+
+  def run(k):
+    c = _config(grad_accum_steps=k, schedule='constant', warmup_steps=0, grad_clip=0.0)
+    tx = optim.make_optimizer(c, num_steps=100)
+    state = {
+      'step': jnp.zeros((), jnp.int32),
+      'rng': jax.random.key(0),
+      'params': params,
+      'ema_params': jax.tree.map(jnp.copy, params),
+      'opt_state': tx.init(params),
+    }
+    step = jax.jit(lambda s, g: train_lib.update_state(s, g, tx, c))
+    for update in range(6):
+      g = jax.tree.map(lambda x, v=0.5 + update: jnp.full_like(x, v), params)
+      for _ in range(k):
+        state, _ = step(state, g)
+    return state
+
+  plain, accumulated = run(1), run(accum)
+  for a, b in zip(jax.tree.leaves(plain['params']), jax.tree.leaves(accumulated['params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(plain['ema_params']), jax.tree.leaves(accumulated['ema_params'])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize('accum', [1, 2])
 @pytest.mark.parametrize('optimizer', ['adamw', 'adafactor'])
 def test_finite_gradients_keep_the_state_finite(optimizer, accum):
