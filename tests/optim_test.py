@@ -244,10 +244,10 @@ def test_an_accumulating_run_keeps_the_ema_of_the_same_updates(accum):
     return state
 
   plain, accumulated = run(1), run(accum)
-  for a, b in zip(jax.tree.leaves(plain['params']), jax.tree.leaves(accumulated['params'])):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-  for a, b in zip(jax.tree.leaves(plain['ema_params']), jax.tree.leaves(accumulated['ema_params'])):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  for key, rtol in (('params', 1e-6), ('ema_params', 1e-5)):
+    pairs = zip(jax.tree.leaves(plain[key]), jax.tree.leaves(accumulated[key]), strict=True)
+    for a, b in pairs:
+      np.testing.assert_allclose(a, b, rtol=rtol, atol=1e-7, err_msg=key)
 
 
 @pytest.mark.parametrize('accum', [1, 2])
