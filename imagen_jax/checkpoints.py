@@ -31,7 +31,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -190,17 +190,30 @@ def step_numbers(directory: str | os.PathLike) -> list[int]:
 
 
 def make_manager(
-  workdir: str | os.PathLike, *, keep: int = 3, async_save: bool = True, read_only: bool = False
+  workdir: str | os.PathLike,
+  *,
+  keep: int = 3,
+  async_save: bool = True,
+  read_only: bool = False,
+  preserve: Sequence[int] = (),
 ) -> ocp.CheckpointManager:
   """The run's checkpoint manager. A read-only one (for restores) is this process's alone: its
   restores end in no cross-process barrier, so that a step failing to load on one process (bit
   rot in its copy) cannot leave the others waiting in orbax's barrier forever; the processes
-  agree on each step's outcome instead (`restore_with_fallback`)."""
+  agree on each step's outcome instead (`restore_with_fallback`). `preserve`: steps kept beside
+  the newest `keep` (a run's train.resume_step, which the same command goes back to again)."""
   local = ocp.options.MultiprocessingOptions(
     primary_host=jax.process_index(), active_processes={jax.process_index()}
   )
+  retention = {}  # read-only: none (orbax warns about any keep setting)
+  if not read_only and preserve:  # orbax takes a policy or max_to_keep, not both
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    policies.append(ocp.checkpoint_managers.CustomSteps(steps=list(preserve)))
+    retention['preservation_policy'] = ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+  elif not read_only:
+    retention['max_to_keep'] = keep
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=None if read_only else keep,  # read-only: orbax warns about any keep setting
+    **retention,
     save_interval_steps=0 if read_only else 1,
     create=not read_only,
     enable_async_checkpointing=async_save,

@@ -1179,7 +1179,14 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       f'model.text_dim={config.model.text_dim}; pass --config.model.text_dim={text_cache.dim}.'
     )
 
-  manager = checkpoints.make_manager(workdir_path, keep=config.train.keep_checkpoints)
+  # The chosen resume step is kept beside the newest ones: the same command goes back to it again
+  # with other settings (a lower optim.lr after a NaN), after any number of later saves.
+  resume_step = int(config.train.get('resume_step', 0))
+  manager = checkpoints.make_manager(
+    workdir_path,
+    keep=config.train.keep_checkpoints,
+    preserve=[resume_step] if resume_step else [],
+  )
   try:
     data_iter = pipeline.make_iterator(
       config,

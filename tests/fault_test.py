@@ -146,6 +146,18 @@ def test_resume_step_picks_a_kept_checkpoint(shared, pristine):
   assert finished_steps(workdir) == [2, 4]
   assert losses(workdir)[4] != losses(pristine)[4]  # trained again at the lower rate
   assert (workdir / 'checkpoints_set_aside' / '6').is_dir()
+  # The chosen step outlives retention: keep_checkpoints' newest saves deleted step 2 here, and
+  # the next go-back found no step 2 ('not a kept checkpoint').
+  run(
+    shared,
+    workdir,
+    '--config.train.num_steps=8',
+    '--config.train.resume_step=2',
+    '--config.train.keep_checkpoints=1',
+    '--config.optim.lr=2e-5',
+    *CONSTANT_LR,
+  )
+  assert finished_steps(workdir) == [2, 8]
 
 
 @pytest.mark.parametrize(
