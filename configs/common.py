@@ -106,9 +106,12 @@ def get_common(
   c.optim.schedule = 'cosine'  # 'cosine' | 'constant'
   c.optim.warmup_steps = 1000
   c.optim.min_lr_ratio = 0.1
-  c.optim.b1 = 0.9
+  c.optim.b1 = 0.9  # b1, b2, eps: AdamW's (adafactor refuses other values: it never reads them)
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
+  c.optim.adafactor_min_dim = 128  # adafactor: factor the moments of dims at least this large
+  c.optim.adafactor_decay_rate = 0.8  # adafactor: the second moments' decay exponent
+  c.optim.adafactor_momentum = 0.0  # adafactor: a first moment's decay (0: none, the default)
   c.optim.weight_decay = 0.0
   c.optim.grad_clip = 1.0
   c.optim.grad_accum_steps = 1

@@ -107,7 +107,7 @@ def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransform
       decay_rate=float(_field(optim_config, 'adafactor_decay_rate', 0.8)),
       multiply_by_parameter_scale=False,  # lr means the same as for Adam
       clipping_threshold=1.0,
-      momentum=_field(optim_config, 'adafactor_momentum', None),
+      momentum=float(_field(optim_config, 'adafactor_momentum', 0.0) or 0.0) or None,  # 0: none
     )
     if weight_decay > 0:
       # Not optax's weight_decay_rate: that decay is added after the learning rate, so 0.1

@@ -626,7 +626,11 @@ _OPTIM_RANGES = {
   'eps': (0.0, math.inf, False, 'e.g. 1e-8'),
   'weight_decay': (0.0, math.inf, False, 'e.g. 0 or 0.01'),
   'grad_clip': (0.0, math.inf, False, 'a global norm, e.g. 1.0; 0: no clipping'),
+  'adafactor_decay_rate': (0.0, 1.0, True, 'e.g. 0.8'),
+  'adafactor_momentum': (0.0, 1.0, False, 'e.g. 0.9; 0: no first moment'),
 }
+# AdamW's settings and their defaults: adafactor never reads them, so another value is refused.
+_ADAMW_ONLY = {'b1': 0.9, 'b2': 0.999, 'eps': 1e-8}
 
 
 def _is_count(value: Any, lowest: int) -> bool:
@@ -665,6 +669,14 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
   precompute.check_text_dtype(config)
   stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
+  given = config.train.get('sample_prompts') or ()
+  bad = [p for p in given if not isinstance(p, str) or not p.strip()]
+  if isinstance(given, str) or bad:  # a bare string was read as its characters
+    raise ValueError(
+      f'train.sample_prompts={given!r}: use a tuple of non-empty caption strings, e.g. '
+      "--config.train.sample_prompts=\"('a red apple', 'a blue car')\" (empty: captions of the "
+      'training data).'
+    )
   grid_prompts = config.train.get('num_sample_prompts', 1)
   if (
     config.train.sample_every
@@ -689,10 +701,27 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not 0.0 <= lr < math.inf:
     raise ValueError(f'optim.lr={lr}: use a finite learning rate >= 0 (e.g. 1e-4).')
   for name, (low, high, closed, example) in _OPTIM_RANGES.items():
+    if name not in config.optim:  # a config of its own without the adafactor fields
+      continue
     value = float(config.optim[name])
     if not (low <= value <= high if closed else low <= value < high):  # also refuses NaN
       bounds = f'[{low:g}, {high:g}]' if closed else f'[{low:g}, {high:g})'
       raise ValueError(f'optim.{name}={value}: use a value in {bounds} ({example}).')
+  if config.optim.optimizer == 'adafactor':
+    ignored = [
+      f'optim.{k}={config.optim[k]}' for k, v in _ADAMW_ONLY.items() if config.optim[k] != v
+    ]
+    if ignored:
+      raise ValueError(
+        f'{", ".join(ignored)}: optim.optimizer=adafactor does not read '
+        f'{"it" if len(ignored) == 1 else "them"} (AdamW does); leave '
+        f'{", ".join(_ADAMW_ONLY)} at {", ".join(map(str, _ADAMW_ONLY.values()))} and set '
+        'optim.adafactor_momentum, optim.adafactor_decay_rate or optim.adafactor_min_dim, or use '
+        'optim.optimizer=adamw.'
+      )
+  min_dim = config.optim.get('adafactor_min_dim', 128)
+  if not _is_count(min_dim, 1):
+    raise ValueError(f'optim.adafactor_min_dim={min_dim!r}: use a whole number >= 1 (e.g. 128).')
   stage.schedule(config)  # each of these raises naming the allowed values
   drop = float(config.diffusion.cond_drop_prob)
   if not 0.0 <= drop <= 1.0:

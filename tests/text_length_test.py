@@ -8,6 +8,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -337,6 +338,11 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
     ('text.dtype', 'bf16', r"text.dtype='bf16': the T5 encoder runs in bfloat16 or float32"),
     ('optim.grad_accum_steps', 10**6, r'grad_accum_steps=1000000 > train.num_steps=.* no update'),
+    # A traceback from the tokenizer once the workdir and the text cache were written.
+    ('train.sample_prompts', (1, 2), r'train.sample_prompts=\(1, 2\): use a tuple of non-empty'),
+    ('train.sample_prompts', ('a cat', ' '), r"sample_prompts=\('a cat', ' '\): use a tuple"),
+    ('optim.adafactor_momentum', 1.0, r'optim.adafactor_momentum=1.0: use a value in \[0, 1\)'),
+    ('optim.adafactor_min_dim', 0, r'optim.adafactor_min_dim=0: use a whole number >= 1'),
     # Both were refused only once the workdir was made and locked.
     ('data.source', 'flder', r"Unknown data.source 'flder'; choose one of"),
     ('data.source', 'folder', r"data.source='folder' needs --config.data.path"),
@@ -349,6 +355,32 @@ def test_settings_that_cannot_train_are_named(field, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     train_lib.check_settings(config)
+
+
+def test_adamw_settings_are_refused_with_adafactor_and_its_own_are_read():
+  # optim.b1 / b2 / eps with optimizer=adafactor (sr256 and sr1024) were accepted and read by
+  # nothing; adafactor's own settings had no config field, so the command line refused them.
+  from imagen_jax import optim
+
+  config = base64.get_config('tiny')
+  config.optim.optimizer = 'adafactor'
+  train_lib.check_settings(config)
+  config.optim.b1 = 0.5
+  with pytest.raises(
+    ValueError, match=r'^optim.b1=0.5: optim.optimizer=adafactor does not read it'
+  ):
+    train_lib.check_settings(config)
+  config.optim.b2, config.optim.eps = 0.99, 1e-6
+  with pytest.raises(ValueError, match=r'optim.b2=0.99, optim.eps=1e-06: .* does not read them'):
+    config.optim.b1 = 0.9
+    train_lib.check_settings(config)
+  config.optim.b2, config.optim.eps = 0.999, 1e-8
+  params = {'w': jnp.ones((4, 4))}
+  plain = optim.make_optimizer(config.optim, num_steps=10).init(params)
+  config.optim.adafactor_momentum = 0.9
+  train_lib.check_settings(config)
+  with_momentum = optim.make_optimizer(config.optim, num_steps=10).init(params)
+  assert len(jax.tree.leaves(with_momentum)) > len(jax.tree.leaves(plain))  # a first moment
 
 
 def test_a_resume_may_change_how_the_model_computes_but_not_its_parameters():
