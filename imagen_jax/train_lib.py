@@ -906,7 +906,18 @@ def _prepare_workdir(workdir: str, resume_step: int = 0) -> pathlib.Path:
 def _optimizer_check(
   saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict, abstract_params: Any
 ) -> None:
-  """Refuse a resume whose optimizer-state structure differs, naming the optim fields."""
+  """Refuse a resume whose optimizer-state structure differs, naming the optim fields, or whose
+  optim.grad_accum_steps differs: the state's structure is the same, but the optimizer counts
+  its updates while train.num_steps, the logged lr and the EMA warm-up count micro-steps / k, so
+  another k logged one lr and applied another, on a schedule that no longer fit."""
+  before, now = int(saved.optim.get('grad_accum_steps', 1)), int(config.optim.grad_accum_steps)
+  if before != now:
+    raise TrainingError(
+      f'optim.grad_accum_steps={now}, but the checkpoint was trained with {before}: the '
+      'optimizer has counted its updates at that rate, so the schedules would no longer agree. '
+      f'Resume with --config.optim.grad_accum_steps={before}, or train with {now} in a fresh '
+      '--workdir.'
+    )
   num_steps = int(config.train.num_steps)
 
   def structure(optim_config):
@@ -1004,6 +1015,9 @@ _NOT_TRAINING = (
   'data.num_workers',
   'data.prefetch',
   'data.device_prefetch',
+  'data.index_dir',  # where the webdataset member index is kept
+  'text.precompute_batch_size',  # the cache is keyed without it: a built one is read as it is
+  'text.auto_precompute',
   'model.remat',
   'mesh.',
   'sample.',

@@ -383,6 +383,43 @@ def test_adamw_settings_are_refused_with_adafactor_and_its_own_are_read():
   assert len(jax.tree.leaves(with_momentum)) > len(jax.tree.leaves(plain))  # a first moment
 
 
+def test_a_resume_run_again_with_other_reading_settings_is_the_same_resume(monkeypatch):
+  # A go-back command run again with another text.precompute_batch_size (an out-of-memory fix),
+  # text.auto_precompute or data.index_dir went back to its step again, setting aside the
+  # progress made since: none of them changes what the run trains.
+  from imagen_jax import checkpoints
+
+  saved = base64.get_config('tiny')
+  saved.train.resume_step = 2
+  monkeypatch.setattr(checkpoints, 'restore_config', lambda manager, step: saved)
+  config = base64.get_config('tiny')
+  config.train.resume_step = 2
+  config.text.precompute_batch_size = 8
+  config.text.auto_precompute = False
+  config.data.index_dir = '/tmp/index'
+  assert train_lib._same_resume(None, 4, config)
+  config.optim.lr = 1e-5  # the NaN advice: a new attempt from step 2
+  assert not train_lib._same_resume(None, 4, config)
+
+
+def test_a_resume_may_not_change_the_gradient_accumulation():
+  # The optimizer state has the same structure for any k, so it restored; the optimizer then
+  # applied schedule(its own update count) while the log showed schedule(step // new k).
+  saved = base64.get_config('tiny')
+  saved.optim.grad_accum_steps = 2
+  config = base64.get_config('tiny')
+  config.optim.grad_accum_steps = 4
+  params = {'w': jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+  with pytest.raises(
+    train_lib.TrainingError,
+    match=r'optim.grad_accum_steps=4, but the checkpoint was trained with 2: .* Resume with '
+    r'--config.optim.grad_accum_steps=2, or train with 4 in a fresh --workdir.',
+  ):
+    train_lib._optimizer_check(saved, config, params)
+  config.optim.grad_accum_steps = 2
+  train_lib._optimizer_check(saved, config, params)
+
+
 def test_a_resume_may_change_how_the_model_computes_but_not_its_parameters():
   # model.remat (the out-of-memory advice on accelerators), dtype and dropout leave the
   # parameters as they are: a resume with them changed was refused as 'a different model'.
