@@ -21,6 +21,7 @@ steps.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -45,7 +46,7 @@ from imagen_jax import device_memory, multihost
 log = logging.getLogger(__name__)
 
 ITEMS = ('state', 'data', 'config', 'checksums')
-CHECKSUM_VERSION = 1
+CHECKSUM_VERSION = 2  # what saves write; versions 1 and 2 verify (`_fingerprint`)
 SET_ASIDE_DIR = 'checkpoints_set_aside'
 
 
@@ -248,26 +249,47 @@ def _as_uint32_bits(x: jax.Array) -> jax.Array:
   return bits.reshape(-1)
 
 
-@jax.jit
-def _fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(uint32[2] checksum, finite) of one array.
+def _mix(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: each input bit flips about half the output bits."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
 
-  s0 = sum_i b_i  and  s1 = sum_i b_i * (2i + 1)  (mod 2**32), b_i the i-th 32-bit word: any
-  single flipped bit changes s0, and a swap of two words changes s1.
+
+def _fingerprint(x: jax.Array, version: int) -> tuple[jax.Array, jax.Array]:
+  """(uint32[2] checksum, finite) of one array; b_i its i-th 32-bit word, sums mod 2**32.
+
+  Version 2 (saved since 2026-11-29): s0 = sum_i mix(b_i), s1 = sum_i mix(b_i + mix(i + 1)).
+  A change of any words changes each sum but with odds of about 2**-32.
+  Version 1: s0 = sum_i b_i, s1 = sum_i b_i (2i + 1). Any single flipped bit changes s0 and a
+  swap of two words s1, but the top bit of a word adds 2**31 to both sums whatever its place:
+  two flipped float32 sign bits (two weights negated) left both unchanged, and so did a swap of
+  x and -x.
   """
   bits = _as_uint32_bits(x)
-  weights = jnp.arange(bits.shape[0], dtype=jnp.uint32) * jnp.uint32(2) + jnp.uint32(1)
-  sums = jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weights, dtype=jnp.uint32)])
+  index = jnp.arange(bits.shape[0], dtype=jnp.uint32)
+  if version == 1:
+    first, second = bits, bits * (index * jnp.uint32(2) + jnp.uint32(1))
+  else:
+    first, second = _mix(bits), _mix(bits + _mix(index + jnp.uint32(1)))
+  sums = jnp.stack([jnp.sum(first, dtype=jnp.uint32), jnp.sum(second, dtype=jnp.uint32)])
   finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
   return sums, finite
 
 
+_FINGERPRINTS = {v: jax.jit(functools.partial(_fingerprint, version=v)) for v in (1, 2)}
 # Compiled once per array signature (and process), then barrier: see `array_checksums`.
-_fingerprint_together = multihost.compiled_together(_fingerprint, 'imagen_jax:checksums_compiled')
+_FINGERPRINTS_TOGETHER = {
+  v: multihost.compiled_together(f, f'imagen_jax:checksums_compiled_v{v}')
+  for v, f in _FINGERPRINTS.items()
+}
 
 
-def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
-  """({key path: [s0, s1]}, all finite) of every array leaf of tree.
+def array_checksums(tree: Any, version: int | None = None) -> tuple[dict[str, list[int]], bool]:
+  """({key path: [s0, s1]}, all finite) of every array leaf of tree (`_fingerprint`'s version,
+  None: CHECKSUM_VERSION).
 
   One small program per distinct (shape, dtype, sharding) of the leaves, not one program over
   the whole tree: a train state's hundreds of leaves share a few dozen signatures, and XLA takes
@@ -283,7 +305,8 @@ def array_checksums(tree: Any) -> tuple[dict[str, list[int]], bool]:
   next starts: XLA:CPU ran such programs, dispatched back to back, in different orders on
   different devices, and the all-reduce rendezvous then timed out and aborted the process (a
   2-device fsdp=2 run, at its first save, in 5 of 6 tries)."""
-  fingerprint = _fingerprint_together if jax.process_count() > 1 else _fingerprint
+  table = _FINGERPRINTS_TOGETHER if jax.process_count() > 1 else _FINGERPRINTS
+  fingerprint = table[CHECKSUM_VERSION if version is None else version]
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
 
   def one(x):
@@ -305,8 +328,8 @@ def json_checksum(obj: Any) -> str:
   return hashlib.sha256(text.encode('utf-8')).hexdigest()
 
 
-def _verify_arrays(tree: Any, stored: dict[str, list[int]], where: str) -> None:
-  actual, _ = array_checksums(tree)
+def _verify_arrays(tree: Any, stored: dict[str, list[int]], where: str, version: int) -> None:
+  actual, _ = array_checksums(tree, version)
   bad = [k for k, v in actual.items() if stored.get(k) != v]
   if bad:
     missing = [k for k in bad if k not in stored]
@@ -339,7 +362,7 @@ def save(
   """
   if not (force or manager.should_save(step)):
     return False
-  arrays, finite = array_checksums(state)
+  arrays, finite = array_checksums(state, CHECKSUM_VERSION)
   if not finite:
     raise NonFiniteStateError(
       f'Refusing to save step {step}: the train state holds NaN/Inf values (nothing written).'
@@ -414,7 +437,7 @@ def _read_checksums(manager: ocp.CheckpointManager, step: int) -> dict | None:
     return None
   restored = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))
   stored = restored['checksums']
-  if not isinstance(stored, dict) or stored.get('version') != CHECKSUM_VERSION:
+  if not isinstance(stored, dict) or stored.get('version') not in _FINGERPRINTS:
     raise CheckpointError(f'{_where(manager, step)}: unreadable checksums item.')
   return stored
 
@@ -480,7 +503,7 @@ def load(manager: ocp.CheckpointManager, step: int, *, abstract_state: Any) -> L
 
   def verify() -> None:
     if stored is not None:
-      _verify_arrays(restored['state'], stored['arrays'], where)
+      _verify_arrays(restored['state'], stored['arrays'], where, stored['version'])
       _verify_json('data', restored['data'], stored, where)
 
   return Loaded((restored['state'], restored['data']), verify)
@@ -755,7 +778,7 @@ def restore_params(
     def verify() -> None:
       if stored is not None:
         wanted = {k: v for k, v in stored['arrays'].items() if k.startswith(f"['{key}']")}
-        _verify_arrays({key: restored[key]}, wanted, where)
+        _verify_arrays({key: restored[key]}, wanted, where, stored['version'])
 
     return Loaded((restored[key], config), verify)
 

@@ -77,6 +77,25 @@ def test_bit_rot_that_decodes_is_caught_and_the_previous_step_used(two_steps):
     )
 
 
+def test_checkpoints_saved_with_version_1_checksums_still_verify(tmp_path, monkeypatch):
+  # Every checkpoint written before 2026-11-29 holds version 1 checksums: verified by that
+  # version's sums, damage included, not refused as 'unreadable checksums'.
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoints, 'CHECKSUM_VERSION', 1)
+    manager = checkpoints.make_manager(tmp_path, async_save=False)
+    for step in (1, 2):
+      checkpoints.save(manager, step, state=state_at(step), data_state={}, config=CONFIG)
+    manager.wait_until_finished()
+  stored = json.loads((checkpoints.step_dir(tmp_path, 2) / 'checksums' / 'metadata').read_text())
+  assert stored['version'] == 1
+  target = abstract(state_at(2))
+  state, _ = checkpoints.restore(manager, 2, abstract_state=target)
+  assert int(state['step']) == 2
+  rot_one_bit(tmp_path, 2)
+  with pytest.raises(checkpoints.CheckpointError, match='differ from their saved checksums'):
+    checkpoints.restore(manager, 2, abstract_state=target)
+
+
 def test_restore_params_falls_back_and_reports(two_steps):
   workdir, manager = two_steps
   manager.close()
@@ -117,14 +136,47 @@ def test_checksums_see_every_single_bit():
   swapped = bits.copy()
   swapped[[3, 40]] = swapped[[40, 3]]
   got, _ = checkpoints.array_checksums({'x': jnp.asarray(swapped.view(np.float32))})
-  assert got["['x']"][0] == base["['x']"][0] and got != base  # the weighted sum sees swaps
+  assert got["['x']"][0] == base["['x']"][0] and got != base  # the position-mixed sum sees swaps
 
 
-def reference_checksum(words: np.ndarray) -> list[int]:
-  """The saved format, in numpy: s0 = sum b_i, s1 = sum b_i (2i + 1), mod 2**32."""
-  b = words.reshape(-1).astype(np.uint64)
-  weights = np.arange(b.size, dtype=np.uint64) * 2 + 1
-  return [int(b.sum() % 2**32), int((b * weights % 2**32).sum() % 2**32)]
+def test_checksums_see_negated_weights():
+  # Version 1 summed the words: a sign bit adds 2**31 to both sums wherever it is, so two
+  # negated weights, or a weight swapped with its negation elsewhere, verified as undamaged.
+  x = np.linspace(0.5, 3.0, 1000, dtype=np.float32)
+  x[20] = -x[10]  # a weight and its negation
+  negated_two = x.copy()
+  negated_two[[3, 700]] *= -1
+  swapped = x.copy()
+  swapped[[10, 20]] = swapped[[20, 10]]
+  for damaged in (negated_two, swapped):
+    for version in (1, 2):
+      base = checkpoints.array_checksums({'x': jnp.asarray(x)}, version)[0]
+      got = checkpoints.array_checksums({'x': jnp.asarray(damaged)}, version)[0]
+      assert (got != base) == (version == 2), version  # version 1's blind spot, pinned
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+  """MurmurHash3's 32-bit finaliser in numpy (uint32 arithmetic wraps mod 2**32)."""
+  with np.errstate(over='ignore'):
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def reference_checksum(words: np.ndarray, version: int = checkpoints.CHECKSUM_VERSION) -> list:
+  """The saved formats, in numpy, mod 2**32. Version 1: s0 = sum b_i, s1 = sum b_i (2i + 1);
+  version 2: s0 = sum mix(b_i), s1 = sum mix(b_i + mix(i + 1))."""
+  b = words.reshape(-1).astype(np.uint32)
+  index = np.arange(b.size, dtype=np.uint32)
+  if version == 1:
+    b64 = b.astype(np.uint64)
+    weights = index.astype(np.uint64) * 2 + 1
+    return [int(b64.sum() % 2**32), int((b64 * weights % 2**32).sum() % 2**32)]
+  with np.errstate(over='ignore'):
+    second = _mix(b + _mix(index + np.uint32(1)))
+  return [int(_mix(b).astype(np.uint64).sum() % 2**32), int(second.astype(np.uint64).sum() % 2**32)]
 
 
 def test_checksums_keep_the_saved_format_for_every_dtype():
@@ -141,17 +193,19 @@ def test_checksums_keep_the_saved_format_for_every_dtype():
     'mask': jnp.asarray(np.arange(9) % 2 == 0),
     'rng': key,
   }
-  sums, finite = checkpoints.array_checksums(tree)
-  assert finite
-  assert sums == {
-    "['count']": reference_checksum(np.array([-5], np.int32).view(np.uint32)),
-    "['mask']": reference_checksum((np.arange(9) % 2 == 0).astype(np.uint8)),
-    "['mu']['b']": reference_checksum(np.asarray(half).view(np.uint16)),
-    "['mu']['w']": reference_checksum((w * 3).view(np.uint32)),
-    "['params']['b']": reference_checksum(np.asarray(half).view(np.uint16)),
-    "['params']['w']": reference_checksum(w.view(np.uint32)),
-    "['rng']": reference_checksum(np.asarray(jax.random.key_data(key))),
-  }
+  assert checkpoints.CHECKSUM_VERSION == 2  # what saves write
+  for version in (1, 2):
+    sums, finite = checkpoints.array_checksums(tree, version)
+    assert finite
+    assert sums == {
+      "['count']": reference_checksum(np.array([-5], np.int32).view(np.uint32), version),
+      "['mask']": reference_checksum((np.arange(9) % 2 == 0).astype(np.uint8), version),
+      "['mu']['b']": reference_checksum(np.asarray(half).view(np.uint16), version),
+      "['mu']['w']": reference_checksum((w * 3).view(np.uint32), version),
+      "['params']['b']": reference_checksum(np.asarray(half).view(np.uint16), version),
+      "['params']['w']": reference_checksum(w.view(np.uint32), version),
+      "['rng']": reference_checksum(np.asarray(jax.random.key_data(key)), version),
+    }
   half[5] = np.inf
   assert not checkpoints.array_checksums({**tree, 'mu': {'b': jnp.asarray(half)}})[1]
 
