@@ -300,6 +300,27 @@ def test_lfs_pointer_or_truncated_shard_is_one_clear_error(tmp_path, tiny_folder
 
 
 @pytest.mark.unit
+def test_a_cut_or_malformed_config_or_index_is_one_clear_error(tmp_path, tiny_folders):
+  # A partly copied folder: a bare JSONDecodeError naming no file, or an AttributeError or
+  # KeyError traceback where sample.py and evaluate.py catch only T5CheckpointError.
+  write_hf_folder(tmp_path, sharded=True, weights=tiny_folders[1])
+  config, index = tmp_path / 'config.json', tmp_path / 'model.safetensors.index.json'
+  good_config, good_index = config.read_text(), index.read_text()
+  for path, text, message in [
+    (config, good_config[: len(good_config) // 2], r'config.json. does not read as JSON'),
+    (config, '[1, 2]', r'config.json. holds a JSON list, not an object'),
+    (index, good_index[:40], r'index.json. does not read as JSON .*download or copy it again'),
+    (index, '{"metadata": {}}', r"index.json. has no 'weight_map' object"),
+  ]:
+    path.write_text(text)
+    with pytest.raises(t5.T5CheckpointError, match=message):
+      encoder_lib.load_text_encoder(str(tmp_path))
+    config.write_text(good_config)
+    index.write_text(good_index)
+  encoder_lib.load_text_encoder(str(tmp_path))  # restored: loads
+
+
+@pytest.mark.unit
 def test_folder_fingerprint_names_the_checkpoint_a_folder_holds(tmp_path):
   assert t5.folder_fingerprint('google/t5-v1_1-xxl') is None  # a Hub name (no such folder here)
   folder = tmp_path / 'ckpt'

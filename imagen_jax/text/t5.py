@@ -396,7 +396,7 @@ def _download_from_hub(repo_id: str, *, revision: str | None) -> pathlib.Path:
     folder = pathlib.Path(folder)
     index = folder / 'model.safetensors.index.json'
     if index.exists():
-      weight_map = json.loads(index.read_text())['weight_map']
+      weight_map = _weight_map(index)
       needed = sorted({f for k, f in weight_map.items() if _is_encoder_tensor(k)})
     else:
       needed = ['model.safetensors']
@@ -479,11 +479,40 @@ def _no_safetensors_message(where: str, found: Sequence[str]) -> str:
   )
 
 
+def _json_object(path: pathlib.Path) -> dict:
+  """The JSON object in `path`; T5CheckpointError naming the file when it is cut, not JSON or
+  not an object (a partly copied or downloaded checkpoint folder)."""
+  try:
+    raw = json.loads(path.read_text(encoding='utf-8'))
+  except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+    raise T5CheckpointError(
+      f'{str(path)!r} does not read as JSON ({type(e).__name__}: {e}); the checkpoint folder is '
+      'incomplete or damaged: download or copy it again.'
+    ) from e
+  if not isinstance(raw, dict):
+    raise T5CheckpointError(
+      f'{str(path)!r} holds a JSON {type(raw).__name__}, not an object; the checkpoint folder is '
+      'damaged: download or copy it again.'
+    )
+  return raw
+
+
+def _weight_map(index: pathlib.Path) -> dict:
+  """The tensor -> file map of a sharded checkpoint's model.safetensors.index.json."""
+  weight_map = _json_object(index).get('weight_map')
+  if not isinstance(weight_map, dict):
+    raise T5CheckpointError(
+      f"{str(index)!r} has no 'weight_map' object (tensor name -> file); the checkpoint folder "
+      'is damaged: download or copy it again.'
+    )
+  return weight_map
+
+
 def _safetensors_files(folder: pathlib.Path) -> list[str]:
   """The safetensors files holding encoder tensors (all of them for a single file)."""
   index = folder / 'model.safetensors.index.json'
   if index.exists():
-    weight_map = json.loads(index.read_text())['weight_map']
+    weight_map = _weight_map(index)
     return sorted({f for k, f in weight_map.items() if _is_encoder_tensor(k)})
   if (folder / 'model.safetensors').exists():
     return ['model.safetensors']
@@ -499,7 +528,7 @@ def read_config(folder: pathlib.Path) -> T5Config:
       f'(found: {sorted(q.name for q in folder.iterdir())[:12]}); '
       'a Hugging Face T5 checkpoint folder needs config.json next to its safetensors.'
     )
-  raw = json.loads(path.read_text())
+  raw = _json_object(path)
   model_type = raw.get('model_type')
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise T5CheckpointError(
