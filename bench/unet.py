@@ -31,9 +31,10 @@ and attention logits are computed in f32, and attention holds one block of f32 l
 time (`cpu_attention`; cuDNN flash attention is used on GPU, Pallas splash attention on TPU).
 
 FLOPs: `model_tflop_per_step` is the U-Net's model FLOPs counted from its config and shapes
-(`imagen_jax.flops`, 3 x forward); `hardware_tflop_per_step` adds the forward that remat
-recomputes. MFU and HFU divide them by the step time, the device count and the dense bf16
-peak of the device kind (null where the peak table has no entry, CPU included).
+(`imagen_jax.flops`, 3 x forward); `hardware_tflop_per_step` adds what remat recomputes (each
+block's forward but its last linear op). MFU and HFU divide them by the step time, the device
+count and the dense bf16 peak of the device kind (null where the peak table has no entry, CPU
+included).
 `xla_flops_per_step_per_device` is `cost_analysis()`, kept for reference only: it counts cuDNN
 convolutions and fused attention as zero on GPU and includes remat recomputation on TPU.
 `peak_memory_gb` is the device allocator's peak (`memory_stats()`; null where the backend

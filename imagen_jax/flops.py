@@ -14,22 +14,27 @@ per example; norms, activations, softmax, FiLM application and the optimizer are
 count against XLA:CPU's cost_analysis, exact for convolutions and dots, with remat off).
 
 Training: model FLOPs per example = 3 x forward (backward = 2 x forward: the gradients with
-respect to the activations and to the weights), the usual MFU convention. With remat every
-rematerialised block runs its forward twice, so hardware FLOPs = model FLOPs + the forward of
-those blocks (HFU). MFU = model FLOPs per second / peak; HFU = hardware FLOPs per second / peak.
+respect to the activations and to the weights), the usual MFU convention. With remat the
+backward pass runs each rematerialised block's forward again, except its last linear op (a
+ResBlock's second convolution and 1x1 skip, an attention block's output projection, a down- or
+upsampling convolution), whose output no gradient needs: hardware FLOPs = model FLOPs + that
+recomputation (HFU; about 46 % of the blocks' forward on these U-Nets, as XLA:CPU's
+cost_analysis counts it with remat on and off, tests/flops_test.py). MFU = model FLOPs per
+second / peak; HFU = hardware FLOPs per second / peak.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from imagen_jax.models.unet import UNetConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-  """Forward FLOPs of one U-Net call on a batch, split by kind; `remat` is the part that runs
-  inside rematerialised blocks (what a remat model computes twice)."""
+  """Forward FLOPs of one U-Net call on a batch, split by kind; `remat` is the part of the
+  rematerialised blocks that the backward pass runs again (what a remat model computes twice)."""
 
   conv: float
   dense: float
@@ -64,23 +69,27 @@ class _Counter:
     self.in_block = False
     self.count_padding = count_padding
 
-  def _add(self, kind: str, flops: float) -> None:
+  def _add(self, kind: str, flops: float, last: bool) -> None:
+    """last: a block's last linear op, which the remat backward does not run again (its
+    gradients need its input and the output's gradient, never its output)."""
     setattr(self, kind, getattr(self, kind) + flops)
-    if self.in_block:
+    if self.in_block and not last:
       self.remat += flops
 
-  def conv2d(self, in_hw: int, k: int, c_in: int, c_out: int, stride: int = 1) -> None:
+  def conv2d(
+    self, in_hw: int, k: int, c_in: int, c_out: int, stride: int = 1, last: bool = False
+  ) -> None:
     if self.count_padding:
       taps = k * (-(-in_hw // stride))  # per dimension: every output, every tap
     else:
       taps = _taps(in_hw, k, stride)
-    self._add('conv', 2.0 * taps * taps * c_in * c_out)
+    self._add('conv', 2.0 * taps * taps * c_in * c_out, last)
 
-  def linear(self, tokens: int, d_in: int, d_out: int) -> None:
-    self._add('dense', 2.0 * tokens * d_in * d_out)
+  def linear(self, tokens: int, d_in: int, d_out: int, last: bool = False) -> None:
+    self._add('dense', 2.0 * tokens * d_in * d_out, last)
 
   def attend(self, t: int, s: int, inner: int) -> None:
-    self._add('attention', 2.0 * 2.0 * t * s * inner)  # q.k and p.v
+    self._add('attention', 2.0 * 2.0 * t * s * inner, False)  # q.k and p.v
 
 
 def unet_flops(
@@ -117,9 +126,9 @@ def unet_flops(
   def res_block(size: int, c_in: int, c_out: int) -> None:
     n.conv2d(size, 3, c_in, c_out)
     n.linear(1, c.cond_dim, 2 * c_out)  # FiLM
-    n.conv2d(size, 3, c_out, c_out)
+    n.conv2d(size, 3, c_out, c_out, last=True)
     if c_in != c_out:
-      n.conv2d(size, 1, c_in, c_out)
+      n.conv2d(size, 1, c_in, c_out, last=True)
 
   def attention_blocks(level: int, size: int, ch: int) -> None:
     pixels = size * size
@@ -130,18 +139,18 @@ def unet_flops(
         n.linear(L, width, 2 * inner)
         keys += L
       n.attend(pixels, keys, inner)
-      n.linear(pixels, inner, ch)
+      n.linear(pixels, inner, ch, last=True)
     if level in c.cross_attn_levels:
       n.linear(pixels, ch, inner)
       n.linear(L, width, 2 * inner)
       n.attend(pixels, L, inner)
-      n.linear(pixels, inner, ch)
+      n.linear(pixels, inner, ch, last=True)
 
   n.in_block = True  # every block below runs through UNet._run (remat when configured)
   for i, ch in enumerate(chans):
     size = resolution >> i
     if i > 0:
-      n.conv2d(2 * size, 3, chans[i - 1], ch, stride=2)  # to this level's size
+      n.conv2d(2 * size, 3, chans[i - 1], ch, stride=2, last=True)  # to this level's size
     for _ in range(blocks[i]):
       res_block(size, ch, ch)
       attention_blocks(i, size, ch)
@@ -156,7 +165,7 @@ def unet_flops(
       res_block(size, 2 * ch if j == 0 else ch, ch)
       attention_blocks(i, size, ch)
     if i > 0:
-      n.conv2d(2 * size, 3, ch, chans[i - 1])  # nearest x2, then a 3x3 convolution
+      n.conv2d(2 * size, 3, ch, chans[i - 1], last=True)  # nearest x2, then a 3x3 convolution
   n.in_block = False
   n.conv2d(resolution, 3, chans[0], c.image_channels)
 
@@ -179,11 +188,15 @@ def unet_flops(
 #   L4 242 sparse: https://www.nvidia.com/en-us/data-center/l4/
 #   TPU v4 275, v5e 197, v5p 459, v6e (Trillium) 918 bf16 TFLOPS per chip (one jax device):
 #     https://cloud.google.com/tpu/docs/v4 , /v5e , /v5p , /v6e
-# GPU rows match when every listed word appears in jax's `device_kind` (lower case); the first
-# matching row wins, so the more specific rows come first. L4 and the TPUs match the exact
+#   GH200 (Grace Hopper): its Hopper GPU's 1,979 sparse, as H100 SXM:
+#     https://www.nvidia.com/en-us/data-center/grace-hopper-superchip/
+# GPU rows match when every listed word is a word of jax's `device_kind` (lower case, split at
+# anything but letters and digits: an 'RTX A1000' is no 'A100'); the first matching row wins, so
+# the more specific rows come first. L4 and the TPUs match the exact
 # string (an 'L40S' is no L4). An unlisted device gets None (MFU left out), never a guess.
 _GPU_PEAK_BF16_FLOPS: tuple[tuple[tuple[str, ...], float | None], ...] = (
   (('gb200',), None),  # a Grace Blackwell GPU is not an HGX B200 (other clocks): unlisted
+  (('gh200',), 989e12),
   (('h100', 'pcie'), 756e12),
   (('h100', 'nvl'), 835e12),
   (('h100',), 989e12),  # 'NVIDIA H100 80GB HBM3' (SXM)
@@ -211,8 +224,9 @@ def peak_flops(device_kind: str) -> float | None:
     return _EXACT_PEAK_BF16_FLOPS[kind]
   if kind.startswith('tpu'):
     return None
+  tokens = set(re.split(r'[^a-z0-9]+', kind))
   for words, flops in _GPU_PEAK_BF16_FLOPS:
-    if all(w in kind for w in words):
+    if all(w in tokens for w in words):
       return flops  # None for a row that only keeps a device from matching a later one
   return None
 

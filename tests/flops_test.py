@@ -84,12 +84,25 @@ def test_padding_convention_and_remat_share():
   # 3 s/2 - 1 per dimension.
   assert flops._taps(8, 3, 1) == 3 * 8 - 2 and flops._taps(8, 3, 2) == 3 * 4 - 1
   assert flops._taps(8, 1, 1) == 8
-  # Linear in the batch; remat share 0 without remat, and below the forward with it.
+  # Linear in the batch; remat share 0 without remat, and about half the forward with it.
   assert flops.unet_flops(config, **{**kw, 'batch': 8}).forward == pytest.approx(2 * padded.forward)
   assert padded.remat == 0.0 and padded.train_hardware(remat=True) == padded.train
   rematted = flops.unet_flops(dataclasses.replace(config, remat=True), **kw)
-  assert 0.9 * rematted.forward < rematted.remat < rematted.forward
+  assert 0.3 * rematted.forward < rematted.remat < 0.6 * rematted.forward
   assert rematted.train_hardware(remat=True) == pytest.approx(rematted.train + rematted.remat)
+
+
+def test_remat_share_is_what_xla_recomputes():
+  """HFU's recomputation: the backward of a remat U-Net runs each block's forward again but its
+  last linear op. The count took the whole forward of every block, about twice what XLA adds
+  (train FLOPs with remat on minus off: 0.46 of the count), overstating HFU by 12-15 %."""
+  kw = dict(batch=2, resolution=16, text_len=8)
+  _, train_off = _xla_flops(WIDE_TINY, **kw)
+  rematted = dataclasses.replace(WIDE_TINY, remat=True)
+  _, train_on = _xla_flops(rematted, **kw)
+  count = flops.unet_flops(rematted, count_padding=False, **kw)
+  assert 0.9 <= (train_on - train_off) / count.remat <= 1.05, (train_on - train_off, count)
+  assert 0.98 <= train_on / count.train_hardware(remat=True) <= 1.03
 
 
 def test_base64_count_is_the_issue_figure():
@@ -118,6 +131,8 @@ def test_base64_count_is_the_issue_figure():
     ('NVIDIA L40S', None),
     ('NVIDIA GB200', None),  # not the B200 row
     ('NVIDIA GeForce RTX 4090', None),
+    ('NVIDIA RTX A1000 Laptop GPU', None),  # was the A100 row: words, not substrings, match
+    ('NVIDIA GH200 480GB', 989e12),
     ('TPU v3', None),
     ('cpu', None),
   ],
