@@ -290,13 +290,13 @@ class FolderSource(Source):
   ) -> None:
     """One warning for the images no metadata file names: with metadata files, sidecar
     captions are not read, so a folder mixing both layouts lost its sidecar pairs silently."""
-    unlisted = [
-      rel
-      for path in files
-      if path.suffix.lower() in IMAGE_EXTENSIONS
-      and (rel := os.path.relpath(path.resolve(), self.root)) not in named
-      and path.is_file()
-    ]
+    unlisted = []
+    for path in files:
+      if path.suffix.lower() not in IMAGE_EXTENSIONS or os.path.relpath(path, self.root) in named:
+        continue
+      rel = os.path.relpath(path.resolve(), self.root)  # rows name images by resolved path
+      if rel not in named and path.is_file():
+        unlisted.append(rel)
     if unlisted:
       metas = ', '.join(str(m.relative_to(self.root)) for m in metadata_files[:3])
       log.warning(
