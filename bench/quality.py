@@ -81,12 +81,13 @@ def _has_checkpoint(workdir: pathlib.Path) -> bool:
 
 
 def _matched_ratio(gen: dict, real: dict | None, floor: float | None) -> float | None:
+  """FD over the floor at the floor's n (unrounded), or None (see `summarise`)."""
   if not floor:
     return None
   if 'fd_matched' in gen:
-    return round(gen['fd_matched'] / floor, 2)
+    return gen['fd_matched'] / floor
   if real is not None and gen['n'] <= real['n']:
-    return round(gen['fd'] / floor, 2)
+    return gen['fd'] / floor
   return None
 
 
@@ -98,6 +99,7 @@ def summarise(
   gen, real = result['rows']['generated'], result['rows'].get('real_test')
   judge_acc = float(result['judge_test_accuracy'])
   floor = float(real['fd']) if real else None
+  matched = _matched_ratio(gen, real, floor)
   out = {
     'step': result['step'],
     'num': result['num'],
@@ -117,7 +119,7 @@ def summarise(
     # --num exceeds the test split; else the plain ratio (FD at n <= the floor's reads high).
     # None where neither holds (an eval.json from before fd_matched, or a class mix that no
     # subset matches): the larger set's plain FD would flatter the model.
-    'fd_matched_over_floor': _matched_ratio(gen, real, floor),
+    'fd_matched_over_floor': None if matched is None else round(matched, 2),
     'precision': round(gen['precision'], 4),
     'recall': round(gen['recall'], 4),
     'nn_train': round(gen['nn_train'], 4),
@@ -128,11 +130,13 @@ def summarise(
   }
   if 'per_template' in gen:  # which phrasing the model misreads (eval.json since 2026-11-29)
     out['per_template'] = {t: round(a, 4) for t, a in gen['per_template'].items()}
+  # The unrounded values: rounded ones met the target in a band past each bound (an FD ratio
+  # of 5.004 read 5.0), and missed it in one inside (entropy 3.0004 read 3.0).
   out['target_met'] = bool(
-    out['heldout_over_judge'] >= 0.8
-    and out['entropy_bits'] > 3.0
-    and out['fd_matched_over_floor'] is not None
-    and out['fd_matched_over_floor'] <= 5.0
+    gen['adherence_heldout'] >= 0.8 * judge_acc
+    and gen['entropy_bits'] > 3.0
+    and matched is not None
+    and matched <= 5.0
     and (train_s is None or train_s <= TRAIN_LIMIT_S)
   )
   return out

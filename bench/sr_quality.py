@@ -141,7 +141,7 @@ def evaluate(
     'heldout': heldout.heldout,
     'seconds': round(seconds, 1),
   }
-  out['gate_met'] = bool(heldout.heldout and out['gain_db'] >= GATE_DB)
+  out['gate_met'] = bool(heldout.heldout and summary['gain_db'] >= GATE_DB)  # unrounded
   arrays = {k: np.concatenate(v) for k, v in kept.items() if v}
   print(f'held-out images: {heldout.origin}', file=sys.stderr)
   return out, arrays

@@ -432,6 +432,14 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
     line = json.loads(proc.stdout.splitlines()[-1])
     assert line['fd_matched_over_floor'] == want and line['target_met'] is (want is not None)
     assert 'per_template' not in line
+  # The target reads the unrounded values: entropy 3.0004 printed as 3.0 missed '> 3.0', and an
+  # FD ratio of 5.004 printed as 5.0 met '<= 5.0'.
+  for entropy, fd, met in ((3.0004, 10.0, True), (3.3, 25.02, False)):
+    generated = {**_EVAL_RESULT['rows']['generated'], 'entropy_bits': entropy, 'fd': fd}
+    rows = {**_EVAL_RESULT['rows'], 'generated': generated}
+    (reused / 'eval.json').write_text(json.dumps({**_EVAL_RESULT, 'rows': rows}))
+    line = json.loads(run(reused, '--reuse').stdout.splitlines()[-1])
+    assert line['target_met'] is met, (entropy, fd, line)
 
 
 @pytest.mark.smoke
