@@ -33,5 +33,9 @@ def save_png(array: np.ndarray, path: str | os.PathLike, *, overwrite: bool = Fa
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it.')
   tmp = path.with_name(f'.{path.name}.tmp')
-  Image.fromarray(array).save(tmp, format='PNG')
-  os.replace(tmp, path)
+  try:
+    Image.fromarray(array).save(tmp, format='PNG')
+    os.replace(tmp, path)
+  except BaseException:  # a full disk or a stop mid-write: no cut temporary file left behind
+    tmp.unlink(missing_ok=True)
+    raise

@@ -745,8 +745,22 @@ def _remove_earlier_outputs(req: SampleRequest, paths, batches) -> None:
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
   tmp = path.with_name(f'.{path.name}.tmp')
-  tmp.write_text(json.dumps(data, indent=2))
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+  except BaseException:  # as images.save_png: no cut temporary file left behind
+    tmp.unlink(missing_ok=True)
+    raise
+
+
+def _write_failed(path: pathlib.Path, e: OSError, made: int) -> SampleError:
+  """The one-line error for an output file that could not be written (a full disk, a folder
+  made read-only meanwhile): what was kept and how to finish."""
+  return SampleError(
+    f'Cannot write {path} ({e.strerror or e}); {made} images from earlier batches were written '
+    'with their sidecars. Free space (or fix the folder) and run the same command with '
+    '--skip_existing to make the rest.'
+  )
 
 
 def _write_grid(paths: Sequence[pathlib.Path], out: pathlib.Path) -> None:
@@ -908,18 +922,25 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
       png, side = paths[i]
       # Kept only with its sidecar: a PNG without one may be another run's (stopped between
       # the two writes), made with other settings.
-      if not (req.skip_existing and png.exists() and side.exists()):
-        images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
-        written += 1
-      if not (req.skip_existing and side.exists()):
-        sidecar = {
-          'prompt': req.prompts[prompt_rows[row]],
-          'image_index': all_jobs[i].k,
-          'noise_index': i,
-        }
-        if edit is not None:
-          sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
-        _write_json(side, {**sidecar, **settings, SAMPLED_ON: sampled_on})
+      target = png
+      try:
+        if not (req.skip_existing and png.exists() and side.exists()):
+          images.save_png(pixels[row], png, overwrite=req.overwrite or req.skip_existing)
+          written += 1
+        if not (req.skip_existing and side.exists()):
+          sidecar = {
+            'prompt': req.prompts[prompt_rows[row]],
+            'image_index': all_jobs[i].k,
+            'noise_index': i,
+          }
+          if edit is not None:
+            sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
+          target = side
+          _write_json(side, {**sidecar, **settings, SAMPLED_ON: sampled_on})
+      except FileExistsError:  # another process wrote it meanwhile: save_png's own message
+        raise
+      except OSError as e:
+        raise _write_failed(target, e, made) from e
     made += written
     skipped += len(batch) - written
     log.info(
@@ -935,7 +956,14 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
 
     multihost_utils.sync_global_devices('imagen_jax:samples_written')
   if jax.process_index() == 0:
-    _write_grid([png for png, _ in paths], pathlib.Path(req.out))
+    try:
+      _write_grid([png for png, _ in paths], pathlib.Path(req.out))
+    except OSError as e:
+      raise SampleError(
+        f'Cannot write {pathlib.Path(req.out) / "grid.png"} ({e.strerror or e}); all {len(paths)} '
+        'images and their sidecars are in place. Free space and run the same command with '
+        '--skip_existing to write the grid.'
+      ) from e
   for st, secs, programs in zip(stages, timings, compiles, strict=True):
     log.info(
       '%s: %.2f s sampling, compile included (the sampler %s).',

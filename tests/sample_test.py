@@ -1,6 +1,7 @@
 """sample.py through the real CLI on tiny checkpoints trained here: outputs, reproducibility,
 a two-stage cascade, and every bad input (clear message, non-zero exit, nothing overwritten)."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -707,6 +708,44 @@ def test_a_stop_whose_interrupt_was_lost_still_stops_before_the_next_write(runs,
   assert sorted(f.name for f in out.iterdir()) == [
     f'000_0{k}_a-red-apple.{ext}' for k in (0, 1) for ext in ('json', 'png')
   ]
+
+
+def test_a_full_disk_mid_run_is_one_error_that_keeps_what_was_written(runs, monkeypatch):
+  # A write failing after the first batch (ENOSPC) was an OSError traceback that left a cut
+  # '.NAME.tmp' file behind. Injected here in the PNG encoder, after it wrote some bytes, in
+  # batch 2's first image.
+  import errno
+
+  from imagen_jax import sample_lib
+
+  save = Image.Image.save
+  calls = []
+
+  def save_then_fill_the_disk(self, fp, *args, **kwargs):
+    calls.append(fp)
+    if len(calls) == 3:  # batch 2, image 1 (batches of 2)
+      pathlib.Path(fp).write_bytes(b'\x89PNG cut')
+      raise OSError(errno.ENOSPC, 'No space left on device')
+    return save(self, fp, *args, **kwargs)
+
+  monkeypatch.setattr(Image.Image, 'save', save_then_fill_the_disk)
+  out = runs['root'] / 'full_disk'
+  req = sample_lib.SampleRequest(
+    prompts=['a red apple'], checkpoints=[str(runs['base'])], out=str(out), num_images=4,
+    batch_size=2, steps=[2],
+  )  # fmt: skip
+  with pytest.raises(sample_lib.SampleError) as info:
+    sample_lib.run(req)
+  assert str(info.value) == (
+    f'Cannot write {out / "000_02_a-red-apple.png"} (No space left on device); 2 images from '
+    'earlier batches were written with their sidecars. Free space (or fix the folder) and run the '
+    'same command with --skip_existing to make the rest.'
+  )
+  assert sorted(f.name for f in out.iterdir()) == [  # no .tmp file, no grid
+    f'000_0{k}_a-red-apple.{ext}' for k in (0, 1) for ext in ('json', 'png')
+  ]
+  monkeypatch.setattr(Image.Image, 'save', save)
+  assert len(sample_lib.run(dataclasses.replace(req, skip_existing=True))) == 4  # finished
 
 
 def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
