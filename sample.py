@@ -37,6 +37,7 @@ make the rest).
 """
 
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -139,7 +140,10 @@ def _read_prompts_file(name: str) -> list[str]:
     cli.fail(f'--prompts_file {path} is not UTF-8 text ({e}); save it as UTF-8.')
   except OSError as e:
     cli.fail(f'--prompts_file {path} cannot be read ({e.strerror}).')
-  return [line.strip() for line in text.splitlines() if line.strip()]
+  # Lines end at \n, \r\n or \r only: str.splitlines() also split a prompt at U+2028, U+0085,
+  # a form feed or \x1c-\x1e inside it, into prompts of its own.
+  lines = text.replace('\r\n', '\n').replace('\r', '\n').split('\n')
+  return [line.strip() for line in lines if line.strip()]
 
 
 def main(argv):
@@ -150,6 +154,7 @@ def main(argv):
     )
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)
+  cli.check_distributed_flags()
   cli.keep_freed_host_buffers()
   from imagen_jax import checkpoints, multihost, sample_lib
 
@@ -159,7 +164,7 @@ def main(argv):
   req = sample_lib.SampleRequest(
     prompts=prompts,
     checkpoints=FLAGS.checkpoints,
-    out=FLAGS.out,
+    out=os.path.expanduser(FLAGS.out),  # '~/samples' (a quoted --out=~/... reaches us as is)
     num_images=FLAGS.num_images,
     seed=FLAGS.seed,
     batch_size=FLAGS.batch_size,

@@ -48,6 +48,7 @@ def main(argv):
     cli.fail('--workdir is empty; pass the run folder, e.g. --workdir=runs/base64.')
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   logging.getLogger('absl').setLevel(logging.WARNING)  # orbax's per-save INFO lines
+  cli.check_distributed_flags()
   cli.keep_freed_host_buffers()
   cli.split_cpu_devices(
     FLAGS.config.train.batch_size,

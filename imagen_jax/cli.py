@@ -221,6 +221,25 @@ def define_distributed_flags() -> None:
   )
 
 
+def check_distributed_flags() -> None:
+  """One line and exit 2 for coordinator flags given without --distributed: ignored, they ran
+  each process as a lone run of the whole job (process 1 of 2 sampled every batch)."""
+  FLAGS = flags.FLAGS
+  if FLAGS.distributed:
+    return
+  given = [
+    name
+    for name in ('coordinator_address', 'num_processes', 'process_id', 'coordinator_timeout')
+    if FLAGS[name].present
+  ]
+  if given:
+    they = ('they set', 'them') if len(given) > 1 else ('it sets', 'it')
+    fail(
+      f'--{", --".join(given)} given without --distributed, which {they[0]} up; add '
+      f'--distributed for a multi-process run, or drop {they[1]}.'
+    )
+
+
 def _wait_for_coordinator(address: str, timeout: float) -> None:
   """Until the coordinator accepts TCP connections; one line and exit 1 after `timeout` s.
 

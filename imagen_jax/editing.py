@@ -48,7 +48,7 @@ def find_images(specs: Sequence[str]) -> list[pathlib.Path]:
   folder of sample.py's output, whose images have JSON sidecars, its grid.png is left out)."""
   paths = []
   for spec in specs:
-    path = pathlib.Path(spec)
+    path = pathlib.Path(spec).expanduser()
     if path.is_dir():
       found = sorted(
         p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -89,7 +89,8 @@ def load_image(path: str | pathlib.Path) -> Image.Image:
   path = pathlib.Path(path)
   image = _decode(path, '--init_image')
   mode = image.mode
-  has_alpha = mode in _ALPHA_MODES or (mode == 'P' and 'transparency' in image.info)
+  # A palette's transparent index, or a colour key (a PNG tRNS chunk of an RGB or grey image).
+  has_alpha = mode in _ALPHA_MODES or 'transparency' in image.info
   if has_alpha and image.convert('RGBA').getchannel('A').getextrema()[0] < 255:
     raise EditError(
       f'--init_image {path} has transparent pixels (alpha channel, mode {mode}): they have no '
@@ -152,12 +153,18 @@ def describe_fit(path: pathlib.Path, size: tuple[int, int], target: int, purpose
 
 
 def load_mask(path: str | pathlib.Path, image_size: tuple[int, int], image_path) -> np.ndarray:
-  """The repaint mask of an image: bool [H, W], True where the mask is white (>= 128).
+  """The repaint mask of an image: bool [H, W], True where the mask is white (at least half
+  bright: >= 128 of 255, >= 32768 of a 16-bit mask's 65535).
 
   EditError when it cannot be decoded, has another size than the image, or leaves nothing to
   repaint or nothing to keep inside the image's centre square (the part that is used).
   """
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise EditError(
+      f'--mask {path} {"is a folder" if path.is_dir() else "does not exist"}; pass the mask '
+      'image of the --init_image (white = repaint).'
+    )
   mask = _decode(path, '--mask')
   if mask.size != tuple(image_size):
     raise EditError(
@@ -170,7 +177,15 @@ def load_mask(path: str | pathlib.Path, image_size: tuple[int, int], image_path)
     background = Image.new('RGBA', mask.size, (0, 0, 0, 255))  # transparent: keep
     background.alpha_composite(mask)
     mask = background
-  repaint = np.asarray(mask.convert('L')) >= 128  # [H, W]
+  if mask.mode.startswith('I'):  # 16-bit grey ('I;16', or 'I'): convert('L') clips, not scales
+    repaint = np.asarray(mask, np.int64) >= 32768  # [H, W]
+  elif mask.mode == 'F':
+    raise EditError(
+      f'--mask {path} is a floating-point image (mode F), whose white level is not known; save '
+      'it as an 8- or 16-bit greyscale PNG (white = repaint, black = keep).'
+    )
+  else:
+    repaint = np.asarray(mask.convert('L')) >= 128  # [H, W]
   left, top, right, bottom = square_box(mask.size)
   used = repaint[top:bottom, left:right]
   where = '' if mask.size[0] == mask.size[1] else ' inside the centre square that is used'

@@ -327,6 +327,7 @@ def _run_cli() -> None:
       cli.fail(f'Unexpected arguments {argv[1:]}; use --config.<field>=... overrides.')
     if config_flag.value is None:
       cli.fail('--config is required, e.g. --config=configs/base64.py.')
+    cli.check_distributed_flags()
     cli.keep_freed_host_buffers()
     if flags.FLAGS.distributed:
       cli.initialize_distributed()

@@ -394,6 +394,14 @@ def test_load_image_refuses_grey_transparent_and_broken_files(tmp_path):
   assert '-alpha extract -negate' in str(info.value)
   mask = editing.load_mask(save(tmp_path, 'm.png', Image.fromarray(255 - rgba[..., 3])), (8, 8), '')
   assert mask[:, :4].all() and not mask[:, 4:].any()
+  # A colour key (an RGB PNG's tRNS chunk) is transparency too: the keyed pixels were used as
+  # that colour, where the same picture as RGBA was refused.
+  keyed = Image.fromarray(
+    np.where(np.eye(8, dtype=bool)[..., None], [0, 0, 255], rgb).astype(np.uint8)
+  )
+  keyed.save(tmp_path / 'keyed.png', transparency=(0, 0, 255))
+  with pytest.raises(editing.EditError, match=r'has transparent pixels .*mode RGB'):
+    editing.load_image(tmp_path / 'keyed.png')
   (tmp_path / 'text.png').write_text('not an image')
   with pytest.raises(editing.EditError, match='cannot be decoded'):
     editing.load_image(tmp_path / 'text.png')
@@ -421,6 +429,36 @@ def test_load_mask_refusals(tmp_path):
   (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n')
   with pytest.raises(editing.EditError, match='--mask .* cannot be decoded'):
     editing.load_mask(tmp_path / 'bad.png', (30, 20), 'i')
+  with pytest.raises(editing.EditError, match=r'--mask \S*nope.png does not exist; pass the mask'):
+    editing.load_mask(tmp_path / 'nope.png', (30, 20), 'i')  # was 'cannot be decoded'
+
+
+def test_a_16_bit_mask_is_white_from_half_its_range(tmp_path):
+  # convert('L') clips a 16-bit mask instead of scaling it: every value from 128 of 65535 (0.2 %
+  # grey) read as white, so a 12.5 % grey band that an 8-bit mask keeps was repainted.
+  mask = np.zeros((20, 30), np.uint16)
+  mask[5:10, 10:20] = 65535  # the hole
+  mask[:2] = 0x2000  # 12.5 % grey: keep
+  mask[15:, 12:18] = 0x8000  # half: repaint, as 128 of 255
+  image = Image.fromarray(mask)
+  assert image.mode.startswith('I')
+  repaint = editing.load_mask(save(tmp_path, 'm16.png', image), (30, 20), 'img.png')
+  assert repaint.sum() == 50 + 30 and repaint[5:10, 10:20].all() and not repaint[:2].any()
+  eight = editing.load_mask(save(tmp_path, 'm8.png', (mask >> 8).astype(np.uint8)), (30, 20), 'i')
+  np.testing.assert_array_equal(repaint, eight)  # the same mask in 8 bits
+  Image.fromarray(mask.astype(np.float32)).save(tmp_path / 'f.tiff')
+  with pytest.raises(editing.EditError, match=r'floating-point image \(mode F\)'):
+    editing.load_mask(tmp_path / 'f.tiff', (30, 20), 'i')
+
+
+def test_init_images_and_masks_expand_the_home_folder(tmp_path, monkeypatch):
+  monkeypatch.setenv('HOME', str(tmp_path))
+  save(tmp_path, 'in.png', np.full((8, 8, 3), 100, np.uint8))
+  assert editing.find_images(['~/in.png']) == [tmp_path / 'in.png']
+  hole = np.zeros((8, 8), np.uint8)
+  hole[2:4] = 255
+  save(tmp_path, 'm.png', hole)
+  assert editing.load_mask('~/m.png', (8, 8), 'in.png').sum() == 16
 
 
 def test_find_images_in_files_and_folders(tmp_path):

@@ -289,13 +289,16 @@ def test_a_config_file_that_fails_is_one_line(tmp_path, source, expected):
     (['--coordinator_address=127.0.0.1', '--process_id=0'], "'127.0.0.1' is not HOST:PORT"),
     (['--coordinator_address=127.0.0.1:x', '--process_id=1'], "'127.0.0.1:x' is not HOST:PORT"),
     (['--coordinator_address=127.0.0.1:1234', '--process_id=2'], '--process_id=2 is not in [0,'),
+    # Without --distributed they were ignored: each process trained the whole job on its own.
+    (['--process_id=1'], '--num_processes, --process_id given without --distributed, which they'),
   ],
 )
 def test_bad_distributed_flags_are_one_line_at_once(tmp_path, flags_, expected):
   # No port: an IndexError inside JAX (process 0), or 300 s of 'no coordinator answered'.
+  distributed = [] if 'without --distributed' in expected else ['--distributed']
   proc = cli(
     ['train.py', '--config=configs/base64.py:tiny', f'--workdir={tmp_path / "run"}']
-    + ['--distributed', '--num_processes=2', *flags_]
+    + [*distributed, '--num_processes=2', *flags_]
   )
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   errors = error_lines(proc.stderr)

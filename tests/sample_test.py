@@ -388,14 +388,18 @@ def test_an_empty_out_is_refused_not_the_current_folder(runs, tmp_path):
 
 def test_prompts_file_encodings(runs, tmp_path):
   bom = tmp_path / 'bom.txt'
-  bom.write_bytes('\ufeffa red apple\n\nblue sky\n'.encode())  # Notepad's UTF-8 with BOM
+  # Notepad's UTF-8 with BOM and CRLF; a line break (U+2028) and a form feed inside a line are
+  # part of its prompt: str.splitlines() made prompts of their pieces.
+  bom.write_bytes('\ufeffa red apple\r\n\r\nblue\u2028sky\x0cat night\n'.encode())
   out = tmp_path / 'out'
   proc = sample(
-    runs, f'--prompts_file={bom}', f'--checkpoints={runs["base"]}', '--steps=2', f'--out={out}'
-  )
+    runs, f'--prompts_file={bom}', '--out=~/out', f'--checkpoints={runs["base"]}', '--steps=2',
+    env={**runs['env'], 'HOME': str(tmp_path)},
+  )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   prompts = sorted(json.loads(p.with_suffix('.json').read_text())['prompt'] for p in pngs(out))
-  assert prompts == ['a red apple', 'blue sky']  # the mark is not part of the first prompt
+  assert prompts == ['a red apple', 'blue\u2028sky\x0cat night']  # no mark on the first prompt
+  assert not (REPO_ROOT / '~').exists()  # --out=~/out is the home folder's, not a '~' folder
   latin = tmp_path / 'latin.txt'
   latin.write_bytes('caf\u00e9\n'.encode('latin-1'))
   for path, message in [
