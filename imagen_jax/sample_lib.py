@@ -937,8 +937,12 @@ def _run(req: SampleRequest) -> list[pathlib.Path]:
             sidecar['init_image'] = os.path.abspath(edit.paths[all_jobs[i].init])
           target = side
           _write_json(side, {**sidecar, **settings, SAMPLED_ON: sampled_on})
-      except FileExistsError:  # another process wrote it meanwhile: save_png's own message
-        raise
+      except FileExistsError as e:  # checked absent at the start: another run wrote it since
+        raise SampleError(
+          f'{target} appeared while this run was sampling (another sample.py writing to '
+          f'{req.out}?) and was left as it is; {made} images from earlier batches were written. '
+          'Use another --out, or run the same command with --skip_existing once the other ends.'
+        ) from e
       except OSError as e:
         raise _write_failed(target, e, made) from e
     made += written

@@ -752,6 +752,29 @@ def test_a_full_disk_mid_run_is_one_error_that_keeps_what_was_written(runs, monk
   assert len(sample_lib.run(dataclasses.replace(req, skip_existing=True))) == 4  # finished
 
 
+def test_an_output_another_run_writes_meanwhile_is_left_and_named(runs, monkeypatch):
+  # The output folder is checked at the start; a second sample.py on the same --out can write an
+  # image of this request later. save_png refused to replace it, as a FileExistsError traceback.
+  from imagen_jax import cascade, sample_lib
+
+  out = runs['root'] / 'raced'
+  image_keys = cascade.image_keys
+
+  def keys_then_race(seed, batch, *rest):
+    if list(batch) == [2]:  # batch 2 of 2: the other run writes its image first
+      (out / '000_02_a-red-apple.png').write_bytes(b'the other run')
+    return image_keys(seed, batch, *rest)
+
+  monkeypatch.setattr(cascade, 'image_keys', keys_then_race)
+  req = sample_lib.SampleRequest(
+    prompts=['a red apple'], checkpoints=[str(runs['base'])], out=str(out), num_images=3,
+    batch_size=2, steps=[2],
+  )  # fmt: skip
+  with pytest.raises(sample_lib.SampleError, match=r'000_02_a-red-apple.png appeared while this'):
+    sample_lib.run(req)
+  assert (out / '000_02_a-red-apple.png').read_bytes() == b'the other run'
+
+
 def test_existing_sidecars_are_checked_before_a_resume(tmp_path, caplog):
   from imagen_jax import sample_lib
 
