@@ -217,26 +217,32 @@ def test_settle_gradients_refuses_an_unknown_way():
   assert optim.gradient_layout('auto') == ('barrier' if jax.default_backend() == 'gpu' else 'none')
 
 
+def _fresh_state_and_step(config, params):
+  """A train state at step 0 (EMA = params) and the jitted optimizer-and-EMA half of the step."""
+  from imagen_jax import train_lib
+
+  tx = optim.make_optimizer(config, num_steps=100)
+  state = {
+    'step': jnp.zeros((), jnp.int32),
+    'rng': jax.random.key(0),
+    'params': params,
+    'ema_params': jax.tree.map(jnp.copy, params),
+    'opt_state': tx.init(params),
+  }
+  return state, jax.jit(lambda s, g: train_lib.update_state(s, g, tx, config))
+
+
 @pytest.mark.parametrize('accum', [2, 4])
 def test_an_accumulating_run_keeps_the_ema_of_the_same_updates(accum):
   """k micro-steps of the same gradient make one update equal to one plain step's; the EMA
   must be equal too. Its warm-up counted micro-steps: decay (1 + kj) / (10 + kj) at update j,
   so the random init kept a larger share of the EMA."""
-  from imagen_jax import train_lib
 
   params = {'kernel': jnp.full((4, 8), 0.1), 'bias': jnp.zeros((8,))}
 
   def run(k):
     c = _config(grad_accum_steps=k, schedule='constant', warmup_steps=0, grad_clip=0.0)
-    tx = optim.make_optimizer(c, num_steps=100)
-    state = {
-      'step': jnp.zeros((), jnp.int32),
-      'rng': jax.random.key(0),
-      'params': params,
-      'ema_params': jax.tree.map(jnp.copy, params),
-      'opt_state': tx.init(params),
-    }
-    step = jax.jit(lambda s, g: train_lib.update_state(s, g, tx, c))
+    state, step = _fresh_state_and_step(c, params)
     for update in range(6):
       g = jax.tree.map(lambda x, v=0.5 + update: jnp.full_like(x, v), params)
       for _ in range(k):
@@ -259,7 +265,6 @@ def test_finite_gradients_keep_the_state_finite(optimizer, accum):
   state), so a NaN reaches the state only through a non-finite gradient norm (seen at that step)
   or one the update makes: AdamW with eps=0 and a zero gradient (0/0), which the state check
   exists for."""
-  from imagen_jax import train_lib
 
   config = _config(
     optimizer=optimizer,
@@ -277,15 +282,7 @@ def test_finite_gradients_keep_the_state_finite(optimizer, accum):
 
   def fresh(eps=None):
     c = _config(**{**config.to_dict(), **({} if eps is None else {'eps': eps})})
-    tx = optim.make_optimizer(c, num_steps=100)
-    state = {
-      'step': jnp.zeros((), jnp.int32),
-      'rng': jax.random.key(0),
-      'params': params,
-      'ema_params': jax.tree.map(jnp.copy, params),
-      'opt_state': tx.init(params),
-    }
-    return state, jax.jit(lambda s, g: train_lib.update_state(s, g, tx, c))
+    return _fresh_state_and_step(c, params)
 
   def grads(scale, seed=0, **replace):
     keys = jax.random.split(jax.random.key(seed), len(params))
