@@ -321,12 +321,13 @@ def test_at_most_the_allowed_fraction_of_bad_files_never_stops_a_run_more_always
     while it.num_seen < 2 * 202:  # two epochs
       next(it)
     assert 4 <= it.num_skipped <= 6  # both bad files in each epoch, maybe some of the third
-  # Two processes: a host's first k elements come from the global stream's first ceil(k / 20)
-  # blocks of 2 x 20, so its bound counts the global epochs those reach. (At the end of its own
-  # epoch a host checks its share's fraction, which can exceed the dataset's: not tested here.)
+  # Two processes (host batch 10): a host's first k elements come from the global stream's first
+  # ceil(k / 10) rounds of 2 blocks of 10, so its bound counts the global epochs those reach. (At
+  # the end of its own epoch a host checks its share's fraction, which can exceed the dataset's:
+  # not tested here.)
   spec = _iterator(config, process_index=1, process_count=2)[0]._spec
-  assert spec.examples_in_epochs_begun(1) == 202  # global elements 0-39: epoch 1
-  assert spec.examples_in_epochs_begun(101) == 404  # 6 blocks: elements 0-239
+  assert spec.examples_in_epochs_begun(1) == 202  # global elements 0-19: epoch 1
+  assert spec.examples_in_epochs_begun(101) == 404  # 11 rounds: elements 0-219, into epoch 2
   (folder / 'bad3.png').write_bytes(b'not a png')  # 3 of 203: 1.5 %
   (folder / 'bad3.txt').write_text('a broken file')
   it, _ = _iterator(config)
