@@ -108,10 +108,12 @@ class Source:
   """Base class: random access to `{'image', 'caption', 'id'}` records.
 
   Subclasses fill `self.name`, `self._captions` (index order) and `self.skipped`
-  (`(id, reason)` pairs dropped while listing), and implement `__getitem__`.
+  (`(id, reason)` pairs dropped while listing), and implement `__getitem__`; one whose
+  `max_examples` cuts the usable pairs after listing them sets `self._num_listed`.
   """
 
   name: str = 'source'
+  _num_listed: int | None = None  # None: nothing was cut after the listing
 
   def __init__(self):
     self._captions: list[str] = []
@@ -123,6 +125,8 @@ class Source:
   def num_listed(self) -> int:
     """Items listed: the usable ones and the skipped ones, before `max_examples` kept the first
     usable ones (the skipped list covers the whole listing, so the count must too)."""
+    if self._num_listed is not None:
+      return self._num_listed
     return len(self) + len(self.skipped)
 
   def __getitem__(self, index: int) -> dict:
@@ -207,9 +211,6 @@ class FolderSource(Source):
     self._files = [p for p, _ in pairs]
     self._captions = [c for _, c in pairs]
     self._fingerprint = self._listing_fingerprint()
-
-  def num_listed(self) -> int:
-    return self._num_listed
 
   @staticmethod
   def _split_root(root: pathlib.Path, split: str) -> pathlib.Path:

@@ -356,9 +356,6 @@ class WebDatasetSource(Source):
       data = b''
     return {'image': data, 'caption': self._captions[index], 'id': self._keys[index]}
 
-  def num_listed(self) -> int:
-    return self._num_listed
-
   def fingerprint(self) -> str:
     return self._fingerprint
 
