@@ -3,6 +3,7 @@
 import math
 import os
 import pathlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -32,10 +33,16 @@ def save_png(array: np.ndarray, path: str | os.PathLike, *, overwrite: bool = Fa
   path = pathlib.Path(path)
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it.')
+  write_atomically(path, lambda tmp: Image.fromarray(array).save(tmp, format='PNG'))
+
+
+def write_atomically(path: pathlib.Path, write: Callable[[pathlib.Path], None]) -> None:
+  """write(tmp) to '.NAME.tmp' beside `path`, then rename it over `path`: a reader sees the
+  whole file or none. A failed write (a full disk, a stop) removes its cut temporary file."""
   tmp = path.with_name(f'.{path.name}.tmp')
   try:
-    Image.fromarray(array).save(tmp, format='PNG')
+    write(tmp)
     os.replace(tmp, path)
-  except BaseException:  # a full disk or a stop mid-write: no cut temporary file left behind
+  except BaseException:
     tmp.unlink(missing_ok=True)
     raise

@@ -744,13 +744,7 @@ def _remove_earlier_outputs(req: SampleRequest, paths, batches) -> None:
 
 
 def _write_json(path: pathlib.Path, data: dict) -> None:
-  tmp = path.with_name(f'.{path.name}.tmp')
-  try:
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-  except BaseException:  # as images.save_png: no cut temporary file left behind
-    tmp.unlink(missing_ok=True)
-    raise
+  images.write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 def _write_failed(path: pathlib.Path, e: OSError, made: int) -> SampleError:
