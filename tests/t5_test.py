@@ -286,6 +286,18 @@ def test_weights_not_matching_config_error(tmp_path, tiny_folders):
 
 
 @pytest.mark.unit
+def test_config_with_fewer_layers_than_the_weights_error(tmp_path, tiny_folders):
+  # A config.json from a smaller sibling (t5-v1_1-base's 12 layers beside xl's 24) loaded the
+  # first layers and dropped the rest without a word: a different encoder, silently.
+  write_hf_folder(tmp_path, sharded=False, weights=tiny_folders[1])
+  config = json.loads((tmp_path / 'config.json').read_text())
+  config['num_layers'] = 1  # the weights have 2
+  (tmp_path / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(t5.T5CheckpointError, match=r'blocks up to 1 .*num_layers=1.*config.json'):
+    encoder_lib.load_text_encoder(str(tmp_path))
+
+
+@pytest.mark.unit
 def test_lfs_pointer_or_truncated_shard_is_one_clear_error(tmp_path, tiny_folders):
   write_hf_folder(tmp_path, sharded=True, weights=tiny_folders[1])
   shard = sorted(tmp_path.glob('*.safetensors'))[0]

@@ -542,6 +542,14 @@ def read_config(folder: pathlib.Path) -> T5Config:
   return T5Config.from_dict(raw)
 
 
+def _block_index(name: str) -> int | None:
+  """The encoder block a HF tensor name belongs to ('encoder.block.<i>....'), else None."""
+  parts = name.split('.')
+  if len(parts) > 2 and parts[:2] == ['encoder', 'block'] and parts[2].isdigit():
+    return int(parts[2])
+  return None
+
+
 def _target_of(name: str, num_layers: int) -> tuple[str, int | None, bool] | None:
   """HF tensor name -> (our param path, layer index or None, transpose?) or None if unused."""
   if name in ('shared.weight', 'encoder.embed_tokens.weight'):
@@ -632,6 +640,7 @@ def load_t5_encoder(
 
   # Where each tensor of interest lives: target -> list of (layer, transpose, file, name).
   sources: dict[str, list[tuple[int | None, bool, str, str]]] = {}
+  extra_layers: set[int] = set()
   handles = {}
   try:
     for file in files:
@@ -645,6 +654,14 @@ def load_t5_encoder(
         target = _target_of(name, config.num_layers)
         if target is not None:
           sources.setdefault(target[0], []).append((target[1], target[2], file, name))
+        elif (layer := _block_index(name)) is not None and layer >= config.num_layers:
+          extra_layers.add(layer)
+    if extra_layers:
+      raise T5CheckpointError(
+        f'T5 checkpoint {str(folder)!r} has encoder blocks up to {max(extra_layers)} but its '
+        f'config.json says num_layers={config.num_layers}: the config does not belong to these '
+        'weights; copy the config.json that came with them.'
+      )
     missing = []
     for path in flat_abstract:
       have = sources.get(path, [])
