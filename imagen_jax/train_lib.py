@@ -659,6 +659,13 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       'micro-batches, so no update would be applied; raise train.num_steps (to a multiple of '
       'grad_accum_steps) or lower grad_accum_steps.'
     )
+  if _is_count(accum, 1) and num_steps % accum:  # the last micro-batches were read, then dropped
+    raise ValueError(
+      f'train.num_steps={num_steps} is not a multiple of optim.grad_accum_steps={accum}: '
+      f'num_steps counts micro-batches, and the last {num_steps % accum} would be accumulated '
+      f'but never applied; use train.num_steps={num_steps - num_steps % accum} or '
+      f'{num_steps - num_steps % accum + accum}.'
+    )
   seed = config.get('seed', 0)
   if not _is_count(seed, 0) or seed >= 2**32:  # a JAX key takes 32 bits: s + 2**32 trained as s
     raise ValueError(f'seed={seed!r}: use a whole number in [0, 2**32).')

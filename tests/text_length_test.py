@@ -338,6 +338,8 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('train.state_layout', 'nhwc', "train.state_layout='nhwc': use one of auto, default"),
     ('text.dtype', 'bf16', r"text.dtype='bf16': the T5 encoder runs in bfloat16 or float32"),
     ('optim.grad_accum_steps', 10**6, r'grad_accum_steps=1000000 > train.num_steps=.* no update'),
+    # The last micro-batches were read and accumulated, then dropped without a word.
+    ('optim.grad_accum_steps', 3, r'num_steps=4 is not a multiple of .*=3: .*num_steps=3 or 6\.'),
     # A traceback from the tokenizer once the workdir and the text cache were written.
     ('train.sample_prompts', (1, 2), r'train.sample_prompts=\(1, 2\): use a tuple of non-empty'),
     ('train.sample_prompts', ('a cat', ' '), r"sample_prompts=\('a cat', ' '\): use a tuple"),
