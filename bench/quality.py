@@ -23,7 +23,8 @@ One training run is one draw: the same recipe trained from another seed can land
 seed (`--config.seed=S` in WORKDIR/seed_S) and prints one line with every seed's numbers under
 `per_seed`, their mean, worst and spread, and `target_met_seeds` (how many met the target);
 `target_met` is then true only when every seed met it. Judge a change to the recipe by that line,
-not by one seed.
+not by one seed. A run folder that holds another seed's run is refused before any training (train.py
+would resume it, and the line would carry its numbers under the seed asked for).
 """
 
 import json
@@ -78,6 +79,20 @@ def _has_checkpoint(workdir: pathlib.Path) -> bool:
   from imagen_jax import checkpoints
 
   return bool(checkpoints.step_numbers(checkpoints.checkpoint_dir(workdir)))
+
+
+def check_seed(workdir: pathlib.Path, seed: int | None) -> None:
+  """One error line (exit 2) when `workdir` holds a run trained with another seed than `seed`:
+  train.py would resume that run (or --reuse read its eval.json) and the line would carry the
+  other seed's numbers under this one."""
+  from imagen_jax import checkpoints
+
+  saved = checkpoints.peek_config(str(workdir)) if seed is not None else None
+  if saved is not None and int(saved.get('seed', 0)) != seed:
+    cli.fail(
+      f'{workdir} holds a run trained with seed {saved.seed}, not {seed}: pass '
+      f'--seeds={saved.seed} to read or resume it, or another --workdir to train seed {seed}.'
+    )
 
 
 def _matched_ratio(gen: dict, real: dict | None, floor: float | None) -> float | None:
@@ -249,7 +264,13 @@ def main(argv) -> None:
   except scoring.EvalError as e:
     cli.fail(str(e))
   if len(seeds) > 1:
-    summaries = {s: train_and_evaluate(workdir / f'seed_{s}', s) for s in seeds}
+    runs = {s: workdir / f'seed_{s}' for s in seeds}
+  else:
+    runs = {seeds[0] if seeds else None: workdir}
+  for seed, folder in runs.items():
+    check_seed(folder, seed)  # every folder before the first training
+  if len(seeds) > 1:
+    summaries = {s: train_and_evaluate(runs[s], s) for s in seeds}
     print(json.dumps(spread(summaries), sort_keys=True), flush=True)
     return
   summary = train_and_evaluate(workdir, seeds[0] if seeds else None)

@@ -478,6 +478,20 @@ def test_bench_quality_over_training_seeds_reports_every_seed_and_the_worst(tmp_
     assert proc.returncode == 2 and proc.stderr.startswith(message), proc.stderr[-2000:]
     assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip()
     assert not (tmp_path / 'train_calls').exists() and not (tmp_path / 'bad').exists()
+  # A folder that holds another seed's run: train.py resumed it (with a warning) and the line
+  # carried its numbers under the seed asked for. Refused before any training.
+  for workdir, seeds in ((tmp_path / 'one', '--seeds=1'), (tmp_path / 'runs', '--seeds=0,1')):
+    config = workdir / ('seed_1' if workdir.name == 'runs' else '') / 'checkpoints/4/config'
+    config.mkdir(parents=True, exist_ok=True)
+    (config / 'metadata').write_text(json.dumps({'seed': 3}))
+    proc = run(workdir, '--num=20', seeds)
+    assert proc.returncode == 2 and not (tmp_path / 'train_calls').exists(), proc.stderr[-2000:]
+    assert proc.stderr.startswith(
+      f'error: {config.parents[2]} holds a run trained with seed 3, not 1: pass '
+      '--seeds=3 to read or resume it'
+    ), proc.stderr[-2000:]
+  proc = run(tmp_path / 'one', '--num=20', '--seeds=3')  # its own seed: resumed
+  assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[-1])['resumed'] is True
 
 
 @pytest.mark.smoke
