@@ -824,7 +824,8 @@ def _params_defining(model: ml_collections.ConfigDict | dict) -> dict:
 
 def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list:
   """Refuse a resume whose model or stage differs from the checkpoint's in what defines the
-  parameters; returns every differing field ('field: saved -> now')."""
+  parameters; returns every differing field ('field: saved -> now'), fields added since at the
+  value that does what the saved run did aside."""
   model_diff = checkpoints.config_differences(
     {'stage': saved.get('stage'), 'model': _params_defining(saved.model)},
     {'stage': config.stage, 'model': _params_defining(config.model)},
@@ -836,7 +837,11 @@ def _resume_check(saved: ml_collections.ConfigDict, config: ml_collections.Confi
       + '\n  '.join(model_diff)
       + "\nUse a fresh --workdir, or the checkpoint's values."
     )
-  return checkpoints.config_differences(saved, config)
+  return [
+    d
+    for d in checkpoints.config_differences(saved, config)
+    if not _added_at_old_value(d.split(':', 1)[0], saved, config)
+  ]
 
 
 # ------------------------------------------------------------------------------- loop
@@ -1031,6 +1036,25 @@ _NOT_TRAINING = (
 )
 
 
+# Fields added to the config after runs were saved without them, each with the value that does
+# what those runs did (the value the code read before the field existed): absent in a saved config
+# and at that value now, it is no change.
+_ADDED_WITH_OLD_BEHAVIOUR = {
+  'optim.adafactor_min_dim': 128,
+  'optim.adafactor_decay_rate': 0.8,
+  'optim.adafactor_momentum': 0.0,
+}
+
+
+def _added_at_old_value(field: str, saved, config) -> bool:
+  section, _, name = field.partition('.')
+  return (
+    field in _ADDED_WITH_OLD_BEHAVIOUR
+    and name not in saved.get(section, {})
+    and config[section][name] == _ADDED_WITH_OLD_BEHAVIOUR[field]
+  )
+
+
 def _same_resume(manager, step: int, config: ml_collections.ConfigDict) -> bool:
   """Whether checkpoint `step` was written by a run of this same resume: started with the same
   train.resume_step and the same settings of what it trains (`_NOT_TRAINING` aside: e.g. a run
@@ -1045,6 +1069,7 @@ def _same_resume(manager, step: int, config: ml_collections.ConfigDict) -> bool:
   except (checkpoints.CheckpointError, AttributeError, KeyError, TypeError, ValueError):
     return False
   fields = [d.split(':', 1)[0] for d in differences]
+  fields = [f for f in fields if not _added_at_old_value(f, saved, config)]
   return all(
     any(f == g or (g.endswith('.') and f.startswith(g)) for g in _NOT_TRAINING) for f in fields
   )

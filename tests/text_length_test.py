@@ -404,6 +404,26 @@ def test_a_resume_run_again_with_other_reading_settings_is_the_same_resume(monke
   assert not train_lib._same_resume(None, 4, config)
 
 
+def test_a_resume_saved_before_a_field_existed_is_the_same_resume(monkeypatch):
+  # A go-back run saved before optim.adafactor_* were config fields, run again after: the fields
+  # read '<absent>' -> their values, and the run went back to its step again as a new attempt.
+  from imagen_jax import checkpoints
+
+  saved = base64.get_config('tiny')
+  saved.train.resume_step = 2
+  with saved.unlocked():
+    for name in ('adafactor_min_dim', 'adafactor_decay_rate', 'adafactor_momentum'):
+      del saved.optim[name]
+  monkeypatch.setattr(checkpoints, 'restore_config', lambda manager, step: saved)
+  config = base64.get_config('tiny')
+  config.train.resume_step = 2
+  assert train_lib._same_resume(None, 4, config)
+  assert train_lib._resume_check(saved, config) == []  # nor logged as changed settings
+  config.optim.adafactor_decay_rate = 0.9  # not what the saved run did: a new attempt
+  assert not train_lib._same_resume(None, 4, config)
+  assert train_lib._resume_check(saved, config) == ["optim.adafactor_decay_rate: '<absent>' -> 0.9"]
+
+
 def test_a_resume_may_not_change_the_gradient_accumulation():
   # The optimizer state has the same structure for any k, so it restored; the optimizer then
   # applied schedule(its own update count) while the log showed schedule(step // new k).
