@@ -172,13 +172,16 @@ def load_mask(path: str | pathlib.Path, image_size: tuple[int, int], image_path)
       f"{image_size[0]}x{image_size[1]}; a mask must have its image's size (white = repaint); "
       'it is not resized, since a mask of another size usually belongs to another image.'
     )
-  if mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
+  if mask.mode.startswith('I'):  # 16-bit grey ('I;16', or 'I'): convert('L') clips, not scales
+    values = np.asarray(mask, np.int64)
+    repaint = values >= 32768  # [H, W]
+    if 'transparency' in mask.info:  # a colour key: those pixels are transparent, so kept
+      repaint &= values != mask.info['transparency']
+  elif mask.mode in ('RGBA', 'LA', 'PA') or 'transparency' in mask.info:
     mask = mask.convert('RGBA')
     background = Image.new('RGBA', mask.size, (0, 0, 0, 255))  # transparent: keep
     background.alpha_composite(mask)
-    mask = background
-  if mask.mode.startswith('I'):  # 16-bit grey ('I;16', or 'I'): convert('L') clips, not scales
-    repaint = np.asarray(mask, np.int64) >= 32768  # [H, W]
+    repaint = np.asarray(background.convert('L')) >= 128
   elif mask.mode == 'F':
     raise EditError(
       f'--mask {path} is a floating-point image (mode F), whose white level is not known; save '

@@ -446,6 +446,12 @@ def test_a_16_bit_mask_is_white_from_half_its_range(tmp_path):
   assert repaint.sum() == 50 + 30 and repaint[5:10, 10:20].all() and not repaint[:2].any()
   eight = editing.load_mask(save(tmp_path, 'm8.png', (mask >> 8).astype(np.uint8)), (30, 20), 'i')
   np.testing.assert_array_equal(repaint, eight)  # the same mask in 8 bits
+  # With a colour key (tRNS) it went through RGBA, which clips the same way: the 12.5 % grey
+  # band was repainted. The keyed value is transparent: kept.
+  image.save(tmp_path / 'keyed.png', transparency=0x8000)
+  assert Image.open(tmp_path / 'keyed.png').info.get('transparency') == 0x8000
+  keyed = editing.load_mask(tmp_path / 'keyed.png', (30, 20), 'img.png')
+  np.testing.assert_array_equal(keyed, repaint & (mask != 0x8000))
   Image.fromarray(mask.astype(np.float32)).save(tmp_path / 'f.tiff')
   with pytest.raises(editing.EditError, match=r'floating-point image \(mode F\)'):
     editing.load_mask(tmp_path / 'f.tiff', (30, 20), 'i')
