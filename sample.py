@@ -1,4 +1,4 @@
-"""Text to image through the trained cascade.
+r"""Text to image through the trained cascade.
 
   python sample.py --prompt "a red apple" --checkpoints runs/base64,runs/sr256 --out samples/
   python sample.py --prompts_file prompts.txt --checkpoints runs/base64 --num_images 4 \

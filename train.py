@@ -7,7 +7,8 @@
 
 Resumes from the newest checkpoint in --workdir that verifies (a damaged one is reported and
 passed over); --config.train.resume_step=N resumes from kept step N instead. Multi-host (TPU pods,
-GPU clusters): launch one process per host; jax.distributed.initialize() picks up the cluster.
+GPU clusters): launch one process per host with --distributed; jax.distributed.initialize() then
+picks up the cluster.
 
 Exit codes: 0 finished; 1 training error, or a config value the run refuses (one line on stderr
 naming it); 2 bad flags or a config file that does not load; 75 stopped early by SIGTERM/SIGINT

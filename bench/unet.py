@@ -1,4 +1,4 @@
-"""U-Net train-step / sampling-step benchmark; prints ONE JSON line per (batch, remat) point.
+r"""U-Net train-step / sampling-step benchmark; prints ONE JSON line per (batch, remat) point.
 
 Measures a jitted training step (donated state, pinned shardings) and one classifier-free-
 guided sampling step (conditional and unconditional in one batch of 2B), plus XLA's memory

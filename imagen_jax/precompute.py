@@ -1,4 +1,4 @@
-"""Precomputes the frozen T5 embeddings of a dataset's captions into the on-disk cache.
+r"""Precomputes the frozen T5 embeddings of a dataset's captions into the on-disk cache.
 
   python -m imagen_jax.precompute --config=configs/base64.py --workdir=runs/base64
   python -m imagen_jax.precompute --config=configs/base64.py --config.text.encoder=t5-tiny-random

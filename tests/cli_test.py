@@ -27,8 +27,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
   [
     (['train.py'], ['--workdir', '--distributed', '--coordinator_address', '--compilation_cache']),
     (['sample.py'], ['--prompt', '--checkpoints', '--distributed', '--compilation_cache']),
-    (['evaluate.py'], ['--checkpoints', '--num', '--judge_dir', '--overwrite']),
-    (['-m', 'imagen_jax.evaluate'], ['--checkpoints', '--num']),
+    (
+      ['evaluate.py'],
+      ['--checkpoints', '--num', '--judge_dir', '--overwrite', '--compilation_cache'],
+    ),
+    (['-m', 'imagen_jax.evaluate'], ['--checkpoints', '--num', '--compilation_cache']),
     (['-m', 'imagen_jax.precompute'], ['--workdir', '--distributed', '--process_id']),
   ],
 )

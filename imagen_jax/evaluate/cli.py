@@ -57,6 +57,7 @@ flags.DEFINE_multi_string(
   'counts as held out.',
 )
 common_cli.define_compilation_cache_flag()
+flags.adopt_module_key_flags(common_cli)  # --helpshort lists --compilation_cache too
 
 
 def _params_bytes() -> int | None:
