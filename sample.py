@@ -201,23 +201,24 @@ def main(argv):
   checkpoints.quiet_orbax_noise()
   signal.signal(signal.SIGTERM, _stop)
   signal.signal(signal.SIGINT, _stop)  # Ctrl-C's KeyboardInterrupt can be dropped the same way
+  # Every ending goes through cli.fail: with --distributed it tells the other processes, which
+  # stop within about a second with the same line and code (a plain exit left them waiting in
+  # the next collective until JAX aborted them all, rc 134, minutes later).
   try:
     written = sample_lib.run(req)
   except sample_lib.SampleError as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+    cli.fail(str(e))
   except multihost.PeersLostError as e:  # --distributed: a peer process failed
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(e), 1)
   except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through _stop
     instead = ' instead of --overwrite' if FLAGS.overwrite else ''
-    print(
+    cli.fail(
       f'stopped ({e.args[0] if e.args else "SIGINT"}) before the last batch; the finished '
       f'batches are in {FLAGS.out}: rerun the same command with --skip_existing{instead} to make '
       'only the missing images.',
-      file=sys.stderr,
+      EXIT_STOPPED,
+      prefix='',
     )
-    sys.exit(EXIT_STOPPED)
   print(f'{len(written)} images and grid.png in {FLAGS.out}')
 
 

@@ -18,8 +18,8 @@ from absl import app, flags
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> None:
-  """Print `error: message` on stderr and exit with `code`.
+def fail(message: str, code: int = EXIT_USAGE, prefix: str = 'error: ') -> None:
+  """Print `error: message` (`prefix` + message) on stderr and exit with `code`.
 
   In a run of several JAX processes this process exits at once (os._exit): a normal exit waits
   in JAX's shutdown barrier for peers that, when only this process failed, are blocked in the
@@ -30,13 +30,13 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     from imagen_jax import multihost
 
     multihost.ENDING.acquire()  # never released; a peer's failure seen now prints no 2nd line
-    print(f'error: {message}', file=sys.stderr)
+    print(f'{prefix}{message}', file=sys.stderr)
     multihost.announce_failure(message, code)
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-  print(f'error: {message}', file=sys.stderr)
+  print(f'{prefix}{message}', file=sys.stderr)
   sys.exit(code)
 
 

@@ -347,6 +347,41 @@ def test_sample_py_on_two_processes_writes_the_same_files(shared, reference, tmp
     assert (tmp_path / 'two' / name).read_bytes() == (tmp_path / 'one' / name).read_bytes(), name
 
 
+def test_sample_py_stopped_on_one_process_stops_both_at_once(shared, reference, tmp_path):
+  # A SIGTERM to process 1 alone: it printed its 'stopped' line and exited normally, which waits in
+  # JAX's shutdown barrier, while process 0 went on to the collective after its last batch; JAX
+  # aborted both about 5 minutes later (rc 134, C++ stack dumps). Now both end within seconds,
+  # exit 75, process 0 with process 1's line.
+  args = ['--prompt=a red circle', '--num_images=400', '--batch_size=2', '--steps=2']
+  args += [f'--checkpoints={reference}', f'--out={tmp_path / "out"}']
+  port = free_port()
+  procs = [
+    start_logged(
+      [sys.executable, 'sample.py', *args, *distributed_args(port, i)],
+      tmp_path / 'logs',
+      cwd=REPO_ROOT,
+      env=env_for(shared, devices=2),
+    )
+    for i in range(2)
+  ]
+  deadline = time.time() + 600
+  try:
+    while 'batch 2/200' not in logged_output(procs[1])[1]:  # process 1 samples the even batches
+      assert time.time() < deadline and all(p.poll() is None for p in procs), [
+        logged_output(p)[1][-2000:] for p in procs
+      ]
+      time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+  except BaseException:
+    finish(procs, timeout=1)
+    raise
+  results = finish(procs, timeout=120)
+  for rc, _, err in results:
+    assert rc == 75 and 'Aborted' not in err, err[-3000:]
+  assert 'stopped (SIGTERM) before the last batch' in results[1][2], results[1][2][-2000:]
+  assert 'Process 1 of 2 failed, so this one stops too: stopped (SIGTERM)' in results[0][2]
+
+
 def flip_one_bit_per_data_file(workdir, step):
   """One flipped bit in each array data file of a checkpoint step, as bit rot leaves it."""
   root = workdir / 'checkpoints' / str(step) / 'state'
