@@ -1087,11 +1087,16 @@ def _check_same_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def data_state_for_save(data_iter, dataset_fingerprint: str | None = None) -> dict:
-  """Every process's iterator position, gathered, so any host count can resume from it, with
-  the fingerprint of the dataset it is a position in."""
+def data_state_for_save(
+  data_iter, dataset_fingerprint: str | None = None, batch_size: int | None = None
+) -> dict:
+  """Every process's iterator position, gathered, so any host count and batch size can resume
+  from it, with the global batch size the positions count in and the fingerprint of the
+  dataset they are positions in."""
   states = multihost.allgather_json(data_iter.get_state())
   saved = {'process_count': len(states), 'states': states}
+  if batch_size is not None:
+    saved['batch_size'] = int(batch_size)
   if dataset_fingerprint is not None:
     saved['dataset_fingerprint'] = dataset_fingerprint
   return saved
@@ -1118,35 +1123,35 @@ def restore_data_state(
   config: ml_collections.ConfigDict,
   dataset_fingerprint: str | None = None,
 ) -> None:
-  """Put this process's iterator at its saved position; across a change of host count, at the
-  same global batch (exact without skipped files, see pipeline.convert_states). A warning when
-  the saved position belongs to another dataset (`dataset_fingerprint`)."""
+  """Put this process's iterator at its saved position; across a change of host count or of
+  train.batch_size with several hosts, at the same element of the global stream (exact without
+  skipped files when it is a whole new batch, see pipeline.convert_states). A warning when the
+  saved position belongs to another dataset (`dataset_fingerprint`)."""
   from imagen_jax.data import pipeline
 
   _check_same_dataset(saved, dataset_fingerprint)
   if 'states' not in saved:  # written before positions were gathered: one process
     saved = {'process_count': 1, 'states': [saved]}
   count, states = int(saved['process_count']), saved['states']
-  if count == jax.process_count():
+  batch, now = int(config.train.batch_size), jax.process_count()
+  saved_batch = int(saved.get('batch_size', batch))  # saved before it was recorded: unchanged
+  # One process reads the stream in order whatever its batch: its position carries over as is.
+  if count == now and (saved_batch == batch or count == 1):
     data_iter.set_state(states[jax.process_index()])
     return
-  batch = int(config.train.batch_size)
   converted, exact = pipeline.convert_states(
-    states,
-    local_batch=batch // count,
-    new_count=jax.process_count(),
-    new_local_batch=batch // jax.process_count(),
+    states, local_batch=saved_batch // count, new_count=now, new_local_batch=batch // now
   )
   data_iter.set_state(converted[jax.process_index()])
+  moved = f'{count} processes x batch {saved_batch} to {now} x batch {batch}'
   if exact:
-    log.info('Data position moved from %d to %d processes exactly.', count, jax.process_count())
+    log.info('Data position moved from %s exactly.', moved)
   else:
     log.warning(
-      'Data position moved from %d to %d processes at the earliest whole batch any process had '
-      'reached (files were skipped, so the hosts were at different positions): a few examples '
-      'may be seen twice.',
-      count,
-      jax.process_count(),
+      'Data position moved from %s at the last whole batch before it (files were skipped, so '
+      'the hosts were at different positions, or the position is not a whole number of new '
+      'batches): a few examples may be seen twice.',
+      moved,
     )
 
 
@@ -1461,7 +1466,9 @@ class _Loop:
         self.manager,
         step,
         state=state,
-        data_state=data_state_for_save(self.data_iter, self.dataset_fingerprint),
+        data_state=data_state_for_save(
+          self.data_iter, self.dataset_fingerprint, self.config.train.batch_size
+        ),
         config=self.config,
         force=force,
       )

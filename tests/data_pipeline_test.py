@@ -215,6 +215,61 @@ def test_convert_states_reports_uneven_positions():
     )
 
 
+def _next_global_batch(states, local_batch):
+  """The global element indices the hosts at `states` read next (their blocks side by side)."""
+  count = len(states)
+  stream = range(10**6)
+  return [
+    pipeline._ProcessBlocks(stream, index=i, count=count, local_batch=local_batch)[
+      state['parent']['next_index'] + k
+    ]
+    for i, state in enumerate(states)
+    for k in range(local_batch)
+  ]
+
+
+@pytest.mark.unit
+def test_a_changed_batch_size_moves_the_position_in_global_elements():
+  # 2 hosts x 6 read one global batch (elements 0-11). Resumed with batch 8 on 2 hosts, the
+  # positions were reused as they were: the next batch was 10, 11, 14, 15, ... (10 and 11 twice,
+  # 12 and 13 never); with batch 8 on 1 host, 8-15 (8-11 twice).
+  saved = [{'parent': {'next_index': 6}, 'num_seen': 6}] * 2
+  for count, local, expected, whole in (
+    (2, 3, list(range(12, 18)), True),  # 12 is a whole number of batches of 6: exact
+    (1, 4, list(range(12, 16)), True),
+    (2, 4, list(range(8, 16)), False),  # 12 is not a whole batch of 8: from 8, flagged
+    (3, 2, list(range(12, 18)), True),
+  ):
+    new, exact = pipeline.convert_states(
+      saved, local_batch=6, new_count=count, new_local_batch=local
+    )
+    assert exact is whole and _next_global_batch(new, local) == expected, (count, local)
+
+
+@pytest.mark.unit
+def test_a_resume_on_as_many_hosts_with_another_batch_size_converts(monkeypatch, caplog):
+  from imagen_jax import train_lib
+
+  class Iterator:
+    def set_state(self, state):
+      self.state = state
+
+  config = ml_collections.ConfigDict({'train': {'batch_size': 6}})
+  saved = {'process_count': 2, 'states': [{'parent': {'next_index': 6}}] * 2, 'batch_size': 12}
+  monkeypatch.setattr(train_lib.jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(train_lib.jax, 'process_index', lambda: 1)
+  it = Iterator()
+  with caplog.at_level(logging.INFO):
+    train_lib.restore_data_state(it, saved, config)
+  assert it.state['parent'] == {'next_index': 6}  # host 1's block of global batch 2: 15-17
+  assert _next_global_batch([{'parent': {'next_index': 6}}] * 2, 3) == list(range(12, 18))
+  assert 'from 2 processes x batch 12 to 2 x batch 6 exactly' in caplog.text
+  # The same batch (or a state saved before batch_size was recorded): positions as they are.
+  for same in ({**saved, 'batch_size': 6}, {k: v for k, v in saved.items() if k != 'batch_size'}):
+    train_lib.restore_data_state(it, {**same, 'states': [{'a': 0}, {'b': 1}]}, config)
+    assert it.state == {'b': 1}
+
+
 def _encode(image, fmt='PNG', **kwargs):
   buf = io.BytesIO()
   image.save(buf, format=fmt, **kwargs)

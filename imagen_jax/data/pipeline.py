@@ -445,13 +445,17 @@ def _reader_state(position: int, like: dict[str, Any]) -> dict[str, Any]:
 def convert_states(
   states: list[dict[str, Any]], *, local_batch: int, new_count: int, new_local_batch: int
 ) -> tuple[list[dict[str, Any]], bool]:
-  """Saved iterator states of N processes -> states for M processes, and whether exact.
+  """Saved iterator states of N processes (`local_batch` each) -> states for M processes
+  (`new_local_batch` each), and whether exact.
 
-  Exact when every process had read the same number of whole batches (no skipped files):
-  then the global position t*B carries over. Otherwise each new process starts at the
-  smallest saved whole-batch position (a few examples may be seen twice) and False is
-  returned. The new states are the threaded reader's; `set_state` carries them to worker
-  processes (data.num_workers > 0).
+  The global stream is the same whatever the host count and batch (global batch t is the hosts'
+  local batches side by side), so the position carries over as a count of global elements: the
+  whole global batches every process had read, times the saved global batch. Exact when every
+  process had read the same number of whole batches (no skipped files) and that count is a whole
+  number of new global batches. Otherwise each new process starts at the last new global batch
+  boundary at or before it (a few examples may be seen twice) and False is returned. The new
+  states are the threaded reader's; `set_state` carries them to worker processes
+  (data.num_workers > 0).
   """
   positions = []
   for state in states:
@@ -462,9 +466,12 @@ def convert_states(
         'be moved to another number of hosts; resume with the same host count.'
       )
     positions.append(position)
-  batches = [p // local_batch for p in positions]
-  exact = len(set(positions)) == 1 and positions[0] % local_batch == 0
-  start = min(batches)
+  consumed = min(p // local_batch for p in positions) * local_batch * len(states)  # global
+  new_batch = new_local_batch * new_count
+  start = consumed // new_batch
+  exact = (
+    len(set(positions)) == 1 and positions[0] % local_batch == 0 and consumed % new_batch == 0
+  )
   seen = sum(int(s.get('num_seen', 0)) for s in states)
   skipped = sum(int(s.get('num_skipped', 0)) for s in states)
   small = sum(int(s.get('num_small', 0)) for s in states)
