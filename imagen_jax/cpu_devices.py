@@ -88,16 +88,22 @@ def _count_set_elsewhere(environ: Mapping[str, str]) -> str | None:
   return None
 
 
-def _unfit(n: int, batch_size: int, mesh: Any, batch_name: str) -> str | None:
+def _unfit(
+  n: int, batch_size: int, mesh: Any, batch_name: str, distributed: bool = False
+) -> str | None:
   """Why a train config cannot run on n devices (None when it can); mesh None: sampling, whose
   first batch of `batch_size` images n devices would split. batch_name: the setting the batch
-  size came from, for the message."""
+  size came from, for the message. distributed: n devices in each of several processes; the
+  mesh spans all of them (checked against the global count once JAX starts), so only the batch
+  is checked here."""
   if mesh is None:
     if batch_size % n:
       return f'a first batch of {batch_size} images does not split over {n} devices'
     return None
   if batch_size % n:
     return f'{batch_name}={batch_size} is not divisible by {n}'
+  if distributed:
+    return None
   from imagen_jax import sharding
 
   sizes = sharding.mesh_sizes(mesh)  # ValueError for sizes no mesh can have (fsdp=0)
@@ -184,7 +190,9 @@ def choose(
     elsewhere = _count_set_elsewhere(environ)
     if elsewhere:
       raise ValueError(f'{SETTING}={n} and {elsewhere}: set the CPU device count in one place.')
-    unfit = None if mesh is None else _unfit(n, batch_size, mesh, batch_name)  # sampling: any
+    unfit = (  # sampling: any count
+      None if mesh is None else _unfit(n, batch_size, mesh, batch_name, distributed)
+    )
     if unfit:
       raise ValueError(
         f'{SETTING}={n}: {unfit}; choose a count that divides the batch and fits the mesh.'

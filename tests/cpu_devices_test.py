@@ -219,6 +219,13 @@ def test_an_explicit_count_is_used_or_refused_with_the_fix(monkeypatch):
       'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
     }
     cpu_devices.choose(4, MESH, environ=env)
+  # With --distributed the mesh spans every process's devices: 2 processes x 2 devices fill
+  # data=4 or data=2 x fsdp=2, which a check against the 2 local devices refused.
+  two = {**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'}
+  for mesh in ({'data': 4, 'fsdp': 1}, {'data': 2, 'fsdp': 2}, {'data': -1, 'fsdp': 4}):
+    assert cpu_devices.choose(8, mesh, distributed=True, environ=two)[0] == 2, mesh
+  with pytest.raises(ValueError, match='train.batch_size=3 is not divisible by 2'):
+    cpu_devices.choose(3, {'data': 4, 'fsdp': 1}, distributed=True, environ=two)
   monkeypatch.setattr(host_memory, 'backend_started', lambda: True)
   with pytest.raises(ValueError, match='already started'):
     cpu_devices.choose(4, MESH, environ={**CPU, 'IMAGEN_JAX_CPU_DEVICES': '2'})

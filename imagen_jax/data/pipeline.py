@@ -469,9 +469,7 @@ def convert_states(
   consumed = min(p // local_batch for p in positions) * local_batch * len(states)  # global
   new_batch = new_local_batch * new_count
   start = consumed // new_batch
-  exact = (
-    len(set(positions)) == 1 and positions[0] % local_batch == 0 and consumed % new_batch == 0
-  )
+  exact = len(set(positions)) == 1 and positions[0] % local_batch == 0 and consumed % new_batch == 0
   seen = sum(int(s.get('num_seen', 0)) for s in states)
   skipped = sum(int(s.get('num_skipped', 0)) for s in states)
   small = sum(int(s.get('num_small', 0)) for s in states)
