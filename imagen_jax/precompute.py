@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import pathlib
+import signal
 from typing import Any
 
 import jax
@@ -301,6 +302,13 @@ def open_or_build_cache(
   return precompute(config, source=source)
 
 
+EXIT_STOPPED = 75  # as train.py and sample.py: stopped by a signal, resumable
+
+
+def _raise_stop(signum, frame):
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _run_cli() -> None:
   from absl import flags
   from ml_collections import config_flags
@@ -331,6 +339,9 @@ def _run_cli() -> None:
     cli.keep_freed_host_buffers()
     if flags.FLAGS.distributed:
       cli.initialize_distributed()
+    # SIGTERM stops the build like Ctrl-C. After jax.distributed.initialize, JAX's preemption
+    # notifier held it and nothing read it: a multi-host encode went on until SIGKILL.
+    signal.signal(signal.SIGTERM, _raise_stop)
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
@@ -339,6 +350,13 @@ def _run_cli() -> None:
       cache = open_or_build_cache(config, build_if_missing=True)
     except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:
       cli.fail(str(e), code=1)
+    except KeyboardInterrupt as e:  # through cli.fail: with --distributed the others stop too
+      cli.fail(
+        f'stopped ({e.args[0] if e.args else "SIGINT"}); the shards encoded so far are kept: '
+        'run the same command again to encode the rest.',
+        EXIT_STOPPED,
+        prefix='',
+      )
     if jax.process_index() == 0:
       print(cache.path)
 

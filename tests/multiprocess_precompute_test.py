@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -184,3 +185,75 @@ def test_killed_two_process_build_resumes(images, one_process_cache, tmp_path):
   assert sorted(got) == sorted(want)
   for name, data in got.items():
     assert data == want[name], name
+
+
+# The command line, each shard slowed down (argv: seconds per shard, then precompute's flags).
+_CLI = textwrap.dedent(
+  """
+  import sys, time
+  from imagen_jax import precompute
+  from imagen_jax.text import cache
+
+  delay = float(sys.argv.pop(1))
+  encode = cache._encode_shard
+  cache._encode_shard = lambda *a: (time.sleep(delay), encode(*a))[1]
+  precompute._run_cli()
+  """
+)
+
+
+@pytest.mark.multiprocess
+def test_sigterm_to_one_host_stops_a_distributed_build_and_it_resumes(images, tmp_path):
+  # After jax.distributed.initialize, JAX's preemption notifier caught SIGTERM and nothing read
+  # it: `python -m imagen_jax.precompute --distributed` went on encoding until SIGKILL. Now the
+  # signalled host stops with exit 75 and its line, and its peer stops with it.
+  cache_dir = tmp_path / 'cache'
+  port = free_port()
+  flags = [
+    '--config=configs/base64.py:tiny',
+    '--config.data.source=folder',
+    f'--config.data.path={images}',
+    '--config.text.encoder=t5-tiny-random',
+    f'--config.text.cache_dir={cache_dir}',
+    f'--config.text.cache_shard_size={SHARD_SIZE}',
+    '--config.text.precompute_batch_size=4',
+    '--distributed',
+    f'--coordinator_address=127.0.0.1:{port}',
+    '--num_processes=2',
+  ]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONFAULTHANDLER='1')
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  procs = [
+    start_logged(
+      [sys.executable, '-c', _CLI, '2.0', *flags, f'--process_id={i}'],
+      tmp_path / 'logs',
+      cwd=REPO_ROOT,
+      env=env,
+    )
+    for i in range(2)
+  ]
+  deadline = time.time() + TIMEOUT_S
+  try:
+    while not list(cache_dir.glob('*/shard-*')):  # encoding has begun
+      assert time.time() < deadline and all(p.poll() is None for p in procs), [
+        logged_output(p)[1][-2000:] for p in procs
+      ]
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+  except BaseException:
+    _kill(procs)
+    raise
+  results = finish(procs, timeout=60)
+  for rc, _, err in results:
+    assert rc == 75 and 'Aborted' not in err, err[-3000:]
+  assert 'stopped (SIGTERM); the shards encoded so far are kept' in results[1][2]
+  assert 'Process 1 of 2 failed, so this one stops too: stopped (SIGTERM)' in results[0][2]
+  (key,) = [p for p in cache_dir.iterdir() if p.is_dir()]
+  assert not json.loads((key / cache_lib.MANIFEST).read_text())['complete']
+  # The same command again (here on one process) finishes it.
+  one = [f for f in flags if not f.startswith(('--distributed', '--coordinator', '--num_pro'))]
+  proc = subprocess.run(
+    [sys.executable, '-c', _CLI, '0', *one], cwd=REPO_ROOT, env=env, capture_output=True, text=True
+  )
+  assert proc.returncode == 0 and proc.stdout.strip() == str(key), proc.stderr[-3000:]
+  assert json.loads((key / cache_lib.MANIFEST).read_text())['complete']
