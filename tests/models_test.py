@@ -288,6 +288,28 @@ def test_config_errors_are_clear():
   for blocks in (0, (0,) + (1,) * (levels - 1)):  # was an AssertionError inside the U-Net
     with pytest.raises(ValueError, match='at least 1 on every level'):
       dataclasses.replace(PRESETS['tiny'], num_res_blocks=blocks)
+  # Whole numbers only: a level 0.5 matched no level (self-attention silently gone), and a
+  # block count 2.5 was a TypeError at the first step.
+  for field, value in (
+    ('attn_levels', (0.5,)),
+    ('cross_attn_levels', (True,)),
+    ('num_res_blocks', (1, 2.5)),
+    ('num_res_blocks', 1.0),
+  ):
+    with pytest.raises(ValueError, match=f'{field}=.* must hold whole numbers'):
+      dataclasses.replace(PRESETS['tiny'], **{field: value})
+  with pytest.raises(ValueError, match=r'one entry per level \(2 levels'):
+    dataclasses.replace(PRESETS['tiny'], num_res_blocks=(1, 1, 1))
+
+
+def test_one_block_count_in_a_tuple_is_every_level():
+  # `--config.model.num_res_blocks=2` on a preset that holds a tuple (the SR presets) reaches
+  # the config as (2,): it was refused as 'must be an int'.
+  one = dataclasses.replace(PRESETS['tiny'], num_res_blocks=(2,))
+  assert one.blocks_per_level() == (2, 2)
+  two = dataclasses.replace(PRESETS['tiny'], num_res_blocks=2)
+  shapes = [nnx.eval_shape(lambda c=c: UNet(c, rngs=nnx.Rngs(0))) for c in (one, two)]
+  assert count_params(shapes[0]) == count_params(shapes[1])
 
 
 def test_preset_param_counts_from_abstract_shapes():

@@ -74,10 +74,22 @@ class UNetConfig:
     levels = len(self.channel_mults)
     if levels < 1:
       problems.append('channel_mults must have at least one level')
-    if isinstance(self.num_res_blocks, tuple) and len(self.num_res_blocks) != levels:
+    # Whole numbers only: a level 0.5 matched none (attention silently gone), a block count 2.5
+    # was a TypeError traceback at the first step.
+    blocks = self.num_res_blocks
+    for name, values in (
+      ('num_res_blocks', blocks if isinstance(blocks, tuple) else (blocks,)),
+      ('attn_levels', self.attn_levels),
+      ('cross_attn_levels', self.cross_attn_levels),
+    ):
+      if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        problems.append(f'{name}={getattr(self, name)!r} must hold whole numbers')
+    if problems:
+      raise ValueError('Invalid UNetConfig: ' + '; '.join(problems) + '.')
+    if isinstance(blocks, tuple) and len(blocks) not in (1, levels):
       problems.append(
-        f'num_res_blocks {self.num_res_blocks} must be an int or have one entry per level '
-        f'({levels} levels from channel_mults {self.channel_mults})'
+        f'num_res_blocks {self.num_res_blocks} must be an int, one entry (every level) or one '
+        f'entry per level ({levels} levels from channel_mults {self.channel_mults})'
       )
     else:
       blocks = self.num_res_blocks
@@ -113,6 +125,8 @@ class UNetConfig:
   def blocks_per_level(self) -> tuple[int, ...]:
     if isinstance(self.num_res_blocks, int):
       return (self.num_res_blocks,) * self.num_levels
+    if len(self.num_res_blocks) == 1:  # every level: `--config.model.num_res_blocks=2` on a
+      return tuple(self.num_res_blocks) * self.num_levels  # preset that holds a tuple gives (2,)
     return tuple(self.num_res_blocks)
 
   def channels(self) -> tuple[int, ...]:
