@@ -347,6 +347,9 @@ def _run_cli() -> None:
       resolve_cache_dir(config, workdir_flag.value)
     # One line for DataError, CacheError, T5CheckpointError and a peer that never came.
     try:  # a complete cache is opened, not rebuilt (no encoder load, no write)
+      from imagen_jax import train_lib
+
+      train_lib.check_data_and_text(config, present_only=True)  # what train.py would refuse
       cache = open_or_build_cache(config, build_if_missing=True)
     except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:
       cli.fail(str(e), code=1)

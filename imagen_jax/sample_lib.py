@@ -493,6 +493,9 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
         '--aug_level, or list an SR run after the base run in --checkpoints.'
       )
   for st in stages:
+    why = cascade.guidance_without_unconditional(str(st.workdir), st.config, st.options.guidance)
+    if why:
+      raise SampleError(f'{why} (--guidance takes one value per stage, e.g. --guidance 1,5)')
     if stage.is_super_resolution(st.config):
       d = st.config.diffusion
       low, high = float(d.get('aug_level_min', 0.0)), float(d.aug_level_max)

@@ -607,6 +607,8 @@ _COUNTS = {
   'data.num_workers': (0, ' (0: read in the main process)'),
   'data.prefetch': (0, ' (0: no read-ahead)'),
   'text.max_length': (2, ' (a token and EOS)'),
+  'text.precompute_batch_size': (1, ''),
+  'text.cache_shard_size': (1, ''),
 }
 
 
@@ -638,6 +640,31 @@ def _is_count(value: Any, lowest: int) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= lowest
 
 
+def _check_counts(
+  config: ml_collections.ConfigDict, sections: tuple[str, ...], present_only: bool = False
+) -> None:
+  """ValueError naming the first `_COUNTS` field of `sections` that is not a whole number in
+  range (present_only: fields the config lacks are passed over)."""
+  for field, (lowest, zero) in _COUNTS.items():
+    section, name = field.split('.')
+    if section not in sections or (present_only and name not in config.get(section, {})):
+      continue
+    value = config[section].get(name)
+    if not _is_count(value, lowest):
+      raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
+
+
+def check_data_and_text(config: ml_collections.ConfigDict, present_only: bool = False) -> None:
+  """The data and text settings' part of `check_settings`, which `python -m
+  imagen_jax.precompute` runs too (with present_only: its configs may hold only the data, text
+  and mesh sections): it encoded a whole dataset into a cache under settings (a negative
+  data.max_examples) that train.py then refused."""
+  _check_counts(config, ('data', 'text'), present_only)
+  skip = float(config.data.get('max_skip_fraction', 0.0))
+  if not 0.0 <= skip <= 1.0:
+    raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
+
+
 def check_settings(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the first training-loop, data or loss setting that cannot train (or
   would be quietly read as another), before the workdir is written: a zero log_every or
@@ -645,13 +672,10 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   traceback, an unknown loss weighting at the first step's compile, a bad crop size after the
   text cache was built; a negative num_steps 'finished' at step 0."""
   from imagen_jax import precompute
-  from imagen_jax.data import preprocess, sources
+  from imagen_jax.data import pipeline, preprocess, sources
 
-  for field, (lowest, zero) in _COUNTS.items():
-    section, name = field.split('.')
-    value = config[section].get(name)
-    if not _is_count(value, lowest):
-      raise ValueError(f'{field}={value!r}: use a whole number >= {lowest}{zero}.')
+  _check_counts(config, ('train', 'optim'))
+  check_data_and_text(config)
   accum, num_steps = config.optim.get('grad_accum_steps', 1), config.train.num_steps
   if _is_count(accum, 1) and accum > num_steps:  # the run ended with the params it started with
     raise ValueError(
@@ -669,13 +693,24 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   seed = config.get('seed', 0)
   if not _is_count(seed, 0) or seed >= 2**32:  # a JAX key takes 32 bits: s + 2**32 trained as s
     raise ValueError(f'seed={seed!r}: use a whole number in [0, 2**32).')
-  skip = float(config.data.max_skip_fraction)
-  if not 0.0 <= skip <= 1.0:
-    raise ValueError(f'data.max_skip_fraction={skip}: use a fraction in [0, 1] (e.g. 0.01).')
   sources.check_source_kind(config.data)
   preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
   precompute.check_text_dtype(config)
-  stage.model_config(config)  # the U-Net's sizes (they failed after the text cache was built)
+  model = stage.model_config(config)  # the U-Net's sizes (they failed after the cache was built)
+  if model.image_channels != 3:  # failed at the first step, after the text cache was built
+    raise ValueError(
+      f'model.image_channels={model.image_channels}: the data pipeline and the samplers make RGB '
+      'images; use 3.'
+    )
+  factor = 2 ** (model.num_levels - 1)
+  resolution = int(config.data.resolution)
+  if resolution % factor:  # failed at the first step (or, with crops, only when sampling)
+    raise ValueError(
+      f'data.resolution={resolution} must be a multiple of {factor}, the downsampling factor of '
+      f'the U-Net ({model.num_levels} levels from model.channel_mults={model.channel_mults}); '
+      'choose another resolution or fewer levels.'
+    )
+  pipeline.check_crops(config)  # crops the U-Net cannot train on (it ran after the text cache)
   given = config.train.get('sample_prompts') or ()
   bad = [p for p in given if not isinstance(p, str) or not p.strip()]
   if isinstance(given, str) or bad:  # a bare string was read as its characters
@@ -736,18 +771,22 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       f'diffusion.cond_drop_prob={drop}: use a probability in [0, 1] (e.g. 0.1, what '
       'classifier-free guidance needs).'
     )
-  if stage.is_super_resolution(config):
-    stage.aug_schedule(config)
-    low, high = (
-      float(config.diffusion.get('aug_level_min', 0.0)),
-      float(config.diffusion.aug_level_max),
+  why = cascade.guidance_without_unconditional('This run', config, float(config.sample.guidance))
+  if why:  # its sample grids, and sample.py by default, would guide with an untrained prediction
+    raise ValueError(why.replace('with guidance 1', 'with sample.guidance=1'))
+  # Every stage, though only SR stages read them: a typo stayed hidden until the config was reused
+  # for an SR stage.
+  stage.aug_schedule(config)
+  low, high = (
+    float(config.diffusion.get('aug_level_min', 0.0)),
+    float(config.diffusion.aug_level_max),
+  )
+  if not 0.0 <= low <= high <= 1.0:  # also refuses NaN
+    raise ValueError(
+      f'diffusion.aug_level_min={low}, aug_level_max={high}: training draws the low-res '
+      'augmentation level uniformly between them; use 0 <= aug_level_min <= aug_level_max <= 1 '
+      '(e.g. 0 and 0.3).'
     )
-    if not 0.0 <= low <= high <= 1.0:  # also refuses NaN
-      raise ValueError(
-        f'diffusion.aug_level_min={low}, aug_level_max={high}: training draws the low-res '
-        'augmentation level uniformly between them; use 0 <= aug_level_min <= aug_level_max <= 1 '
-        '(e.g. 0 and 0.3).'
-      )
   if int(config.train.get('eval_every', 0)) > 0:  # it failed after the text cache was built
     from imagen_jax.evaluate import runner
 

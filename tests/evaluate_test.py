@@ -190,6 +190,17 @@ def test_dynamic_flags_the_runs_own_thresholding_ignores_are_refused(tmp_path, m
 
 
 @pytest.mark.unit
+def test_guidance_on_a_run_trained_without_caption_dropout_is_refused(tmp_path, monkeypatch):
+  config = _digits_config()
+  config.diffusion.cond_drop_prob = 0.0
+  monkeypatch.setattr(runner, '_saved_config', lambda spec: (config, 2))
+  monkeypatch.setattr(runner, '_load_judge', lambda *a: pytest.fail('loaded the judge'))
+  req = runner.EvalRequest(checkpoints=str(tmp_path), num=20, guidance=3.0)
+  with pytest.raises(scoring.EvalError, match=r'cond_drop_prob=0, .* with --guidance 1 \(no'):
+    runner.run(req)
+
+
+@pytest.mark.unit
 def test_make_train_eval_fn_off_and_refusals(tmp_path):
   config = _digits_config()
   assert runner.make_train_eval_fn(config, None, tmp_path) is None  # eval_every = 0

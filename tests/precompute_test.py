@@ -365,6 +365,21 @@ def test_precompute_cli(images, tmp_path):
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and str(missing) in errors[0], result.stderr[-3000:]
+  # A setting train.py refuses is refused here too, before the dataset is encoded (the whole
+  # dataset went into a cache that train.py then would not use).
+  other = tmp_path / 'other_cache'
+  result = subprocess.run(
+    [*command[:4], f'--config.text.cache_dir={other}', '--config.data.max_examples=-5'],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert result.returncode == 1 and not other.exists(), result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == (
+    'error: data.max_examples=-5: use a whole number >= 0 (0: all).'
+  )
 
 
 @pytest.mark.unit

@@ -258,3 +258,28 @@ def test_flags_that_no_sampled_stage_reads_are_refused():
   chain(['dynamic', 'dynamic'], aug_level=0.3)
   # The whole cascade's command with --stop_at=1: the flags are for the stages it leaves out.
   chain(['static'], stop_at=1, aug_level=0.3, dynamic_percentile=0.9)
+
+
+def test_guidance_on_a_run_trained_without_caption_dropout_is_refused():
+  # cond_drop_prob=0 trains no unconditional (null-caption) prediction, which classifier-free
+  # guidance extrapolates from: sample.py sampled it at guidance 5 without a word.
+  from imagen_jax import sample_lib
+
+  base, sr = base64.get_config('tiny'), sr256.get_config('tiny')
+  sr.data.lowres_resolution = base.data.resolution
+  sr.diffusion.cond_drop_prob = 0.0
+
+  def chain(*guidances):
+    stages = [
+      types.SimpleNamespace(config=c, workdir=name, options=cascade.SamplingOptions(guidance=g))
+      for (c, name), g in zip(((base, 'runs/base'), (sr, 'runs/sr')), guidances, strict=True)
+    ]
+    sample_lib.check_chain(stages)
+
+  with pytest.raises(
+    sample_lib.SampleError,
+    match=r'^runs/sr was trained with diffusion.cond_drop_prob=0, .* guidance 5 .*--guidance 1,5',
+  ):
+    chain(5.0, 5.0)
+  chain(5.0, 1.0)  # the SR stage unguided, the base guided
+  assert cascade.guidance_without_unconditional('r', base, 5.0) is None

@@ -345,6 +345,17 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     ('train.sample_prompts', ('a cat', ' '), r"sample_prompts=\('a cat', ' '\): use a tuple"),
     ('optim.adafactor_momentum', 1.0, r'optim.adafactor_momentum=1.0: use a value in \[0, 1\)'),
     ('optim.adafactor_min_dim', 0, r'optim.adafactor_min_dim=0: use a whole number >= 1'),
+    # These failed after the text cache was built, or named no config field.
+    ('text.precompute_batch_size', 0, r'text.precompute_batch_size=0: use a whole number >= 1'),
+    ('text.cache_shard_size', 0, r'text.cache_shard_size=0: use a whole number >= 1'),
+    ('model.image_channels', 1, r'model.image_channels=1: .* RGB images; use 3'),
+    ('data.resolution', 17, r'data.resolution=17 must be a multiple of 2, .*2 levels'),
+    ('data.crop_size', 8, r'data.crop_size=8 < data.resolution=16, but the U-Net has self-att'),
+    # Guidance extrapolates from a null-caption prediction that was never trained.
+    ('diffusion.cond_drop_prob', 0.0, r'cond_drop_prob=0, .* with sample.guidance=1 \(no guid'),
+    # Read by SR stages only, but a typo on a base stage stayed hidden until the config was reused.
+    ('diffusion.aug_schedule', 'lin', r"Unknown diffusion.aug_schedule 'lin'"),
+    ('diffusion.aug_level_max', 7.0, r'aug_level_max=7.0: training draws'),
     # Both were refused only once the workdir was made and locked.
     ('data.source', 'flder', r"Unknown data.source 'flder'; choose one of"),
     ('data.source', 'folder', r"data.source='folder' needs --config.data.path"),

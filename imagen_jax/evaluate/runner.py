@@ -344,6 +344,9 @@ def run(req: EvalRequest) -> dict:
   )
   if unused:
     raise EvalError(unused)
+  why = cascade.guidance_without_unconditional(req.checkpoints, config, options.guidance)
+  if why:
+    raise EvalError(why.replace('with guidance 1', 'with --guidance 1'))
   resolution = int(config.data.resolution)
   judge = _load_judge(req, resolution)
   devices = cascade.BatchDevices()
