@@ -149,6 +149,10 @@ def test_a_seed_a_jax_key_cannot_hold_is_refused(tmp_path):
   same = runner.EvalRequest(checkpoints=str(tmp_path), out='a/../x.out', grid='x.out')
   with pytest.raises(scoring.EvalError, match='--out and --grid name the same file'):
     runner.validate(same)
+  # sample.py's --grid is the sampling grid: `--grid karras` here wrote a PNG named 'karras'.
+  with pytest.raises(scoring.EvalError, match=r"--grid karras is not a .png path: evaluate.py's"):
+    runner.validate(runner.EvalRequest(checkpoints=str(tmp_path), grid='karras'))
+  runner.validate(runner.EvalRequest(checkpoints=str(tmp_path), grid=str(tmp_path / 'g.PNG')))
 
 
 @pytest.mark.unit

@@ -207,6 +207,11 @@ def validate(req: EvalRequest) -> None:
       f'--out and --grid name the same file ({req.out}); pass a .json for --out and a .png for '
       '--grid.'
     )
+  if req.grid and not req.grid.lower().endswith('.png'):  # sample.py's --grid is the spacing
+    raise EvalError(
+      f"--grid {req.grid} is not a .png path: evaluate.py's --grid names the PNG of samples to "
+      "write, e.g. --grid=grid.png (the sampling grid spacing is the run config's sample.grid)."
+    )
   if req.steps is not None and req.steps < 1:
     raise EvalError(f'--steps must be a positive integer, got {req.steps}.')
   if req.guidance is not None and req.guidance < 0:
