@@ -99,3 +99,12 @@ def test_conv_layer_uses_the_folded_path_and_keeps_its_result(one_device):
   np.testing.assert_allclose(layer(x), want, rtol=1e-4, atol=1e-4)
   # The same layer on a batch of 3 has no pairs: the plain convolution.
   assert 'x130x' not in jax.jit(lambda x: layer(x)).lower(x[:1].repeat(3, 0)).as_text()
+
+
+def test_kernels_other_than_3x3_are_refused():
+  # One zero column between the folded images pads a 3-wide kernel only: a 5x5 read across into
+  # the other image and was wrong by 2.3 in values up to 8.6, without a word.
+  x = jnp.ones((2, 5, 40, 64), jnp.float32)
+  for fn in (cpu_conv.conv_same, cpu_conv.fold_both):
+    with pytest.raises(ValueError, match=r'3x3 kernels only, got \(5, 5\)'):
+      fn(x, jnp.ones((5, 5, 64, 64), jnp.float32))

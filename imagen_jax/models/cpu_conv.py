@@ -93,16 +93,25 @@ def _conv_bwd(fold_out, fold_in, residuals, dy):
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
+def _check_3x3(kernel: jax.Array) -> None:
+  """The one zero column between folded images is the 'SAME' padding of a 3-wide kernel only:
+  a wider one read across into the other image (a 5x5 was off by 2.3 in values up to 8.6)."""
+  if tuple(kernel.shape[:2]) != (3, 3):
+    raise ValueError(f'cpu_conv takes 3x3 kernels only, got {tuple(kernel.shape[:2])}.')
+
+
 def conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """'SAME' stride-1 3x3 convolution, NHWC x HWIO: the forward pass on image pairs side by
   side where the output has `TILE` channels, the input gradient where the input has."""
+  _check_3x3(kernel)
   c_in, c_out = kernel.shape[2:]
   return _conv(*match_varying(x, kernel), c_out == TILE, c_in == TILE)
 
 
 def fold_both(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """`conv_same` with the forward pass and the input gradient both folded, whatever the
-  channels (bench/cpu_conv.py; the tests)."""
+  channels (bench/cpu_conv.py; the tests); 3x3 kernels only."""
+  _check_3x3(kernel)
   return _conv(*match_varying(x, kernel), True, True)
 
 
