@@ -17,6 +17,7 @@ if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 
 import itertools  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -209,3 +210,17 @@ def pytest_runtest_setup(item):
         'the locked versions (make install), or a pytest that requirements-test.txt allows',
         pytrace=False,
       )
+
+
+def one_move_entropy_bits(n: int) -> float:
+  """The most that moving one of n predictions from a class of a to one of b changes the class
+  entropy: H = log2(n) - sum(c log2 c) / n, so only those two terms change."""
+
+  def clog(c):
+    return c * math.log2(c) if c > 0 else 0.0
+
+  return max(
+    abs(clog(a - 1) - clog(a) + clog(b + 1) - clog(b)) / n
+    for a in range(1, n + 1)
+    for b in range(0, n - a + 1)
+  )

@@ -456,13 +456,16 @@ def test_sampler_matches_gaussian_mixture(name, steps, spacing):
   Tolerances (4000 samples): mixture weights +-0.03 (about 4 standard errors), component
   means +-0.06, component spreads within 12 % of the truth. The draws are fixed by the key (same
   threefry bits on every backend); float differences across CPUs or GPU move these statistics by
-  ~1e-5, far inside the margins, while a sign error in a sampler update ruins them.
+  ~1e-5, while a sign error in a sampler update ruins them. What fills the margins is each
+  sampler's own discretisation bias at 25 steps (measured worst mean errors: 0.049 ddim/time,
+  0.058 dpmpp_2m/logsnr, 0.020-0.030 the others; 0.012-0.020 at 1000 steps, the sampling
+  noise), so the uniform log-SNR grid, which places few steps at the clean end, gets +-0.09.
   """
   x = run_sampler(name, steps, spacing)
   assert np.all(np.isfinite(x))
   weights, means, stds = mixture_stats(x)
   np.testing.assert_allclose(weights, MIX_WEIGHTS, atol=0.03)
-  np.testing.assert_allclose(means, MIX_MEANS, atol=0.06)
+  np.testing.assert_allclose(means, MIX_MEANS, atol=0.09 if spacing == 'logsnr' else 0.06)
   np.testing.assert_allclose(stds, MIX_STDS, rtol=0.12)
 
 

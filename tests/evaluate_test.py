@@ -21,7 +21,13 @@ from configs import base64, sr256
 from imagen_jax.data import digits
 from imagen_jax.evaluate import judge as judge_lib
 from imagen_jax.evaluate import metrics, runner, scoring
-from tests.conftest import REPO_ROOT, cli_env, with_address_space_limit, with_cpu_devices
+from tests.conftest import (
+  REPO_ROOT,
+  cli_env,
+  one_move_entropy_bits,
+  with_address_space_limit,
+  with_cpu_devices,
+)
 
 CHANCE = 1 / digits.NUM_CLASSES
 
@@ -552,20 +558,6 @@ def test_generated_images_do_not_depend_on_the_batch_size(tiny_run):
   np.testing.assert_allclose(images[8], images[20], rtol=0, atol=1e-3)
   other_seed = runner.generate(st.sample_fn, st.params, text_embs, text_mask, seed=1, batch_size=8)
   assert np.abs(other_seed - images[8]).max() > 0.1
-
-
-def one_move_entropy_bits(n: int) -> float:
-  """The most that moving one of n predictions from a class of a to one of b changes the class
-  entropy: H = log2(n) - sum(c log2 c) / n, so only those two terms change."""
-
-  def clog(c):
-    return c * np.log2(c) if c > 0 else 0.0
-
-  return max(
-    abs(clog(a - 1) - clog(a) + clog(b + 1) - clog(b)) / n
-    for a in range(1, n + 1)
-    for b in range(0, n - a + 1)
-  )
 
 
 @pytest.mark.smoke

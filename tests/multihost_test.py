@@ -15,7 +15,15 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import REPO_ROOT, cli_env, finish, free_port, logged_output, start_logged
+from tests.conftest import (
+  REPO_ROOT,
+  cli_env,
+  finish,
+  free_port,
+  logged_output,
+  one_move_entropy_bits,
+  start_logged,
+)
 from tests.train_test import (
   CONSTANT_LR,
   env_for,
@@ -462,4 +470,14 @@ def test_in_training_evaluation_on_two_processes_matches_one(shared, tmp_path):
   got, ref = eval_rows(two)[2], eval_rows(one)[2]
   assert set(got) == set(ref) and {'eval/adherence', 'eval/fd'} <= set(got)
   for key, value in ref.items():
-    np.testing.assert_allclose(got[key], value, rtol=RTOL, atol=1e-6, err_msg=key)
+    # The images agree to float rounding (the all-reduce differs), so a judge's call near a tie
+    # may flip: rates move by one image of 20 at most, the entropy by one move, as between one
+    # and two devices in evaluate_test; the rest to float rounding.
+    name = key.split('/', 1)[1]
+    if name.startswith(('adherence', 'precision', 'recall')):
+      tolerance = dict(rtol=0, atol=0.051)
+    elif name == 'entropy_bits':
+      tolerance = dict(rtol=0, atol=one_move_entropy_bits(20) + 1e-9)
+    else:
+      tolerance = dict(rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(got[key], value, err_msg=key, **tolerance)
