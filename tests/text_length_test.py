@@ -359,6 +359,9 @@ def test_bad_settings_are_refused_before_the_workdir_is_written(tmp_path, overri
     # Both were refused only once the workdir was made and locked.
     ('data.source', 'flder', r"Unknown data.source 'flder'; choose one of"),
     ('data.source', 'folder', r"data.source='folder' needs --config.data.path"),
+    # The embedded set was trained on instead, without a word.
+    ('data.path', '/my/images', r"data.path='/my/images' but data.source='openmoji' .* reads no"),
+    ('data.split', 'test', r"data.split='test' but data.source='openmoji' has no splits"),
   ],
 )
 def test_settings_that_cannot_train_are_named(field, value, message):

@@ -663,6 +663,17 @@ def check_source_kind(data_config) -> None:
     raise DataError(f'Unknown data.source {kind!r}; choose one of {SOURCE_KINDS}.')
   if kind in _NEEDS_PATH:
     _require_path(kind, data_config.get('path', ''))
+  elif data_config.get('path'):  # the embedded sets read no path: it trained on them instead
+    raise DataError(
+      f"data.path={data_config.path!r} but data.source='{kind}' (an embedded set) reads no "
+      f'path; to train on it, also pass --config.data.source=folder (or hf, tfds, webdataset, '
+      'arrayrecord), or drop data.path.'
+    )
+  if kind == 'openmoji' and data_config.get('split', 'train') != 'train':
+    raise DataError(
+      f"data.split={data_config.split!r} but data.source='openmoji' has no splits (every emoji "
+      "is in 'train'); drop data.split."
+    )
 
 
 def _require_path(kind: str, path: str | None) -> None:
