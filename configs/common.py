@@ -76,7 +76,7 @@ def get_common(
   c.data.split = 'train'
   c.data.image_column = 'image'
   c.data.caption_column = 'text'
-  c.data.render_cache_dir = 'cache/openmoji'  # embedded dataset rendered here once
+  c.data.render_cache_dir = 'cache/openmoji'  # embedded set rendered once (relative: to the cwd)
   c.data.resolution = resolution
   c.data.lowres_resolution = lowres_resolution  # 0 for the base stage
   c.data.random_crop = lowres_resolution > 0  # SR stages train on random crops
