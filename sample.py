@@ -219,6 +219,10 @@ def main(argv):
       EXIT_STOPPED,
       prefix='',
     )
+  # Every file is written: a stop signal now has nothing to stop (it raised KeyboardInterrupt
+  # here, a traceback after a finished run).
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   print(f'{len(written)} images and grid.png in {FLAGS.out}')
 
 

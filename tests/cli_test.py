@@ -60,3 +60,34 @@ def test_usage_errors_are_one_line(args, message):
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
   assert 'USAGE' not in proc.stderr and 'Traceback' not in proc.stderr
+
+
+_SIGTERM_AFTER_THE_RUN = """
+import os, signal, sys, time
+sys.argv = ['sample.py', '--prompt=x', '--checkpoints=unused', '--out=unused']
+import sample
+from imagen_jax import sample_lib
+
+class Written(list):
+  def __len__(self):  # the final line's len(written): after sample_lib.run returned
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    return 0
+
+sample_lib.run = lambda req: Written()
+sample.cli.run(sample.main)
+"""
+
+
+def test_a_stop_signal_after_sample_py_wrote_everything_is_ignored():
+  # Its handler raised KeyboardInterrupt there: a traceback after a finished run.
+  proc = subprocess.run(
+    [sys.executable, '-c', _SIGTERM_AFTER_THE_RUN],
+    cwd=REPO_ROOT,
+    env={**cli_env(), 'IMAGEN_JAX_CPU_DEVICES': '1', 'PYTHONPATH': str(REPO_ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stdout.strip() == '0 images and grid.png in unused'
