@@ -84,7 +84,7 @@ def test_a_stop_signal_after_sample_py_wrote_everything_is_ignored():
   proc = subprocess.run(
     [sys.executable, '-c', _SIGTERM_AFTER_THE_RUN],
     cwd=REPO_ROOT,
-    env={**cli_env(), 'IMAGEN_JAX_CPU_DEVICES': '1', 'PYTHONPATH': str(REPO_ROOT)},
+    env={**cli_env(), 'PYTHONPATH': str(REPO_ROOT)},
     capture_output=True,
     text=True,
     timeout=300,
