@@ -25,14 +25,34 @@
 # (default: as --steps; 0 = none) sets the timed guided sampling steps of every point. POINTS (a
 # space-separated list of point numbers) runs those points in that order instead; TRACE_POINTS (same
 # form) keeps those points' profiler traces and train-step HLO as OUT_DIR/trace_<n>.json.gz and
-# OUT_DIR/hlo_<n>.txt.gz.
+# OUT_DIR/hlo_<n>.txt.gz. A relative OUT_DIR or CACHE is read from the caller's folder; CACHE (the
+# compilation cache, deleted when point 0 runs) must lie outside the repository.
 set -u
-cd "$(dirname "$0")/.."
-out=${1:-/tmp/imagen_jax_bench}
+# Made absolute before the cd to the repository.
+out=$(realpath -m -- "${1:-/tmp/imagen_jax_bench}")
+cache=$(realpath -m -- "${CACHE:-/tmp/imagen_jax_bench_cache}")
+root=$(cd "$(dirname "$0")/.." && pwd -P)
+cd "$root" || exit 2
 first=${2:-0}
 read -ra py <<<"${PY:-python3}"  # a command: words split on spaces (e.g. "python3 -X dev")
 deadline=${DEADLINE:-3000}
-cache=${CACHE:-/tmp/imagen_jax_bench_cache}
+usage_error() {
+  echo "accelerator.sh: $1" >&2
+  exit 2
+}
+[[ "$deadline" =~ ^[0-9]+$ ]] ||
+  usage_error "DEADLINE '$deadline' is not a whole number of seconds; give e.g. DEADLINE=600."
+deadline=$((10#$deadline))  # decimal: a leading 0 would read as octal
+[[ "${PROFILE_STEPS:-3}" =~ ^[0-9]+$ ]] ||
+  usage_error "PROFILE_STEPS '${PROFILE_STEPS}' is not a whole number; give e.g. PROFILE_STEPS=3 (0: off)."
+[[ "${SAMPLE_STEPS:--1}" =~ ^(-1|[0-9]+)$ ]] ||
+  usage_error "SAMPLE_STEPS '${SAMPLE_STEPS}' is not a whole number; give e.g. SAMPLE_STEPS=10 (0: none)."
+# Point 0 deletes CACHE to start with a fresh one: never the repository, a folder in it or above
+# it, / or the home folder.
+if [ "$cache" = / ] || [ "$cache" = "${HOME:-}" ] || [[ "$cache/" == "$root/"* ]] ||
+  [[ "$root/" == "$cache/"* ]]; then
+  usage_error "CACHE '$cache' is the repository, a folder in it or above it, / or the home folder; point 0 deletes CACHE, so give a folder of its own, e.g. CACHE=/tmp/imagen_jax_bench_cache."
+fi
 mkdir -p "$out"
 start=$SECONDS
 
@@ -55,14 +75,17 @@ points=(
 )
 last=$((${#points[@]} - 1))
 if ! [[ "$first" =~ ^[0-9]+$ ]] || [ "$first" -gt "$last" ]; then
-  echo "accelerator.sh: FIRST_POINT '$first' does not exist; give a number 0-$last." >&2
-  exit 2
+  usage_error "FIRST_POINT '$first' does not exist; give a number 0-$last."
 fi
 order=${POINTS:-$(seq -s ' ' "$first" "$last")}
 for i in $order; do
   if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -gt "$last" ]; then
-    echo "accelerator.sh: point '$i' in POINTS does not exist; give numbers 0-$last." >&2
-    exit 2
+    usage_error "point '$i' in POINTS does not exist; give numbers 0-$last."
+  fi
+done
+for i in ${TRACE_POINTS:-}; do
+  if ! [[ "$i" =~ ^[0-9]+$ ]] || [ "$i" -gt "$last" ]; then
+    usage_error "point '$i' in TRACE_POINTS does not exist; give numbers 0-$last."
   fi
 done
 case " $(echo $order) " in *" 0 "*) [ "$cache" != / ] && rm -rf "$cache" ;; esac

@@ -6,8 +6,9 @@
   python bench/quality.py --seeds=0,1,2,3 --workdir=runs/seeds  # the spread over training seeds
 
 Runs `train.py --config=configs/digits.py` and `evaluate.py` as subprocesses (the same commands as
-`make quality`), timing each, then prints ONE JSON line: the generated row's held-out and seen
-prompt adherence against the judge's accuracy on real test images, predicted-class entropy,
+`make quality`) in the checkout that holds this script (--checkout; relative --workdir and --config
+paths are the caller's), timing each, then prints ONE JSON line: the generated row's held-out and
+seen prompt adherence against the judge's accuracy on real test images, predicted-class entropy,
 judge-space FD against the real-vs-real floor (the `real_test` calibration row), precision/recall,
 the adherence per caption template, the wall times, and whether the issue's target is met (held-out
 adherence >= 0.8 x judge accuracy, entropy > 3.0 bits, FD <= 5 x floor, training <= 20 minutes).
@@ -38,9 +39,19 @@ from absl import app, flags
 
 from imagen_jax import cli
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', 'runs/quality', 'Run folder (created, or resumed when present).')
-flags.DEFINE_string('config', 'configs/digits.py', 'Recipe config.')
+flags.DEFINE_string(
+  'config', 'configs/digits.py', 'Recipe config (a file here, else one of the checkout).'
+)
+flags.DEFINE_string(
+  'checkout',
+  str(REPO),
+  'The folder whose train.py and evaluate.py run, in that folder (default: the checkout that '
+  'holds this script).',
+)
 flags.DEFINE_integer('num', 500, 'Generated images for the evaluation.')
 flags.DEFINE_bool('reuse', False, 'Read an existing WORKDIR/eval.json instead of running.')
 flags.DEFINE_string(
@@ -61,10 +72,11 @@ TRAIN_LIMIT_S = 20 * 60
 
 
 def _run(cmd: list[str]) -> float:
-  """Wall seconds of one step; when it fails, one error line and exit with its status."""
+  """Wall seconds of one step, run in --checkout; when it fails, one error line and exit with its
+  status."""
   env = {**os.environ, 'JAX_PLATFORMS': os.environ.get('JAX_PLATFORMS', 'cpu')}
   start = time.perf_counter()
-  code = subprocess.run(cmd, check=False, env=env, stdout=sys.stderr).returncode
+  code = subprocess.run(cmd, check=False, env=env, stdout=sys.stderr, cwd=FLAGS.checkout).returncode
   if code:
     # Killed by signal N: exit 128 + N, as a shell says.
     cli.fail(
@@ -248,6 +260,15 @@ def train_and_evaluate(workdir: pathlib.Path, seed: int | None) -> dict:
 
 def main(argv) -> None:
   del argv
+  # The steps run in the checkout, so paths given relative to the caller's folder are made
+  # absolute first.
+  FLAGS.checkout = str(pathlib.Path(FLAGS.checkout).expanduser().absolute())
+  if not (pathlib.Path(FLAGS.checkout) / 'train.py').is_file():
+    cli.fail(f'--checkout {FLAGS.checkout} holds no train.py; pass the repository folder.')
+  FLAGS.workdir = str(pathlib.Path(FLAGS.workdir).expanduser().absolute())
+  config_file, sep, variant = FLAGS.config.partition(':')
+  if pathlib.Path(config_file).expanduser().is_file():  # else the checkout's, e.g. configs/...
+    FLAGS.config = str(pathlib.Path(config_file).expanduser().absolute()) + sep + variant
   workdir = pathlib.Path(FLAGS.workdir)
   seeds = parse_seeds(FLAGS.seeds)
   if FLAGS.grid:  # before hours of training

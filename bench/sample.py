@@ -2,10 +2,12 @@
 
   python bench/sample.py --config=configs/base64.py:small --batch=4 --steps=25 --sampler=dpmpp_2m
 
-Random-initialised weights (speed does not depend on training); guidance batched as
-[cond; uncond]. On a CPU of two or more cores the batch is split over two devices where it is
-even, as sample.py does (`imagen_jax.cpu_devices`, `cascade.BatchDevices`); IMAGEN_JAX_CPU_DEVICES=1
-measures one device. `devices` and `split` say which ran. Prints one JSON line.
+After the compile, one untimed call (`first_call_s`), then --repeats timed ones (`batch_s`:
+their median). Random-initialised weights (speed does not depend on training); guidance
+batched as [cond; uncond]. On a CPU of two or more cores the batch is split over two devices
+where it is even, as sample.py does (`imagen_jax.cpu_devices`, `cascade.BatchDevices`);
+IMAGEN_JAX_CPU_DEVICES=1 measures one device. `devices` and `split` say which ran. Prints one
+JSON line.
 """
 
 import json
@@ -19,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from imagen_jax import cascade, cli, stage  # noqa: E402
@@ -30,10 +32,17 @@ flags.DEFINE_integer('batch', 4, 'Images per batch.')
 flags.DEFINE_integer('steps', 25, 'Sampling steps.')
 flags.DEFINE_string('sampler', 'dpmpp_2m', 'ddpm | ddim | dpmpp_2m | heun.')
 flags.DEFINE_float('guidance', 5.0, 'Guidance scale (1: no unconditional pass).')
-flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile.')
+flags.DEFINE_integer('repeats', 3, 'Timed runs after the compile and one untimed run.')
 
 
-def main(_):
+def main(argv):
+  try:
+    run(argv)
+  except ValueError as e:  # a config the stage cannot sample with (e.g. text.max_length=0)
+    cli.fail(' '.join(str(e).split()))  # one line, whatever the message's own line breaks
+
+
+def run(_):
   for name in ('batch', 'steps', 'repeats'):
     if getattr(FLAGS, name) < 1:
       cli.fail(f'--{name} must be at least 1, got {getattr(FLAGS, name)}.')
@@ -71,6 +80,11 @@ def main(_):
   t0 = time.perf_counter()
   compiled = fn.lower(*args).compile()
   compile_s = time.perf_counter() - t0
+  # One untimed call first: a first call's one-time costs (buffers allocated, kernels and
+  # thread pools set up) are not the sampling speed.
+  t0 = time.perf_counter()
+  compiled(*args).block_until_ready()
+  first_call_s = time.perf_counter() - t0
   times = []
   for i in range(FLAGS.repeats):
     t0 = time.perf_counter()
@@ -97,7 +111,8 @@ def main(_):
         'split': split,
         'host_malloc': host_malloc,
         'compile_s': round(compile_s, 2),
-        'batch_s': round(batch_s, 3),
+        'first_call_s': round(first_call_s, 3),  # the untimed call before the timed ones
+        'batch_s': float(f'{batch_s:.4g}'),  # 4 digits: a tiny config's batch takes milliseconds
         'images_per_s': round(b / batch_s, 3),
         'network_evals_per_image_batch': evals,
       }
@@ -106,4 +121,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

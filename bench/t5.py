@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = parser.parse_args(argv)
   if args.steps < 1 or args.batch < 1:
     parser.error(f'--steps and --batch must be at least 1, got {args.steps} and {args.batch}.')
+  if args.memory_only and not args.synthetic_config:
+    parser.error(
+      '--memory_only needs --synthetic_config (it compiles on abstract shapes, without loading '
+      'weights), e.g. --synthetic_config=xxl.'
+    )
   if args.max_length < 1 or args.host_devices < 0:
     parser.error(
       f'--max_length must be at least 1 and --host_devices at least 0, got {args.max_length} '
@@ -55,7 +60,7 @@ def main(argv=None) -> None:
   import numpy as np
   from flax import nnx
 
-  from imagen_jax import device_memory
+  from imagen_jax import cli, device_memory
   from imagen_jax.text import encoder as encoder_lib
   from imagen_jax.text import t5
 
@@ -78,8 +83,6 @@ def main(argv=None) -> None:
 
   t0 = time.perf_counter()
   if args.memory_only:
-    if not args.synthetic_config:
-      raise SystemExit('--memory_only needs --synthetic_config (abstract shapes).')
     config = t5.T5_V1_1_CONFIGS[args.synthetic_config]
     graphdef, abstract_state = nnx.split(
       nnx.eval_shape(
@@ -102,9 +105,12 @@ def main(argv=None) -> None:
       tokenizer = encoder_lib.tokenizer_lib.load_tokenizer('byt5', max_length=args.max_length)
       encoder = encoder_lib.TextEncoder(result['encoder'], model, tokenizer, mesh=mesh)
     else:
-      encoder = encoder_lib.load_text_encoder(
-        args.encoder, max_length=args.max_length, dtype=args.dtype, mesh=mesh
-      )
+      try:
+        encoder = encoder_lib.load_text_encoder(
+          args.encoder, max_length=args.max_length, dtype=args.dtype, mesh=mesh
+        )
+      except t5.T5CheckpointError as e:  # a missing folder, a damaged or unreachable checkpoint
+        cli.fail(f'--encoder {args.encoder}: ' + ' '.join(str(e).split()))  # one line
     config = encoder.config
     result['load_s'] = round(time.perf_counter() - t0, 3)
     lowered = encoder.lower(batch)

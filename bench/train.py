@@ -1,4 +1,4 @@
-"""End-to-end training speed of a config: data pipeline + train step, median step seconds.
+"""End-to-end training speed of a config: data pipeline + train step, seconds per step.
 
   python bench/train.py --config=configs/base64.py:small --config.train.batch_size=4
   # (:small encodes its captions with google/t5-v1_1-base from the Hub on first use;
@@ -8,11 +8,14 @@
 
 Uses the real input pipeline (embedded dataset, embedding cache; built on first use) and the
 real sharded train step. Prints one JSON line: step seconds with data (end to end), step
-seconds on a fixed batch (compute only), the data pipeline alone, img/s, TFLOP/s, MFU and HFU.
-The end-to-end steps run as training does: batches put on the devices ahead by a thread
-(data.device_prefetch) and, with data.text_length=batch, one compiled step per text length
-(`text_lengths`; compiling them, `recompile_s`, is left out of the step times). The FLOPs and
-the compute-only steps are those of the first batch's text length.
+seconds on a fixed batch (compute only, the median step), the data pipeline alone, img/s,
+TFLOP/s, MFU and HFU. The end-to-end steps run as training does: batches put on the devices
+ahead by a thread (data.device_prefetch), metrics read one step late and, with
+data.text_length=batch, one compiled step per text length (`text_lengths`; compiling them,
+`recompile_s`, is left out of the step times). They are timed as a whole, from the first
+batch to the last step's metrics on the host, and divided by --steps: each step is dispatched
+before the previous one's metrics are read, so the steps overlap and no one step can be timed
+apart. The FLOPs and the compute-only steps are those of the first batch's text length.
 
 FLOPs are the U-Net's model FLOPs counted from its config and the batch shapes
 (`imagen_jax.flops`: 3 x forward per step), not `cost_analysis()`, which on GPU counts cuDNN
@@ -41,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from imagen_jax import (  # noqa: E402
@@ -72,7 +75,10 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
   shards = mesh.shape['data'] * mesh.shape['fsdp']  # the batch is split over both
   batch = batch_per_device * shards if batch_per_device > 0 else int(config.train.batch_size)
   if batch % shards:
-    raise SystemExit(f'batch {batch} is not a multiple of the {shards} batch shards.')
+    cli.fail(
+      f'train.batch_size={batch} is not a multiple of the {shards} batch shards '
+      f'(mesh {dict(mesh.shape)}); change it, or pass --batch_per_device.'
+    )
   tx = optim.make_optimizer(config.optim, int(config.train.num_steps))
   batch_sh = sharding.batch_sharding(mesh)
   spec = pipeline.batch_spec(config, batch)
@@ -119,21 +125,61 @@ def memory_only(config, *, batch_per_device: int = 0) -> dict:
   }
 
 
-def main(_):
+def time_end_to_end(steps, state, batches, count: int, fetch=jax.device_get):
+  """Runs `count` steps as the training loop does and times them as a whole.
+
+  steps: a `train_lib.CompiledSteps` (a batch of new shapes compiles its step first);
+  batches: an iterator of device batches. Each step is dispatched before the previous step's
+  metrics are fetched (`fetch`, on the host), so one clock runs from the first batch to the last
+  step's metrics. Returns (state, the last metrics, seconds per step without the compiles,
+  seconds spent compiling)."""
+  pending, recompile_s = None, 0.0
+  t0 = time.perf_counter()
+  for _ in range(count):
+    b = next(batches)
+    step, _, seconds = steps.get(state, b)
+    state, m = step(state, b)
+    if pending is not None:
+      fetch(pending)
+    pending = m
+    recompile_s += seconds
+  fetch(pending)
+  total = time.perf_counter() - t0
+  return state, pending, (total - recompile_s) / count, recompile_s
+
+
+def main(argv):
+  try:
+    run(argv)
+  except ValueError as e:  # a bad setting, a missing T5 checkpoint or dataset (DataError)
+    cli.fail(' '.join(str(e).split()))  # one line: some carry a library's multi-line text
+
+
+def run(_):
   if FLAGS.steps < 1:
     cli.fail(f'--steps must be at least 1, got {FLAGS.steps}.')
+  if FLAGS.batch_per_device < 0:
+    cli.fail(
+      f'--batch_per_device must be at least 0 (0: from train.batch_size), got '
+      f'{FLAGS.batch_per_device}.'
+    )
   host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   config = FLAGS.config
   if FLAGS.memory_only:
+    train_lib.check_settings(config)  # as train.py, before any work
     print(json.dumps(memory_only(config, batch_per_device=FLAGS.batch_per_device)))
     return
-  # As train.py: two data-parallel devices on a CPU of two or more cores.
+  # As train.py: two data-parallel devices on a CPU of two or more cores (before JAX's backend
+  # starts, which check_settings does).
   cli.split_cpu_devices(
     config.train.batch_size,
     config.mesh,
     distributed=False,
     copy_bytes=lambda: train_lib.replicated_bytes(config),
   )
+  # Settings refused before the text cache is built and steps run, as train.py refuses them.
+  train_lib.check_settings(config)
+  train_lib.device_prefetch_size(config)
   mesh = sharding.make_mesh(config.mesh)
   cache = precompute.open_or_build_cache(config, build_if_missing=True)
   it = pipeline.make_iterator(config, text_cache=cache)
@@ -178,23 +224,11 @@ def main(_):
     # End to end, as the training loop runs: batches assembled and put on the devices ahead by
     # a thread (data.device_prefetch), dispatch, metrics read one step late. A batch of a new
     # text length (data.text_length=batch) compiles its step first, outside the timing.
-    end_to_end, pending, recompile_s = [], None, 0.0
     on_device = train_lib.device_prefetch(config, it, batch_sh)
     try:
-      for _ in range(FLAGS.steps):
-        t0 = time.perf_counter()
-        b = next(on_device)
-        step, _, seconds = steps.get(state, b)
-        state, m = step(state, b)
-        if pending is not None:
-          jax.device_get(pending)
-        pending = m
-        end_to_end.append(time.perf_counter() - t0 - seconds)
-        recompile_s += seconds
-      jax.device_get(pending)
+      state, m, step_s, recompile_s = time_end_to_end(steps, state, on_device, FLAGS.steps)
     finally:
       on_device.close()
-  step_s = statistics.median(end_to_end)
   compute_s = statistics.median(fixed)
   bs = int(config.train.batch_size)
   kind, ndev = jax.devices()[0].device_kind, jax.device_count()
@@ -239,4 +273,4 @@ def main(_):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

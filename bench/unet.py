@@ -38,12 +38,12 @@ included).
 `xla_flops_per_step_per_device` is `cost_analysis()`, kept for reference only: it counts cuDNN
 convolutions and fused attention as zero on GPU and includes remat recomputation on TPU.
 `peak_memory_gb` is the device allocator's peak (`memory_stats()`; null where the backend
-has none, as on CPU). `fused_attention_in_hlo` says whether the compiled train step calls
-a fused attention kernel (cuDNN's on GPU, a Mosaic `tpu_custom_call` on TPU); `attention` gives
-the implementation each attention got. `compile` and `sample_compile` say whether the train and
-sampling steps were compiled or loaded from the persistent compilation cache
-(`--compilation_cache`; `imagen_jax.compile_events`): a second start of a point with a cache
-should read 'loaded from the persistent compilation cache'.
+has none, as on CPU, and with --memory_only, which runs nothing). `fused_attention_in_hlo`
+says whether the compiled train step calls a fused attention kernel (cuDNN's on GPU, a Mosaic
+`tpu_custom_call` on TPU); `attention` gives the implementation each attention got. `compile`
+and `sample_compile` say whether the train and sampling steps were compiled or loaded from the
+persistent compilation cache (`--compilation_cache`; `imagen_jax.compile_events`): a second
+start of a point with a cache should read 'loaded from the persistent compilation cache'.
 """
 
 from __future__ import annotations
@@ -255,7 +255,12 @@ def main(argv=None) -> dict | list[dict]:
     )
   config = dataclasses.replace(unet.PRESETS[args.preset], dtype=args.dtype, remat=args.remat)
   factor = 2 ** (config.num_levels - 1)
-  if args.resolution % factor or (config.lowres_cond and args.resolution < 4):
+  if config.lowres_cond and args.resolution < 4:
+    cli.fail(
+      f'--resolution {args.resolution} is too small for {args.preset}, a super-resolution '
+      'preset: its low-res input is a quarter of --resolution wide, so give at least 4.'
+    )
+  if args.resolution % factor:
     cli.fail(
       f'--resolution {args.resolution} must be a multiple of {factor} for the '
       f'{config.num_levels} levels of {args.preset}.'
@@ -539,9 +544,10 @@ def main(argv=None) -> dict | list[dict]:
       hfu = flops_lib.utilization(hardware_flops, train_s, ndev, kind)
       result['mfu'] = None if mfu is None else round(mfu, 4)
       result['hfu'] = None if hfu is None else round(hfu, 4)
-    stats = jax.devices()[0].memory_stats() or {}
-    if 'peak_bytes_in_use' in stats:
-      result['peak_memory_gb'] = round(stats['peak_bytes_in_use'] / 1e9, 3)
+      # The allocator's peak over the steps run (--memory_only runs none: it stays null).
+      stats = jax.devices()[0].memory_stats() or {}
+      if 'peak_bytes_in_use' in stats:
+        result['peak_memory_gb'] = round(stats['peak_bytes_in_use'] / 1e9, 3)
 
   print(json.dumps(result))
   return result

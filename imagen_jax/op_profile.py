@@ -14,10 +14,12 @@ the op's name stack: 'optimizer' (under `jax.named_scope('optimizer')`), 'backwa
 phase among its instructions (in that order, optimizer latest). An op without any name (XLA:CPU
 drops the metadata of the kernel-gradient convolutions it hands to YNNPACK) takes the latest
 phase among its operands, since a forward op reads no gradient; 'unknown' is left for ops that
-read only parameters and constants. Events that
+read only parameters and constants. Op events that
 match no instruction are summed as 'unmapped' and their heaviest names listed, never
-dropped or guessed. Control-flow instructions (while, conditional, call) are skipped:
-their bodies' ops are counted themselves.
+dropped or guessed; an op event is a span named like an op on a device's timeline (GPU/TPU),
+or a span whose args name an HLO op or module (the host's own spans, such as dispatch,
+argument parsing and the collectives' rendezvous waits, carry neither). Control-flow
+instructions (while, conditional, call) are skipped: their bodies' ops are counted themselves.
 
 Times are summed over all threads or streams, so on a CPU running ops concurrently the op
 time per step can exceed the wall time (`summary['op_ms_per_step']` vs the caller's step
@@ -178,7 +180,9 @@ def traced(trace_dir: str | pathlib.Path):
     yield
 
 
-def _trace_events(trace_dir: str | pathlib.Path) -> list[dict]:
+def _trace_events(trace_dir: str | pathlib.Path) -> tuple[list[dict], bool]:
+  """The complete spans of the newest trace under trace_dir, and whether they are a device's
+  (GPU/TPU: only the device's spans are kept; False: a CPU-only trace, the host's spans)."""
   files = sorted(pathlib.Path(trace_dir).rglob('*.trace.json.gz'), key=lambda p: p.stat().st_mtime)
   if not files:
     raise FileNotFoundError(
@@ -196,7 +200,19 @@ def _trace_events(trace_dir: str | pathlib.Path) -> list[dict]:
   spans = [e for e in events if e.get('ph') == 'X' and 'dur' in e]
   if device_pids:  # GPU/TPU: the kernels on the device, not the host's launches
     spans = [e for e in spans if e.get('pid') in device_pids]
-  return spans
+  return spans, bool(device_pids)
+
+
+def _is_op_event(event: dict, on_device: bool) -> bool:
+  """Whether a span that matched no instruction is an op's (counted as unmapped): one whose
+  args name an HLO op or module (as XLA:CPU's thunks do), or, on a device's timeline, any span
+  named like an op (kernels and copies, whatever their args). On a CPU-only trace the host's
+  own spans share the timeline and carry neither arg: ExecuteReplicated.__call__, shard_args,
+  ParseArguments, and the Rendezvous waits inside a collective op that is counted already."""
+  args = event.get('args') or {}
+  if 'hlo_op' in args or 'hlo_module' in args:
+    return True
+  return on_device and re.match(r'^[\w.\-]+$', str(event.get('name', ''))) is not None
 
 
 def _lookup(event: dict, ops: dict[str, Op]) -> tuple[str, Op | None]:
@@ -223,11 +239,13 @@ def summarize(trace_dir: str | pathlib.Path, hlo_text: str, *, steps: int, top: 
   by_phase = collections.defaultdict(float)
   by_op = collections.defaultdict(float)
   unmapped = collections.defaultdict(float)
-  for event in _trace_events(trace_dir):
+  events, on_device = _trace_events(trace_dir)
+  for event in events:
     name, op = _lookup(event, ops)
     ms = float(event['dur']) / 1e3 / steps  # trace durations are microseconds
     if op is None:
-      unmapped[name] += ms
+      if _is_op_event(event, on_device):
+        unmapped[name] += ms
       continue
     if op.kind == 'control':  # a loop's or call's own span; its body's ops count themselves
       continue
@@ -236,9 +254,6 @@ def summarize(trace_dir: str | pathlib.Path, hlo_text: str, *, steps: int, top: 
     by_op[name] += ms
   heaviest = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
   mapped = sum(by_kind.values())
-  # Host-side spans (Python, dispatch, the executor's own wait) are not ops: keep only the
-  # unmapped names that look like op names, so that the unmapped sum means something.
-  unmapped = {k: v for k, v in unmapped.items() if re.match(r'^[\w.\-]+$', k)}
   return {
     'steps': steps,
     'op_ms_per_step': round(mapped, 3),

@@ -4,8 +4,10 @@ by phase."""
 # ruff: noqa: E501  (HLO below is verbatim compiler text, one instruction per line)
 
 import functools
+import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -105,6 +107,62 @@ def test_summarize_a_real_trace(tmp_path):
     op_profile.summarize(tmp_path / 'empty', compiled.as_text(), steps=1)
 
 
+def _write_trace(folder, processes: dict[int, str], spans: list[tuple]) -> None:
+  """A profiler trace file in `folder`: processes {pid: name}, spans (pid, name, ms, args)."""
+  events = [
+    {'ph': 'M', 'name': 'process_name', 'pid': pid, 'args': {'name': name}}
+    for pid, name in processes.items()
+  ]
+  events += [
+    {'ph': 'X', 'pid': pid, 'tid': 1, 'ts': 0, 'name': name, 'dur': ms * 1e3, 'args': args}
+    for pid, name, ms, args in spans
+  ]
+  folder.mkdir(parents=True)
+  with gzip.open(folder / 'host.trace.json.gz', 'wt') as f:
+    json.dump({'traceEvents': events}, f)
+
+
+@pytest.mark.unit
+def test_summarize_counts_only_op_events_as_unmapped(tmp_path):
+  op = {'hlo_op': 'add.8', 'hlo_module': 'jit_step'}
+  other_module = {'hlo_op': 'wrapped_is-finite', 'hlo_module': 'jit_isfinite'}
+  # A CPU-only trace: the host's own spans (dispatch, argument parsing, a collective's
+  # rendezvous waits) share the timeline with XLA:CPU's ops and carry no hlo_op; they were
+  # summed as unmapped op time.
+  _write_trace(
+    tmp_path / 'cpu',
+    {1: '/host:CPU'},
+    [
+      (1, 'add.8', 1.0, op),
+      (1, 'wrapped_is-finite', 2.0, other_module),  # an op of another program: unmapped
+      (1, 'ExecuteReplicated.__call__', 5.0, {}),
+      (1, 'shard_args', 1.0, {}),
+      (1, 'ParseArguments', 1.0, {'_src': 'x'}),
+      (1, 'Rendezvous', 3.0, {}),
+    ],
+  )
+  summary = op_profile.summarize(tmp_path / 'cpu', HLO, steps=1)
+  assert summary['op_ms_per_step'] == 1.0
+  assert summary['unmapped_ms_per_step'] == 2.0
+  assert summary['top_unmapped'] == [['wrapped_is-finite', 2.0]]
+  # A GPU trace: every span named like an op on the device's timeline counts, with or without
+  # hlo_op (a copy); the host's spans are left out.
+  _write_trace(
+    tmp_path / 'gpu',
+    {1: '/host:CPU', 2: '/device:GPU:0'},
+    [
+      (2, 'loop_add_fusion', 1.0, op),
+      (2, 'command_buffer_12', 2.0, {'hlo_op': 'command_buffer_12', 'hlo_module': 'jit_step'}),
+      (2, 'MemcpyDtoD', 0.5, {}),
+      (1, 'ExecuteReplicated.__call__', 5.0, {}),
+    ],
+  )
+  summary = op_profile.summarize(tmp_path / 'gpu', HLO, steps=1)
+  assert summary['op_ms_per_step'] == 1.0
+  assert summary['unmapped_ms_per_step'] == 2.5
+  assert summary['top_unmapped'] == [['command_buffer_12', 2.0], ['MemcpyDtoD', 0.5]]
+
+
 def _script(*cmd: str, timeout: int = 600, **env_vars: str) -> subprocess.CompletedProcess:
   """python cmd... in the repository, on the CPU backend, with env_vars set."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, not 8
@@ -202,6 +260,75 @@ def test_bench_sample_splits_an_even_batch_over_two_cpu_devices():
   assert result['bench'] == 'sample' and result['batch'] == 2
   assert result['devices'] == 2 and result['split'] is True
   assert result['images_per_s'] == pytest.approx(2 / result['batch_s'], rel=0.01)
+  # One untimed call before the timed ones: the first call's one-time costs were timed, and
+  # with --repeats=1 made batch_s about 9 times the sampling time.
+  assert result['first_call_s'] > 0
+
+
+_TIME_END_TO_END = """
+import concurrent.futures, importlib.util, json, sys, time
+
+spec = importlib.util.spec_from_file_location('bench_train', 'bench/train.py')
+bench_train = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench_train)
+device = concurrent.futures.ThreadPoolExecutor(1)  # one step after another, as on a device
+
+
+class Steps:  # train_lib.CompiledSteps: the first batch compiles its step (1 s)
+  compiled = False
+
+  def get(self, state, batch):
+    seconds = 0.0 if self.compiled else 1.0
+    time.sleep(seconds)
+    self.compiled = True
+    return step, None, seconds
+
+
+def step(state, batch):  # dispatch returns at once; the step takes 0.2 s on the device
+  return state + 1, device.submit(time.sleep, 0.2)
+
+
+for count in (1, 3):
+  state, _, step_s, recompile_s = bench_train.time_end_to_end(
+    Steps(), 0, iter(range(count)), count, fetch=lambda m: m.result()
+  )
+  print(json.dumps({'count': count, 'state': state, 'step_s': step_s, 'recompile_s': recompile_s}))
+"""
+
+
+@pytest.mark.smoke
+def test_bench_train_times_the_end_to_end_steps_as_a_whole():
+  # Each step is dispatched before the previous step's metrics are read: timing each loop pass
+  # timed the first step's dispatch only and left the last step's wait out, so with --steps=1
+  # the end-to-end step (0.03 s) was shorter than the compute-only one (0.087 s). One clock
+  # from the first batch to the last step's metrics, less the compiles, cannot be.
+  proc = _script('-c', _TIME_END_TO_END, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 2, proc.stdout
+  for line in lines:
+    result = json.loads(line)
+    assert result['state'] == result['count'] and result['recompile_s'] == 1.0
+    assert 0.2 <= result['step_s'] < 1.0, result  # every step's 0.2 s, and no compile
+
+
+@pytest.mark.smoke
+def test_bench_unet_memory_only_reports_no_peak_memory():
+  # A device whose allocator reports a peak (as a GPU's does; a CPU's reports none): with
+  # --memory_only nothing ran, so the peak read at the end (whatever the process had allocated)
+  # was printed as the step's.
+  driver = (
+    'import runpy, sys, jax\n'
+    "jax.Device.memory_stats = lambda self: {'peak_bytes_in_use': 7.5e9, 'bytes_in_use': 1e6}\n"
+    "sys.argv = ['bench/unet.py'] + sys.argv[1:]\n"
+    "runpy.run_path('bench/unet.py', run_name='__main__')\n"
+  )
+  args = ['--preset=tiny', '--batch=2', '--resolution=16', '--text_len=8', '--memory_only']
+  proc = _script('-c', driver, *args, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.splitlines()[-1])
+  assert result['memory_only'] is True and result['memory']['total_bytes'] > 0
+  assert result['peak_memory_gb'] is None and result['train_step_s'] is None
 
 
 @pytest.mark.smoke
@@ -223,6 +350,8 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
     # These ended in a traceback once the model was traced (or the mesh made).
     (['--resolution=18'], '--resolution 18 must be a multiple of 4 for the 3 levels of small64'),
     (['--mesh_fsdp=3'], '--mesh_fsdp 3: Mesh data=-1 x fsdp=3 does not divide'),
+    # An SR preset's low-res input is a quarter as wide: 2 passed as 'a multiple of 2'.
+    (['--preset=tiny_sr', '--resolution=2'], '--resolution 2 is too small for tiny_sr'),
     # Checked once jax is imported: they exited 1, without the usage errors' code 2.
     (['--preset=nope'], "Unknown --preset 'nope'; choose from"),
     (['--state_layout=sideways'], "Unknown --state_layout 'sideways'; choose from"),
@@ -241,6 +370,32 @@ def test_bench_unet_bad_arguments_are_one_line(args, message):
     (['bench/cpu_conv.py', '--calls=0'], '--batch and --calls must be at least 1'),
     (['bench/data.py', '--batches=0'], '--batch_size and --batches must be at least 1'),
     (['bench/t5.py', '--max_length=0'], '--max_length must be at least 1'),
+    # Refused when parsed (it exited 1 without `error:` once jax was imported).
+    (['bench/t5.py', '--memory_only'], '--memory_only needs --synthetic_config'),
+    (['bench/t5.py', '--encoder=/nonexistent/t5'], "folder '/nonexistent/t5' does not exist"),
+    # Config errors were tracebacks (device_prefetch's only after the timed steps had run).
+    (
+      ['bench/train.py', '--config=configs/base64.py:tiny', '--config.train.batch_size=0'],
+      'train.batch_size=0: use a whole number >= 1',
+    ),
+    (
+      ['bench/train.py', '--config=configs/base64.py:tiny', '--config.data.device_prefetch=-1'],
+      'data.device_prefetch=-1: use 0 (off) or a positive batch count',
+    ),
+    (
+      ['bench/train.py', '--config=configs/base64.py:tiny', '--config.mesh.fsdp=3'],
+      'Mesh data=-1 x fsdp=3 does not divide',
+    ),
+    (
+      ['bench/train.py', '--config=configs/base64.py:tiny', '--config.text.encoder=/none/t5'],
+      "T5 checkpoint folder '/none/t5' does not exist",
+    ),
+    (['bench/train.py', '--memory_only', '--batch_per_device=-1'], '--batch_per_device must be'),
+    (
+      ['bench/sample.py', '--config=configs/base64.py:tiny', '--config.text.max_length=0']
+      + ['--batch=2', '--steps=1', '--repeats=1'],
+      'text_embs needs at least one token',
+    ),
     (['tools/print_grids.py', 'configs/base64.py', '--config.sample.steps=0'], 'steps must be'),
     (['tools/print_grids.py', '--al'], "Unknown flags ['--al']"),
   ]
@@ -341,7 +496,8 @@ _EVAL_RESULT = {
 
 
 def _quality_bench(tmp_path):
-  """bench/quality.py run in `tmp_path` with stand-ins for train.py (makes its workdir, exits
+  """bench/quality.py run in `tmp_path` (or `cwd`) with `tmp_path` as the checkout
+  (--checkout), whose stand-ins for train.py (makes its workdir, exits
   FAKE_TRAIN_EXIT, leaves a mark, appends its arguments to train_calls) and evaluate.py (writes
   the result above; for a run folder named seed_1 a held-out adherence of 0.6, below the
   target)."""
@@ -363,11 +519,12 @@ def _quality_bench(tmp_path):
   )
   (tmp_path / 'result.json').write_text(json.dumps(_EVAL_RESULT))
 
-  def run(workdir, *args, train_exit=0):
+  def run(workdir, *args, train_exit=0, cwd=tmp_path):
     (tmp_path / 'trained').unlink(missing_ok=True)
+    script = str(REPO_ROOT / 'bench/quality.py')
     return subprocess.run(
-      [sys.executable, str(REPO_ROOT / 'bench/quality.py'), f'--workdir={workdir}', *args],
-      cwd=tmp_path,
+      [sys.executable, script, f'--workdir={workdir}', f'--checkout={tmp_path}', *args],
+      cwd=cwd,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'FAKE_TRAIN_EXIT': str(train_exit)},
       capture_output=True,
       text=True,
@@ -440,6 +597,32 @@ def test_bench_quality_times_only_fresh_training_and_fails_early_without_a_trace
     (reused / 'eval.json').write_text(json.dumps({**_EVAL_RESULT, 'rows': rows}))
     line = json.loads(run(reused, '--reuse').stdout.splitlines()[-1])
     assert line['target_met'] is met, (entropy, fd, line)
+
+
+@pytest.mark.smoke
+def test_bench_quality_runs_the_checkouts_scripts_from_any_folder(tmp_path):
+  # It ran `train.py` and `evaluate.py` from the caller's folder: from anywhere but the
+  # repository, "can't open file .../train.py". They run in the checkout now (by default the
+  # one holding bench/quality.py), with a relative --workdir made the caller's.
+  help_text = subprocess.run(
+    [sys.executable, str(REPO_ROOT / 'bench/quality.py'), '--helpshort'],
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  ).stdout
+  assert f"(default: '{REPO_ROOT}')" in help_text, help_text
+  run = _quality_bench(tmp_path)
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  proc = run('rel', '--num=20', cwd=elsewhere)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.splitlines()[-1])['target_met']
+  calls = (tmp_path / 'train_calls').read_text().splitlines()  # written in the checkout
+  assert calls == [f'--config=configs/digits.py --workdir={elsewhere / "rel"}']
+  assert (elsewhere / 'rel' / 'eval.json').exists()
+  proc = run('rel', '--num=20', f'--checkout={elsewhere}', cwd=elsewhere)
+  assert proc.returncode == 2 and 'holds no train.py' in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.smoke
@@ -583,6 +766,57 @@ def test_accelerator_sh_writes_one_json_line_per_point_and_goes_on_after_a_failu
   assert len(lines) == 14 and lines[0] == lines[1] == {'img_per_s': 1.0}
   assert all(ln['error'].startswith('skipped: ') for ln in lines[3:]), lines[3:]
   assert [ln['point'] for ln in lines[3:]] == list(range(3, 14))
+
+
+@pytest.mark.unit
+def test_accelerator_sh_reads_paths_from_the_callers_folder_and_refuses_bad_settings(tmp_path):
+  # OUT_DIR and CACHE were read after the cd to the repository: a relative OUT_DIR wrote into
+  # the repository, and CACHE=cache with point 0 ran rm -rf on the repository's own cache/.
+  # The names are unique, so that the script of before this fix harms nothing in the repository.
+  fake = tmp_path / 'python'
+  fake.write_text('#!/bin/sh\necho \'{"img_per_s": 1.0}\'\n')
+  caller = tmp_path / 'caller'
+  (caller / f'cache_{tmp_path.name}').mkdir(parents=True)
+  (caller / f'cache_{tmp_path.name}' / 'stale_entry').write_text('x')
+  out_name, cache_name = f'out_{tmp_path.name}', f'cache_{tmp_path.name}'
+  env = {**os.environ, 'PY': f'sh {fake}', 'DEADLINE': '600', 'POINTS': '2'}
+
+  def run(**more_env):
+    return subprocess.run(
+      ['bash', str(REPO_ROOT / 'bench' / 'accelerator.sh'), out_name],
+      cwd=caller,
+      env={**env, **more_env},
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+
+  try:
+    proc = run(CACHE=cache_name, POINTS='0 2')
+    assert proc.returncode == 0, proc.stderr
+    assert not (REPO_ROOT / out_name).exists()
+    assert len((caller / out_name / 'unet.jsonl').read_text().splitlines()) == 2
+    assert not (caller / cache_name).exists()  # the caller's, deleted by point 0
+    (caller / out_name / 'unet.jsonl').unlink()
+    # Each bad setting is one line and exit 2 before any point runs (DEADLINE=10m ran no point
+    # and exited 0; DEADLINE=abc ended in 'unbound variable').
+    for more_env, message in [
+      ({'DEADLINE': '10m'}, "DEADLINE '10m' is not a whole number of seconds"),
+      ({'DEADLINE': 'abc'}, "DEADLINE 'abc' is not a whole number of seconds"),
+      ({'PROFILE_STEPS': 'x'}, "PROFILE_STEPS 'x' is not a whole number"),
+      ({'SAMPLE_STEPS': '-2'}, "SAMPLE_STEPS '-2' is not a whole number"),
+      ({'TRACE_POINTS': '2 99'}, "point '99' in TRACE_POINTS does not exist"),
+      # Point 0 deletes CACHE: never the repository, a folder in it or one above it.
+      ({'CACHE': str(REPO_ROOT / cache_name)}, f"CACHE '{REPO_ROOT / cache_name}' is the"),
+      ({'CACHE': str(REPO_ROOT)}, f"CACHE '{REPO_ROOT}' is the repository"),
+      ({'CACHE': str(REPO_ROOT.parent)}, f"CACHE '{REPO_ROOT.parent}' is the repository"),
+    ]:
+      proc = run(**more_env)
+      assert proc.returncode == 2 and message in proc.stderr, (more_env, proc.stderr)
+      assert len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout.strip(), proc.stderr
+    assert not (caller / out_name / 'unet.jsonl').exists()  # nothing ran
+  finally:
+    shutil.rmtree(REPO_ROOT / out_name, ignore_errors=True)  # written by the script before
 
 
 def test_layout_resume_paths_are_the_callers_and_other_folders_are_kept(tmp_path, monkeypatch):
