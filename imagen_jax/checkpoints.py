@@ -84,6 +84,7 @@ class _DropOrbaxOrphanTaskErrors(logging.Filter):
 
 
 UNFINISHED_SAVE = '.orbax-checkpoint-tmp'  # orbax's folder of a save not yet committed
+_ORBAX_READ = '_read_array_index_and_device_put'  # orbax's coroutine reading one array's shard
 
 
 class _DropUnfinishedSaveErrors(logging.Filter):
@@ -106,10 +107,11 @@ def quiet_orbax_noise() -> None:
   """For entry points: drop orbax's read-only notes (ORBAX_READ_ONLY_NOTES), and the noise a
   damaged checkpoint leaves after it fails to load, which the restore functions here already
   report in one line: the "RuntimeError: Event loop is closed" tracebacks that tensorstore read
-  callbacks print (as unraisable exceptions, ~100 of them), and asyncio's "Task/Future exception
-  was never retrieved" for the sibling reads (`_DropOrbaxOrphanTaskErrors`); and the tracebacks
-  of a save whose writes failed, which train.py reports in one line (`_DropUnfinishedSaveErrors`).
-  Every other log record and exception is kept."""
+  callbacks print (as unraisable exceptions, ~100 of them) and those of orbax's read coroutines
+  collected unfinished, and asyncio's "Task/Future exception was never retrieved" for the
+  sibling reads (`_DropOrbaxOrphanTaskErrors`); and the tracebacks of a save whose writes
+  failed, which train.py reports in one line (`_DropUnfinishedSaveErrors`). Every other log
+  record and exception is kept."""
   absl_logger = logging.getLogger('absl')
   if not any(isinstance(f, _DropOrbaxReadOnlyNotes) for f in absl_logger.filters):
     absl_logger.addFilter(_DropOrbaxReadOnlyNotes())
@@ -126,6 +128,13 @@ def quiet_orbax_noise() -> None:
   def hook(unraisable):
     exc = unraisable.exc_value
     if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    # The sibling reads of a step that failed to load, each a traceback with the TensorStore
+    # spec (up to a thousand of them, 30,000 lines): orbax's read coroutines, collected
+    # unfinished; the step's failure is the one line already reported.
+    if getattr(unraisable.object, '__name__', '') == _ORBAX_READ and str(exc).startswith(
+      'Encountered error while reading array index'
+    ):
       return
     previous(unraisable)
 

@@ -6,6 +6,7 @@ import gc
 import json
 import logging
 import shutil
+import sys
 import unittest.mock
 
 import jax
@@ -282,6 +283,40 @@ def _orphan_task_error_records(filename: str) -> list[logging.LogRecord]:
   source = 'async def read():\n  raise ValueError("OUT_OF_RANGE: byte range not valid")\n'
   exec(compile(source, filename, 'exec'), namespace)
   return _never_retrieved_records(lambda loop: loop.create_task(namespace['read']()))
+
+
+class _Pause:
+  def __await__(self):
+    yield
+
+
+def _collect_a_read_unfinished(name: str) -> None:
+  """A coroutine `name`, as orbax's read of one array's shard, collected while suspended: it
+  raises its read error on the way out, which Python hands to the unraisable hook (each was
+  printed as 'Exception ignored in: <coroutine ...>' with a TensorStore spec)."""
+  namespace = {'_Pause': _Pause}
+  source = (
+    f'async def {name}():\n'
+    '  try:\n'
+    '    await _Pause()\n'
+    '  except BaseException:\n'
+    '    raise Exception("Encountered error while reading array index: (slice(0, 3, 1),)")\n'
+  )
+  exec(source, namespace)
+  coroutine = namespace[name]()
+  coroutine.send(None)  # suspended inside the read
+  del coroutine
+  gc.collect()
+
+
+def test_unfinished_orbax_reads_of_a_damaged_step_print_nothing(monkeypatch):
+  seen = []
+  monkeypatch.setattr(sys, 'unraisablehook', seen.append)
+  checkpoints.quiet_orbax_noise()  # wraps the recorder above
+  _collect_a_read_unfinished('_read_array_index_and_device_put')
+  assert seen == []
+  _collect_a_read_unfinished('my_own_reader')  # anything else still reaches the hook
+  assert len(seen) == 1 and 'Encountered error' in str(seen[0].exc_value)
 
 
 def test_orbax_orphan_task_errors_are_dropped_others_kept():
