@@ -466,10 +466,13 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   where = _where(manager, step)
   try:
     stored = _read_checksums(manager, step)
-    raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - any failure to read is reported with the step
+    raise _does_not_load(manager, step, e, item='checksums') from e  # not as its config's
+  try:
+    raw = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  except Exception as e:  # noqa: BLE001
     raise _does_not_load(manager, step, e, item='config') from e
   if not isinstance(raw, dict):
     raise CheckpointError(f'{where}: its config item is not a JSON object.')

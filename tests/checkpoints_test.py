@@ -433,6 +433,17 @@ def test_steps_removed_while_read_give_way_to_the_ones_saved_meanwhile(two_steps
   reader.close()
 
 
+def test_a_damaged_checksums_item_is_named_as_such(two_steps):
+  # It was reported as 'its config does not load (... checksums/metadata)'.
+  workdir, manager = two_steps
+  meta = checkpoints.step_dir(workdir, 2) / 'checksums' / 'metadata'
+  for damage in (lambda: meta.write_text(meta.read_text()[:10]), meta.unlink):
+    damage()
+    with pytest.raises(checkpoints.CheckpointError, match=r'step 2 .*: its checksums does not'):
+      checkpoints.restore_config(manager, 2)
+  assert checkpoints.restore_config(manager, 1).to_dict() == CONFIG.to_dict()  # the other is fine
+
+
 def test_a_step_that_lost_its_checksums_is_not_used_unverified(two_steps, caplog):
   workdir, manager = two_steps
   target = abstract(state_at(2))
