@@ -1,6 +1,7 @@
 """Embedding cache: build / reopen / lookup, stale and missing errors, pickling, and a
 SIGKILLed build that resumes to byte-identical shards."""
 
+import collections
 import json
 import os
 import pickle
@@ -139,6 +140,38 @@ def test_empty_shard_file_is_damage_not_a_traceback(tmp_path, tiny_encoder):
   with pytest.raises(cache_lib.CacheError, match='is damaged'):
     reopened.lookup(CAPTIONS[:1])
   assert not cache_lib._shard_is_intact(cache.path, shard, cache.dim)  # a resumed build redoes it
+
+
+@pytest.mark.unit
+def test_a_flipped_bit_in_a_shard_files_header_is_damage_not_a_traceback(tmp_path, tiny_encoder):
+  # np.load parses the .npy header's dict as Python literals: some flips raised SyntaxError or
+  # tokenize.TokenError, which escaped the damage handling as a traceback mid-training.
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:5], tiny_encoder, dataset_fingerprint='fp', shard_size=8, batch_size=4
+  )
+  shard = json.loads((cache.path / cache_lib.MANIFEST).read_text())['shards'][0]
+  outcomes = collections.Counter()
+  for kind in ('embs', 'offsets', 'hashes'):
+    path = cache.path / shard['files'][kind]
+    good = path.read_bytes()
+    header = 10 + int.from_bytes(good[8:10], 'little')  # magic, version, length, then the dict
+    for bit in range(8 * header):
+      raw = bytearray(good)
+      raw[bit // 8] ^= 1 << (bit % 8)
+      path.write_bytes(bytes(raw))
+      reopened = cache_lib.EmbeddingCache.open(
+        str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+      )
+      try:
+        reopened.lookup(CAPTIONS[:5])
+        outcomes['read'] += 1  # a flip the header shrugs off (a space, a digit of the same size)
+      except cache_lib.CacheError:
+        outcomes['damaged'] += 1
+      except cache_lib.CaptionNotCachedError:  # the header's length byte: the hashes misread,
+        outcomes['not found'] += 1  # which training reports in one line (rebuild the cache)
+      cache_lib._shard_is_intact(cache.path, shard, cache.dim)  # no exception either
+    path.write_bytes(good)
+  assert outcomes['damaged'] > 0, outcomes
 
 
 @pytest.mark.unit

@@ -43,6 +43,7 @@ import shutil
 import sys
 import threading
 import time
+import tokenize
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -63,6 +64,11 @@ PRECOMPUTE_HINT = (
 )
 OPEN_SHARDS = 64  # shards' embeddings kept memory-mapped at once, per reader (LRU)
 _KEY_FIELDS = ('encoder', 'max_length', 'dataset_fingerprint')
+
+# What np.load raises for a shard file that is not an intact .npy: EOFError for an empty file,
+# ValueError for most damage, and for a damaged header (its dict is parsed as Python literals)
+# SyntaxError or tokenize.TokenError, which escaped as a traceback mid-training.
+_UNREADABLE = (OSError, ValueError, EOFError, SyntaxError, tokenize.TokenError, TypeError)
 
 
 class CacheError(ValueError):
@@ -303,10 +309,14 @@ class EmbeddingCache:
     for i, shard in enumerate(self.manifest['shards']):
       files = shard['files']
       try:
-        offsets.append(np.load(self.path / files['offsets']))
+        shard_offsets = np.load(self.path / files['offsets'])
         shard_hashes = np.load(self.path / files['hashes'])
-      except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
+      except _UNREADABLE as e:
         raise self._read_error(e) from e
+      problem = _index_problem(shard, shard_offsets, shard_hashes, self.max_length)
+      if problem:  # a damaged file that still parses
+        raise self._read_error(ValueError(problem))
+      offsets.append(shard_offsets)
       hashes.append(shard_hashes)
       shard_ids.append(np.full(len(shard_hashes), i, np.int32))
       rows.append(np.arange(len(shard_hashes), dtype=np.int32))
@@ -329,11 +339,16 @@ class EmbeddingCache:
       if embs is not None:
         self._open.move_to_end(shard)
         return embs
+      info = self.manifest['shards'][shard]
       try:
-        name = self.manifest['shards'][shard]['files']['embs']
-        embs = np.load(self.path / name, mmap_mode='r')
-      except (OSError, ValueError, EOFError) as e:
+        embs = np.load(self.path / info['files']['embs'], mmap_mode='r')
+      except _UNREADABLE as e:
         raise self._read_error(e) from e
+      want = ((int(info['num_tokens']), self.dim), np.dtype(np.uint16))
+      if (embs.shape, embs.dtype) != want:  # a damaged header that still parses
+        raise self._read_error(
+          ValueError(f'{info["files"]["embs"]} holds {embs.dtype} {embs.shape}, not {want}')
+        )
       self._open[shard] = embs
       if len(self._open) > OPEN_SHARDS:
         self._open.popitem(last=False)
@@ -390,12 +405,32 @@ def _renamed(wanted: dict) -> dict:
   }
 
 
+def _index_problem(shard: dict, offsets: np.ndarray, hashes: np.ndarray, max_length: int) -> str:
+  """What is wrong with a shard's offsets and hashes, read whole ('' if nothing): the shapes and
+  dtypes it was saved with, and token spans that start at 0, never go back, end at its token
+  count and hold at most max_length tokens each."""
+  n, tokens = int(shard['num_captions']), int(shard['num_tokens'])
+  files = shard['files']
+  if (offsets.shape, offsets.dtype) != ((n + 1,), np.dtype(np.int64)):
+    return f'{files["offsets"]} holds {offsets.dtype} {offsets.shape}, not int64 ({n + 1},)'
+  if (hashes.shape, hashes.dtype) != ((n,), np.dtype(np.uint64)):
+    return f'{files["hashes"]} holds {hashes.dtype} {hashes.shape}, not uint64 ({n},)'
+  spans = np.diff(offsets)
+  if (
+    offsets[0] != 0
+    or offsets[-1] != tokens
+    or (n and not 0 <= spans.min() <= spans.max() <= max_length)
+  ):
+    return f'{files["offsets"]} does not split {tokens} tokens into spans of 0-{max_length}'
+  return ''
+
+
 def _shard_is_intact(path: pathlib.Path, shard: dict, dim: int) -> bool:
   try:
     embs = np.load(path / shard['files']['embs'], mmap_mode='r')
     offsets = np.load(path / shard['files']['offsets'], mmap_mode='r')
     hashes = np.load(path / shard['files']['hashes'], mmap_mode='r')
-  except (OSError, ValueError, EOFError):  # EOFError: an empty file
+  except _UNREADABLE:
     return False
   return (
     embs.shape == (shard['num_tokens'], dim)
