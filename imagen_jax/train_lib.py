@@ -463,11 +463,36 @@ class MetricWriter:
         self.wandb.log({WANDB_STEP: step, name: wandb.Image(grid)})
 
   def close(self) -> None:
-    if self.enabled:
-      self.jsonl.close()
-      self.tb.close()
-      if self.wandb is not None:
-        self.wandb.finish()
+    """Closes each log on its own, never raising for one that cannot be flushed (a disk that
+    filled up: the run's own error says so). Before, the first failure skipped the rest, and
+    TensorBoard's writer failed again at exit, with a traceback, as did its writer thread."""
+    if not self.enabled:
+      return
+    for name, close in (('metrics.jsonl', self.jsonl.close), ('TensorBoard', self.tb.close)):
+      try:
+        close()
+      except OSError as e:
+        log.warning('Could not close %s (%s).', name, e.strerror or e)
+        if name == 'TensorBoard':
+          _abandon_tensorboard(self.tb)
+    if self.wandb is not None:
+      self.wandb.finish()
+
+
+def _abandon_tensorboard(tb) -> None:
+  """Stop a tensorboardX writer whose close failed (its final flush): its event writers still
+  count as open, so their exit hook flushed again, and their worker threads failed on a closed
+  queue. Best effort, through tensorboardX's internals (a version without them is left as is)."""
+  for file_writer in getattr(tb, 'all_writers', {}).values():
+    events = getattr(file_writer, 'event_writer', None)
+    worker = getattr(events, '_worker', None)
+    if events is None or worker is None:
+      continue
+    try:
+      worker.stop()
+    except Exception:  # noqa: BLE001 - its queue may be gone already
+      pass
+    events._closed = True
 
 
 def _to_global(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:

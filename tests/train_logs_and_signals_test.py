@@ -127,3 +127,44 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, caplog, monkeypatch):
     'Stopped at once by a second Ctrl-C, without saving; no checkpoint was saved yet: the same '
     'command starts afresh.'
   )
+
+
+_CLOSE_ON_A_FULL_DISK = """
+import errno, pathlib, sys
+import ml_collections
+import tensorboardX.record_writer as record_writer
+from imagen_jax import train_lib
+
+config = ml_collections.ConfigDict({'train': {'wandb': False}})
+writer = train_lib.MetricWriter(pathlib.Path(sys.argv[1]), config, enabled=True)
+writer.write(1, {'loss': 0.5})
+
+def full(self):
+  raise OSError(errno.ENOSPC, 'No space left on device')
+
+record_writer.RecordWriter.flush = full  # the disk filled up
+writer.close()
+print('closed')
+"""
+
+
+def test_closing_the_logs_on_a_full_disk_is_one_warning(tmp_path):
+  # The first failing close skipped the others, and tensorboardX's exit hook flushed again:
+  # 'Exception ignored in atexit callback' and 'Exception in thread' tracebacks after the run's
+  # one-line error.
+  import subprocess
+
+  from tests.conftest import REPO_ROOT, cli_env
+
+  proc = subprocess.run(
+    [sys.executable, '-c', _CLOSE_ON_A_FULL_DISK, str(tmp_path)],
+    cwd=REPO_ROOT,
+    env={**cli_env(), 'PYTHONPATH': str(REPO_ROOT)},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0 and proc.stdout.strip() == 'closed', proc.stderr[-2000:]
+  assert 'Traceback' not in proc.stderr and 'Exception' not in proc.stderr, proc.stderr[-2000:]
+  assert 'Could not close TensorBoard (No space left on device)' in proc.stderr
+  assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "loss": 0.5}\n'
