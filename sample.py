@@ -218,6 +218,7 @@ def main(argv):
       'only the missing images.',
       EXIT_STOPPED,
       prefix='',
+      now=True,  # the sampler may be compiling in XLA's threads
     )
   # Every file is written: a stop signal now has nothing to stop (it raised KeyboardInterrupt
   # here, a traceback after a finished run).

@@ -12,11 +12,13 @@ picks up the cluster.
 
 Exit codes: 0 finished; 1 training error, or a config value the run refuses (one line on stderr
 naming it); 2 bad flags or a config file that does not load; 75 stopped early by SIGTERM/SIGINT
-after saving (resume with the same command; schedulers may requeue on it); 130 stopped at once by
-a second Ctrl-C, without saving.
+after saving (resume with the same command; schedulers may requeue on it), or by a SIGTERM
+outside the training loop, with no new step to save; 130 stopped at once by a second Ctrl-C (or
+Ctrl-C outside the loop), without saving.
 """
 
 import logging
+import signal
 
 from absl import flags
 from ml_collections import config_flags
@@ -42,6 +44,10 @@ def _replicated_bytes(config) -> int:
   return train_lib.replicated_bytes(config)
 
 
+def _stop_outside_the_loop(signum, frame):
+  raise KeyboardInterrupt('SIGTERM')
+
+
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
@@ -60,6 +66,12 @@ def main(argv):
 
   if FLAGS.distributed:
     cli.initialize_distributed()
+  else:
+    # Outside the training loop (setup, the cache build, the restore, the compile) a SIGTERM
+    # ended the process with no line and exit 143, which schedulers take for a failure; it stops
+    # like one inside the loop (exit 75), with nothing new to save. Several processes leave it
+    # to JAX's preemption notifier, which holds it until the loop's first step.
+    signal.signal(signal.SIGTERM, _stop_outside_the_loop)
   cli.enable_compilation_cache()
   from imagen_jax import checkpoints, multihost, train_lib
 
@@ -74,8 +86,10 @@ def main(argv):
     FileNotFoundError,
   ) as e:
     cli.fail(str(e), code=1)
-  except KeyboardInterrupt:
-    cli.fail(train_lib.interrupted_message(FLAGS.workdir), code=130)
+  except KeyboardInterrupt as e:  # XLA may be compiling in its own threads: exit at once
+    if e.args == ('SIGTERM',):
+      cli.fail(train_lib.stopped_outside_message(FLAGS.workdir), EXIT_STOPPED, prefix='', now=True)
+    cli.fail(train_lib.interrupted_message(FLAGS.workdir), code=130, now=True)
   except OSError as e:  # a full disk or a bad path for metrics, grids, logs
     cli.fail(train_lib.write_failed_message(FLAGS.workdir, e), code=1)
   except Exception as e:

@@ -18,25 +18,31 @@ from absl import app, flags
 EXIT_USAGE = 2
 
 
-def fail(message: str, code: int = EXIT_USAGE, prefix: str = 'error: ') -> None:
+def fail(message: str, code: int = EXIT_USAGE, prefix: str = 'error: ', now: bool = False) -> None:
   """Print `error: message` (`prefix` + message) on stderr and exit with `code`.
+
+  now: exit at once (os._exit) on one process too, for a stop signal that may arrive while XLA
+  compiles in its own threads: the interpreter's shutdown under them crashed (SIGSEGV, rc 139)
+  after the line was printed. The caller's files must be complete (written atomically) by then.
 
   In a run of several JAX processes this process exits at once (os._exit): a normal exit waits
   in JAX's shutdown barrier for peers that, when only this process failed, are blocked in the
   next collective, so every process hung 300 s and then aborted with a C++ stack dump. The
   line goes to the peers too (`multihost.announce_failure`), which end with it within about a
   second rather than at JAX's heartbeat timeout (100 s, rc -6)."""
-  if _distributed_runtime() is not None:
+  distributed = _distributed_runtime() is not None
+  if distributed:
     from imagen_jax import multihost
 
     multihost.ENDING.acquire()  # never released; a peer's failure seen now prints no 2nd line
-    print(f'{prefix}{message}', file=sys.stderr)
+  print(f'{prefix}{message}', file=sys.stderr)
+  if distributed:
     multihost.announce_failure(message, code)
+  if distributed or now:
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-  print(f'{prefix}{message}', file=sys.stderr)
   sys.exit(code)
 
 

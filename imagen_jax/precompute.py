@@ -359,6 +359,7 @@ def _run_cli() -> None:
         'run the same command again to encode the rest.',
         EXIT_STOPPED,
         prefix='',
+        now=True,  # the encoder may be compiling in XLA's threads; finished shards are complete
       )
     if jax.process_index() == 0:
       print(cache.path)

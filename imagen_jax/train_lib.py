@@ -559,6 +559,15 @@ def interrupted_message(workdir: str) -> str:
   return f'Stopped at once by {how}, without saving; {_resumes_from(workdir)}.'
 
 
+def stopped_outside_message(workdir: str) -> str:
+  """train.py's line for a SIGTERM outside the training loop (setup, the cache build, the
+  restore, the compile, or the final save's wait), where there is no new step to save."""
+  return (
+    'stopped (SIGTERM) outside the training loop, with no new step to save; '
+    f'{_resumes_from(workdir)}.'
+  )
+
+
 class CompiledSteps:
   """A jitted train step compiled ahead of time once per batch shape.
 

@@ -681,6 +681,33 @@ def test_sigterm_keeps_finished_batches_and_says_how_to_resume(runs, tmp_path):
   assert all(f.exists() for f in first_batch) and not (out / '000_02_a-red-apple.png').exists()
 
 
+def test_a_sigterm_while_the_sampler_compiles_exits_75(runs, tmp_path):
+  # The stop line was printed, then the interpreter's shutdown under XLA's compile threads
+  # crashed: 'Fatal Python error: Segmentation fault', rc 139 (10 of 10 runs of an audit).
+  log_path = tmp_path / 'log'
+  env = {k: v for k, v in runs['env'].items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  args = ['--prompt=a red apple', f'--checkpoints={runs["base"]}', '--num_images=3']
+  args += ['--steps=5', f'--out={tmp_path / "out"}', '--compilation_cache=']
+  with open(log_path, 'w') as log_file:
+    proc = subprocess.Popen(
+      [sys.executable, 'sample.py', *args],
+      cwd=REPO_ROOT,
+      env=env,
+      stdout=log_file,
+      stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 600
+    while 'attention up_1_cross_0' not in log_path.read_text() and proc.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.02)
+    time.sleep(1.0)  # into the compile
+    proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=600)
+  log = log_path.read_text()
+  assert rc == 75 and 'Fatal Python error' not in log, log[-3000:]
+  assert 'stopped (SIGTERM)' in log
+
+
 def test_a_stop_whose_interrupt_was_lost_still_stops_before_the_next_write(runs, monkeypatch):
   # sample.py's SIGTERM handler raises KeyboardInterrupt, but Python drops an exception raised in
   # a garbage-collection callback (jax's _xla_gc_callback runs during compiles): the run went on

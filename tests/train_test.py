@@ -187,6 +187,35 @@ def test_a_stop_signal_during_the_last_step_ends_the_run_as_done(shared):
   assert finished_steps(workdir) == [1]
 
 
+def test_a_sigterm_outside_the_loop_exits_75_with_its_line(shared):
+  # Before the loop (here while its own text cache is built, the encoder compiling without a
+  # compilation cache) a SIGTERM ended train.py with no line and exit 143, which schedulers take
+  # for a failure, and a stop during a compile could crash the interpreter's shutdown (SIGSEGV,
+  # 139) after the line.
+  workdir = shared['root'] / 'sigterm_in_setup'
+  env = {k: v for k, v in env_for(shared).items() if k != 'JAX_COMPILATION_CACHE_DIR'}
+  args = ['--config.train.num_steps=2', *CONSTANT_LR]
+  proc = start_logged(
+    train_cmd(shared, workdir, *args, '--compilation_cache=', '--config.text.cache_dir=cache'),
+    shared['root'] / 'logs',
+    cwd=REPO_ROOT,
+    env=env,
+  )
+  deadline = time.time() + 600
+  while time.time() < deadline and 'Embedding cache' not in logged_output(proc)[1]:
+    assert proc.poll() is None, logged_output(proc)[1][-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  _, stderr = logged_output(proc)
+  assert proc.returncode == 75 and 'Traceback' not in stderr, stderr[-3000:]
+  assert 'stopped (SIGTERM) outside the training loop, with no new step to save; ' in stderr
+  assert 'the same command starts afresh' in stderr or 'the same command resumes' in stderr
+  assert not (workdir / 'checkpoints').exists() or finished_steps(workdir) == []
+  run(shared, workdir, *args)  # then trains (with the suite's text cache, to save the time)
+  assert finished_steps(workdir)[-1] == 2
+
+
 def test_resume_on_a_different_device_count(shared, uninterrupted):
   workdir = shared['root'] / 'reshard'
   run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
