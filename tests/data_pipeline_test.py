@@ -8,6 +8,7 @@ import pathlib
 import re
 import signal
 import struct
+import time
 import zlib
 
 import ml_collections
@@ -469,6 +470,57 @@ def _child_processes(parent: int) -> list[int]:
       except (OSError, KeyError, ValueError):
         pass
   return children
+
+
+_WORKERS_THEN_WAIT = """
+import pathlib, sys, time
+from tests.data_pipeline_test import _config, _iterator, _noise_folder
+
+config = _config(_noise_folder(pathlib.Path(sys.argv[1])))
+config.data.num_workers = 2
+it, _ = _iterator(config)
+next(it)
+print('ready', flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.smoke
+def test_worker_processes_end_when_the_main_process_is_killed(tmp_path):
+  # A kill -9 of train.py left its grain workers (~200 MB each) running for good, adopted by
+  # init; every requeue of a preempted job added more.
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO_ROOT
+
+  main = subprocess.Popen(
+    [sys.executable, '-c', _WORKERS_THEN_WAIT, str(tmp_path / 'noise')],
+    cwd=REPO_ROOT,
+    env={**os.environ, 'PYTHONPATH': str(REPO_ROOT)},
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert main.stdout.readline().strip() == 'ready'
+    workers = _child_processes(main.pid)
+    assert len(workers) >= 2, workers
+  finally:
+    main.kill()
+    main.wait(timeout=60)
+  deadline = time.monotonic() + 30  # each polls its parent every PARENT_POLL_S
+  alive = workers
+  while alive and time.monotonic() < deadline:
+    time.sleep(0.2)
+    alive = [pid for pid in alive if _running(pid)]
+  assert not alive, alive
+
+
+def _running(pid: int) -> bool:
+  try:
+    return _proc_status(pid).get('State', '').split()[0] not in ('Z', 'X')  # not a zombie
+  except (OSError, IndexError):
+    return False
 
 
 @pytest.mark.smoke

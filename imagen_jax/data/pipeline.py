@@ -485,14 +485,28 @@ def convert_states(
   return new, exact
 
 
+PARENT_POLL_S = 1.0  # how often a worker process checks that its parent still runs
+
+
 def _leave_ctrl_c_to_the_main_process(worker_index: int, worker_count: int) -> None:
   """A worker process ignores SIGINT: Ctrl-C in a terminal reaches the whole process group,
   and each worker printed a KeyboardInterrupt traceback while the main process was saving; the
-  main process stops them (`close`)."""
+  main process stops them (`close`). And it ends when its parent is gone: after a kill -9 of
+  train.py the workers (~200 MB each) ran on for good, adopted by init, at every requeue."""
   del worker_index, worker_count
   import signal
+  import threading
+  import time
 
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  parent = os.getppid()
+
+  def watch_parent() -> None:
+    while os.getppid() == parent:  # adopted by init (or a subreaper) once the parent dies
+      time.sleep(PARENT_POLL_S)
+    os._exit(0)
+
+  threading.Thread(target=watch_parent, name='imagen_jax-parent-watch', daemon=True).start()
 
 
 def _ensure_absl_flags_parsed() -> None:
