@@ -1235,6 +1235,20 @@ def _dataset_fingerprint(text_cache) -> str | None:
   return None if value is None else str(value)
 
 
+def _logged(path: pathlib.Path, step: int, prefix: str) -> bool:
+  """Whether metrics.jsonl at `path` has a row of `step` with a metric named `prefix`..."""
+  if not path.exists():
+    return False
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue  # a line cut by a kill
+    if isinstance(row, dict) and row.get('step') == step and any(k.startswith(prefix) for k in row):
+      return True
+  return False
+
+
 def _truncate_metrics(workdir_path: pathlib.Path, step: int) -> None:
   """Drop metrics.jsonl rows after `step` (steps re-run after a kill are logged once)."""
   path = workdir_path / 'metrics.jsonl'
@@ -1563,6 +1577,45 @@ class _Loop:
     except Exception as e:  # noqa: BLE001 - a failed background save, reported with its step
       raise _save_failed(self.manager, step, e) from e
 
+  def grid_and_eval(self, state, step: int, grid: bool, evaluate: bool, say) -> dict:
+    """The sample grid and/or evaluation of `step` (its EMA checked already), logged; their
+    scalars. say: prints a line beside the progress bar."""
+    scalars = {}
+    if grid:
+      image, grid_scalars = self.sample_grid(state['ema_params'], step)
+      self.writer.image(step, 'samples', image)
+      if grid_scalars:  # SR stages: PSNR / SSIM of the held-out grid
+        self.writer.write(step, grid_scalars)
+        scalars.update(grid_scalars)
+    if evaluate:
+      results = {f'eval/{k}': v for k, v in self.eval_fn(state['ema_params'], step).items()}
+      self.writer.write(step, results)
+      summary = ', '.join(f'{k[5:]} {v:.3g}' for k, v in list(results.items())[:4])
+      say(f'eval at step {step}: {summary}')
+      scalars.update(results)
+    return scalars
+
+  def catch_up(self, state, step: int, num_steps: int) -> dict:
+    """The grid and evaluation due at `step`, the step resumed from, that its run did not make:
+    it was stopped (a kill -9) between the step's save and them, and the resumed run went on
+    from the next step (or, at the last step, reported the run done) without them. Decided by
+    process 0's files, the same on every process (the grid and evaluation are collectives)."""
+    config = self.config
+    every, eval_every = int(config.train.sample_every), int(config.train.get('eval_every', 0))
+    grid = bool(self.sample_grid and every and step % every == 0)
+    evaluate = bool(self.eval_fn and (step % eval_every == 0 or step == num_steps))
+    if grid:
+      grid = not (self.workdir_path / 'samples' / f'step_{step:08d}.png').exists()
+    if evaluate:
+      evaluate = not _logged(self.workdir_path / 'metrics.jsonl', step, 'eval/')
+    grid, evaluate = multihost.allgather_json([grid, evaluate])[0]
+    if not (grid or evaluate):
+      return {}
+    missing = ' and '.join(n for n, due in (('sample grid', grid), ('evaluation', evaluate)) if due)
+    log.warning('Making the %s of step %d, which the run stopped before.', missing, step)
+    self.check_state(state['ema_params'], step)
+    return self.grid_and_eval(state, step, grid, evaluate, log.info)
+
   def run(self, state, start: int, num_steps: int) -> dict[str, Any]:
     from tqdm import tqdm
 
@@ -1585,6 +1638,8 @@ class _Loop:
     step = start
     finished = False
     try:
+      if start:
+        last_scalars = self.catch_up(state, start, num_steps)
       with StopSignal(coordinated=jax.process_count() > 1) as stop:
         while step < num_steps:
           batch = next(self.data_iter)  # on the device already (DevicePrefetch)
@@ -1644,18 +1699,8 @@ class _Loop:
             self.save(state, step)
           elif grid_now or eval_now:
             self.check_state(state['ema_params'], step)
-          if grid_now:
-            grid, grid_scalars = self.sample_grid(state['ema_params'], step)
-            self.writer.image(step, 'samples', grid)
-            if grid_scalars:  # SR stages: PSNR / SSIM of the held-out grid
-              self.writer.write(step, grid_scalars)
-              last_scalars = {**last_scalars, **grid_scalars}
-          if eval_now:
-            results = self.eval_fn(state['ema_params'], step)
-            self.writer.write(step, {f'eval/{k}': v for k, v in results.items()})
-            summary = ', '.join(f'{k} {v:.3g}' for k, v in list(results.items())[:4])
-            progress.write(f'eval at step {step}: {summary}')
-            last_scalars = {**last_scalars, **{f'eval/{k}': v for k, v in results.items()}}
+          made = self.grid_and_eval(state, step, grid_now, eval_now, progress.write)
+          last_scalars = {**last_scalars, **made}
           window_start += time.perf_counter() - side_work
         self.wait_for_saves(self.last_save)
       finished = True

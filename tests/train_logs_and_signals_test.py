@@ -168,3 +168,47 @@ def test_closing_the_logs_on_a_full_disk_is_one_warning(tmp_path):
   assert 'Traceback' not in proc.stderr and 'Exception' not in proc.stderr, proc.stderr[-2000:]
   assert 'Could not close TensorBoard (No space left on device)' in proc.stderr
   assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "loss": 0.5}\n'
+
+
+def test_catch_up_makes_only_the_grid_and_evaluation_a_stopped_run_lacks(tmp_path):
+  # A kill -9 between step 4's save and its grid or evaluation: the resumed run went on without
+  # them. catch_up makes what process 0's files lack (the grid PNG, the eval row).
+  import json
+
+  import jax.numpy as jnp
+  import ml_collections
+
+  made = []
+
+  class Writer:
+    def write(self, step, scalars):
+      made.append(('write', step, sorted(scalars)))
+
+    def image(self, step, name, grid):
+      made.append(('image', step, name))
+
+  config = ml_collections.ConfigDict({'train': {'sample_every': 2, 'eval_every': 4}})
+  loop = train_lib._Loop(
+    config=config,
+    step_fn=None,
+    data_iter=None,
+    manager=None,
+    writer=Writer(),
+    sample_grid=lambda ema, step: (np.zeros((2, 2, 3), np.uint8), {}),
+    eval_fn=lambda ema, step: {'adherence': 0.5, 'fd': 3.0},
+    workdir_path=tmp_path,
+  )
+  state = {'ema_params': {'w': jnp.ones(3)}}
+  (tmp_path / 'metrics.jsonl').write_text(json.dumps({'step': 4, 'loss': 0.1}) + '\n')
+  scalars = loop.catch_up(state, 4, num_steps=8)
+  assert made == [('image', 4, 'samples'), ('write', 4, ['eval/adherence', 'eval/fd'])]
+  assert scalars == {'eval/adherence': 0.5, 'eval/fd': 3.0}
+  # Both present: nothing is made again; a step with neither due: nothing either.
+  (tmp_path / 'samples').mkdir()
+  (tmp_path / 'samples' / 'step_00000004.png').write_bytes(b'png')
+  with open(tmp_path / 'metrics.jsonl', 'a') as f:
+    f.write(json.dumps({'step': 4, 'eval/adherence': 0.5}) + '\n')
+  made.clear()
+  assert loop.catch_up(state, 4, num_steps=8) == {} and made == []
+  assert loop.catch_up(state, 3, num_steps=8) == {} and made == []
+  assert loop.catch_up(state, 3, num_steps=3) != {}  # the last step's evaluation is due

@@ -216,6 +216,24 @@ def test_a_sigterm_outside_the_loop_exits_75_with_its_line(shared):
   assert finished_steps(workdir)[-1] == 2
 
 
+def test_a_grid_the_run_stopped_before_is_made_at_resume(shared):
+  # A kill -9 after step 4's checkpoint was saved but before its grid was written: the rerun
+  # went on from step 5 (here: reported the run done) and step 4's grid was never made. Its
+  # file gone stands for that kill.
+  workdir = shared['root'] / 'grid_catch_up'
+  args = ['--config.train.num_steps=4', '--config.train.sample_every=2', '--config.sample.steps=2']
+  run(shared, workdir, *args, *CONSTANT_LR)
+  grid = workdir / 'samples' / 'step_00000004.png'
+  made = grid.read_bytes()
+  grid.unlink()
+  proc = run(shared, workdir, *args, *CONSTANT_LR)
+  assert 'Making the sample grid of step 4, which the run stopped before' in proc.stderr
+  assert grid.read_bytes() == made  # the same EMA, the same grid
+  assert 'done: step 4 (already finished)' in proc.stdout
+  proc = run(shared, workdir, *args, *CONSTANT_LR)  # present now: not made again
+  assert 'Making the sample grid' not in proc.stderr
+
+
 def test_resume_on_a_different_device_count(shared, uninterrupted):
   workdir = shared['root'] / 'reshard'
   run(shared, workdir, '--config.train.num_steps=4', *CONSTANT_LR)
