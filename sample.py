@@ -212,10 +212,16 @@ def main(argv):
     cli.fail(str(e), 1)
   except KeyboardInterrupt as e:  # SIGINT, or SIGTERM through _stop
     instead = ' instead of --overwrite' if FLAGS.overwrite else ''
+    out = pathlib.Path(req.out)
+    if out.is_dir() and any(out.glob('*.png')):
+      why = (
+        f'before the last batch; the finished batches are in {FLAGS.out}: rerun the same command '
+        f'with --skip_existing{instead} to make only the missing images.'
+      )
+    else:  # it said "the finished batches are in OUT" of a folder it had removed again
+      why = 'before the first batch was written; rerun the same command.'
     cli.fail(
-      f'stopped ({e.args[0] if e.args else "SIGINT"}) before the last batch; the finished '
-      f'batches are in {FLAGS.out}: rerun the same command with --skip_existing{instead} to make '
-      'only the missing images.',
+      f'stopped ({e.args[0] if e.args else "SIGINT"}) {why}',
       EXIT_STOPPED,
       prefix='',
       now=True,  # the sampler may be compiling in XLA's threads

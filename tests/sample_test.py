@@ -705,7 +705,9 @@ def test_a_sigterm_while_the_sampler_compiles_exits_75(runs, tmp_path):
     rc = proc.wait(timeout=600)
   log = log_path.read_text()
   assert rc == 75 and 'Fatal Python error' not in log, log[-3000:]
-  assert 'stopped (SIGTERM)' in log
+  # No batch was finished: it said "the finished batches are in OUT" of a folder it had removed.
+  assert 'stopped (SIGTERM) before the first batch was written; rerun the same command.' in log
+  assert not (tmp_path / 'out').exists()
 
 
 def test_a_stop_whose_interrupt_was_lost_still_stops_before_the_next_write(runs, monkeypatch):
