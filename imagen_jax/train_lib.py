@@ -1604,8 +1604,11 @@ class _Loop:
     every, eval_every = int(config.train.sample_every), int(config.train.get('eval_every', 0))
     grid = bool(self.sample_grid and every and step % every == 0)
     evaluate = bool(self.eval_fn and (step % eval_every == 0 or step == num_steps))
-    if grid:
-      grid = not (self.workdir_path / 'samples' / f'step_{step:08d}.png').exists()
+    if grid:  # an SR stage's grid also logs its PSNR / SSIM row, after its PNG
+      grid = not (self.workdir_path / 'samples' / f'step_{step:08d}.png').exists() or (
+        stage.is_super_resolution(config)
+        and not _logged(self.workdir_path / 'metrics.jsonl', step, 'sr/')
+      )
     if evaluate:
       evaluate = not _logged(self.workdir_path / 'metrics.jsonl', step, 'eval/')
     grid, evaluate = multihost.allgather_json([grid, evaluate])[0]

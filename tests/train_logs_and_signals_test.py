@@ -187,7 +187,9 @@ def test_catch_up_makes_only_the_grid_and_evaluation_a_stopped_run_lacks(tmp_pat
     def image(self, step, name, grid):
       made.append(('image', step, name))
 
-  config = ml_collections.ConfigDict({'train': {'sample_every': 2, 'eval_every': 4}})
+  config = ml_collections.ConfigDict(
+    {'train': {'sample_every': 2, 'eval_every': 4}, 'data': {'lowres_resolution': 0}}
+  )
   loop = train_lib._Loop(
     config=config,
     step_fn=None,
@@ -212,3 +214,9 @@ def test_catch_up_makes_only_the_grid_and_evaluation_a_stopped_run_lacks(tmp_pat
   assert loop.catch_up(state, 4, num_steps=8) == {} and made == []
   assert loop.catch_up(state, 3, num_steps=8) == {} and made == []
   assert loop.catch_up(state, 3, num_steps=3) != {}  # the last step's evaluation is due
+  # An SR stage's grid logs its PSNR / SSIM row after its PNG: a kill between them left the PNG.
+  config.data.lowres_resolution = 8
+  loop.sample_grid = lambda ema, step: (np.zeros((2, 2, 3), np.uint8), {'sr/psnr': 20.0})
+  made.clear()
+  assert loop.catch_up(state, 4, num_steps=8) == {'sr/psnr': 20.0}
+  assert made == [('image', 4, 'samples'), ('write', 4, ['sr/psnr'])]
