@@ -134,16 +134,19 @@ def dynamic_flags_unused_by(
   )
 
 
-def guidance_without_unconditional(where: str, config, guidance: float) -> str | None:
+def guidance_without_unconditional(
+  where: str, config, guidance: float, setting: str = 'guidance 1'
+) -> str | None:
   """Why classifier-free guidance `guidance` cannot work for a run trained with `config` (its
   diffusion.cond_drop_prob is 0: the unconditional prediction it extrapolates from, the null
-  caption's, was never trained), or None. `where`: how to name the run in the message."""
+  caption's, was never trained), or None. `where`: how to name the run in the message;
+  `setting`: how the caller sets guidance 1."""
   if guidance == 1.0 or float(config.diffusion.get('cond_drop_prob', 0.1)) > 0.0:
     return None
   return (
     f'{where} was trained with diffusion.cond_drop_prob=0, so it has no unconditional '
     f'prediction, which classifier-free guidance {guidance:g} extrapolates from; sample it with '
-    'guidance 1 (no guidance), or train with diffusion.cond_drop_prob > 0 (e.g. 0.1).'
+    f'{setting} (no guidance), or train with diffusion.cond_drop_prob > 0 (e.g. 0.1).'
   )
 
 

@@ -805,9 +805,11 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       f'diffusion.cond_drop_prob={drop}: use a probability in [0, 1] (e.g. 0.1, what '
       'classifier-free guidance needs).'
     )
-  why = cascade.guidance_without_unconditional('This run', config, float(config.sample.guidance))
+  why = cascade.guidance_without_unconditional(
+    'This run', config, float(config.sample.guidance), 'sample.guidance=1'
+  )
   if why:  # its sample grids, and sample.py by default, would guide with an untrained prediction
-    raise ValueError(why.replace('with guidance 1', 'with sample.guidance=1'))
+    raise ValueError(why)
   # Every stage, though only SR stages read them: a typo stayed hidden until the config was reused
   # for an SR stage.
   stage.aug_schedule(config)

@@ -349,9 +349,11 @@ def run(req: EvalRequest) -> dict:
   )
   if unused:
     raise EvalError(unused)
-  why = cascade.guidance_without_unconditional(req.checkpoints, config, options.guidance)
+  why = cascade.guidance_without_unconditional(
+    req.checkpoints, config, options.guidance, '--guidance 1'
+  )
   if why:
-    raise EvalError(why.replace('with guidance 1', 'with --guidance 1'))
+    raise EvalError(why)
   resolution = int(config.data.resolution)
   judge = _load_judge(req, resolution)
   devices = cascade.BatchDevices()
