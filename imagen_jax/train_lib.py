@@ -706,7 +706,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   traceback, an unknown loss weighting at the first step's compile, a bad crop size after the
   text cache was built; a negative num_steps 'finished' at step 0."""
   from imagen_jax import precompute
-  from imagen_jax.data import pipeline, preprocess, sources
+  from imagen_jax.data import pipeline, sources
 
   _check_counts(config, ('train', 'optim'))
   check_data_and_text(config)
@@ -728,7 +728,9 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
   if not _is_count(seed, 0) or seed >= 2**32:  # a JAX key takes 32 bits: s + 2**32 trained as s
     raise ValueError(f'seed={seed!r}: use a whole number in [0, 2**32).')
   sources.check_source_kind(config.data)
-  preprocess.PreprocessOptions.from_config(config.data)  # resolutions, crop, small_images
+  # Resolutions, crop, small_images; a resolution or crop the U-Net cannot take (after the text
+  # cache was built, or at the first step, they failed).
+  pipeline.check_crops(config)
   precompute.check_text_dtype(config)
   model = stage.model_config(config)  # the U-Net's sizes (they failed after the cache was built)
   if model.image_channels != 3:  # failed at the first step, after the text cache was built
@@ -736,15 +738,6 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
       f'model.image_channels={model.image_channels}: the data pipeline and the samplers make RGB '
       'images; use 3.'
     )
-  factor = 2 ** (model.num_levels - 1)
-  resolution = int(config.data.resolution)
-  if resolution % factor:  # failed at the first step (or, with crops, only when sampling)
-    raise ValueError(
-      f'data.resolution={resolution} must be a multiple of {factor}, the downsampling factor of '
-      f'the U-Net ({model.num_levels} levels from model.channel_mults={model.channel_mults}); '
-      'choose another resolution or fewer levels.'
-    )
-  pipeline.check_crops(config)  # crops the U-Net cannot train on (it ran after the text cache)
   given = config.train.get('sample_prompts') or ()
   bad = [p for p in given if not isinstance(p, str) or not p.strip()]
   if isinstance(given, str) or bad:  # a bare string was read as its characters

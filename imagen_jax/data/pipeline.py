@@ -535,14 +535,25 @@ def check_crops(config) -> preprocess.PreprocessOptions:
   A crop (`data.crop_size < data.resolution`) is only a faithful training example for a fully
   convolutional U-Net: convolutions, FiLM and cross-attention to the text act the same on a
   crop as inside the whole image. Self-attention does not: trained on crops, it would attend
-  within a crop, then over the whole image when it samples. `crop_size` must also divide by
-  the U-Net's downsampling factor.
+  within a crop, then over the whole image when it samples. `crop_size`, and `resolution`
+  (which sampling makes), must also divide by the U-Net's downsampling factor.
   """
   options = preprocess.PreprocessOptions.from_config(config.data)
   model = config.get('model')
-  if not options.crops or model is None:
+  if model is None:
     return options
-  crop, res = options.crop_size, options.resolution
+  levels = len(tuple(model.get('channel_mults', (1,))))
+  factor = 2 ** (levels - 1)
+  res = options.resolution
+  if res % factor:  # failed at the first step (or, with crops, only when sampling)
+    raise DataError(
+      f'data.resolution={res} must be a multiple of {factor}, the downsampling factor of the '
+      f'U-Net ({levels} levels from model.channel_mults={tuple(model.channel_mults)}); choose '
+      'another resolution or fewer levels.'
+    )
+  if not options.crops:
+    return options
+  crop = options.crop_size
   attn_levels = tuple(model.get('attn_levels', ()))
   if attn_levels:
     raise DataError(
@@ -551,11 +562,10 @@ def check_crops(config) -> preprocess.PreprocessOptions:
       f'over the whole image when sampling: set --config.data.crop_size=0 (whole images) or '
       "use a U-Net without self-attention (--config.model.attn_levels='()')."
     )
-  factor = 2 ** (len(tuple(model.get('channel_mults', (1,)))) - 1)
   if crop % factor:
     raise DataError(
       f'data.crop_size={crop} must be a multiple of {factor}, the downsampling factor of the '
-      f'U-Net ({len(model.channel_mults)} levels).'
+      f'U-Net ({levels} levels).'
     )
   return options
 
