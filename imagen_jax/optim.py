@@ -18,6 +18,15 @@ _SCHEDULES = ('cosine', 'constant')
 _OPTIMIZERS = ('adamw', 'adafactor')
 
 
+# Adafactor's settings when a config lacks them (configs made before they were fields), the values
+# runs trained with then; configs/common.py sets the same.
+ADAFACTOR_DEFAULTS = {
+  'adafactor_min_dim': 128,
+  'adafactor_decay_rate': 0.8,
+  'adafactor_momentum': 0.0,
+}
+
+
 def _field(cfg: Any, name: str, default: Any = None) -> Any:
   if hasattr(cfg, 'get'):
     return cfg.get(name, default)
@@ -100,14 +109,17 @@ def make_optimizer(optim_config: Any, num_steps: int) -> optax.GradientTransform
     )
   elif name == 'adafactor':
     # Factored second moments, no first moment by default: O(rows + cols) state per matrix.
+    def adafactor(field):  # a config made before the field existed: what it ran with
+      return _field(optim_config, field, ADAFACTOR_DEFAULTS[field])
+
     weight_decay = float(optim_config.weight_decay)
     opt = optax.adafactor(
       learning_rate=schedule,
-      min_dim_size_to_factor=int(_field(optim_config, 'adafactor_min_dim', 128)),
-      decay_rate=float(_field(optim_config, 'adafactor_decay_rate', 0.8)),
+      min_dim_size_to_factor=int(adafactor('adafactor_min_dim')),
+      decay_rate=float(adafactor('adafactor_decay_rate')),
       multiply_by_parameter_scale=False,  # lr means the same as for Adam
       clipping_threshold=1.0,
-      momentum=float(_field(optim_config, 'adafactor_momentum', 0.0) or 0.0) or None,  # 0: none
+      momentum=float(adafactor('adafactor_momentum') or 0.0) or None,  # 0: none
     )
     if weight_decay > 0:
       # Not optax's weight_decay_rate: that decay is added after the learning rate, so 0.1

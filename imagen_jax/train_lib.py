@@ -788,7 +788,7 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         'optim.adafactor_momentum, optim.adafactor_decay_rate or optim.adafactor_min_dim, or use '
         'optim.optimizer=adamw.'
       )
-  min_dim = config.optim.get('adafactor_min_dim', 128)
+  min_dim = config.optim.get('adafactor_min_dim', optim.ADAFACTOR_DEFAULTS['adafactor_min_dim'])
   if not _is_count(min_dim, 1):
     raise ValueError(f'optim.adafactor_min_dim={min_dim!r}: use a whole number >= 1 (e.g. 128).')
   stage.schedule(config)  # each of these raises naming the allowed values
@@ -1107,11 +1107,7 @@ _NOT_TRAINING = (
 # Fields added to the config after runs were saved without them, each with the value that does
 # what those runs did (the value the code read before the field existed): absent in a saved config
 # and at that value now, it is no change.
-_ADDED_WITH_OLD_BEHAVIOUR = {
-  'optim.adafactor_min_dim': 128,
-  'optim.adafactor_decay_rate': 0.8,
-  'optim.adafactor_momentum': 0.0,
-}
+_ADDED_WITH_OLD_BEHAVIOUR = {f'optim.{k}': v for k, v in optim.ADAFACTOR_DEFAULTS.items()}
 
 
 def _added_at_old_value(field: str, saved, config) -> bool:
