@@ -122,7 +122,7 @@ def _stop(signum, frame):
   from imagen_jax import sample_lib
 
   sample_lib.request_stop(signal.Signals(signum).name)
-  raise KeyboardInterrupt(signal.Signals(signum).name)
+  cli.raise_stop(signum, frame)
 
 
 def _read_prompts_file(name: str) -> list[str]:
@@ -221,7 +221,7 @@ def main(argv):
     else:  # it said "the finished batches are in OUT" of a folder it had removed again
       why = 'before the first batch was written; rerun the same command.'
     cli.fail(
-      f'stopped ({e.args[0] if e.args else "SIGINT"}) {why}',
+      f'stopped ({cli.stop_name(e)}) {why}',
       EXIT_STOPPED,
       prefix='',
       now=True,  # the sampler may be compiling in XLA's threads

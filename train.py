@@ -44,10 +44,6 @@ def _replicated_bytes(config) -> int:
   return train_lib.replicated_bytes(config)
 
 
-def _stop_outside_the_loop(signum, frame):
-  raise KeyboardInterrupt('SIGTERM')
-
-
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}; overrides look like --config.optim.lr=1e-4.')
@@ -71,7 +67,7 @@ def main(argv):
     # ended the process with no line and exit 143, which schedulers take for a failure; it stops
     # like one inside the loop (exit 75), with nothing new to save. Several processes leave it
     # to JAX's preemption notifier, which holds it until the loop's first step.
-    signal.signal(signal.SIGTERM, _stop_outside_the_loop)
+    signal.signal(signal.SIGTERM, cli.raise_stop)
   cli.enable_compilation_cache()
   from imagen_jax import checkpoints, multihost, train_lib
 
@@ -87,7 +83,7 @@ def main(argv):
   ) as e:
     cli.fail(str(e), code=1)
   except KeyboardInterrupt as e:  # XLA may be compiling in its own threads: exit at once
-    if e.args == ('SIGTERM',):
+    if cli.stop_name(e) == 'SIGTERM':
       cli.fail(train_lib.stopped_outside_message(FLAGS.workdir), EXIT_STOPPED, prefix='', now=True)
     cli.fail(train_lib.interrupted_message(FLAGS.workdir), code=130, now=True)
   except OSError as e:  # a full disk or a bad path for metrics, grids, logs

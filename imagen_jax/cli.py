@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -44,6 +45,17 @@ def fail(message: str, code: int = EXIT_USAGE, prefix: str = 'error: ', now: boo
     logging.shutdown()
     os._exit(code)
   sys.exit(code)
+
+
+def raise_stop(signum, frame) -> None:
+  """A signal handler that stops the program like Ctrl-C: KeyboardInterrupt(the signal's name),
+  which the entry point turns into its 'stopped (NAME)' line (`stop_name`)."""
+  raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def stop_name(e: KeyboardInterrupt) -> str:
+  """The signal a KeyboardInterrupt stands for: `raise_stop`'s, else Ctrl-C's SIGINT."""
+  return e.args[0] if e.args else 'SIGINT'
 
 
 def check_output_png(flag: str, path: str, overwrite: bool) -> None:

@@ -305,10 +305,6 @@ def open_or_build_cache(
 EXIT_STOPPED = 75  # as train.py and sample.py: stopped by a signal, resumable
 
 
-def _raise_stop(signum, frame):
-  raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def _run_cli() -> None:
   from absl import flags
   from ml_collections import config_flags
@@ -341,7 +337,7 @@ def _run_cli() -> None:
       cli.initialize_distributed()
     # SIGTERM stops the build like Ctrl-C. After jax.distributed.initialize, JAX's preemption
     # notifier held it and nothing read it: a multi-host encode went on until SIGKILL.
-    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGTERM, cli.raise_stop)
     config = config_flag.value
     if workdir_flag.value:
       resolve_cache_dir(config, workdir_flag.value)
@@ -355,7 +351,7 @@ def _run_cli() -> None:
       cli.fail(str(e), code=1)
     except KeyboardInterrupt as e:  # through cli.fail: with --distributed the others stop too
       cli.fail(
-        f'stopped ({e.args[0] if e.args else "SIGINT"}); the shards encoded so far are kept: '
+        f'stopped ({cli.stop_name(e)}); the shards encoded so far are kept: '
         'run the same command again to encode the rest.',
         EXIT_STOPPED,
         prefix='',
