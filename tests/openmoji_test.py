@@ -66,6 +66,26 @@ def test_render_subset_and_reuse(tmp_path):
   assert not [p for p in (tmp_path / 'openmoji').iterdir() if p.name.startswith('.tmp')]
 
 
+def test_a_render_another_process_finished_meanwhile_is_kept(tmp_path, monkeypatch):
+  # Two hosts rendering into one shared folder: the one that finished second moved the first's
+  # complete render aside as stale and deleted it while the first was reading it, which then
+  # found no files ("No usable (image, caption) pair").
+  root = tmp_path / 'openmoji'
+  folder = openmoji.render_dataset(root, 16, max_examples=4)
+  inode = (folder / 'metadata.jsonl').stat().st_ino
+  is_complete = openmoji._is_complete
+  calls = []
+
+  def not_yet_on_the_first_look(path, info):  # this renderer started before the other finished
+    calls.append(path)
+    return len(calls) > 1 and is_complete(path, info)
+
+  monkeypatch.setattr(openmoji, '_is_complete', not_yet_on_the_first_look)
+  assert openmoji.render_dataset(root, 16, max_examples=4) == folder
+  assert (folder / 'metadata.jsonl').stat().st_ino == inode  # the first render, untouched
+  assert [p.name for p in root.iterdir()] == [folder.name]  # no temporary or stale folder left
+
+
 def test_fingerprint_is_shared_across_resolutions(tmp_path):
   small = sources.build_source(_data_config(tmp_path, resolution=8, max_examples=5))
   large = sources.build_source(_data_config(tmp_path, resolution=24, max_examples=5))

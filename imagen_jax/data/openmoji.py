@@ -257,6 +257,8 @@ def render_dataset(
         f.write(json.dumps({'file_name': file_name, 'text': caption}, ensure_ascii=False))
         f.write('\n')
     (tmp / 'render_info.json').write_text(json.dumps(info, indent=1))
+    if _is_complete(final, info):  # a concurrent renderer (another host) finished first: it was
+      return final  # moved aside as stale while that process read it, which then found no files
     if final.exists():  # stale (other version) render: move it aside, then replace.
       stale = final.parent / f'.stale-{final.name}-{uuid.uuid4().hex[:8]}'
       os.rename(final, stale)
