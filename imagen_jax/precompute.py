@@ -5,6 +5,8 @@ r"""Precomputes the frozen T5 embeddings of a dataset's captions into the on-dis
   # several hosts (same command on each; text.cache_dir on shared storage):
   python -m imagen_jax.precompute --config=configs/base64.py --workdir=/shared/runs/base64 \
       --distributed
+  # check every file of a complete cache against its checksums; re-encode only damaged shards:
+  python -m imagen_jax.precompute --config=configs/base64.py --workdir=runs/base64 --verify
 
 Reads the captions from `config.data` (imagen_jax.data.sources), encodes them with
 `config.text.encoder` on all local devices (batch sharded over a ('data', 'fsdp') mesh, the
@@ -182,14 +184,15 @@ def _source(config: ml_collections.ConfigDict):
 
 
 def precompute(
-  config: ml_collections.ConfigDict, *, progress: bool = True, source=None
+  config: ml_collections.ConfigDict, *, progress: bool = True, source=None, verify: bool = False
 ) -> cache_lib.EmbeddingCache:
   """Encodes every caption of `config.data` into the cache (resuming a partial build), or
   links a complete cache of the same captions built under another dataset fingerprint.
 
   With several JAX processes, every process must call this (see `open_or_build_cache`).
   `source`: the data source of `config.data` when the caller already built it (listing a large
-  dataset takes time).
+  dataset takes time). `verify`: a complete cache is read whole and checked against its
+  checksums (`verify_cache`); its damaged shards, if any, are encoded again.
   """
 
   check_text_dtype(config)  # before the dataset is listed
@@ -217,6 +220,10 @@ def precompute(
       f'Cannot write the embedding cache folder {str(cache_dir)!r} ({e.strerror or e}); pass a '
       'writable --config.text.cache_dir.'
     ) from e
+  if verify:
+    cache = verify_cache(config, fingerprint, procs, progress=progress)
+    if cache is not None:
+      return cache
   # The same captions cached under another fingerprint (images touched, moved or copied): reuse.
   adopted = None
   if procs.index == 0:
@@ -261,6 +268,56 @@ def precompute(
     ) from e
   log.info('Embedding cache ready: %s %s', cache.path, cache.stats())
   return cache
+
+
+def verify_cache(
+  config: ml_collections.ConfigDict,
+  fingerprint: str,
+  procs: cache_lib.Processes,
+  *,
+  progress: bool = True,
+) -> cache_lib.EmbeddingCache | None:
+  """The complete cache of `config`, every file read and checked against its checksums (each
+  process reads its share of the shards): the cache when every shard is intact, else None
+  after process 0 dropped the damaged shards (`cache.drop_shards`), so that the build that
+  follows encodes only those. None, with nothing changed, when there is no complete cache.
+  Says what it found (with `progress` on stderr too), on process 0."""
+
+  def say(message: str) -> None:
+    if procs.index == 0:
+      cache_lib.say(message, progress)
+
+  try:
+    cache = cache_lib.EmbeddingCache.open(
+      config.text.cache_dir,
+      encoder_name=encoder_id(config),
+      max_length=config.text.max_length,
+      dataset_fingerprint=fingerprint,
+    )
+  except cache_lib.CacheError as e:
+    say(f'No complete cache to verify ({e}); building it.')
+    return None
+  gathered = procs.allgather(cache_lib.find_damaged_shards(cache, procs.index, procs.count))
+  damaged = sorted((i, problem) for part in gathered for i, problem in part)
+  shards = len(cache.manifest['shards'])
+  checked = all('crc32' in s for s in cache.manifest['shards'])
+  if not damaged:
+    how = (
+      'every file against its CRC-32'
+      if checked
+      else 'built without checksums: only their structure was checked'
+    )
+    say(f'Embedding cache {cache.path}: all {shards} shards are intact ({how}).')
+    return cache
+  listed = '; '.join(f'shard {i}: {problem}' for i, problem in damaged[:10])
+  say(
+    f'Embedding cache {cache.path}: {len(damaged)} of {shards} shards are damaged; encoding '
+    f'them again ({listed}{"; ..." if len(damaged) > 10 else ""}).'
+  )
+  if procs.index == 0:
+    cache_lib.drop_shards(cache.path, [i for i, _ in damaged])
+  procs.barrier('embedding_cache_verified')
+  return None
 
 
 def open_or_build_cache(
@@ -321,6 +378,13 @@ def _run_cli() -> None:
     'relative to it, as train.py does (without it: relative to the current directory).',
   )
 
+  verify_flag = flags.DEFINE_bool(
+    'verify',
+    False,
+    'Read every file of the complete cache and check it against its checksums; encode the '
+    'damaged shards (only those) again.',
+  )
+
   # --distributed: run the same command on every host; each encodes its share of the captions
   # (text.cache_dir on shared storage).
   cli.define_distributed_flags()
@@ -346,7 +410,10 @@ def _run_cli() -> None:
       from imagen_jax import train_lib
 
       train_lib.check_data_and_text(config, present_only=True)  # what train.py would refuse
-      cache = open_or_build_cache(config, build_if_missing=True)
+      if verify_flag.value:
+        cache = precompute(config, verify=True)
+      else:
+        cache = open_or_build_cache(config, build_if_missing=True)
     except (ValueError, FileNotFoundError, multihost.PeersLostError) as e:
       cli.fail(str(e), code=1)
     except KeyboardInterrupt as e:  # through cli.fail: with --distributed the others stop too

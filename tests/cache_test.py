@@ -139,7 +139,7 @@ def test_empty_shard_file_is_damage_not_a_traceback(tmp_path, tiny_encoder):
   )
   with pytest.raises(cache_lib.CacheError, match='is damaged'):
     reopened.lookup(CAPTIONS[:1])
-  assert not cache_lib._shard_is_intact(cache.path, shard, cache.dim)  # a resumed build redoes it
+  assert cache_lib._shard_problem(cache.path, shard, cache.dim, 16)  # a resumed build redoes it
 
 
 @pytest.mark.unit
@@ -151,7 +151,7 @@ def test_a_flipped_bit_in_a_shard_files_header_is_damage_not_a_traceback(tmp_pat
   )
   shard = json.loads((cache.path / cache_lib.MANIFEST).read_text())['shards'][0]
   outcomes = collections.Counter()
-  for kind in ('embs', 'offsets', 'hashes'):
+  for kind in ('embs', 'offsets', 'hashes', 'crc32'):
     path = cache.path / shard['files'][kind]
     good = path.read_bytes()
     header = 10 + int.from_bytes(good[8:10], 'little')  # magic, version, length, then the dict
@@ -169,9 +169,80 @@ def test_a_flipped_bit_in_a_shard_files_header_is_damage_not_a_traceback(tmp_pat
         outcomes['damaged'] += 1
       except cache_lib.CaptionNotCachedError:  # the header's length byte: the hashes misread,
         outcomes['not found'] += 1  # which training reports in one line (rebuild the cache)
-      cache_lib._shard_is_intact(cache.path, shard, cache.dim)  # no exception either
+      cache_lib._shard_problem(cache.path, shard, cache.dim, 16)  # no exception either
     path.write_bytes(good)
   assert outcomes['damaged'] > 0, outcomes
+
+
+def _data_start(path) -> int:
+  raw = path.read_bytes()
+  return 10 + int.from_bytes(raw[8:10], 'little')  # magic, version, header length, header
+
+
+def _flip(path, byte: int, bit: int = 0) -> None:
+  raw = bytearray(path.read_bytes())
+  raw[byte] ^= 1 << bit
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.unit
+def test_a_flipped_bit_in_the_embeddings_or_index_is_damage_never_read(tmp_path, tiny_encoder):
+  # The cache had no checksums: a flipped bit in a shard's embedding data (not its header) was
+  # trained on unnoticed, and one in an offset that kept the spans plausible shifted a
+  # caption's tokens. Every caption's bytes are now checked against its CRC-32 on reading.
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:6], tiny_encoder, dataset_fingerprint='fp', shard_size=3, batch_size=4
+  )
+  captions = sorted(set(CAPTIONS[:6]))  # the build's order: shard 0 holds the first three
+  shard = cache.manifest['shards'][0]
+  embs_path = cache.path / shard['files']['embs']
+  offsets = np.load(cache.path / shard['files']['offsets'])
+  start = _data_start(embs_path)
+  good = embs_path.read_bytes()
+  rng = np.random.default_rng(0)
+
+  def reopened():
+    return cache_lib.EmbeddingCache.open(
+      str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+    )
+
+  for row in range(3):  # one random bit of each caption's bytes
+    first, stop = start + 2 * 32 * offsets[row], start + 2 * 32 * offsets[row + 1]
+    _flip(embs_path, int(rng.integers(first, stop)), int(rng.integers(8)))
+    fresh = reopened()
+    with pytest.raises(cache_lib.CacheError, match=rf'row {row} fail their CRC-32.*--verify'):
+      fresh.lookup([captions[row]])
+    others = [c for i, c in enumerate(captions) if i != row]
+    assert fresh.lookup(others)[0].shape == (5, 16, 32)  # the rest still read
+    assert not cache_lib._shard_problem(cache.path, shard, 32, 16)  # a resume's quick check
+    assert cache_lib.find_damaged_shards(fresh) == [[0, f'{embs_path.name} fails its CRC-32 check']]
+    embs_path.write_bytes(good)
+  assert cache_lib.find_damaged_shards(reopened()) == []
+
+  # An offset's lowest bit: the spans still fit (0..max_length, never back), the tokens shift.
+  offsets_path = cache.path / shard['files']['offsets']
+  _flip(offsets_path, _data_start(offsets_path) + 8)  # offsets[1], little-endian low byte
+  with pytest.raises(cache_lib.CacheError, match='offsets.npy fails its CRC-32 check'):
+    reopened().lookup(captions[3:])  # at open: a shard's index is read whole
+  assert cache_lib._shard_problem(cache.path, shard, 32, 16)  # a resumed build redoes it
+
+
+@pytest.mark.unit
+def test_a_cache_built_before_the_checksums_is_read(tmp_path, tiny_encoder):
+  cache = cache_lib.build_cache(
+    str(tmp_path), CAPTIONS[:5], tiny_encoder, dataset_fingerprint='fp', shard_size=4, batch_size=4
+  )
+  want = cache.lookup(CAPTIONS[:5])[0]
+  manifest = json.loads((cache.path / cache_lib.MANIFEST).read_text())
+  for shard in manifest['shards']:  # as the previous format wrote it
+    (cache.path / shard['files'].pop('crc32')).unlink()
+    del shard['crc32']
+  (cache.path / cache_lib.MANIFEST).write_text(json.dumps(manifest))
+  old = cache_lib.EmbeddingCache.open(
+    str(tmp_path), encoder_name='t5-tiny-random', max_length=16, dataset_fingerprint='fp'
+  )
+  np.testing.assert_array_equal(old.lookup(CAPTIONS[:5])[0], want)
+  assert cache_lib.find_damaged_shards(old) == []
 
 
 @pytest.mark.unit
@@ -322,7 +393,7 @@ def test_killed_build_resumes_byte_identical(tmp_path, tiny_encoder):
   assert names == sorted(p.name for p in resumed.path.iterdir())
   assert not [n for n in names if '.tmp-' in n or n.endswith(cache_lib.DONE_SUFFIX)]
   shard_files = [n for n in names if n.startswith('shard-')]
-  assert len(shard_files) == 18  # 6 shards x (embs, offsets, hashes)
+  assert len(shard_files) == 24  # 6 shards x (embs, offsets, hashes, crc32)
   for name in shard_files:
     assert (resumed.path / name).read_bytes() == (clean.path / name).read_bytes(), name
   assert resumed.manifest == clean.manifest

@@ -149,7 +149,7 @@ def test_two_processes_build_the_same_bytes(images, one_process_cache, tmp_path)
 
   want = _files(one_process_cache)
   assert sorted(want) == sorted(_files(path))  # no markers or temporary files left
-  assert len([n for n in want if n.startswith('shard-')]) == 3 * 6
+  assert len([n for n in want if n.startswith('shard-')]) == 4 * 6  # embs, offsets, hashes, crc32
   for name, data in _files(path).items():
     assert data == want[name], name  # shard files and manifest, byte for byte
 

@@ -282,7 +282,7 @@ def test_storage_errors_are_one_cache_error_and_the_build_resumes(images, tmp_pa
 
   def fills_up(path, array):
     calls.append(path.name)
-    if len(calls) > 3:  # the first shard's three files fit
+    if len(calls) > 4:  # the first shard's four files fit
       raise OSError(errno.ENOSPC, 'No space left on device')
     save(path, array)
 
@@ -302,7 +302,7 @@ _CONFIG_FILE = textwrap.dedent(
     c = ml_collections.ConfigDict()
     c.text = ml_collections.ConfigDict(dict(
         encoder='t5-tiny-random', max_length=16, cache_dir={cache_dir!r},
-        precompute_batch_size=8, auto_precompute=True))
+        precompute_batch_size=8, cache_shard_size=4096, auto_precompute=True))
     c.data = ml_collections.ConfigDict(dict(
         source='folder', path={images!r}, split='train', image_column='image',
         caption_column='text', max_skip_fraction=0.01, max_examples=0))
@@ -380,6 +380,56 @@ def test_precompute_cli(images, tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
     'error: data.max_examples=-5: use a whole number >= 0 (0: all).'
   )
+
+
+@pytest.mark.smoke
+def test_verify_reencodes_only_the_damaged_shard(images, tmp_path):
+  # A flipped bit in the embeddings stops training with one line naming `--verify`, which reads
+  # every file against its CRC-32 and encodes again only the damaged shard (hours of T5-XXL
+  # saved against deleting the cache), to the same bytes.
+  config_file = tmp_path / 'tiny_config.py'
+  config_file.write_text(_CONFIG_FILE.format(cache_dir=str(tmp_path / 'cache'), images=str(images)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  command = [
+    sys.executable,
+    '-m',
+    'imagen_jax.precompute',
+    f'--config={config_file}',
+    '--config.text.cache_shard_size=2',  # 4 captions: 2 shards
+  ]
+  run = functools.partial(
+    subprocess.run, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
+  built = run(command)
+  assert built.returncode == 0, built.stderr[-3000:]
+  path = pathlib.Path(built.stdout.strip())
+  good = {f.name: f.read_bytes() for f in path.glob('shard-*')}
+  assert len(good) == 8
+  kept = (path / 'shard-00000.embs.npy').stat()
+  damaged = path / 'shard-00001.embs.npy'
+  raw = bytearray(damaged.read_bytes())
+  raw[-3] ^= 0x10  # the last caption's embeddings, past the header
+  damaged.write_bytes(bytes(raw))
+
+  config = make_config(images, tmp_path / 'cache')
+  config.text.cache_shard_size = 2
+  cache = precompute.open_or_build_cache(config, build_if_missing=False)
+  with pytest.raises(cache_lib.CacheError, match='shard-00001.embs.npy: the embeddings .*--verify'):
+    cache.lookup(sorted(set(CAPTIONS)))
+
+  repaired = run([*command, '--verify'])
+  assert repaired.returncode == 0, repaired.stderr[-3000:]
+  assert '1 of 2 shards are damaged' in repaired.stderr, repaired.stderr[-3000:]
+  assert 'UNTRAINED' in repaired.stderr  # the encoder was loaded to encode it again
+  assert {f.name: f.read_bytes() for f in path.glob('shard-*')} == good
+  assert (path / 'shard-00000.embs.npy').stat().st_ino == kept.st_ino  # the intact one kept
+  cache = precompute.open_or_build_cache(config, build_if_missing=False)
+  assert cache.lookup(sorted(set(CAPTIONS)))[1].sum() > 0
+
+  again = run([*command, '--verify'])
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'all 2 shards are intact (every file against its CRC-32)' in again.stderr
+  assert 'UNTRAINED' not in again.stderr  # nothing to encode: no encoder loaded
 
 
 @pytest.mark.unit

@@ -7,6 +7,7 @@ Layout under `root/<cache_key>/` (root is `config.text.cache_dir`):
   shard-00000.embs.npy          [T, D] uint16: bfloat16 bits of ONLY the real (unpadded) tokens
   shard-00000.offsets.npy       [n + 1] int64: caption i's tokens are embs[offsets[i]:offsets[i+1]]
   shard-00000.hashes.npy        [n] uint64: 64-bit BLAKE2b of each caption (the lookup index)
+  shard-00000.crc32.npy         [n] uint32: CRC-32 of each caption's embedding bytes
   ...
 
 Captions are deduplicated, sorted (so the layout does not depend on the source's order) and
@@ -19,6 +20,14 @@ the shards (`build_cache(processes=...)`). An interrupted build resumes with the
 yet done, and because a shard's content depends only on its captions, the encoder and the
 batch size, a killed-then-resumed or multi-process build writes byte-identical files to an
 uninterrupted single-process one.
+
+Checksums: each shard's manifest entry holds the CRC-32 of its four files as written. Readers
+check the small files (offsets, hashes, crc32) when they load them, and each caption's
+embedding bytes against its CRC-32 on every read (about 7 GB/s: microseconds per caption), so a
+flipped bit is reported as damage, never trained on. A resumed build checks the small files of
+the finished shards; `find_damaged_shards` (`precompute --verify`) reads every file whole, and
+`drop_shards` turns the damaged shards into a partial build that re-encodes only them. Caches
+built before the checksums have no `crc32` entries and are read unchecked.
 
 A complete cache of the same captions, encoder and max_length under another dataset fingerprint
 (the images touched, moved or copied) is reused by hard links (`adopt_matching_cache`).
@@ -33,6 +42,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -44,6 +54,7 @@ import sys
 import threading
 import time
 import tokenize
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -122,7 +133,24 @@ def _captions_digest(captions: Sequence[str]) -> str:
 
 def _shard_files(index: int) -> dict[str, str]:
   stem = f'shard-{index:05d}'
-  return {part: f'{stem}.{part}.npy' for part in ('embs', 'offsets', 'hashes')}
+  return {part: f'{stem}.{part}.npy' for part in ('embs', 'offsets', 'hashes', 'crc32')}
+
+
+def _file_crc32(path: pathlib.Path, chunk: int = 1 << 24) -> int:
+  """CRC-32 of a file's bytes, read in 16 MiB pieces."""
+  crc = 0
+  with open(path, 'rb') as f:
+    while piece := f.read(chunk):
+      crc = zlib.crc32(piece, crc)
+  return crc
+
+
+def _span_crcs(tokens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+  """[n] uint32: CRC-32 of each caption's embedding bytes, tokens[offsets[i]:offsets[i+1]]."""
+  return np.array(
+    [zlib.crc32(tokens[start:stop]) for start, stop in zip(offsets[:-1], offsets[1:], strict=True)],
+    dtype=np.uint32,
+  )
 
 
 def _atomic_save(path: pathlib.Path, array: np.ndarray) -> None:
@@ -192,7 +220,7 @@ class EmbeddingCache:
   def __init__(self, path: str | os.PathLike, manifest: dict):
     self.path = pathlib.Path(path)
     self.manifest = manifest
-    self._loaded = None  # (offsets, sorted hashes, shard ids, rows), lazily
+    self._loaded = None  # (offsets, sorted hashes, shard ids, rows, span CRCs), lazily
     self._open: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()  # mmaps
     self._open_lock = threading.Lock()
     self._longest = None  # tokens of the longest caption, lazily
@@ -301,23 +329,21 @@ class EmbeddingCache:
   # -- lookups
 
   def _load(self):
-    """(offsets per shard, sorted caption hashes, their shard ids, their rows), read once. The
-    embeddings themselves are mapped per shard when first read (`_shard_embs`)."""
+    """(offsets per shard, sorted caption hashes, their shard ids, their rows, span CRC-32s per
+    shard or None), read once and checked (`_read_index`). The embeddings themselves are mapped
+    per shard when first read (`_shard_embs`)."""
     if self._loaded is not None:
       return self._loaded
-    offsets, hashes, shard_ids, rows = [], [], [], []
+    offsets, hashes, shard_ids, rows, crcs = [], [], [], [], []
     for i, shard in enumerate(self.manifest['shards']):
-      files = shard['files']
-      try:
-        shard_offsets = np.load(self.path / files['offsets'])
-        shard_hashes = np.load(self.path / files['hashes'])
-      except _UNREADABLE as e:
-        raise self._read_error(e) from e
-      problem = _index_problem(shard, shard_offsets, shard_hashes, self.max_length)
-      if problem:  # a damaged file that still parses
-        raise self._read_error(ValueError(problem))
+      shard_offsets, shard_hashes, shard_crcs, problem = _read_index(
+        self.path, shard, self.max_length
+      )
+      if problem:
+        raise self._read_error(problem)
       offsets.append(shard_offsets)
       hashes.append(shard_hashes)
+      crcs.append(shard_crcs)
       shard_ids.append(np.full(len(shard_hashes), i, np.int32))
       rows.append(np.arange(len(shard_hashes), dtype=np.int32))
     hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
@@ -327,6 +353,7 @@ class EmbeddingCache:
       hashes[order],
       np.concatenate(shard_ids)[order] if shard_ids else np.zeros(0, np.int32),
       np.concatenate(rows)[order] if rows else np.zeros(0, np.int32),
+      crcs,
     )
     return self._loaded
 
@@ -339,34 +366,27 @@ class EmbeddingCache:
       if embs is not None:
         self._open.move_to_end(shard)
         return embs
-      info = self.manifest['shards'][shard]
-      try:
-        embs = np.load(self.path / info['files']['embs'], mmap_mode='r')
-      except _UNREADABLE as e:
-        raise self._read_error(e) from e
-      want = ((int(info['num_tokens']), self.dim), np.dtype(np.uint16))
-      if (embs.shape, embs.dtype) != want:  # a damaged header that still parses
-        raise self._read_error(
-          ValueError(f'{info["files"]["embs"]} holds {embs.dtype} {embs.shape}, not {want}')
-        )
+      embs, problem = _map_embs(self.path, self.manifest['shards'][shard], self.dim)
+      if problem:
+        raise self._read_error(problem)
       self._open[shard] = embs
       if len(self._open) > OPEN_SHARDS:
         self._open.popitem(last=False)
       return embs
 
-  def _read_error(self, e: Exception) -> CacheError:
-    if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+  def _read_error(self, problem: str) -> CacheError:
+    if problem.startswith(_TOO_MANY_FILES):
       return CacheError(
-        f'Embedding cache {str(self.path)!r} cannot be read: this process has too many open '
-        f'files ({e}); raise the limit (`ulimit -n 65536`) and rerun. The cache is not damaged.'
+        f'Embedding cache {str(self.path)!r} cannot be read: this process has {problem}; raise '
+        'the limit (`ulimit -n 65536`) and rerun. The cache is not damaged.'
       )
     return CacheError(
-      f'Embedding cache {str(self.path)!r} is damaged ({e}); delete it and rebuild with '
-      f'`{PRECOMPUTE_HINT}`.'
+      f'Embedding cache {str(self.path)!r} is damaged ({problem}). Re-encode its damaged shards '
+      f'with `{PRECOMPUTE_HINT} --verify` (it checks every shard and keeps the intact ones).'
     )
 
   def _locate(self, caption: str) -> tuple[int, int] | None:
-    _, hashes, shard_ids, rows = self._load()
+    _, hashes, shard_ids, rows, _ = self._load()
     h = caption_hashes([caption])[0]
     i = int(np.searchsorted(hashes, h))
     if i < len(hashes) and hashes[i] == h:
@@ -377,14 +397,21 @@ class EmbeddingCache:
     return self._locate(caption) is not None
 
   def get(self, caption: str) -> np.ndarray:
-    """[n_tokens, D] bfloat16 embeddings of the caption's real tokens (a view of the mmap)."""
+    """[n_tokens, D] bfloat16 embeddings of the caption's real tokens (a view of the mmap),
+    checked against their CRC-32 (CacheError when they fail it)."""
     where = self._locate(caption)
     if where is None:
       raise CaptionNotCachedError(caption, self.path)
-    offsets, *_ = self._load()
+    offsets, *_, crcs = self._load()
     shard, row = where
     start, stop = offsets[shard][row], offsets[shard][row + 1]
-    return self._shard_embs(shard)[start:stop].view(ml_dtypes.bfloat16)
+    tokens = self._shard_embs(shard)[start:stop]
+    if crcs[shard] is not None and zlib.crc32(tokens) != crcs[shard][row]:
+      raise self._read_error(
+        f'{self.manifest["shards"][shard]["files"]["embs"]}: the embeddings of caption row '
+        f'{row} fail their CRC-32 check'
+      )
+    return tokens.view(ml_dtypes.bfloat16)
 
   def lookup(self, captions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """text_embs [B, max_length, D] float32 zero-padded, text_mask [B, max_length] bool."""
@@ -405,16 +432,24 @@ def _renamed(wanted: dict) -> dict:
   }
 
 
-def _index_problem(shard: dict, offsets: np.ndarray, hashes: np.ndarray, max_length: int) -> str:
-  """What is wrong with a shard's offsets and hashes, read whole ('' if nothing): the shapes and
-  dtypes it was saved with, and token spans that start at 0, never go back, end at its token
-  count and hold at most max_length tokens each."""
+def _index_problem(
+  shard: dict,
+  offsets: np.ndarray,
+  hashes: np.ndarray,
+  crcs: np.ndarray | None,
+  max_length: int,
+) -> str:
+  """What is wrong with a shard's offsets, hashes and span CRC-32s, read whole ('' if nothing):
+  the shapes and dtypes it was saved with, and token spans that start at 0, never go back, end
+  at its token count and hold at most max_length tokens each."""
   n, tokens = int(shard['num_captions']), int(shard['num_tokens'])
   files = shard['files']
   if (offsets.shape, offsets.dtype) != ((n + 1,), np.dtype(np.int64)):
     return f'{files["offsets"]} holds {offsets.dtype} {offsets.shape}, not int64 ({n + 1},)'
   if (hashes.shape, hashes.dtype) != ((n,), np.dtype(np.uint64)):
     return f'{files["hashes"]} holds {hashes.dtype} {hashes.shape}, not uint64 ({n},)'
+  if crcs is not None and (crcs.shape, crcs.dtype) != ((n,), np.dtype(np.uint32)):
+    return f'{files["crc32"]} holds {crcs.dtype} {crcs.shape}, not uint32 ({n},)'
   spans = np.diff(offsets)
   if (
     offsets[0] != 0
@@ -425,18 +460,79 @@ def _index_problem(shard: dict, offsets: np.ndarray, hashes: np.ndarray, max_len
   return ''
 
 
-def _shard_is_intact(path: pathlib.Path, shard: dict, dim: int) -> bool:
+_TOO_MANY_FILES = 'too many open files'
+
+
+def _unreadable(name: str, e: Exception) -> str:
+  if isinstance(e, OSError) and e.errno in (errno.EMFILE, errno.ENFILE):
+    return f'{_TOO_MANY_FILES} ({e})'
+  return f'{name} does not read ({type(e).__name__}: {e})'
+
+
+def _load_checked(path: pathlib.Path, shard: dict, kind: str) -> tuple[np.ndarray | None, str]:
+  """A shard's small file (offsets, hashes, crc32) read whole and checked against the CRC-32
+  its manifest entry holds (when it has one): (array, '') or (None, what is wrong)."""
+  name = shard['files'][kind]
   try:
-    embs = np.load(path / shard['files']['embs'], mmap_mode='r')
-    offsets = np.load(path / shard['files']['offsets'], mmap_mode='r')
-    hashes = np.load(path / shard['files']['hashes'], mmap_mode='r')
-  except _UNREADABLE:
-    return False
-  return (
-    embs.shape == (shard['num_tokens'], dim)
-    and len(offsets) == shard['num_captions'] + 1
-    and len(hashes) == shard['num_captions']
-  )
+    raw = (path / name).read_bytes()
+    want = shard.get('crc32', {}).get(kind)
+    if want is not None and zlib.crc32(raw) != want:
+      return None, f'{name} fails its CRC-32 check'
+    return np.load(io.BytesIO(raw), allow_pickle=False), ''
+  except _UNREADABLE as e:
+    return None, _unreadable(name, e)
+
+
+def _read_index(
+  path: pathlib.Path, shard: dict, max_length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, str]:
+  """A shard's (offsets, hashes, span CRC-32s or None for a cache built without them, ''), or
+  its problem as the last item: a file that does not read or fails its CRC-32, or content
+  that does not fit the entry (`_index_problem`)."""
+  arrays = {}
+  for kind in ('offsets', 'hashes', 'crc32'):
+    if kind not in shard['files']:  # built before the checksums
+      arrays[kind] = None
+      continue
+    arrays[kind], problem = _load_checked(path, shard, kind)
+    if problem:
+      return None, None, None, problem
+  problem = _index_problem(shard, arrays['offsets'], arrays['hashes'], arrays['crc32'], max_length)
+  return arrays['offsets'], arrays['hashes'], arrays['crc32'], problem
+
+
+def _map_embs(path: pathlib.Path, shard: dict, dim: int) -> tuple[np.ndarray | None, str]:
+  """A shard's [T, D] uint16 embeddings memory-mapped: (map, '') or (None, what is wrong)."""
+  name = shard['files']['embs']
+  try:
+    embs = np.load(path / name, mmap_mode='r')
+  except _UNREADABLE as e:
+    return None, _unreadable(name, e)
+  want = ((int(shard['num_tokens']), dim), np.dtype(np.uint16))
+  if (embs.shape, embs.dtype) != want:  # a damaged header that still parses
+    return None, f'{name} holds {embs.dtype} {embs.shape}, not {want}'
+  return embs, ''
+
+
+def _shard_problem(
+  path: pathlib.Path, shard: dict, dim: int, max_length: int, whole: bool = False
+) -> str:
+  """What is wrong with a finished shard ('' if nothing): its small files as readers check them
+  and its embeddings' shape; with `whole`, also the embeddings file's CRC-32 (a full read)."""
+  try:
+    *_, problem = _read_index(path, shard, max_length)
+    if not problem:
+      embs, problem = _map_embs(path, shard, dim)
+      del embs  # the map closes
+    want = shard.get('crc32', {}).get('embs')
+    if not problem and whole and want is not None:
+      if _file_crc32(path / shard['files']['embs']) != want:
+        problem = f'{shard["files"]["embs"]} fails its CRC-32 check'
+  except (KeyError, TypeError, ValueError) as e:  # an entry of another layout
+    problem = f'its manifest entry does not read ({type(e).__name__}: {e})'
+  except OSError as e:
+    problem = _unreadable(shard.get('files', {}).get('embs', 'a shard file'), e)
+  return problem
 
 
 def _encode_shard(
@@ -551,7 +647,11 @@ def _prepare(path: pathlib.Path, header: dict, digest: str) -> dict:
     manifest = {**header, 'shards': [], 'complete': False}
   listed = {s['index']: s for s in manifest['shards']}
   candidates = {**listed, **markers}
-  done = {i: s for i, s in candidates.items() if _shard_is_intact(path, s, header['dim'])}
+  done = {
+    i: s
+    for i, s in candidates.items()
+    if not _shard_problem(path, s, header['dim'], header['max_length'])
+  }
   manifest['shards'] = [done[i] for i in sorted(done)]
   _atomic_write_json(path / MANIFEST, manifest)
   keep = {f for s in manifest['shards'] for f in s['files'].values()}
@@ -594,7 +694,11 @@ def _finish(path: pathlib.Path, header: dict, digest: str, num_captions: int) ->
   manifest = _read_manifest(path) or {**header, 'shards': [], 'complete': False}
   candidates = {s['index']: s for s in manifest['shards']}
   candidates.update(_read_markers(path, digest))
-  done = {i: s for i, s in candidates.items() if _shard_is_intact(path, s, header['dim'])}
+  done = {
+    i: s
+    for i, s in candidates.items()
+    if not _shard_problem(path, s, header['dim'], header['max_length'])
+  }
   missing = [i for i in range(header['num_shards']) if i not in done]
   manifest['shards'] = [done[i] for i in sorted(done)]
   if missing:
@@ -625,7 +729,7 @@ def _finish(path: pathlib.Path, header: dict, digest: str, num_captions: int) ->
   return None
 
 
-def _say(message: str, progress: bool) -> None:
+def say(message: str, progress: bool) -> None:
   """Logged, and with `progress` printed to stderr (with the bar): a bench script's stdout
   stays its one JSON line."""
   log.info('%s', message)
@@ -739,7 +843,7 @@ def build_cache(
         else sum(todo_tokens) + sum(s['num_tokens'] for s in done.values())
       )
       size = 'unknown' if tokens is None else _gib(tokens * encoder.dim * 2)
-      _say(
+      say(
         f'Embedding cache {path}: {len(unique)} captions ({len(captions) - len(unique)} '
         f'duplicates dropped), {tokens if tokens is not None else "?"} tokens, about {size} on '
         f'disk (tokens x dim {encoder.dim} x 2 bytes, bfloat16). {len(done)} of {num_shards} '
@@ -761,14 +865,21 @@ def build_cache(
       shard_captions = unique[index * shard_size : (index + 1) * shard_size]
       tokens, offsets = _encode_shard(shard_captions, encoder, batch_size)
       files = _shard_files(index)
-      _atomic_save(path / files['embs'], tokens)
-      _atomic_save(path / files['offsets'], offsets)
-      _atomic_save(path / files['hashes'], hashes[index * shard_size : (index + 1) * shard_size])
+      arrays = {
+        'embs': tokens,
+        'offsets': offsets,
+        'hashes': hashes[index * shard_size : (index + 1) * shard_size],
+        'crc32': _span_crcs(tokens, offsets),
+      }
+      for kind, array in arrays.items():
+        _atomic_save(path / files[kind], array)
       entry = {
         'index': index,
         'num_captions': len(shard_captions),
         'num_tokens': int(offsets[-1]),
         'files': files,
+        # Of each file's bytes as saved, read back (np.save adds the .npy header).
+        'crc32': {kind: _file_crc32(path / name) for kind, name in files.items()},
       }
       _atomic_write_json(_marker_path(path, index), {'header_digest': digest, 'shard': entry})
       if bar is not None:
@@ -792,7 +903,7 @@ def build_cache(
     cache.build_report = _speed_report(speeds)
     stats = cache.stats()
     if chief:
-      _say(
+      say(
         f'Embedding cache {path}: {len(unique)} captions, '
         f'{stats["tokens_per_caption"]:.1f} tokens/caption, '
         f'{stats["bytes_per_caption"] / 1024:.1f} KiB/caption, {_gib(stats["total_bytes"])}. '
@@ -803,6 +914,34 @@ def build_cache(
         progress,
       )
     return cache
+
+
+def find_damaged_shards(cache: EmbeddingCache, index: int = 0, count: int = 1) -> list[list]:
+  """[[shard index, what is wrong], ...] for the damaged shards among every `count`-th shard of
+  a complete cache, from the `index`-th (several processes share the reading): every file read
+  whole and checked against its CRC-32 (a cache built without checksums: their structure only)."""
+  damaged = []
+  for shard in cache.manifest['shards'][index::count]:
+    problem = _shard_problem(cache.path, shard, cache.dim, cache.max_length, whole=True)
+    if problem:
+      damaged.append([int(shard['index']), problem])
+  return damaged
+
+
+def drop_shards(path: str | os.PathLike, indices: Sequence[int]) -> None:
+  """Turns a complete cache into a partial build without the shards `indices` (their files are
+  removed), so that the next `build_cache` of it encodes only those. Process 0 only."""
+  path = pathlib.Path(path)
+  with _build_lock(path):
+    manifest = _read_manifest(path)
+    gone = {int(i) for i in indices}
+    names = [n for s in manifest['shards'] if s['index'] in gone for n in s['files'].values()]
+    manifest['shards'] = [s for s in manifest['shards'] if s['index'] not in gone]
+    manifest['complete'] = False
+    manifest.pop('stats', None)
+    _atomic_write_json(path / MANIFEST, manifest)  # first: no listed shard lacks its files
+    for name in names:
+      (path / name).unlink(missing_ok=True)
 
 
 def adopt_matching_cache(
@@ -847,7 +986,8 @@ def adopt_matching_cache(
       and manifest.get('dtype') == 'bfloat16'
     )
     if not same or not all(
-      _shard_is_intact(source, s, manifest['dim']) for s in manifest.get('shards', [])
+      not _shard_problem(source, s, manifest['dim'], manifest['max_length'])
+      for s in manifest.get('shards', [])
     ):
       continue
     with _build_lock(path):
