@@ -213,14 +213,32 @@ def choose(
     return None, "JAX's backend already started"
   cores = _usable_cores() if cores is None else cores
   if cores < AUTO_DEVICES:
-    return None, f'{cores} usable core(s)'
+    return _one_device(mesh, f'{cores} usable core(s)')
   unfit = _unfit(AUTO_DEVICES, batch_size, mesh, batch_name)
   if unfit:
-    return None, unfit
+    return _one_device(mesh, unfit)
   too_big = _memory_short(_replicas(AUTO_DEVICES, mesh), copy_bytes, available)
   if too_big:
-    return None, too_big
+    return _one_device(mesh, too_big)
   return AUTO_DEVICES, f'{cores} cores; {SETTING}=1 for one device'
+
+
+def _one_device(mesh: Any, reason: str) -> tuple[None, str]:
+  """(None, reason): the automatic choice leaves one device. ValueError, naming the reason, for
+  a training mesh that one device cannot hold (before: 'does not divide the 1 available devices'
+  from the mesh, without why one on a CPU of several cores)."""
+  if mesh is not None:
+    from imagen_jax import sharding
+
+    sizes = sharding.mesh_sizes(mesh)
+    fixed = math.prod(s for s in sizes if s != -1)
+    if fixed > 1:
+      raise ValueError(
+        f'The mesh data={sizes[0]} x fsdp={sizes[1]} needs {fixed} devices, but the CPU backend '
+        f'is left at one ({reason}). Set --config.mesh.data=-1 --config.mesh.fsdp=1 for one '
+        f'device, or {SETTING}=N for N CPU devices that the batch and mesh fit.'
+      )
+  return None, reason
 
 
 def configure(

@@ -47,7 +47,6 @@ def test_sampling_takes_two_devices_for_an_even_first_batch():
   'batch, mesh, environ, cores, why',
   [
     (3, MESH, CPU, 2, 'train.batch_size=3 is not divisible by 2'),
-    (8, {'data': 4, 'fsdp': 1}, CPU, 8, 'does not fill 2 devices'),
     (8, {'data': 1, 'fsdp': 1}, CPU, 8, 'does not fill 2 devices'),
     (4, MESH, CPU, 1, '1 usable core'),
     (4, MESH, {'JAX_PLATFORMS': 'cuda'}, 8, 'JAX_PLATFORMS=cuda'),
@@ -58,6 +57,23 @@ def test_sampling_takes_two_devices_for_an_even_first_batch():
 def test_left_at_one_device_otherwise(batch, mesh, environ, cores, why):
   n, reason = cpu_devices.choose(batch, mesh, environ=environ, cores=cores)
   assert n is None and why in reason, reason
+
+
+@pytest.mark.parametrize(
+  'batch, mesh, cores, why',
+  [
+    (8, {'data': 4, 'fsdp': 1}, 8, 'the mesh data=4 x fsdp=1 does not fill 2 devices'),
+    (3, {'data': 2, 'fsdp': 1}, 8, 'train.batch_size=3 is not divisible by 2'),
+    (4, {'data': -1, 'fsdp': 2}, 1, '1 usable core(s)'),
+  ],
+)
+def test_a_mesh_one_device_cannot_hold_says_why_one(batch, mesh, cores, why):
+  # Left at one device, such a mesh failed later with 'does not divide the 1 available devices',
+  # on a CPU of 8 cores, without saying why one.
+  with pytest.raises(ValueError) as e:
+    cpu_devices.choose(batch, mesh, environ=CPU, cores=cores)
+  assert f'but the CPU backend is left at one ({why})' in str(e.value)
+  assert '--config.mesh.data=-1 --config.mesh.fsdp=1' in str(e.value)
 
 
 def test_left_alone_for_several_processes_an_accelerator_plugin_or_a_started_backend(monkeypatch):
