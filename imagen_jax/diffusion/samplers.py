@@ -333,8 +333,9 @@ def sample_heun(
   y = z / alpha, s = sigma / alpha = exp(-logsnr / 2); dy/ds = (y - D(y; s)) / s with
   D(y; s) = denoise(alpha y, logsnr). Euler predictor, trapezoidal corrector. The last step is
   Euler only (as EDM's; to s = 0 it returns D, on schedules.logsnr_grid's clean end), and so is
-  the first: from pure noise s falls from exp(-logsnr_min / 2) (~2e4) by orders of magnitude,
-  where the corrector would amplify the denoiser's change by ds / s; an Euler step in this form
+  the first: from pure noise s falls by orders of magnitude (from exp(-logsnr_min / 2) ~ 2e4 on
+  the grids that start at logsnr_min, from 80 on the default Karras grid), where the corrector
+  would amplify the denoiser's change by ds / s; an Euler step in this form
   is exactly a DDIM step, exact in that regime. 2N - 2 network calls for N >= 2 steps.
   `edit`: module docstring.
   """

@@ -26,9 +26,9 @@ def logsnr_cosine(
   logsnr(t) = log(alpha_bar / (1 - alpha_bar))
             = 2 log cos u - log(sin(u - u0)) - log(sin(u + u0)),  u0 = u(0),
   using cos^2 u0 - cos^2 u = sin(u - u0) sin(u + u0), with u - u0 computed as
-  pi/2 * t / (1 + offset): 0 at t = 0, so logsnr +inf there. (The float32 difference u - u0 is
-  4e-10 at t = 0: logsnr 24.5, which the resolution shift moved below logsnr_max.) Clipped to
-  [logsnr_min, logsnr_max].
+  pi/2 * t / (1 + offset): 0 at t = 0, so logsnr +inf there. (Subtracting u0 from u in float32
+  left 4e-10 at t = 0, logsnr 24.5, which the resolution shift moved below logsnr_max: hence the
+  direct form.) Clipped to [logsnr_min, logsnr_max].
   """
   t = jnp.asarray(t, jnp.float32)
   u0 = jnp.pi / 2 * offset / (1 + offset)
