@@ -26,8 +26,8 @@ check the small files (offsets, hashes, crc32) when they load them, and each cap
 bytes against its CRC-32 on every read (3-7 GB/s on the 2-core EPYC: ~25 us per T5-XXL caption
 of 12 tokens), so a flipped bit is reported as damage, never trained on. A resumed build checks
 the small files of the finished shards; `find_damaged_shards` (`precompute --verify`) reads
-every file whole, and `drop_shards` turns the damaged shards into a partial build that re-
-encodes only them. Caches built before the checksums have no `crc32` entries and are read
+every file whole, and `drop_shards` turns the damaged shards into a partial build that
+re-encodes only them. Caches built before the checksums have no `crc32` entries and are read
 unchecked.
 
 A complete cache of the same captions, encoder and max_length under another dataset fingerprint
