@@ -8,6 +8,7 @@ Marked `multiprocess` (it opens localhost ports); skipped when a local port cann
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ CAPTIONS = [f'a photo of thing number {i}' + ' and more' * (i % 3) for i in rang
 SHARD_SIZE = 4  # 22 captions -> 6 shards (the last one short)
 TIMEOUT_S = 240
 
-# argv: port num_processes process_id images cache_dir seconds_per_shard
+# argv: port num_processes process_id images cache_dir seconds_per_shard [verify]
 _CHILD = textwrap.dedent(
   """
   import json, sys, time
@@ -51,7 +52,10 @@ _CHILD = textwrap.dedent(
       source='folder', path=sys.argv[4], split='train', image_column='image',
       caption_column='text', max_skip_fraction=0.0, max_examples=0))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
-  built = precompute.open_or_build_cache(c, build_if_missing=True)
+  if sys.argv[7:] == ['verify']:
+    built = precompute.precompute(c, verify=True)
+  else:
+    built = precompute.open_or_build_cache(c, build_if_missing=True)
   print('REPORT', json.dumps({'path': str(built.path), 'report': built.build_report}), flush=True)
   """
 ).replace('SHARD_SIZE', str(SHARD_SIZE))
@@ -68,7 +72,9 @@ def images(tmp_path_factory):
   return path
 
 
-def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: float = 0.0):
+def _start(
+  count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: float = 0.0, *extra: str
+):
   env = dict(
     os.environ,
     JAX_PLATFORMS='cpu',
@@ -79,7 +85,7 @@ def _start(count: int, images: pathlib.Path, cache_dir: pathlib.Path, delay: flo
   return [
     start_logged(  # to files: an undrained pipe could stop one process and the other with it
       [sys.executable, '-c', _CHILD, str(port), str(count), str(i), str(images)]
-      + [str(cache_dir), str(delay)],
+      + [str(cache_dir), str(delay), *extra],
       cache_dir.parent / 'logs',
       cwd=REPO_ROOT,
       env=env,
@@ -152,6 +158,30 @@ def test_two_processes_build_the_same_bytes(images, one_process_cache, tmp_path)
   assert len([n for n in want if n.startswith('shard-')]) == 4 * 6  # embs, offsets, hashes, crc32
   for name, data in _files(path).items():
     assert data == want[name], name  # shard files and manifest, byte for byte
+
+
+@pytest.mark.multiprocess
+def test_two_processes_verify_their_shares_and_reencode_the_damaged_ones(
+  images, one_process_cache, tmp_path
+):
+  # precompute --verify --distributed: each process reads every other shard whole; the damaged
+  # ones (one in each share) are dropped by process 0 and encoded again, to the same bytes.
+  cache_dir = tmp_path / 'cache'
+  shutil.copytree(one_process_cache, cache_dir / one_process_cache.name)
+  path = cache_dir / one_process_cache.name
+  for name in ('shard-00001.embs.npy', 'shard-00004.offsets.npy'):
+    raw = bytearray((path / name).read_bytes())
+    raw[-1] ^= 0x01  # data, not the .npy header
+    (path / name).write_bytes(bytes(raw))
+  procs = _start(2, images, cache_dir, 0.0, 'verify')
+  reports = _finish(procs)
+  assert reports[0]['report']['captions'] == 2 * SHARD_SIZE  # shards 1 and 4 only
+  assert '2 of 6 shards are damaged' in logged_output(procs[0])[1]
+  want = _files(one_process_cache)
+  assert _files(path) == want  # shard files and manifest, byte for byte
+  again = _start(2, images, cache_dir, 0.0, 'verify')
+  assert _finish(again)[0]['report'] is None  # all intact: nothing encoded
+  assert 'all 6 shards are intact' in logged_output(again[0])[1]
 
 
 @pytest.mark.multiprocess
