@@ -178,6 +178,28 @@ def test_no_example_left_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.unit
+def test_no_example_left_names_the_fix_for_its_cause(tmp_path):
+  # Only unreadable files used to get the small-image advice (larger images, upsample).
+  (tmp_path / 'broken').mkdir()
+  _shard(tmp_path / 'broken' / '0.tar', [('k0', {'png': b'not a png', 'txt': b'broken'})])
+  with pytest.raises(DataError) as e:
+    next(_iterator(_config(tmp_path / 'broken', source='webdataset')))
+  assert '0 smaller than data.resolution=16 px, 1 unreadable' in str(e.value)
+  assert str(e.value).endswith('Replace or remove the unreadable files (logged above).')
+  (tmp_path / 'both').mkdir()
+  _shard(
+    tmp_path / 'both' / '0.tar',
+    [
+      ('k0', {'png': b'not a png', 'txt': b'broken'}),
+      ('k1', {'png': _encode((8, 8), 0), 'txt': b's'}),
+    ],
+  )
+  config = _config(tmp_path / 'both', source='webdataset', max_skip_fraction=1.0)
+  with pytest.raises(DataError, match='unreadable files .*; use larger images, or keep small'):
+    next(_iterator(config))
+
+
+@pytest.mark.unit
 def test_webdataset_json_sidecar_sizes_filter_when_listed(tmp_path, caplog):
   def pair(key, size, colour):
     meta = {'caption': key, 'width': size[0], 'height': size[1], 'original_width': 999}

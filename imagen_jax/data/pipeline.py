@@ -230,11 +230,17 @@ class _BatchIterator(grain.DatasetIterator):
         spec.min_side,
       )
     if whole_epoch and self.num_small + self.num_skipped >= self.num_seen:
+      fixes = []  # the advice for each cause there is (a small-image fix for broken files misled)
+      if self.num_skipped:
+        fixes.append('replace or remove the unreadable files (logged above)')
+      if self.num_small:
+        fixes.append(
+          'use larger images, or keep small ones with --config.data.small_images=upsample'
+        )
       raise DataError(
         f'{spec.source_name}: no usable example in a whole epoch of {self.num_seen}: '
         f'{self.num_small} smaller than data.resolution={spec.min_side} px, '
-        f'{self.num_skipped} unreadable. Use larger images, or keep small ones with '
-        '--config.data.small_images=upsample.'
+        f'{self.num_skipped} unreadable. {"; ".join(fixes).capitalize()}.'
       )
     # A file that cannot be read stays unreadable, so every epoch holds the same bad files,
     # however the shuffle orders them. More skips than max_skip_fraction of every epoch begun
