@@ -1327,6 +1327,9 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
   # The dataset is listed once (a large folder or tfds split takes a while): the cache, the
   # iterator and the grid prompts share this source.
   source = sources.build_source(config.data)
+  # A dataset whose images are all too small is refused now, not after its captions were encoded
+  # (hours of T5-XXL for a large SR dataset); the sizes are read once (headers or columns).
+  pipeline.drop_small_images(source, pipeline.check_crops(config), log_counts=False)
   text_cache = precompute.open_or_build_cache(
     config, build_if_missing=config.text.auto_precompute, source=source
   )

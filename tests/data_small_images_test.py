@@ -178,6 +178,27 @@ def test_no_example_left_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.unit
+def test_all_too_small_is_refused_before_the_captions_are_encoded(tmp_path, monkeypatch):
+  # The refusal came from the iterator, after every caption was T5-encoded into the cache.
+  from configs import base64
+  from imagen_jax import precompute, train_lib
+
+  root = tmp_path / 'folder'
+  root.mkdir()
+  for i in range(3):
+    (root / f'{i}.png').write_bytes(_encode((8, 8), (0, 0, 0)))
+    (root / f'{i}.txt').write_text(f'small {i}')
+  config = base64.get_config('tiny')
+  config.data.source, config.data.path, config.data.resolution = 'folder', str(root), 16
+  config.train.batch_size = 8  # the test process's 8 CPU devices
+  monkeypatch.setattr(
+    precompute, 'open_or_build_cache', lambda *a, **k: pytest.fail('the cache was opened')
+  )
+  with pytest.raises(DataError, match=r'all 3 images are smaller than data.resolution=16 px'):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+
+
+@pytest.mark.unit
 def test_no_example_left_names_the_fix_for_its_cause(tmp_path):
   # Only unreadable files used to get the small-image advice (larger images, upsample).
   (tmp_path / 'broken').mkdir()

@@ -631,13 +631,16 @@ class _GuardedReads:
       return {'skip': f'cannot read it ({type(e).__name__}: {e})', 'id': f'{self._name} #{index}'}
 
 
-def drop_small_images(source: Source, options: preprocess.PreprocessOptions) -> Any:
+def drop_small_images(
+  source: Source, options: preprocess.PreprocessOptions, *, log_counts: bool = True
+) -> Any:
   """`source` without the images it knows to be too small (`small_images='skip'`); logs the
-  counts. DataError when none is left."""
+  counts (with `log_counts`). DataError when none is left: train_lib calls it before the text
+  cache is built too, so that such a dataset is refused before its captions are encoded."""
   if options.small_images != 'skip':
     return source
   result = sizes.filter_small(source.image_sizes(), min_side=options.resolution)
-  if result.small:
+  if result.small and log_counts:
     log.info(result.message(source.name))
   if not len(result.kept):
     raise DataError(
