@@ -199,6 +199,23 @@ def test_all_too_small_is_refused_before_the_captions_are_encoded(tmp_path, monk
 
 
 @pytest.mark.unit
+def test_exactly_max_skip_fraction_unusable_trains(tmp_path):
+  # 29 of 100 at data.max_skip_fraction=0.29 is not more than it; 0.29 * 100 is
+  # 28.999999999999996 in floats, which stopped the run at the 29th skip.
+  (tmp_path / 'shards').mkdir()
+  good = _encode((16, 16), (200, 0, 0))
+  items = [
+    (f'k{i:03d}', {'png': b'broken' if i < 29 else good, 'txt': f'c{i}'.encode()})
+    for i in range(100)
+  ]
+  _shard(tmp_path / 'shards' / '0.tar', items)
+  it = _iterator(_config(tmp_path / 'shards', source='webdataset', max_skip_fraction=0.29))
+  for _ in range(36):  # the 36th batch takes the epoch's 71st usable example: all 100 read
+    next(it)
+  assert it.num_seen > 100 and it.num_skipped >= 29
+
+
+@pytest.mark.unit
 def test_no_example_left_names_the_fix_for_its_cause(tmp_path):
   # Only unreadable files used to get the small-image advice (larger images, upsample).
   (tmp_path / 'broken').mkdir()

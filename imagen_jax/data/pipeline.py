@@ -250,7 +250,9 @@ class _BatchIterator(grain.DatasetIterator):
     begun = spec.examples_in_epochs_begun(self.num_seen)
     allowed = spec.max_skip_fraction * begun
     usable = self.num_seen - self.num_small  # not too small: decodable or broken
-    if self.num_skipped > allowed:
+    # As a fraction, as the other checks compare it: 0.29 * 100 is 28.999999999999996 in floats,
+    # which stopped a run of exactly 29 % at data.max_skip_fraction=0.29.
+    if begun and self.num_skipped / begun > spec.max_skip_fraction:
       raise DataError(
         f'{spec.source_name}: {self.num_skipped} of the first {self.num_seen} examples read were '
         f'unusable: more than data.max_skip_fraction={spec.max_skip_fraction} of the {begun} '
