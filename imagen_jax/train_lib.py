@@ -1340,24 +1340,28 @@ def _train(config: ml_collections.ConfigDict, workdir_path: pathlib.Path, tx) ->
       f'model.text_dim={config.model.text_dim}; pass --config.model.text_dim={text_cache.dim}.'
     )
 
+  # Before the checkpoint manager: a refused dataset then exits with no orbax background work
+  # left (closing the manager did not always wait for its cleanup thread, whose traceback then
+  # followed the one-line error at interpreter shutdown).
+  data_iter = pipeline.make_iterator(
+    config,
+    text_cache=text_cache,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    source=source,
+  )
   # The chosen resume step is kept beside the newest ones: the same command goes back to it again
   # with other settings (a lower optim.lr after a NaN), after any number of later saves.
   resume_step = int(config.train.get('resume_step', 0))
-  manager = checkpoints.make_manager(
-    workdir_path,
-    keep=config.train.keep_checkpoints,
-    preserve=[resume_step] if resume_step else [],
-  )
   try:
-    data_iter = pipeline.make_iterator(
-      config,
-      text_cache=text_cache,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      source=source,
+    manager = checkpoints.make_manager(
+      workdir_path,
+      keep=config.train.keep_checkpoints,
+      preserve=[resume_step] if resume_step else [],
     )
   except BaseException:
-    manager.close()  # lets orbax's background cleanup finish before the exit (no traceback)
+    if hasattr(data_iter, 'close'):
+      data_iter.close()  # worker processes (data.num_workers > 0)
     raise
 
   with jax.set_mesh(mesh):
