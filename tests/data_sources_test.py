@@ -486,3 +486,150 @@ def test_hf_and_tfds_load_failures_are_data_errors(tmp_path):
   # No prepared array_record files: the message says how to prepare them.
   with pytest.raises(DataError, match='array_record'):
     sources.TfdsSource('no_such_dataset_xyz', data_dir=str(tmp_path))
+
+
+@pytest.mark.unit
+def test_metadata_csv_row_that_does_not_fit_its_header_is_a_counted_skip(tmp_path, caplog):
+  # csv.DictReader put the fields past the header under the key None, which was dropped: the
+  # unquoted 'a red car, parked next to a blue house' trained as 'a red car'.
+  for i in range(4):
+    _image(tmp_path / f'img{i}.png', (i * 40, 0, 0))
+  (tmp_path / 'metadata.csv').write_text(
+    'file_name,text\n'
+    'img0.png,a red car, parked next to a blue house\n'
+    'img1.png,a dog\n'
+    'img2.png,"a cat, sleeping",\n'  # a trailing comma loses nothing: not a skip
+    'img3.png\n'
+  )
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.data.sources'):
+    source = sources.build_source(_data_config(path=str(tmp_path)))
+  assert [source[i]['id'] for i in range(len(source))] == ['img1.png', 'img2.png']
+  assert source.captions() == ['a dog', 'a cat, sleeping']
+  assert [i for i, _ in source.skipped] == ['metadata.csv:2', 'metadata.csv:5']
+  too_many, too_few = (r for _, r in source.skipped)
+  assert too_many.startswith('metadata.csv line 2 has 3 fields but the header has 2 (file_name')
+  assert too_few.startswith('metadata.csv line 5 has 1 fields but the header has 2')
+  assert all('quote a caption that contains commas' in r for _, r in source.skipped)
+  assert 'listed in no metadata file' not in caplog.text  # img0.png is named, by the bad row
+  # They count toward data.max_skip_fraction like any skip: one line names the row and the fix.
+  with pytest.raises(DataError, match=r'2 of 4 listed items') as error:
+    sources.build_source(_data_config(path=str(tmp_path), max_skip_fraction=0.01))
+  assert 'metadata.csv:2: metadata.csv line 2 has 3 fields' in str(error.value)
+  assert 'quote a caption that contains commas' in str(error.value)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.unit
+def test_sidecar_folder_reads_the_formats_pillow_decodes_and_counts_lone_captions(tmp_path):
+  # A fixed extension list left .avif / .jpe / .apng / .qoi pairs out without a word, and a
+  # caption whose image is a broken link was ignored.
+  formats = {'a.png': 'PNG', 'b.jpe': 'JPEG', 'c.apng': 'PNG', 'd.qoi': 'QOI', 'e.avif': 'AVIF'}
+  for i, (name, fmt) in enumerate(formats.items()):
+    Image.new('RGB', (8, 8), (40 * i, 0, 0)).save(tmp_path / name, fmt)
+    (tmp_path / name).with_suffix('.txt').write_text(f'{fmt} picture {name}')
+  assert {'.jpe', '.apng', '.qoi', '.avif'} <= sources.IMAGE_EXTENSIONS
+  assert {'.png', '.jpg', '.jpeg', '.webp', '.tif', '.pgm', '.jfif'} <= sources.IMAGE_EXTENSIONS
+  (tmp_path / 'gone.png').symlink_to(tmp_path / 'missing_target.png')
+  (tmp_path / 'gone.txt').write_text('a dangling link')
+  (tmp_path / 'lonely.txt').write_text('no image at all')
+  (tmp_path / 'README.txt').write_text('how this folder was made: not a caption')
+  source = sources.build_source(_data_config(path=str(tmp_path)))
+  ids = [source[i]['id'] for i in range(len(source))]
+  assert ids == ['a.png', 'b.jpe', 'c.apng', 'd.qoi', 'e.avif']
+  assert source.captions() == [f'{fmt} picture {name}' for name, fmt in formats.items()]
+  for i in range(len(source)):
+    assert preprocess.decode_image(source[i]['image']).size == (8, 8)
+  reasons = dict(source.skipped)
+  assert sorted(reasons) == ['gone.txt', 'lonely.txt']
+  assert reasons['gone.txt'].startswith('caption file with no readable image beside it: gone.png')
+  assert reasons['lonely.txt'].startswith('caption file with no image beside it')
+  assert source.num_listed() == 7
+
+
+@pytest.mark.unit
+def test_unlisted_image_warning_knows_the_formats_pillow_decodes(tmp_path, caplog):
+  _image(tmp_path / 'a.png')
+  Image.new('RGB', (8, 8)).save(tmp_path / 'b.jpe', 'JPEG')
+  (tmp_path / 'metadata.jsonl').write_text('{"file_name": "a.png", "text": "listed"}\n')
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.data.sources'):
+    source = sources.build_source(_data_config(path=str(tmp_path)))
+  assert source.captions() == ['listed']
+  assert 'e.g. b.jpe' in caplog.text
+
+
+@pytest.mark.unit
+def test_metadata_without_the_configured_columns_is_one_error_naming_the_setting(tmp_path, caplog):
+  # Captions under 'caption' with data.caption_column='text': 50 per-row warnings, then an
+  # error naming neither the column found nor the setting.
+  rows = []
+  for i in range(60):
+    _image(tmp_path / f'{i:03d}.png')
+    rows.append({'file_name': f'{i:03d}.png', 'caption': f'caption {i}'})
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+  with caplog.at_level(logging.WARNING, logger='imagen_jax.data.sources'):
+    with pytest.raises(DataError, match='no row has the caption column') as error:
+      sources.build_source(_data_config(path=str(tmp_path)))
+  message = str(error.value)
+  assert "'text' (data.caption_column); its columns: 'caption', 'file_name'" in message
+  assert '--config.data.caption_column' in message and '\n' not in message
+  assert 'skipping' not in caplog.text
+  assert len(sources.build_source(_data_config(path=str(tmp_path), caption_column='caption'))) == 60
+  # No image column: the error names the columns and the one folders read ('file_name').
+  rows = [{'image': f'{i:03d}.png', 'text': f'caption {i}'} for i in range(60)]
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+  with pytest.raises(DataError, match=r"no row has a 'file_name' column \(its columns: 'image'"):
+    sources.build_source(_data_config(path=str(tmp_path)))
+  # A CSV header with a space after each comma: ' text' was no 'text' column.
+  (tmp_path / 'metadata.jsonl').unlink()
+  (tmp_path / 'metadata.csv').write_text(
+    'file_name, text\n000.png, a dog\n001.png, "a cat, sleeping"\n'
+  )
+  source = sources.build_source(_data_config(path=str(tmp_path), max_skip_fraction=1.0))
+  assert source.captions() == ['a dog', 'a cat, sleeping']
+
+
+@pytest.mark.unit
+def test_captions_that_are_not_text_are_counted_skips(tmp_path):
+  # A dict, a bool or a number was trained on as its str() ("{'en': 'a dog'}", 'True').
+  rows = [
+    {'file_name': '0.png', 'text': 'a real caption'},
+    {'file_name': '1.png', 'text': {'en': 'a dog'}},
+    {'file_name': '2.png', 'text': True},
+    {'file_name': '3.png', 'text': [1, 2]},
+    {'file_name': '4.png', 'text': 7},
+    {'file_name': '5.png', 'text': ['', 'second of a list']},
+  ]
+  for i in range(len(rows)):
+    _image(tmp_path / f'{i}.png')
+  (tmp_path / 'metadata.jsonl').write_text('\n'.join(json.dumps(r) for r in rows))
+  source = sources.build_source(_data_config(path=str(tmp_path), max_skip_fraction=1.0))
+  assert source.captions() == ['a real caption', 'second of a list']
+  assert source.skipped == [
+    ('1.png', 'caption is a value of type dict, not text (metadata.jsonl:2)'),
+    ('2.png', 'caption is a value of type bool, not text (metadata.jsonl:3)'),
+    ('3.png', 'caption is a list of int values, not text (metadata.jsonl:4)'),
+    ('4.png', 'caption is a value of type int, not text (metadata.jsonl:5)'),
+  ]
+  with pytest.raises(sources.CaptionError, match='caption is not UTF-8'):
+    sources._clean_caption(b'caf\xe9')
+  assert sources._clean_caption([b'caf\xc3\xa9 ', 'x']) == 'caf\u00e9'
+
+
+@pytest.mark.smoke
+def test_hf_captions_that_are_not_utf8_or_not_text_are_counted_skips(tmp_path):
+  datasets = pytest.importorskip('datasets')
+  images = [Image.new('RGB', (8, 8), (i * 60, 10, 10)) for i in range(3)]
+  image = datasets.Image()
+  ds = datasets.Dataset.from_dict(
+    {'image': images, 'text': [b'a cafe', b'caf\xe9', b'ok']},
+    features=datasets.Features({'image': image, 'text': datasets.Value('binary')}),
+  )
+  ds.save_to_disk(str(tmp_path / 'bytes'))
+  source = sources.build_source(_data_config(source='hf', path=str(tmp_path / 'bytes')))
+  assert source.captions() == ['a cafe', 'ok']  # was 'caf\ufffd'
+  assert source.skipped == [('train[1]', 'caption is not UTF-8')]
+  ds = datasets.Dataset.from_dict({'image': images, 'text': [{'en': 'a dog'}] * 2 + [None]})
+  ds.save_to_disk(str(tmp_path / 'dicts'))
+  first = r"\(3 skipped; first: \[\('train\[0\]', 'caption is a value of type dict, not text'\)"
+  with pytest.raises(DataError, match=first):
+    sources.build_source(_data_config(source='hf', path=str(tmp_path / 'dicts')))

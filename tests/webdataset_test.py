@@ -152,13 +152,14 @@ def test_missing_and_empty_shard_lists(shards, tmp_path):
     sources.build_source(_config(tmp_path / 'nothing-*.tar').data)
   with pytest.raises(DataError, match='needs --config.data.path'):
     sources.build_source(_config('').data)
-  # A failed img2dataset shard (a gap in the brace list) is skipped and counted.
+  # A failed img2dataset shard (a gap in the brace list) is skipped and counted (as the 4 pairs
+  # of an average readable shard: 4 of 16 items).
   source = sources.build_source(
-    _config(f'{shards}/{{00000..00003}}.tar', max_skip_fraction=0.1).data
+    _config(f'{shards}/{{00000..00003}}.tar', max_skip_fraction=0.3).data
   )
   assert len(source) == 12 and source.skipped[0][1].startswith('shard file does not exist')
   (shards / '00003.tar').write_bytes(b'\x1f\x8b' + b'gzip, not a plain tar' * 40)
-  source = sources.build_source(_config(shards, max_skip_fraction=0.1).data)
+  source = sources.build_source(_config(shards, max_skip_fraction=0.3).data)
   assert (
     len(source) == 12
     and source.skipped == [('00003.tar', source.skipped[0][1])]
@@ -327,3 +328,108 @@ def test_array_record_source(tmp_path):
   assert source.skipped[-1] == ('record 6', "no or empty caption feature 'text'")
   with pytest.raises(DataError, match='matches no array_record file'):
     sources.build_source(_config(tmp_path / 'none', source='arrayrecord').data)
+
+
+@pytest.mark.unit
+def test_keys_with_more_dots_are_counted_skips_naming_their_members(tmp_path):
+  # WebDataset keys end at the first dot: photo.2023.jpg + photo.2023.txt are the key 'photo'
+  # with the extensions '2023.jpg' / '2023.txt', neither image nor caption. Such groups were
+  # dropped without being counted (half a dataset of dotted names vanished in silence).
+  root = tmp_path / 'dots'
+  root.mkdir()
+  items = [_pair(0)]
+  for name in ('photo.2023', 'IMG_0001.v2'):
+    items.append((name, {'jpg': _image_bytes(1, 'JPEG'), 'txt': f'caption of {name}'.encode()}))
+  items.append(('scan', {'png': _image_bytes(2), 'final.txt': b'the caption, after a dot'}))
+  items.append(('notes', {'md': b'not a pair at all'}))
+  write_shard(root / '00000.tar', items)
+  with pytest.raises(DataError, match=r'4 of 5 listed items .*WebDataset keys end at the first'):
+    sources.build_source(_config(root).data)
+  source = sources.build_source(_config(root, max_skip_fraction=0.9).data)
+  assert [source[i]['id'] for i in range(len(source))] == ['00000.tar/000000000']
+  reasons = dict(source.skipped)
+  assert sorted(reasons) == [
+    '00000.tar/IMG_0001',
+    '00000.tar/notes',
+    '00000.tar/photo',
+    '00000.tar/scan',
+  ]
+  assert reasons['00000.tar/photo'].startswith(
+    "key 'photo' has no image (.jpg/.png/.webp/...) and no caption (.txt/.json) member (its "
+    'members: photo.2023.jpg, photo.2023.txt): WebDataset keys end at the first dot of the file '
+    'name'
+  )
+  assert (
+    "key 'scan' has no caption (.txt/.json) member (its members: scan.final.txt, scan.png)"
+    in (reasons['00000.tar/scan'])
+  )
+  assert 'notes.md' in reasons['00000.tar/notes']
+  assert source.num_listed() == 5
+
+
+@pytest.mark.unit
+def test_a_lost_shard_counts_as_the_pairs_of_an_average_shard(tmp_path):
+  # Losing 5 of 10 shards counted 5 skipped items against 1000 pairs: a 1 % limit passed.
+  root = tmp_path / 'half'
+  root.mkdir()
+  for s in range(0, 10, 2):  # shards 1, 3, 5, 7 and 9 are missing
+    write_shard(root / f'{s:05d}.tar', [_pair(4 * s + j) for j in range(4)])
+  spec = f'{root}/{{00000..00009}}.tar'
+  with pytest.raises(DataError) as error:
+    sources.build_source(_config(spec, max_skip_fraction=0.01).data)
+  message = str(error.value)
+  assert '20 of 40 listed items have no usable caption or file (each of the 5 lost shards ' in (
+    message
+  )
+  assert 'counts as 4 items, the average number of pairs of the 5 readable shards) (50.0% >' in (
+    message
+  )
+  assert '\n' not in message
+  source = sources.build_source(_config(spec, max_skip_fraction=0.6).data)
+  assert len(source) == 20 and len(source.skipped) == 5
+  assert source.num_skipped() == 20 and source.num_listed() == 40
+  # A shard that is not a tar that opens is lost too.
+  (root / '00001.tar').write_bytes(b'\x1f\x8b' + b'gzip, not a plain tar' * 40)
+  source = sources.build_source(_config(spec, max_skip_fraction=0.6).data)
+  assert source.num_skipped() == 20 and 'not a readable uncompressed tar' in dict(
+    source.skipped
+  ).get('00001.tar', '')
+  # max_examples reading 1 of the 5 readable shards: the 4 missing shards (00001.tar is not read)
+  # weigh their share of the whole dataset (one item each here), not 16 items against 4 read.
+  source = sources.build_source(_config(spec, max_skip_fraction=0.6, max_examples=2).data)
+  assert len(source) == 2 and source.num_skipped() == 4 and source.num_listed() == 8
+  assert 'scaled to the 1 of them that max_examples read' in source.skip_note
+  # Every shard lost: one line, as before.
+  for s in range(0, 10, 2):
+    (root / f'{s:05d}.tar').write_bytes(b'not a tar')
+  with pytest.raises(DataError, match=r'No usable .image, caption. pair in 6 tar shard') as error:
+    sources.build_source(_config(spec, max_skip_fraction=0.6).data)
+  assert '\n' not in str(error.value)
+
+
+@pytest.mark.unit
+def test_captions_that_are_not_utf8_or_not_text_are_counted_skips(tmp_path):
+  # ArrayRecord bytes were decoded with errors='replace' ('caf\ufffd' was trained on); a json
+  # caption that is a dict became its str().
+  root = tmp_path / 'records'
+  root.mkdir()
+  records = [
+    webdataset.example_bytes({'image': _image_bytes(0), 'text': 'caf\u00e9'}),
+    webdataset.example_bytes({'image': _image_bytes(1), 'text': b'caf\xe9'}),  # Latin-1
+  ]
+  _write_array_record(root / 'a.array_record', records)
+  source = sources.build_source(_config(root, source='arrayrecord', max_skip_fraction=0.5).data)
+  assert source.captions() == ['caf\u00e9']
+  assert source.skipped == [('record 1', "caption is not UTF-8 (feature 'text')")]
+  tars = tmp_path / 'tars'
+  tars.mkdir()
+  items = [_pair(0)]
+  items.append(('000000001', {'png': _image_bytes(1), 'json': b'{"caption": {"en": "a dog"}}'}))
+  items.append(('000000002', {'png': _image_bytes(2), 'json': b'{"caption": true}'}))
+  write_shard(tars / '00000.tar', items)
+  source = sources.build_source(_config(tars, max_skip_fraction=0.9).data)
+  assert source.captions() == ['picture number 0']
+  assert source.skipped == [
+    ('00000.tar/000000001', 'caption is a value of type dict, not text (.json)'),
+    ('00000.tar/000000002', 'caption is a value of type bool, not text (.json)'),
+  ]

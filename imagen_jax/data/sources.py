@@ -18,9 +18,10 @@
 
 Records are `{'image': <path | bytes | HF image dict | array>, 'caption': str, 'id': str}`;
 images are decoded later (in grain workers) by `preprocess.py`. Pairs with a missing or
-empty caption are skipped at listing time with a warning naming them, and counted in
-`Source.skipped`. `Source.image_sizes()` gives the sizes known without decoding (metadata,
-file headers), which the pipeline uses to drop too-small images (see `sizes.py`).
+empty caption, or one that is not text (bytes that are not UTF-8, a dict, a bool, a number), are
+skipped at listing time with a warning naming them, and counted in `Source.skipped`.
+`Source.image_sizes()` gives the sizes known without decoding (metadata, file headers), which
+the pipeline uses to drop too-small images (see `sizes.py`).
 """
 
 import csv
@@ -39,8 +40,27 @@ from imagen_jax.data import sizes as sizes_lib
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-  {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif'}
+# Formats Pillow registers for opening that it cannot decode by itself: stubs (a handler must be
+# installed), MPEG (identified, never decoded), EPS/PS (needs Ghostscript).
+_UNDECODABLE_FORMATS = frozenset({'BUFR', 'GRIB', 'HDF5', 'WMF', 'MPEG', 'EPS'})
+
+
+def _pillow_image_extensions() -> frozenset[str]:
+  """Lowercase file extensions ('.png') of the formats this Pillow can open and decode (an
+  .avif, .jpe, .apng or .qoi beside its .txt was left out of a sidecar folder by a fixed list)."""
+  from PIL import Image
+
+  return frozenset(
+    ext.lower()
+    for ext, fmt in Image.registered_extensions().items()
+    if fmt in Image.OPEN and fmt not in _UNDECODABLE_FORMATS
+  ) | {'.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff', '.ppm', '.pgm', '.jfif'}
+
+
+IMAGE_EXTENSIONS = _pillow_image_extensions()
+# Text files of a sidecar folder that are documentation, not a caption without its image.
+_NOT_CAPTION_FILES = frozenset(
+  'readme license licence copying notice authors changelog citation requirements'.split()
 )
 _METADATA_FILES = ('metadata.jsonl', 'metadata.csv')
 # Folder names that make a folder dataset's top level a set of splits (Hugging Face imagefolder).
@@ -88,15 +108,41 @@ def read_caption_file(data: bytes) -> str | None:
     return None
 
 
+class CaptionError(ValueError):
+  """A caption value that is not usable text; its message is the reason the pair is skipped."""
+
+
 def _clean_caption(caption: Any) -> str:
-  """Captions as stripped strings; a list of captions keeps its first non-empty one."""
+  """Captions as stripped strings ('' for a missing one); a list of captions keeps its first
+  non-empty one. Raises CaptionError for bytes that are not UTF-8 and for values that are not
+  text (a dict, a bool, a number: their str() was trained on, e.g. "{'en': 'a dog'}")."""
+  if isinstance(caption, np.ndarray):  # a tfds sequence feature
+    caption = caption.tolist()
   if isinstance(caption, list | tuple):
-    caption = next((c for c in caption if isinstance(c, str) and c.strip()), '')
+    error = None
+    for item in caption:
+      try:
+        text = _clean_caption(item)
+      except CaptionError as e:
+        error = error or e
+        continue
+      if text:
+        return text
+    if error is not None:
+      kinds = sorted({type(c).__name__ for c in caption if not isinstance(c, str | bytes | None)})
+      raise (
+        CaptionError(f'caption is a list of {"/".join(kinds)} values, not text') if kinds else error
+      )
+    return ''
   if isinstance(caption, bytes):
-    caption = caption.decode('utf-8', errors='replace')
+    try:
+      caption = caption.decode('utf-8')
+    except UnicodeDecodeError:
+      raise CaptionError('caption is not UTF-8') from None
   if caption is None or (isinstance(caption, float) and math.isnan(caption)):
     return ''  # NaN: pandas' missing value, which json.dumps writes as the bare NaN
-  caption = str(caption)
+  if not isinstance(caption, str):
+    raise CaptionError(f'caption is a value of type {type(caption).__name__}, not text')
   try:
     caption.encode('utf-8')
   except UnicodeEncodeError:  # half a surrogate pair, e.g. from the JSON escape '\\ud83d'
@@ -114,6 +160,8 @@ class Source:
 
   name: str = 'source'
   _num_listed: int | None = None  # None: nothing was cut after the listing
+  # How `num_skipped` weighs some skips (a lost shard stands for many pairs), for the message.
+  skip_note: str = ''
 
   def __init__(self):
     self._captions: list[str] = []
@@ -127,7 +175,12 @@ class Source:
     usable ones (the skipped list covers the whole listing, so the count must too)."""
     if self._num_listed is not None:
       return self._num_listed
-    return len(self) + len(self.skipped)
+    return len(self) + self.num_skipped()
+
+  def num_skipped(self) -> int:
+    """Skipped items as counted toward data.max_skip_fraction: one per entry of `skipped`,
+    unless a subclass weighs some (a lost webdataset shard counts as the pairs it held)."""
+    return len(self.skipped)
 
   def __getitem__(self, index: int) -> dict:
     raise NotImplementedError
@@ -184,6 +237,7 @@ class FolderSource(Source):
     self.caption_column = caption_column
     self.max_examples = int(max_examples)
     self._meta_sizes: dict[str, tuple[int, int]] = {}  # from metadata width/height fields
+    self._bad_row_images: set[str] = set()  # images named by metadata.csv rows skipped as bad
     self._sizes: np.ndarray | None = None
     if not self.root.is_dir():
       raise DataError(
@@ -243,7 +297,9 @@ class FolderSource(Source):
     rows, nearest = [], {}  # nearest: image -> depth of the deepest metadata folder listing it
     named = set()
     for meta in metadata_files:
-      for line_no, row in self._read_metadata(meta):
+      meta_rows = list(self._read_metadata(meta))
+      self._check_columns(meta, [row for _, row in meta_rows])
+      for line_no, row in meta_rows:
         rel_meta = f'{meta.relative_to(self.root)}:{line_no}'
         file_name = row.get('file_name')
         if file_name is not None and (not isinstance(file_name, str) or '\0' in file_name):
@@ -261,7 +317,11 @@ class FolderSource(Source):
         if self.caption_column not in row:
           self._skip(rel, f"no caption column '{self.caption_column}' in {rel_meta}")
           continue
-        caption = _clean_caption(row[self.caption_column])
+        try:
+          caption = _clean_caption(row[self.caption_column])
+        except CaptionError as e:
+          self._skip(rel, f'{e} ({rel_meta})')
+          continue
         if not caption:
           self._skip(rel, f'empty caption in {rel_meta}')
           continue
@@ -284,7 +344,25 @@ class FolderSource(Source):
         len(superseded),
         superseded[0],
       )
-    return sorted(pairs), named
+    return sorted(pairs), named | self._bad_row_images
+
+  def _check_columns(self, meta: pathlib.Path, rows: Sequence[dict]) -> None:
+    """DataError when no row of a metadata file has the image name ('file_name') or the caption
+    column: the data is fine but the setting is not (each row was a warning and a skip)."""
+    columns = sorted({str(k) for row in rows for k in row if k is not None})
+    shown = ', '.join(repr(c) for c in columns[:20]) + (', ...' if len(columns) > 20 else '')
+    if rows and not any('file_name' in row for row in rows):
+      raise DataError(
+        f"{meta}: no row has a 'file_name' column (its columns: {shown}). Folder datasets name "
+        "each image in 'file_name' (Hugging Face imagefolder); rename that column in the file "
+        '(--config.data.image_column applies to hf, tfds and arrayrecord sources, not folders).'
+      )
+    if rows and not any(self.caption_column in row for row in rows):
+      raise DataError(
+        f'{meta}: no row has the caption column {self.caption_column!r} '
+        f'(data.caption_column); its columns: {shown}. Set --config.data.caption_column to '
+        'the column that holds the captions.'
+      )
 
   def _warn_unlisted(
     self, files: Sequence[pathlib.Path], metadata_files: Sequence[pathlib.Path], named: set[str]
@@ -326,9 +404,25 @@ class FolderSource(Source):
   def _metadata_rows(self, meta: pathlib.Path):
     if meta.suffix == '.csv':
       with open(meta, newline='', encoding='utf-8-sig') as f:
-        reader = csv.DictReader(f, strict=True)
+        # skipinitialspace: 'file_name, text' (a space after each comma) is the header
+        # 'file_name', 'text' and a quoted field after ', ' is still quoted.
+        reader = csv.DictReader(f, strict=True, skipinitialspace=True)
         try:
-          yield from enumerate(reader, start=2)
+          if reader.fieldnames:
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
+          for line_no, row in enumerate(reader, start=2):
+            bad = _csv_field_count_error(reader.fieldnames, row)
+            if bad:
+              rel_meta = meta.relative_to(self.root)
+              self._skip(f'{rel_meta}:{line_no}', f'{rel_meta} line {line_no} has {bad}')
+              file_name = row.get('file_name')
+              if isinstance(file_name, str) and file_name and '\0' not in file_name:
+                # its image is listed, by a bad row: not one of the unlisted images
+                self._bad_row_images.add(
+                  os.path.relpath((meta.parent / file_name).resolve(), self.root)
+                )
+            else:
+              yield line_no, row
         except csv.Error as e:
           raise DataError(
             f'{meta} is not valid CSV at line {reader.reader.line_num} ({e}). Fix that row or '
@@ -352,12 +446,15 @@ class FolderSource(Source):
           self._skip(f'{meta.relative_to(self.root)}:{line_no}', 'line is not a JSON object')
 
   def _list_from_sidecars(self, files: Sequence[pathlib.Path]) -> list:
-    pairs = []
+    """Images with a same-stem .txt caption; a caption file with no readable image beside it (a
+    broken link, a format Pillow does not read) is a skip too (it was left out silently)."""
+    pairs, captioned = [], set()
     for path in files:
       if not path.is_file() or path.suffix.lower() not in IMAGE_EXTENSIONS:
         continue
       rel = str(path.relative_to(self.root))
       sidecar = path.with_suffix('.txt')
+      captioned.add(sidecar)
       if not sidecar.is_file():
         self._skip(rel, f'no caption file {sidecar.name}')
         continue
@@ -370,7 +467,35 @@ class FolderSource(Source):
         self._skip(rel, f'empty caption file {sidecar.name}')
         continue
       pairs.append((rel, caption))
+    self._skip_orphan_captions(files, captioned)
     return pairs
+
+  def _skip_orphan_captions(self, files: Sequence[pathlib.Path], captioned: set) -> None:
+    orphans = [
+      p
+      for p in files
+      if p.suffix == '.txt'
+      and p not in captioned
+      and p.stem.lower() not in _NOT_CAPTION_FILES
+      and p.is_file()
+    ]
+    if not orphans:
+      return
+    by_stem: dict[pathlib.Path, list[str]] = {}
+    for p in files:
+      if p.suffix != '.txt':
+        by_stem.setdefault(p.with_suffix(''), []).append(p.name)
+    for txt in orphans:
+      rel = str(txt.relative_to(self.root))
+      others = by_stem.get(txt.with_suffix(''), [])
+      if others:
+        self._skip(
+          rel,
+          f'caption file with no readable image beside it: {", ".join(others[:3])} is a broken '
+          'link, not a file, or not an image format Pillow reads',
+        )
+      else:
+        self._skip(rel, f'caption file with no image beside it (no {txt.stem}.png/.jpg/...)')
 
   def __getitem__(self, index: int) -> dict:
     index = self._check_index(index)
@@ -399,6 +524,22 @@ class FolderSource(Source):
     return _hash(['folder', str(self.root), self.caption_column, self.max_examples, listing])
 
 
+def _csv_field_count_error(header: Sequence[str], row: dict) -> str:
+  """What is wrong with a csv.DictReader row that does not fit its header ('' when it fits):
+  DictReader puts the fields past the header under the key None (a caption 'a red car, parked'
+  was 'a red car') and gives missing fields the value None. Empty fields past the header (a
+  trailing comma) hold nothing that is lost."""
+  extra = row.get(None) or []
+  missing = sum(value is None for key, value in row.items() if key is not None)
+  if not any(field.strip() for field in extra) and not missing:
+    return ''
+  found = len(header) + len(extra) if extra else len(header) - missing
+  return (
+    f'{found} fields but the header has {len(header)} ({", ".join(header)}): quote a caption '
+    'that contains commas (or a line break) in double quotes, e.g. img.png,"a red car, parked"'
+  )
+
+
 def _is_saved_dataset_dir(path: pathlib.Path) -> bool:
   return path.is_dir() and any(
     (path / f).is_file() for f in ('dataset_info.json', 'state.json', 'dataset_dict.json')
@@ -421,7 +562,11 @@ class _RowSource(Source):
     """Keep the rows whose caption is usable, up to max_examples; captions in row order."""
     self._indices: list[int] = []
     for i, caption in enumerate(captions):
-      caption = _clean_caption(caption)
+      try:
+        caption = _clean_caption(caption)
+      except CaptionError as e:
+        self._skip(f'{self.split}[{i}]', str(e))
+        continue
       if not caption:
         self._skip(f'{self.split}[{i}]', 'empty or missing caption')
         continue
@@ -430,7 +575,10 @@ class _RowSource(Source):
       if 0 < self.max_examples <= len(self._indices):
         break
     if not self._indices:
-      raise DataError(f'No usable (image, caption) pair in {self.name}.')
+      raise DataError(
+        f'No usable (image, caption) pair in {self.name} ({len(self.skipped)} skipped; first: '
+        f'{self.skipped[:3]}).'
+      )
 
   def __getitem__(self, index: int) -> dict:
     index = self._check_index(index)
@@ -634,14 +782,14 @@ def check_skip_fraction(source: Source, max_skip_fraction: float) -> None:
 
   The listing is complete here, so the whole dataset is the denominator (no minimum count).
   """
-  total = source.num_listed()
-  if total and len(source.skipped) / total > max_skip_fraction:
+  total, skipped = source.num_listed(), source.num_skipped()
+  if total and skipped / total > max_skip_fraction:
     examples = '; '.join(f'{i}: {r}' for i, r in source.skipped[:5])
+    note = f' ({source.skip_note})' if source.skip_note else ''
     raise DataError(
-      f'{source.name}: {len(source.skipped)} of {total} listed items have no usable caption '
-      f'or file ({len(source.skipped) / total:.1%} > data.max_skip_fraction='
-      f'{max_skip_fraction}). First ones: {examples}. Fix the data or raise '
-      '--config.data.max_skip_fraction.'
+      f'{source.name}: {skipped} of {total} listed items have no usable caption or file{note} '
+      f'({skipped / total:.1%} > data.max_skip_fraction={max_skip_fraction}). First ones: '
+      f'{examples}. Fix the data or raise --config.data.max_skip_fraction.'
     )
 
 

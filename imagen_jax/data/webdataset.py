@@ -20,8 +20,10 @@ TensorFlow; image sizes come from the image bytes' headers, read while listing.
 `example_bytes` writes such a record.
 
 Problems are skipped and counted like in the other sources (`Source.skipped`, then
-`check_skip_fraction`): a missing shard file, a truncated or unreadable tar (its members up to
-the damage are kept), a member pair without image or caption, an empty caption, an
+`check_skip_fraction`): a missing shard file or a tar that does not open (each counted as the
+average number of pairs of the readable shards), a truncated tar (its members up to the damage
+are kept), a key whose members hold no image or no caption (e.g. 'photo.2023.jpg': the key ends
+at the first dot, so this is key 'photo'), an empty caption or one that is not UTF-8 text, an
 unparsable record. Undecodable image bytes are skipped (and counted) by the pipeline.
 """
 
@@ -44,6 +46,7 @@ import numpy as np
 
 from imagen_jax.data import sizes as sizes_lib
 from imagen_jax.data.sources import (
+  CaptionError,
   DataError,
   Source,
   _clean_caption,
@@ -55,7 +58,9 @@ from imagen_jax.data.sources import (
 log = logging.getLogger(__name__)
 
 TAR_IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'webp', 'bmp', 'gif', 'tif', 'tiff', 'ppm', 'jfif')
-INDEX_VERSION = 2  # 2: image widths / heights from the json sidecars
+# 2: image widths / heights from the json sidecars; 3: lost tars flagged, key groups without an
+# image and caption counted as skips, captions that are not text skipped.
+INDEX_VERSION = 3
 _BRACE = re.compile(r'\{([^{}]*)\}')
 _RANGE = re.compile(r'^(-?\d+)\.\.(-?\d+)$')
 _INDEX_THREADS = 16
@@ -142,6 +147,7 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
   file_size = path.stat().st_size
   truncated = ''
   transient = False  # could not open it (permissions, I/O): not to be cached
+  lost = False  # not a tar that opens: none of its pairs is listed
   try:
     with tarfile.open(path, mode='r:') as tar:
       try:
@@ -162,10 +168,10 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
         truncated = 'truncated tar (no end-of-archive marker)'
   except tarfile.ReadError as e:
     skipped.append((name, f'not a readable uncompressed tar ({e}); img2dataset writes plain .tar'))
-    groups = {}
+    groups, lost = {}, True
   except (tarfile.TarError, OSError, EOFError) as e:
     skipped.append((name, f'unreadable tar ({type(e).__name__}: {e})'))
-    groups = {}
+    groups, lost = {}, True
     transient = isinstance(e, OSError)
   if truncated:
     skipped.append(
@@ -187,6 +193,8 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
     'heights': heights,
     'skipped': skipped,
   }  # the lists are filled below
+  if lost:
+    index['lost'] = True
   if not groups:  # nothing to read (the tar may not even open: a folder, no permission)
     if transient:
       index['transient'] = True
@@ -202,9 +210,14 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
     for key, members in groups.items():
       item_id = f'{name}/{key}'
       image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+      has_caption = 'txt' in members or 'json' in members
+      if (image is None or not has_caption) and (
+        any('.' in ext for ext in members) or (image is None and not has_caption)
+      ):
+        skipped.append((item_id, _unpaired_group_reason(key, members, image, has_caption)))
+        continue
       if image is None:
-        if 'txt' in members or 'json' in members:
-          skipped.append((item_id, 'no image member (.jpg/.png/.webp/...)'))
+        skipped.append((item_id, 'no image member (.jpg/.png/.webp/...)'))
         continue
       if image.offset_data + image.size > file_size:
         skipped.append((item_id, 'image data cut off (truncated tar)'))
@@ -230,7 +243,11 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
         caption = _clean_caption(text)
       elif 'json' in members:
         if meta is not None:
-          caption = _clean_caption(meta.get(caption_column, meta.get('caption')))
+          try:
+            caption = _clean_caption(meta.get(caption_column, meta.get('caption')))
+          except CaptionError as e:
+            skipped.append((item_id, f'{e} (.json)'))
+            continue
       else:
         skipped.append((item_id, 'no caption member (.txt)'))
         continue
@@ -245,6 +262,29 @@ def index_tar(path: pathlib.Path, caption_column: str = 'text') -> dict[str, Any
       widths.append(width)
       heights.append(height)
   return index
+
+
+def _unpaired_group_reason(
+  key: str, members: dict[str, tarfile.TarInfo], image: Any, has_caption: bool
+) -> str:
+  """Why a key's members are no pair, naming them: a dot in the name ('photo.2023.jpg') makes
+  the key 'photo' with the extension '2023.jpg', so neither image nor caption is recognised."""
+  names = sorted(info.name.rpartition('/')[2] for info in members.values())
+  shown = ', '.join(names[:4]) + (', ...' if len(names) > 4 else '')
+  missing = ' and no '.join(
+    what
+    for what, absent in (
+      ('image (.jpg/.png/.webp/...)', image is None),
+      ('caption (.txt/.json)', not has_caption),
+    )
+    if absent
+  )
+  return (
+    f'key {key.rpartition("/")[2]!r} has no {missing} member (its members: {shown}): '
+    'WebDataset keys end at the first dot of the file name, so photo.2023.jpg is the key photo '
+    'with the extension 2023.jpg; name members key.ext with no other dot (photo_2023.jpg + '
+    'photo_2023.txt)'
+  )
 
 
 def _index_file(index_dir: pathlib.Path, path: pathlib.Path, caption_column: str) -> pathlib.Path:
@@ -279,6 +319,8 @@ def _cached_index(path: pathlib.Path, caption_column: str, index_dir: str) -> di
 class WebDatasetSource(Source):
   """Image/caption pairs of webdataset tar shards (img2dataset output), random access."""
 
+  _lost = _lost_skips = 0  # shards lost (missing or unopenable), and the skips they count as
+
   def __init__(
     self,
     spec: str,
@@ -304,9 +346,12 @@ class WebDatasetSource(Source):
       )  # shard order kept
     shard_ids, offsets, sizes, dims, self._keys, listing = [], [], [], [], [], []
     usable_listed = 0  # in the shards read, before max_examples cut the last one's keys
+    lost, readable_read = len(missing), 0  # shards read: lost ones, readable ones
     for i, (path, index) in enumerate(zip(shards, indexes, strict=True)):
       for item_id, reason in index['skipped']:
         self._skip(item_id, reason)
+      lost += bool(index.get('lost'))
+      readable_read += not index.get('lost')
       n = len(index['keys'])
       usable_listed += n
       if self.max_examples > 0:
@@ -320,7 +365,8 @@ class WebDatasetSource(Source):
       listing.append([path.name, path.stat().st_size, n])
       if 0 < self.max_examples <= len(self._captions):
         break
-    self._num_listed = usable_listed + len(self.skipped)
+    self._weigh_lost_shards(lost, readable_read, indexes)
+    self._num_listed = usable_listed + self.num_skipped()
     if not self._captions:
       raise DataError(
         f'No usable (image, caption) pair in {len(shards)} tar shard(s) of {self.spec!r} '
@@ -342,6 +388,30 @@ class WebDatasetSource(Source):
       len(shards),
       len(self.skipped),
     )
+
+  def _weigh_lost_shards(self, lost: int, readable_read: int, indexes: list[dict]) -> None:
+    """A lost shard (missing, or not a tar that opens) held many pairs: it counts toward
+    data.max_skip_fraction as the average number of pairs of the readable shards (at least 1),
+    not as one item (half the shards lost passed a 1 % limit). When max_examples stopped the
+    listing early, that is scaled by the share of the readable shards read, so the lost shards
+    weigh what they would in the whole dataset."""
+    self._lost = self._lost_skips = lost  # each has one entry in self.skipped
+    pairs = [len(index['keys']) for index in indexes if not index.get('lost')]
+    if not lost or not pairs:
+      return
+    per_shard = max(1, round(sum(pairs) / len(pairs)))
+    self._lost_skips = max(lost, round(lost * per_shard * readable_read / len(pairs)))
+    scaled = ''
+    if readable_read < len(pairs):
+      scaled = f', scaled to the {readable_read} of them that max_examples read'
+    self.skip_note = (
+      f'each of the {lost} lost shards counts as {per_shard} items, the average number of pairs '
+      f'of the {len(pairs)} readable shards{scaled}'
+    )
+
+  def num_skipped(self) -> int:
+    """Skipped items, a lost shard counting as the average pairs of a readable one."""
+    return len(self.skipped) - self._lost + self._lost_skips
 
   def __getitem__(self, index: int) -> dict:
     index = self._check_index(index)
@@ -501,7 +571,11 @@ class ArrayRecordSource(Source):
         self._skip(f'record {i}', f'no bytes feature {image_column!r} (features: '
                    f'{sorted(features)}); set --config.data.image_column')  # fmt: skip
         continue
-      caption = _clean_caption((features.get(caption_column) or [b''])[0])  # [] if no value
+      try:
+        caption = _clean_caption((features.get(caption_column) or [b''])[0])  # [] if no value
+      except CaptionError as e:
+        self._skip(f'record {i}', f'{e} (feature {caption_column!r})')
+        continue
       if not caption:
         self._skip(f'record {i}', f'no or empty caption feature {caption_column!r}')
         continue
