@@ -461,6 +461,9 @@ def test_evaluate_cli_end_to_end(tiny_run, judge):
   assert result == json.loads(out.read_text())
   assert result['step'] == 2 and result['num'] == 20 and result['resolution'] == 16
   assert result['batch_size'] == 20 and 'Sampled 20 images in ' in proc.stderr
+  # Which devices sampled (the images depend on their count, on a CPU on the batch's parity).
+  assert result['sampled_on'] == {'backend': 'cpu', 'devices': result['sampled_on']['devices']}
+  assert result['sampled_on']['devices'] in (1, 2)
   assert re.search(r'Sampled 20 images in [0-9.]+ s, batches of 20,', proc.stderr)
   assert result['judge_fingerprint'] == judge_lib.fingerprint(16, 0)
   assert result['judge_test_accuracy'] == pytest.approx(judge.test_accuracy)

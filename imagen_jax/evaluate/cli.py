@@ -23,7 +23,10 @@ flags.DEFINE_string('checkpoints', None, 'Run folder of the base stage (or RUN@S
 flags.DEFINE_integer('num', 500, 'Generated images: a multiple of the 10 classes, >= 20.')
 flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 flags.DEFINE_integer(
-  'batch_size', 50, 'Images per sampling batch (memory and speed; the images stay the same).'
+  'batch_size',
+  50,
+  'Images per sampling batch (memory and speed; the images stay the same on the same device '
+  'count: on a CPU an odd batch samples on one device, an even one on two).',
 )
 flags.DEFINE_string('sampler', None, 'ddpm | ddim | dpmpp_2m | heun (default: the run config).')
 flags.DEFINE_integer('steps', None, 'Sampling steps (default: the run config).')

@@ -426,6 +426,9 @@ def run(req: EvalRequest) -> dict:
     'templates': list(req.templates) or None,  # None: the benchmark's seen/held-out templates
     'seed': req.seed,
     'batch_size': batch_size,
+    # As sample.py's sidecars: the images are the same for the same seed on the same backend and
+    # device count (on a CPU an odd batch samples on one device, an even one on two).
+    'sampled_on': {'backend': jax.default_backend(), 'devices': len(devices.devices)},
     'params': 'ema' if req.use_ema else 'raw',
     **{k: v for k, v in dataclasses.asdict(st.options).items() if k != 'aug_level'},
     'judge': os.path.abspath(judge.path) if judge.path else judge.path,
