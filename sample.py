@@ -40,7 +40,6 @@ import logging
 import os
 import pathlib
 import signal
-import sys
 
 from absl import flags
 
@@ -111,8 +110,8 @@ def _numbers(values, kind, name):
   try:
     return [kind(v) for v in values]
   except ValueError:
-    print(f'error: --{name} takes numbers, got {",".join(values)}', file=sys.stderr)
-    sys.exit(2)
+    what = 'whole numbers' if kind is int else 'numbers'
+    cli.fail(f'--{name} takes {what}, got {",".join(values)}')
 
 
 def _stop(signum, frame):
@@ -143,7 +142,10 @@ def _read_prompts_file(name: str) -> list[str]:
   # Lines end at \n, \r\n or \r only: str.splitlines() also split a prompt at U+2028, U+0085,
   # a form feed or \x1c-\x1e inside it, into prompts of its own.
   lines = text.replace('\r\n', '\n').replace('\r', '\n').split('\n')
-  return [line.strip() for line in lines if line.strip()]
+  prompts = [line.strip() for line in lines if line.strip()]
+  if not prompts:  # was 'No prompt given: pass ... --prompts_file', of the file just given
+    cli.fail(f'--prompts_file {path} has no prompt (every line is empty); one prompt per line.')
+  return prompts
 
 
 def main(argv):

@@ -474,7 +474,9 @@ def check_chain(stages: Sequence[cascade.Stage], req: SampleRequest | None = Non
     if nxt.config.data.lowres_resolution != prev.config.data.resolution:
       raise SampleError(
         f'{nxt.workdir} upsamples {nxt.config.data.lowres_resolution} px images but the stage '
-        f'before it ({prev.workdir}) makes {prev.config.data.resolution} px.'
+        f'before it ({prev.workdir}) makes {prev.config.data.resolution} px: list the stages in '
+        'order, each SR run after the stage whose output size is its low-res size (base, sr256, '
+        'sr1024), with none left out.'
       )
   # Flags no stage reads. Not with --stop_at short of the last checkpoint: the whole cascade's
   # command is then taken as it is, for stages it does not sample.
@@ -633,7 +635,7 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
         'params': 'ema' if req.use_ema else 'raw',
         'text_encoder': st.config.text.encoder,
         'text_dtype': _encoder_key(st.config)[2],
-        **dataclasses.asdict(st.options),
+        **_stage_options(st),
       }
       for st in stages
     ],
@@ -641,6 +643,16 @@ def _settings(req: SampleRequest, stages: Sequence[cascade.Stage]) -> dict:
   if req.init_images:
     settings['edit'] = _edit_settings(req)
   return json.loads(json.dumps(settings))
+
+
+def _stage_options(st: cascade.Stage) -> dict:
+  """A stage's sampling options as they decide its images: `aug_level` only for an SR stage (a
+  base stage has no low-res input; it was recorded, and --skip_existing then refused a rerun
+  that left out an --aug_level no stage it made had used)."""
+  options = dataclasses.asdict(st.options)
+  if not stage.is_super_resolution(st.config):
+    del options['aug_level']
+  return options
 
 
 def _differences(recorded, current, prefix: str = '') -> list[str]:
@@ -694,6 +706,9 @@ def _check_existing_sidecars(
     if 'grid_end' not in recorded:
       older_grid_end += 1
       recorded['grid_end'] = GRID_END
+    for old, now in zip(recorded.get('stages') or [], settings['stages'], strict=False):
+      if isinstance(old, dict) and 'aug_level' not in now:  # a base stage's, recorded before
+        old.pop('aug_level', None)
     if recorded != settings:
       diffs = _differences(recorded, settings)
       raise SampleError(

@@ -216,6 +216,27 @@ def test_a_training_prompts_folder_is_completed_with_skip_existing(runs):
   assert pngs(out) == files
 
 
+def test_skip_existing_compares_only_what_decides_the_images(runs):
+  # A base stage has no low-res input, but its sidecar recorded --aug_level: a --stop_at 1 rerun
+  # without that flag was refused ('stages[0].aug_level: 0.1 -> 0.2') for identical images.
+  cascade = f'--checkpoints={runs["base"]},{runs["sr"]}'
+  args = ['--prompt=a cat', '--steps=2', '--stop_at=1', cascade]
+  out = runs['root'] / 'base_aug_level'
+  assert sample(runs, *args, '--aug_level=0.1', f'--out={out}').returncode == 0
+  files = pngs(out)
+  side = files[0].with_suffix('.json')
+  recorded = json.loads(side.read_text())
+  assert 'aug_level' not in recorded['stages'][0]
+  proc = sample(runs, *args, '--skip_existing', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # A sidecar from before records it on the base stage too: still the same settings.
+  recorded['stages'][0]['aug_level'] = 0.1
+  side.write_text(json.dumps(recorded))
+  proc = sample(runs, *args, '--skip_existing', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert pngs(out) == files
+
+
 _ESTIMATES = """
 import json, sys
 from configs import base64
@@ -340,6 +361,7 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     (['--prompt=x', '--seed=4294967296'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--seed=-1'], '--seed must be in [0, 4294967296)'),
     (['--prompt=x', '--training_prompts=-3'], '--training_prompts must be >= 0, got -3'),
+    (['--prompt=x', '--steps=1.5'], '--steps takes whole numbers, got 1.5'),  # was 'numbers'
     # Both were ignored without a word.
     (
       ['--prompt=x', '--thresholding=none', '--dynamic_percentile=0.9'],
@@ -402,7 +424,11 @@ def test_prompts_file_encodings(runs, tmp_path):
   assert not (REPO_ROOT / '~').exists()  # --out=~/out is the home folder's, not a '~' folder
   latin = tmp_path / 'latin.txt'
   latin.write_bytes('caf\u00e9\n'.encode('latin-1'))
+  blank = tmp_path / 'blank.txt'
+  blank.write_text('\n  \n\n')
   for path, message in [
+    # was 'No prompt given: pass --prompt ... --prompts_file', of the file just given
+    (blank, f'--prompts_file {blank} has no prompt (every line is empty)'),
     (latin, f'--prompts_file {latin} is not UTF-8 text'),
     (tmp_path, f'--prompts_file {tmp_path} is a folder'),
     (tmp_path / 'none.txt', f'--prompts_file {tmp_path / "none.txt"} does not exist'),

@@ -283,3 +283,21 @@ def test_guidance_on_a_run_trained_without_caption_dropout_is_refused():
     chain(5.0, 5.0)
   chain(5.0, 1.0)  # the SR stage unguided, the base guided
   assert cascade.guidance_without_unconditional('r', base, 5.0) is None
+
+
+def test_a_stage_chain_that_does_not_fit_names_the_fix():
+  # A skipped stage (base, sr1024) or a mismatched SR run named the sizes but not the fix.
+  from imagen_jax import sample_lib
+
+  base, sr = base64.get_config('tiny'), sr1024.get_config('tiny')
+  stages = [
+    types.SimpleNamespace(config=c, workdir=name, options=cascade.SamplingOptions())
+    for c, name in ((base, 'runs/base'), (sr, 'runs/sr1024'))
+  ]
+  with pytest.raises(sample_lib.SampleError) as e:
+    sample_lib.check_chain(stages)
+  assert str(e.value) == (
+    f'runs/sr1024 upsamples {sr.data.lowres_resolution} px images but the stage before it '
+    f'(runs/base) makes {base.data.resolution} px: list the stages in order, each SR run after '
+    'the stage whose output size is its low-res size (base, sr256, sr1024), with none left out.'
+  )
