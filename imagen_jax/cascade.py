@@ -111,9 +111,10 @@ def unused_thresholding_flags(
   or none, which never read them), or None."""
   given = _dynamic_flags(dynamic_percentile, dynamic_max)
   if given and thresholding in ('static', 'none'):
+    them = 'them' if len(given) > 1 else 'it'
     return (
-      f'--{" and --".join(given)} set but --thresholding {thresholding} does not use them; pass '
-      '--thresholding dynamic, or drop them.'
+      f'--{" and --".join(given)} set but --thresholding {thresholding} does not use {them}; '
+      f'pass --thresholding dynamic, or drop {them}.'
     )
   return None
 

@@ -194,8 +194,8 @@ def load_mask(path: str | pathlib.Path, image_size: tuple[int, int], image_path)
   where = '' if mask.size[0] == mask.size[1] else ' inside the centre square that is used'
   if not used.any():
     raise EditError(
-      f'--mask {path} is all black{where}: nothing to repaint (white = repaint); for a variation '
-      'of the whole image use --strength without --mask.'
+      f'--mask {path} has no white pixel{where}: nothing to repaint (white, >= 128 of 255, = '
+      'repaint); for a variation of the whole image use --strength without --mask.'
     )
   if used.all():
     raise EditError(

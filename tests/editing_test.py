@@ -418,13 +418,16 @@ def test_load_mask_refusals(tmp_path):
   assert repaint.dtype == bool and repaint.sum() == 50
   with pytest.raises(editing.EditError, match='is 30x20 but --init_image img.png is 40x20'):
     editing.load_mask(tmp_path / 'm.png', (40, 20), 'img.png')
-  with pytest.raises(editing.EditError, match='all black'):
+  with pytest.raises(editing.EditError, match='has no white pixel inside the centre square'):
     editing.load_mask(save(tmp_path, 'black.png', np.zeros((20, 30), np.uint8)), (30, 20), 'i')
+  # A grey "white" (100 of 255) was reported as all black.
+  with pytest.raises(editing.EditError, match=r'no white pixel.*repaint \(white, >= 128 of 255'):
+    editing.load_mask(save(tmp_path, 'grey.png', np.full((20, 30), 100, np.uint8)), (30, 20), 'i')
   with pytest.raises(editing.EditError, match='all white'):
     editing.load_mask(save(tmp_path, 'white.png', np.full((20, 30), 255, np.uint8)), (30, 20), 'i')
   outside = np.zeros((20, 30), np.uint8)
   outside[:, :3] = 255  # only in the strip cut off by the centre square
-  with pytest.raises(editing.EditError, match='all black inside the centre square'):
+  with pytest.raises(editing.EditError, match='no white pixel inside the centre square'):
     editing.load_mask(save(tmp_path, 'out.png', outside), (30, 20), 'i')
   (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n')
   with pytest.raises(editing.EditError, match='--mask .* cannot be decoded'):

@@ -570,7 +570,13 @@ def test_evaluate_cli_bad_input_one_line_each(tiny_run, tmp_path):
     'does not exist': [f'--checkpoints={tmp_path / "nope"}'],
     'multiple of the 10 classes': [f'--checkpoints={run_dir}', '--num=25'],
     '--judge': [f'--checkpoints={run_dir}', '--num=20', f'--judge={tmp_path / "j.npz"}'],
-    '--thresholding static does not use them': [
+    # was 'cannot write to the folder', of a folder that is not there
+    f'the folder {tmp_path / "no"} does not exist; create it first': [
+      f'--checkpoints={run_dir}',
+      '--num=20',
+      f'--out={tmp_path / "no" / "e.json"}',
+    ],
+    '--thresholding static does not use it': [  # one flag: 'it' (was 'them')
       f'--checkpoints={run_dir}',
       '--thresholding=static',
       '--dynamic_max=2',

@@ -365,7 +365,8 @@ def test_overlong_prompt_is_truncated_with_a_warning(runs):
     # Both were ignored without a word.
     (
       ['--prompt=x', '--thresholding=none', '--dynamic_percentile=0.9'],
-      '--dynamic_percentile set but --thresholding none does not use them',
+      '--dynamic_percentile set but --thresholding none does not use it; pass --thresholding '
+      'dynamic, or drop it.',
     ),
     # Bytes that are not UTF-8 (a Latin-1 terminal) reach argv as surrogates: one line, not a
     # traceback from the tokenizer after the checkpoints loaded.
@@ -1119,7 +1120,10 @@ EDIT_CASES = {
   'grey': (['--init_image={grey}', '--strength=0.5'], 'is a greyscale image (mode L)'),
   'rgba': (['--init_image={rgba}', '--strength=0.5'], 'has transparent pixels (alpha channel'),
   'mask_size': (['--init_image={init}', '--mask={small_mask}'], "a mask must have its image's"),
-  'mask_black': (['--init_image={init}', '--mask={black}'], 'is all black: nothing to repaint'),
+  'mask_black': (
+    ['--init_image={init}', '--mask={black}'],
+    'has no white pixel: nothing to repaint',
+  ),
   'mask_white': (['--init_image={init}', '--mask={white}'], 'is all white: nothing of the image'),
   'strength_0': (['--init_image={init}', '--strength=0'], '--strength must be in (0, 1]'),
   'strength_2': (['--init_image={init}', '--strength=2'], '--strength must be in (0, 1]'),

@@ -248,7 +248,9 @@ def _check_output(flag: str, path: pathlib.Path, *, overwrite: bool) -> None:
     raise EvalError(f'{flag} {path} is a folder; give a file name.')
   if path.exists() and not overwrite:
     raise EvalError(f'{flag} {path} exists already; pass --overwrite to replace it.')
-  if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+  if not path.parent.is_dir():
+    raise EvalError(f'{flag} {path}: the folder {path.parent} does not exist; create it first.')
+  if not os.access(path.parent, os.W_OK):
     raise EvalError(f'{flag} {path}: cannot write to the folder {path.parent}.')
 
 
