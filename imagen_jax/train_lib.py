@@ -1173,9 +1173,12 @@ def _check_same_dataset(saved: dict, dataset_fingerprint: str | None) -> None:
   if before is None or dataset_fingerprint is None or before == dataset_fingerprint:
     return
   log.warning(
-    'The dataset changed since this checkpoint (fingerprint %s -> %s): the saved data position '
-    'now points into a different shuffle, so some examples of this epoch may be seen twice or '
-    'not at all. Resume with the data it was saved with for an exact continuation.',
+    'The dataset changed since this checkpoint (fingerprint %s -> %s: files added, removed, '
+    'renamed or modified, or only touched, moved or copied). Where files were added or removed '
+    '(or another data.max_examples), the saved data position points into a different shuffle, '
+    'so some examples of this epoch may be seen twice or not at all: resume with the data it '
+    'was saved with for an exact continuation. Where the same files only changed content or '
+    'timestamps, the position is the same.',
     before,
     dataset_fingerprint,
   )
