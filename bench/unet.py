@@ -225,7 +225,11 @@ def main(argv=None) -> dict | list[dict]:
   host_malloc = cli.keep_freed_host_buffers()  # before JAX's CPU client starts its threads
   if args.fake_cpu_devices <= 0:  # as train.py: two devices on a CPU of two or more cores
     cli.split_cpu_devices(
-      args.batch, {'data': -1, 'fsdp': args.mesh_fsdp}, distributed=False, batch_name='--batch'
+      args.batch,
+      {'data': -1, 'fsdp': args.mesh_fsdp},
+      distributed=False,
+      batch_name='--batch',
+      one_device_mesh='--mesh_fsdp=1',
     )
 
   import dataclasses

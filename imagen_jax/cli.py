@@ -191,12 +191,14 @@ def split_cpu_devices(
   distributed: bool,
   copy_bytes: Callable[[], int | None] | None = None,
   batch_name: str = 'train.batch_size',
+  one_device_mesh: str | None = None,
 ) -> None:
   """`cpu_devices.configure` for an entry point (two data-parallel devices on a CPU of two or
   more cores, see its docstring; train.py passes its batch size and mesh, sample.py its first
   batch and mesh=None; copy_bytes: what each device would hold a copy of): a bad
   IMAGEN_JAX_CPU_DEVICES, or a count the config cannot use, is one line and exit code 2 (naming
-  the batch as batch_name, the setting it came from). Call it before JAX's backend starts. A
+  the batch as batch_name, the setting it came from, and the mesh settings for one device as
+  one_device_mesh, default train.py's). Call it before JAX's backend starts. A
   copy_bytes that fails counts as unknown: the config's own errors are reported where it is
   used."""
   from imagen_jax import cpu_devices
@@ -215,6 +217,7 @@ def split_cpu_devices(
       distributed=distributed,
       copy_bytes=copy_bytes and estimate,
       batch_name=batch_name,
+      one_device_mesh=one_device_mesh or cpu_devices.ONE_DEVICE_MESH,
     )
   except ValueError as e:
     fail(str(e))

@@ -67,6 +67,7 @@ AUTO_DEVICES = 2
 MEMORY_SHARE = 0.5
 _MEMORY = 'memory: '
 _XLA_FLAG = '--xla_force_host_platform_device_count'
+ONE_DEVICE_MESH = '--config.mesh.data=-1 --config.mesh.fsdp=1'  # the settings, as train.py's
 
 
 def _usable_cores() -> int:
@@ -156,6 +157,7 @@ def choose(
   copy_bytes: Callable[[], int | None] | None = None,
   available: int | None = None,
   batch_name: str = 'train.batch_size',
+  one_device_mesh: str = ONE_DEVICE_MESH,
 ) -> tuple[int | None, str]:
   """(number of CPU devices to configure, or None to leave JAX's default; the reason).
 
@@ -168,7 +170,9 @@ def choose(
   called only when everything else allows two devices (or an explicit count above one, which
   is taken, the reason then saying that the copies do not fit). available: the memory free for
   the process (default `host_memory.available_bytes()`). batch_name: the setting that gave
-  batch_size, as messages name it (bench/unet.py: '--batch').
+  batch_size, as messages name it (bench/unet.py: '--batch'); one_device_mesh: the settings
+  that make the mesh fit one device, as the refusal of a mesh one device cannot hold names them
+  (bench/unet.py: '--mesh_fsdp=1').
 
   ValueError for a bad IMAGEN_JAX_CPU_DEVICES, a count the config cannot use, or a count asked
   for after JAX's backend started."""
@@ -213,17 +217,17 @@ def choose(
     return None, "JAX's backend already started"
   cores = _usable_cores() if cores is None else cores
   if cores < AUTO_DEVICES:
-    return _one_device(mesh, f'{cores} usable core(s)')
+    return _one_device(mesh, f'{cores} usable core(s)', one_device_mesh)
   unfit = _unfit(AUTO_DEVICES, batch_size, mesh, batch_name)
   if unfit:
-    return _one_device(mesh, unfit)
+    return _one_device(mesh, unfit, one_device_mesh)
   too_big = _memory_short(_replicas(AUTO_DEVICES, mesh), copy_bytes, available)
   if too_big:
-    return _one_device(mesh, too_big)
+    return _one_device(mesh, too_big, one_device_mesh)
   return AUTO_DEVICES, f'{cores} cores; {SETTING}=1 for one device'
 
 
-def _one_device(mesh: Any, reason: str) -> tuple[None, str]:
+def _one_device(mesh: Any, reason: str, one_device_mesh: str) -> tuple[None, str]:
   """(None, reason): the automatic choice leaves one device. ValueError, naming the reason, for
   a training mesh that one device cannot hold (before: 'does not divide the 1 available devices'
   from the mesh, without why one on a CPU of several cores)."""
@@ -235,8 +239,8 @@ def _one_device(mesh: Any, reason: str) -> tuple[None, str]:
     if fixed > 1:
       raise ValueError(
         f'The mesh data={sizes[0]} x fsdp={sizes[1]} needs {fixed} devices, but the CPU backend '
-        f'is left at one ({reason}). Set --config.mesh.data=-1 --config.mesh.fsdp=1 for one '
-        f'device, or {SETTING}=N for N CPU devices that the batch and mesh fit.'
+        f'is left at one ({reason}). Set {one_device_mesh} for one device, or {SETTING}=N for N '
+        'CPU devices that the batch and mesh fit.'
       )
   return None, reason
 
@@ -249,6 +253,7 @@ def configure(
   environ: Mapping[str, str] | None = None,
   copy_bytes: Callable[[], int | None] | None = None,
   batch_name: str = 'train.batch_size',
+  one_device_mesh: str = ONE_DEVICE_MESH,
 ) -> int | None:
   """Apply `choose` (see the module docstring) before JAX's backend starts; returns the count
   set (None: JAX's default). ValueError as `choose`."""
@@ -259,6 +264,7 @@ def configure(
     environ=environ,
     copy_bytes=copy_bytes,
     batch_name=batch_name,
+    one_device_mesh=one_device_mesh,
   )
   if n is None:
     level = logging.INFO if reason.startswith(_MEMORY) else logging.DEBUG  # worth knowing

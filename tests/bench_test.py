@@ -349,7 +349,12 @@ def test_bench_sweep_reports_each_failing_point_and_goes_on():
     (['--resolution=0'], '--resolution must be at least 1, got 0'),
     # These ended in a traceback once the model was traced (or the mesh made).
     (['--resolution=18'], '--resolution 18 must be a multiple of 4 for the 3 levels of small64'),
-    (['--mesh_fsdp=3'], '--mesh_fsdp 3: Mesh data=-1 x fsdp=3 does not divide'),
+    # On a 2-core CPU the device choice refuses it first, naming this script's flag.
+    (
+      ['--mesh_fsdp=3'],
+      'needs 3 devices, but the CPU backend is left at one',
+    ),
+    (['--mesh_fsdp=3'], 'Set --mesh_fsdp=1 for one device, or IMAGEN_JAX_CPU_DEVICES=N'),
     # An SR preset's low-res input is a quarter as wide: 2 passed as 'a multiple of 2'.
     (['--preset=tiny_sr', '--resolution=2'], '--resolution 2 is too small for tiny_sr'),
     # Checked once jax is imported: they exited 1, without the usage errors' code 2.
@@ -384,7 +389,7 @@ def test_bench_unet_bad_arguments_are_one_line(args, message):
     ),
     (
       ['bench/train.py', '--config=configs/base64.py:tiny', '--config.mesh.fsdp=3'],
-      'Mesh data=-1 x fsdp=3 does not divide',
+      'needs 3 devices, but the CPU backend is left at one',
     ),
     (
       ['bench/train.py', '--config=configs/base64.py:tiny', '--config.text.encoder=/none/t5'],

@@ -148,7 +148,7 @@ def test_a_failing_estimate_counts_as_unknown(monkeypatch):
 
   seen = {}
 
-  def configure(batch_size, mesh, *, distributed, copy_bytes, batch_name):
+  def configure(batch_size, mesh, *, distributed, copy_bytes, batch_name, one_device_mesh):
     seen['bytes'] = copy_bytes()
 
   monkeypatch.setattr(cpu_devices, 'configure', configure)
