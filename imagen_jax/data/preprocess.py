@@ -219,17 +219,20 @@ def decode_image(data: Any, *, draft_size: int = 0, min_size: int = 0) -> Image.
 
   Applies EXIF orientation. `draft_size` > 0 lets JPEG decode at a reduced scale whose
   sides are still >= draft_size (faster for large photos). Raises `SkipExample` for
-  unreadable, truncated, empty or non-image data and for decompression bombs (more than
-  `PIL.Image.MAX_IMAGE_PIXELS` pixels, read at call time), and `ImageTooSmall` when the
+  unreadable, truncated, empty or non-image data and for decompression bombs (more than twice
+  `PIL.Image.MAX_IMAGE_PIXELS` pixels, read at call time: where Pillow itself refuses; above it
+  Pillow only warns), and `ImageTooSmall` when the
   shorter side is below `min_size` > 0 (read from the header: no pixel is decoded).
   """
   try:
     image = _open(data)
-    max_pixels = Image.MAX_IMAGE_PIXELS
+    # Pillow's own error limit, for images that did not come through Image.open (a decoded HF
+    # image). Its warning limit (89.5 MP by default) skipped real photos, counted as broken.
+    max_pixels = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 0
     if max_pixels and image.width * image.height > max_pixels:
       raise SkipExample(
         f'decompression bomb guard: {image.width}x{image.height} pixels exceeds '
-        f'PIL.Image.MAX_IMAGE_PIXELS={max_pixels}'
+        f'2 x PIL.Image.MAX_IMAGE_PIXELS = {max_pixels}'
       )
     if min(image.size) < min_size:  # EXIF rotations keep the shorter side
       raise ImageTooSmall(too_small_message(image.width, image.height, min_size))
