@@ -51,7 +51,6 @@ do not fit the memory check above are taken with a warning in the log.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -108,7 +107,7 @@ def _unfit(
   from imagen_jax import sharding
 
   sizes = sharding.mesh_sizes(mesh)  # ValueError for sizes no mesh can have (fsdp=0)
-  fixed = math.prod(s for s in sizes if s != -1)
+  fixed = sharding.fixed_devices(sizes)
   fills = n % fixed == 0 if -1 in sizes else fixed == n
   if not fills:
     return f'the mesh data={sizes[0]} x fsdp={sizes[1]} does not fill {n} devices'
@@ -235,7 +234,7 @@ def _one_device(mesh: Any, reason: str, one_device_mesh: str) -> tuple[None, str
     from imagen_jax import sharding
 
     sizes = sharding.mesh_sizes(mesh)
-    fixed = math.prod(s for s in sizes if s != -1)
+    fixed = sharding.fixed_devices(sizes)
     if fixed > 1:
       raise ValueError(
         f'The mesh data={sizes[0]} x fsdp={sizes[1]} needs {fixed} devices, but the CPU backend '

@@ -62,6 +62,11 @@ def mesh_sizes(mesh_config: Any) -> list[int]:
   return sizes
 
 
+def fixed_devices(sizes: Sequence[int]) -> int:
+  """Devices the axes of a given size take together (`mesh_sizes`; a -1 axis takes the rest)."""
+  return math.prod(s for s in sizes if s != -1)
+
+
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ('data', 'fsdp') mesh of Auto axes; a size of -1 takes the remaining devices.
 
@@ -70,7 +75,7 @@ def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> 
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   sizes = mesh_sizes(mesh_config)
-  fixed = math.prod(s for s in sizes if s != -1)
+  fixed = fixed_devices(sizes)
   if n % fixed:
     raise ValueError(
       f'Mesh data={sizes[0]} x fsdp={sizes[1]} does not divide the {n} available devices; '
