@@ -319,7 +319,7 @@ def _cached_index(path: pathlib.Path, caption_column: str, index_dir: str) -> di
 class WebDatasetSource(Source):
   """Image/caption pairs of webdataset tar shards (img2dataset output), random access."""
 
-  _lost = _lost_skips = 0  # shards lost (missing or unopenable), and the skips they count as
+  _lost_extra = 0  # skips the lost shards count as beyond their one entry each in `skipped`
 
   def __init__(
     self,
@@ -395,12 +395,11 @@ class WebDatasetSource(Source):
     not as one item (half the shards lost passed a 1 % limit). When max_examples stopped the
     listing early, that is scaled by the share of the readable shards read, so the lost shards
     weigh what they would in the whole dataset."""
-    self._lost = self._lost_skips = lost  # each has one entry in self.skipped
     pairs = [len(index['keys']) for index in indexes if not index.get('lost')]
     if not lost or not pairs:
       return
     per_shard = max(1, round(sum(pairs) / len(pairs)))
-    self._lost_skips = max(lost, round(lost * per_shard * readable_read / len(pairs)))
+    self._lost_extra = max(lost, round(lost * per_shard * readable_read / len(pairs))) - lost
     scaled = ''
     if readable_read < len(pairs):
       scaled = f', scaled to the {readable_read} of them that max_examples read'
@@ -411,7 +410,7 @@ class WebDatasetSource(Source):
 
   def num_skipped(self) -> int:
     """Skipped items, a lost shard counting as the average pairs of a readable one."""
-    return len(self.skipped) - self._lost + self._lost_skips
+    return len(self.skipped) + self._lost_extra
 
   def __getitem__(self, index: int) -> dict:
     index = self._check_index(index)
