@@ -242,12 +242,7 @@ def precompute(
       ) from e
   adopted_path = procs.allgather(None if adopted is None else str(adopted.path))[0]
   if adopted_path is not None:
-    return adopted or cache_lib.EmbeddingCache.open(
-      config.text.cache_dir,
-      encoder_name=encoder_id(config),
-      max_length=config.text.max_length,
-      dataset_fingerprint=fingerprint,
-    )
+    return adopted or open_cache(config, fingerprint)
   encoder = load_encoder(config, mesh)
   try:
     cache = cache_lib.build_cache(
@@ -270,6 +265,17 @@ def precompute(
   return cache
 
 
+def open_cache(config: ml_collections.ConfigDict, fingerprint: str) -> cache_lib.EmbeddingCache:
+  """The complete cache of `config.text` for the dataset `fingerprint`
+  (`EmbeddingCache.open`: CacheError when it is missing, stale or incomplete)."""
+  return cache_lib.EmbeddingCache.open(
+    config.text.cache_dir,
+    encoder_name=encoder_id(config),
+    max_length=config.text.max_length,
+    dataset_fingerprint=fingerprint,
+  )
+
+
 def verify_cache(
   config: ml_collections.ConfigDict,
   fingerprint: str,
@@ -288,12 +294,7 @@ def verify_cache(
       cache_lib.say(message, progress)
 
   try:
-    cache = cache_lib.EmbeddingCache.open(
-      config.text.cache_dir,
-      encoder_name=encoder_id(config),
-      max_length=config.text.max_length,
-      dataset_fingerprint=fingerprint,
-    )
+    cache = open_cache(config, fingerprint)
   except cache_lib.CacheError as e:
     say(f'No complete cache to verify ({e}); building it.')
     return None
@@ -335,15 +336,7 @@ def open_or_build_cache(
   source = _source(config) if source is None else source
   procs = processes()
   try:
-    cache, problem = (
-      cache_lib.EmbeddingCache.open(
-        config.text.cache_dir,
-        encoder_name=encoder_id(config),
-        max_length=config.text.max_length,
-        dataset_fingerprint=source.fingerprint(),
-      ),
-      None,
-    )
+    cache, problem = open_cache(config, source.fingerprint()), None
   except cache_lib.CacheError as e:
     cache, problem = None, str(e)
   # Every process takes the same branch (a barrier inside build_cache would hang otherwise).
