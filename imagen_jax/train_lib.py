@@ -1229,18 +1229,19 @@ def _dataset_fingerprint(text_cache) -> str | None:
   return None if value is None else str(value)
 
 
-def _logged(path: pathlib.Path, step: int, prefix: str) -> bool:
-  """Whether metrics.jsonl at `path` has a row of `step` with a metric named `prefix`..."""
+def _metrics_at(path: pathlib.Path, step: int) -> set[str]:
+  """Names in the rows of `step` of metrics.jsonl at `path` (none when it does not exist)."""
   if not path.exists():
-    return False
+    return set()
+  names = set()
   for line in path.read_text().splitlines():
     try:
       row = json.loads(line)
     except ValueError:
       continue  # a line cut by a kill
-    if isinstance(row, dict) and row.get('step') == step and any(k.startswith(prefix) for k in row):
-      return True
-  return False
+    if isinstance(row, dict) and row.get('step') == step:
+      names.update(row)
+  return names
 
 
 def _truncate_metrics(workdir_path: pathlib.Path, step: int) -> None:
@@ -1605,13 +1606,17 @@ class _Loop:
     every, eval_every = int(config.train.sample_every), int(config.train.get('eval_every', 0))
     grid = bool(self.sample_grid and every and step % every == 0)
     evaluate = bool(self.eval_fn and (step % eval_every == 0 or step == num_steps))
+    logged = _metrics_at(self.workdir_path / 'metrics.jsonl', step) if grid or evaluate else set()
+
+    def has(prefix: str) -> bool:
+      return any(name.startswith(prefix) for name in logged)
+
     if grid:  # an SR stage's grid also logs its PSNR / SSIM row, after its PNG
       grid = not (self.workdir_path / 'samples' / f'step_{step:08d}.png').exists() or (
-        stage.is_super_resolution(config)
-        and not _logged(self.workdir_path / 'metrics.jsonl', step, 'sr/')
+        stage.is_super_resolution(config) and not has('sr/')
       )
     if evaluate:
-      evaluate = not _logged(self.workdir_path / 'metrics.jsonl', step, 'eval/')
+      evaluate = not has('eval/')
     grid, evaluate = multihost.allgather_json([grid, evaluate])[0]
     if not (grid or evaluate):
       return {}
